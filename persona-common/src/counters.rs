@@ -1,0 +1,92 @@
+//! Per-device, per-direction, per-reason packet and byte counters (per CPU).
+//!
+//! Every packet either program sees ends in exactly one reason. The numbers are part of
+//! the userspace contract (metrics labels); append, never renumber.
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CounterKey {
+    pub ifindex: u32,
+    pub direction: u8,
+    pub reason: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<CounterKey>() == 8);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<Counter>() == 16);
+
+pub const MAX_COUNTER_KEYS: u32 = 65_536;
+
+macro_rules! reasons {
+    ($( $(#[$doc:meta])* $name:ident = $num:literal, $label:literal, $pass:literal; )*) => {
+        #[repr(u8)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Reason {
+            $( $(#[$doc])* $name = $num, )*
+        }
+
+        impl Reason {
+            pub const ALL: &'static [Reason] = &[$(Reason::$name,)*];
+
+            pub const fn from_u8(v: u8) -> Option<Reason> {
+                match v {
+                    $( $num => Some(Reason::$name), )*
+                    _ => None,
+                }
+            }
+
+            /// Stable label used in metrics and output.
+            pub const fn label(self) -> &'static str {
+                match self { $( Reason::$name => $label, )* }
+            }
+
+            pub const fn passes(self) -> bool {
+                match self { $( Reason::$name => $pass, )* }
+            }
+        }
+    };
+}
+
+reasons! {
+    /// New flow admitted by a firewall rule.
+    AllowRule = 1, "allow_rule", true;
+    /// New flow admitted by the direction's default verdict.
+    AllowDefault = 2, "allow_default", true;
+    /// Packet of a tracked flow (or an ICMP error about one).
+    AllowTracked = 3, "allow_tracked", true;
+    /// DNS query redirected to the persona's resolver, or its reply.
+    AllowDns = 4, "allow_dns", true;
+    /// ARP is passed untouched so the VM and host can resolve each other.
+    PassArp = 5, "pass_arp", true;
+    /// IPv6 neighbour discovery and link-local traffic stay on the link, untranslated.
+    PassLinkLocal = 6, "pass_link_local", true;
+    DropRule = 16, "drop_rule", false;
+    DropDefault = 17, "drop_default", false;
+    /// The device is attached but no persona is active (or it lacks this family).
+    DropNoPersona = 18, "drop_no_persona", false;
+    /// A header is cut short, or a length field is impossible.
+    DropTruncated = 19, "drop_truncated", false;
+    /// IPv4 options can carry addresses (record route, source route) that would leak or
+    /// bypass the translation, and normal traffic never uses them.
+    DropIpOptions = 20, "drop_ip_options", false;
+    /// Non-first fragments carry no ports to judge; VMs are expected to use PMTU discovery.
+    DropFragment = 21, "drop_fragment", false;
+    /// VMs send untagged frames on their tap; a tag means a misconfigured guest.
+    DropVlan = 22, "drop_vlan", false;
+    /// Extension headers (including fragments) hide the transport header.
+    DropIpv6ExtHeader = 23, "drop_ipv6_ext_header", false;
+    /// Neither IPv4, IPv6 nor ARP.
+    DropNotIp = 24, "drop_not_ip", false;
+    /// The VM sent from an address that is not its own.
+    DropSpoofed = 25, "drop_spoofed", false;
+    /// Addressed to neither the active persona nor a flow of an earlier one.
+    DropNotPersona = 26, "drop_not_persona", false;
+    /// A program runs on an interface no device is configured for.
+    DropUnknownDevice = 27, "drop_unknown_device", false;
+}

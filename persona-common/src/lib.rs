@@ -1,0 +1,69 @@
+//! Types shared between the persona eBPF programs and userspace.
+//!
+//! Every map key and value is `#[repr(C)]`, `Copy`, carries its padding explicitly and
+//! has its size asserted, so both sides agree byte for byte. Addresses are kept as byte
+//! arrays in network order; an IPv4 address occupies the first four bytes of a
+//! sixteen-byte address where one type holds both families.
+#![no_std]
+
+pub mod conntrack;
+pub mod counters;
+pub mod device;
+pub mod firewall;
+pub mod persona;
+
+/// Traffic leaving the VM: received on the tap, handled by XDP.
+pub const DIR_EGRESS: u8 = 0;
+/// Traffic going to the VM: sent out of the tap, handled by TC (tcx) egress.
+pub const DIR_INGRESS: u8 = 1;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// Names of the maps in the object file, pinned under the same names.
+pub mod map_names {
+    pub const DEVICES: &str = "DEVICES";
+    pub const ACTIVE: &str = "ACTIVE";
+    pub const PERSONAS: &str = "PERSONAS";
+    pub const FW_V4: &str = "FW_V4";
+    pub const FW_V6: &str = "FW_V6";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const COUNTERS: &str = "COUNTERS";
+}
+
+pub mod program_names {
+    pub const FROM_VM: &str = "persona_from_vm";
+    pub const TO_VM: &str = "persona_to_vm";
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use crate::{conntrack, counters, device, firewall, persona};
+
+    macro_rules! pod {
+        ($($t:ty),* $(,)?) => {
+            $(
+                // SAFETY: repr(C), Copy, every byte (padding included) is an explicit field.
+                unsafe impl aya::Pod for $t {}
+            )*
+        };
+    }
+
+    pod!(
+        device::DeviceConfig,
+        persona::Active,
+        persona::PersonaTable,
+        firewall::FwKeyV4,
+        firewall::FwKeyV6,
+        firewall::RuleSet,
+        conntrack::CtKey,
+        conntrack::CtEntry,
+        counters::CounterKey,
+        counters::Counter,
+    );
+}

@@ -1,0 +1,159 @@
+//! Egress: a frame the VM sent. Source becomes the persona's address, DNS queries go to
+//! the persona's resolver, new flows are judged by the persona's egress rules.
+use persona_common::{
+    DIR_EGRESS, FAMILY_V6, conntrack::CT_DNS_REDIRECTED, counters::Reason, persona::Active,
+};
+
+use crate::{
+    conntrack::{self, NewFlow},
+    dns, firewall,
+    packet::Packet,
+    parse::{self, Ip, Kind, L3, L4},
+    plan::{self, OUTER_DST, OUTER_SRC, Plan, QUOTED_DST},
+    state,
+};
+
+#[inline(always)]
+pub fn handle<P: Packet>(p: &mut P) -> Result<Reason, Reason> {
+    let ip = match parse::l3(p)? {
+        L3::Arp => return Ok(Reason::PassArp),
+        L3::V4 => parse::ipv4(p)?,
+        L3::V6 => parse::ipv6(p)?,
+    };
+    let l4 = parse::transport(p, &ip)?;
+    if ip.family == FAMILY_V6 && (l4.kind == Kind::Ndp || parse::is_link_local_v6(&ip.src)) {
+        return Ok(Reason::PassLinkLocal);
+    }
+    let active = state::active(p.ifindex())?;
+    let mut plan = Plan::default();
+    let reason = if l4.kind == Kind::IcmpError {
+        icmp_error::<P>(p.raw(), &ip, &active, &mut plan)
+    } else {
+        flow(p.ifindex(), &ip, &l4, &active, &mut plan)
+    };
+    if !reason.passes() {
+        return Ok(reason);
+    }
+    match plan::apply::<P>(p.raw(), &ip, &l4, &plan) {
+        r if r.passes() => Ok(reason),
+        failed => Ok(failed),
+    }
+}
+
+/// The VM reports an error about a datagram it received: that datagram went to the
+/// VM's inner address, which the quote must now show as the persona's.
+#[inline(never)]
+fn icmp_error<P: Packet>(raw: P::Raw, ip: &Ip, active: &Active, plan: &mut Plan) -> Reason {
+    try_icmp_error(&P::from_raw(raw), ip, active, plan).unwrap_or_else(|reason| reason)
+}
+
+#[inline(always)]
+fn try_icmp_error<P: Packet>(
+    p: &P,
+    ip: &Ip,
+    active: &Active,
+    plan: &mut Plan,
+) -> Result<Reason, Reason> {
+    let ifindex = p.ifindex();
+    let st = state::resolve(ifindex, active)?;
+    let inner = st.inner(ip.family);
+    if inner != Some(ip.src) {
+        return Ok(Reason::DropSpoofed);
+    }
+    plan.src = st.persona_addr(ip.family).ok_or(Reason::DropNoPersona)?;
+    let q = parse::quoted(p, ip.family)?;
+    if Some(q.dst) != inner {
+        return Ok(Reason::DropSpoofed);
+    }
+    let qkey = conntrack::key(ifindex, ip.family, q.proto, &q.src, q.sport, q.dport);
+    let reason = if conntrack::live(&qkey, st.persona.ct_floor, conntrack::now()).is_some() {
+        Reason::AllowTracked
+    } else {
+        firewall::judge(
+            active.table,
+            DIR_EGRESS,
+            ip.family,
+            &ip.dst,
+            ip.proto,
+            0,
+            st.persona.default_action[DIR_EGRESS as usize],
+        )
+    };
+    plan.flags = OUTER_SRC | QUOTED_DST;
+    Ok(reason)
+}
+
+/// A packet of a flow: tracked, redirected or judged.
+#[inline(never)]
+fn flow(ifindex: u32, ip: &Ip, l4: &L4, active: &Active, plan: &mut Plan) -> Reason {
+    try_flow(ifindex, ip, l4, active, plan).unwrap_or_else(|reason| reason)
+}
+
+#[inline(always)]
+fn try_flow(
+    ifindex: u32,
+    ip: &Ip,
+    l4: &L4,
+    active: &Active,
+    plan: &mut Plan,
+) -> Result<Reason, Reason> {
+    let st = state::resolve(ifindex, active)?;
+    if st.inner(ip.family) != Some(ip.src) {
+        return Ok(Reason::DropSpoofed);
+    }
+    plan.src = st.persona_addr(ip.family).ok_or(Reason::DropNoPersona)?;
+    plan.flags = OUTER_SRC;
+    let now = conntrack::now();
+    let redirect = dns::redirect_target(st.persona, ip.family, l4);
+    if let Some(resolver) = redirect {
+        plan.dst = resolver;
+        plan.flags |= OUTER_DST;
+    }
+    let remote = if redirect.is_some() {
+        &plan.dst
+    } else {
+        &ip.dst
+    };
+    let key = conntrack::key(ifindex, ip.family, ip.proto, remote, l4.dport, l4.sport);
+    if let Some(entry) = conntrack::live(&key, st.persona.ct_floor, now) {
+        conntrack::refresh(entry, Some(&plan.src), active.generation, now);
+        return Ok(if redirect.is_some() {
+            Reason::AllowDns
+        } else {
+            Reason::AllowTracked
+        });
+    }
+    // Queries to the persona's own resolver are always let through: a persona without
+    // working DNS is not a usable identity.
+    let reason = if redirect.is_some() {
+        Reason::AllowDns
+    } else {
+        firewall::judge(
+            active.table,
+            DIR_EGRESS,
+            ip.family,
+            remote,
+            ip.proto,
+            l4.rule_port(),
+            st.persona.default_action[DIR_EGRESS as usize],
+        )
+    };
+    if reason.passes() {
+        conntrack::open(
+            &key,
+            NewFlow {
+                generation: active.generation,
+                now,
+                binding: &plan.src,
+                orig_remote: &ip.dst,
+                origin: DIR_EGRESS,
+                flags: if redirect.is_some() {
+                    CT_DNS_REDIRECTED
+                } else {
+                    0
+                },
+            },
+        );
+    }
+    Ok(reason)
+}

@@ -1,0 +1,62 @@
+//! Entry points only: the packet path lives in `from_vm.rs` and `to_vm.rs`.
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod counters;
+mod csum;
+mod dns;
+mod firewall;
+mod from_vm;
+mod maps;
+mod nat;
+mod packet;
+mod parse;
+mod plan;
+mod state;
+mod to_vm;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use persona_common::{DIR_EGRESS, DIR_INGRESS};
+
+use crate::packet::{Packet as _, TcPacket, XdpPacket};
+
+/// Traffic leaving the VM, as it arrives on the tap.
+#[xdp]
+pub fn persona_from_vm(ctx: XdpContext) -> u32 {
+    let mut pkt = XdpPacket::from_raw(ctx.ctx);
+    let reason = from_vm::handle(&mut pkt).unwrap_or_else(|reason| reason);
+    counters::count(pkt.ifindex, DIR_EGRESS, reason, pkt.len);
+    if reason.passes() {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
+    }
+}
+
+/// Traffic going to the VM, as it leaves the host through the tap (tcx egress).
+#[classifier]
+pub fn persona_to_vm(ctx: TcContext) -> i32 {
+    let mut pkt = TcPacket::pulled(ctx.skb.skb);
+    let reason = to_vm::handle(&mut pkt).unwrap_or_else(|reason| reason);
+    counters::count(pkt.ifindex, DIR_INGRESS, reason, pkt.len);
+    if reason.passes() {
+        TC_ACT_OK
+    } else {
+        TC_ACT_SHOT
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,41 @@
+//! Every map of the datapath; userspace wrappers live in `persona-userspace/src/datapath/maps`.
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+};
+use persona_common::{
+    conntrack::{CT_MAX_ENTRIES, CtEntry, CtKey},
+    counters::{Counter, CounterKey, MAX_COUNTER_KEYS},
+    device::{DeviceConfig, MAX_DEVICES},
+    firewall::{FwKeyV4, FwKeyV6, MAX_PREFIXES, RuleSet},
+    persona::{Active, MAX_TABLES, PersonaTable},
+};
+
+#[map]
+pub static DEVICES: HashMap<u32, DeviceConfig> = HashMap::pinned(MAX_DEVICES, 0);
+
+/// Not preallocated: an update then swaps the element under RCU, so a program sees the
+/// old or the new `Active` whole, never a mix.
+#[map]
+pub static ACTIVE: HashMap<u32, Active> = HashMap::pinned(MAX_DEVICES, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static PERSONAS: Array<PersonaTable> = Array::pinned(MAX_TABLES, 0);
+
+#[map]
+pub static FW_V4: LpmTrie<FwKeyV4, RuleSet> = LpmTrie::pinned(MAX_PREFIXES, 0);
+
+#[map]
+pub static FW_V6: LpmTrie<FwKeyV6, RuleSet> = LpmTrie::pinned(MAX_PREFIXES, 0);
+
+#[map]
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(CT_MAX_ENTRIES, 0);
+
+#[map]
+pub static COUNTERS: PerCpuHashMap<CounterKey, Counter> =
+    PerCpuHashMap::pinned(MAX_COUNTER_KEYS, 0);
+
+/// Where a new conntrack entry is built: the BPF stack is too small to hold it as well.
+#[map]
+pub static CT_SCRATCH: PerCpuArray<CtEntry> = PerCpuArray::with_max_entries(1, 0);

@@ -1,0 +1,156 @@
+//! Ingress: a frame on its way to the VM. It must be addressed to the active persona, or
+//! be a reply to a flow that left through an earlier one; the destination becomes the
+//! VM's own address and DNS replies get back the source the VM asked.
+use persona_common::{
+    DIR_INGRESS, FAMILY_V6,
+    conntrack::{CT_DNS_REDIRECTED, CtEntry},
+    counters::Reason,
+    persona::Active,
+};
+
+use crate::{
+    conntrack::{self, NewFlow},
+    firewall,
+    packet::Packet,
+    parse::{self, Ip, Kind, L3, L4},
+    plan::{self, OUTER_DST, OUTER_SRC, Plan, QUOTED_SRC},
+    state,
+};
+
+#[inline(always)]
+fn bound_to(entry: Option<*mut CtEntry>, dst: &[u8; 16]) -> bool {
+    match entry {
+        // SAFETY: map value valid for this program run.
+        Some(e) => unsafe { (*e).binding == *dst || (*e).prev_binding == *dst },
+        None => false,
+    }
+}
+
+#[inline(always)]
+pub fn handle<P: Packet>(p: &mut P) -> Result<Reason, Reason> {
+    let ip = match parse::l3(p)? {
+        L3::Arp => return Ok(Reason::PassArp),
+        L3::V4 => parse::ipv4(p)?,
+        L3::V6 => parse::ipv6(p)?,
+    };
+    let l4 = parse::transport(p, &ip)?;
+    if ip.family == FAMILY_V6 && (l4.kind == Kind::Ndp || parse::is_link_local_v6(&ip.dst)) {
+        return Ok(Reason::PassLinkLocal);
+    }
+    let active = state::active(p.ifindex())?;
+    let mut plan = Plan::default();
+    let reason = if l4.kind == Kind::IcmpError {
+        icmp_error::<P>(p.raw(), &ip, &active, &mut plan)
+    } else {
+        flow(p.ifindex(), &ip, &l4, &active, &mut plan)
+    };
+    if !reason.passes() {
+        return Ok(reason);
+    }
+    match plan::apply::<P>(p.raw(), &ip, &l4, &plan) {
+        r if r.passes() => Ok(reason),
+        failed => Ok(failed),
+    }
+}
+
+/// An error about a datagram the VM sent: the quote shows the persona's address as its
+/// source, which the VM must see as its own.
+#[inline(never)]
+fn icmp_error<P: Packet>(raw: P::Raw, ip: &Ip, active: &Active, plan: &mut Plan) -> Reason {
+    try_icmp_error(&P::from_raw(raw), ip, active, plan).unwrap_or_else(|reason| reason)
+}
+
+#[inline(always)]
+fn try_icmp_error<P: Packet>(
+    p: &P,
+    ip: &Ip,
+    active: &Active,
+    plan: &mut Plan,
+) -> Result<Reason, Reason> {
+    let ifindex = p.ifindex();
+    let st = state::resolve(ifindex, active)?;
+    let persona_addr = st.persona_addr(ip.family).ok_or(Reason::DropNoPersona)?;
+    plan.dst = st.inner(ip.family).ok_or(Reason::DropNoPersona)?;
+    let q = parse::quoted(p, ip.family)?;
+    let qkey = conntrack::key(ifindex, ip.family, q.proto, &q.dst, q.dport, q.sport);
+    let entry = conntrack::live(&qkey, st.persona.ct_floor, conntrack::now());
+    if ip.dst != persona_addr && !bound_to(entry, &ip.dst) {
+        return Ok(Reason::DropNotPersona);
+    }
+    let reason = if entry.is_some() {
+        Reason::AllowTracked
+    } else {
+        firewall::judge(
+            active.table,
+            DIR_INGRESS,
+            ip.family,
+            &ip.src,
+            ip.proto,
+            0,
+            st.persona.default_action[DIR_INGRESS as usize],
+        )
+    };
+    plan.flags = OUTER_DST | QUOTED_SRC;
+    Ok(reason)
+}
+
+/// A packet of a flow: addressed to the persona or to a flow's earlier binding, then
+/// tracked or judged.
+#[inline(never)]
+fn flow(ifindex: u32, ip: &Ip, l4: &L4, active: &Active, plan: &mut Plan) -> Reason {
+    try_flow(ifindex, ip, l4, active, plan).unwrap_or_else(|reason| reason)
+}
+
+#[inline(always)]
+fn try_flow(
+    ifindex: u32,
+    ip: &Ip,
+    l4: &L4,
+    active: &Active,
+    plan: &mut Plan,
+) -> Result<Reason, Reason> {
+    let st = state::resolve(ifindex, active)?;
+    let persona_addr = st.persona_addr(ip.family).ok_or(Reason::DropNoPersona)?;
+    plan.dst = st.inner(ip.family).ok_or(Reason::DropNoPersona)?;
+    plan.flags = OUTER_DST;
+    let now = conntrack::now();
+    let key = conntrack::key(ifindex, ip.family, ip.proto, &ip.src, l4.sport, l4.dport);
+    let entry = conntrack::live(&key, st.persona.ct_floor, now);
+    if ip.dst != persona_addr && !bound_to(entry, &ip.dst) {
+        return Ok(Reason::DropNotPersona);
+    }
+    if let Some(e) = entry {
+        conntrack::refresh(e, None, active.generation, now);
+        // SAFETY: map value valid for this program run.
+        let e = unsafe { &*e };
+        if e.flags & CT_DNS_REDIRECTED != 0 {
+            plan.src = e.orig_remote;
+            plan.flags |= OUTER_SRC;
+            return Ok(Reason::AllowDns);
+        }
+        return Ok(Reason::AllowTracked);
+    }
+    let reason = firewall::judge(
+        active.table,
+        DIR_INGRESS,
+        ip.family,
+        &ip.src,
+        ip.proto,
+        l4.rule_port(),
+        st.persona.default_action[DIR_INGRESS as usize],
+    );
+    if reason.passes() {
+        conntrack::open(
+            &key,
+            NewFlow {
+                generation: active.generation,
+                now,
+                binding: &ip.dst,
+                orig_remote: &ip.src,
+                origin: DIR_INGRESS,
+                flags: 0,
+            },
+        );
+    }
+    Ok(reason)
+}

@@ -1,0 +1,644 @@
+//! The real datapath: the embedded BPF object loaded into this kernel, maps and links
+//! pinned under bpffs so that traffic keeps flowing while the process restarts.
+use std::{
+    collections::HashMap as StdHashMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapError, PerCpuValues, lpm_trie::Key},
+    programs::{
+        SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+    },
+    util::nr_cpus,
+};
+use persona_common::{
+    DIR_EGRESS, DIR_INGRESS,
+    counters::{Counter, CounterKey, Reason},
+    device::{DEVICE_HAS_V4, DEVICE_HAS_V6, DeviceConfig},
+    firewall::{FwKeyV4, FwKeyV6, KEY_HEADER_BITS, key_header},
+    persona::{Active, PersonaTable},
+    program_names,
+};
+use tracing::{debug, info, warn};
+
+use super::{
+    ActiveState, CompiledPersona, Counters, Datapath, DatapathError, Result, ShiftOptions, Shifted,
+    Staged,
+    grace::GraceBarrier,
+    maps::Maps,
+    tables::{META_TABLE, Prefixes, Tables},
+};
+use crate::{host::Host, model::DeviceSpec};
+
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/persona"));
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/persona";
+
+#[derive(Debug, Clone)]
+pub struct KernelConfig {
+    /// Maps are pinned here and links under `links/`.
+    pub pin_dir: PathBuf,
+    /// The host's interface towards the network, where the persona addresses are
+    /// announced by proxy ARP/NDP. Without it only routes are installed.
+    pub uplink: Option<String>,
+    /// Leave the host's routes and neighbour proxies alone (packet tests).
+    pub wire_host: bool,
+    /// Hold the pin directory's lock: only one process may change the tables, since
+    /// each keeps its own account of free table slots.
+    pub exclusive: bool,
+}
+
+impl Default for KernelConfig {
+    fn default() -> Self {
+        Self {
+            pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
+            uplink: None,
+            wire_host: true,
+            exclusive: true,
+        }
+    }
+}
+
+fn bpf_err(context: &str) -> impl FnOnce(MapError) -> DatapathError + '_ {
+    move |e| DatapathError::Bpf(format!("{context}: {e}"))
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DatapathError {
+    let context = context.into();
+    move |source| DatapathError::Io { context, source }
+}
+
+pub struct KernelDatapath {
+    ebpf: Ebpf,
+    maps: Maps,
+    tables: Tables,
+    grace: GraceBarrier,
+    host: Option<Host>,
+    config: KernelConfig,
+    devices: StdHashMap<u32, DeviceSpec>,
+    _lock: Option<nix::fcntl::Flock<std::fs::File>>,
+}
+
+fn lock(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    let file = std::fs::File::open(dir).map_err(io_err(format!("opening {}", dir.display())))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
+        DatapathError::Bpf(format!(
+            "another persona process holds {} (stop it, or ask it to do this)",
+            dir.display()
+        ))
+    })
+}
+
+/// bpffs is not mounted on a fresh machine.
+fn ensure_bpffs(dir: &Path) -> Result<()> {
+    let root = Path::new("/sys/fs/bpf");
+    if dir.starts_with(root) {
+        let mounts = std::fs::read_to_string("/proc/self/mounts")
+            .map_err(io_err("reading /proc/self/mounts"))?;
+        let mounted = mounts
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "));
+        if !mounted {
+            nix::mount::mount(
+                Some("bpf"),
+                root,
+                Some("bpf"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .map_err(|e| DatapathError::Bpf(format!("mounting bpffs at /sys/fs/bpf: {e}")))?;
+        }
+    }
+    std::fs::create_dir_all(dir.join("links"))
+        .map_err(io_err(format!("creating {}", dir.display())))
+}
+
+impl KernelDatapath {
+    /// Loads the programs and opens the maps, re-using pinned ones: after a restart the
+    /// devices, active personas, flows and counters are all still there.
+    pub fn open(config: KernelConfig) -> Result<Self> {
+        ensure_bpffs(&config.pin_dir)?;
+        let lock = if config.exclusive {
+            Some(lock(&config.pin_dir)?)
+        } else {
+            None
+        };
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&config.pin_dir)
+            .load(EBPF_OBJECT)
+            .map_err(|e| DatapathError::Bpf(format!("loading the BPF object: {e}")))?;
+        {
+            let xdp: &mut Xdp = program(&mut ebpf, program_names::FROM_VM)?;
+            xdp.load().map_err(|e| {
+                DatapathError::Bpf(format!("verifying {}: {e:#}", program_names::FROM_VM))
+            })?;
+            let tc: &mut SchedClassifier = program(&mut ebpf, program_names::TO_VM)?;
+            tc.load().map_err(|e| {
+                DatapathError::Bpf(format!("verifying {}: {e:#}", program_names::TO_VM))
+            })?;
+        }
+        let maps = Maps::take(&mut ebpf)?;
+        let in_use: Vec<u32> = maps
+            .active
+            .iter()
+            .filter_map(|r| r.ok().map(|(_, a)| a.table))
+            .collect();
+        let mut found: StdHashMap<u32, Prefixes> = StdHashMap::new();
+        for key in maps.fw_v4.keys().flatten() {
+            let table = u32::from_be_bytes(key.data().table);
+            found
+                .entry(table)
+                .or_default()
+                .v4
+                .push((key.prefix_len(), key.data()));
+        }
+        for key in maps.fw_v6.keys().flatten() {
+            let table = u32::from_be_bytes(key.data().table);
+            found
+                .entry(table)
+                .or_default()
+                .v6
+                .push((key.prefix_len(), key.data()));
+        }
+        let mut devices = StdHashMap::new();
+        for (ifindex, cfg) in maps.devices.iter().flatten() {
+            let interface = nix::net::if_::if_indextoname(ifindex)
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            debug!(ifindex, %interface, "found pinned device");
+            devices.insert(ifindex, DeviceSpec::from_config(interface, &cfg));
+        }
+        if !in_use.is_empty() {
+            info!(devices = in_use.len(), pin_dir = %config.pin_dir.display(), "re-using pinned datapath");
+        }
+        let host = if config.wire_host {
+            Some(Host::new(config.uplink.as_deref())?)
+        } else {
+            None
+        };
+        Ok(Self {
+            ebpf,
+            maps,
+            tables: Tables::recover(in_use, found),
+            grace: GraceBarrier::new().map_err(io_err("creating the grace-period map"))?,
+            host,
+            config,
+            devices,
+            _lock: lock,
+        })
+    }
+
+    fn link_pin(&self, ifindex: u32, kind: &str) -> PathBuf {
+        self.config
+            .pin_dir
+            .join("links")
+            .join(format!("{ifindex}-{kind}"))
+    }
+
+    /// Writes the device's identity and zeroed counters without attaching anything:
+    /// enough for BPF_PROG_TEST_RUN, which runs as if on the loopback device.
+    pub fn configure_device(&mut self, ifindex: u32, device: &DeviceSpec) -> Result<()> {
+        device.validate()?;
+        let mut cfg = DeviceConfig {
+            mac: device.mac_bytes()?,
+            ..Default::default()
+        };
+        if let Some(a) = device.inner_v4 {
+            cfg.inner_v4 = a.octets();
+            cfg.flags |= DEVICE_HAS_V4;
+        }
+        if let Some(a) = device.inner_v6 {
+            cfg.inner_v6 = a.octets();
+            cfg.flags |= DEVICE_HAS_V6;
+        }
+        self.maps
+            .devices
+            .insert(ifindex, cfg, 0)
+            .map_err(bpf_err("DEVICES"))?;
+        // Every key exists before the first packet, so the kernel only ever increments
+        // and no count is lost to two CPUs creating the same key at once.
+        let cpus = nr_cpus().map_err(|(_, e)| io_err("counting CPUs")(e))?;
+        for direction in [DIR_EGRESS, DIR_INGRESS] {
+            for reason in Reason::ALL {
+                let key = CounterKey {
+                    ifindex,
+                    direction,
+                    reason: *reason as u8,
+                    _pad: [0; 2],
+                };
+                if self.maps.counters.get(&key, 0).is_err() {
+                    let zero = PerCpuValues::try_from(vec![Counter::default(); cpus])
+                        .map_err(|e| DatapathError::Bpf(e.to_string()))?;
+                    self.maps
+                        .counters
+                        .insert(key, zero, 0)
+                        .map_err(bpf_err("COUNTERS"))?;
+                }
+            }
+        }
+        self.devices.insert(ifindex, device.clone());
+        Ok(())
+    }
+
+    fn attach_programs(&mut self, ifindex: u32) -> Result<()> {
+        let xdp_pin = self.link_pin(ifindex, "xdp");
+        if !xdp_pin.exists() {
+            let xdp: &mut Xdp = program(&mut self.ebpf, program_names::FROM_VM)?;
+            let id = match xdp.attach_to_if_index(ifindex, XdpMode::Driver) {
+                Ok(id) => id,
+                Err(e) => {
+                    warn!(ifindex, error = %e, "native XDP refused, falling back to generic");
+                    xdp.attach_to_if_index(ifindex, XdpMode::Skb).map_err(|e| {
+                        DatapathError::Bpf(format!("attaching XDP to {ifindex}: {e}"))
+                    })?
+                }
+            };
+            let link: FdLink = xdp
+                .take_link(id)
+                .map_err(|e| DatapathError::Bpf(e.to_string()))?
+                .try_into()
+                .map_err(|e| DatapathError::Bpf(format!("XDP link: {e}")))?;
+            link.pin(&xdp_pin)
+                .map_err(|e| DatapathError::Bpf(format!("pinning {}: {e}", xdp_pin.display())))?;
+        }
+        let tc_pin = self.link_pin(ifindex, "tc");
+        if !tc_pin.exists() {
+            let name = nix::net::if_::if_indextoname(ifindex)
+                .map_err(|_| DatapathError::NoSuchInterface(ifindex.to_string()))?;
+            let tc: &mut SchedClassifier = program(&mut self.ebpf, program_names::TO_VM)?;
+            let id = tc
+                .attach(&name.to_string_lossy(), TcAttachType::Egress)
+                .map_err(|e| {
+                    DatapathError::Bpf(format!("attaching tcx egress to {ifindex}: {e}"))
+                })?;
+            let link: FdLink = tc
+                .take_link(id)
+                .map_err(|e| DatapathError::Bpf(e.to_string()))?
+                .try_into()
+                .map_err(|e| DatapathError::Bpf(format!("tcx link: {e}")))?;
+            link.pin(&tc_pin)
+                .map_err(|e| DatapathError::Bpf(format!("pinning {}: {e}", tc_pin.display())))?;
+        }
+        Ok(())
+    }
+
+    fn write_prefixes(&mut self, table: u32, persona: &CompiledPersona) -> Result<Prefixes> {
+        let mut written = Prefixes::default();
+        for p in &persona.v4 {
+            let (t, d) = key_header(table, p.direction);
+            let data = FwKeyV4 {
+                table: t,
+                direction: d,
+                addr: p.net.network().octets(),
+            };
+            let len = KEY_HEADER_BITS + p.net.prefix_len() as u32;
+            self.maps
+                .fw_v4
+                .insert(&Key::new(len, data), p.rules, 0)
+                .map_err(bpf_err("FW_V4"))?;
+            written.v4.push((len, data));
+        }
+        for p in &persona.v6 {
+            let (t, d) = key_header(table, p.direction);
+            let data = FwKeyV6 {
+                table: t,
+                direction: d,
+                addr: p.net.network().octets(),
+            };
+            let len = KEY_HEADER_BITS + p.net.prefix_len() as u32;
+            self.maps
+                .fw_v6
+                .insert(&Key::new(len, data), p.rules, 0)
+                .map_err(bpf_err("FW_V6"))?;
+            written.v6.push((len, data));
+        }
+        Ok(written)
+    }
+
+    fn clear_table(&mut self, table: u32) -> Result<()> {
+        let old = self.tables.take_prefixes(table);
+        for (len, data) in old.v4 {
+            let _ = self.maps.fw_v4.remove(&Key::new(len, data));
+        }
+        for (len, data) in old.v6 {
+            let _ = self.maps.fw_v6.remove(&Key::new(len, data));
+        }
+        self.maps
+            .personas
+            .set(table, PersonaTable::default(), 0)
+            .map_err(bpf_err("PERSONAS"))
+    }
+
+    /// Frees a table once no program run can still be reading it.
+    fn retire(&mut self, table: u32) -> Result<()> {
+        self.grace
+            .wait()
+            .map_err(io_err("waiting for an RCU grace period"))?;
+        self.clear_table(table)?;
+        self.tables.release(table);
+        Ok(())
+    }
+
+    fn persona_table(&self, table: u32) -> Result<PersonaTable> {
+        self.maps
+            .personas
+            .get(&table, 0)
+            .map_err(bpf_err("PERSONAS"))
+    }
+
+    fn next_generation(&mut self) -> Result<u64> {
+        let mut meta = self.persona_table(META_TABLE)?;
+        meta.generation += 1;
+        self.maps
+            .personas
+            .set(META_TABLE, meta, 0)
+            .map_err(bpf_err("PERSONAS"))?;
+        Ok(meta.generation)
+    }
+
+    fn host_addresses(table: &PersonaTable) -> Vec<IpAddr> {
+        let compiled = CompiledPersona {
+            table: *table,
+            v4: vec![],
+            v6: vec![],
+        };
+        compiled.addresses()
+    }
+
+    /// The addresses the network sees for a device right now.
+    pub fn active_addresses(&self, ifindex: u32) -> Result<Vec<IpAddr>> {
+        match self.active(ifindex)? {
+            Some(a) => Ok(Self::host_addresses(&self.persona_table(a.table)?)),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    pub fn host(&self) -> Option<&Host> {
+        self.host.as_ref()
+    }
+
+    pub fn tables_in_use(&self) -> usize {
+        self.tables.in_use()
+    }
+
+    /// Runs a program once on `frame` through BPF_PROG_TEST_RUN, as if on the loopback
+    /// device; returns the program's verdict and the frame as it left.
+    pub fn test_run(&mut self, direction: u8, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        };
+        let result = self.run(direction, opts)?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+
+    /// Average time per run over `repeat` runs of the same frame.
+    pub fn bench(
+        &mut self,
+        direction: u8,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<std::time::Duration> {
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..TestRunOptions::new()
+        };
+        Ok(self.run(direction, opts)?.duration)
+    }
+
+    fn run(
+        &mut self,
+        direction: u8,
+        opts: TestRunOptions<'_>,
+    ) -> Result<aya::programs::TestRunResult> {
+        let res = if direction == DIR_EGRESS {
+            let xdp: &mut Xdp = program(&mut self.ebpf, program_names::FROM_VM)?;
+            xdp.test_run(opts)
+        } else {
+            let tc: &mut SchedClassifier = program(&mut self.ebpf, program_names::TO_VM)?;
+            tc.test_run(opts)
+        };
+        res.map_err(|e| DatapathError::Bpf(format!("BPF_PROG_TEST_RUN: {e}")))
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| DatapathError::Bpf(format!("program {name} missing from the object")))?;
+    prog.try_into()
+        .map_err(|e| DatapathError::Bpf(format!("program {name}: {e}")))
+}
+
+impl Datapath for KernelDatapath {
+    fn attach(&mut self, device: &DeviceSpec) -> Result<u32> {
+        device.validate()?;
+        let ifindex = nix::net::if_::if_nametoindex(device.interface.as_str())
+            .map_err(|_| DatapathError::NoSuchInterface(device.interface.clone()))?;
+        self.configure_device(ifindex, device)?;
+        if let Some(host) = &self.host {
+            host.prepare_device(ifindex, device)?;
+        }
+        self.attach_programs(ifindex)?;
+        info!(interface = %device.interface, ifindex, "attached");
+        Ok(ifindex)
+    }
+
+    fn detach(&mut self, ifindex: u32) -> Result<()> {
+        if self.maps.devices.get(&ifindex, 0).is_err() {
+            return Err(DatapathError::NotAttached(ifindex));
+        }
+        for kind in ["xdp", "tc"] {
+            let pin = self.link_pin(ifindex, kind);
+            if pin.exists() {
+                let link = PinnedLink::from_pin(&pin)
+                    .map_err(|e| DatapathError::Bpf(format!("{}: {e}", pin.display())))?;
+                drop(
+                    link.unpin()
+                        .map_err(io_err(format!("unpinning {}", pin.display())))?,
+                );
+            }
+        }
+        let active = self.maps.active.get(&ifindex, 0).ok();
+        let _ = self.maps.active.remove(&ifindex);
+        if let (Some(host), Some(a)) = (&self.host, active) {
+            let addrs = Self::host_addresses(&self.persona_table(a.table)?);
+            host.withdraw_persona(ifindex, &addrs)?;
+        }
+        if let (Some(host), Some(device)) = (&self.host, self.devices.get(&ifindex)) {
+            host.release_device(ifindex, device)?;
+        }
+        let _ = self.maps.devices.remove(&ifindex);
+        let keys: Vec<CounterKey> = self
+            .maps
+            .counters
+            .keys()
+            .flatten()
+            .filter(|k| k.ifindex == ifindex)
+            .collect();
+        for k in keys {
+            let _ = self.maps.counters.remove(&k);
+        }
+        let flows: Vec<_> = self
+            .maps
+            .conntrack
+            .keys()
+            .flatten()
+            .filter(|k| k.ifindex == ifindex)
+            .collect();
+        for k in flows {
+            let _ = self.maps.conntrack.remove(&k);
+        }
+        self.devices.remove(&ifindex);
+        if let Some(a) = active {
+            self.retire(a.table)?;
+        }
+        info!(ifindex, "detached");
+        Ok(())
+    }
+
+    fn stage(&mut self, persona: &CompiledPersona) -> Result<Staged> {
+        let table = self.tables.alloc()?;
+        // A slot may hold leftovers of a stage a crash cut short.
+        if let Err(e) = self.clear_table(table) {
+            self.tables.release(table);
+            return Err(e);
+        }
+        match self.write_prefixes(table, persona) {
+            Ok(written) => self.tables.set_prefixes(table, written),
+            Err(e) => {
+                let _ = self.clear_table(table);
+                self.tables.release(table);
+                return Err(e);
+            }
+        }
+        if let Err(e) = self
+            .maps
+            .personas
+            .set(table, persona.table, 0)
+            .map_err(bpf_err("PERSONAS"))
+        {
+            let _ = self.clear_table(table);
+            self.tables.release(table);
+            return Err(e);
+        }
+        Ok(Staged {
+            table,
+            persona: persona.clone(),
+        })
+    }
+
+    fn discard(&mut self, staged: Staged) -> Result<()> {
+        // Never visible to a program: no grace period needed.
+        self.clear_table(staged.table)?;
+        self.tables.release(staged.table);
+        Ok(())
+    }
+
+    fn shift(&mut self, ifindex: u32, staged: Staged, options: ShiftOptions) -> Result<Shifted> {
+        if self.maps.devices.get(&ifindex, 0).is_err() {
+            self.discard(staged)?;
+            return Err(DatapathError::NotAttached(ifindex));
+        }
+        let previous = self.maps.active.get(&ifindex, 0).ok();
+        let previous_table = match previous {
+            Some(a) => Some(self.persona_table(a.table)?),
+            None => None,
+        };
+        let generation = self.next_generation()?;
+        let mut table = staged.persona.table;
+        table.generation = generation;
+        table.ct_floor = match (options.cut_flows, previous_table) {
+            (true, _) => generation,
+            (false, Some(prev)) => prev.ct_floor,
+            (false, None) => 0,
+        };
+        self.maps
+            .personas
+            .set(staged.table, table, 0)
+            .map_err(bpf_err("PERSONAS"))?;
+        let new_addrs = staged.persona.addresses();
+        if let Some(host) = &self.host {
+            host.announce_persona(ifindex, &new_addrs)?;
+        }
+
+        let start = Instant::now();
+        self.maps
+            .active
+            .insert(
+                ifindex,
+                Active {
+                    table: staged.table,
+                    _pad: 0,
+                    generation,
+                },
+                0,
+            )
+            .map_err(bpf_err("ACTIVE"))?;
+        let flip = start.elapsed();
+
+        if let (Some(prev), Some(prev_table)) = (previous, previous_table) {
+            if let Some(host) = &self.host {
+                let gone: Vec<IpAddr> = Self::host_addresses(&prev_table)
+                    .into_iter()
+                    .filter(|a| !new_addrs.contains(a))
+                    .collect();
+                host.withdraw_persona(ifindex, &gone)?;
+            }
+            self.retire(prev.table)?;
+        }
+        Ok(Shifted {
+            generation,
+            table: staged.table,
+            previous_table: previous.map(|p| p.table),
+            flip,
+        })
+    }
+
+    fn active(&self, ifindex: u32) -> Result<Option<ActiveState>> {
+        match self.maps.active.get(&ifindex, 0) {
+            Ok(a) => Ok(Some(ActiveState {
+                table: a.table,
+                generation: a.generation,
+            })),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(bpf_err("ACTIVE")(e)),
+        }
+    }
+
+    fn counters(&self, ifindex: u32) -> Result<Counters> {
+        let mut out = Counters::new();
+        for key in self.maps.counters.keys() {
+            let key = key.map_err(bpf_err("COUNTERS"))?;
+            if key.ifindex != ifindex {
+                continue;
+            }
+            let Some(reason) = Reason::from_u8(key.reason) else {
+                continue;
+            };
+            let values = self
+                .maps
+                .counters
+                .get(&key, 0)
+                .map_err(bpf_err("COUNTERS"))?;
+            let sum = values.iter().fold(Counter::default(), |acc, c| Counter {
+                packets: acc.packets + c.packets,
+                bytes: acc.bytes + c.bytes,
+            });
+            out.insert((key.direction, reason), sum);
+        }
+        Ok(out)
+    }
+}

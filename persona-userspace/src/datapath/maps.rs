@@ -1,0 +1,55 @@
+//! Typed handles on the datapath's maps. Each must stay in sync with the kernel's
+//! definition in persona-ebpf/src/maps.rs and the types in persona-common.
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuHashMap},
+};
+use persona_common::{
+    conntrack::{CtEntry, CtKey},
+    counters::{Counter, CounterKey},
+    device::DeviceConfig,
+    firewall::{FwKeyV4, FwKeyV6, RuleSet},
+    map_names,
+    persona::{Active, PersonaTable},
+};
+
+use super::{DatapathError, Result};
+
+pub struct Maps {
+    /// `DEVICES`: ifindex → the VM's inner identity.
+    pub devices: HashMap<MapData, u32, DeviceConfig>,
+    /// `ACTIVE`: ifindex → the table in force; the map a shift updates.
+    pub active: HashMap<MapData, u32, Active>,
+    /// `PERSONAS`: table → addresses, resolvers, default verdicts.
+    pub personas: Array<MapData, PersonaTable>,
+    pub fw_v4: LpmTrie<MapData, FwKeyV4, RuleSet>,
+    pub fw_v6: LpmTrie<MapData, FwKeyV6, RuleSet>,
+    /// `CONNTRACK` (LRU hash).
+    pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    /// `COUNTERS` (per-CPU hash).
+    pub counters: PerCpuHashMap<MapData, CounterKey, Counter>,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &str,
+) -> Result<T> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| DatapathError::Bpf(format!("map {name} missing from the object")))?;
+    T::try_from(map).map_err(|e| DatapathError::Bpf(format!("map {name}: {e}")))
+}
+
+impl Maps {
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        Ok(Self {
+            devices: take(ebpf, map_names::DEVICES)?,
+            active: take(ebpf, map_names::ACTIVE)?,
+            personas: take(ebpf, map_names::PERSONAS)?,
+            fw_v4: take(ebpf, map_names::FW_V4)?,
+            fw_v6: take(ebpf, map_names::FW_V6)?,
+            conntrack: take(ebpf, map_names::CONNTRACK)?,
+            counters: take(ebpf, map_names::COUNTERS)?,
+        })
+    }
+}

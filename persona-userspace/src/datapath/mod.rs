@@ -1,0 +1,94 @@
+//! The datapath: BPF programs on tap devices and the tables they read.
+//!
+//! [`Datapath`] is what the control plane drives; [`kernel::KernelDatapath`] is the real
+//! one, [`fake::FakeDatapath`] stands in for it in unit tests of logic above it.
+pub mod compile;
+pub mod fake;
+mod grace;
+pub mod kernel;
+pub mod maps;
+mod tables;
+
+use std::collections::BTreeMap;
+
+pub use compile::{CompiledPersona, compile};
+use persona_common::counters::{Counter, Reason};
+
+use crate::model::DeviceSpec;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("interface {0:?} not found")]
+    NoSuchInterface(String),
+    #[error("device {0} is not attached")]
+    NotAttached(u32),
+    #[error("all {0} persona table slots are in use")]
+    TablesExhausted(u32),
+    #[error("{0}")]
+    Invalid(#[from] crate::model::FieldError),
+    #[error("BPF: {0}")]
+    Bpf(String),
+    #[error("host wiring: {0}")]
+    Host(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+/// A persona written into a free table slot, not yet visible to any packet.
+#[derive(Debug)]
+#[must_use = "a staged persona holds a table slot until it is shifted to or discarded"]
+pub struct Staged {
+    pub(crate) table: u32,
+    pub(crate) persona: CompiledPersona,
+}
+
+impl Staged {
+    pub fn table(&self) -> u32 {
+        self.table
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShiftOptions {
+    /// Forget every tracked flow of the device: replies of flows opened before the
+    /// shift are judged by the new persona's rules as if new.
+    pub cut_flows: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shifted {
+    pub generation: u64,
+    pub table: u32,
+    pub previous_table: Option<u32>,
+    /// Time spent in the one map update that made the persona active.
+    pub flip: std::time::Duration,
+}
+
+/// Packets and bytes per direction and reason, summed over CPUs.
+pub type Counters = BTreeMap<(u8, Reason), Counter>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActiveState {
+    pub table: u32,
+    pub generation: u64,
+}
+
+pub trait Datapath {
+    /// Configures the device, attaches both programs and wires the host. Until a shift,
+    /// the device's IP traffic is dropped (`drop_no_persona`): nothing leaves with the
+    /// VM's own address.
+    fn attach(&mut self, device: &DeviceSpec) -> Result<u32>;
+    fn detach(&mut self, ifindex: u32) -> Result<()>;
+    fn stage(&mut self, persona: &CompiledPersona) -> Result<Staged>;
+    fn discard(&mut self, staged: Staged) -> Result<()>;
+    /// Makes a staged persona the device's active one with a single map update.
+    fn shift(&mut self, ifindex: u32, staged: Staged, options: ShiftOptions) -> Result<Shifted>;
+    fn active(&self, ifindex: u32) -> Result<Option<ActiveState>>;
+    fn counters(&self, ifindex: u32) -> Result<Counters>;
+}

@@ -1,0 +1,8 @@
+//! persona: switchable network identities for VMs.
+//!
+//! `model` holds what operators write, `datapath` turns it into BPF map tables and
+//! applies it to tap devices, `host` wires the host's routes and neighbour proxies.
+pub mod cli;
+pub mod datapath;
+pub mod host;
+pub mod model;

@@ -1,0 +1,87 @@
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use serde::{Deserialize, Serialize};
+
+use super::FieldError;
+
+/// A VM's tap device and the VM's own ("inner") identity, which never changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DeviceSpec {
+    /// The tap (or veth) interface on the host.
+    pub interface: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inner_v4: Option<Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inner_v6: Option<Ipv6Addr>,
+    /// The VM's MAC, "52:54:00:12:34:56".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// The gateway the VM is configured with, answered by the host through proxy
+    /// ARP/NDP on the tap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_v4: Option<Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_v6: Option<Ipv6Addr>,
+    /// The persona the device starts with when first attached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persona: Option<String>,
+}
+
+impl DeviceSpec {
+    /// What a pinned `DEVICES` entry tells about a device attached by an earlier run.
+    pub fn from_config(interface: String, cfg: &persona_common::device::DeviceConfig) -> Self {
+        use persona_common::device::{DEVICE_HAS_V4, DEVICE_HAS_V6};
+        let m = cfg.mac;
+        Self {
+            interface,
+            inner_v4: (cfg.flags & DEVICE_HAS_V4 != 0).then(|| Ipv4Addr::from(cfg.inner_v4)),
+            inner_v6: (cfg.flags & DEVICE_HAS_V6 != 0).then(|| Ipv6Addr::from(cfg.inner_v6)),
+            mac: (m != [0; 6]).then(|| {
+                format!(
+                    "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                    m[0], m[1], m[2], m[3], m[4], m[5]
+                )
+            }),
+            gateway_v4: None,
+            gateway_v6: None,
+            persona: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), FieldError> {
+        if self.interface.is_empty()
+            || self.interface.len() > 15
+            || self.interface.contains(['/', ' '])
+        {
+            return Err(FieldError::new(
+                "spec.interface",
+                format!("{:?} is not a valid interface name", self.interface),
+            ));
+        }
+        if self.inner_v4.is_none() && self.inner_v6.is_none() {
+            return Err(FieldError::new(
+                "spec.innerV4",
+                "the VM needs an inner IPv4 or IPv6 address",
+            ));
+        }
+        self.mac_bytes()?;
+        Ok(())
+    }
+
+    pub fn mac_bytes(&self) -> Result<[u8; 6], FieldError> {
+        let Some(mac) = &self.mac else {
+            return Ok([0; 6]);
+        };
+        let bad = || FieldError::new("spec.mac", format!("{mac:?} is not a MAC address"));
+        let parts: Vec<&str> = mac.split(':').collect();
+        if parts.len() != 6 {
+            return Err(bad());
+        }
+        let mut out = [0u8; 6];
+        for (o, p) in out.iter_mut().zip(parts) {
+            *o = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        Ok(out)
+    }
+}

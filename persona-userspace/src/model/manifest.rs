@@ -1,0 +1,139 @@
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::{DeviceSpec, FieldError, PersonaSpec};
+
+pub const API_VERSION: &str = "persona.dev/v1";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    pub name: String,
+}
+
+/// One YAML document: `apiVersion`, `kind`, `metadata`, `spec`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", deny_unknown_fields)]
+pub enum Manifest {
+    Persona {
+        #[serde(rename = "apiVersion")]
+        api_version: String,
+        metadata: Metadata,
+        spec: PersonaSpec,
+    },
+    Device {
+        #[serde(rename = "apiVersion")]
+        api_version: String,
+        metadata: Metadata,
+        spec: DeviceSpec,
+    },
+}
+
+impl Manifest {
+    pub fn name(&self) -> &str {
+        match self {
+            Manifest::Persona { metadata, .. } | Manifest::Device { metadata, .. } => {
+                &metadata.name
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<(), FieldError> {
+        let (api_version, metadata) = match self {
+            Manifest::Persona {
+                api_version,
+                metadata,
+                ..
+            }
+            | Manifest::Device {
+                api_version,
+                metadata,
+                ..
+            } => (api_version, metadata),
+        };
+        if api_version != API_VERSION {
+            return Err(FieldError::new(
+                "apiVersion",
+                format!("{api_version:?} is not supported (expected {API_VERSION:?})"),
+            ));
+        }
+        let name_ok = !metadata.name.is_empty()
+            && metadata.name.len() <= 63
+            && metadata
+                .name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !name_ok {
+            return Err(FieldError::new(
+                "metadata.name",
+                format!(
+                    "{:?} must be 1-63 lowercase letters, digits or '-'",
+                    metadata.name
+                ),
+            ));
+        }
+        match self {
+            Manifest::Persona { spec, .. } => spec.validate(),
+            Manifest::Device { spec, .. } => spec.validate(),
+        }
+    }
+}
+
+/// Parses every document of a YAML stream; the first bad one fails the whole stream.
+pub fn parse_manifests(text: &str) -> Result<Vec<Manifest>, FieldError> {
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = serde_yaml::Value::deserialize(doc)
+            .map_err(|e| FieldError::new(format!("document {}", i + 1), e.to_string()))?;
+        if value.is_null() {
+            continue;
+        }
+        let manifest: Manifest = serde_yaml::from_value(value)
+            .map_err(|e| FieldError::new(format!("document {}", i + 1), e.to_string()))?;
+        manifest.validate().map_err(|e| FieldError {
+            field: format!(
+                "{} {:?}: {}",
+                kind_name(&manifest),
+                manifest.name(),
+                e.field
+            ),
+            reason: e.reason,
+        })?;
+        out.push(manifest);
+    }
+    Ok(out)
+}
+
+fn kind_name(m: &Manifest) -> &'static str {
+    match m {
+        Manifest::Persona { .. } => "Persona",
+        Manifest::Device { .. } => "Device",
+    }
+}
+
+/// Reads a file, or every `.yaml`/`.yml` file of a directory in name order.
+pub fn load_manifests(path: &Path) -> anyhow::Result<Vec<Manifest>> {
+    use anyhow::Context as _;
+    let mut files = Vec::new();
+    if path.is_dir() {
+        for entry in
+            std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))?
+        {
+            let p = entry?.path();
+            if matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+                files.push(p);
+            }
+        }
+        files.sort();
+    } else {
+        files.push(path.to_owned());
+    }
+    let mut out = Vec::new();
+    for f in files {
+        let text =
+            std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+        out.extend(parse_manifests(&text).with_context(|| format!("in {}", f.display()))?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,27 @@
+//! What operators write: personas and devices, as YAML manifests.
+mod device;
+mod manifest;
+mod persona;
+
+pub use device::DeviceSpec;
+pub use manifest::{Manifest, load_manifests, parse_manifests};
+pub use persona::{
+    Action, DirectionSpec, FirewallSpec, PersonaSpec, PortRange, Protocol, RuleSpec,
+};
+
+/// A bad input, naming the field path and the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
