@@ -257,17 +257,3 @@ pub fn is_link_local_v6(a: &[u8; 16]) -> bool {
     a[0] == 0xfe && (a[1] & 0xc0) == 0x80
 }
 
-/// The transport view of an ICMP error, for rewriting its outer header.
-#[inline(always)]
-pub fn icmp_error_l4(family: u8) -> L4 {
-    L4 {
-        kind: Kind::IcmpError,
-        sport: 0,
-        dport: 0,
-        csum_off: if family == FAMILY_V4 {
-            V4_L4 + 2
-        } else {
-            V6_L4 + 2
-        },
-    }
-}

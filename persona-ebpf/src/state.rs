@@ -13,7 +13,6 @@ use crate::{
 
 pub struct State<'a> {
     pub device: &'a DeviceConfig,
-    pub active: Active,
     pub persona: &'a PersonaTable,
 }
 
@@ -38,7 +37,6 @@ pub fn active(ifindex: u32) -> Result<Active, Reason> {
 pub fn resolve<'a>(ifindex: u32, active: &Active) -> Result<State<'a>, Reason> {
     Ok(State {
         device: device(ifindex)?,
-        active: *active,
         persona: PERSONAS.get(active.table).ok_or(Reason::DropNoPersona)?,
     })
 }

@@ -1,0 +1,305 @@
+//! Packet-level tests: frames built here, run through the real programs in this kernel
+//! with BPF_PROG_TEST_RUN, every checksum of the result checked from scratch.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use persona_common::{DIR_EGRESS as EGRESS, DIR_INGRESS as INGRESS, counters::Reason};
+use persona_tests::{
+    frames::{self, ACK, L4, SYN, check_frame, check_ip, ethernet, frame, icmp_error, ip_packet},
+    harness::{Harness, INNER_V4, INNER_V6, TC_ACT_OK, TC_ACT_SHOT, XDP_DROP, XDP_PASS},
+};
+
+const PERSONA_A: &str = r#"
+addresses: ["203.0.113.10/24", "2001:db8:a::10/64"]
+dns: ["198.51.100.53", "2001:db8:53::53"]
+firewall:
+  egress:
+    default: allow
+    rules:
+      - { cidr: 0.0.0.0/0, protocol: tcp, ports: "25", action: drop }
+  ingress:
+    default: drop
+    rules:
+      - { cidr: 198.51.100.0/24, protocol: tcp, ports: "22", action: allow }
+      - { cidr: 198.51.100.128/25, action: drop }
+      - { cidr: "2001:db8:b::/48", protocol: tcp, ports: "80-443", action: allow }
+"#;
+
+const PERSONA_B: &str = r#"
+addresses: ["203.0.113.20/24"]
+firewall:
+  egress: { default: allow }
+  ingress: { default: drop }
+"#;
+
+fn v4(a: [u8; 4]) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(a))
+}
+fn v6(s: &str) -> IpAddr {
+    IpAddr::V6(s.parse::<Ipv6Addr>().unwrap())
+}
+const REMOTE: [u8; 4] = [198, 51, 100, 7];
+const PERSONA_A_V4: [u8; 4] = [203, 0, 113, 10];
+
+fn inner4() -> IpAddr {
+    IpAddr::V4(INNER_V4)
+}
+fn inner6() -> IpAddr {
+    IpAddr::V6(INNER_V6)
+}
+
+fn udp(sport: u16, dport: u16) -> L4 {
+    L4::Udp { sport, dport, payload: b"persona".to_vec(), zero_checksum: false }
+}
+fn tcp(sport: u16, dport: u16, flags: u8) -> L4 {
+    L4::Tcp { sport, dport, flags, payload: b"hello".to_vec() }
+}
+
+#[test]
+fn egress_udp_v4_takes_the_persona_address_with_valid_checksums() {
+    let mut h = Harness::with_persona(PERSONA_A);
+    let (verdict, out) = h.from_vm(&frame(inner4(), v4(REMOTE), &udp(5000, 9000)));
+    assert_eq!(verdict, XDP_PASS);
+    let seen = check_frame(&out);
+    assert_eq!(seen.src, v4(PERSONA_A_V4));
+    assert_eq!(seen.dst, v4(REMOTE));
+    assert_eq!(seen.ports(), (5000, 9000));
+    assert_eq!(h.count(EGRESS, Reason::AllowDefault), 1);
+}
+
+#[test]
+fn zero_udp_checksum_over_ipv4_stays_zero() {
+    let mut h = Harness::with_persona(PERSONA_A);
+    let l4 = L4::Udp { sport: 5000, dport: 9000, payload: b"x".to_vec(), zero_checksum: true };
+    let (verdict, out) = h.from_vm(&frame(inner4(), v4(REMOTE), &l4));
+    assert_eq!(verdict, XDP_PASS);
+    let seen = check_frame(&out);
+    assert_eq!(seen.src, v4(PERSONA_A_V4));
+    assert_eq!(seen.l4_checksum_field(), 0, "a zero UDP checksum must stay zero");
+}
+
+#[test]
+fn tcp_v4_connection_out_and_its_reply_back_in() {
+    let mut h = Harness::with_persona(PERSONA_A);
+    let (verdict, out) = h.from_vm(&frame(inner4(), v4(REMOTE), &tcp(40000, 443, SYN)));
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(check_frame(&out).src, v4(PERSONA_A_V4));
+
+    // The reply is let in although ingress defaults to drop: the flow is tracked.
+    let (verdict, out) = h.to_vm(&frame(v4(REMOTE), v4(PERSONA_A_V4), &tcp(443, 40000, SYN | ACK)));
+    assert_eq!(verdict, TC_ACT_OK);
+    let seen = check_frame(&out);
+    assert_eq!(seen.dst, inner4());
+    assert_eq!(seen.src, v4(REMOTE));
+    assert_eq!(h.count(INGRESS, Reason::AllowTracked), 1);
+}
+
+#[test]
+fn tcp_and_udp_v6_are_rewritten_both_ways() {
+    let mut h = Harness::with_persona(PERSONA_A);
+    let remote = v6("2001:db8:b::7");
+    let persona = v6("2001:db8:a::10");
+    for l4 in [tcp(40001, 443, SYN), udp(5001, 9001)] {
+        let (verdict, out) = h.from_vm(&frame(inner6(), remote, &l4));
+        assert_eq!(verdict, XDP_PASS);
+        let seen = check_frame(&out);
+        assert_eq!((seen.src, seen.dst), (persona, remote));
+        let (sport, dport) = seen.ports();
+        let reply = match l4 {
+            L4::Tcp { .. } => tcp(dport, sport, SYN | ACK),
+            _ => udp(dport, sport),
+        };
+        let (verdict, out) = h.to_vm(&frame(remote, persona, &reply));
+        assert_eq!(verdict, TC_ACT_OK);
+        let seen = check_frame(&out);
+        assert_eq!((seen.src, seen.dst), (remote, inner6()));
+    }
+}
+
+#[test]
+fn icmp_echo_v4_and_v6_round_trip() {
+    let mut h = Harness::with_persona(PERSONA_A);
+    for (inner, remote, persona, req, rep) in [
+        (inner4(), v4(REMOTE), v4(PERSONA_A_V4), 8u8, 0u8),
+        (inner6(), v6("2001:db8:b::7"), v6("2001:db8:a::10"), 128, 129),
+    ] {
+        let echo = |ty| L4::Icmp { ty, code: 0, rest: [0x12, 0x34, 0, 1], payload: b"ping".to_vec() };
+        let (verdict, out) = h.from_vm(&frame(inner, remote, &echo(req)));
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(check_frame(&out).src, persona);
+        let (verdict, out) = h.to_vm(&frame(remote, persona, &echo(rep)));
+        assert_eq!(verdict, TC_ACT_OK, "echo reply from {remote}");
+        assert_eq!(check_frame(&out).dst, inner);
+    }
+}
+
+/// An ICMP error about a datagram the VM sent quotes the persona's address; the VM must
+/// see its own address in the quote, with the quoted checksums still right.
+#[test]
+fn icmp_errors_translate_the_quoted_datagram_both_ways() {
+    for (inner, remote, persona) in [
+        (inner4(), v4(REMOTE), v4(PERSONA_A_V4)),
+        (inner6(), v6("2001:db8:b::7"), v6("2001:db8:a::10")),
+    ] {
+        let mut h = Harness::with_persona(PERSONA_A);
+        let (_, out) = h.from_vm(&frame(inner, remote, &udp(5002, 9002)));
+        let sent = out[14..].to_vec();
+        assert_eq!(check_ip(&sent).src, persona);
+
+        let (verdict, out) = h.to_vm(&icmp_error(remote, persona, &sent));
+        assert_eq!(verdict, TC_ACT_OK, "unreachable about a tracked flow ({remote})");
+        let seen = check_frame(&out);
+        assert_eq!(seen.dst, inner);
+        let quoted = check_ip(&seen.l4[8..]);
+        assert_eq!((quoted.src, quoted.dst), (inner, remote), "quoted datagram shows the VM's own address");
+        assert_eq!(quoted.ports(), (5002, 9002));
+
+        // And the other way: the VM reports an error about a datagram it received.
+        let received = ip_packet(remote, inner, &udp(9003, 5003));
+        let (verdict, out) = h.from_vm(&icmp_error(inner, remote, &received));
+        assert_eq!(verdict, XDP_PASS);
+        let seen = check_frame(&out);
+        assert_eq!(seen.src, persona);
+        let quoted = check_ip(&seen.l4[8..]);
+        assert_eq!((quoted.src, quoted.dst), (remote, persona));
+    }
+}
+
+#[test]
+fn firewall_longest_prefix_ports_and_defaults() {
+    let mut h = Harness::with_persona(PERSONA_A);
+    let to_persona = |src: [u8; 4], dport| frame(v4(src), v4(PERSONA_A_V4), &tcp(50000, dport, SYN));
+
+    let (verdict, out) = h.to_vm(&to_persona([198, 51, 100, 9], 22));
+    assert_eq!(verdict, TC_ACT_OK, "ssh from the /24 is allowed");
+    assert_eq!(check_frame(&out).dst, inner4());
+    assert_eq!(h.count(INGRESS, Reason::AllowRule), 1);
+
+    let (verdict, _) = h.to_vm(&to_persona([198, 51, 100, 200], 22));
+    assert_eq!(verdict, TC_ACT_SHOT, "the more specific /25 drops everything");
+    assert_eq!(h.count(INGRESS, Reason::DropRule), 1);
+
+    let (verdict, _) = h.to_vm(&to_persona([198, 51, 100, 9], 23));
+    assert_eq!(verdict, TC_ACT_SHOT, "no rule for port 23: ingress default");
+    assert_eq!(h.count(INGRESS, Reason::DropDefault), 1);
+
+    let (verdict, _) = h.to_vm(&frame(v6("2001:db8:b::1"), v6("2001:db8:a::10"), &tcp(50000, 8080, SYN)));
+    assert_eq!(verdict, TC_ACT_SHOT, "8080 is outside 80-443");
+    let (verdict, _) = h.to_vm(&frame(v6("2001:db8:b::1"), v6("2001:db8:a::10"), &tcp(50000, 443, SYN)));
+    assert_eq!(verdict, TC_ACT_OK);
+
+    let (verdict, _) = h.from_vm(&frame(inner4(), v4(REMOTE), &tcp(40002, 25, SYN)));
+    assert_eq!(verdict, XDP_DROP, "egress smtp is dropped by rule");
+    assert_eq!(h.count(EGRESS, Reason::DropRule), 1);
+
+    // An inbound connection that was admitted gets its replies out without a rule.
+    let (verdict, out) = h.from_vm(&frame(inner4(), v4([198, 51, 100, 9]), &tcp(22, 50000, SYN | ACK)));
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(check_frame(&out).src, v4(PERSONA_A_V4));
+    assert_eq!(h.count(EGRESS, Reason::AllowTracked), 1);
+}
+
+#[test]
+fn dns_queries_go_to_the_persona_resolver_and_answers_come_back_from_the_asked_server() {
+    let mut h = Harness::with_persona(PERSONA_A);
+    for (inner, asked, resolver, persona) in [
+        (inner4(), v4([192, 0, 2, 53]), v4([198, 51, 100, 53]), v4(PERSONA_A_V4)),
+        (inner6(), v6("2001:db8:dead::53"), v6("2001:db8:53::53"), v6("2001:db8:a::10")),
+    ] {
+        for query in [udp(33000, 53), tcp(33001, 53, SYN)] {
+            let (verdict, out) = h.from_vm(&frame(inner, asked, &query));
+            assert_eq!(verdict, XDP_PASS);
+            let seen = check_frame(&out);
+            assert_eq!((seen.src, seen.dst), (persona, resolver), "query redirected");
+            let (sport, _) = seen.ports();
+            let answer = match query {
+                L4::Tcp { .. } => tcp(53, sport, SYN | ACK),
+                _ => udp(53, sport),
+            };
+            let (verdict, out) = h.to_vm(&frame(resolver, persona, &answer));
+            assert_eq!(verdict, TC_ACT_OK);
+            let seen = check_frame(&out);
+            assert_eq!((seen.src, seen.dst), (asked, inner), "answer seems to come from the server asked");
+        }
+    }
+    assert_eq!(h.count(EGRESS, Reason::AllowDns), 4);
+    assert_eq!(h.count(INGRESS, Reason::AllowDns), 4);
+}
+
+#[test]
+fn bad_packets_get_their_documented_verdict_and_reason() {
+    let mut h = Harness::with_persona(PERSONA_A);
+    let good = frame(inner4(), v4(REMOTE), &udp(5000, 9000));
+
+    let mut options = good.clone();
+    options[14] = 0x46;
+    options.splice(34..34, [1, 1, 1, 1]);
+    let mut fragment = good.clone();
+    fragment[20] = 0x20; // more fragments
+    let mut vlan = good.clone();
+    vlan.splice(12..12, [0x81, 0x00, 0x00, 0x05]);
+    let mut ext = frame(inner6(), v6("2001:db8:b::7"), &udp(5000, 9000));
+    ext[20] = 0; // hop-by-hop options first
+    let lldp = ethernet(0x88cc, &[0u8; 46]);
+    let arp = ethernet(0x0806, &[0u8; 28]);
+    let spoofed = frame(v4([198, 18, 0, 99]), v4(REMOTE), &udp(5000, 9000));
+    let cases: Vec<(&str, Vec<u8>, u32, Reason)> = vec![
+        ("ethernet header only", good[..14].to_vec(), XDP_DROP, Reason::DropTruncated),
+        ("truncated ipv4", good[..30].to_vec(), XDP_DROP, Reason::DropTruncated),
+        ("truncated udp", good[..38].to_vec(), XDP_DROP, Reason::DropTruncated),
+        ("ipv4 options", options, XDP_DROP, Reason::DropIpOptions),
+        ("fragment", fragment, XDP_DROP, Reason::DropFragment),
+        ("vlan tag", vlan, XDP_DROP, Reason::DropVlan),
+        ("ipv6 extension header", ext, XDP_DROP, Reason::DropIpv6ExtHeader),
+        ("not ip", lldp, XDP_DROP, Reason::DropNotIp),
+        ("arp", arp, XDP_PASS, Reason::PassArp),
+        ("spoofed source", spoofed, XDP_DROP, Reason::DropSpoofed),
+    ];
+    for (name, f, want, reason) in cases {
+        let before = h.count(EGRESS, reason);
+        let (verdict, _) = h.from_vm(&f);
+        assert_eq!(verdict, want, "{name}");
+        assert_eq!(h.count(EGRESS, reason), before + 1, "{name} counted as {}", reason.label());
+    }
+
+    let (verdict, _) = h.to_vm(&frame(v4(REMOTE), v4([203, 0, 113, 99]), &udp(9000, 5000)));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(h.count(INGRESS, Reason::DropNotPersona), 1);
+    let (verdict, _) = h.to_vm(&frames::ethernet(0x0800, &[0x45, 0, 0]));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(h.count(INGRESS, Reason::DropTruncated), 1);
+}
+
+#[test]
+fn without_a_persona_nothing_leaves_with_the_inner_address() {
+    let mut h = Harness::new();
+    let (verdict, _) = h.from_vm(&frame(inner4(), v4(REMOTE), &udp(5000, 9000)));
+    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(h.count(EGRESS, Reason::DropNoPersona), 1);
+    // A persona without IPv6 drops the VM's IPv6 traffic rather than leak it.
+    h.shift(PERSONA_B, false);
+    let (verdict, _) = h.from_vm(&frame(inner6(), v6("2001:db8:b::7"), &udp(5000, 9000)));
+    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(h.count(EGRESS, Reason::DropNoPersona), 2);
+}
+
+#[test]
+fn a_shift_changes_the_identity_and_keeps_replies_of_open_flows_unless_cut() {
+    let mut h = Harness::with_persona(PERSONA_A);
+    let (_, out) = h.from_vm(&frame(inner4(), v4(REMOTE), &udp(5004, 9004)));
+    assert_eq!(check_frame(&out).src, v4(PERSONA_A_V4));
+
+    let first = h.shift(PERSONA_B, false);
+    let (_, out) = h.from_vm(&frame(inner4(), v4(REMOTE), &udp(5004, 9004)));
+    assert_eq!(check_frame(&out).src, v4([203, 0, 113, 20]), "new packets carry the new identity");
+    // A reply still in flight to the old address is delivered.
+    let (verdict, out) = h.to_vm(&frame(v4(REMOTE), v4(PERSONA_A_V4), &udp(9004, 5004)));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(check_frame(&out).dst, inner4());
+
+    let second = h.shift(PERSONA_A, true);
+    assert!(second.generation > first.generation, "generations increase");
+    let (verdict, _) = h.to_vm(&frame(v4(REMOTE), v4([203, 0, 113, 20]), &udp(9004, 5004)));
+    assert_eq!(verdict, TC_ACT_SHOT, "a cutting shift forgets the flow");
+    assert_eq!(h.count(INGRESS, Reason::DropNotPersona), 1);
+    assert_eq!(h.dp.tables_in_use(), 1, "the replaced tables were released");
+}
