@@ -39,6 +39,7 @@ pub mod map_names {
 pub mod program_names {
     pub const FROM_VM: &str = "persona_from_vm";
     pub const TO_VM: &str = "persona_to_vm";
+    pub const BASELINE: &str = "persona_baseline_pass";
 }
 
 #[cfg(feature = "user")]

@@ -51,6 +51,12 @@ pub fn persona_to_vm(ctx: TcContext) -> i32 {
     }
 }
 
+/// Does nothing: the floor BPF_PROG_TEST_RUN measurements are compared against.
+#[xdp]
+pub fn persona_baseline_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -256,4 +256,3 @@ pub fn quoted<P: Packet>(p: &P, family: u8) -> Result<Quoted, Reason> {
 pub fn is_link_local_v6(a: &[u8; 16]) -> bool {
     a[0] == 0xfe && (a[1] & 0xc0) == 0x80
 }
-

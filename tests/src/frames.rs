@@ -43,17 +43,36 @@ fn pseudo(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> Vec<u8> {
 
 /// The L4 checksum of `segment` (checksum field included as it is) sums to zero when valid.
 pub fn l4_checksum(src: IpAddr, dst: IpAddr, proto: u8, segment: &[u8]) -> u16 {
-    let mut data = if proto == 1 { Vec::new() } else { pseudo(src, dst, proto, segment.len()) };
+    let mut data = if proto == 1 {
+        Vec::new()
+    } else {
+        pseudo(src, dst, proto, segment.len())
+    };
     data.extend_from_slice(segment);
     fold(ones_sum(&data))
 }
 
 #[derive(Clone, Debug)]
 pub enum L4 {
-    Tcp { sport: u16, dport: u16, flags: u8, payload: Vec<u8> },
-    Udp { sport: u16, dport: u16, payload: Vec<u8>, zero_checksum: bool },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+        payload: Vec<u8>,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+        payload: Vec<u8>,
+        zero_checksum: bool,
+    },
     /// ICMP / ICMPv6 message: type, code, the 4 bytes after the checksum, and the rest.
-    Icmp { ty: u8, code: u8, rest: [u8; 4], payload: Vec<u8> },
+    Icmp {
+        ty: u8,
+        code: u8,
+        rest: [u8; 4],
+        payload: Vec<u8>,
+    },
 }
 
 pub const SYN: u8 = 0x02;
@@ -62,7 +81,12 @@ pub const ACK: u8 = 0x10;
 fn l4_bytes(src: IpAddr, dst: IpAddr, l4: &L4) -> (u8, Vec<u8>) {
     let v4 = src.is_ipv4();
     let (proto, mut seg, csum_at) = match l4 {
-        L4::Tcp { sport, dport, flags, payload } => {
+        L4::Tcp {
+            sport,
+            dport,
+            flags,
+            payload,
+        } => {
             let mut s = Vec::new();
             s.extend(sport.to_be_bytes());
             s.extend(dport.to_be_bytes());
@@ -74,7 +98,12 @@ fn l4_bytes(src: IpAddr, dst: IpAddr, l4: &L4) -> (u8, Vec<u8>) {
             s.extend(payload);
             (6, s, Some(16))
         }
-        L4::Udp { sport, dport, payload, zero_checksum } => {
+        L4::Udp {
+            sport,
+            dport,
+            payload,
+            zero_checksum,
+        } => {
             let mut s = Vec::new();
             s.extend(sport.to_be_bytes());
             s.extend(dport.to_be_bytes());
@@ -83,7 +112,12 @@ fn l4_bytes(src: IpAddr, dst: IpAddr, l4: &L4) -> (u8, Vec<u8>) {
             s.extend(payload);
             (17, s, (!zero_checksum).then_some(6))
         }
-        L4::Icmp { ty, code, rest, payload } => {
+        L4::Icmp {
+            ty,
+            code,
+            rest,
+            payload,
+        } => {
             let mut s = vec![*ty, *code, 0, 0];
             s.extend(rest);
             s.extend(payload);
@@ -141,13 +175,25 @@ pub fn ethernet(ethertype: u16, payload: &[u8]) -> Vec<u8> {
 }
 
 pub fn frame(src: IpAddr, dst: IpAddr, l4: &L4) -> Vec<u8> {
-    ethernet(if src.is_ipv4() { 0x0800 } else { 0x86dd }, &ip_packet(src, dst, l4))
+    ethernet(
+        if src.is_ipv4() { 0x0800 } else { 0x86dd },
+        &ip_packet(src, dst, l4),
+    )
 }
 
 /// An ICMP error from `src` to `dst` quoting `quoted` (an IP packet).
 pub fn icmp_error(src: IpAddr, dst: IpAddr, quoted: &[u8]) -> Vec<u8> {
     let (ty, code) = if src.is_ipv4() { (3, 3) } else { (1, 4) };
-    frame(src, dst, &L4::Icmp { ty, code, rest: [0; 4], payload: quoted.to_vec() })
+    frame(
+        src,
+        dst,
+        &L4::Icmp {
+            ty,
+            code,
+            rest: [0; 4],
+            payload: quoted.to_vec(),
+        },
+    )
 }
 
 /// A parsed view of a frame the datapath let through.
@@ -161,7 +207,10 @@ pub struct Seen {
 
 impl Seen {
     pub fn ports(&self) -> (u16, u16) {
-        (u16::from_be_bytes([self.l4[0], self.l4[1]]), u16::from_be_bytes([self.l4[2], self.l4[3]]))
+        (
+            u16::from_be_bytes([self.l4[0], self.l4[1]]),
+            u16::from_be_bytes([self.l4[2], self.l4[3]]),
+        )
     }
     pub fn l4_checksum_field(&self) -> u16 {
         let at = match self.proto {
@@ -178,16 +227,35 @@ pub fn check_ip(packet: &[u8]) -> Seen {
     let v4 = packet[0] >> 4 == 4;
     let (src, dst, proto, l4) = if v4 {
         let ihl = (packet[0] & 0xf) as usize * 4;
-        assert_eq!(fold(ones_sum(&packet[..ihl])), 0, "IPv4 header checksum invalid: {packet:02x?}");
+        assert_eq!(
+            fold(ones_sum(&packet[..ihl])),
+            0,
+            "IPv4 header checksum invalid: {packet:02x?}"
+        );
         let s: [u8; 4] = packet[12..16].try_into().unwrap();
         let d: [u8; 4] = packet[16..20].try_into().unwrap();
-        (IpAddr::from(s), IpAddr::from(d), packet[9], packet[ihl..].to_vec())
+        (
+            IpAddr::from(s),
+            IpAddr::from(d),
+            packet[9],
+            packet[ihl..].to_vec(),
+        )
     } else {
         let s: [u8; 16] = packet[8..24].try_into().unwrap();
         let d: [u8; 16] = packet[24..40].try_into().unwrap();
-        (IpAddr::from(s), IpAddr::from(d), packet[6], packet[40..].to_vec())
+        (
+            IpAddr::from(s),
+            IpAddr::from(d),
+            packet[6],
+            packet[40..].to_vec(),
+        )
     };
-    let seen = Seen { src, dst, proto, l4 };
+    let seen = Seen {
+        src,
+        dst,
+        proto,
+        l4,
+    };
     let zero_udp = proto == 17 && seen.l4_checksum_field() == 0;
     if !zero_udp && matches!(proto, 1 | 6 | 17 | 58) {
         assert_eq!(

@@ -52,7 +52,8 @@ pub fn device() -> DeviceSpec {
 }
 
 pub fn persona(yaml: &str) -> PersonaSpec {
-    serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("test persona does not parse: {e}\n{yaml}"))
+    serde_yaml::from_str(yaml)
+        .unwrap_or_else(|e| panic!("test persona does not parse: {e}\n{yaml}"))
 }
 
 impl Harness {
@@ -66,7 +67,8 @@ impl Harness {
             exclusive: true,
         })
         .unwrap_or_else(|e| panic!("loading the datapath (are we root?): {e}"));
-        dp.configure_device(LOOPBACK, &device()).expect("configuring the test device");
+        dp.configure_device(LOOPBACK, &device())
+            .expect("configuring the test device");
         Self { dp, pin_dir }
     }
 
@@ -79,15 +81,21 @@ impl Harness {
     pub fn shift(&mut self, yaml: &str, cut_flows: bool) -> Shifted {
         let compiled = compile(&persona(yaml)).expect("test persona compiles");
         let staged = self.dp.stage(&compiled).expect("staging");
-        self.dp.shift(LOOPBACK, staged, ShiftOptions { cut_flows }).expect("shifting")
+        self.dp
+            .shift(LOOPBACK, staged, ShiftOptions { cut_flows })
+            .expect("shifting")
     }
 
     pub fn from_vm(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        self.dp.test_run(persona_common::DIR_EGRESS, frame).expect("test run (XDP)")
+        self.dp
+            .test_run(persona_common::DIR_EGRESS, frame)
+            .expect("test run (XDP)")
     }
 
     pub fn to_vm(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        self.dp.test_run(persona_common::DIR_INGRESS, frame).expect("test run (TC)")
+        self.dp
+            .test_run(persona_common::DIR_INGRESS, frame)
+            .expect("test run (TC)")
     }
 
     pub fn counters(&self) -> Counters {
@@ -95,7 +103,9 @@ impl Harness {
     }
 
     pub fn count(&self, direction: u8, reason: Reason) -> u64 {
-        self.counters().get(&(direction, reason)).map_or(0, |c| c.packets)
+        self.counters()
+            .get(&(direction, reason))
+            .map_or(0, |c| c.packets)
     }
 }
 

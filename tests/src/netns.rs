@@ -3,7 +3,11 @@ use std::process::{Command, Output};
 
 /// Runs a command, panicking with its output when it fails.
 pub fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("spawning sh");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .expect("spawning sh");
     assert!(
         out.status.success(),
         "`{cmd}` failed: {}\n{}",
@@ -14,7 +18,11 @@ pub fn sh(cmd: &str) -> String {
 }
 
 pub fn try_sh(cmd: &str) -> Output {
-    Command::new("sh").arg("-c").arg(cmd).output().expect("spawning sh")
+    Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .expect("spawning sh")
 }
 
 /// A namespace named `prefix-<pid>`, deleted on drop with everything in it.
@@ -33,11 +41,19 @@ impl Netns {
     }
 
     pub fn exec(&self, cmd: &str) -> String {
-        sh(&format!("ip netns exec {} sh -c '{}'", self.name, cmd.replace('\'', r"'\''")))
+        sh(&format!(
+            "ip netns exec {} sh -c '{}'",
+            self.name,
+            cmd.replace('\'', r"'\''")
+        ))
     }
 
     pub fn try_exec(&self, cmd: &str) -> Output {
-        try_sh(&format!("ip netns exec {} sh -c '{}'", self.name, cmd.replace('\'', r"'\''")))
+        try_sh(&format!(
+            "ip netns exec {} sh -c '{}'",
+            self.name,
+            cmd.replace('\'', r"'\''")
+        ))
     }
 
     pub fn prefix(&self) -> String {

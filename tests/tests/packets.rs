@@ -48,10 +48,20 @@ fn inner6() -> IpAddr {
 }
 
 fn udp(sport: u16, dport: u16) -> L4 {
-    L4::Udp { sport, dport, payload: b"persona".to_vec(), zero_checksum: false }
+    L4::Udp {
+        sport,
+        dport,
+        payload: b"persona".to_vec(),
+        zero_checksum: false,
+    }
 }
 fn tcp(sport: u16, dport: u16, flags: u8) -> L4 {
-    L4::Tcp { sport, dport, flags, payload: b"hello".to_vec() }
+    L4::Tcp {
+        sport,
+        dport,
+        flags,
+        payload: b"hello".to_vec(),
+    }
 }
 
 #[test]
@@ -69,12 +79,21 @@ fn egress_udp_v4_takes_the_persona_address_with_valid_checksums() {
 #[test]
 fn zero_udp_checksum_over_ipv4_stays_zero() {
     let mut h = Harness::with_persona(PERSONA_A);
-    let l4 = L4::Udp { sport: 5000, dport: 9000, payload: b"x".to_vec(), zero_checksum: true };
+    let l4 = L4::Udp {
+        sport: 5000,
+        dport: 9000,
+        payload: b"x".to_vec(),
+        zero_checksum: true,
+    };
     let (verdict, out) = h.from_vm(&frame(inner4(), v4(REMOTE), &l4));
     assert_eq!(verdict, XDP_PASS);
     let seen = check_frame(&out);
     assert_eq!(seen.src, v4(PERSONA_A_V4));
-    assert_eq!(seen.l4_checksum_field(), 0, "a zero UDP checksum must stay zero");
+    assert_eq!(
+        seen.l4_checksum_field(),
+        0,
+        "a zero UDP checksum must stay zero"
+    );
 }
 
 #[test]
@@ -85,7 +104,11 @@ fn tcp_v4_connection_out_and_its_reply_back_in() {
     assert_eq!(check_frame(&out).src, v4(PERSONA_A_V4));
 
     // The reply is let in although ingress defaults to drop: the flow is tracked.
-    let (verdict, out) = h.to_vm(&frame(v4(REMOTE), v4(PERSONA_A_V4), &tcp(443, 40000, SYN | ACK)));
+    let (verdict, out) = h.to_vm(&frame(
+        v4(REMOTE),
+        v4(PERSONA_A_V4),
+        &tcp(443, 40000, SYN | ACK),
+    ));
     assert_eq!(verdict, TC_ACT_OK);
     let seen = check_frame(&out);
     assert_eq!(seen.dst, inner4());
@@ -120,9 +143,20 @@ fn icmp_echo_v4_and_v6_round_trip() {
     let mut h = Harness::with_persona(PERSONA_A);
     for (inner, remote, persona, req, rep) in [
         (inner4(), v4(REMOTE), v4(PERSONA_A_V4), 8u8, 0u8),
-        (inner6(), v6("2001:db8:b::7"), v6("2001:db8:a::10"), 128, 129),
+        (
+            inner6(),
+            v6("2001:db8:b::7"),
+            v6("2001:db8:a::10"),
+            128,
+            129,
+        ),
     ] {
-        let echo = |ty| L4::Icmp { ty, code: 0, rest: [0x12, 0x34, 0, 1], payload: b"ping".to_vec() };
+        let echo = |ty| L4::Icmp {
+            ty,
+            code: 0,
+            rest: [0x12, 0x34, 0, 1],
+            payload: b"ping".to_vec(),
+        };
         let (verdict, out) = h.from_vm(&frame(inner, remote, &echo(req)));
         assert_eq!(verdict, XDP_PASS);
         assert_eq!(check_frame(&out).src, persona);
@@ -146,11 +180,18 @@ fn icmp_errors_translate_the_quoted_datagram_both_ways() {
         assert_eq!(check_ip(&sent).src, persona);
 
         let (verdict, out) = h.to_vm(&icmp_error(remote, persona, &sent));
-        assert_eq!(verdict, TC_ACT_OK, "unreachable about a tracked flow ({remote})");
+        assert_eq!(
+            verdict, TC_ACT_OK,
+            "unreachable about a tracked flow ({remote})"
+        );
         let seen = check_frame(&out);
         assert_eq!(seen.dst, inner);
         let quoted = check_ip(&seen.l4[8..]);
-        assert_eq!((quoted.src, quoted.dst), (inner, remote), "quoted datagram shows the VM's own address");
+        assert_eq!(
+            (quoted.src, quoted.dst),
+            (inner, remote),
+            "quoted datagram shows the VM's own address"
+        );
         assert_eq!(quoted.ports(), (5002, 9002));
 
         // And the other way: the VM reports an error about a datagram it received.
@@ -167,7 +208,8 @@ fn icmp_errors_translate_the_quoted_datagram_both_ways() {
 #[test]
 fn firewall_longest_prefix_ports_and_defaults() {
     let mut h = Harness::with_persona(PERSONA_A);
-    let to_persona = |src: [u8; 4], dport| frame(v4(src), v4(PERSONA_A_V4), &tcp(50000, dport, SYN));
+    let to_persona =
+        |src: [u8; 4], dport| frame(v4(src), v4(PERSONA_A_V4), &tcp(50000, dport, SYN));
 
     let (verdict, out) = h.to_vm(&to_persona([198, 51, 100, 9], 22));
     assert_eq!(verdict, TC_ACT_OK, "ssh from the /24 is allowed");
@@ -175,16 +217,27 @@ fn firewall_longest_prefix_ports_and_defaults() {
     assert_eq!(h.count(INGRESS, Reason::AllowRule), 1);
 
     let (verdict, _) = h.to_vm(&to_persona([198, 51, 100, 200], 22));
-    assert_eq!(verdict, TC_ACT_SHOT, "the more specific /25 drops everything");
+    assert_eq!(
+        verdict, TC_ACT_SHOT,
+        "the more specific /25 drops everything"
+    );
     assert_eq!(h.count(INGRESS, Reason::DropRule), 1);
 
     let (verdict, _) = h.to_vm(&to_persona([198, 51, 100, 9], 23));
     assert_eq!(verdict, TC_ACT_SHOT, "no rule for port 23: ingress default");
     assert_eq!(h.count(INGRESS, Reason::DropDefault), 1);
 
-    let (verdict, _) = h.to_vm(&frame(v6("2001:db8:b::1"), v6("2001:db8:a::10"), &tcp(50000, 8080, SYN)));
+    let (verdict, _) = h.to_vm(&frame(
+        v6("2001:db8:b::1"),
+        v6("2001:db8:a::10"),
+        &tcp(50000, 8080, SYN),
+    ));
     assert_eq!(verdict, TC_ACT_SHOT, "8080 is outside 80-443");
-    let (verdict, _) = h.to_vm(&frame(v6("2001:db8:b::1"), v6("2001:db8:a::10"), &tcp(50000, 443, SYN)));
+    let (verdict, _) = h.to_vm(&frame(
+        v6("2001:db8:b::1"),
+        v6("2001:db8:a::10"),
+        &tcp(50000, 443, SYN),
+    ));
     assert_eq!(verdict, TC_ACT_OK);
 
     let (verdict, _) = h.from_vm(&frame(inner4(), v4(REMOTE), &tcp(40002, 25, SYN)));
@@ -192,7 +245,11 @@ fn firewall_longest_prefix_ports_and_defaults() {
     assert_eq!(h.count(EGRESS, Reason::DropRule), 1);
 
     // An inbound connection that was admitted gets its replies out without a rule.
-    let (verdict, out) = h.from_vm(&frame(inner4(), v4([198, 51, 100, 9]), &tcp(22, 50000, SYN | ACK)));
+    let (verdict, out) = h.from_vm(&frame(
+        inner4(),
+        v4([198, 51, 100, 9]),
+        &tcp(22, 50000, SYN | ACK),
+    ));
     assert_eq!(verdict, XDP_PASS);
     assert_eq!(check_frame(&out).src, v4(PERSONA_A_V4));
     assert_eq!(h.count(EGRESS, Reason::AllowTracked), 1);
@@ -202,14 +259,28 @@ fn firewall_longest_prefix_ports_and_defaults() {
 fn dns_queries_go_to_the_persona_resolver_and_answers_come_back_from_the_asked_server() {
     let mut h = Harness::with_persona(PERSONA_A);
     for (inner, asked, resolver, persona) in [
-        (inner4(), v4([192, 0, 2, 53]), v4([198, 51, 100, 53]), v4(PERSONA_A_V4)),
-        (inner6(), v6("2001:db8:dead::53"), v6("2001:db8:53::53"), v6("2001:db8:a::10")),
+        (
+            inner4(),
+            v4([192, 0, 2, 53]),
+            v4([198, 51, 100, 53]),
+            v4(PERSONA_A_V4),
+        ),
+        (
+            inner6(),
+            v6("2001:db8:dead::53"),
+            v6("2001:db8:53::53"),
+            v6("2001:db8:a::10"),
+        ),
     ] {
         for query in [udp(33000, 53), tcp(33001, 53, SYN)] {
             let (verdict, out) = h.from_vm(&frame(inner, asked, &query));
             assert_eq!(verdict, XDP_PASS);
             let seen = check_frame(&out);
-            assert_eq!((seen.src, seen.dst), (persona, resolver), "query redirected");
+            assert_eq!(
+                (seen.src, seen.dst),
+                (persona, resolver),
+                "query redirected"
+            );
             let (sport, _) = seen.ports();
             let answer = match query {
                 L4::Tcp { .. } => tcp(53, sport, SYN | ACK),
@@ -218,7 +289,11 @@ fn dns_queries_go_to_the_persona_resolver_and_answers_come_back_from_the_asked_s
             let (verdict, out) = h.to_vm(&frame(resolver, persona, &answer));
             assert_eq!(verdict, TC_ACT_OK);
             let seen = check_frame(&out);
-            assert_eq!((seen.src, seen.dst), (asked, inner), "answer seems to come from the server asked");
+            assert_eq!(
+                (seen.src, seen.dst),
+                (asked, inner),
+                "answer seems to come from the server asked"
+            );
         }
     }
     assert_eq!(h.count(EGRESS, Reason::AllowDns), 4);
@@ -243,13 +318,33 @@ fn bad_packets_get_their_documented_verdict_and_reason() {
     let arp = ethernet(0x0806, &[0u8; 28]);
     let spoofed = frame(v4([198, 18, 0, 99]), v4(REMOTE), &udp(5000, 9000));
     let cases: Vec<(&str, Vec<u8>, u32, Reason)> = vec![
-        ("ethernet header only", good[..14].to_vec(), XDP_DROP, Reason::DropTruncated),
-        ("truncated ipv4", good[..30].to_vec(), XDP_DROP, Reason::DropTruncated),
-        ("truncated udp", good[..38].to_vec(), XDP_DROP, Reason::DropTruncated),
+        (
+            "ethernet header only",
+            good[..14].to_vec(),
+            XDP_DROP,
+            Reason::DropTruncated,
+        ),
+        (
+            "truncated ipv4",
+            good[..30].to_vec(),
+            XDP_DROP,
+            Reason::DropTruncated,
+        ),
+        (
+            "truncated udp",
+            good[..38].to_vec(),
+            XDP_DROP,
+            Reason::DropTruncated,
+        ),
         ("ipv4 options", options, XDP_DROP, Reason::DropIpOptions),
         ("fragment", fragment, XDP_DROP, Reason::DropFragment),
         ("vlan tag", vlan, XDP_DROP, Reason::DropVlan),
-        ("ipv6 extension header", ext, XDP_DROP, Reason::DropIpv6ExtHeader),
+        (
+            "ipv6 extension header",
+            ext,
+            XDP_DROP,
+            Reason::DropIpv6ExtHeader,
+        ),
         ("not ip", lldp, XDP_DROP, Reason::DropNotIp),
         ("arp", arp, XDP_PASS, Reason::PassArp),
         ("spoofed source", spoofed, XDP_DROP, Reason::DropSpoofed),
@@ -258,7 +353,12 @@ fn bad_packets_get_their_documented_verdict_and_reason() {
         let before = h.count(EGRESS, reason);
         let (verdict, _) = h.from_vm(&f);
         assert_eq!(verdict, want, "{name}");
-        assert_eq!(h.count(EGRESS, reason), before + 1, "{name} counted as {}", reason.label());
+        assert_eq!(
+            h.count(EGRESS, reason),
+            before + 1,
+            "{name} counted as {}",
+            reason.label()
+        );
     }
 
     let (verdict, _) = h.to_vm(&frame(v4(REMOTE), v4([203, 0, 113, 99]), &udp(9000, 5000)));
@@ -292,7 +392,11 @@ fn a_shift_changes_the_identity_and_keeps_replies_of_open_flows_unless_cut() {
 
     let first = h.shift(PERSONA_B, false);
     let (_, out) = h.from_vm(&frame(inner4(), v4(REMOTE), &udp(5004, 9004)));
-    assert_eq!(check_frame(&out).src, v4([203, 0, 113, 20]), "new packets carry the new identity");
+    assert_eq!(
+        check_frame(&out).src,
+        v4([203, 0, 113, 20]),
+        "new packets carry the new identity"
+    );
     // A reply still in flight to the old address is delivered.
     let (verdict, out) = h.to_vm(&frame(v4(REMOTE), v4(PERSONA_A_V4), &udp(9004, 5004)));
     assert_eq!(verdict, TC_ACT_OK);

@@ -1,1 +1,137 @@
-fn main() {}
+//! `cargo xtask`: every set-up step, idempotent, so a fresh machine needs nothing else.
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need: apt packages, rust-src, bpf-linker, bpffs.
+    Setup,
+    /// Set up, then run every test (root required: the tests load BPF programs and
+    /// create network namespaces).
+    Test {
+        /// Extra arguments for `cargo test`.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then play the demo: namespaces as VMs, two personas, a shift, counters.
+    Demo,
+    /// Per-packet cost of the programs next to an XDP_PASS baseline (BPF_PROG_TEST_RUN).
+    Bench,
+}
+
+const APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "dnsmasq-base",
+    "bind9-dnsutils",
+    "socat",
+    "tcpdump",
+    "bpftool",
+    "python3",
+];
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn answers(cmd: &str, arg: &str) -> bool {
+    Command::new(cmd)
+        .arg(arg)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+fn setup() -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("persona's set-up and tests need root (BPF programs, network namespaces)");
+    }
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg")
+                .args(["-s", p])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("xtask: installing {}", missing.join(" "));
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    if !answers("bpf-linker", "--version") {
+        eprintln!("xtask: installing bpf-linker (about two minutes, once per machine)");
+        // 0.10.4 links against the LLVM inside the nightly toolchain; newer releases want
+        // system LLVM development libraries this machine does not have.
+        run(Command::new("cargo").args(["+nightly", "install", "bpf-linker@0.10.4", "--locked"]))?;
+    }
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup(),
+        Task::Test { args } => {
+            setup()?;
+            run(Command::new("cargo")
+                .args(["test", "--workspace"])
+                .args(&args))
+        }
+        Task::Demo => {
+            setup()?;
+            run(Command::new("cargo").args([
+                "build",
+                "--release",
+                "-p",
+                "persona-userspace",
+                "-p",
+                "persona-tests",
+                "--bins",
+            ]))?;
+            run(Command::new("target/release/persona-demo")
+                .env("PERSONA_BIN", "target/release/persona"))
+        }
+        Task::Bench => {
+            setup()?;
+            run(Command::new("cargo").args([
+                "run",
+                "--release",
+                "-p",
+                "persona-tests",
+                "--bin",
+                "persona-bench",
+            ]))
+        }
+    }
+}

@@ -142,6 +142,12 @@ impl KernelDatapath {
                 DatapathError::Bpf(format!("verifying {}: {e:#}", program_names::TO_VM))
             })?;
         }
+        {
+            let baseline: &mut Xdp = program(&mut ebpf, program_names::BASELINE)?;
+            baseline.load().map_err(|e| {
+                DatapathError::Bpf(format!("verifying {}: {e:#}", program_names::BASELINE))
+            })?;
+        }
         let maps = Maps::take(&mut ebpf)?;
         let in_use: Vec<u32> = maps
             .active
@@ -401,9 +407,11 @@ impl KernelDatapath {
     }
 
     /// Average time per run over `repeat` runs of the same frame.
+    /// Average time per run over `repeat` runs of the same frame; `None` runs the
+    /// XDP_PASS baseline program instead of the persona program of `direction`.
     pub fn bench(
         &mut self,
-        direction: u8,
+        direction: Option<u8>,
         frame: &[u8],
         repeat: u32,
     ) -> Result<std::time::Duration> {
@@ -412,7 +420,15 @@ impl KernelDatapath {
             repeat,
             ..TestRunOptions::new()
         };
-        Ok(self.run(direction, opts)?.duration)
+        let result = match direction {
+            Some(d) => self.run(d, opts)?,
+            None => {
+                let xdp: &mut Xdp = program(&mut self.ebpf, program_names::BASELINE)?;
+                xdp.test_run(opts)
+                    .map_err(|e| DatapathError::Bpf(format!("BPF_PROG_TEST_RUN: {e}")))?
+            }
+        };
+        Ok(result.duration)
     }
 
     fn run(
