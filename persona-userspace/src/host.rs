@@ -123,10 +123,14 @@ impl Host {
         Ok(())
     }
 
-    /// Before a flip: the persona's addresses route to the tap and are announced.
-    pub fn announce_persona(&self, ifindex: u32, addrs: &[IpAddr]) -> Result<()> {
+    /// Before a flip: the persona's addresses route to the tap, via the VM's own address
+    /// of the same family (which the VM answers ARP/NDP for), and are announced.
+    pub fn announce_persona(&self, ifindex: u32, addrs: &[IpAddr], inner: &[IpAddr]) -> Result<()> {
         for &addr in addrs {
-            self.route(ifindex, addr, true)?;
+            let Some(&via) = inner.iter().find(|i| i.is_ipv4() == addr.is_ipv4()) else {
+                continue;
+            };
+            self.route(ifindex, addr, Some(via))?;
             if let Some((_, uplink)) = self.uplink {
                 self.proxy(uplink, addr, true)?;
             }
@@ -137,7 +141,7 @@ impl Host {
     /// After a flip: addresses the device no longer uses stop routing to it.
     pub fn withdraw_persona(&self, ifindex: u32, addrs: &[IpAddr]) -> Result<()> {
         for &addr in addrs {
-            self.route(ifindex, addr, false)?;
+            self.route(ifindex, addr, None)?;
             if let Some((_, uplink)) = self.uplink {
                 self.proxy(uplink, addr, false)?;
             }
@@ -145,13 +149,19 @@ impl Host {
         Ok(())
     }
 
-    fn route(&self, ifindex: u32, addr: IpAddr, add: bool) -> Result<()> {
+    /// Adds the route when `via` is given, deletes it otherwise.
+    fn route(&self, ifindex: u32, addr: IpAddr, via: Option<IpAddr>) -> Result<()> {
+        let add = via.is_some();
         let len = if addr.is_ipv4() { 32 } else { 128 };
-        let msg = RouteMessageBuilder::<IpAddr>::new()
+        let bad = |e| DatapathError::Host(format!("route to {addr}: {e}"));
+        let mut builder = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(addr, len)
-            .map_err(|e| DatapathError::Host(format!("route to {addr}: {e}")))?
-            .output_interface(ifindex)
-            .build();
+            .map_err(bad)?
+            .output_interface(ifindex);
+        if let Some(via) = via {
+            builder = builder.gateway(via).map_err(bad)?.onlink();
+        }
+        let msg = builder.build();
         let handle = self.handle.clone();
         self.rt
             .block_on(async move {

@@ -2,4 +2,6 @@
 //! computed from scratch, a datapath on its own pin directory, and network namespaces.
 pub mod frames;
 pub mod harness;
+pub mod lab;
 pub mod netns;
+pub mod tap;

@@ -32,7 +32,9 @@ pub struct Netns {
 
 impl Netns {
     pub fn new(prefix: &str) -> Self {
-        let name = format!("{prefix}-{}", std::process::id());
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("{prefix}-{}-{n}", std::process::id());
         let _ = try_sh(&format!("ip netns del {name} 2>/dev/null"));
         sh(&format!("ip netns add {name}"));
         let ns = Self { name };

@@ -587,7 +587,17 @@ impl Datapath for KernelDatapath {
             .map_err(bpf_err("PERSONAS"))?;
         let new_addrs = staged.persona.addresses();
         if let Some(host) = &self.host {
-            host.announce_persona(ifindex, &new_addrs)?;
+            let device = self.devices.get(&ifindex);
+            let inner: Vec<IpAddr> = device
+                .map(|d| {
+                    d.inner_v4
+                        .map(IpAddr::V4)
+                        .into_iter()
+                        .chain(d.inner_v6.map(IpAddr::V6))
+                        .collect()
+                })
+                .unwrap_or_default();
+            host.announce_persona(ifindex, &new_addrs, &inner)?;
         }
 
         let start = Instant::now();

@@ -1,0 +1,213 @@
+//! The end-to-end lab: a hypervisor host namespace running persona, a VM namespace behind
+//! a veth pair or a real tap device, and an outside namespace with the servers.
+//!
+//! ```text
+//!  vm (198.18.0.2) ─eth0══pvm1─ host ─up0══eth0─ out (198.51.100.7, resolver .53)
+//! ```
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    harness::unique_pin_dir,
+    netns::{Netns, sh},
+    tap,
+};
+
+pub const VM_IFACE: &str = "pvm1";
+pub const UPLINK: &str = "up0";
+pub const OUTSIDE: &str = "198.51.100.7";
+pub const RESOLVER: &str = "198.51.100.53";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmLink {
+    Veth,
+    Tap,
+}
+
+pub struct Lab {
+    pub host: Netns,
+    pub vm: Netns,
+    pub out: Netns,
+    pub pin_dir: PathBuf,
+    children: Vec<Child>,
+}
+
+/// The `persona` binary built with this test run.
+pub fn persona_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("PERSONA_BIN") {
+        return PathBuf::from(p);
+    }
+    let mut dir = std::env::current_exe().expect("current exe");
+    dir.pop();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join("persona")
+}
+
+impl Lab {
+    pub fn new(link: VmLink) -> Self {
+        let host = Netns::new("p-host");
+        let vm = Netns::new("p-vm");
+        let out = Netns::new("p-out");
+        let (h, v, o) = (host.name.clone(), vm.name.clone(), out.name.clone());
+        sh(&format!(
+            "ip link add {UPLINK} netns {h} type veth peer name eth0 netns {o}"
+        ));
+        host.exec(&format!(
+            "ip addr add 198.51.100.1/24 dev {UPLINK} && ip link set {UPLINK} up && ip route add default via {OUTSIDE}"
+        ));
+        out.exec(&format!(
+            "ip addr add {OUTSIDE}/24 dev eth0 && ip addr add {RESOLVER}/24 dev eth0 && ip link set eth0 up && ip route add 203.0.113.0/24 dev eth0 && ip route add 2001:db8:a::/64 dev eth0"
+        ));
+        let mut lab = Self {
+            host,
+            vm,
+            out,
+            pin_dir: unique_pin_dir("e2e"),
+            children: Vec::new(),
+        };
+        match link {
+            VmLink::Veth => {
+                sh(&format!(
+                    "ip link add {VM_IFACE} netns {h} type veth peer name eth0 netns {v}"
+                ));
+            }
+            VmLink::Tap => {
+                let host_side = tap::open_tap(&h, VM_IFACE);
+                let vm_side = tap::open_tap(&v, "eth0");
+                tap::relay(host_side, vm_side);
+            }
+        }
+        lab.host.exec(&format!("ip link set {VM_IFACE} up"));
+        lab.vm.exec(
+            "ip link set eth0 address 52:54:00:00:00:02 && ip addr add 198.18.0.2/24 dev eth0 && ip link set eth0 up && ip route add default via 198.18.0.1",
+        );
+        lab.start_servers();
+        lab
+    }
+
+    fn spawn(&mut self, ns: &Netns, cmd: &str) {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "sh", "-c", cmd])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawning a server");
+        self.children.push(child);
+    }
+
+    /// Outside: a TCP and a UDP service that answer with the address they saw, and a
+    /// DNS server with a name only it knows. Inside the VM: two TCP services.
+    fn start_servers(&mut self) {
+        let out = Netns {
+            name: self.out.name.clone(),
+        };
+        self.spawn(
+            &out,
+            "exec socat TCP-LISTEN:8080,reuseaddr,fork SYSTEM:'echo $SOCAT_PEERADDR'",
+        );
+        self.spawn(
+            &out,
+            "exec socat TCP-LISTEN:25,reuseaddr,fork SYSTEM:'echo smtp'",
+        );
+        self.spawn(
+            &out,
+            &format!(
+                "exec dnsmasq --no-daemon --no-resolv --no-hosts --bind-interfaces --listen-address={RESOLVER} --address=/persona.test/192.0.2.80 --pid-file= --log-facility=-"
+            ),
+        );
+        let vm = Netns {
+            name: self.vm.name.clone(),
+        };
+        self.spawn(
+            &vm,
+            "exec socat TCP-LISTEN:22,reuseaddr,fork SYSTEM:'echo ssh-ok'",
+        );
+        self.spawn(
+            &vm,
+            "exec socat TCP-LISTEN:23,reuseaddr,fork SYSTEM:'echo telnet-ok'",
+        );
+        std::mem::forget(out);
+        std::mem::forget(vm);
+        wait_for(|| {
+            self.out
+                .try_exec("ss -ltn | grep -q :8080 && ss -lun | grep -q 198.51.100.53:53")
+                .status
+                .success()
+        });
+    }
+
+    /// Runs `persona` in the host's network namespace only (not `ip netns exec`, which
+    /// would remount /sys and hide the bpffs holding the pins).
+    /// `-f examples/` in `args` means the repository's example manifests.
+    pub fn persona(&self, args: &str) -> Command {
+        let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/");
+        let args = args.replace("examples/", examples);
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.host.name))
+            .arg(persona_bin())
+            .args([
+                "--pin-dir",
+                self.pin_dir.to_str().unwrap(),
+                "--uplink",
+                UPLINK,
+            ])
+            .args(args.split_whitespace());
+        c
+    }
+
+    pub fn persona_ok(&self, args: &str) -> String {
+        let out = self.persona(args).output().expect("running persona");
+        assert!(
+            out.status.success(),
+            "persona {args} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The address the outside saw a TCP connection from the VM come from.
+    pub fn seen_from_outside(&self) -> Option<String> {
+        let out = self.vm.try_exec(&format!(
+            "socat -T2 - TCP:{OUTSIDE}:8080,connect-timeout=2 </dev/null"
+        ));
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        (out.status.success() && !text.is_empty()).then_some(text)
+    }
+
+    /// Whether a TCP connection from outside to `addr:port` got the service's answer.
+    pub fn reach_vm(&self, addr: &str, port: u16) -> Option<String> {
+        let out = self.out.try_exec(&format!(
+            "socat -T2 - TCP:{addr}:{port},connect-timeout=2 </dev/null"
+        ));
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        (out.status.success() && !text.is_empty()).then_some(text)
+    }
+}
+
+pub fn wait_for(mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "timed out waiting for the lab"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}

@@ -1,0 +1,111 @@
+//! End to end in namespaces this test creates: real programs on a real veth or tap,
+//! real TCP, a real DNS server, the `persona` binary itself.
+use persona_tests::lab::{Lab, VmLink};
+
+fn identity_firewall_and_dns(link: VmLink) {
+    let lab = Lab::new(link);
+    lab.persona_ok("attach vm1 -f examples/");
+
+    assert_eq!(
+        lab.seen_from_outside().as_deref(),
+        Some("203.0.113.10"),
+        "outside sees the office persona"
+    );
+    assert_eq!(
+        lab.reach_vm("203.0.113.10", 22).as_deref(),
+        Some("ssh-ok"),
+        "ingress rule admits ssh"
+    );
+    assert_eq!(
+        lab.reach_vm("203.0.113.10", 23),
+        None,
+        "ingress default drops telnet"
+    );
+    assert_eq!(
+        lab.reach_vm("198.18.0.2", 22),
+        None,
+        "the inner address is not reachable"
+    );
+    let smtp = lab
+        .vm
+        .try_exec("socat -T2 - TCP:198.51.100.7:25,connect-timeout=2 </dev/null");
+    assert!(!smtp.status.success(), "egress rule drops smtp");
+
+    // The VM asks a server that does not exist; the persona's resolver answers for it.
+    let answer = lab
+        .vm
+        .exec("dig +short +time=2 +tries=1 @192.0.2.53 persona.test");
+    assert_eq!(answer.trim(), "192.0.2.80");
+
+    let out = lab.persona_ok("shift pvm1 travel -f examples/");
+    assert!(out.contains("travel (generation"), "{out}");
+    assert_eq!(
+        lab.seen_from_outside().as_deref(),
+        Some("203.0.113.20"),
+        "outside sees the travel persona"
+    );
+    assert_eq!(
+        lab.reach_vm("203.0.113.10", 22),
+        None,
+        "the old address is gone"
+    );
+    assert_eq!(
+        lab.reach_vm("203.0.113.20", 22),
+        None,
+        "travel admits nothing inbound"
+    );
+
+    let status = lab.persona_ok("status pvm1 -o json");
+    let v: serde_json::Value = serde_json::from_str(&status).expect("status is JSON");
+    let rows = v["counters"].as_array().expect("counters");
+    let count = |dir: &str, reason: &str| {
+        rows.iter()
+            .find(|r| r["direction"] == dir && r["reason"] == reason)
+            .map_or(0, |r| r["packets"].as_u64().unwrap())
+    };
+    assert!(count("egress", "allow_dns") >= 1, "{status}");
+    assert!(count("ingress", "drop_default") >= 1, "{status}");
+    assert!(count("egress", "drop_rule") >= 1, "{status}");
+    assert_eq!(v["addresses"][0], "203.0.113.20");
+
+    lab.persona_ok("detach pvm1");
+    assert_eq!(
+        lab.seen_from_outside(),
+        None,
+        "detached: no route, nothing answers"
+    );
+    let routes = lab.host.exec("ip route show");
+    assert!(!routes.contains("203.0.113.20"), "routes removed: {routes}");
+}
+
+#[test]
+fn veth_vm_is_seen_as_its_persona_with_firewall_and_dns() {
+    identity_firewall_and_dns(VmLink::Veth);
+}
+
+#[test]
+fn tap_vm_is_seen_as_its_persona_with_firewall_and_dns() {
+    identity_firewall_and_dns(VmLink::Tap);
+}
+
+#[test]
+fn host_wiring_routes_and_proxies_the_persona_address() {
+    let lab = Lab::new(VmLink::Veth);
+    lab.persona_ok("attach vm1 -f examples/");
+    let routes = lab.host.exec("ip route show dev pvm1");
+    assert!(
+        routes.contains("203.0.113.10"),
+        "route to the persona: {routes}"
+    );
+    let proxies = lab.host.exec("ip neigh show proxy dev up0");
+    assert!(
+        proxies.contains("203.0.113.10"),
+        "proxy ARP on the uplink: {proxies}"
+    );
+    lab.persona_ok("shift pvm1 travel -f examples/");
+    let proxies = lab.host.exec("ip neigh show proxy dev up0");
+    assert!(
+        proxies.contains("203.0.113.20") && !proxies.contains("203.0.113.10"),
+        "{proxies}"
+    );
+}
