@@ -56,6 +56,12 @@ pub fn persona(yaml: &str) -> PersonaSpec {
         .unwrap_or_else(|e| panic!("test persona does not parse: {e}\n{yaml}"))
 }
 
+impl Default for Harness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Harness {
     /// A datapath whose device (the loopback) has the inner addresses above and no persona.
     pub fn new() -> Self {

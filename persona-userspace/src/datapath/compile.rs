@@ -142,8 +142,10 @@ fn fold(dir: &DirectionSpec, name: &str) -> Result<Vec<(IpNet, RuleSet)>, FieldE
                 ),
             ));
         }
-        let mut set = RuleSet::default();
-        set.count = rules.len() as u32;
+        let mut set = RuleSet {
+            count: rules.len() as u32,
+            ..Default::default()
+        };
         set.rules[..rules.len()].copy_from_slice(&rules);
         out.push((net, set));
     }
