@@ -84,6 +84,11 @@ fn veth_vm_is_seen_as_its_persona_with_firewall_and_dns() {
 }
 
 #[test]
+fn tap_vm_is_seen_as_its_persona_with_firewall_and_dns() {
+    identity_firewall_and_dns(VmLink::Tap);
+}
+
+#[test]
 fn host_wiring_routes_and_proxies_the_persona_address() {
     let lab = Lab::new(VmLink::Veth);
     lab.persona_ok("attach vm1 -f examples/");

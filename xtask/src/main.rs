@@ -104,9 +104,7 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup(),
         Task::Test { args } => {
             setup()?;
-            run(Command::new("cargo")
-                .args(["test", "--workspace"])
-                .args(&args))
+            run(Command::new("cargo").args(["test"]).args(&args))
         }
         Task::Demo => {
             setup()?;
