@@ -51,6 +51,20 @@ fn sysctl(path: &str, value: &str) -> Result<()> {
     })
 }
 
+/// Proxied ARP/NDP answers are delayed by up to 0.8 s by default, during which at most
+/// `unres_qlen` packets wait and the rest are dropped: a host answering for its VMs
+/// should answer at once.
+fn answer_proxied_at_once(ifname: &str) -> Result<()> {
+    sysctl(
+        &format!("/proc/sys/net/ipv4/neigh/{ifname}/proxy_delay"),
+        "0",
+    )?;
+    sysctl(
+        &format!("/proc/sys/net/ipv6/neigh/{ifname}/proxy_delay"),
+        "0",
+    )
+}
+
 fn ifname(ifindex: u32) -> Result<String> {
     nix::net::if_::if_indextoname(ifindex)
         .map(|n| n.to_string_lossy().into_owned())
@@ -90,6 +104,7 @@ impl Host {
         sysctl("/proc/sys/net/ipv6/conf/all/forwarding", "1")?;
         if let Some((name, _)) = &host.uplink {
             sysctl(&format!("/proc/sys/net/ipv6/conf/{name}/proxy_ndp"), "1")?;
+            answer_proxied_at_once(name)?;
         }
         Ok(host)
     }
@@ -99,6 +114,7 @@ impl Host {
     pub fn prepare_device(&self, ifindex: u32, device: &DeviceSpec) -> Result<()> {
         let name = ifname(ifindex)?;
         sysctl(&format!("/proc/sys/net/ipv4/conf/{name}/proxy_arp"), "1")?;
+        answer_proxied_at_once(&name)?;
         // The tap's own address is the persona's from the host's point of view, reached by
         // route; reverse-path filtering must not refuse the translated source.
         sysctl(&format!("/proc/sys/net/ipv4/conf/{name}/rp_filter"), "0")?;

@@ -117,6 +117,10 @@ impl Lab {
         );
         self.spawn(
             &out,
+            &format!("exec python3 {} 9000", script("udp_echo.py")),
+        );
+        self.spawn(
+            &out,
             &format!(
                 "exec dnsmasq --no-daemon --no-resolv --no-hosts --bind-interfaces --listen-address={RESOLVER} --address=/persona.test/192.0.2.80 --pid-file= --log-facility=-"
             ),
@@ -136,7 +140,7 @@ impl Lab {
         std::mem::forget(vm);
         wait_for(|| {
             self.out
-                .try_exec("ss -ltn | grep -q :8080 && ss -lun | grep -q 198.51.100.53:53")
+                .try_exec("ss -ltn | grep -q :8080 && ss -lun | grep -q 198.51.100.53:53 && ss -lun | grep -q :9000")
                 .status
                 .success()
         });
@@ -189,6 +193,48 @@ impl Lab {
         let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         (out.status.success() && !text.is_empty()).then_some(text)
     }
+}
+
+pub fn script(name: &str) -> String {
+    format!("{}/scripts/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// What `udp_probe.py` saw: how many replies, and the source address the outside
+/// reported for each.
+#[derive(Debug, serde::Deserialize)]
+pub struct Probe {
+    pub sent: u64,
+    pub received: u64,
+    pub by_addr: std::collections::BTreeMap<String, u64>,
+    pub missing: Vec<u64>,
+}
+
+impl Lab {
+    /// Starts `count` numbered UDP round trips from the VM, one every `interval_ms`.
+    pub fn start_probe(&self, count: u32, interval_ms: f64) -> Child {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.vm.name,
+                "python3",
+                &script("udp_probe.py"),
+                OUTSIDE,
+                "9000",
+            ])
+            .arg(count.to_string())
+            .arg((interval_ms / 1000.0).to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting the probe")
+    }
+}
+
+pub fn finish_probe(child: Child) -> Probe {
+    let out = child.wait_with_output().expect("probe");
+    assert!(out.status.success(), "probe failed");
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("probe output {e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 pub fn wait_for(mut ok: impl FnMut() -> bool) {

@@ -407,5 +407,6 @@ fn a_shift_changes_the_identity_and_keeps_replies_of_open_flows_unless_cut() {
     let (verdict, _) = h.to_vm(&frame(v4(REMOTE), v4([203, 0, 113, 20]), &udp(9004, 5004)));
     assert_eq!(verdict, TC_ACT_SHOT, "a cutting shift forgets the flow");
     assert_eq!(h.count(INGRESS, Reason::DropNotPersona), 1);
+    h.dp.reclaim().expect("reclaiming");
     assert_eq!(h.dp.tables_in_use(), 1, "the replaced tables were released");
 }

@@ -39,6 +39,10 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/persona";
 
+/// Replaced tables freed per grace period: the wait (~10 ms) is paid once per batch,
+/// not once per shift.
+const RECLAIM_BATCH: usize = 64;
+
 #[derive(Debug, Clone)]
 pub struct KernelConfig {
     /// Maps are pinned here and links under `links/`.
@@ -81,6 +85,9 @@ pub struct KernelDatapath {
     host: Option<Host>,
     config: KernelConfig,
     devices: StdHashMap<u32, DeviceSpec>,
+    /// Per device, the previous persona's addresses, still routed until the next shift.
+    lingering: StdHashMap<u32, Vec<IpAddr>>,
+    retired: Vec<u32>,
     _lock: Option<nix::fcntl::Flock<std::fs::File>>,
 }
 
@@ -195,6 +202,8 @@ impl KernelDatapath {
             host,
             config,
             devices,
+            lingering: StdHashMap::new(),
+            retired: Vec::new(),
             _lock: lock,
         })
     }
@@ -340,13 +349,28 @@ impl KernelDatapath {
             .map_err(bpf_err("PERSONAS"))
     }
 
-    /// Frees a table once no program run can still be reading it.
+    /// Queues a table no device points at any more. It is freed by the next
+    /// [`reclaim`](Self::reclaim), which one grace period makes safe for the whole batch.
     fn retire(&mut self, table: u32) -> Result<()> {
+        self.retired.push(table);
+        if self.retired.len() >= RECLAIM_BATCH {
+            self.reclaim()?;
+        }
+        Ok(())
+    }
+
+    /// Frees every retired table once no program run can still be reading any of them.
+    pub fn reclaim(&mut self) -> Result<()> {
+        if self.retired.is_empty() {
+            return Ok(());
+        }
         self.grace
             .wait()
             .map_err(io_err("waiting for an RCU grace period"))?;
-        self.clear_table(table)?;
-        self.tables.release(table);
+        for table in std::mem::take(&mut self.retired) {
+            self.clear_table(table)?;
+            self.tables.release(table);
+        }
         Ok(())
     }
 
@@ -489,8 +513,10 @@ impl Datapath for KernelDatapath {
         }
         let active = self.maps.active.get(&ifindex, 0).ok();
         let _ = self.maps.active.remove(&ifindex);
+        let lingering = self.lingering.remove(&ifindex).unwrap_or_default();
         if let (Some(host), Some(a)) = (&self.host, active) {
-            let addrs = Self::host_addresses(&self.persona_table(a.table)?);
+            let mut addrs = Self::host_addresses(&self.persona_table(a.table)?);
+            addrs.extend(lingering);
             host.withdraw_persona(ifindex, &addrs)?;
         }
         if let (Some(host), Some(device)) = (&self.host, self.devices.get(&ifindex)) {
@@ -521,12 +547,19 @@ impl Datapath for KernelDatapath {
         if let Some(a) = active {
             self.retire(a.table)?;
         }
+        self.reclaim()?;
         info!(ifindex, "detached");
         Ok(())
     }
 
     fn stage(&mut self, persona: &CompiledPersona) -> Result<Staged> {
-        let table = self.tables.alloc()?;
+        let table = match self.tables.alloc() {
+            Err(DatapathError::TablesExhausted(_)) if !self.retired.is_empty() => {
+                self.reclaim()?;
+                self.tables.alloc()?
+            }
+            other => other?,
+        };
         // A slot may hold leftovers of a stage a crash cut short.
         if let Err(e) = self.clear_table(table) {
             self.tables.release(table);
@@ -616,10 +649,20 @@ impl Datapath for KernelDatapath {
         let flip = start.elapsed();
 
         if let (Some(prev), Some(prev_table)) = (previous, previous_table) {
+            // The previous persona's addresses stay routed until the next shift: replies
+            // in flight to them are still delivered (conntrack keeps the binding too).
+            let prev_addrs: Vec<IpAddr> = Self::host_addresses(&prev_table)
+                .into_iter()
+                .filter(|a| !new_addrs.contains(a))
+                .collect();
+            let older = self
+                .lingering
+                .insert(ifindex, prev_addrs.clone())
+                .unwrap_or_default();
             if let Some(host) = &self.host {
-                let gone: Vec<IpAddr> = Self::host_addresses(&prev_table)
+                let gone: Vec<IpAddr> = older
                     .into_iter()
-                    .filter(|a| !new_addrs.contains(a))
+                    .filter(|a| !new_addrs.contains(a) && !prev_addrs.contains(a))
                     .collect();
                 host.withdraw_persona(ifindex, &gone)?;
             }
