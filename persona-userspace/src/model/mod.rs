@@ -25,3 +25,6 @@ impl FieldError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

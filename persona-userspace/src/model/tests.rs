@@ -1,0 +1,184 @@
+use super::*;
+use crate::datapath::compile;
+
+const GOOD: &str = r#"
+apiVersion: persona.dev/v1
+kind: Persona
+metadata: { name: office }
+spec:
+  addresses: ["203.0.113.10/24"]
+  gateway: 203.0.113.1
+  dns: ["198.51.100.53"]
+  firewall:
+    ingress:
+      default: drop
+      rules:
+        - { cidr: 198.51.100.0/24, protocol: tcp, ports: "22", action: allow }
+"#;
+
+fn error_of(yaml: &str) -> String {
+    match parse_manifests(yaml) {
+        Ok(m) => panic!("expected an error, parsed {m:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn a_good_manifest_parses_and_compiles() {
+    let m = parse_manifests(GOOD).expect("parses");
+    let Manifest::Persona { spec, .. } = &m[0] else {
+        panic!("a persona")
+    };
+    let c = compile(spec).expect("compiles");
+    assert_eq!(c.table.addr_v4, [203, 0, 113, 10]);
+    assert_eq!(c.v4.len(), 1);
+    assert_eq!(c.v4[0].rules.count, 1);
+}
+
+#[test]
+fn bad_manifests_name_the_field_and_the_reason() {
+    let cases = [
+        (
+            GOOD.replace("ports: \"22\"", "ports: 70000"),
+            "70000 is not a port",
+        ),
+        (
+            GOOD.replace("ports: \"22\"", "ports: \"30-20\""),
+            "range 30-20 is empty",
+        ),
+        (
+            GOOD.replace("198.51.100.0/24", "198.51.100.7/24"),
+            "spec.firewall.ingress.rules[0].cidr: 198.51.100.7/24 has host bits set; did you mean 198.51.100.0/24?",
+        ),
+        (
+            GOOD.replace("198.51.100.0/24", "198.51.300.0/24"),
+            "invalid IP address syntax",
+        ),
+        (
+            GOOD.replace("gateway: 203.0.113.1", "gateway: 192.0.2.1"),
+            "Persona \"office\": spec.gateway: 192.0.2.1 is not inside any of the persona's prefixes",
+        ),
+        (
+            GOOD.replace("protocol: tcp", "protocol: icmp"),
+            "spec.firewall.ingress.rules[0].ports: icmp has no ports",
+        ),
+        (
+            GOOD.replace("[\"203.0.113.10/24\"]", "[]"),
+            "spec.addresses: at least one address is required",
+        ),
+        (
+            GOOD.replace(
+                "[\"203.0.113.10/24\"]",
+                "[\"203.0.113.10/24\", \"203.0.113.11/24\"]",
+            ),
+            "spec.addresses: 2 IPv4 addresses given; a persona has at most one per family",
+        ),
+        (
+            GOOD.replace("dns: [\"198.51.100.53\"]", "dns: [\"2001:db8::53\"]"),
+            "spec.dns[0]: 2001:db8::53: the persona has no address of this family",
+        ),
+        (
+            GOOD.replace("name: office", "name: Office"),
+            "metadata.name: \"Office\" must be 1-63 lowercase letters",
+        ),
+        (
+            GOOD.replace("persona.dev/v1", "persona.dev/v9"),
+            "apiVersion: \"persona.dev/v9\" is not supported",
+        ),
+        (
+            GOOD.replace("action: allow", "action: permit"),
+            "unknown variant `permit`",
+        ),
+        (
+            GOOD.replace("gateway:", "gatway:"),
+            "unknown field `gatway`",
+        ),
+        (
+            GOOD.replace("kind: Persona", "kind: Persna"),
+            "unknown variant `Persna`",
+        ),
+    ];
+    for (yaml, want) in cases {
+        let got = error_of(&yaml);
+        assert!(got.contains(want), "error {got:?} should contain {want:?}");
+    }
+}
+
+#[test]
+fn too_many_rules_for_one_prefix_is_refused_by_the_compiler() {
+    let rules: String = (1..=17)
+        .map(|p| format!("        - {{ cidr: 198.51.100.0/24, protocol: tcp, ports: \"{p}\", action: allow }}\n"))
+        .collect();
+    let yaml = GOOD.replace(
+        "        - { cidr: 198.51.100.0/24, protocol: tcp, ports: \"22\", action: allow }\n",
+        &rules,
+    );
+    let m = parse_manifests(&yaml).expect("parses");
+    let Manifest::Persona { spec, .. } = &m[0] else {
+        panic!()
+    };
+    let err = compile(spec)
+        .expect_err("17 rules on one prefix")
+        .to_string();
+    assert!(
+        err.contains("spec.firewall.ingress.rules: 17 rules apply to 198.51.100.0/24"),
+        "{err}"
+    );
+}
+
+#[test]
+fn wider_prefixes_rules_are_folded_behind_the_narrower_ones() {
+    let yaml = GOOD.replace(
+        "        - { cidr: 198.51.100.0/24, protocol: tcp, ports: \"22\", action: allow }\n",
+        "        - { cidr: 0.0.0.0/0, protocol: udp, action: allow }\n        - { cidr: 198.51.100.128/25, action: drop }\n        - { cidr: 198.51.100.0/24, protocol: tcp, ports: \"22\", action: allow }\n",
+    );
+    let m = parse_manifests(&yaml).expect("parses");
+    let Manifest::Persona { spec, .. } = &m[0] else {
+        panic!()
+    };
+    let c = compile(spec).expect("compiles");
+    let slash25 = c.v4.iter().find(|p| p.net.prefix_len() == 25).expect("/25");
+    let protos: Vec<u8> = slash25.rules.rules[..slash25.rules.count as usize]
+        .iter()
+        .map(|r| r.proto)
+        .collect();
+    // Its own drop-all, then the /24's tcp/22, then the /0's udp.
+    assert_eq!(protos, [0, 6, 17]);
+}
+
+#[test]
+fn several_documents_in_one_stream() {
+    let two = format!(
+        "{GOOD}---\n{}",
+        GOOD.replace("name: office", "name: travel")
+    );
+    let names: Vec<String> = parse_manifests(&two)
+        .expect("parses")
+        .iter()
+        .map(|m| m.name().to_owned())
+        .collect();
+    assert_eq!(names, ["office", "travel"]);
+}
+
+proptest::proptest! {
+    #[test]
+    fn arbitrary_text_never_panics_the_parser(text in "\\PC{0,400}") {
+        let _ = parse_manifests(&text);
+    }
+
+    #[test]
+    fn mutated_manifests_never_panic(pos in 0usize..400, byte in proptest::num::u8::ANY) {
+        let mut bytes = GOOD.as_bytes().to_vec();
+        let at = pos % bytes.len();
+        bytes[at] = byte;
+        if let Ok(text) = String::from_utf8(bytes) {
+            if let Ok(manifests) = parse_manifests(&text) {
+                for m in manifests {
+                    if let Manifest::Persona { spec, .. } = m {
+                        let _ = compile(&spec);
+                    }
+                }
+            }
+        }
+    }
+}
