@@ -10,6 +10,7 @@ pub mod conntrack;
 pub mod counters;
 pub mod device;
 pub mod firewall;
+pub mod host;
 pub mod persona;
 
 /// Traffic leaving the VM: received on the tap, handled by XDP.
@@ -34,6 +35,7 @@ pub mod map_names {
     pub const FW_V6: &str = "FW_V6";
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const HOST_WIRING: &str = "HOST_WIRING";
 }
 
 pub mod program_names {
@@ -44,7 +46,7 @@ pub mod program_names {
 
 #[cfg(feature = "user")]
 mod pod {
-    use crate::{conntrack, counters, device, firewall, persona};
+    use crate::{conntrack, counters, device, firewall, host, persona};
 
     macro_rules! pod {
         ($($t:ty),* $(,)?) => {
@@ -66,5 +68,6 @@ mod pod {
         conntrack::CtEntry,
         counters::CounterKey,
         counters::Counter,
+        host::HostWiring,
     );
 }

@@ -9,6 +9,7 @@ use persona_common::{
     counters::{Counter, CounterKey, MAX_COUNTER_KEYS},
     device::{DeviceConfig, MAX_DEVICES},
     firewall::{FwKeyV4, FwKeyV6, MAX_PREFIXES, RuleSet},
+    host::HostWiring,
     persona::{Active, MAX_TABLES, PersonaTable},
 };
 
@@ -39,3 +40,8 @@ pub static COUNTERS: PerCpuHashMap<CounterKey, Counter> =
 /// Where a new conntrack entry is built: the BPF stack is too small to hold it as well.
 #[map]
 pub static CT_SCRATCH: PerCpuArray<CtEntry> = PerCpuArray::with_max_entries(1, 0);
+
+/// Userspace's record of the host wiring of each device; never read here, kept in the
+/// object so it is pinned beside the others.
+#[map]
+pub static HOST_WIRING: HashMap<u32, HostWiring> = HashMap::pinned(MAX_DEVICES, 0);

@@ -128,12 +128,8 @@ impl Host {
         Ok(())
     }
 
-    pub fn release_device(&self, ifindex: u32, device: &DeviceSpec) -> Result<()> {
-        let gateways = [
-            device.gateway_v4.map(IpAddr::V4),
-            device.gateway_v6.map(IpAddr::V6),
-        ];
-        for gw in gateways.into_iter().flatten() {
+    pub fn release_device(&self, ifindex: u32, gateways: &[IpAddr]) -> Result<()> {
+        for &gw in gateways {
             self.proxy(ifindex, gw, false)?;
         }
         Ok(())

@@ -20,6 +20,7 @@ pub const VM_IFACE: &str = "pvm1";
 pub const UPLINK: &str = "up0";
 pub const OUTSIDE: &str = "198.51.100.7";
 pub const RESOLVER: &str = "198.51.100.53";
+pub const OUTSIDE_V6: &str = "2001:db8:ffff::7";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VmLink {
@@ -58,10 +59,10 @@ impl Lab {
             "ip link add {UPLINK} netns {h} type veth peer name eth0 netns {o}"
         ));
         host.exec(&format!(
-            "ip addr add 198.51.100.1/24 dev {UPLINK} && ip link set {UPLINK} up && ip route add default via {OUTSIDE}"
+            "ip addr add 198.51.100.1/24 dev {UPLINK} && ip -6 addr add 2001:db8:ffff::1/64 dev {UPLINK} nodad && ip link set {UPLINK} up && ip route add default via {OUTSIDE} && ip -6 route add default via {OUTSIDE_V6}"
         ));
         out.exec(&format!(
-            "ip addr add {OUTSIDE}/24 dev eth0 && ip addr add {RESOLVER}/24 dev eth0 && ip link set eth0 up && ip route add 203.0.113.0/24 dev eth0 && ip route add 2001:db8:a::/64 dev eth0"
+            "ip addr add {OUTSIDE}/24 dev eth0 && ip addr add {RESOLVER}/24 dev eth0 && ip link set eth0 up && ip route add 203.0.113.0/24 dev eth0 && ip -6 addr add {OUTSIDE_V6}/64 dev eth0 nodad && ip -6 route add 2001:db8:a::/64 dev eth0"
         ));
         let mut lab = Self {
             host,
@@ -84,7 +85,7 @@ impl Lab {
         }
         lab.host.exec(&format!("ip link set {VM_IFACE} up"));
         lab.vm.exec(
-            "ip link set eth0 address 52:54:00:00:00:02 && ip addr add 198.18.0.2/24 dev eth0 && ip link set eth0 up && ip route add default via 198.18.0.1",
+            "ip link set eth0 address 52:54:00:00:00:02 && ip addr add 198.18.0.2/24 dev eth0 && ip -6 addr add 2001:db8:1::2/64 dev eth0 nodad && ip link set eth0 up && ip route add default via 198.18.0.1 && ip -6 route add default via fe80::1 dev eth0",
         );
         lab.start_servers();
         lab
@@ -182,6 +183,18 @@ impl Lab {
             "socat -T2 - TCP:{OUTSIDE}:8080,connect-timeout=2 </dev/null"
         ));
         let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        (out.status.success() && !text.is_empty()).then_some(text)
+    }
+
+    /// The address the outside saw a TCP connection over IPv6 from the VM come from.
+    pub fn seen_from_outside_v6(&self) -> Option<String> {
+        let out = self.vm.try_exec(&format!(
+            "socat -T2 - TCP6:[{OUTSIDE_V6}]:8080,connect-timeout=2 </dev/null"
+        ));
+        let text = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .trim_matches(['[', ']'])
+            .to_owned();
         (out.status.success() && !text.is_empty()).then_some(text)
     }
 

@@ -92,20 +92,56 @@ fn tap_vm_is_seen_as_its_persona_with_firewall_and_dns() {
 fn host_wiring_routes_and_proxies_the_persona_address() {
     let lab = Lab::new(VmLink::Veth);
     lab.persona_ok("attach vm1 -f examples/");
-    let routes = lab.host.exec("ip route show dev pvm1");
+    let routes = lab
+        .host
+        .exec("ip route show dev pvm1; ip -6 route show dev pvm1");
+    assert!(routes.contains("203.0.113.10 via 198.18.0.2"), "{routes}");
     assert!(
-        routes.contains("203.0.113.10"),
-        "route to the persona: {routes}"
+        routes.contains("2001:db8:a::10 via 2001:db8:1::2"),
+        "{routes}"
     );
-    let proxies = lab.host.exec("ip neigh show proxy dev up0");
+    let proxies = lab.host.exec("ip neigh show proxy");
     assert!(
-        proxies.contains("203.0.113.10"),
+        proxies.contains("203.0.113.10 dev up0"),
         "proxy ARP on the uplink: {proxies}"
     );
+    assert!(
+        proxies.contains("2001:db8:a::10 dev up0"),
+        "proxy NDP on the uplink: {proxies}"
+    );
+    assert!(
+        proxies.contains("fe80::1 dev pvm1"),
+        "the VM's IPv6 gateway answered on the tap: {proxies}"
+    );
+
+    // The previous persona's address stays announced until the next shift, so replies
+    // in flight to it still arrive.
     lab.persona_ok("shift pvm1 travel -f examples/");
     let proxies = lab.host.exec("ip neigh show proxy dev up0");
     assert!(
-        proxies.contains("203.0.113.20") && !proxies.contains("203.0.113.10"),
+        proxies.contains("203.0.113.20") && proxies.contains("203.0.113.10"),
         "{proxies}"
+    );
+    lab.persona_ok("shift pvm1 office -f examples/");
+    lab.persona_ok("shift pvm1 office -f examples/");
+    let proxies = lab.host.exec("ip neigh show proxy dev up0");
+    assert!(
+        !proxies.contains("203.0.113.20"),
+        "two shifts later travel is gone: {proxies}"
+    );
+
+    // Each command is its own process: what detach undoes must come from pinned state.
+    lab.persona_ok("shift pvm1 travel -f examples/");
+    lab.persona_ok("detach pvm1");
+    let proxies = lab.host.exec("ip neigh show proxy");
+    assert_eq!(
+        proxies.trim(),
+        "",
+        "detach withdraws every proxy entry, gateways included"
+    );
+    let routes = lab.host.exec("ip route show; ip -6 route show");
+    assert!(
+        !routes.contains("203.0.113.") && !routes.contains("2001:db8:a::"),
+        "{routes}"
     );
 }

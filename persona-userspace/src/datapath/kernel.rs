@@ -21,10 +21,13 @@ use persona_common::{
     counters::{Counter, CounterKey, Reason},
     device::{DEVICE_HAS_V4, DEVICE_HAS_V6, DeviceConfig},
     firewall::{FwKeyV4, FwKeyV6, KEY_HEADER_BITS, key_header},
+    host::{
+        HostWiring, WIRED_GATEWAY_V4, WIRED_GATEWAY_V6, WIRED_LINGERING_V4, WIRED_LINGERING_V6,
+    },
     persona::{Active, PersonaTable},
     program_names,
 };
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::{
     ActiveState, CompiledPersona, Counters, Datapath, DatapathError, Result, ShiftOptions, Shifted,
@@ -84,9 +87,6 @@ pub struct KernelDatapath {
     grace: GraceBarrier,
     host: Option<Host>,
     config: KernelConfig,
-    devices: StdHashMap<u32, DeviceSpec>,
-    /// Per device, the previous persona's addresses, still routed until the next shift.
-    lingering: StdHashMap<u32, Vec<IpAddr>>,
     retired: Vec<u32>,
     _lock: Option<nix::fcntl::Flock<std::fs::File>>,
 }
@@ -178,14 +178,6 @@ impl KernelDatapath {
                 .v6
                 .push((key.prefix_len(), key.data()));
         }
-        let mut devices = StdHashMap::new();
-        for (ifindex, cfg) in maps.devices.iter().flatten() {
-            let interface = nix::net::if_::if_indextoname(ifindex)
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            debug!(ifindex, %interface, "found pinned device");
-            devices.insert(ifindex, DeviceSpec::from_config(interface, &cfg));
-        }
         if !in_use.is_empty() {
             info!(devices = in_use.len(), pin_dir = %config.pin_dir.display(), "re-using pinned datapath");
         }
@@ -201,8 +193,6 @@ impl KernelDatapath {
             grace: GraceBarrier::new().map_err(io_err("creating the grace-period map"))?,
             host,
             config,
-            devices,
-            lingering: StdHashMap::new(),
             retired: Vec::new(),
             _lock: lock,
         })
@@ -256,7 +246,19 @@ impl KernelDatapath {
                 }
             }
         }
-        self.devices.insert(ifindex, device.clone());
+        let mut wiring = HostWiring::default();
+        if let Some(gw) = device.gateway_v4 {
+            wiring.gateway_v4 = gw.octets();
+            wiring.flags |= WIRED_GATEWAY_V4;
+        }
+        if let Some(gw) = device.gateway_v6 {
+            wiring.gateway_v6 = gw.octets();
+            wiring.flags |= WIRED_GATEWAY_V6;
+        }
+        self.maps
+            .host_wiring
+            .insert(ifindex, wiring, 0)
+            .map_err(bpf_err("HOST_WIRING"))?;
         Ok(())
     }
 
@@ -400,6 +402,24 @@ impl KernelDatapath {
         compiled.addresses()
     }
 
+    fn wiring(&self, ifindex: u32) -> HostWiring {
+        self.maps.host_wiring.get(&ifindex, 0).unwrap_or_default()
+    }
+
+    fn inner_addresses(&self, ifindex: u32) -> Result<Vec<IpAddr>> {
+        let cfg = self
+            .maps
+            .devices
+            .get(&ifindex, 0)
+            .map_err(|_| DatapathError::NotAttached(ifindex))?;
+        let d = DeviceSpec::from_config(String::new(), &cfg);
+        Ok(d.inner_v4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(d.inner_v6.map(IpAddr::V6))
+            .collect())
+    }
+
     /// The addresses the network sees for a device right now.
     pub fn active_addresses(&self, ifindex: u32) -> Result<Vec<IpAddr>> {
         match self.active(ifindex)? {
@@ -471,6 +491,44 @@ impl KernelDatapath {
     }
 }
 
+fn lingering(w: &HostWiring) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    if w.flags & WIRED_LINGERING_V4 != 0 {
+        out.push(IpAddr::V4(w.lingering_v4.into()));
+    }
+    if w.flags & WIRED_LINGERING_V6 != 0 {
+        out.push(IpAddr::V6(w.lingering_v6.into()));
+    }
+    out
+}
+
+fn set_lingering(w: &mut HostWiring, addrs: &[IpAddr]) {
+    w.flags &= !(WIRED_LINGERING_V4 | WIRED_LINGERING_V6);
+    for a in addrs {
+        match a {
+            IpAddr::V4(a) => {
+                w.lingering_v4 = a.octets();
+                w.flags |= WIRED_LINGERING_V4;
+            }
+            IpAddr::V6(a) => {
+                w.lingering_v6 = a.octets();
+                w.flags |= WIRED_LINGERING_V6;
+            }
+        }
+    }
+}
+
+fn gateways(w: &HostWiring) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    if w.flags & WIRED_GATEWAY_V4 != 0 {
+        out.push(IpAddr::V4(w.gateway_v4.into()));
+    }
+    if w.flags & WIRED_GATEWAY_V6 != 0 {
+        out.push(IpAddr::V6(w.gateway_v6.into()));
+    }
+    out
+}
+
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
@@ -513,15 +571,16 @@ impl Datapath for KernelDatapath {
         }
         let active = self.maps.active.get(&ifindex, 0).ok();
         let _ = self.maps.active.remove(&ifindex);
-        let lingering = self.lingering.remove(&ifindex).unwrap_or_default();
-        if let (Some(host), Some(a)) = (&self.host, active) {
-            let mut addrs = Self::host_addresses(&self.persona_table(a.table)?);
-            addrs.extend(lingering);
+        let wiring = self.wiring(ifindex);
+        if let Some(host) = &self.host {
+            let mut addrs = lingering(&wiring);
+            if let Some(a) = active {
+                addrs.extend(Self::host_addresses(&self.persona_table(a.table)?));
+            }
             host.withdraw_persona(ifindex, &addrs)?;
+            host.release_device(ifindex, &gateways(&wiring))?;
         }
-        if let (Some(host), Some(device)) = (&self.host, self.devices.get(&ifindex)) {
-            host.release_device(ifindex, device)?;
-        }
+        let _ = self.maps.host_wiring.remove(&ifindex);
         let _ = self.maps.devices.remove(&ifindex);
         let keys: Vec<CounterKey> = self
             .maps
@@ -543,7 +602,6 @@ impl Datapath for KernelDatapath {
         for k in flows {
             let _ = self.maps.conntrack.remove(&k);
         }
-        self.devices.remove(&ifindex);
         if let Some(a) = active {
             self.retire(a.table)?;
         }
@@ -620,16 +678,7 @@ impl Datapath for KernelDatapath {
             .map_err(bpf_err("PERSONAS"))?;
         let new_addrs = staged.persona.addresses();
         if let Some(host) = &self.host {
-            let device = self.devices.get(&ifindex);
-            let inner: Vec<IpAddr> = device
-                .map(|d| {
-                    d.inner_v4
-                        .map(IpAddr::V4)
-                        .into_iter()
-                        .chain(d.inner_v6.map(IpAddr::V6))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let inner = self.inner_addresses(ifindex)?;
             host.announce_persona(ifindex, &new_addrs, &inner)?;
         }
 
@@ -655,10 +704,13 @@ impl Datapath for KernelDatapath {
                 .into_iter()
                 .filter(|a| !new_addrs.contains(a))
                 .collect();
-            let older = self
-                .lingering
-                .insert(ifindex, prev_addrs.clone())
-                .unwrap_or_default();
+            let mut wiring = self.wiring(ifindex);
+            let older = lingering(&wiring);
+            set_lingering(&mut wiring, &prev_addrs);
+            self.maps
+                .host_wiring
+                .insert(ifindex, wiring, 0)
+                .map_err(bpf_err("HOST_WIRING"))?;
             if let Some(host) = &self.host {
                 let gone: Vec<IpAddr> = older
                     .into_iter()

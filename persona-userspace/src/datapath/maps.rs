@@ -9,6 +9,7 @@ use persona_common::{
     counters::{Counter, CounterKey},
     device::DeviceConfig,
     firewall::{FwKeyV4, FwKeyV6, RuleSet},
+    host::HostWiring,
     map_names,
     persona::{Active, PersonaTable},
 };
@@ -28,6 +29,8 @@ pub struct Maps {
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
     /// `COUNTERS` (per-CPU hash).
     pub counters: PerCpuHashMap<MapData, CounterKey, Counter>,
+    /// `HOST_WIRING`: userspace only.
+    pub host_wiring: HashMap<MapData, u32, HostWiring>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -50,6 +53,7 @@ impl Maps {
             fw_v6: take(ebpf, map_names::FW_V6)?,
             conntrack: take(ebpf, map_names::CONNTRACK)?,
             counters: take(ebpf, map_names::COUNTERS)?,
+            host_wiring: take(ebpf, map_names::HOST_WIRING)?,
         })
     }
 }
