@@ -171,12 +171,12 @@ proptest::proptest! {
         let mut bytes = GOOD.as_bytes().to_vec();
         let at = pos % bytes.len();
         bytes[at] = byte;
-        if let Ok(text) = String::from_utf8(bytes) {
-            if let Ok(manifests) = parse_manifests(&text) {
-                for m in manifests {
-                    if let Manifest::Persona { spec, .. } = m {
-                        let _ = compile(&spec);
-                    }
+        if let Ok(text) = String::from_utf8(bytes)
+            && let Ok(manifests) = parse_manifests(&text)
+        {
+            for m in manifests {
+                if let Manifest::Persona { spec, .. } = m {
+                    let _ = compile(&spec);
                 }
             }
         }
