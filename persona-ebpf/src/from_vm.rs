@@ -1,52 +1,40 @@
 //! Egress: a frame the VM sent. Source becomes the persona's address, DNS queries go to
 //! the persona's resolver, new flows are judged by the persona's egress rules.
-use persona_common::{
-    DIR_EGRESS, FAMILY_V6, conntrack::CT_DNS_REDIRECTED, counters::Reason, persona::Active,
-};
+use persona_common::{DIR_EGRESS, conntrack::CT_DNS_REDIRECTED, counters::Reason, persona::Active};
 
 use crate::{
     conntrack::{self, NewFlow},
     dns, firewall,
     packet::Packet,
-    parse::{self, Ip, Kind, L3, L4},
-    plan::{self, OUTER_DST, OUTER_SRC, Plan, QUOTED_DST},
+    parse::{self, Ip, L4},
+    path::Direction,
+    plan::{OUTER_DST, OUTER_SRC, Plan, QUOTED_DST},
     state,
 };
 
-#[inline(always)]
-pub fn handle<P: Packet>(p: &mut P) -> Result<Reason, Reason> {
-    let ip = match parse::l3(p)? {
-        L3::Arp => return Ok(Reason::PassArp),
-        L3::V4 => parse::ipv4(p)?,
-        L3::V6 => parse::ipv6(p)?,
-    };
-    let l4 = parse::transport(p, &ip)?;
-    if ip.family == FAMILY_V6 && (l4.kind == Kind::Ndp || parse::is_link_local_v6(&ip.src)) {
-        return Ok(Reason::PassLinkLocal);
+pub struct FromVm;
+
+impl Direction for FromVm {
+    #[inline(always)]
+    fn local_end(ip: &Ip) -> &[u8; 16] {
+        &ip.src
     }
-    let active = state::active(p.ifindex())?;
-    let mut plan = Plan::default();
-    let reason = if l4.kind == Kind::IcmpError {
-        icmp_error::<P>(p.raw(), &ip, &active, &mut plan)
-    } else {
-        flow(p.ifindex(), &ip, &l4, &active, &mut plan)
-    };
-    if !reason.passes() {
-        return Ok(reason);
+
+    // Both deciders are BPF subprograms of their own: their stack frames then never add
+    // up with the rewrite's.
+    #[inline(never)]
+    fn icmp_error<P: Packet>(raw: P::Raw, ip: &Ip, active: &Active, plan: &mut Plan) -> Reason {
+        try_icmp_error(&P::from_raw(raw), ip, active, plan).unwrap_or_else(|reason| reason)
     }
-    match plan::apply::<P>(p.raw(), &ip, &l4, &plan) {
-        r if r.passes() => Ok(reason),
-        failed => Ok(failed),
+
+    #[inline(never)]
+    fn flow(ifindex: u32, ip: &Ip, l4: &L4, active: &Active, plan: &mut Plan) -> Reason {
+        try_flow(ifindex, ip, l4, active, plan).unwrap_or_else(|reason| reason)
     }
 }
 
 /// The VM reports an error about a datagram it received: that datagram went to the
 /// VM's inner address, which the quote must now show as the persona's.
-#[inline(never)]
-fn icmp_error<P: Packet>(raw: P::Raw, ip: &Ip, active: &Active, plan: &mut Plan) -> Reason {
-    try_icmp_error(&P::from_raw(raw), ip, active, plan).unwrap_or_else(|reason| reason)
-}
-
 #[inline(always)]
 fn try_icmp_error<P: Packet>(
     p: &P,
@@ -81,12 +69,6 @@ fn try_icmp_error<P: Packet>(
     };
     plan.flags = OUTER_SRC | QUOTED_DST;
     Ok(reason)
-}
-
-/// A packet of a flow: tracked, redirected or judged.
-#[inline(never)]
-fn flow(ifindex: u32, ip: &Ip, l4: &L4, active: &Active, plan: &mut Plan) -> Reason {
-    try_flow(ifindex, ip, l4, active, plan).unwrap_or_else(|reason| reason)
 }
 
 #[inline(always)]

@@ -1,4 +1,5 @@
-//! Entry points only: the packet path lives in `from_vm.rs` and `to_vm.rs`.
+//! Entry points only: the packet path is `path.rs`, with what differs by direction in
+//! `from_vm.rs` and `to_vm.rs`.
 #![no_std]
 #![no_main]
 
@@ -12,6 +13,7 @@ mod maps;
 mod nat;
 mod packet;
 mod parse;
+mod path;
 mod plan;
 mod state;
 mod to_vm;
@@ -29,7 +31,7 @@ use crate::packet::{Packet as _, TcPacket, XdpPacket};
 #[xdp]
 pub fn persona_from_vm(ctx: XdpContext) -> u32 {
     let mut pkt = XdpPacket::from_raw(ctx.ctx);
-    let reason = from_vm::handle(&mut pkt).unwrap_or_else(|reason| reason);
+    let reason = path::handle::<_, from_vm::FromVm>(&mut pkt).unwrap_or_else(|reason| reason);
     counters::count(pkt.ifindex, DIR_EGRESS, reason, pkt.len);
     if reason.passes() {
         xdp_action::XDP_PASS
@@ -42,7 +44,7 @@ pub fn persona_from_vm(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn persona_to_vm(ctx: TcContext) -> i32 {
     let mut pkt = TcPacket::pulled(ctx.skb.skb);
-    let reason = to_vm::handle(&mut pkt).unwrap_or_else(|reason| reason);
+    let reason = path::handle::<_, to_vm::ToVm>(&mut pkt).unwrap_or_else(|reason| reason);
     counters::count(pkt.ifindex, DIR_INGRESS, reason, pkt.len);
     if reason.passes() {
         TC_ACT_OK

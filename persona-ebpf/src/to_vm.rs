@@ -2,7 +2,7 @@
 //! be a reply to a flow that left through an earlier one; the destination becomes the
 //! VM's own address and DNS replies get back the source the VM asked.
 use persona_common::{
-    DIR_INGRESS, FAMILY_V6,
+    DIR_INGRESS,
     conntrack::{CT_DNS_REDIRECTED, CtEntry},
     counters::Reason,
     persona::Active,
@@ -12,8 +12,9 @@ use crate::{
     conntrack::{self, NewFlow},
     firewall,
     packet::Packet,
-    parse::{self, Ip, Kind, L3, L4},
-    plan::{self, OUTER_DST, OUTER_SRC, Plan, QUOTED_SRC},
+    parse::{self, Ip, L4},
+    path::Direction,
+    plan::{OUTER_DST, OUTER_SRC, Plan, QUOTED_SRC},
     state,
 };
 
@@ -26,40 +27,29 @@ fn bound_to(entry: Option<*mut CtEntry>, dst: &[u8; 16]) -> bool {
     }
 }
 
-#[inline(always)]
-pub fn handle<P: Packet>(p: &mut P) -> Result<Reason, Reason> {
-    let ip = match parse::l3(p)? {
-        L3::Arp => return Ok(Reason::PassArp),
-        L3::V4 => parse::ipv4(p)?,
-        L3::V6 => parse::ipv6(p)?,
-    };
-    let l4 = parse::transport(p, &ip)?;
-    if ip.family == FAMILY_V6 && (l4.kind == Kind::Ndp || parse::is_link_local_v6(&ip.dst)) {
-        return Ok(Reason::PassLinkLocal);
+pub struct ToVm;
+
+impl Direction for ToVm {
+    #[inline(always)]
+    fn local_end(ip: &Ip) -> &[u8; 16] {
+        &ip.dst
     }
-    let active = state::active(p.ifindex())?;
-    let mut plan = Plan::default();
-    let reason = if l4.kind == Kind::IcmpError {
-        icmp_error::<P>(p.raw(), &ip, &active, &mut plan)
-    } else {
-        flow(p.ifindex(), &ip, &l4, &active, &mut plan)
-    };
-    if !reason.passes() {
-        return Ok(reason);
+
+    // Both deciders are BPF subprograms of their own: their stack frames then never add
+    // up with the rewrite's.
+    #[inline(never)]
+    fn icmp_error<P: Packet>(raw: P::Raw, ip: &Ip, active: &Active, plan: &mut Plan) -> Reason {
+        try_icmp_error(&P::from_raw(raw), ip, active, plan).unwrap_or_else(|reason| reason)
     }
-    match plan::apply::<P>(p.raw(), &ip, &l4, &plan) {
-        r if r.passes() => Ok(reason),
-        failed => Ok(failed),
+
+    #[inline(never)]
+    fn flow(ifindex: u32, ip: &Ip, l4: &L4, active: &Active, plan: &mut Plan) -> Reason {
+        try_flow(ifindex, ip, l4, active, plan).unwrap_or_else(|reason| reason)
     }
 }
 
 /// An error about a datagram the VM sent: the quote shows the persona's address as its
 /// source, which the VM must see as its own.
-#[inline(never)]
-fn icmp_error<P: Packet>(raw: P::Raw, ip: &Ip, active: &Active, plan: &mut Plan) -> Reason {
-    try_icmp_error(&P::from_raw(raw), ip, active, plan).unwrap_or_else(|reason| reason)
-}
-
 #[inline(always)]
 fn try_icmp_error<P: Packet>(
     p: &P,
@@ -92,13 +82,6 @@ fn try_icmp_error<P: Packet>(
     };
     plan.flags = OUTER_DST | QUOTED_SRC;
     Ok(reason)
-}
-
-/// A packet of a flow: addressed to the persona or to a flow's earlier binding, then
-/// tracked or judged.
-#[inline(never)]
-fn flow(ifindex: u32, ip: &Ip, l4: &L4, active: &Active, plan: &mut Plan) -> Reason {
-    try_flow(ifindex, ip, l4, active, plan).unwrap_or_else(|reason| reason)
 }
 
 #[inline(always)]
