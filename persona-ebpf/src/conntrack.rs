@@ -88,5 +88,5 @@ pub fn open(key: &CtKey, flow: NewFlow<'_>) {
     };
     // A full map evicts; an insert can only fail on memory pressure, and then the flow
     // is simply judged again on its next packet.
-    let _ = CONNTRACK.insert(key, &*e, 0);
+    let _ = CONNTRACK.insert(key, *e, 0);
 }

@@ -13,7 +13,7 @@ pub fn count(ifindex: u32, direction: u8, reason: Reason, bytes: u64) {
     };
     // Userspace creates every key of a device when attaching it, so the insert only
     // happens for devices it does not know.
-    match COUNTERS.get_ptr_mut(&key) {
+    match COUNTERS.get_ptr_mut(key) {
         Some(c) => {
             // SAFETY: per-CPU value, no other writer.
             let c = unsafe { &mut *c };
@@ -21,7 +21,7 @@ pub fn count(ifindex: u32, direction: u8, reason: Reason, bytes: u64) {
             c.bytes += bytes;
         }
         None => {
-            let _ = COUNTERS.insert(&key, &Counter { packets: 1, bytes }, 0);
+            let _ = COUNTERS.insert(key, Counter { packets: 1, bytes }, 0);
         }
     }
 }

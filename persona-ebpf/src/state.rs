@@ -19,7 +19,7 @@ pub struct State<'a> {
 #[inline(always)]
 pub fn device<'a>(ifindex: u32) -> Result<&'a DeviceConfig, Reason> {
     // SAFETY: a preallocated hash whose entries userspace writes only while detached.
-    unsafe { DEVICES.get(&ifindex) }.ok_or(Reason::DropUnknownDevice)
+    unsafe { DEVICES.get(ifindex) }.ok_or(Reason::DropUnknownDevice)
 }
 
 /// The single read of `ACTIVE` that pins this packet to one persona. Everything else
@@ -28,7 +28,7 @@ pub fn device<'a>(ifindex: u32) -> Result<&'a DeviceConfig, Reason> {
 pub fn active(ifindex: u32) -> Result<Active, Reason> {
     device(ifindex)?;
     // SAFETY: ACTIVE is not preallocated: the element read stays intact under RCU.
-    unsafe { ACTIVE.get(&ifindex) }
+    unsafe { ACTIVE.get(ifindex) }
         .copied()
         .ok_or(Reason::DropNoPersona)
 }

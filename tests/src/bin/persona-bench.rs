@@ -20,6 +20,54 @@ firewall:
       - { cidr: 198.51.100.0/24, protocol: tcp, ports: "22", action: allow }
 "#;
 
+/// Percentiles of a set of durations, in microseconds.
+fn percentiles(mut v: Vec<std::time::Duration>) -> String {
+    v.sort();
+    let at = |q: f64| v[((v.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
+    format!(
+        "p50 {:>8.1} us  p99 {:>8.1} us  max {:>8.1} us",
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    )
+}
+
+fn shift_latency(h: &mut Harness, rules: usize) {
+    // Distinct /25s inside 198.18.0.0/15: 1024 of them.
+    let rule_list: String = (0..rules)
+        .map(|i| {
+            format!(
+                "      - {{ cidr: 198.{}.{}.{}/25, protocol: tcp, ports: \"443\", action: allow }}\n",
+                18 + i / 512,
+                (i / 2) % 256,
+                (i % 2) * 128
+            )
+        })
+        .collect();
+    let spec = |addr: &str| {
+        format!(
+            "addresses: [\"{addr}/24\"]\nfirewall:\n  egress: {{ default: allow }}\n  ingress:\n    default: drop\n    rules:\n{rule_list}"
+        )
+    };
+    let (a, b) = (spec("203.0.113.10"), spec("203.0.113.20"));
+    let mut flips = Vec::new();
+    let mut whole = Vec::new();
+    for i in 0..200 {
+        let start = std::time::Instant::now();
+        let shifted = h.shift(if i % 2 == 0 { &a } else { &b }, false);
+        whole.push(start.elapsed());
+        flips.push(shifted.flip);
+    }
+    println!(
+        "{rules:>6} rules  flip (one map update): {}",
+        percentiles(flips)
+    );
+    println!(
+        "{rules:>6} rules  compile+stage+flip:    {}",
+        percentiles(whole)
+    );
+}
+
 fn main() {
     let mut h = Harness::with_persona(PERSONA);
     let inner = IpAddr::V4(INNER_V4);
@@ -71,5 +119,10 @@ fn main() {
             t.as_nanos() as f64,
             t.as_nanos() as f64 / baseline.as_nanos().max(1) as f64
         );
+    }
+
+    println!("\nshift latency, 200 shifts each, no host wiring (userspace wall clock)");
+    for rules in [10, 1000] {
+        shift_latency(&mut h, rules);
     }
 }
