@@ -6,3 +6,4 @@ pub mod cli;
 pub mod datapath;
 pub mod host;
 pub mod model;
+pub mod store;

@@ -1,0 +1,336 @@
+//! The embedded store: one redb file. Every write is one ACID transaction committed with
+//! `Durability::Immediate` (redb's default), so whatever was acknowledged survives a
+//! SIGKILL or a power cut.
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::Value;
+
+use super::{
+    DeviceState, Event, EventBody, Expect, Kind, Record, Result, Store, StoreError, TokenRecord,
+};
+
+const PERSONAS: TableDefinition<&str, &[u8]> = TableDefinition::new("personas");
+const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+const DEVICE_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("device_state");
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+
+fn table(kind: Kind) -> TableDefinition<'static, &'static str, &'static [u8]> {
+    match kind {
+        Kind::Persona => PERSONAS,
+        Kind::Device => DEVICES,
+    }
+}
+
+fn label(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Persona => "Persona",
+        Kind::Device => "Device",
+    }
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(backend)
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(backend)
+}
+
+pub struct EmbeddedStore {
+    db: Database,
+}
+
+impl EmbeddedStore {
+    /// Opens the store at `path`, creating the file and its tables when missing.
+    pub fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| backend(format!("{}: {e}", dir.display())))?;
+        }
+        let db = Database::create(path).map_err(|e| backend(format!("{}: {e}", path.display())))?;
+        let txn = db.begin_write().map_err(backend)?;
+        for t in [PERSONAS, DEVICES, TOKENS, DEVICE_STATE] {
+            txn.open_table(t).map_err(backend)?;
+        }
+        txn.open_table(EVENTS).map_err(backend)?;
+        txn.commit().map_err(backend)?;
+        Ok(Self { db })
+    }
+
+    fn read<T: DeserializeOwned>(
+        &self,
+        def: TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<T>> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let t = txn.open_table(def).map_err(backend)?;
+        match t.get(key).map_err(backend)? {
+            Some(v) => Ok(Some(decode(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn read_all<T: DeserializeOwned>(&self, def: TableDefinition<&str, &[u8]>) -> Result<Vec<T>> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let t = txn.open_table(def).map_err(backend)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(backend)? {
+            let (_, v) = row.map_err(backend)?;
+            out.push(decode(v.value())?);
+        }
+        Ok(out)
+    }
+
+    fn write(
+        &self,
+        def: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> Result<()> {
+        let txn = self.db.begin_write().map_err(backend)?;
+        {
+            let mut t = txn.open_table(def).map_err(backend)?;
+            match value {
+                Some(v) => {
+                    t.insert(key, v).map_err(backend)?;
+                }
+                None => {
+                    t.remove(key).map_err(backend)?;
+                }
+            }
+        }
+        txn.commit().map_err(backend)
+    }
+}
+
+fn check(kind: Kind, name: &str, current: Option<&Record>, expect: Expect) -> Result<()> {
+    match (expect, current) {
+        (Expect::Absent, Some(_)) => Err(StoreError::Exists {
+            kind: label(kind),
+            name: name.into(),
+        }),
+        (Expect::Version(_), None) => Err(StoreError::NotFound {
+            kind: label(kind),
+            name: name.into(),
+        }),
+        (Expect::Version(v), Some(r)) if r.version != v => Err(StoreError::Conflict {
+            kind: label(kind),
+            name: name.into(),
+            expected: v,
+            actual: r.version,
+        }),
+        _ => Ok(()),
+    }
+}
+
+impl Store for EmbeddedStore {
+    fn get(&self, kind: Kind, name: &str) -> Result<Option<Record>> {
+        self.read(table(kind), name)
+    }
+
+    fn list(&self, kind: Kind) -> Result<Vec<Record>> {
+        self.read_all(table(kind))
+    }
+
+    fn put(&self, kind: Kind, name: &str, spec: Value, expect: Expect) -> Result<Record> {
+        // Read, check and write in one write transaction: no other writer in between.
+        let txn = self.db.begin_write().map_err(backend)?;
+        let record = {
+            let mut t = txn.open_table(table(kind)).map_err(backend)?;
+            let current: Option<Record> = match t.get(name).map_err(backend)? {
+                Some(v) => Some(decode(v.value())?),
+                None => None,
+            };
+            check(kind, name, current.as_ref(), expect)?;
+            if let Some(cur) = &current
+                && cur.spec == spec
+            {
+                return Ok(cur.clone());
+            }
+            let record = Record {
+                kind,
+                name: name.into(),
+                version: current.map_or(1, |c| c.version + 1),
+                updated: jiff::Timestamp::now(),
+                spec,
+            };
+            t.insert(name, encode(&record)?.as_slice())
+                .map_err(backend)?;
+            record
+        };
+        txn.commit().map_err(backend)?;
+        Ok(record)
+    }
+
+    fn delete(&self, kind: Kind, name: &str, expect: Expect) -> Result<Record> {
+        let txn = self.db.begin_write().map_err(backend)?;
+        let record = {
+            let mut t = txn.open_table(table(kind)).map_err(backend)?;
+            let current: Option<Record> = match t.get(name).map_err(backend)? {
+                Some(v) => Some(decode(v.value())?),
+                None => None,
+            };
+            let Some(current) = current else {
+                return Err(StoreError::NotFound {
+                    kind: label(kind),
+                    name: name.into(),
+                });
+            };
+            check(kind, name, Some(&current), expect)?;
+            t.remove(name).map_err(backend)?;
+            current
+        };
+        txn.commit().map_err(backend)?;
+        Ok(record)
+    }
+
+    fn put_token(&self, token: &TokenRecord) -> Result<()> {
+        self.write(TOKENS, &token.id, Some(&encode(token)?))
+    }
+
+    fn token(&self, id: &str) -> Result<Option<TokenRecord>> {
+        self.read(TOKENS, id)
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        self.read_all(TOKENS)
+    }
+
+    fn device_state(&self, device: &str) -> Result<Option<DeviceState>> {
+        self.read(DEVICE_STATE, device)
+    }
+
+    fn set_device_state(&self, device: &str, state: Option<&DeviceState>) -> Result<()> {
+        let bytes = state.map(encode).transpose()?;
+        self.write(DEVICE_STATE, device, bytes.as_deref())
+    }
+
+    fn append_event(&self, body: EventBody) -> Result<Event> {
+        let txn = self.db.begin_write().map_err(backend)?;
+        let event = {
+            let mut t = txn.open_table(EVENTS).map_err(backend)?;
+            let last = t.last().map_err(backend)?.map_or(0, |(k, _)| k.value());
+            let event = Event {
+                seq: last + 1,
+                at: jiff::Timestamp::now(),
+                body,
+            };
+            t.insert(event.seq, encode(&event)?.as_slice())
+                .map_err(backend)?;
+            event
+        };
+        txn.commit().map_err(backend)?;
+        Ok(event)
+    }
+
+    fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let t = txn.open_table(EVENTS).map_err(backend)?;
+        let mut out = Vec::new();
+        for row in t
+            .range(after.saturating_add(1)..)
+            .map_err(backend)?
+            .take(limit)
+        {
+            let (_, v) = row.map_err(backend)?;
+            out.push(decode(v.value())?);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn store() -> (EmbeddedStore, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "persona-store-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        (
+            EmbeddedStore::open(&dir.join("store.redb")).expect("open"),
+            dir,
+        )
+    }
+
+    #[test]
+    fn versions_grow_and_stale_writes_are_refused() {
+        let (s, _dir) = store();
+        let r1 = s
+            .put(Kind::Persona, "office", json!({"a": 1}), Expect::Absent)
+            .expect("create");
+        assert_eq!(r1.version, 1);
+        assert!(matches!(
+            s.put(Kind::Persona, "office", json!({"a": 2}), Expect::Absent),
+            Err(StoreError::Exists { .. })
+        ));
+        let r2 = s
+            .put(Kind::Persona, "office", json!({"a": 2}), Expect::Version(1))
+            .expect("update");
+        assert_eq!(r2.version, 2);
+        let stale = s.put(Kind::Persona, "office", json!({"a": 3}), Expect::Version(1));
+        assert!(
+            matches!(
+                stale,
+                Err(StoreError::Conflict {
+                    expected: 1,
+                    actual: 2,
+                    ..
+                })
+            ),
+            "{stale:?}"
+        );
+        assert_eq!(
+            s.get(Kind::Persona, "office").unwrap().unwrap().spec,
+            json!({"a": 2}),
+            "a refused write changes nothing"
+        );
+        let same = s
+            .put(Kind::Persona, "office", json!({"a": 2}), Expect::Any)
+            .expect("same spec");
+        assert_eq!(
+            same.version, 2,
+            "re-applying the same spec is not a new version"
+        );
+        assert!(matches!(
+            s.delete(Kind::Persona, "office", Expect::Version(1)),
+            Err(StoreError::Conflict { .. })
+        ));
+        s.delete(Kind::Persona, "office", Expect::Version(2))
+            .expect("delete");
+        assert!(s.get(Kind::Persona, "office").unwrap().is_none());
+    }
+
+    #[test]
+    fn events_are_numbered_and_read_in_order() {
+        let (s, _dir) = store();
+        for i in 0..5 {
+            s.append_event(EventBody {
+                kind: "shift".into(),
+                actor: format!("test{i}"),
+                device: None,
+                from: None,
+                to: None,
+                generation: None,
+                result: "ok".into(),
+                duration_us: None,
+                detail: Value::Null,
+            })
+            .expect("append");
+        }
+        let tail: Vec<u64> = s.events(2, 10).unwrap().iter().map(|e| e.seq).collect();
+        assert_eq!(tail, [3, 4, 5]);
+        assert_eq!(s.events(0, 2).unwrap().len(), 2);
+    }
+}

@@ -1,0 +1,153 @@
+//! Where personas, devices, tokens, device state and the audit log live.
+//!
+//! [`Store`] is the interface: [`embedded::EmbeddedStore`] (redb, one file, nothing to
+//! set up) is the implementation today; a fleet sharing etcd is meant to slot in here.
+pub mod embedded;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Persona,
+    Device,
+}
+
+impl Kind {
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::Persona => "personas",
+            Kind::Device => "devices",
+        }
+    }
+}
+
+/// A stored object: its spec as written, and a version that grows with every write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub kind: Kind,
+    pub name: String,
+    pub version: u64,
+    pub updated: jiff::Timestamp,
+    pub spec: Value,
+}
+
+/// What a write expects to find, for optimistic concurrency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// Create: nothing of that name may exist.
+    Absent,
+    /// Update: the stored version must be this one.
+    Version(u64),
+    /// Create or overwrite (apply).
+    Any,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "viewer" => Ok(Role::Viewer),
+            "operator" => Ok(Role::Operator),
+            "admin" => Ok(Role::Admin),
+            other => Err(format!("{other:?} is not a role (viewer, operator, admin)")),
+        }
+    }
+}
+
+/// A bearer token as stored: only a salted argon2 hash of its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub id: String,
+    pub role: Role,
+    pub description: String,
+    pub created: jiff::Timestamp,
+    pub revoked: bool,
+    pub hash: String,
+}
+
+/// What a device runs now, as the control plane last applied it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceState {
+    pub persona: String,
+    pub persona_version: u64,
+    pub generation: u64,
+    pub since: jiff::Timestamp,
+}
+
+/// One entry of the audit log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    pub at: jiff::Timestamp,
+    #[serde(flatten)]
+    pub body: EventBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventBody {
+    /// "shift", "apply", "delete", "token".
+    pub kind: String,
+    /// Who or what caused it: "token:abcd1234", "rule:night", "cli".
+    pub actor: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    /// "ok", "dry-run", "rolled back: <why>", "failed: <why>".
+    pub result: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_us: Option<u64>,
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub detail: Value,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{kind} {name:?} not found")]
+    NotFound { kind: &'static str, name: String },
+    #[error("{kind} {name:?} already exists")]
+    Exists { kind: &'static str, name: String },
+    #[error("{kind} {name:?} is at version {actual}, not {expected}: re-read and retry")]
+    Conflict {
+        kind: &'static str,
+        name: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("store: {0}")]
+    Backend(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+pub trait Store: Send + Sync + 'static {
+    fn get(&self, kind: Kind, name: &str) -> Result<Option<Record>>;
+    fn list(&self, kind: Kind) -> Result<Vec<Record>>;
+    fn put(&self, kind: Kind, name: &str, spec: Value, expect: Expect) -> Result<Record>;
+    fn delete(&self, kind: Kind, name: &str, expect: Expect) -> Result<Record>;
+
+    fn put_token(&self, token: &TokenRecord) -> Result<()>;
+    fn token(&self, id: &str) -> Result<Option<TokenRecord>>;
+    fn tokens(&self) -> Result<Vec<TokenRecord>>;
+
+    fn device_state(&self, device: &str) -> Result<Option<DeviceState>>;
+    fn set_device_state(&self, device: &str, state: Option<&DeviceState>) -> Result<()>;
+
+    fn append_event(&self, body: EventBody) -> Result<Event>;
+    /// Events with `seq > after`, oldest first, at most `limit`.
+    fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>>;
+}
