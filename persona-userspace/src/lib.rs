@@ -2,6 +2,7 @@
 //!
 //! `model` holds what operators write, `datapath` turns it into BPF map tables and
 //! applies it to tap devices, `host` wires the host's routes and neighbour proxies.
+pub mod auth;
 pub mod cli;
 pub mod datapath;
 pub mod host;
