@@ -7,4 +7,5 @@ pub mod cli;
 pub mod datapath;
 pub mod host;
 pub mod model;
+pub mod orchestrator;
 pub mod store;

@@ -8,6 +8,7 @@ mod grace;
 pub mod kernel;
 pub mod maps;
 mod tables;
+pub mod worker;
 
 use std::collections::BTreeMap;
 

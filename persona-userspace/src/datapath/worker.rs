@@ -1,0 +1,62 @@
+//! One thread owns the datapath; async code sends it jobs. The kernel datapath drives
+//! netlink through a runtime of its own and must not be called from inside another, and
+//! a single owner also serialises shifts.
+use std::{sync::mpsc, thread};
+
+use tokio::sync::oneshot;
+
+use super::{Datapath, DatapathError, Result};
+
+type Job = Box<dyn FnOnce(&mut dyn Datapath) + Send>;
+
+#[derive(Clone)]
+pub struct DatapathHandle {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl DatapathHandle {
+    /// Starts the worker; `open` runs on it and builds the datapath there.
+    pub fn spawn<F>(open: F) -> Result<Self>
+    where
+        F: FnOnce() -> Result<Box<dyn Datapath>> + Send + 'static,
+    {
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        thread::Builder::new()
+            .name("datapath".into())
+            .spawn(move || match open() {
+                Ok(mut dp) => {
+                    let _ = ready_tx.send(Ok(()));
+                    for job in rx {
+                        job(dp.as_mut());
+                    }
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })
+            .map_err(|source| DatapathError::Io {
+                context: "starting the datapath thread".into(),
+                source,
+            })?;
+        ready_rx
+            .recv()
+            .map_err(|_| DatapathError::Bpf("the datapath thread died while opening".into()))??;
+        Ok(Self { jobs })
+    }
+
+    pub async fn call<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn Datapath) -> Result<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Box::new(move |dp| {
+                let _ = tx.send(f(dp));
+            }))
+            .map_err(|_| DatapathError::Bpf("the datapath thread is gone".into()))?;
+        rx.await
+            .map_err(|_| DatapathError::Bpf("the datapath thread dropped a job".into()))?
+    }
+}

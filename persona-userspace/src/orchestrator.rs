@@ -1,0 +1,380 @@
+//! A shift as an explicit plan — stage tables, flip, host routes, DNS, firewall — that
+//! can be shown without running it, executed by appliers, rolled back on failure and
+//! recorded in the audit log.
+use std::{collections::BTreeSet, net::IpAddr, sync::Arc, time::Instant};
+
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::broadcast;
+
+use crate::{
+    datapath::{ShiftOptions, compile, worker::DatapathHandle},
+    model::{DeviceSpec, PersonaSpec},
+    store::{DeviceState, Event, EventBody, Kind, Record, Store, StoreError},
+};
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(tag = "step", rename_all = "snake_case")]
+pub enum Step {
+    /// Write the persona's tables into a free slot, invisible to packets.
+    StageTables { prefixes: usize },
+    /// Route and announce the new addresses before the flip.
+    HostRoutes { announce: Vec<IpAddr> },
+    /// The one map update after which every packet sees the new persona.
+    Flip { from_generation: Option<u64> },
+    /// Where the VM's DNS queries go from now on.
+    Dns { resolvers: Vec<IpAddr> },
+    /// Rule changes, as lines of a diff.
+    Firewall { diff: Vec<String> },
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Plan {
+    pub device: String,
+    pub from: Option<String>,
+    pub to: String,
+    pub steps: Vec<Step>,
+    /// What changes, "-" for what goes and "+" for what comes.
+    pub diff: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Outcome {
+    pub plan: Plan,
+    pub dry_run: bool,
+    pub generation: Option<u64>,
+    pub duration_us: u64,
+    pub event: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShiftError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Invalid(#[from] crate::model::FieldError),
+    #[error("stored {kind} {name:?} does not parse: {reason}")]
+    Corrupt {
+        kind: &'static str,
+        name: String,
+        reason: String,
+    },
+    #[error("shift failed, device left on {kept}: {reason}")]
+    RolledBack { kept: String, reason: String },
+    #[error("shift failed: {0}")]
+    Failed(String),
+}
+
+fn lines(prefix: char, items: impl IntoIterator<Item = String>) -> impl Iterator<Item = String> {
+    items.into_iter().map(move |i| format!("{prefix} {i}"))
+}
+
+fn set_diff(what: &str, old: BTreeSet<String>, new: BTreeSet<String>) -> Vec<String> {
+    let gone = old.difference(&new).map(|x| format!("{what} {x}"));
+    let come = new.difference(&old).map(|x| format!("{what} {x}"));
+    lines('-', gone.collect::<Vec<_>>())
+        .chain(lines('+', come.collect::<Vec<_>>()))
+        .collect()
+}
+
+fn rule_lines(spec: &PersonaSpec) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for (dir, d) in [
+        ("egress", &spec.firewall.egress),
+        ("ingress", &spec.firewall.ingress),
+    ] {
+        out.insert(format!("{dir} default {:?}", d.default).to_lowercase());
+        for r in &d.rules {
+            let ports = r.ports.map(|p| format!(" ports {p}")).unwrap_or_default();
+            out.insert(
+                format!("{dir} {:?} {}{ports} {:?}", r.action, r.cidr, r.protocol).to_lowercase(),
+            );
+        }
+    }
+    out
+}
+
+/// What shifting from `old` to `new` does, step by step.
+pub fn plan(
+    device: &str,
+    old: Option<(&str, &PersonaSpec, u64)>,
+    to: &str,
+    new: &PersonaSpec,
+) -> Result<Plan, ShiftError> {
+    let compiled = compile(new)?;
+    let addrs = |s: &PersonaSpec| {
+        s.addresses
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<BTreeSet<_>>()
+    };
+    let dns = |s: &PersonaSpec| s.dns.iter().map(|a| a.to_string()).collect::<BTreeSet<_>>();
+    let empty = BTreeSet::new;
+    let mut diff = set_diff(
+        "address",
+        old.map_or_else(empty, |o| addrs(o.1)),
+        addrs(new),
+    );
+    diff.extend(set_diff(
+        "dns",
+        old.map_or_else(empty, |o| dns(o.1)),
+        dns(new),
+    ));
+    let fw = set_diff(
+        "firewall",
+        old.map_or_else(empty, |o| rule_lines(o.1)),
+        rule_lines(new),
+    );
+    diff.extend(fw.iter().cloned());
+    Ok(Plan {
+        device: device.into(),
+        from: old.map(|o| o.0.to_owned()),
+        to: to.into(),
+        steps: vec![
+            Step::StageTables {
+                prefixes: compiled.prefix_count(),
+            },
+            Step::HostRoutes {
+                announce: compiled.addresses(),
+            },
+            Step::Flip {
+                from_generation: old.map(|o| o.2),
+            },
+            Step::Dns {
+                resolvers: new.dns.clone(),
+            },
+            Step::Firewall { diff: fw },
+        ],
+        diff,
+    })
+}
+
+pub struct Orchestrator {
+    store: Arc<dyn Store>,
+    datapath: DatapathHandle,
+    events: broadcast::Sender<Event>,
+    /// Shifts of one device never interleave.
+    lock: tokio::sync::Mutex<()>,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(r: &Record) -> Result<T, ShiftError> {
+    serde_json::from_value(r.spec.clone()).map_err(|e| ShiftError::Corrupt {
+        kind: if r.kind == Kind::Persona {
+            "Persona"
+        } else {
+            "Device"
+        },
+        name: r.name.clone(),
+        reason: e.to_string(),
+    })
+}
+
+fn not_found(kind: &'static str, name: &str) -> ShiftError {
+    ShiftError::Store(StoreError::NotFound {
+        kind,
+        name: name.into(),
+    })
+}
+
+impl Orchestrator {
+    pub fn new(
+        store: Arc<dyn Store>,
+        datapath: DatapathHandle,
+        events: broadcast::Sender<Event>,
+    ) -> Self {
+        Self {
+            store,
+            datapath,
+            events,
+            lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn record(&self, body: EventBody) -> Result<Event, StoreError> {
+        let event = self.store.append_event(body)?;
+        let _ = self.events.send(event.clone());
+        Ok(event)
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    pub fn datapath(&self) -> &DatapathHandle {
+        &self.datapath
+    }
+
+    /// Attaches a stored device (idempotently) and returns its ifindex.
+    pub async fn attach(&self, spec: &DeviceSpec) -> Result<u32, ShiftError> {
+        let spec = spec.clone();
+        self.datapath
+            .call(move |dp| dp.attach(&spec))
+            .await
+            .map_err(|e| ShiftError::Failed(e.to_string()))
+    }
+
+    pub async fn detach(&self, spec: &DeviceSpec) -> Result<(), ShiftError> {
+        let iface = spec.interface.clone();
+        self.datapath
+            .call(move |dp| {
+                let ifindex = nix::net::if_::if_nametoindex(iface.as_str())
+                    .map_err(|_| crate::datapath::DatapathError::NoSuchInterface(iface.clone()))?;
+                dp.detach(ifindex)
+            })
+            .await
+            .map_err(|e| ShiftError::Failed(e.to_string()))
+    }
+
+    /// Shifts `device` to `persona`, or only says what that would do.
+    pub async fn shift(
+        &self,
+        device: &str,
+        persona: &str,
+        actor: &str,
+        dry_run: bool,
+        options: ShiftOptions,
+    ) -> Result<Outcome, ShiftError> {
+        let _guard = self.lock.lock().await;
+        let start = Instant::now();
+        let device_record = self
+            .store
+            .get(Kind::Device, device)?
+            .ok_or_else(|| not_found("Device", device))?;
+        let device_spec: DeviceSpec = parse(&device_record)?;
+        let persona_record = self
+            .store
+            .get(Kind::Persona, persona)?
+            .ok_or_else(|| not_found("Persona", persona))?;
+        let new: PersonaSpec = parse(&persona_record)?;
+        let state = self.store.device_state(device)?;
+        let old_record = match &state {
+            Some(s) => self.store.get(Kind::Persona, &s.persona)?,
+            None => None,
+        };
+        let old_spec: Option<PersonaSpec> = old_record.as_ref().map(parse).transpose()?;
+        let old = match (&state, &old_spec) {
+            (Some(s), Some(spec)) => Some((s.persona.as_str(), spec, s.generation)),
+            _ => None,
+        };
+        let plan = plan(device, old, persona, &new)?;
+        let mut body = EventBody {
+            kind: "shift".into(),
+            actor: actor.into(),
+            device: Some(device.into()),
+            from: state.as_ref().map(|s| s.persona.clone()),
+            to: Some(persona.into()),
+            generation: None,
+            result: String::new(),
+            duration_us: None,
+            detail: json!({ "plan": plan }),
+        };
+        if dry_run {
+            body.result = "dry-run".into();
+            let event = self.record(body)?;
+            return Ok(Outcome {
+                plan,
+                dry_run,
+                generation: None,
+                duration_us: 0,
+                event: event.seq,
+            });
+        }
+
+        let compiled = compile(&new)?;
+        let result = self
+            .datapath
+            .call(move |dp| {
+                let ifindex = dp.attach(&device_spec)?;
+                let staged = dp.stage(&compiled)?;
+                dp.shift(ifindex, staged, options)
+            })
+            .await;
+        let duration_us = start.elapsed().as_micros() as u64;
+        body.duration_us = Some(duration_us);
+        match result {
+            Ok(shifted) => {
+                self.store.set_device_state(
+                    device,
+                    Some(&DeviceState {
+                        persona: persona.into(),
+                        persona_version: persona_record.version,
+                        generation: shifted.generation,
+                        since: jiff::Timestamp::now(),
+                    }),
+                )?;
+                body.generation = Some(shifted.generation);
+                body.result = "ok".into();
+                body.detail["flip_us"] = json!(shifted.flip.as_secs_f64() * 1e6);
+                let event = self.record(body)?;
+                Ok(Outcome {
+                    plan,
+                    dry_run,
+                    generation: Some(shifted.generation),
+                    duration_us,
+                    event: event.seq,
+                })
+            }
+            Err(e) => {
+                // Staging and the flip are one datapath call: when it fails the device
+                // still runs its previous tables, which is the rollback.
+                let kept = state.map_or_else(|| "no persona".to_owned(), |s| s.persona);
+                body.result = format!("rolled back: {e}");
+                self.record(body)?;
+                Err(ShiftError::RolledBack {
+                    kept,
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(yaml: &str) -> PersonaSpec {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn a_plan_lists_steps_and_the_diff() {
+        let a = spec(
+            "addresses: [203.0.113.10/24]\ndns: [198.51.100.53]\nfirewall:\n  ingress:\n    default: drop\n    rules:\n      - { cidr: 198.51.100.0/24, protocol: tcp, ports: \"22\", action: allow }\n",
+        );
+        let b = spec("addresses: [203.0.113.20/24]\ndns: [198.51.100.53]\n");
+        let p = plan("vm1", Some(("office", &a, 7)), "travel", &b).unwrap();
+        assert_eq!(p.from.as_deref(), Some("office"));
+        assert!(
+            p.diff.contains(&"- address 203.0.113.10/24".to_string()),
+            "{:?}",
+            p.diff
+        );
+        assert!(
+            p.diff.contains(&"+ address 203.0.113.20/24".to_string()),
+            "{:?}",
+            p.diff
+        );
+        assert!(
+            p.diff
+                .iter()
+                .any(|l| l.starts_with("- firewall ingress allow 198.51.100.0/24 ports 22 tcp")),
+            "{:?}",
+            p.diff
+        );
+        assert!(
+            !p.diff.iter().any(|l| l.contains("dns")),
+            "same resolver: no dns line"
+        );
+        assert!(matches!(
+            p.steps[2],
+            Step::Flip {
+                from_generation: Some(7)
+            }
+        ));
+    }
+}
