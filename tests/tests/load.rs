@@ -97,7 +97,7 @@ fn shifts_under_load_lose_nothing_and_never_mix_personas() {
 
 fn start_run(lab: &Lab) -> (Child, Vec<String>) {
     let mut child = lab
-        .persona("run -f examples/")
+        .persona("datapath run -f examples/")
         .stdout(Stdio::piped())
         .spawn()
         .expect("persona run");
@@ -154,7 +154,7 @@ fn sigkill_of_the_userspace_process_loses_nothing() {
 
     second.kill().expect("stopping");
     second.wait().expect("reaping");
-    let out = lab.persona_ok(&format!("shift {VM_IFACE} travel -f examples/"));
+    let out = lab.persona_ok(&format!("datapath shift {VM_IFACE} travel -f examples/"));
     assert!(
         out.contains("generation 2"),
         "generations continue after restarts: {out}"

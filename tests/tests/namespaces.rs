@@ -4,7 +4,7 @@ use persona_tests::lab::{Lab, VmLink};
 
 fn identity_firewall_and_dns(link: VmLink) {
     let lab = Lab::new(link);
-    lab.persona_ok("attach vm1 -f examples/");
+    lab.persona_ok("datapath attach vm1 -f examples/");
 
     assert_eq!(
         lab.seen_from_outside().as_deref(),
@@ -37,7 +37,7 @@ fn identity_firewall_and_dns(link: VmLink) {
         .exec("dig +short +time=2 +tries=1 @192.0.2.53 persona.test");
     assert_eq!(answer.trim(), "192.0.2.80");
 
-    let out = lab.persona_ok("shift pvm1 travel -f examples/");
+    let out = lab.persona_ok("datapath shift pvm1 travel -f examples/");
     assert!(out.contains("travel (generation"), "{out}");
     assert_eq!(
         lab.seen_from_outside().as_deref(),
@@ -55,7 +55,7 @@ fn identity_firewall_and_dns(link: VmLink) {
         "travel admits nothing inbound"
     );
 
-    let status = lab.persona_ok("status pvm1 -o json");
+    let status = lab.persona_ok("datapath status pvm1 -o json");
     let v: serde_json::Value = serde_json::from_str(&status).expect("status is JSON");
     let rows = v["counters"].as_array().expect("counters");
     let count = |dir: &str, reason: &str| {
@@ -68,7 +68,7 @@ fn identity_firewall_and_dns(link: VmLink) {
     assert!(count("egress", "drop_rule") >= 1, "{status}");
     assert_eq!(v["addresses"][0], "203.0.113.20");
 
-    lab.persona_ok("detach pvm1");
+    lab.persona_ok("datapath detach pvm1");
     assert_eq!(
         lab.seen_from_outside(),
         None,
@@ -91,7 +91,7 @@ fn tap_vm_is_seen_as_its_persona_with_firewall_and_dns() {
 #[test]
 fn host_wiring_routes_and_proxies_the_persona_address() {
     let lab = Lab::new(VmLink::Veth);
-    lab.persona_ok("attach vm1 -f examples/");
+    lab.persona_ok("datapath attach vm1 -f examples/");
     let routes = lab
         .host
         .exec("ip route show dev pvm1; ip -6 route show dev pvm1");
@@ -116,14 +116,14 @@ fn host_wiring_routes_and_proxies_the_persona_address() {
 
     // The previous persona's address stays announced until the next shift, so replies
     // in flight to it still arrive.
-    lab.persona_ok("shift pvm1 travel -f examples/");
+    lab.persona_ok("datapath shift pvm1 travel -f examples/");
     let proxies = lab.host.exec("ip neigh show proxy dev up0");
     assert!(
         proxies.contains("203.0.113.20") && proxies.contains("203.0.113.10"),
         "{proxies}"
     );
-    lab.persona_ok("shift pvm1 office -f examples/");
-    lab.persona_ok("shift pvm1 office -f examples/");
+    lab.persona_ok("datapath shift pvm1 office -f examples/");
+    lab.persona_ok("datapath shift pvm1 office -f examples/");
     let proxies = lab.host.exec("ip neigh show proxy dev up0");
     assert!(
         !proxies.contains("203.0.113.20"),
@@ -131,8 +131,8 @@ fn host_wiring_routes_and_proxies_the_persona_address() {
     );
 
     // Each command is its own process: what detach undoes must come from pinned state.
-    lab.persona_ok("shift pvm1 travel -f examples/");
-    lab.persona_ok("detach pvm1");
+    lab.persona_ok("datapath shift pvm1 travel -f examples/");
+    lab.persona_ok("datapath detach pvm1");
     let proxies = lab.host.exec("ip neigh show proxy");
     assert_eq!(
         proxies.trim(),

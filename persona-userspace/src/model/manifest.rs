@@ -80,6 +80,23 @@ impl Manifest {
     }
 }
 
+/// Object names: what kubectl users expect, and safe in paths and URLs.
+pub fn validate_name(name: &str) -> Result<(), FieldError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            "metadata.name",
+            format!("{name:?} must be 1-63 lowercase letters, digits or '-'"),
+        ))
+    }
+}
+
 /// Parses every document of a YAML stream; the first bad one fails the whole stream.
 pub fn parse_manifests(text: &str) -> Result<Vec<Manifest>, FieldError> {
     let mut out = Vec::new();

@@ -4,7 +4,7 @@ mod manifest;
 mod persona;
 
 pub use device::DeviceSpec;
-pub use manifest::{Manifest, load_manifests, parse_manifests};
+pub use manifest::{API_VERSION, Manifest, load_manifests, parse_manifests, validate_name};
 pub use persona::{
     Action, DirectionSpec, FirewallSpec, PersonaSpec, PortRange, Protocol, RuleSpec,
 };

@@ -10,7 +10,7 @@ fn step(title: &str) {
 fn main() {
     step("lab: vm 198.18.0.2 ─ host (persona) ─ outside 198.51.100.7, resolver 198.51.100.53");
     let lab = Lab::new(VmLink::Veth);
-    print!("{}", lab.persona_ok("attach vm1 -f examples/"));
+    print!("{}", lab.persona_ok("datapath attach vm1 -f examples/"));
 
     step("the VM connects to the outside; the outside answers with the address it saw");
     println!(
@@ -34,7 +34,10 @@ fn main() {
     );
 
     step("shift vm1 to the travel persona");
-    print!("{}", lab.persona_ok("shift pvm1 travel -f examples/"));
+    print!(
+        "{}",
+        lab.persona_ok("datapath shift pvm1 travel -f examples/")
+    );
     println!(
         "outside saw: {}",
         lab.seen_from_outside().unwrap_or_else(|| "nothing".into())
@@ -45,7 +48,7 @@ fn main() {
     );
 
     step("counters");
-    print!("{}", lab.persona_ok("status pvm1"));
-    lab.persona_ok("detach pvm1");
+    print!("{}", lab.persona_ok("datapath status pvm1"));
+    lab.persona_ok("datapath detach pvm1");
     println!("\n(outside was {OUTSIDE}; namespaces removed)");
 }

@@ -1,90 +1,25 @@
-//! The `persona` command line.
-use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
+//! `persona datapath ...`: the pinned datapath, worked on directly without the daemon.
+use std::{collections::BTreeMap, net::IpAddr};
 
 use anyhow::{Context as _, bail};
-use clap::{Parser, Subcommand, ValueEnum};
 use persona_common::{DIR_EGRESS, DIR_INGRESS};
 use serde::Serialize;
 
+use super::{Cli, DatapathCommand, Output};
 use crate::{
     datapath::{
         Counters, Datapath, ShiftOptions, compile,
-        kernel::{DEFAULT_PIN_DIR, KernelConfig, KernelDatapath},
+        kernel::{KernelConfig, KernelDatapath},
     },
     model::{DeviceSpec, Manifest, PersonaSpec, load_manifests},
 };
 
-#[derive(Parser, Debug)]
-#[command(
-    name = "persona",
-    version,
-    about = "Switchable network personas for virtual machines"
-)]
-pub struct Cli {
-    /// bpffs directory holding the pinned maps and links.
-    #[arg(long, global = true, env = "PERSONA_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
-    pub pin_dir: PathBuf,
-    /// Host interface towards the network; persona addresses are proxied on it.
-    #[arg(long, global = true, env = "PERSONA_UPLINK")]
-    pub uplink: Option<String>,
-    #[command(subcommand)]
-    pub command: Command,
+pub(super) struct Catalog {
+    pub personas: BTreeMap<String, PersonaSpec>,
+    pub devices: BTreeMap<String, DeviceSpec>,
 }
 
-#[derive(Subcommand, Debug)]
-pub enum Command {
-    /// Attach every Device in the manifests, give each its starting persona, and stay
-    /// in the foreground. Killing it leaves traffic flowing; running it again picks up.
-    Run {
-        #[arg(short = 'f', long = "filename")]
-        manifests: PathBuf,
-        /// Detach every device on exit (SIGINT/SIGTERM) instead of leaving it running.
-        #[arg(long)]
-        detach_on_exit: bool,
-    },
-    /// Attach one device from its manifest.
-    Attach {
-        #[arg(short = 'f', long = "filename")]
-        manifests: PathBuf,
-        device: String,
-    },
-    /// Detach a device: programs, routes and proxies removed.
-    Detach { interface: String },
-    /// Make PERSONA the active persona of the device on INTERFACE.
-    Shift {
-        interface: String,
-        persona: String,
-        #[arg(short = 'f', long = "filename")]
-        manifests: PathBuf,
-        /// Cut flows opened before the shift instead of letting them finish.
-        #[arg(long)]
-        cut_flows: bool,
-    },
-    /// Active generation and per-reason counters of a device.
-    Status {
-        interface: String,
-        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
-        output: Output,
-    },
-    /// Check manifests without touching anything.
-    Validate {
-        #[arg(short = 'f', long = "filename")]
-        manifests: PathBuf,
-    },
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum Output {
-    Table,
-    Json,
-}
-
-struct Catalog {
-    personas: BTreeMap<String, PersonaSpec>,
-    devices: BTreeMap<String, DeviceSpec>,
-}
-
-fn catalog(path: &std::path::Path) -> anyhow::Result<Catalog> {
+pub(super) fn catalog(path: &std::path::Path) -> anyhow::Result<Catalog> {
     let mut personas = BTreeMap::new();
     let mut devices = BTreeMap::new();
     for m in load_manifests(path)? {
@@ -180,25 +115,14 @@ fn status_rows(c: &Counters) -> Vec<StatusRow> {
         .collect()
 }
 
-pub fn run(cli: Cli) -> anyhow::Result<()> {
-    match &cli.command {
-        Command::Validate { manifests } => {
-            let c = catalog(manifests)?;
-            for (name, p) in &c.personas {
-                compile(p).with_context(|| format!("Persona {name:?}"))?;
-            }
-            println!(
-                "{} personas, {} devices: valid",
-                c.personas.len(),
-                c.devices.len()
-            );
-        }
-        Command::Run {
+pub(super) fn run(cli: &Cli, command: &DatapathCommand) -> anyhow::Result<()> {
+    match command {
+        DatapathCommand::Run {
             manifests,
             detach_on_exit,
         } => {
             let c = catalog(manifests)?;
-            let mut dp = datapath(&cli, true)?;
+            let mut dp = datapath(cli, true)?;
             let mut attached = Vec::new();
             for (name, d) in &c.devices {
                 let ifindex = dp
@@ -239,25 +163,25 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Attach { manifests, device } => {
+        DatapathCommand::Attach { manifests, device } => {
             let c = catalog(manifests)?;
             let d = c
                 .devices
                 .get(device)
                 .with_context(|| format!("no Device named {device:?}"))?;
-            let mut dp = datapath(&cli, true)?;
+            let mut dp = datapath(cli, true)?;
             let ifindex = dp.attach(d)?;
             if let (None, Some(p)) = (dp.active(ifindex)?, &d.persona) {
                 shift_to(&mut dp, ifindex, p, &c.personas[p], false)?;
             }
             println!("{device}: attached to {} (ifindex {ifindex})", d.interface);
         }
-        Command::Detach { interface } => {
-            let mut dp = datapath(&cli, true)?;
+        DatapathCommand::Detach { interface } => {
+            let mut dp = datapath(cli, true)?;
             dp.detach(ifindex(interface)?)?;
             println!("{interface}: detached");
         }
-        Command::Shift {
+        DatapathCommand::Shift {
             interface,
             persona,
             manifests,
@@ -269,13 +193,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .get(persona)
                 .with_context(|| format!("no Persona named {persona:?}"))?;
             let ifindex = ifindex(interface)?;
-            let mut dp = datapath(&cli, true)?;
+            let mut dp = datapath(cli, true)?;
             let generation = shift_to(&mut dp, ifindex, persona, spec, *cut_flows)?;
             println!("{interface}: {persona} (generation {generation})");
         }
-        Command::Status { interface, output } => {
+        DatapathCommand::Status { interface, output } => {
             let ifindex = ifindex(interface)?;
-            let dp = datapath(&cli, false)?;
+            let dp = datapath(cli, false)?;
             let active = dp.active(ifindex)?;
             let status = Status {
                 interface: interface.clone(),

@@ -1,0 +1,51 @@
+use std::time::Duration;
+
+use axum::{Json, extract::Query};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiError, State};
+use crate::{auth::Caller, store::Role};
+
+#[derive(Debug, Deserialize)]
+pub struct EventsQuery {
+    /// Only events after this sequence number.
+    #[serde(default)]
+    after: u64,
+    #[serde(default = "default_limit")]
+    limit: usize,
+    /// Seconds to wait for a new event when there is none yet (long poll, at most 60).
+    #[serde(default)]
+    wait: u64,
+}
+
+fn default_limit() -> usize {
+    100
+}
+
+/// The audit log (viewer); with `wait`, a long poll for what comes next.
+#[utoipa::path(get, path = "/events", params(("after" = Option<u64>, Query), ("limit" = Option<usize>, Query), ("wait" = Option<u64>, Query)), responses((status = 200)), security(("bearer" = [])))]
+pub async fn list(
+    state: State,
+    caller: Caller,
+    Query(q): Query<EventsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Viewer)?;
+    let limit = q.limit.clamp(1, 1000);
+    let mut rx = state.orchestrator.subscribe();
+    let store = state.orchestrator.store();
+    let mut events = store.events(q.after, limit)?;
+    if events.is_empty() && q.wait > 0 {
+        let wait = Duration::from_secs(q.wait.min(60));
+        let _ = tokio::time::timeout(wait, async {
+            while let Ok(e) = rx.recv().await {
+                if e.seq > q.after {
+                    break;
+                }
+            }
+        })
+        .await;
+        events = store.events(q.after, limit)?;
+    }
+    Ok(Json(json!({ "items": events })))
+}

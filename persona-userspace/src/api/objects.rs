@@ -1,0 +1,402 @@
+//! Personas and devices: create, read, update (with version checks), delete.
+use axum::{
+    Json,
+    extract::{Path, Query},
+    http::StatusCode,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiError, State};
+use crate::{
+    auth::Caller,
+    datapath::{ShiftOptions, compile},
+    model::{DeviceSpec, FieldError, PersonaSpec},
+    store::{EventBody, Expect, Kind, Record, Role},
+};
+
+/// A manifest as JSON: `kind` and `apiVersion` are optional here, the path says which.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Body {
+    #[serde(default)]
+    api_version: Option<String>,
+    #[serde(default)]
+    kind: Option<String>,
+    metadata: Metadata,
+    spec: Value,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    name: String,
+    /// For updates: the version read; a stale one is refused with 409.
+    #[serde(default)]
+    version: Option<u64>,
+}
+
+fn view(r: &Record) -> Value {
+    json!({
+        "apiVersion": crate::model::API_VERSION,
+        "kind": if r.kind == Kind::Persona { "Persona" } else { "Device" },
+        "metadata": { "name": r.name, "version": r.version, "updated": r.updated },
+        "spec": r.spec,
+    })
+}
+
+/// Checks a body against its kind; returns the normalised spec.
+fn validate(kind: Kind, body: &Body) -> Result<Value, ApiError> {
+    let kind_name = if kind == Kind::Persona {
+        "Persona"
+    } else {
+        "Device"
+    };
+    if let Some(k) = &body.kind
+        && k != kind_name
+    {
+        return Err(
+            FieldError::new("kind", format!("{k:?} sent to the {kind_name} endpoint")).into(),
+        );
+    }
+    if let Some(v) = &body.api_version
+        && v != crate::model::API_VERSION
+    {
+        return Err(FieldError::new("apiVersion", format!("{v:?} is not supported")).into());
+    }
+    crate::model::validate_name(&body.metadata.name)?;
+    let bad = |e: serde_json::Error| ApiError::from(FieldError::new("spec", e.to_string()));
+    match kind {
+        Kind::Persona => {
+            let spec: PersonaSpec = serde_json::from_value(body.spec.clone()).map_err(bad)?;
+            compile(&spec)?;
+            serde_json::to_value(spec).map_err(|e| ApiError::internal(e.to_string()))
+        }
+        Kind::Device => {
+            let spec: DeviceSpec = serde_json::from_value(body.spec.clone()).map_err(bad)?;
+            spec.validate()?;
+            serde_json::to_value(spec).map_err(|e| ApiError::internal(e.to_string()))
+        }
+    }
+}
+
+fn event(kind: &str, caller: &Caller, what: &str, result: &str) -> EventBody {
+    EventBody {
+        kind: kind.into(),
+        actor: caller.actor(),
+        device: None,
+        from: None,
+        to: Some(what.into()),
+        generation: None,
+        result: result.into(),
+        duration_us: None,
+        detail: Value::Null,
+    }
+}
+
+async fn list(state: &State, caller: &Caller, kind: Kind) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Viewer)?;
+    let items: Vec<Value> = state
+        .orchestrator
+        .store()
+        .list(kind)?
+        .iter()
+        .map(view)
+        .collect();
+    Ok(Json(json!({ "items": items })))
+}
+
+async fn get_one(
+    state: &State,
+    caller: &Caller,
+    kind: Kind,
+    id: &str,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Viewer)?;
+    let store = state.orchestrator.store();
+    let r = store.get(kind, id)?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("{} {id:?} not found", kind.plural().trim_end_matches('s')),
+        )
+    })?;
+    Ok(Json(view(&r)))
+}
+
+async fn write(
+    state: &State,
+    caller: &Caller,
+    kind: Kind,
+    body: Body,
+    expect: Expect,
+) -> Result<Record, ApiError> {
+    caller.require(Role::Admin)?;
+    let spec = validate(kind, &body)?;
+    let store = state.orchestrator.store();
+    let name = body.metadata.name.clone();
+    if kind == Kind::Device {
+        let device: DeviceSpec =
+            serde_json::from_value(spec.clone()).map_err(|e| ApiError::internal(e.to_string()))?;
+        if let Some(p) = &device.persona
+            && store.get(Kind::Persona, p)?.is_none()
+        {
+            return Err(FieldError::new("spec.persona", format!("no Persona named {p:?}")).into());
+        }
+        // Attach before storing: an interface that does not exist is bad input and
+        // must leave nothing behind.
+        state
+            .orchestrator
+            .attach(&device)
+            .await
+            .map_err(|e| ApiError::bad(e.to_string()))?;
+    }
+    let record = store.put(kind, &name, spec, expect)?;
+    state.orchestrator.record(event(
+        "apply",
+        caller,
+        &format!("{}/{name}", kind.plural()),
+        &format!("version {}", record.version),
+    ))?;
+    Ok(record)
+}
+
+/// After a device is stored: give it its starting persona if it has none yet.
+async fn settle_device(state: &State, caller: &Caller, r: &Record) -> Result<(), ApiError> {
+    let device: DeviceSpec =
+        serde_json::from_value(r.spec.clone()).map_err(|e| ApiError::internal(e.to_string()))?;
+    let store = state.orchestrator.store();
+    if let Some(p) = &device.persona
+        && store.device_state(&r.name)?.is_none()
+    {
+        state
+            .orchestrator
+            .shift(&r.name, p, &caller.actor(), false, ShiftOptions::default())
+            .await?;
+    }
+    Ok(())
+}
+
+/// After a persona changed: devices running it get the new version.
+async fn reapply_persona(state: &State, caller: &Caller, r: &Record) -> Result<(), ApiError> {
+    let store = state.orchestrator.store();
+    for d in store.list(Kind::Device)? {
+        if let Some(s) = store.device_state(&d.name)?
+            && s.persona == r.name
+            && s.persona_version != r.version
+        {
+            state
+                .orchestrator
+                .shift(
+                    &d.name,
+                    &r.name,
+                    &caller.actor(),
+                    false,
+                    ShiftOptions::default(),
+                )
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn create(
+    state: State,
+    caller: Caller,
+    kind: Kind,
+    body: Body,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let r = write(&state, &caller, kind, body, Expect::Absent).await?;
+    if kind == Kind::Device {
+        settle_device(&state, &caller, &r).await?;
+    }
+    Ok((StatusCode::CREATED, Json(view(&r))))
+}
+
+async fn put(
+    state: State,
+    caller: Caller,
+    kind: Kind,
+    id: String,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    if body.metadata.name != id {
+        return Err(FieldError::new(
+            "metadata.name",
+            format!("{:?} does not match the path's {id:?}", body.metadata.name),
+        )
+        .into());
+    }
+    let expect = body.metadata.version.map_or(Expect::Any, Expect::Version);
+    let r = write(&state, &caller, kind, body, expect).await?;
+    match kind {
+        Kind::Device => settle_device(&state, &caller, &r).await?,
+        Kind::Persona => reapply_persona(&state, &caller, &r).await?,
+    }
+    Ok(Json(view(&r)))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct DeleteQuery {
+    #[serde(default)]
+    force: bool,
+    #[serde(default)]
+    version: Option<u64>,
+}
+
+async fn delete(
+    state: State,
+    caller: Caller,
+    kind: Kind,
+    id: String,
+    q: DeleteQuery,
+) -> Result<StatusCode, ApiError> {
+    caller.require(Role::Admin)?;
+    let store = state.orchestrator.store();
+    let expect = q.version.map_or(Expect::Any, Expect::Version);
+    match kind {
+        Kind::Persona => {
+            let users: Vec<String> = store
+                .list(Kind::Device)?
+                .into_iter()
+                .filter(|d| {
+                    store
+                        .device_state(&d.name)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|s| s.persona == id)
+                        || d.spec["persona"] == id.as_str()
+                })
+                .map(|d| d.name)
+                .collect();
+            if !users.is_empty() && !q.force {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "Persona {id:?} is used by {}; pass force=true to delete it anyway",
+                        users.join(", ")
+                    ),
+                ));
+            }
+            store.delete(kind, &id, expect)?;
+        }
+        Kind::Device => {
+            let r = store.get(kind, &id)?.ok_or_else(|| {
+                ApiError::new(StatusCode::NOT_FOUND, format!("Device {id:?} not found"))
+            })?;
+            if let Some(v) = q.version
+                && v != r.version
+            {
+                store.delete(kind, &id, expect)?;
+            }
+            let device: DeviceSpec = serde_json::from_value(r.spec.clone())
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+            if let Err(e) = state.orchestrator.detach(&device).await {
+                tracing::warn!(device = %id, error = %e, "detach failed; removing the record anyway");
+            }
+            store.set_device_state(&id, None)?;
+            store.delete(kind, &id, expect)?;
+        }
+    }
+    state.orchestrator.record(event(
+        "delete",
+        &caller,
+        &format!("{}/{id}", kind.plural()),
+        "ok",
+    ))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+macro_rules! handlers {
+    ($kind:expr, $list:ident, $create:ident, $get:ident, $put:ident, $delete:ident, $path:literal) => {
+        #[utoipa::path(get, path = $path, responses((status = 200, description = "All objects of this kind")), security(("bearer" = [])))]
+        pub async fn $list(state: State, caller: Caller) -> Result<Json<Value>, ApiError> {
+            list(&state, &caller, $kind).await
+        }
+        #[utoipa::path(post, path = $path, request_body = Object, responses((status = 201), (status = 409), (status = 422)), security(("bearer" = [])))]
+        pub async fn $create(state: State, caller: Caller, Json(body): Json<Body>) -> Result<(StatusCode, Json<Value>), ApiError> {
+            create(state, caller, $kind, body).await
+        }
+        #[utoipa::path(get, path = concat!($path, "/{id}"), params(("id" = String, Path)), responses((status = 200), (status = 404)), security(("bearer" = [])))]
+        pub async fn $get(state: State, caller: Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+            get_one(&state, &caller, $kind, &id).await
+        }
+        #[utoipa::path(put, path = concat!($path, "/{id}"), params(("id" = String, Path)), request_body = Object, responses((status = 200), (status = 409), (status = 422)), security(("bearer" = [])))]
+        pub async fn $put(state: State, caller: Caller, Path(id): Path<String>, Json(body): Json<Body>) -> Result<Json<Value>, ApiError> {
+            put(state, caller, $kind, id, body).await
+        }
+        #[utoipa::path(delete, path = concat!($path, "/{id}"), params(("id" = String, Path), ("force" = Option<bool>, Query), ("version" = Option<u64>, Query)), responses((status = 204), (status = 404), (status = 409)), security(("bearer" = [])))]
+        pub async fn $delete(state: State, caller: Caller, Path(id): Path<String>, Query(q): Query<DeleteQuery>) -> Result<StatusCode, ApiError> {
+            delete(state, caller, $kind, id, q).await
+        }
+    };
+}
+
+handlers!(
+    Kind::Persona,
+    list_personas,
+    create_persona,
+    get_persona,
+    put_persona,
+    delete_persona,
+    "/personas"
+);
+handlers!(
+    Kind::Device,
+    list_devices,
+    create_device,
+    get_device,
+    put_device,
+    delete_device,
+    "/devices"
+);
+
+/// The device's persona, generation, since when, and its counters.
+#[utoipa::path(get, path = "/status/{id}", params(("id" = String, Path)), responses((status = 200), (status = 404)), security(("bearer" = [])))]
+pub async fn status(
+    state: State,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Viewer)?;
+    let store = state.orchestrator.store();
+    let r = store
+        .get(Kind::Device, &id)?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("Device {id:?} not found")))?;
+    let device: DeviceSpec =
+        serde_json::from_value(r.spec.clone()).map_err(|e| ApiError::internal(e.to_string()))?;
+    let device_state = store.device_state(&id)?;
+    let iface = device.interface.clone();
+    let counters = state
+        .orchestrator
+        .datapath()
+        .call(move |dp| {
+            let ifindex = nix::net::if_::if_nametoindex(iface.as_str())
+                .map_err(|_| crate::datapath::DatapathError::NoSuchInterface(iface.clone()))?;
+            Ok((dp.active(ifindex)?, dp.counters(ifindex)?))
+        })
+        .await;
+    let (active, rows) = match counters {
+        Ok((active, c)) => (
+            active.map(|a| a.generation),
+            c.iter()
+                .map(|((dir, reason), v)| {
+                    json!({
+                        "direction": if *dir == persona_common::DIR_EGRESS { "egress" } else { "ingress" },
+                        "reason": reason.label(),
+                        "packets": v.packets,
+                        "bytes": v.bytes,
+                    })
+                })
+                .collect::<Vec<_>>(),
+        ),
+        Err(e) => return Err(ApiError::new(StatusCode::BAD_GATEWAY, e.to_string())),
+    };
+    Ok(Json(json!({
+        "device": id,
+        "interface": device.interface,
+        "persona": device_state.as_ref().map(|s| &s.persona),
+        "generation": active,
+        "since": device_state.as_ref().map(|s| s.since),
+        "counters": rows,
+    })))
+}

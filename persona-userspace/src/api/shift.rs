@@ -1,0 +1,43 @@
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use utoipa::ToSchema;
+
+use super::{ApiError, State};
+use crate::{auth::Caller, datapath::ShiftOptions, store::Role};
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ShiftRequest {
+    pub device_id: String,
+    pub persona_id: String,
+    /// Only compute and return the plan.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Forget flows opened before the shift.
+    #[serde(default)]
+    pub cut_flows: bool,
+}
+
+/// Shift a device to a persona (operator).
+#[utoipa::path(post, path = "/trigger_shift", request_body = ShiftRequest, responses((status = 200, description = "Shifted, or the plan of a dry run"), (status = 404), (status = 502, description = "Failed and rolled back")), security(("bearer" = [])))]
+pub async fn trigger_shift(
+    state: State,
+    caller: Caller,
+    Json(req): Json<ShiftRequest>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Operator)?;
+    let outcome = state
+        .orchestrator
+        .shift(
+            &req.device_id,
+            &req.persona_id,
+            &caller.actor(),
+            req.dry_run,
+            ShiftOptions {
+                cut_flows: req.cut_flows,
+            },
+        )
+        .await?;
+    Ok(Json(json!(outcome)))
+}

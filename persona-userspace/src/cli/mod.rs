@@ -1,0 +1,243 @@
+//! The `persona` command line: kubectl-style commands through the daemon's API, and
+//! `persona datapath ...` for the pinned datapath without a daemon.
+mod direct;
+mod remote;
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::{
+    client::Target,
+    daemon::{DEFAULT_DATA_DIR, DEFAULT_SOCKET, DaemonConfig},
+    datapath::{
+        compile,
+        kernel::{DEFAULT_PIN_DIR, KernelConfig},
+    },
+};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "persona",
+    version,
+    about = "Switchable network personas for virtual machines"
+)]
+pub struct Cli {
+    /// bpffs directory holding the pinned maps and links.
+    #[arg(long, global = true, env = "PERSONA_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// Host interface towards the network; persona addresses are proxied on it.
+    #[arg(long, global = true, env = "PERSONA_UPLINK")]
+    pub uplink: Option<String>,
+    /// The daemon: unix:/path or http://host:port.
+    #[arg(
+        long,
+        global = true,
+        env = "PERSONA_SERVER",
+        default_value = "unix:/run/persona/persona.sock"
+    )]
+    pub server: Target,
+    /// Bearer token; defaults to the bootstrap admin token in the data directory.
+    #[arg(long, global = true, env = "PERSONA_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Where the daemon keeps its store and the bootstrap admin token.
+    #[arg(long, global = true, env = "PERSONA_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon: store, datapath, API on a Unix socket (and TCP with --listen).
+    Daemon {
+        /// Also serve HTTP on this address, e.g. 127.0.0.1:7070.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Create or update every object in a file or directory of manifests.
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        manifests: PathBuf,
+        /// Show what would change, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show personas or devices.
+    Get {
+        #[arg(value_enum)]
+        kind: KindArg,
+        name: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Delete a persona or device (a persona in use only with --force).
+    Delete {
+        #[arg(value_enum)]
+        kind: KindArg,
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Shift DEVICE to PERSONA.
+    Shift {
+        device: String,
+        persona: String,
+        /// Show the plan and the diff, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Cut flows opened before the shift.
+        #[arg(long)]
+        cut_flows: bool,
+    },
+    /// Persona, generation and counters of a device, or a line per device.
+    Status {
+        device: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// The audit log; --follow keeps printing new events.
+    Events {
+        #[arg(long)]
+        follow: bool,
+        #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Manage API tokens (admin).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Print shell completions.
+    Completions { shell: clap_complete::Shell },
+    /// Check manifests without touching anything.
+    Validate {
+        #[arg(short = 'f', long = "filename")]
+        manifests: PathBuf,
+    },
+    /// Work on the pinned datapath directly, without the daemon.
+    Datapath {
+        #[command(subcommand)]
+        command: DatapathCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    Create {
+        #[arg(long)]
+        role: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    List,
+    Revoke {
+        id: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum KindArg {
+    #[value(alias = "persona")]
+    Personas,
+    #[value(alias = "device")]
+    Devices,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Yaml,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DatapathCommand {
+    /// Attach every Device in the manifests, give each its starting persona, and stay
+    /// in the foreground. Killing it leaves traffic flowing; running it again picks up.
+    Run {
+        #[arg(short = 'f', long = "filename")]
+        manifests: PathBuf,
+        /// Detach every device on exit (SIGINT/SIGTERM) instead of leaving it running.
+        #[arg(long)]
+        detach_on_exit: bool,
+    },
+    /// Attach one device from its manifest.
+    Attach {
+        #[arg(short = 'f', long = "filename")]
+        manifests: PathBuf,
+        device: String,
+    },
+    /// Detach a device: programs, routes and proxies removed.
+    Detach { interface: String },
+    /// Make PERSONA the active persona of the device on INTERFACE.
+    Shift {
+        interface: String,
+        persona: String,
+        #[arg(short = 'f', long = "filename")]
+        manifests: PathBuf,
+        /// Cut flows opened before the shift instead of letting them finish.
+        #[arg(long)]
+        cut_flows: bool,
+    },
+    /// Active generation and per-reason counters of a device.
+    Status {
+        interface: String,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Datapath { command } => direct::run(&cli, command),
+        Command::Validate { manifests } => {
+            let c = direct::catalog(manifests)?;
+            for (name, p) in &c.personas {
+                compile(p).with_context(|| format!("Persona {name:?}"))?;
+            }
+            println!(
+                "{} personas, {} devices: valid",
+                c.personas.len(),
+                c.devices.len()
+            );
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cmd, "persona", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Daemon { listen, socket } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(crate::daemon::run(DaemonConfig {
+                data_dir: cli.data_dir.clone(),
+                listen: *listen,
+                socket: Some(socket.clone()),
+                kernel: KernelConfig {
+                    pin_dir: cli.pin_dir.clone(),
+                    uplink: cli.uplink.clone(),
+                    wire_host: true,
+                    exclusive: true,
+                },
+            }))
+        }
+        _ => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(remote::run(&cli))
+        }
+    }
+}

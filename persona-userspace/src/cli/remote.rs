@@ -1,0 +1,376 @@
+//! Commands that go through the daemon's API.
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use hyper::Method;
+use serde_json::{Value, json};
+
+use super::{Cli, Command, Format, KindArg, TokenCommand};
+use crate::{
+    client::Client,
+    daemon::admin_token_path,
+    model::{Manifest, load_manifests},
+};
+
+fn token(cli: &Cli) -> Option<String> {
+    cli.token.clone().or_else(|| {
+        std::fs::read_to_string(admin_token_path(&cli.data_dir))
+            .ok()
+            .map(|t| t.trim().to_owned())
+    })
+}
+
+impl KindArg {
+    fn path(self) -> &'static str {
+        match self {
+            KindArg::Personas => "/personas",
+            KindArg::Devices => "/devices",
+        }
+    }
+    fn singular(self) -> &'static str {
+        match self {
+            KindArg::Personas => "persona",
+            KindArg::Devices => "device",
+        }
+    }
+}
+
+fn print(format: Format, value: &Value) -> anyhow::Result<()> {
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Format::Yaml | Format::Table => print!("{}", serde_yaml::to_string(value)?),
+    }
+    Ok(())
+}
+
+fn list(v: &Value, key: &str) -> String {
+    v[key]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_owned))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
+}
+
+fn table(kind: KindArg, items: &[Value]) {
+    match kind {
+        KindArg::Personas => {
+            println!(
+                "{:<20} {:<40} {:<20} {:>7}",
+                "NAME", "ADDRESSES", "DNS", "VERSION"
+            );
+            for i in items {
+                let s = &i["spec"];
+                println!(
+                    "{:<20} {:<40} {:<20} {:>7}",
+                    i["metadata"]["name"].as_str().unwrap_or(""),
+                    list(s, "addresses"),
+                    list(s, "dns"),
+                    i["metadata"]["version"]
+                );
+            }
+        }
+        KindArg::Devices => {
+            println!(
+                "{:<20} {:<12} {:<30} {:<16} {:>7}",
+                "NAME", "INTERFACE", "INNER", "PERSONA", "VERSION"
+            );
+            for i in items {
+                let s = &i["spec"];
+                let inner: Vec<&str> = [s["innerV4"].as_str(), s["innerV6"].as_str()]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                println!(
+                    "{:<20} {:<12} {:<30} {:<16} {:>7}",
+                    i["metadata"]["name"].as_str().unwrap_or(""),
+                    s["interface"].as_str().unwrap_or(""),
+                    inner.join(","),
+                    s["persona"].as_str().unwrap_or("-"),
+                    i["metadata"]["version"]
+                );
+            }
+        }
+    }
+}
+
+async fn apply(client: &Client, path: &std::path::Path, dry_run: bool) -> anyhow::Result<()> {
+    // Every document is checked before anything is sent: a bad file changes nothing.
+    let mut manifests = load_manifests(path)?;
+    manifests.sort_by_key(|m| matches!(m, Manifest::Device { .. }));
+    for m in manifests {
+        let (kind, name, spec) = match &m {
+            Manifest::Persona { metadata, spec, .. } => (
+                KindArg::Personas,
+                metadata.name.clone(),
+                serde_json::to_value(spec)?,
+            ),
+            Manifest::Device { metadata, spec, .. } => (
+                KindArg::Devices,
+                metadata.name.clone(),
+                serde_json::to_value(spec)?,
+            ),
+        };
+        let label = format!("{}/{name}", kind.singular());
+        let (status, current) = client
+            .call(Method::GET, &format!("{}/{name}", kind.path()), None)
+            .await?;
+        let body = json!({ "metadata": { "name": name }, "spec": spec });
+        if status == hyper::StatusCode::NOT_FOUND {
+            if dry_run {
+                println!("{label} would be created");
+            } else {
+                client
+                    .ok(Method::POST, kind.path(), Some(&body))
+                    .await
+                    .with_context(|| label.clone())?;
+                println!("{label} created");
+            }
+        } else if !status.is_success() {
+            bail!(
+                "{label}: {} (HTTP {status})",
+                current["error"].as_str().unwrap_or("request failed")
+            );
+        } else if current["spec"] == spec {
+            println!("{label} unchanged");
+        } else if dry_run {
+            println!("{label} would be configured");
+        } else {
+            client
+                .ok(Method::PUT, &format!("{}/{name}", kind.path()), Some(&body))
+                .await
+                .with_context(|| label.clone())?;
+            println!("{label} configured");
+        }
+    }
+    Ok(())
+}
+
+fn print_plan(outcome: &Value) {
+    let plan = &outcome["plan"];
+    println!(
+        "{}: {} -> {}",
+        plan["device"].as_str().unwrap_or("?"),
+        plan["from"].as_str().unwrap_or("(none)"),
+        plan["to"].as_str().unwrap_or("?")
+    );
+    for step in plan["steps"].as_array().into_iter().flatten() {
+        let mut s = step.clone();
+        let name = s.as_object_mut().and_then(|o| o.remove("step"));
+        println!(
+            "  step {}: {}",
+            name.as_ref().and_then(Value::as_str).unwrap_or("?"),
+            s
+        );
+    }
+    for line in plan["diff"].as_array().into_iter().flatten() {
+        println!("  {}", line.as_str().unwrap_or(""));
+    }
+}
+
+fn event_line(e: &Value) -> String {
+    let opt = |k: &str| e[k].as_str().map(str::to_owned);
+    let change = match (opt("from"), opt("to")) {
+        (Some(f), Some(t)) => format!("{f} -> {t}"),
+        (None, Some(t)) => t,
+        _ => String::new(),
+    };
+    format!(
+        "{:>5} {} {:<6} {:<22} {:<8} {:<28} {}{}",
+        e["seq"],
+        e["at"].as_str().unwrap_or(""),
+        opt("kind").unwrap_or_default(),
+        opt("actor").unwrap_or_default(),
+        opt("device").unwrap_or_else(|| "-".into()),
+        change,
+        opt("result").unwrap_or_default(),
+        e["generation"]
+            .as_u64()
+            .map(|g| format!(" (generation {g})"))
+            .unwrap_or_default()
+    )
+}
+
+pub(super) async fn run(cli: &Cli) -> anyhow::Result<()> {
+    let client = Client {
+        target: cli.server.clone(),
+        token: token(cli),
+    };
+    match &cli.command {
+        Command::Apply { manifests, dry_run } => apply(&client, manifests, *dry_run).await?,
+        Command::Get { kind, name, output } => {
+            let path = match name {
+                Some(n) => format!("{}/{n}", kind.path()),
+                None => kind.path().to_owned(),
+            };
+            let v = client.ok(Method::GET, &path, None).await?;
+            match (output, name) {
+                (Format::Table, Some(_)) => table(*kind, std::slice::from_ref(&v)),
+                (Format::Table, None) => {
+                    table(*kind, v["items"].as_array().map_or(&[], |a| a.as_slice()))
+                }
+                (f, _) => print(*f, &v)?,
+            }
+        }
+        Command::Delete { kind, name, force } => {
+            client
+                .ok(
+                    Method::DELETE,
+                    &format!("{}/{name}?force={force}", kind.path()),
+                    None,
+                )
+                .await?;
+            println!("{}/{name} deleted", kind.singular());
+        }
+        Command::Shift {
+            device,
+            persona,
+            dry_run,
+            cut_flows,
+        } => {
+            let body = json!({ "device_id": device, "persona_id": persona, "dry_run": dry_run, "cut_flows": cut_flows });
+            let outcome = client
+                .ok(Method::POST, "/trigger_shift", Some(&body))
+                .await?;
+            if *dry_run {
+                println!("dry run, nothing changed:");
+                print_plan(&outcome);
+            } else {
+                println!(
+                    "{device}: {persona} (generation {}, {:.1} ms)",
+                    outcome["generation"],
+                    outcome["duration_us"].as_f64().unwrap_or(0.0) / 1000.0
+                );
+            }
+        }
+        Command::Status { device, output } => {
+            let names: Vec<String> = match device {
+                Some(d) => vec![d.clone()],
+                None => client.ok(Method::GET, "/devices", None).await?["items"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|i| i["metadata"]["name"].as_str().map(str::to_owned))
+                    .collect(),
+            };
+            for name in names {
+                let s = client
+                    .ok(Method::GET, &format!("/status/{name}"), None)
+                    .await?;
+                if *output != Format::Table {
+                    print(*output, &s)?;
+                    continue;
+                }
+                println!(
+                    "{name}: {} on {}, generation {}, since {}",
+                    s["persona"].as_str().unwrap_or("(no persona)"),
+                    s["interface"].as_str().unwrap_or("?"),
+                    s["generation"],
+                    s["since"].as_str().unwrap_or("-")
+                );
+                if device.is_some() {
+                    println!(
+                        "  {:<9} {:<22} {:>12} {:>14}",
+                        "DIRECTION", "REASON", "PACKETS", "BYTES"
+                    );
+                    for r in s["counters"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|r| r["packets"].as_u64() > Some(0))
+                    {
+                        println!(
+                            "  {:<9} {:<22} {:>12} {:>14}",
+                            r["direction"].as_str().unwrap_or(""),
+                            r["reason"].as_str().unwrap_or(""),
+                            r["packets"],
+                            r["bytes"]
+                        );
+                    }
+                }
+            }
+        }
+        Command::Events { follow, output } => {
+            let mut after = 0u64;
+            loop {
+                let wait = if *follow && after > 0 { 30 } else { 0 };
+                let v = client
+                    .ok(
+                        Method::GET,
+                        &format!("/events?after={after}&limit=500&wait={wait}"),
+                        None,
+                    )
+                    .await?;
+                for e in v["items"].as_array().into_iter().flatten() {
+                    after = after.max(e["seq"].as_u64().unwrap_or(after));
+                    match output {
+                        Format::Table => println!("{}", event_line(e)),
+                        Format::Json => println!("{e}"),
+                        Format::Yaml => print!("---\n{}", serde_yaml::to_string(e)?),
+                    }
+                }
+                if !*follow {
+                    break;
+                }
+                if after == 0 {
+                    // Nothing yet: ask again, now waiting for the first event.
+                    let v = client
+                        .ok(Method::GET, "/events?after=0&limit=500&wait=30", None)
+                        .await?;
+                    if v["items"].as_array().is_some_and(|a| a.is_empty()) {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    for e in v["items"].as_array().into_iter().flatten() {
+                        after = after.max(e["seq"].as_u64().unwrap_or(after));
+                        println!("{}", event_line(e));
+                    }
+                }
+            }
+        }
+        Command::Token { command } => match command {
+            TokenCommand::Create { role, description } => {
+                let v = client
+                    .ok(
+                        Method::POST,
+                        "/tokens",
+                        Some(&json!({ "role": role, "description": description })),
+                    )
+                    .await?;
+                eprintln!(
+                    "token {} ({}) created; it is shown only now:",
+                    v["id"].as_str().unwrap_or("?"),
+                    role
+                );
+                println!("{}", v["token"].as_str().unwrap_or(""));
+            }
+            TokenCommand::List => {
+                let v = client.ok(Method::GET, "/tokens", None).await?;
+                println!(
+                    "{:<10} {:<9} {:<8} {:<28} DESCRIPTION",
+                    "ID", "ROLE", "REVOKED", "CREATED"
+                );
+                for t in v["items"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<10} {:<9} {:<8} {:<28} {}",
+                        t["id"].as_str().unwrap_or(""),
+                        t["role"].as_str().unwrap_or(""),
+                        t["revoked"],
+                        t["created"].as_str().unwrap_or(""),
+                        t["description"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            TokenCommand::Revoke { id } => {
+                client
+                    .ok(Method::DELETE, &format!("/tokens/{id}"), None)
+                    .await?;
+                println!("token {id} revoked");
+            }
+        },
+        other => bail!("{other:?} does not go through the daemon"),
+    }
+    Ok(())
+}

@@ -1,0 +1,125 @@
+//! The CLI's side of the API: HTTP/1.1 over TCP or the daemon's Unix socket.
+use anyhow::{Context as _, bail};
+use http_body_util::{BodyExt as _, Full};
+use hyper::{Method, Request, StatusCode, body::Bytes};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+#[derive(Debug, Clone)]
+pub enum Target {
+    Tcp(String),
+    Unix(std::path::PathBuf),
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            Ok(Target::Unix(path.into()))
+        } else if let Some(rest) = s.strip_prefix("http://") {
+            Ok(Target::Tcp(rest.trim_end_matches('/').into()))
+        } else {
+            Err(format!("{s:?}: expected unix:/path or http://host:port"))
+        }
+    }
+}
+
+pub struct Client {
+    pub target: Target,
+    pub token: Option<String>,
+}
+
+/// An API error, as the daemon said it.
+#[derive(Debug, thiserror::Error)]
+#[error("{message} (HTTP {status})")]
+pub struct ApiFailure {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl Client {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(StatusCode, Value)> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "persona");
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let bytes = match body {
+            Some(b) => {
+                req = req.header("content-type", "application/json");
+                Bytes::from(serde_json::to_vec(b)?)
+            }
+            None => Bytes::new(),
+        };
+        let req = req.body(Full::new(bytes))?;
+        let response = match &self.target {
+            Target::Tcp(addr) => {
+                let stream = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .with_context(|| {
+                        format!("connecting to {addr}: is `persona daemon` running?")
+                    })?;
+                send(stream, req).await?
+            }
+            Target::Unix(path) => {
+                let stream = tokio::net::UnixStream::connect(path)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "connecting to {}: is `persona daemon` running?",
+                            path.display()
+                        )
+                    })?;
+                send(stream, req).await?
+            }
+        };
+        Ok(response)
+    }
+
+    /// Like [`call`](Self::call), but a non-2xx answer is an error carrying its message.
+    pub async fn ok(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<Value> {
+        let (status, value) = self.call(method, path, body).await?;
+        if !status.is_success() {
+            let message = value["error"]
+                .as_str()
+                .unwrap_or("request failed")
+                .to_owned();
+            return Err(ApiFailure { status, message }.into());
+        }
+        Ok(value)
+    }
+}
+
+async fn send<S>(stream: S, req: Request<Full<Bytes>>) -> anyhow::Result<(StatusCode, Value)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let response = sender.send_request(req).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    if body.is_empty() {
+        return Ok((status, Value::Null));
+    }
+    match serde_json::from_slice(&body) {
+        Ok(v) => Ok((status, v)),
+        Err(_) if !status.is_success() => Ok((
+            status,
+            serde_json::json!({"error": String::from_utf8_lossy(&body)}),
+        )),
+        Err(e) => bail!("the daemon answered something that is not JSON: {e}"),
+    }
+}

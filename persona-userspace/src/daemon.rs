@@ -1,0 +1,148 @@
+//! `persona daemon`: the store, the datapath, the orchestrator and the API, together.
+use std::{
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::Context as _;
+use tokio::sync::broadcast;
+use tracing::{info, warn};
+
+use crate::{
+    api::{self, AppState},
+    auth::Auth,
+    datapath::{
+        ShiftOptions,
+        kernel::{KernelConfig, KernelDatapath},
+        worker::DatapathHandle,
+    },
+    model::DeviceSpec,
+    orchestrator::Orchestrator,
+    store::{Kind, Role, Store, embedded::EmbeddedStore},
+};
+
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/persona";
+pub const DEFAULT_SOCKET: &str = "/run/persona/persona.sock";
+
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub data_dir: PathBuf,
+    pub listen: Option<SocketAddr>,
+    pub socket: Option<PathBuf>,
+    pub kernel: KernelConfig,
+}
+
+pub fn admin_token_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("admin.token")
+}
+
+/// The first start has no tokens: create an admin token, readable by root only.
+fn bootstrap_admin(auth: &Auth, data_dir: &Path) -> anyhow::Result<()> {
+    if !auth.list()?.is_empty() {
+        return Ok(());
+    }
+    let (record, token) = auth.create(Role::Admin, "bootstrap admin (created on first start)")?;
+    let path = admin_token_path(data_dir);
+    std::fs::write(&path, format!("{token}\n"))
+        .with_context(|| format!("writing {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    info!(id = %record.id, path = %path.display(), "created the bootstrap admin token");
+    Ok(())
+}
+
+/// Brings the datapath in line with the store: every stored device attached, running
+/// the persona the store says (after a reboot the pins are gone and this restores them).
+async fn reconcile(orchestrator: &Orchestrator) -> anyhow::Result<()> {
+    let store = orchestrator.store().clone();
+    for d in store.list(Kind::Device)? {
+        let spec: DeviceSpec = serde_json::from_value(d.spec.clone())?;
+        let ifindex = match orchestrator.attach(&spec).await {
+            Ok(i) => i,
+            Err(e) => {
+                warn!(device = %d.name, error = %e, "cannot attach stored device");
+                continue;
+            }
+        };
+        let active = orchestrator
+            .datapath()
+            .call(move |dp| dp.active(ifindex))
+            .await?;
+        let want = match store.device_state(&d.name)? {
+            Some(s) if active.is_some_and(|a| a.generation == s.generation) => None,
+            Some(s) => Some(s.persona),
+            None => spec.persona.clone(),
+        };
+        if let Some(p) = want {
+            orchestrator
+                .shift(
+                    &d.name,
+                    &p,
+                    "daemon:reconcile",
+                    false,
+                    ShiftOptions::default(),
+                )
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&config.data_dir.join("store.redb"))?);
+    let kernel = config.kernel.clone();
+    let datapath = DatapathHandle::spawn(move || Ok(Box::new(KernelDatapath::open(kernel)?)))?;
+    let (events, _) = broadcast::channel(1024);
+    let auth = Auth::new(store.clone());
+    bootstrap_admin(&auth, &config.data_dir)?;
+    let orchestrator = Orchestrator::new(store, datapath, events);
+    reconcile(&orchestrator)
+        .await
+        .context("reconciling stored devices")?;
+    let app = api::router(Arc::new(AppState { auth, orchestrator }));
+
+    let mut servers = tokio::task::JoinSet::new();
+    if let Some(addr) = config.listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        info!(%addr, "serving HTTP");
+        servers.spawn(
+            axum::serve(listener, app.clone())
+                .with_graceful_shutdown(shutdown())
+                .into_future(),
+        );
+    }
+    if let Some(path) = &config.socket {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let _ = std::fs::remove_file(path);
+        let listener = tokio::net::UnixListener::bind(path)
+            .with_context(|| format!("listening on {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+        info!(path = %path.display(), "serving on the Unix socket");
+        servers.spawn(
+            axum::serve(listener, app.clone())
+                .with_graceful_shutdown(shutdown())
+                .into_future(),
+        );
+    }
+    println!("ready");
+    while let Some(r) = servers.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+async fn shutdown() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
