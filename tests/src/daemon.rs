@@ -1,0 +1,140 @@
+//! `persona daemon` running in a lab's host namespace, reached over its Unix socket.
+use std::{
+    io::{BufRead as _, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+};
+
+use hyper::Method;
+use persona::client::{Client, Target};
+use serde_json::Value;
+
+use crate::lab::{Lab, UPLINK, persona_bin};
+
+pub struct Daemon {
+    child: Child,
+    pub data_dir: PathBuf,
+    pub socket: PathBuf,
+    host_ns: String,
+    pin_dir: PathBuf,
+    pub admin: String,
+}
+
+impl Daemon {
+    pub fn start(lab: &Lab) -> Self {
+        let data_dir = PathBuf::from(format!("/tmp/persona-test-data-{}", lab.host.name));
+        let _ = std::fs::remove_dir_all(&data_dir);
+        let mut d = Self {
+            child: Command::new("true").spawn().expect("placeholder"),
+            socket: data_dir.join("persona.sock"),
+            data_dir,
+            host_ns: lab.host.name.clone(),
+            pin_dir: lab.pin_dir.clone(),
+            admin: String::new(),
+        };
+        d.restart();
+        d.admin = std::fs::read_to_string(d.data_dir.join("admin.token"))
+            .expect("bootstrap admin token")
+            .trim()
+            .to_owned();
+        d
+    }
+
+    /// Starts the daemon process (again) and waits until it says it is ready.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.host_ns))
+            .arg(persona_bin())
+            .args([
+                "--pin-dir",
+                self.pin_dir.to_str().unwrap(),
+                "--uplink",
+                UPLINK,
+            ])
+            .args(["--data-dir", self.data_dir.to_str().unwrap()])
+            .args(["daemon", "--socket", self.socket.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting persona daemon");
+        let out = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(out).lines();
+        let first = lines.next().and_then(Result::ok);
+        assert_eq!(
+            first.as_deref(),
+            Some("ready"),
+            "the daemon did not get ready"
+        );
+        std::thread::spawn(move || for _ in lines {});
+        self.child = child;
+    }
+
+    pub fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaping");
+    }
+
+    pub fn client(&self, token: Option<&str>) -> Client {
+        Client {
+            target: Target::Unix(self.socket.clone()),
+            token: token.map(str::to_owned),
+        }
+    }
+
+    /// One API call, blocking: the status and the JSON body.
+    pub fn call(
+        &self,
+        token: Option<&str>,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (status, value) = rt
+            .block_on(self.client(token).call(method, path, body))
+            .expect("HTTP call");
+        (status.as_u16(), value)
+    }
+
+    pub fn admin(&self, method: Method, path: &str, body: Option<&Value>) -> (u16, Value) {
+        self.call(Some(&self.admin.clone()), method, path, body)
+    }
+
+    /// Runs the `persona` CLI against this daemon.
+    pub fn cli(&self, args: &str) -> Output {
+        let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/");
+        Command::new(persona_bin())
+            .args([
+                "--server",
+                &format!("unix:{}", self.socket.display()),
+                "--data-dir",
+                self.data_dir.to_str().unwrap(),
+            ])
+            .args(args.replace("examples/", examples).split_whitespace())
+            .output()
+            .expect("running persona")
+    }
+
+    pub fn cli_ok(&self, args: &str) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "persona {args} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}

@@ -1,0 +1,356 @@
+//! The REST API against the real daemon: every endpoint for every kind of caller,
+//! version conflicts, errors, the OpenAPI document, a crash during writes, and the CLI.
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
+use hyper::Method;
+use persona_tests::{
+    daemon::Daemon,
+    lab::{Lab, VmLink},
+};
+use serde_json::{Value, json};
+
+fn persona_body(name: &str, addr: &str) -> Value {
+    json!({ "metadata": { "name": name }, "spec": { "addresses": [addr] } })
+}
+
+fn setup() -> (Lab, Daemon) {
+    let lab = Lab::new(VmLink::Veth);
+    let daemon = Daemon::start(&lab);
+    daemon.cli_ok("apply -f examples/");
+    (lab, daemon)
+}
+
+fn token(d: &Daemon, role: &str) -> (String, String) {
+    let (status, v) = d.admin(Method::POST, "/tokens", Some(&json!({ "role": role })));
+    assert_eq!(status, 201, "{v}");
+    (
+        v["id"].as_str().unwrap().to_owned(),
+        v["token"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[test]
+fn every_endpoint_for_every_caller() {
+    let (_lab, d) = setup();
+    let viewer = token(&d, "viewer").1;
+    let operator = token(&d, "operator").1;
+    let (revoked_id, revoked) = token(&d, "admin");
+    assert_eq!(
+        d.admin(Method::DELETE, &format!("/tokens/{revoked_id}"), None)
+            .0,
+        204
+    );
+    let admin = d.admin.clone();
+    let bad = format!("{}x", &admin[..admin.len() - 1]);
+
+    let callers: [(&str, Option<&str>, u8); 6] = [
+        ("none", None, 0),
+        ("bad", Some(&bad), 0),
+        ("revoked", Some(&revoked), 0),
+        ("viewer", Some(&viewer), 1),
+        ("operator", Some(&operator), 2),
+        ("admin", Some(&admin), 3),
+    ];
+    let office = d.admin(Method::GET, "/personas/office", None).1;
+    let vm1 = d.admin(Method::GET, "/devices/vm1", None).1;
+    for (who, tok, level) in callers {
+        let unique = format!("p-{who}");
+        // (method, path, body, role needed: 0 none, 1 viewer, 2 operator, 3 admin, status when allowed)
+        let throwaway = if level == 3 {
+            token(&d, "viewer").0
+        } else {
+            "nobody".into()
+        };
+        let cases: Vec<(Method, String, Option<Value>, u8, u16)> = vec![
+            (Method::GET, "/healthz".into(), None, 0, 200),
+            (Method::GET, "/openapi.json".into(), None, 1, 200),
+            (Method::GET, "/personas".into(), None, 1, 200),
+            (Method::GET, "/personas/office".into(), None, 1, 200),
+            (
+                Method::POST,
+                "/personas".into(),
+                Some(persona_body(&unique, "203.0.113.77/24")),
+                3,
+                201,
+            ),
+            (
+                Method::PUT,
+                "/personas/office".into(),
+                Some(json!({"metadata": {"name": "office"}, "spec": office["spec"]})),
+                3,
+                200,
+            ),
+            (Method::DELETE, format!("/personas/{unique}"), None, 3, 204),
+            (Method::GET, "/devices".into(), None, 1, 200),
+            (Method::GET, "/devices/vm1".into(), None, 1, 200),
+            (
+                Method::POST,
+                "/devices".into(),
+                Some(
+                    json!({"metadata": {"name": "ghost"}, "spec": {"interface": "nope0", "innerV4": "198.18.0.9"}}),
+                ),
+                3,
+                422,
+            ),
+            (
+                Method::PUT,
+                "/devices/vm1".into(),
+                Some(json!({"metadata": {"name": "vm1"}, "spec": vm1["spec"]})),
+                3,
+                200,
+            ),
+            (Method::DELETE, "/devices/ghost".into(), None, 3, 404),
+            (Method::GET, "/status/vm1".into(), None, 1, 200),
+            (
+                Method::POST,
+                "/trigger_shift".into(),
+                Some(json!({"device_id": "vm1", "persona_id": "travel", "dry_run": true})),
+                2,
+                200,
+            ),
+            (Method::GET, "/events".into(), None, 1, 200),
+            (Method::GET, "/tokens".into(), None, 3, 200),
+            (
+                Method::POST,
+                "/tokens".into(),
+                Some(json!({"role": "viewer"})),
+                3,
+                201,
+            ),
+            (Method::DELETE, format!("/tokens/{throwaway}"), None, 3, 204),
+        ];
+        for (method, path, body, need, allowed) in cases {
+            let (status, v) = d.call(tok, method.clone(), &path, body.as_ref());
+            let want = if need == 0 {
+                allowed
+            } else if level == 0 {
+                401
+            } else if level < need {
+                403
+            } else {
+                allowed
+            };
+            assert_eq!(status, want, "{who}: {method} {path} -> {v}");
+            if status >= 400 {
+                assert!(
+                    v["error"].as_str().is_some_and(|e| !e.is_empty()),
+                    "{who}: {method} {path}: JSON error expected, got {v}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn versions_conflicts_and_bad_input() {
+    let (_lab, d) = setup();
+    let (s, v) = d.admin(
+        Method::POST,
+        "/personas",
+        Some(&persona_body("home", "203.0.113.30/24")),
+    );
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["metadata"]["version"], 1);
+    let (s, _) = d.admin(
+        Method::POST,
+        "/personas",
+        Some(&persona_body("home", "203.0.113.31/24")),
+    );
+    assert_eq!(s, 409, "creating twice");
+
+    let update = |version: u64, addr: &str| json!({"metadata": {"name": "home", "version": version}, "spec": {"addresses": [addr]}});
+    let (s, v) = d.admin(
+        Method::PUT,
+        "/personas/home",
+        Some(&update(1, "203.0.113.32/24")),
+    );
+    assert_eq!(
+        (s, v["metadata"]["version"].as_u64()),
+        (200, Some(2)),
+        "{v}"
+    );
+    let (s, v) = d.admin(
+        Method::PUT,
+        "/personas/home",
+        Some(&update(1, "203.0.113.33/24")),
+    );
+    assert_eq!(s, 409, "a stale version is refused: {v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("version 2, not 1"),
+        "{v}"
+    );
+    let (_, v) = d.admin(Method::GET, "/personas/home", None);
+    assert_eq!(
+        v["spec"]["addresses"][0], "203.0.113.32/24",
+        "the refused write changed nothing"
+    );
+
+    let (s, v) = d.admin(Method::POST, "/personas", Some(&json!({"metadata": {"name": "bad"}, "spec": {"addresses": ["203.0.113.40/24"], "firewall": {"ingress": {"default": "drop", "rules": [{"cidr": "198.51.100.0/24", "protocol": "tcp", "ports": 70000, "action": "allow"}]}}}})));
+    assert_eq!(s, 422, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("70000 is not a port"),
+        "{v}"
+    );
+    let (s, v) = d.admin(Method::POST, "/personas", Some(&json!({"metadata": {"name": "bad"}, "spec": {"addresses": ["203.0.113.40/24"], "gateway": "192.0.2.1"}})));
+    assert_eq!((s, v["field"].as_str()), (422, Some("spec.gateway")), "{v}");
+    let (s, _) = d.admin(Method::GET, "/personas/bad", None);
+    assert_eq!(s, 404, "bad input stored nothing");
+
+    let (s, v) = d.admin(Method::DELETE, "/personas/office", None);
+    assert_eq!(s, 409, "office is in use by vm1: {v}");
+    assert!(v["error"].as_str().unwrap().contains("vm1"), "{v}");
+    d.admin(
+        Method::POST,
+        "/trigger_shift",
+        Some(&json!({"device_id": "vm1", "persona_id": "travel"})),
+    );
+    let (s, _) = d.admin(Method::DELETE, "/personas/travel?force=true", None);
+    assert_eq!(s, 204, "force deletes a persona in use");
+
+    let (s, v) = d.admin(
+        Method::POST,
+        "/trigger_shift",
+        Some(&json!({"device_id": "vm1", "persona_id": "nobody"})),
+    );
+    assert_eq!(s, 404, "{v}");
+    let (s, _) = d.admin(
+        Method::POST,
+        "/trigger_shift",
+        Some(&json!({"device": "vm1"})),
+    );
+    assert!(s == 400 || s == 422, "malformed body: {s}");
+}
+
+#[test]
+fn the_openapi_document_describes_the_api() {
+    let (_lab, d) = setup();
+    let (s, doc) = d.admin(Method::GET, "/openapi.json", None);
+    assert_eq!(s, 200);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+    for path in [
+        "/personas",
+        "/personas/{id}",
+        "/devices",
+        "/trigger_shift",
+        "/events",
+        "/tokens",
+        "/status/{id}",
+    ] {
+        assert!(
+            doc["paths"][path].is_object(),
+            "{path} missing from the OpenAPI document"
+        );
+    }
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+}
+
+/// SIGKILL the daemon in the middle of a stream of writes: everything it acknowledged
+/// is there after a restart.
+#[test]
+fn a_sigkill_during_writes_loses_nothing_acknowledged() {
+    let (_lab, mut d) = setup();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (socket, admin, stop) = (d.socket.clone(), d.admin.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let client = persona::client::Client {
+                target: persona::client::Target::Unix(socket),
+                token: Some(admin),
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let mut acked = Vec::new();
+            for i in 0..5000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let body = persona_body(
+                    &format!("w-{i}"),
+                    &format!("198.18.{}.{}/24", i / 250, i % 250 + 1),
+                );
+                match rt.block_on(client.call(Method::POST, "/personas", Some(&body))) {
+                    Ok((s, _)) if s.as_u16() == 201 => acked.push(i),
+                    _ => break,
+                }
+            }
+            acked
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    d.kill();
+    stop.store(true, Ordering::Relaxed);
+    let acked = writer.join().unwrap();
+    assert!(
+        acked.len() > 20,
+        "only {} writes before the kill",
+        acked.len()
+    );
+    d.restart();
+    for i in &acked {
+        let (s, v) = d.admin(Method::GET, &format!("/personas/w-{i}"), None);
+        assert_eq!(s, 200, "acknowledged write w-{i} lost");
+        assert_eq!(
+            v["spec"]["addresses"][0],
+            format!("198.18.{}.{}/24", i / 250, i % 250 + 1)
+        );
+    }
+}
+
+#[test]
+fn apply_shift_and_events_end_to_end() {
+    let lab = Lab::new(VmLink::Veth);
+    let d = Daemon::start(&lab);
+    let applied = d.cli_ok("apply -f examples/");
+    assert!(
+        applied.contains("persona/office created") && applied.contains("device/vm1 created"),
+        "{applied}"
+    );
+    assert!(
+        d.cli_ok("apply -f examples/")
+            .contains("device/vm1 unchanged"),
+        "apply is idempotent"
+    );
+    assert_eq!(lab.seen_from_outside().as_deref(), Some("203.0.113.10"));
+
+    let plan = d.cli_ok("shift vm1 travel --dry-run");
+    assert!(plan.contains("+ address 203.0.113.20/24"), "{plan}");
+    assert_eq!(
+        lab.seen_from_outside().as_deref(),
+        Some("203.0.113.10"),
+        "a dry run changes nothing"
+    );
+
+    let out = d.cli_ok("shift vm1 travel");
+    assert!(out.contains("vm1: travel (generation"), "{out}");
+    assert_eq!(lab.seen_from_outside().as_deref(), Some("203.0.113.20"));
+
+    let events = d.cli_ok("events");
+    assert!(
+        events
+            .lines()
+            .any(|l| l.contains("office -> travel") && l.contains("ok (generation")),
+        "{events}"
+    );
+    assert!(
+        events
+            .lines()
+            .any(|l| l.contains("office -> travel") && l.contains("dry-run")),
+        "{events}"
+    );
+    let status = d.cli_ok("status vm1");
+    assert!(status.starts_with("vm1: travel on pvm1"), "{status}");
+
+    let err = d.cli("shift vm1 nowhere");
+    assert!(!err.status.success());
+    let stderr = String::from_utf8_lossy(&err.stderr);
+    assert_eq!(stderr.lines().count(), 1, "one clear line: {stderr}");
+    assert!(stderr.contains("Persona \"nowhere\" not found"), "{stderr}");
+}
