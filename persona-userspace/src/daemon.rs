@@ -21,6 +21,7 @@ use crate::{
     model::DeviceSpec,
     orchestrator::Orchestrator,
     store::{Kind, Role, Store, embedded::EmbeddedStore},
+    tls_applier::TlsApplier,
 };
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/persona";
@@ -32,6 +33,9 @@ pub struct DaemonConfig {
     pub listen: Option<SocketAddr>,
     pub socket: Option<PathBuf>,
     pub kernel: KernelConfig,
+    /// Run after a device's TLS files changed, with PERSONA_DEVICE, PERSONA_PERSONA,
+    /// PERSONA_GENERATION and PERSONA_TLS_DIR set; failing rolls the shift back.
+    pub tls_hook: Option<String>,
 }
 
 pub fn admin_token_path(data_dir: &Path) -> PathBuf {
@@ -98,7 +102,8 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let (events, _) = broadcast::channel(1024);
     let auth = Auth::new(store.clone());
     bootstrap_admin(&auth, &config.data_dir)?;
-    let orchestrator = Orchestrator::new(store, datapath, events);
+    let tls = TlsApplier::new(config.data_dir.join("tls"), config.tls_hook.clone());
+    let orchestrator = Orchestrator::new(store, datapath, events, tls);
     reconcile(&orchestrator)
         .await
         .context("reconciling stored devices")?;

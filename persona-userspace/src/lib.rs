@@ -12,3 +12,4 @@ pub mod host;
 pub mod model;
 pub mod orchestrator;
 pub mod store;
+pub mod tls_applier;

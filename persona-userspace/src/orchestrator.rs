@@ -11,6 +11,7 @@ use crate::{
     datapath::{ShiftOptions, compile, worker::DatapathHandle},
     model::{DeviceSpec, PersonaSpec},
     store::{DeviceState, Event, EventBody, Kind, Record, Store, StoreError},
+    tls_applier::TlsApplier,
 };
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -26,6 +27,10 @@ pub enum Step {
     Dns { resolvers: Vec<IpAddr> },
     /// Rule changes, as lines of a diff.
     Firewall { diff: Vec<String> },
+    /// The certificate chain and key installed for the device (or removed).
+    Tls { names: Vec<String>, install: bool },
+    /// WireGuard peer the persona uses (set up by the VPN applier).
+    Vpn { endpoint: Option<String> },
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -144,6 +149,17 @@ pub fn plan(
                 resolvers: new.dns.clone(),
             },
             Step::Firewall { diff: fw },
+            Step::Tls {
+                names: new
+                    .tls
+                    .as_ref()
+                    .map(|t| t.names.clone())
+                    .unwrap_or_default(),
+                install: new.tls.is_some(),
+            },
+            Step::Vpn {
+                endpoint: new.vpn.as_ref().map(|v| v.wireguard.endpoint.clone()),
+            },
         ],
         diff,
     })
@@ -151,6 +167,7 @@ pub fn plan(
 
 pub struct Orchestrator {
     store: Arc<dyn Store>,
+    tls: TlsApplier,
     datapath: DatapathHandle,
     events: broadcast::Sender<Event>,
     /// Shifts of one device never interleave.
@@ -181,9 +198,11 @@ impl Orchestrator {
         store: Arc<dyn Store>,
         datapath: DatapathHandle,
         events: broadcast::Sender<Event>,
+        tls: TlsApplier,
     ) -> Self {
         Self {
             store,
+            tls,
             datapath,
             events,
             lock: tokio::sync::Mutex::new(()),
@@ -285,49 +304,122 @@ impl Orchestrator {
         }
 
         let compiled = compile(&new)?;
+        let attach_spec = device_spec.clone();
         let result = self
             .datapath
             .call(move |dp| {
-                let ifindex = dp.attach(&device_spec)?;
+                let ifindex = dp.attach(&attach_spec)?;
                 let staged = dp.stage(&compiled)?;
                 dp.shift(ifindex, staged, options)
             })
             .await;
-        let duration_us = start.elapsed().as_micros() as u64;
-        body.duration_us = Some(duration_us);
-        match result {
-            Ok(shifted) => {
-                self.store.set_device_state(
-                    device,
-                    Some(&DeviceState {
-                        persona: persona.into(),
-                        persona_version: persona_record.version,
-                        generation: shifted.generation,
-                        since: jiff::Timestamp::now(),
-                    }),
-                )?;
-                body.generation = Some(shifted.generation);
-                body.result = "ok".into();
-                body.detail["flip_us"] = json!(shifted.flip.as_secs_f64() * 1e6);
-                let event = self.record(body)?;
-                Ok(Outcome {
-                    plan,
-                    dry_run,
-                    generation: Some(shifted.generation),
-                    duration_us,
-                    event: event.seq,
-                })
-            }
+        let shifted = match result {
+            Ok(s) => s,
             Err(e) => {
                 // Staging and the flip are one datapath call: when it fails the device
                 // still runs its previous tables, which is the rollback.
+                body.duration_us = Some(start.elapsed().as_micros() as u64);
                 let kept = state.map_or_else(|| "no persona".to_owned(), |s| s.persona);
                 body.result = format!("rolled back: {e}");
                 self.record(body)?;
-                Err(ShiftError::RolledBack {
+                return Err(ShiftError::RolledBack {
                     kept,
                     reason: e.to_string(),
-                })
+                });
+            }
+        };
+        if let Err(why) = self
+            .tls
+            .install(device, persona, shifted.generation, new.tls.as_ref())
+        {
+            let kept = self
+                .roll_back(device, &device_spec, old_spec.as_ref(), &why)
+                .await;
+            body.duration_us = Some(start.elapsed().as_micros() as u64);
+            body.generation = Some(shifted.generation);
+            body.result = format!("rolled back: {why}");
+            self.record(body)?;
+            return Err(ShiftError::RolledBack {
+                kept: kept.unwrap_or_else(|| "no persona".into()),
+                reason: why,
+            });
+        }
+        let duration_us = start.elapsed().as_micros() as u64;
+        body.duration_us = Some(duration_us);
+        self.store.set_device_state(
+            device,
+            Some(&DeviceState {
+                persona: persona.into(),
+                persona_version: persona_record.version,
+                generation: shifted.generation,
+                since: jiff::Timestamp::now(),
+            }),
+        )?;
+        body.generation = Some(shifted.generation);
+        body.result = "ok".into();
+        body.detail["flip_us"] = json!(shifted.flip.as_secs_f64() * 1e6);
+        let event = self.record(body)?;
+        Ok(Outcome {
+            plan,
+            dry_run,
+            generation: Some(shifted.generation),
+            duration_us,
+            event: event.seq,
+        })
+    }
+
+    /// Puts the device back on its previous persona (or on none) after a step that
+    /// followed the flip failed. Returns the persona it is on now.
+    async fn roll_back(
+        &self,
+        device: &str,
+        spec: &DeviceSpec,
+        old: Option<&PersonaSpec>,
+        why: &str,
+    ) -> Option<String> {
+        tracing::warn!(device, reason = why, "rolling back");
+        let state = self.store.device_state(device).ok().flatten();
+        let spec = spec.clone();
+        match (old.map(compile).transpose(), &state) {
+            (Ok(Some(compiled)), Some(s)) => {
+                let restored = self
+                    .datapath
+                    .call(move |dp| {
+                        let ifindex = dp.attach(&spec)?;
+                        let staged = dp.stage(&compiled)?;
+                        dp.shift(ifindex, staged, ShiftOptions::default())
+                    })
+                    .await;
+                match restored {
+                    Ok(shifted) => {
+                        let mut s = s.clone();
+                        s.generation = shifted.generation;
+                        let _ = self.store.set_device_state(device, Some(&s));
+                        Some(s.persona)
+                    }
+                    Err(e) => {
+                        tracing::error!(device, error = %e, "rollback failed");
+                        None
+                    }
+                }
+            }
+            _ => {
+                // No previous persona: back to none, the device drops its traffic.
+                let _ = self
+                    .datapath
+                    .call(move |dp| {
+                        let ifindex = nix::net::if_::if_nametoindex(spec.interface.as_str())
+                            .map_err(|_| {
+                                crate::datapath::DatapathError::NoSuchInterface(
+                                    spec.interface.clone(),
+                                )
+                            })?;
+                        dp.detach(ifindex)?;
+                        dp.attach(&spec)
+                    })
+                    .await;
+                let _ = self.store.set_device_state(device, None);
+                None
             }
         }
     }

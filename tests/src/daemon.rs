@@ -17,11 +17,17 @@ pub struct Daemon {
     pub socket: PathBuf,
     host_ns: String,
     pin_dir: PathBuf,
+    extra: Vec<String>,
     pub admin: String,
 }
 
 impl Daemon {
     pub fn start(lab: &Lab) -> Self {
+        Self::start_with(lab, &[])
+    }
+
+    /// With extra `persona daemon` arguments.
+    pub fn start_with(lab: &Lab, extra: &[&str]) -> Self {
         let data_dir = PathBuf::from(format!("/tmp/persona-test-data-{}", lab.host.name));
         let _ = std::fs::remove_dir_all(&data_dir);
         let mut d = Self {
@@ -30,6 +36,7 @@ impl Daemon {
             data_dir,
             host_ns: lab.host.name.clone(),
             pin_dir: lab.pin_dir.clone(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             admin: String::new(),
         };
         d.restart();
@@ -55,6 +62,7 @@ impl Daemon {
             ])
             .args(["--data-dir", self.data_dir.to_str().unwrap()])
             .args(["daemon", "--socket", self.socket.to_str().unwrap()])
+            .args(&self.extra)
             .stdout(Stdio::piped())
             .spawn()
             .expect("starting persona daemon");

@@ -354,3 +354,88 @@ fn apply_shift_and_events_end_to_end() {
     assert_eq!(stderr.lines().count(), 1, "one clear line: {stderr}");
     assert!(stderr.contains("Persona \"nowhere\" not found"), "{stderr}");
 }
+
+/// A persona's certificate and key are installed for the device; a TLS hook that fails
+/// after the flip rolls the device back to its previous persona, and the log says why.
+#[test]
+fn tls_is_installed_and_a_failing_step_rolls_back() {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let lab = Lab::new(VmLink::Veth);
+    let hook = r#"[ "$PERSONA_PERSONA" != broken ] || { echo "the VM refused the certificate" >&2; exit 3; }"#;
+    let d = Daemon::start_with(&lab, &["--tls-hook", hook]);
+    d.cli_ok("apply -f examples/");
+
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["office.example".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let key_file = d.data_dir.join("office.key");
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    for (name, addr) in [("secure", "203.0.113.30/24"), ("broken", "203.0.113.40/24")] {
+        let body = json!({"metadata": {"name": name}, "spec": {
+            "addresses": [addr],
+            "tls": {"certificate": cert.pem(), "keyFile": key_file, "names": ["office.example"]},
+        }});
+        let (s, v) = d.admin(Method::POST, "/personas", Some(&body));
+        assert_eq!(s, 201, "{v}");
+    }
+
+    d.cli_ok("shift vm1 secure");
+    let current = d.data_dir.join("tls/vm1/current");
+    assert_eq!(
+        std::fs::read_to_string(current.join("chain.pem")).unwrap(),
+        cert.pem()
+    );
+    let mode = std::fs::metadata(current.join("key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the key is readable by its owner only");
+    let installed = std::fs::read_link(&current).unwrap();
+    assert_eq!(lab.seen_from_outside().as_deref(), Some("203.0.113.30"));
+
+    let failed = d.cli("shift vm1 broken");
+    assert!(!failed.status.success());
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        stderr.contains("left on secure")
+            && stderr.contains("TLS hook exited with 3: the VM refused the certificate"),
+        "{stderr}"
+    );
+    assert_eq!(
+        lab.seen_from_outside().as_deref(),
+        Some("203.0.113.30"),
+        "back on the previous identity"
+    );
+    assert_eq!(
+        std::fs::read_link(&current).unwrap(),
+        installed,
+        "the previous TLS files are current again"
+    );
+    assert!(d.cli_ok("status vm1").starts_with("vm1: secure"));
+    let events = d.cli_ok("events");
+    assert!(
+        events
+            .lines()
+            .any(|l| l.contains("secure -> broken")
+                && l.contains("rolled back: TLS hook exited with 3")),
+        "{events}"
+    );
+
+    // A key that does not belong to the certificate is refused at apply time.
+    let other = rcgen::KeyPair::generate().unwrap();
+    let other_file = d.data_dir.join("other.key");
+    std::fs::write(&other_file, other.serialize_pem()).unwrap();
+    let body = json!({"metadata": {"name": "mismatch"}, "spec": {
+        "addresses": ["203.0.113.50/24"],
+        "tls": {"certificate": cert.pem(), "keyFile": other_file, "names": ["office.example"]},
+    }});
+    let (s, v) = d.admin(Method::POST, "/personas", Some(&body));
+    assert_eq!(
+        (s, v["field"].as_str()),
+        (422, Some("spec.tls.keyFile")),
+        "{v}"
+    );
+}

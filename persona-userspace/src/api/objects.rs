@@ -70,6 +70,7 @@ fn validate(kind: Kind, body: &Body) -> Result<Value, ApiError> {
         Kind::Persona => {
             let spec: PersonaSpec = serde_json::from_value(body.spec.clone()).map_err(bad)?;
             compile(&spec)?;
+            spec.validate_secrets()?;
             serde_json::to_value(spec).map_err(|e| ApiError::internal(e.to_string()))
         }
         Kind::Device => {

@@ -57,6 +57,9 @@ pub enum Command {
         listen: Option<std::net::SocketAddr>,
         #[arg(long, default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
+        /// Command run after a device's TLS files change; its failure rolls back.
+        #[arg(long)]
+        tls_hook: Option<String>,
     },
     /// Create or update every object in a file or directory of manifests.
     Apply {
@@ -217,7 +220,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             clap_complete::generate(*shell, &mut cmd, "persona", &mut std::io::stdout());
             Ok(())
         }
-        Command::Daemon { listen, socket } => {
+        Command::Daemon {
+            listen,
+            socket,
+            tls_hook,
+        } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
@@ -231,6 +238,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     wire_host: true,
                     exclusive: true,
                 },
+                tls_hook: tls_hook.clone(),
             }))
         }
         _ => {

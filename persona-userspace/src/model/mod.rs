@@ -2,6 +2,8 @@
 mod device;
 mod manifest;
 mod persona;
+pub mod tls;
+pub mod vpn;
 
 pub use device::DeviceSpec;
 pub use manifest::{API_VERSION, Manifest, load_manifests, parse_manifests, validate_name};

@@ -19,6 +19,10 @@ pub struct PersonaSpec {
     pub dns: Vec<IpAddr>,
     #[serde(default)]
     pub firewall: FirewallSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vpn: Option<super::vpn::VpnSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<super::tls::TlsSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -277,6 +281,24 @@ impl PersonaSpec {
                     ));
                 }
             }
+        }
+        if let Some(vpn) = &self.vpn {
+            vpn.wireguard.validate()?;
+        }
+        if let Some(tls) = &self.tls {
+            let addrs: Vec<IpAddr> = self.addresses.iter().map(|a| a.addr()).collect();
+            super::tls::check_certificate(tls, &addrs, jiff::Timestamp::now())?;
+        }
+        Ok(())
+    }
+
+    /// Checks the files the persona refers to (keys): where the daemon runs.
+    pub fn validate_secrets(&self) -> Result<(), FieldError> {
+        if let Some(vpn) = &self.vpn {
+            vpn.wireguard.check_key()?;
+        }
+        if let Some(tls) = &self.tls {
+            super::tls::check_key(tls)?;
         }
         Ok(())
     }

@@ -182,3 +182,185 @@ proptest::proptest! {
         }
     }
 }
+
+mod tls_and_vpn {
+    use std::net::IpAddr;
+
+    use rcgen::{CertificateParams, KeyPair, SanType, date_time_ymd};
+
+    use super::*;
+
+    struct Cert {
+        pem: String,
+        key_file: std::path::PathBuf,
+    }
+
+    fn cert(names: &[&str], ips: &[&str], expired: bool, tag: &str) -> Cert {
+        let key = KeyPair::generate().expect("key");
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .expect("params");
+        for ip in ips {
+            params
+                .subject_alt_names
+                .push(SanType::IpAddress(ip.parse::<IpAddr>().unwrap()));
+        }
+        if expired {
+            params.not_before = date_time_ymd(2019, 1, 1);
+            params.not_after = date_time_ymd(2020, 1, 1);
+        }
+        let c = params.self_signed(&key).expect("self-signed");
+        let dir = std::env::temp_dir().join(format!("persona-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key_file = dir.join(format!("{tag}.key"));
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        Cert {
+            pem: c.pem(),
+            key_file,
+        }
+    }
+
+    fn persona_with_tls(c: &Cert, key_file: &std::path::Path, names: &[&str]) -> PersonaSpec {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        serde_json::from_value(serde_json::json!({
+            "addresses": ["203.0.113.10/24"],
+            "tls": { "certificate": c.pem, "keyFile": key_file, "names": names },
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_matching_certificate_and_key_pass() {
+        let c = cert(&["office.example"], &["203.0.113.10"], false, "good");
+        let p = persona_with_tls(&c, &c.key_file, &["office.example"]);
+        p.validate().expect("valid");
+        p.validate_secrets().expect("key matches");
+        let by_address = persona_with_tls(&c, &c.key_file, &[]);
+        by_address.validate().expect("covers the address");
+    }
+
+    #[test]
+    fn certificate_problems_name_the_field() {
+        let good = cert(&["office.example"], &[], false, "a");
+        let other = cert(&["office.example"], &[], false, "b");
+        let expired = cert(&["office.example"], &[], true, "c");
+        let cases: Vec<(PersonaSpec, &str)> = vec![
+            (
+                persona_with_tls(&expired, &expired.key_file, &["office.example"]),
+                "spec.tls.certificate: expired on",
+            ),
+            (
+                persona_with_tls(&good, &good.key_file, &["shop.example"]),
+                "spec.tls.names[0]: \"shop.example\" is not covered",
+            ),
+            (
+                persona_with_tls(&good, &good.key_file, &[]),
+                "spec.tls.certificate: does not cover the persona's address 203.0.113.10",
+            ),
+            (
+                persona_with_tls(
+                    &Cert {
+                        pem: "-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n"
+                            .into(),
+                        key_file: good.key_file.clone(),
+                    },
+                    &good.key_file,
+                    &[],
+                ),
+                "spec.tls.certificate",
+            ),
+        ];
+        for (p, want) in cases {
+            let e = p.validate().expect_err(want).to_string();
+            assert!(e.contains(want), "{e:?} should contain {want:?}");
+        }
+        let mismatched = persona_with_tls(&good, &other.key_file, &["office.example"]);
+        mismatched
+            .validate()
+            .expect("the certificate itself is fine");
+        let e = mismatched
+            .validate_secrets()
+            .expect_err("wrong key")
+            .to_string();
+        assert!(
+            e.contains("spec.tls.keyFile: does not match the certificate"),
+            "{e}"
+        );
+        let missing = persona_with_tls(
+            &good,
+            std::path::Path::new("/nonexistent/key.pem"),
+            &["office.example"],
+        );
+        assert!(
+            missing
+                .validate_secrets()
+                .unwrap_err()
+                .to_string()
+                .starts_with("spec.tls.keyFile: /nonexistent/key.pem")
+        );
+    }
+
+    #[test]
+    fn vpn_settings_are_checked() {
+        let key = "hJ4tC8bS8xJcK9yFbUg6E+2mYf3B4W7p1dZkVxQm0lE=";
+        let vpn = |over: serde_json::Value| -> PersonaSpec {
+            let mut wg = serde_json::json!({
+                "privateKeyFile": "/etc/persona/wg.key",
+                "peerPublicKey": key,
+                "endpoint": "198.51.100.9:51820",
+                "allowedIps": ["0.0.0.0/0"],
+            });
+            for (k, v) in over.as_object().unwrap() {
+                wg[k] = v.clone();
+            }
+            serde_json::from_value(
+                serde_json::json!({"addresses": ["203.0.113.10/24"], "vpn": {"wireguard": wg}}),
+            )
+            .unwrap()
+        };
+        vpn(serde_json::json!({})).validate().expect("valid");
+        for (over, want) in [
+            (
+                serde_json::json!({"peerPublicKey": "short"}),
+                "spec.vpn.wireguard.peerPublicKey: is not a base64 WireGuard key",
+            ),
+            (
+                serde_json::json!({"endpoint": "198.51.100.9"}),
+                "spec.vpn.wireguard.endpoint",
+            ),
+            (
+                serde_json::json!({"endpoint": "198.51.100.9:0"}),
+                "spec.vpn.wireguard.endpoint",
+            ),
+            (
+                serde_json::json!({"allowedIps": []}),
+                "spec.vpn.wireguard.allowedIps: at least one prefix",
+            ),
+            (
+                serde_json::json!({"privateKeyFile": "wg.key"}),
+                "spec.vpn.wireguard.privateKeyFile: wg.key is not an absolute path",
+            ),
+        ] {
+            let e = vpn(over).validate().expect_err(want).to_string();
+            assert!(e.contains(want), "{e:?} should contain {want:?}");
+        }
+        let missing = vpn(serde_json::json!({}))
+            .validate_secrets()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            missing.starts_with("spec.vpn.wireguard.privateKeyFile: /etc/persona/wg.key"),
+            "{missing}"
+        );
+        let missing_field = serde_json::from_value::<PersonaSpec>(serde_json::json!({
+            "addresses": ["203.0.113.10/24"],
+            "vpn": {"wireguard": {"peerPublicKey": key, "endpoint": "198.51.100.9:51820", "allowedIps": ["0.0.0.0/0"]}}
+        }));
+        assert!(
+            missing_field
+                .unwrap_err()
+                .to_string()
+                .contains("missing field `privateKeyFile`")
+        );
+    }
+}
