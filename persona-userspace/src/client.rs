@@ -8,6 +8,7 @@ use serde_json::Value;
 #[derive(Debug, Clone)]
 pub enum Target {
     Tcp(String),
+    Https(String),
     Unix(std::path::PathBuf),
 }
 
@@ -18,8 +19,12 @@ impl std::str::FromStr for Target {
             Ok(Target::Unix(path.into()))
         } else if let Some(rest) = s.strip_prefix("http://") {
             Ok(Target::Tcp(rest.trim_end_matches('/').into()))
+        } else if let Some(rest) = s.strip_prefix("https://") {
+            Ok(Target::Https(rest.trim_end_matches('/').into()))
         } else {
-            Err(format!("{s:?}: expected unix:/path or http://host:port"))
+            Err(format!(
+                "{s:?}: expected unix:/path, http://host:port or https://host:port"
+            ))
         }
     }
 }
@@ -27,6 +32,8 @@ impl std::str::FromStr for Target {
 pub struct Client {
     pub target: Target,
     pub token: Option<String>,
+    /// CA certificates to trust for https (PEM); none means nothing is trusted.
+    pub cacert: Option<std::path::PathBuf>,
 }
 
 /// An API error, as the daemon said it.
@@ -68,6 +75,23 @@ impl Client {
                     })?;
                 send(stream, req).await?
             }
+            Target::Https(addr) => {
+                let stream = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .with_context(|| {
+                        format!("connecting to {addr}: is `persona daemon` running?")
+                    })?;
+                let host = addr
+                    .rsplit_once(':')
+                    .map_or(addr.as_str(), |(h, _)| h)
+                    .trim_matches(['[', ']']);
+                let tls = self
+                    .tls_connector()?
+                    .connect(server_name(host)?, stream)
+                    .await
+                    .with_context(|| format!("TLS with {addr}"))?;
+                send(tls, req).await?
+            }
             Target::Unix(path) => {
                 let stream = tokio::net::UnixStream::connect(path)
                     .await
@@ -81,6 +105,26 @@ impl Client {
             }
         };
         Ok(response)
+    }
+
+    fn tls_connector(&self) -> anyhow::Result<tokio_rustls::TlsConnector> {
+        use rustls_pki_types::{CertificateDer, pem::PemObject as _};
+        let mut roots = rustls::RootCertStore::empty();
+        if let Some(path) = &self.cacert {
+            for cert in CertificateDer::pem_file_iter(path)
+                .with_context(|| format!("reading {}", path.display()))?
+            {
+                roots.add(cert?)?;
+            }
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+            config,
+        )))
     }
 
     /// Like [`call`](Self::call), but a non-2xx answer is an error carrying its message.
@@ -100,6 +144,10 @@ impl Client {
         }
         Ok(value)
     }
+}
+
+fn server_name(host: &str) -> anyhow::Result<rustls_pki_types::ServerName<'static>> {
+    Ok(rustls_pki_types::ServerName::try_from(host.to_owned())?)
 }
 
 async fn send<S>(stream: S, req: Request<Full<Bytes>>) -> anyhow::Result<(StatusCode, Value)>

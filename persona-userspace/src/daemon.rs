@@ -36,6 +36,8 @@ pub struct DaemonConfig {
     /// Run after a device's TLS files changed, with PERSONA_DEVICE, PERSONA_PERSONA,
     /// PERSONA_GENERATION and PERSONA_TLS_DIR set; failing rolls the shift back.
     pub tls_hook: Option<String>,
+    /// Serve the TCP listener over TLS with this certificate chain and key (PEM).
+    pub api_tls: Option<(PathBuf, PathBuf)>,
 }
 
 pub fn admin_token_path(data_dir: &Path) -> PathBuf {
@@ -110,16 +112,39 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let app = api::router(Arc::new(AppState { auth, orchestrator }));
 
     let mut servers = tokio::task::JoinSet::new();
-    if let Some(addr) = config.listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listening on {addr}"))?;
-        info!(%addr, "serving HTTP");
-        servers.spawn(
-            axum::serve(listener, app.clone())
-                .with_graceful_shutdown(shutdown())
-                .into_future(),
-        );
+    match (config.listen, &config.api_tls) {
+        (Some(addr), Some((cert, key))) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+                .await
+                .with_context(|| format!("loading {} and {}", cert.display(), key.display()))?;
+            let handle = axum_server::Handle::new();
+            let stopper = handle.clone();
+            tokio::spawn(async move {
+                shutdown().await;
+                stopper.graceful_shutdown(None);
+            });
+            let server = axum_server::bind_rustls(addr, tls).handle(handle.clone());
+            let app = app.clone();
+            servers.spawn(async move { server.serve(app.into_make_service()).await });
+            handle
+                .listening()
+                .await
+                .with_context(|| format!("listening on {addr}"))?;
+            info!(%addr, "serving HTTPS");
+        }
+        (Some(addr), None) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening on {addr}"))?;
+            info!(%addr, "serving HTTP");
+            servers.spawn(
+                axum::serve(listener, app.clone())
+                    .with_graceful_shutdown(shutdown())
+                    .into_future(),
+            );
+        }
+        (None, _) => {}
     }
     if let Some(path) = &config.socket {
         if let Some(dir) = path.parent() {

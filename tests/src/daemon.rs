@@ -87,6 +87,7 @@ impl Daemon {
         Client {
             target: Target::Unix(self.socket.clone()),
             token: token.map(str::to_owned),
+            cacert: None,
         }
     }
 

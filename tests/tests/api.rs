@@ -262,6 +262,7 @@ fn a_sigkill_during_writes_loses_nothing_acknowledged() {
             let client = persona::client::Client {
                 target: persona::client::Target::Unix(socket),
                 token: Some(admin),
+                cacert: None,
             };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -437,5 +438,126 @@ fn tls_is_installed_and_a_failing_step_rolls_back() {
         (s, v["field"].as_str()),
         (422, Some("spec.tls.keyFile")),
         "{v}"
+    );
+}
+
+#[test]
+fn the_api_serves_https_and_clients_verify_it() {
+    let lab = Lab::new(VmLink::Veth);
+    let dir = std::path::PathBuf::from(format!("/tmp/persona-api-tls-{}", lab.host.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params
+        .subject_alt_names
+        .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let cert = params.self_signed(&key).unwrap();
+    let (cert_file, key_file) = (dir.join("api.pem"), dir.join("api.key"));
+    std::fs::write(&cert_file, cert.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let d = Daemon::start_with(
+        &lab,
+        &[
+            "--listen",
+            "127.0.0.1:7443",
+            "--tls-cert",
+            cert_file.to_str().unwrap(),
+            "--tls-key",
+            key_file.to_str().unwrap(),
+        ],
+    );
+    d.cli_ok("apply -f examples/");
+
+    let cli = |extra: &[&str]| {
+        std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", lab.host.name))
+            .arg(persona_tests::lab::persona_bin())
+            .args(["--server", "https://127.0.0.1:7443", "--token", &d.admin])
+            .args(extra)
+            .args(["get", "personas"])
+            .output()
+            .unwrap()
+    };
+    let ok = cli(&["--cacert", cert_file.to_str().unwrap()]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("office"));
+    let untrusted = cli(&[]);
+    assert!(
+        !untrusted.status.success(),
+        "a server whose certificate is not trusted is refused"
+    );
+    assert!(
+        String::from_utf8_lossy(&untrusted.stderr).contains("TLS with 127.0.0.1:7443"),
+        "{}",
+        String::from_utf8_lossy(&untrusted.stderr)
+    );
+
+    let curl = lab.host.exec(&format!(
+        "curl -sS --cacert {} -H \"Authorization: Bearer {}\" https://127.0.0.1:7443/devices/vm1",
+        cert_file.display(),
+        d.admin
+    ));
+    let v: Value = serde_json::from_str(&curl).expect("JSON over HTTPS");
+    assert_eq!(v["spec"]["interface"], "pvm1");
+    let plain = lab
+        .host
+        .try_exec("curl -sS --max-time 3 http://127.0.0.1:7443/healthz");
+    assert!(
+        !String::from_utf8_lossy(&plain.stdout).contains("ok"),
+        "no plain HTTP on the TLS port"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn events_follow_prints_shifts_as_they_happen() {
+    use std::io::BufRead as _;
+
+    let (_lab, d) = setup();
+    let mut follow = std::process::Command::new(persona_tests::lab::persona_bin())
+        .args([
+            "--server",
+            &format!("unix:{}", d.socket.display()),
+            "--data-dir",
+            d.data_dir.to_str().unwrap(),
+        ])
+        .args(["events", "--follow"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(follow.stdout.take().unwrap()).lines();
+    // The history first: the apply and the first shift to office.
+    let first: Vec<String> = (&mut lines).take(4).map(Result::unwrap).collect();
+    assert!(
+        first
+            .iter()
+            .any(|l| l.contains("shift") && l.contains("office")),
+        "{first:?}"
+    );
+    d.cli_ok("shift vm1 travel");
+    let next = lines.next().expect("a line for the new shift").unwrap();
+    assert!(
+        next.contains("office -> travel") && next.contains("ok (generation 2)"),
+        "{next}"
+    );
+    follow.kill().unwrap();
+    follow.wait().unwrap();
+}
+
+#[test]
+fn shell_completions_are_generated() {
+    let out = std::process::Command::new(persona_tests::lab::persona_bin())
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let script = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        script.contains("complete -F") && script.contains("shift"),
+        "bash completion script for persona"
     );
 }

@@ -30,7 +30,10 @@ pub struct Cli {
     /// Host interface towards the network; persona addresses are proxied on it.
     #[arg(long, global = true, env = "PERSONA_UPLINK")]
     pub uplink: Option<String>,
-    /// The daemon: unix:/path or http://host:port.
+    /// CA certificate (PEM) to trust for an https:// server.
+    #[arg(long, global = true, env = "PERSONA_CACERT")]
+    pub cacert: Option<PathBuf>,
+    /// The daemon: unix:/path, http://host:port or https://host:port.
     #[arg(
         long,
         global = true,
@@ -60,6 +63,12 @@ pub enum Command {
         /// Command run after a device's TLS files change; its failure rolls back.
         #[arg(long)]
         tls_hook: Option<String>,
+        /// Serve --listen over HTTPS with this PEM certificate chain...
+        #[arg(long, requires_all = ["tls_key", "listen"])]
+        tls_cert: Option<PathBuf>,
+        /// ...and this PEM private key.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Create or update every object in a file or directory of manifests.
     Apply {
@@ -224,6 +233,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             socket,
             tls_hook,
+            tls_cert,
+            tls_key,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -239,6 +250,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     exclusive: true,
                 },
                 tls_hook: tls_hook.clone(),
+                api_tls: tls_cert.clone().zip(tls_key.clone()),
             }))
         }
         _ => {

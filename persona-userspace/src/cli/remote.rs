@@ -198,6 +198,7 @@ pub(super) async fn run(cli: &Cli) -> anyhow::Result<()> {
     let client = Client {
         target: cli.server.clone(),
         token: token(cli),
+        cacert: cli.cacert.clone(),
     };
     match &cli.command {
         Command::Apply { manifests, dry_run } => apply(&client, manifests, *dry_run).await?,
