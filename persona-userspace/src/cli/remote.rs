@@ -287,8 +287,8 @@ pub(super) async fn run(cli: &Cli) -> anyhow::Result<()> {
                             "  {:<9} {:<22} {:>12} {:>14}",
                             r["direction"].as_str().unwrap_or(""),
                             r["reason"].as_str().unwrap_or(""),
-                            r["packets"],
-                            r["bytes"]
+                            r["packets"].as_u64().unwrap_or(0),
+                            r["bytes"].as_u64().unwrap_or(0)
                         );
                     }
                 }
