@@ -48,6 +48,9 @@ pub fn device() -> DeviceSpec {
         gateway_v4: None,
         gateway_v6: None,
         persona: None,
+        labels: Default::default(),
+        owner: None,
+        role: None,
     }
 }
 

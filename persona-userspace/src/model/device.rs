@@ -26,6 +26,14 @@ pub struct DeviceSpec {
     /// The persona the device starts with when first attached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persona: Option<String>,
+    /// For selecting devices in rules, as Kubernetes labels.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// The user the VM belongs to, and that user's role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
 }
 
 impl DeviceSpec {
@@ -46,6 +54,9 @@ impl DeviceSpec {
             gateway_v4: None,
             gateway_v6: None,
             persona: None,
+            labels: Default::default(),
+            owner: None,
+            role: None,
         }
     }
 
@@ -66,6 +77,19 @@ impl DeviceSpec {
             ));
         }
         self.mac_bytes()?;
+        for key in self.labels.keys() {
+            let ok = !key.is_empty()
+                && key.len() <= 63
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
+            if !ok {
+                return Err(FieldError::new(
+                    format!("spec.labels.{key}"),
+                    "a label key is 1-63 of [A-Za-z0-9-_./]",
+                ));
+            }
+        }
         Ok(())
     }
 

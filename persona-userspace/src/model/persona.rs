@@ -280,6 +280,20 @@ impl PersonaSpec {
                         ),
                     ));
                 }
+                let same = spec.rules[..i].iter().position(|r| {
+                    r.cidr == rule.cidr && r.protocol == rule.protocol && r.ports == rule.ports
+                });
+                if let Some(earlier) = same {
+                    let what = if spec.rules[earlier].action == rule.action {
+                        "repeats"
+                    } else {
+                        "contradicts"
+                    };
+                    return Err(FieldError::new(
+                        field.clone(),
+                        format!("{what} rules[{earlier}] (same cidr, protocol and ports)"),
+                    ));
+                }
             }
         }
         if let Some(vpn) = &self.vpn {

@@ -97,6 +97,13 @@ fn bad_manifests_name_the_field_and_the_reason() {
             GOOD.replace("kind: Persona", "kind: Persna"),
             "unknown variant `Persna`",
         ),
+        (
+            GOOD.replace(
+                "        - { cidr: 198.51.100.0/24, protocol: tcp, ports: \"22\", action: allow }\n",
+                "        - { cidr: 198.51.100.0/24, protocol: tcp, ports: \"22\", action: allow }\n        - { cidr: 198.51.100.0/24, protocol: tcp, ports: \"22\", action: drop }\n",
+            ),
+            "spec.firewall.ingress.rules[1]: contradicts rules[0] (same cidr, protocol and ports)",
+        ),
     ];
     for (yaml, want) in cases {
         let got = error_of(&yaml);
