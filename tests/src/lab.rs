@@ -46,7 +46,13 @@ pub fn persona_bin() -> PathBuf {
     if dir.ends_with("deps") {
         dir.pop();
     }
-    dir.join("persona")
+    let bin = dir.join("persona");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --bins` first (cargo xtask test does)",
+        bin.display()
+    );
+    bin
 }
 
 impl Lab {

@@ -104,6 +104,9 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup(),
         Task::Test { args } => {
             setup()?;
+            // The end-to-end tests run the `persona` binary itself, which `cargo test`
+            // does not build for another package's tests.
+            run(Command::new("cargo").args(["build", "--bins"]))?;
             run(Command::new("cargo").args(["test"]).args(&args))
         }
         Task::Demo => {
