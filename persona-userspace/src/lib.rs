@@ -11,5 +11,6 @@ pub mod datapath;
 pub mod host;
 pub mod model;
 pub mod orchestrator;
+pub mod rules;
 pub mod store;
 pub mod tls_applier;

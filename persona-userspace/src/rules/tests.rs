@@ -1,0 +1,496 @@
+use std::collections::BTreeMap;
+
+use jiff::{SignedDuration, Timestamp};
+use proptest::prelude::*;
+
+use super::{
+    RuleSpec,
+    engine::{DeviceView, History, Timing, decide},
+    schedule::Schedule,
+    signals::{Signal, SignalSet},
+};
+
+const RULES: &str = r#"
+lockdown:
+  priority: 100
+  persona: hardened
+  when: { alert: { minSeverity: high } }
+  holdUntilClear: true
+  immediate: true
+admins:
+  priority: 30
+  persona: admin
+  when: { role: { in: [admin] } }
+abroad:
+  priority: 50
+  persona: travel
+  when: { country: { notIn: [DE] } }
+video:
+  priority: 20
+  persona: media
+  when: { apps: { anyOf: [zoom] } }
+lab:
+  priority: 40
+  persona: lab
+  when: { expression: 'device.labels.team == "finance" && signals.apps.size() > 1' }
+office-hours:
+  priority: 10
+  persona: office
+  when: { schedule: { timezone: Europe/Berlin, days: [mon, tue, wed, thu, fri], from: "08:00", to: "18:00" } }
+others:
+  priority: 99
+  persona: other
+  selector: { matchLabels: { team: research } }
+"#;
+
+fn rules() -> BTreeMap<String, RuleSpec> {
+    let r: BTreeMap<String, RuleSpec> = serde_yaml::from_str(RULES).expect("rules parse");
+    for spec in r.values() {
+        spec.validate().expect("rules validate");
+    }
+    r
+}
+
+fn device() -> DeviceView {
+    DeviceView {
+        name: "vm1".into(),
+        labels: [("team".to_string(), "finance".to_string())].into(),
+        owner: Some("alice".into()),
+        role: Some("analyst".into()),
+        default_persona: Some("home".into()),
+    }
+}
+
+const TIMING: Timing = Timing {
+    dwell: SignedDuration::from_secs(30),
+    cooldown: SignedDuration::from_secs(60),
+};
+
+/// Tuesday 2026-11-24, 10:00 in Berlin (CET, UTC+1).
+fn tuesday_10() -> Timestamp {
+    "2026-11-24T09:00:00Z".parse().unwrap()
+}
+
+fn signal(json: &str, at: Timestamp) -> Signal {
+    let mut s: Signal = serde_json::from_str(json).unwrap_or_else(|e| panic!("{json}: {e}"));
+    s.at.get_or_insert(at);
+    s
+}
+
+fn set(signals: &[Signal]) -> SignalSet {
+    let mut s = SignalSet::default();
+    for x in signals {
+        s.merge(x.clone());
+    }
+    s
+}
+
+fn at_rest(persona: &str, since: Timestamp) -> History {
+    History {
+        persona: Some(persona.into()),
+        rule: None,
+        since: Some(since),
+        left: BTreeMap::new(),
+    }
+}
+
+#[test]
+fn each_trigger_kind_and_priorities() {
+    let now = tuesday_10();
+    let long_ago = now - SignedDuration::from_hours(1);
+    let cases: Vec<(&str, Vec<&str>, Timestamp, Option<&str>)> = vec![
+        ("office hours", vec![], now, Some("office")),
+        (
+            "evening: default persona",
+            vec![],
+            "2026-11-24T19:30:00Z".parse().unwrap(),
+            Some("home"),
+        ),
+        (
+            "saturday: default persona",
+            vec![],
+            "2026-11-28T09:00:00Z".parse().unwrap(),
+            Some("home"),
+        ),
+        (
+            "high alert",
+            vec![r#"{"device":"vm1","kind":"alert","id":"a1","severity":"high"}"#],
+            now,
+            Some("hardened"),
+        ),
+        (
+            "low alert is not enough",
+            vec![r#"{"device":"vm1","kind":"alert","id":"a1","severity":"low"}"#],
+            now,
+            Some("office"),
+        ),
+        (
+            "cleared alert",
+            vec![
+                r#"{"device":"vm1","kind":"alert","id":"a1","severity":"critical","state":"cleared"}"#,
+            ],
+            now,
+            Some("office"),
+        ),
+        (
+            "abroad",
+            vec![r#"{"device":"vm1","kind":"geo","country":"FR"}"#],
+            now,
+            Some("travel"),
+        ),
+        (
+            "at home country",
+            vec![r#"{"device":"vm1","kind":"geo","country":"DE"}"#],
+            now,
+            Some("office"),
+        ),
+        (
+            "video call beats office hours",
+            vec![r#"{"device":"vm1","kind":"app","app":"zoom"}"#],
+            now,
+            Some("media"),
+        ),
+        (
+            "an app that stopped",
+            vec![r#"{"device":"vm1","kind":"app","app":"zoom","active":false}"#],
+            now,
+            Some("office"),
+        ),
+        (
+            "admin role beats video",
+            vec![
+                r#"{"device":"vm1","kind":"app","app":"zoom"}"#,
+                r#"{"device":"vm1","kind":"role","role":"admin"}"#,
+            ],
+            now,
+            Some("admin"),
+        ),
+        (
+            "CEL expression",
+            vec![
+                r#"{"device":"vm1","kind":"app","app":"zoom"}"#,
+                r#"{"device":"vm1","kind":"app","app":"ssh"}"#,
+            ],
+            now,
+            Some("lab"),
+        ),
+        (
+            "alert beats everything",
+            vec![
+                r#"{"device":"vm1","kind":"geo","country":"FR"}"#,
+                r#"{"device":"vm1","kind":"alert","id":"a2","severity":"critical"}"#,
+            ],
+            now,
+            Some("hardened"),
+        ),
+    ];
+    for (name, signals, when, want) in cases {
+        let signals: Vec<Signal> = signals.iter().map(|s| signal(s, when)).collect();
+        let d = decide(
+            &device(),
+            &rules(),
+            &set(&signals),
+            &at_rest("none", long_ago),
+            TIMING,
+            when,
+        );
+        assert_eq!(d.desired.as_deref(), want, "{name}: {}", d.why);
+        assert!(d.shift, "{name}: nothing blocks it: {}", d.why);
+    }
+}
+
+#[test]
+fn a_device_no_rule_selects_is_left_alone() {
+    let mut research = device();
+    research.labels = [("team".to_string(), "sales".to_string())].into();
+    let mut only_research = BTreeMap::new();
+    only_research.insert("others".to_string(), rules()["others"].clone());
+    let d = decide(
+        &research,
+        &only_research,
+        &SignalSet::default(),
+        &History::default(),
+        TIMING,
+        tuesday_10(),
+    );
+    assert_eq!(d.desired, None);
+    assert!(
+        d.rules[0].reasons[0].contains("needs team=research"),
+        "{:?}",
+        d.rules
+    );
+}
+
+#[test]
+fn an_expired_signal_stops_matching_and_says_when() {
+    let now = tuesday_10();
+    let s = signal(
+        r#"{"device":"vm1","kind":"geo","country":"FR","ttl":600}"#,
+        now,
+    );
+    let signals = set(&[s]);
+    let hist = at_rest("office", now - SignedDuration::from_hours(1));
+    let d = decide(
+        &device(),
+        &rules(),
+        &signals,
+        &hist,
+        TIMING,
+        now + SignedDuration::from_mins(5),
+    );
+    assert_eq!(d.desired.as_deref(), Some("travel"));
+    assert_eq!(
+        d.next_check,
+        Some(now + SignedDuration::from_mins(10)),
+        "the engine wakes when it expires"
+    );
+    let later = decide(
+        &device(),
+        &rules(),
+        &signals,
+        &hist,
+        TIMING,
+        now + SignedDuration::from_mins(10),
+    );
+    assert_eq!(
+        later.desired.as_deref(),
+        Some("office"),
+        "expired: {}",
+        later.why
+    );
+}
+
+#[test]
+fn dwell_and_cooldown_hold_back_non_urgent_shifts() {
+    let now = tuesday_10();
+    let abroad = set(&[signal(
+        r#"{"device":"vm1","kind":"geo","country":"FR"}"#,
+        now,
+    )]);
+    let just_arrived = at_rest("office", now - SignedDuration::from_secs(10));
+    let d = decide(&device(), &rules(), &abroad, &just_arrived, TIMING, now);
+    assert_eq!((d.desired.as_deref(), d.shift), (Some("travel"), false));
+    assert_eq!(d.blocked_until, Some(now + SignedDuration::from_secs(20)));
+    assert_eq!(d.next_check, d.blocked_until);
+
+    let mut left_travel = at_rest("office", now - SignedDuration::from_hours(1));
+    left_travel
+        .left
+        .insert("travel".into(), now - SignedDuration::from_secs(5));
+    let d = decide(&device(), &rules(), &abroad, &left_travel, TIMING, now);
+    assert_eq!(
+        d.blocked_until,
+        Some(now + SignedDuration::from_secs(55)),
+        "cool-down before going back"
+    );
+
+    // Hardening does not wait.
+    let alert = set(&[signal(
+        r#"{"device":"vm1","kind":"alert","id":"x","severity":"high"}"#,
+        now,
+    )]);
+    let d = decide(&device(), &rules(), &alert, &just_arrived, TIMING, now);
+    assert_eq!((d.desired.as_deref(), d.shift), (Some("hardened"), true));
+}
+
+#[test]
+fn a_hardened_persona_is_held_until_the_alert_clears() {
+    let now = tuesday_10();
+    let raised = signal(
+        r#"{"device":"vm1","kind":"alert","id":"a1","severity":"high"}"#,
+        now,
+    );
+    let abroad = signal(r#"{"device":"vm1","kind":"geo","country":"FR"}"#, now);
+    let hist = History {
+        persona: Some("hardened".into()),
+        rule: Some("lockdown".into()),
+        since: Some(now),
+        left: BTreeMap::new(),
+    };
+    // A rule of higher priority than travel, but below lockdown, would win without the hold.
+    let mut rs = rules();
+    rs.get_mut("lockdown").unwrap().priority = 1;
+    let d = decide(
+        &device(),
+        &rs,
+        &set(&[raised.clone(), abroad.clone()]),
+        &hist,
+        TIMING,
+        now,
+    );
+    assert_eq!(d.desired.as_deref(), Some("hardened"), "{}", d.why);
+    assert!(d.why.contains("held by lockdown"), "{}", d.why);
+
+    let cleared = signal(
+        r#"{"device":"vm1","kind":"alert","id":"a1","severity":"high","state":"cleared"}"#,
+        now + SignedDuration::from_secs(1),
+    );
+    let d = decide(
+        &device(),
+        &rs,
+        &set(&[raised, abroad, cleared]),
+        &hist,
+        TIMING,
+        now + SignedDuration::from_mins(5),
+    );
+    assert_eq!(d.desired.as_deref(), Some("travel"), "{}", d.why);
+}
+
+#[test]
+fn schedules_fire_at_their_boundaries_across_daylight_saving() {
+    let s = Schedule {
+        timezone: "Europe/Berlin".into(),
+        days: vec![],
+        from: "08:00".into(),
+        to: "18:00".into(),
+    };
+    let c = s.compile("s").unwrap();
+    // Saturday 2026-03-28 18:30 CET (UTC+1): the next start is Sunday 08:00 CEST (UTC+2),
+    // the day the clocks go forward, which is 06:00 UTC and not 07:00.
+    let evening: Timestamp = "2026-03-28T17:30:00Z".parse().unwrap();
+    assert!(!c.active(evening));
+    assert_eq!(
+        c.next_boundary(evening),
+        Some("2026-03-29T06:00:00Z".parse().unwrap())
+    );
+    assert!(c.active("2026-03-29T06:00:00Z".parse().unwrap()));
+    assert!(!c.active("2026-03-29T05:59:59Z".parse().unwrap()));
+    // And back in October: 08:00 CET is 07:00 UTC again.
+    assert_eq!(
+        c.next_boundary("2026-10-24T17:00:00Z".parse().unwrap()),
+        Some("2026-10-25T07:00:00Z".parse().unwrap())
+    );
+
+    // A window over midnight belongs to the day it starts on.
+    let night = Schedule {
+        timezone: "Europe/Berlin".into(),
+        days: vec!["fri".into()],
+        from: "22:00".into(),
+        to: "06:00".into(),
+    };
+    let n = night.compile("n").unwrap();
+    assert!(
+        n.active("2026-11-27T23:30:00Z".parse().unwrap()),
+        "Saturday 00:30 counts as Friday night"
+    );
+    assert!(
+        !n.active("2026-11-28T23:30:00Z".parse().unwrap()),
+        "Sunday 00:30 does not"
+    );
+
+    // The engine's wake-up for the rule set is the office-hours boundary.
+    let d = decide(
+        &device(),
+        &rules(),
+        &SignalSet::default(),
+        &at_rest("home", tuesday_10() - SignedDuration::from_hours(12)),
+        TIMING,
+        "2026-11-24T06:30:00Z".parse().unwrap(),
+    );
+    assert_eq!(d.desired.as_deref(), Some("home"));
+    assert_eq!(
+        d.next_check,
+        Some("2026-11-24T07:00:00Z".parse().unwrap()),
+        "wakes at 08:00 Berlin"
+    );
+}
+
+#[test]
+fn bad_rules_name_the_field() {
+    let cases = [
+        (
+            "priority: 1\npersona: x\nwhen: { schedule: { timezone: Mars/Olympus, from: '08:00', to: '09:00' } }",
+            "spec.when.schedule.timezone",
+        ),
+        (
+            "priority: 1\npersona: x\nwhen: { schedule: { timezone: UTC, from: '25:00', to: '09:00' } }",
+            "spec.when.schedule.from",
+        ),
+        (
+            "priority: 1\npersona: x\nwhen: { expression: 'signals.alerts.exists(' }",
+            "spec.when.expression: does not parse",
+        ),
+        (
+            "priority: 1\npersona: x\nholdUntilClear: true",
+            "spec.holdUntilClear",
+        ),
+        (
+            "priority: 1\npersona: x\nwhen: { country: {} }",
+            "spec.when.country",
+        ),
+    ];
+    for (yaml, want) in cases {
+        let r: RuleSpec = serde_yaml::from_str(yaml).unwrap();
+        let e = r.validate().expect_err(want).to_string();
+        assert!(e.starts_with(want), "{e:?} should start with {want:?}");
+    }
+}
+
+fn arb_signal() -> impl Strategy<Value = (String, i64)> {
+    let kinds = prop_oneof![
+        (
+            0..3u8,
+            prop_oneof![Just("low"), Just("high"), Just("critical")],
+            any::<bool>()
+        )
+            .prop_map(|(id, sev, clear)| format!(
+                r#"{{"device":"vm1","kind":"alert","id":"a{id}","severity":"{sev}","state":"{}"}}"#,
+                if clear { "cleared" } else { "raised" }
+            )),
+        prop_oneof![Just("DE"), Just("FR"), Just("US")]
+            .prop_map(|c| format!(r#"{{"device":"vm1","kind":"geo","country":"{c}"}}"#)),
+        (prop_oneof![Just("zoom"), Just("ssh")], any::<bool>()).prop_map(|(a, on)| format!(
+            r#"{{"device":"vm1","kind":"app","app":"{a}","active":{on}}}"#
+        )),
+        prop_oneof![Just("admin"), Just("analyst")]
+            .prop_map(|r| format!(r#"{{"device":"vm1","kind":"role","role":"{r}"}}"#)),
+    ];
+    (kinds, 0..20i64)
+}
+
+proptest! {
+    #[test]
+    fn the_order_signals_arrive_in_does_not_matter(sigs in prop::collection::vec(arb_signal(), 0..12), seed in any::<u64>()) {
+        let base = tuesday_10();
+        let signals: Vec<Signal> = sigs.iter().map(|(j, t)| signal(j, base + SignedDuration::from_secs(*t))).collect();
+        let mut shuffled = signals.clone();
+        // A deterministic shuffle from the seed.
+        let mut x = seed | 1;
+        for i in (1..shuffled.len()).rev() {
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+            shuffled.swap(i, (x % (i as u64 + 1)) as usize);
+        }
+        let now = base + SignedDuration::from_secs(30);
+        let hist = at_rest("office", base - SignedDuration::from_hours(1));
+        let a = decide(&device(), &rules(), &set(&signals), &hist, TIMING, now);
+        let b = decide(&device(), &rules(), &set(&shuffled), &hist, TIMING, now);
+        prop_assert_eq!(set(&signals), set(&shuffled));
+        prop_assert_eq!((a.desired, a.rule, a.shift, a.blocked_until), (b.desired, b.rule, b.shift, b.blocked_until));
+    }
+
+    #[test]
+    fn no_device_shifts_more_often_than_its_dwell_time_allows(events in prop::collection::vec((arb_signal(), 1..40i64), 1..40)) {
+        let mut now = tuesday_10();
+        let mut signals = SignalSet::default();
+        let mut hist = at_rest("office", now - SignedDuration::from_hours(1));
+        let mut last_shift: Option<Timestamp> = None;
+        let rs = rules();
+        for ((json, _), gap) in events {
+            now += SignedDuration::from_secs(gap);
+            signals.merge(signal(&json, now));
+            let d = decide(&device(), &rs, &signals, &hist, TIMING, now);
+            if d.shift {
+                let desired = d.desired.clone().unwrap();
+                let urgent = d.rule.as_ref().is_some_and(|r| rs[r].immediate);
+                if let Some(last) = last_shift && !urgent {
+                    prop_assert!(now.duration_since(last) >= TIMING.dwell, "shifted {}s after the last one to {desired}", now.duration_since(last).as_secs());
+                }
+                if let Some(old) = hist.persona.take() {
+                    hist.left.insert(old, now);
+                }
+                hist = History { persona: Some(desired), rule: d.rule, since: Some(now), left: hist.left };
+                last_shift = Some(now);
+            }
+        }
+    }
+}
