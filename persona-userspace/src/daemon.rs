@@ -20,6 +20,7 @@ use crate::{
     },
     model::DeviceSpec,
     orchestrator::Orchestrator,
+    rules::{engine::Timing, runner::RuleEngine},
     store::{Kind, Role, Store, embedded::EmbeddedStore},
     tls_applier::TlsApplier,
 };
@@ -38,6 +39,9 @@ pub struct DaemonConfig {
     pub tls_hook: Option<String>,
     /// Serve the TCP listener over TLS with this certificate chain and key (PEM).
     pub api_tls: Option<(PathBuf, PathBuf)>,
+    pub timing: Timing,
+    /// Record the shifts the rule engine would make, make none.
+    pub rules_dry_run: bool,
 }
 
 pub fn admin_token_path(data_dir: &Path) -> PathBuf {
@@ -109,7 +113,14 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     reconcile(&orchestrator)
         .await
         .context("reconciling stored devices")?;
-    let app = api::router(Arc::new(AppState { auth, orchestrator }));
+    let orchestrator = Arc::new(orchestrator);
+    let engine = RuleEngine::new(orchestrator.clone(), config.timing, config.rules_dry_run)?;
+    tokio::spawn(engine.clone().run());
+    let app = api::router(Arc::new(AppState {
+        auth,
+        orchestrator,
+        engine,
+    }));
 
     let mut servers = tokio::task::JoinSet::new();
     match (config.listen, &config.api_tls) {

@@ -4,7 +4,7 @@
 use std::{collections::BTreeSet, net::IpAddr, sync::Arc, time::Instant};
 
 use serde::Serialize;
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
 use crate::{
@@ -176,11 +176,7 @@ pub struct Orchestrator {
 
 fn parse<T: serde::de::DeserializeOwned>(r: &Record) -> Result<T, ShiftError> {
     serde_json::from_value(r.spec.clone()).map_err(|e| ShiftError::Corrupt {
-        kind: if r.kind == Kind::Persona {
-            "Persona"
-        } else {
-            "Device"
-        },
+        kind: r.kind.label(),
         name: r.name.clone(),
         reason: e.to_string(),
     })
@@ -257,6 +253,20 @@ impl Orchestrator {
         dry_run: bool,
         options: ShiftOptions,
     ) -> Result<Outcome, ShiftError> {
+        self.shift_for(device, persona, actor, dry_run, options, None)
+            .await
+    }
+
+    /// A shift with its cause recorded: the rule that chose it and the signals behind it.
+    pub async fn shift_for(
+        &self,
+        device: &str,
+        persona: &str,
+        actor: &str,
+        dry_run: bool,
+        options: ShiftOptions,
+        cause: Option<(String, Value)>,
+    ) -> Result<Outcome, ShiftError> {
         let _guard = self.lock.lock().await;
         let start = Instant::now();
         let device_record = self
@@ -291,6 +301,9 @@ impl Orchestrator {
             duration_us: None,
             detail: json!({ "plan": plan }),
         };
+        if let Some((rule, why)) = &cause {
+            body.detail["cause"] = json!({ "rule": rule, "why": why });
+        }
         if dry_run {
             body.result = "dry-run".into();
             let event = self.record(body)?;
@@ -353,6 +366,7 @@ impl Orchestrator {
                 persona_version: persona_record.version,
                 generation: shifted.generation,
                 since: jiff::Timestamp::now(),
+                rule: cause.as_ref().map(|c| c.0.clone()),
             }),
         )?;
         body.generation = Some(shifted.generation);

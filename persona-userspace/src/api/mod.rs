@@ -1,4 +1,5 @@
 //! The REST API: JSON in and out, bearer tokens, an OpenAPI document at /openapi.json.
+mod context;
 mod error;
 mod events;
 mod objects;
@@ -23,7 +24,8 @@ use crate::{
 
 pub struct AppState {
     pub auth: Auth,
-    pub orchestrator: Orchestrator,
+    pub orchestrator: Arc<Orchestrator>,
+    pub engine: Arc<crate::rules::runner::RuleEngine>,
 }
 
 pub type State = axum::extract::State<Arc<AppState>>;
@@ -81,6 +83,18 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .put(objects::put_device)
                 .delete(objects::delete_device),
         )
+        .route(
+            "/rules",
+            get(objects::list_rules).post(objects::create_rule),
+        )
+        .route(
+            "/rules/{id}",
+            get(objects::get_rule)
+                .put(objects::put_rule)
+                .delete(objects::delete_rule),
+        )
+        .route("/context", post(context::push))
+        .route("/explain/{id}", get(context::explain))
         .route("/status/{id}", get(objects::status))
         .route("/trigger_shift", post(shift::trigger_shift))
         .route("/events", get(events::list))

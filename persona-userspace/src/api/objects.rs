@@ -12,6 +12,7 @@ use crate::{
     auth::Caller,
     datapath::{ShiftOptions, compile},
     model::{DeviceSpec, FieldError, PersonaSpec},
+    rules::RuleSpec,
     store::{EventBody, Expect, Kind, Record, Role},
 };
 
@@ -39,7 +40,7 @@ pub struct Metadata {
 fn view(r: &Record) -> Value {
     json!({
         "apiVersion": crate::model::API_VERSION,
-        "kind": if r.kind == Kind::Persona { "Persona" } else { "Device" },
+        "kind": r.kind.label(),
         "metadata": { "name": r.name, "version": r.version, "updated": r.updated },
         "spec": r.spec,
     })
@@ -47,11 +48,7 @@ fn view(r: &Record) -> Value {
 
 /// Checks a body against its kind; returns the normalised spec.
 fn validate(kind: Kind, body: &Body) -> Result<Value, ApiError> {
-    let kind_name = if kind == Kind::Persona {
-        "Persona"
-    } else {
-        "Device"
-    };
+    let kind_name = kind.label();
     if let Some(k) = &body.kind
         && k != kind_name
     {
@@ -75,6 +72,11 @@ fn validate(kind: Kind, body: &Body) -> Result<Value, ApiError> {
         }
         Kind::Device => {
             let spec: DeviceSpec = serde_json::from_value(body.spec.clone()).map_err(bad)?;
+            spec.validate()?;
+            serde_json::to_value(spec).map_err(|e| ApiError::internal(e.to_string()))
+        }
+        Kind::Rule => {
+            let spec: RuleSpec = serde_json::from_value(body.spec.clone()).map_err(bad)?;
             spec.validate()?;
             serde_json::to_value(spec).map_err(|e| ApiError::internal(e.to_string()))
         }
@@ -210,6 +212,7 @@ async fn create(
     if kind == Kind::Device {
         settle_device(&state, &caller, &r).await?;
     }
+    state.engine.poke();
     Ok((StatusCode::CREATED, Json(view(&r))))
 }
 
@@ -232,7 +235,9 @@ async fn put(
     match kind {
         Kind::Device => settle_device(&state, &caller, &r).await?,
         Kind::Persona => reapply_persona(&state, &caller, &r).await?,
+        Kind::Rule => {}
     }
+    state.engine.poke();
     Ok(Json(view(&r)))
 }
 
@@ -279,6 +284,10 @@ async fn delete(
                 ));
             }
             store.delete(kind, &id, expect)?;
+        }
+        Kind::Rule => {
+            store.delete(kind, &id, expect)?;
+            state.engine.poke();
         }
         Kind::Device => {
             let r = store.get(kind, &id)?.ok_or_else(|| {
@@ -349,6 +358,15 @@ handlers!(
     put_device,
     delete_device,
     "/devices"
+);
+handlers!(
+    Kind::Rule,
+    list_rules,
+    create_rule,
+    get_rule,
+    put_rule,
+    delete_rule,
+    "/rules"
 );
 
 /// The device's persona, generation, since when, and its counters.

@@ -5,7 +5,7 @@ use utoipa::{
     openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
 };
 
-use super::{ApiError, State, events, objects, shift, tokens};
+use super::{ApiError, State, context, events, objects, shift, tokens};
 use crate::{auth::Caller, store::Role};
 
 struct BearerAuth;
@@ -26,7 +26,14 @@ impl Modify for BearerAuth {
     paths(
         objects::list_personas, objects::create_persona, objects::get_persona, objects::put_persona, objects::delete_persona,
         objects::list_devices, objects::create_device, objects::get_device, objects::put_device, objects::delete_device,
-        objects::status, shift::trigger_shift, events::list, tokens::create, tokens::list, tokens::revoke,
+        objects::status,
+        objects::list_rules,
+        objects::create_rule,
+        objects::get_rule,
+        objects::put_rule,
+        objects::delete_rule,
+        context::push,
+        context::explain, shift::trigger_shift, events::list, tokens::create, tokens::list, tokens::revoke,
     ),
     components(schemas(shift::ShiftRequest, tokens::CreateToken)),
     modifiers(&BearerAuth)

@@ -34,6 +34,8 @@ pub(super) fn catalog(path: &std::path::Path) -> anyhow::Result<Catalog> {
                     bail!("Device {:?} is defined twice", metadata.name);
                 }
             }
+            // Rules need the daemon's engine; the pinned datapath has no use for them.
+            Manifest::Rule { .. } => {}
         }
     }
     for (name, d) in &devices {

@@ -69,6 +69,15 @@ pub enum Command {
         /// ...and this PEM private key.
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// Seconds a device stays in a persona before the rule engine moves it again.
+        #[arg(long, default_value_t = 30)]
+        min_dwell: u64,
+        /// Seconds before the rule engine returns a device to a persona it just left.
+        #[arg(long, default_value_t = 60)]
+        cooldown: u64,
+        /// Let the rule engine record the shifts it would make, and make none.
+        #[arg(long)]
+        rules_dry_run: bool,
     },
     /// Create or update every object in a file or directory of manifests.
     Apply {
@@ -118,6 +127,37 @@ pub enum Command {
         #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
         output: Format,
     },
+    /// Report context about a device to the rule engine, or stream a JSON-lines feed.
+    Context {
+        /// The device the flags below describe.
+        device: Option<String>,
+        /// Raise an alert: ID:SEVERITY[:KIND], severity low|medium|high|critical.
+        #[arg(long)]
+        alert: Vec<String>,
+        /// Clear the alert with this id.
+        #[arg(long)]
+        clear: Vec<String>,
+        /// ISO country code where the device is.
+        #[arg(long)]
+        country: Option<String>,
+        /// An application now running.
+        #[arg(long)]
+        app: Vec<String>,
+        /// An application no longer running.
+        #[arg(long)]
+        app_stopped: Vec<String>,
+        /// The role of the user now using the device.
+        #[arg(long)]
+        role: Option<String>,
+        /// Seconds these signals stay valid.
+        #[arg(long)]
+        ttl: Option<u64>,
+        /// JSON lines of signals from FILE, or - for standard input.
+        #[arg(long, conflicts_with = "device")]
+        feed: Option<PathBuf>,
+    },
+    /// Why the rule engine wants what it wants for a device: every rule and condition.
+    Explain { device: String },
     /// Manage API tokens (admin).
     Token {
         #[command(subcommand)]
@@ -157,6 +197,8 @@ pub enum KindArg {
     Personas,
     #[value(alias = "device")]
     Devices,
+    #[value(alias = "rule")]
+    Rules,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -217,8 +259,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             for (name, p) in &c.personas {
                 compile(p).with_context(|| format!("Persona {name:?}"))?;
             }
+            let rules = crate::model::load_manifests(manifests)?
+                .iter()
+                .filter(|m| matches!(m, crate::model::Manifest::Rule { .. }))
+                .count();
             println!(
-                "{} personas, {} devices: valid",
+                "{} personas, {} devices, {rules} rules: valid",
                 c.personas.len(),
                 c.devices.len()
             );
@@ -235,6 +281,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             tls_hook,
             tls_cert,
             tls_key,
+            min_dwell,
+            cooldown,
+            rules_dry_run,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -251,6 +300,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 tls_hook: tls_hook.clone(),
                 api_tls: tls_cert.clone().zip(tls_key.clone()),
+                timing: crate::rules::engine::Timing {
+                    dwell: jiff::SignedDuration::from_secs(*min_dwell as i64),
+                    cooldown: jiff::SignedDuration::from_secs(*cooldown as i64),
+                },
+                rules_dry_run: *rules_dry_run,
             }))
         }
         _ => {

@@ -25,12 +25,14 @@ impl KindArg {
         match self {
             KindArg::Personas => "/personas",
             KindArg::Devices => "/devices",
+            KindArg::Rules => "/rules",
         }
     }
     fn singular(self) -> &'static str {
         match self {
             KindArg::Personas => "persona",
             KindArg::Devices => "device",
+            KindArg::Rules => "rule",
         }
     }
 }
@@ -73,6 +75,40 @@ fn table(kind: KindArg, items: &[Value]) {
                 );
             }
         }
+        KindArg::Rules => {
+            println!(
+                "{:<20} {:>8} {:<16} {:<24} WHEN",
+                "NAME", "PRIORITY", "PERSONA", "SELECTOR"
+            );
+            for i in items {
+                let s = &i["spec"];
+                let selector = s["selector"]["matchLabels"]
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .unwrap_or_default();
+                let when: Vec<String> = s["when"]
+                    .as_object()
+                    .map(|m| m.keys().cloned().collect())
+                    .unwrap_or_default();
+                println!(
+                    "{:<20} {:>8} {:<16} {:<24} {}",
+                    i["metadata"]["name"].as_str().unwrap_or(""),
+                    s["priority"],
+                    s["persona"].as_str().unwrap_or(""),
+                    if selector.is_empty() {
+                        "(all)".to_owned()
+                    } else {
+                        selector
+                    },
+                    when.join(",")
+                );
+            }
+        }
         KindArg::Devices => {
             println!(
                 "{:<20} {:<12} {:<30} {:<16} {:>7}",
@@ -100,20 +136,19 @@ fn table(kind: KindArg, items: &[Value]) {
 async fn apply(client: &Client, path: &std::path::Path, dry_run: bool) -> anyhow::Result<()> {
     // Every document is checked before anything is sent: a bad file changes nothing.
     let mut manifests = load_manifests(path)?;
-    manifests.sort_by_key(|m| matches!(m, Manifest::Device { .. }));
+    // Personas before the devices and rules that name them.
+    manifests.sort_by_key(|m| match m {
+        Manifest::Persona { .. } => 0,
+        Manifest::Device { .. } => 1,
+        Manifest::Rule { .. } => 2,
+    });
     for m in manifests {
-        let (kind, name, spec) = match &m {
-            Manifest::Persona { metadata, spec, .. } => (
-                KindArg::Personas,
-                metadata.name.clone(),
-                serde_json::to_value(spec)?,
-            ),
-            Manifest::Device { metadata, spec, .. } => (
-                KindArg::Devices,
-                metadata.name.clone(),
-                serde_json::to_value(spec)?,
-            ),
+        let (kind, spec) = match &m {
+            Manifest::Persona { spec, .. } => (KindArg::Personas, serde_json::to_value(spec)?),
+            Manifest::Device { spec, .. } => (KindArg::Devices, serde_json::to_value(spec)?),
+            Manifest::Rule { spec, .. } => (KindArg::Rules, serde_json::to_value(spec)?),
         };
+        let name = m.name().to_owned();
         let label = format!("{}/{name}", kind.singular());
         let (status, current) = client
             .call(Method::GET, &format!("{}/{name}", kind.path()), None)
@@ -192,6 +227,59 @@ fn event_line(e: &Value) -> String {
             .map(|g| format!(" (generation {g})"))
             .unwrap_or_default()
     )
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one parameter per command-line flag"
+)]
+fn context_signals(
+    device: &str,
+    alert: &[String],
+    clear: &[String],
+    country: &Option<String>,
+    app: &[String],
+    app_stopped: &[String],
+    role: &Option<String>,
+    ttl: Option<u64>,
+) -> anyhow::Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for a in alert {
+        let mut parts = a.splitn(3, ':');
+        let (id, severity, kind) = (
+            parts.next().unwrap_or(""),
+            parts.next(),
+            parts.next().unwrap_or(""),
+        );
+        let Some(severity) = severity else {
+            bail!("--alert {a:?}: expected ID:SEVERITY[:KIND]");
+        };
+        out.push(json!({"kind": "alert", "id": id, "severity": severity, "alertKind": kind}));
+    }
+    for id in clear {
+        // The severity of a cleared alert does not matter; low is the least claim.
+        out.push(json!({"kind": "alert", "id": id, "severity": "low", "state": "cleared"}));
+    }
+    if let Some(c) = country {
+        out.push(json!({"kind": "geo", "country": c}));
+    }
+    for a in app {
+        out.push(json!({"kind": "app", "app": a, "active": true}));
+    }
+    for a in app_stopped {
+        out.push(json!({"kind": "app", "app": a, "active": false}));
+    }
+    if let Some(r) = role {
+        out.push(json!({"kind": "role", "role": r}));
+    }
+    for s in &mut out {
+        s["device"] = json!(device);
+        s["source"] = json!("cli");
+        if let Some(t) = ttl {
+            s["ttl"] = json!(t);
+        }
+    }
+    Ok(out)
 }
 
 pub(super) async fn run(cli: &Cli) -> anyhow::Result<()> {
@@ -371,6 +459,102 @@ pub(super) async fn run(cli: &Cli) -> anyhow::Result<()> {
                 println!("token {id} revoked");
             }
         },
+        Command::Context {
+            device,
+            alert,
+            clear,
+            country,
+            app,
+            app_stopped,
+            role,
+            ttl,
+            feed,
+        } => {
+            let batch = match (feed, device) {
+                (Some(path), _) => {
+                    let text = if path.as_os_str() == "-" {
+                        std::io::read_to_string(std::io::stdin())?
+                    } else {
+                        std::fs::read_to_string(path)
+                            .with_context(|| format!("reading {}", path.display()))?
+                    };
+                    let mut signals = Vec::new();
+                    for (n, line) in text
+                        .lines()
+                        .enumerate()
+                        .filter(|(_, l)| !l.trim().is_empty())
+                    {
+                        signals.push(
+                            serde_json::from_str::<Value>(line)
+                                .with_context(|| format!("line {}", n + 1))?,
+                        );
+                    }
+                    signals
+                }
+                (None, Some(d)) => {
+                    context_signals(d, alert, clear, country, app, app_stopped, role, *ttl)?
+                }
+                (None, None) => bail!("give a DEVICE with signal flags, or --feed FILE"),
+            };
+            if batch.is_empty() {
+                bail!("no signals given");
+            }
+            let mut accepted = 0;
+            for chunk in batch.chunks(500) {
+                let v = client
+                    .ok(
+                        Method::POST,
+                        "/context",
+                        Some(&Value::Array(chunk.to_vec())),
+                    )
+                    .await?;
+                accepted += v["accepted"].as_u64().unwrap_or(0);
+                for d in v["devices"].as_array().into_iter().flatten() {
+                    let dec = &d["decision"];
+                    let done = match &d["outcome"] {
+                        Value::Null => String::new(),
+                        o => format!(" -> {o}"),
+                    };
+                    println!(
+                        "{}: {}{}",
+                        d["device"].as_str().unwrap_or("?"),
+                        dec["why"].as_str().unwrap_or(""),
+                        done
+                    );
+                }
+            }
+            eprintln!("{accepted} signals accepted");
+        }
+        Command::Explain { device } => {
+            let d = client
+                .ok(Method::GET, &format!("/explain/{device}"), None)
+                .await?;
+            println!(
+                "{device}: wants {} ({}){}",
+                d["desired"].as_str().unwrap_or("nothing"),
+                d["why"].as_str().unwrap_or(""),
+                if d["shift"] == true { ", shifting" } else { "" }
+            );
+            for r in d["rules"].as_array().into_iter().flatten() {
+                let verdict = if r["matched"] == true {
+                    "MATCH"
+                } else if r["selected"] == true {
+                    "no"
+                } else {
+                    "-"
+                };
+                println!(
+                    "  {:<5} {:<20} prio {:>4} -> {}",
+                    verdict,
+                    r["rule"].as_str().unwrap_or(""),
+                    r["priority"],
+                    r["persona"].as_str().unwrap_or("")
+                );
+                for reason in r["reasons"].as_array().into_iter().flatten() {
+                    println!("          {}", reason.as_str().unwrap_or(""));
+                }
+            }
+        }
         other => bail!("{other:?} does not go through the daemon"),
     }
     Ok(())

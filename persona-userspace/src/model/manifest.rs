@@ -28,19 +28,29 @@ pub enum Manifest {
         metadata: Metadata,
         spec: DeviceSpec,
     },
+    Rule {
+        #[serde(rename = "apiVersion")]
+        api_version: String,
+        metadata: Metadata,
+        spec: crate::rules::RuleSpec,
+    },
 }
 
 impl Manifest {
     pub fn name(&self) -> &str {
+        &self.header().1.name
+    }
+
+    pub fn kind_name(&self) -> &'static str {
         match self {
-            Manifest::Persona { metadata, .. } | Manifest::Device { metadata, .. } => {
-                &metadata.name
-            }
+            Manifest::Persona { .. } => "Persona",
+            Manifest::Device { .. } => "Device",
+            Manifest::Rule { .. } => "Rule",
         }
     }
 
-    fn validate(&self) -> Result<(), FieldError> {
-        let (api_version, metadata) = match self {
+    fn header(&self) -> (&str, &Metadata) {
+        match self {
             Manifest::Persona {
                 api_version,
                 metadata,
@@ -50,32 +60,28 @@ impl Manifest {
                 api_version,
                 metadata,
                 ..
+            }
+            | Manifest::Rule {
+                api_version,
+                metadata,
+                ..
             } => (api_version, metadata),
-        };
+        }
+    }
+
+    fn validate(&self) -> Result<(), FieldError> {
+        let (api_version, metadata) = self.header();
         if api_version != API_VERSION {
             return Err(FieldError::new(
                 "apiVersion",
                 format!("{api_version:?} is not supported (expected {API_VERSION:?})"),
             ));
         }
-        let name_ok = !metadata.name.is_empty()
-            && metadata.name.len() <= 63
-            && metadata
-                .name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-        if !name_ok {
-            return Err(FieldError::new(
-                "metadata.name",
-                format!(
-                    "{:?} must be 1-63 lowercase letters, digits or '-'",
-                    metadata.name
-                ),
-            ));
-        }
+        validate_name(&metadata.name)?;
         match self {
             Manifest::Persona { spec, .. } => spec.validate(),
             Manifest::Device { spec, .. } => spec.validate(),
+            Manifest::Rule { spec, .. } => spec.validate(),
         }
     }
 }
@@ -111,7 +117,7 @@ pub fn parse_manifests(text: &str) -> Result<Vec<Manifest>, FieldError> {
         manifest.validate().map_err(|e| FieldError {
             field: format!(
                 "{} {:?}: {}",
-                kind_name(&manifest),
+                manifest.kind_name(),
                 manifest.name(),
                 e.field
             ),
@@ -120,13 +126,6 @@ pub fn parse_manifests(text: &str) -> Result<Vec<Manifest>, FieldError> {
         out.push(manifest);
     }
     Ok(out)
-}
-
-fn kind_name(m: &Manifest) -> &'static str {
-    match m {
-        Manifest::Persona { .. } => "Persona",
-        Manifest::Device { .. } => "Device",
-    }
 }
 
 /// Reads a file, or every `.yaml`/`.yml` file of a directory in name order.

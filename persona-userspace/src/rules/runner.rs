@@ -1,1 +1,285 @@
-pub fn placeholder() {}
+//! The rule engine at work in the daemon: it evaluates devices when signals arrive
+//! (before the request that brought them returns), when rules or devices change, and at
+//! the next instant a decision can change by itself (a schedule edge, an expiry, the end
+//! of a dwell time): at the boundary, not at a poll.
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
+
+use jiff::Timestamp;
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::{Mutex, Notify};
+use tracing::{info, warn};
+
+use super::{
+    RuleSpec,
+    engine::{Decision, DeviceView, History, Timing, decide},
+    signals::{Signal, SignalSet},
+};
+use crate::{
+    datapath::ShiftOptions,
+    model::DeviceSpec,
+    orchestrator::{Orchestrator, ShiftError},
+    store::{EventBody, Kind, StoreError},
+};
+
+pub struct RuleEngine {
+    orchestrator: Arc<Orchestrator>,
+    timing: Timing,
+    dry_run: bool,
+    state: Mutex<State>,
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    signals: SignalSet,
+    left: HashMap<String, BTreeMap<String, Timestamp>>,
+}
+
+/// What the engine did for one device.
+#[derive(Debug, Clone, Serialize)]
+pub struct Applied {
+    pub device: String,
+    pub decision: Decision,
+    /// The generation a shift produced, or the dry-run/failure note.
+    pub outcome: Option<Value>,
+}
+
+impl RuleEngine {
+    pub fn new(
+        orchestrator: Arc<Orchestrator>,
+        timing: Timing,
+        dry_run: bool,
+    ) -> Result<Arc<Self>, StoreError> {
+        let mut state = State::default();
+        for v in orchestrator.store().signals()? {
+            match serde_json::from_value::<Signal>(v) {
+                Ok(s) => {
+                    state.signals.merge(s);
+                }
+                Err(e) => warn!(error = %e, "skipping a stored signal that no longer parses"),
+            }
+        }
+        Ok(Arc::new(Self {
+            orchestrator,
+            timing,
+            dry_run,
+            state: Mutex::new(state),
+            wake: Notify::new(),
+        }))
+    }
+
+    /// Something changed (rules, devices): evaluate everything soon.
+    pub fn poke(&self) {
+        self.wake.notify_one();
+    }
+
+    fn rules(&self) -> Result<BTreeMap<String, RuleSpec>, StoreError> {
+        let mut out = BTreeMap::new();
+        for r in self.orchestrator.store().list(Kind::Rule)? {
+            match serde_json::from_value(r.spec) {
+                Ok(spec) => {
+                    out.insert(r.name, spec);
+                }
+                Err(e) => warn!(rule = %r.name, error = %e, "stored rule does not parse"),
+            }
+        }
+        Ok(out)
+    }
+
+    fn view(&self, device: &str) -> Result<Option<DeviceView>, StoreError> {
+        let Some(r) = self.orchestrator.store().get(Kind::Device, device)? else {
+            return Ok(None);
+        };
+        let Ok(spec) = serde_json::from_value::<DeviceSpec>(r.spec) else {
+            return Ok(None);
+        };
+        Ok(Some(DeviceView {
+            name: r.name,
+            labels: spec.labels,
+            owner: spec.owner,
+            role: spec.role,
+            default_persona: spec.persona,
+        }))
+    }
+
+    fn history(&self, state: &State, device: &str) -> Result<History, StoreError> {
+        let s = self.orchestrator.store().device_state(device)?;
+        Ok(History {
+            persona: s.as_ref().map(|s| s.persona.clone()),
+            rule: s.as_ref().and_then(|s| s.rule.clone()),
+            since: s.map(|s| s.since),
+            left: state.left.get(device).cloned().unwrap_or_default(),
+        })
+    }
+
+    /// The decision for a device right now, with every rule's verdict, changing nothing.
+    pub async fn explain(&self, device: &str) -> Result<Option<Decision>, StoreError> {
+        let state = self.state.lock().await;
+        let Some(view) = self.view(device)? else {
+            return Ok(None);
+        };
+        let hist = self.history(&state, device)?;
+        Ok(Some(decide(
+            &view,
+            &self.rules()?,
+            &state.signals,
+            &hist,
+            self.timing,
+            Timestamp::now(),
+        )))
+    }
+
+    /// Takes in signals (all were validated) and acts on the devices they concern.
+    pub async fn ingest(&self, signals: Vec<Signal>) -> Result<Vec<Applied>, StoreError> {
+        let mut state = self.state.lock().await;
+        let now = Timestamp::now();
+        let mut devices: Vec<String> = Vec::new();
+        for mut s in signals {
+            s.at.get_or_insert(now);
+            let key = format!("{}/{}", s.device, s.key());
+            let json = serde_json::to_value(&s).map_err(|e| StoreError::Backend(e.to_string()))?;
+            if !devices.contains(&s.device) {
+                devices.push(s.device.clone());
+            }
+            if state.signals.merge(s) {
+                self.orchestrator.store().put_signal(&key, &json)?;
+            }
+        }
+        let mut out = Vec::new();
+        for d in devices {
+            if let Some(a) = self.evaluate(&mut state, &d, now).await? {
+                out.push(a);
+            }
+        }
+        self.wake.notify_one();
+        Ok(out)
+    }
+
+    async fn evaluate(
+        &self,
+        state: &mut State,
+        device: &str,
+        now: Timestamp,
+    ) -> Result<Option<Applied>, StoreError> {
+        let Some(view) = self.view(device)? else {
+            return Ok(None);
+        };
+        let hist = self.history(state, device)?;
+        let decision = decide(
+            &view,
+            &self.rules()?,
+            &state.signals,
+            &hist,
+            self.timing,
+            now,
+        );
+        let mut outcome = None;
+        if decision.shift
+            && let Some(persona) = &decision.desired
+        {
+            let rule = decision.rule.clone().unwrap_or_else(|| "default".into());
+            let live: Vec<&Signal> = state.signals.live(device, now).collect();
+            let why = json!({ "why": decision.why, "signals": live });
+            if self.dry_run {
+                self.orchestrator.record(EventBody {
+                    kind: "shift".into(),
+                    actor: format!("rule:{rule}"),
+                    device: Some(device.into()),
+                    from: hist.persona.clone(),
+                    to: Some(persona.clone()),
+                    generation: None,
+                    result: "dry-run (rule engine)".into(),
+                    duration_us: None,
+                    detail: json!({ "cause": why }),
+                })?;
+                outcome = Some(json!("dry-run"));
+            } else {
+                let result = self
+                    .orchestrator
+                    .shift_for(
+                        device,
+                        persona,
+                        &format!("rule:{rule}"),
+                        false,
+                        ShiftOptions::default(),
+                        Some((rule.clone(), why)),
+                    )
+                    .await;
+                match result {
+                    Ok(o) => {
+                        info!(
+                            device,
+                            persona,
+                            rule,
+                            generation = o.generation,
+                            "rule engine shifted"
+                        );
+                        if let Some(old) = &hist.persona {
+                            state
+                                .left
+                                .entry(device.into())
+                                .or_default()
+                                .insert(old.clone(), now);
+                        }
+                        outcome = Some(json!({ "generation": o.generation }));
+                    }
+                    Err(ShiftError::Store(e)) => return Err(e),
+                    Err(e) => {
+                        warn!(device, persona, error = %e, "rule engine shift failed");
+                        outcome = Some(json!({ "error": e.to_string() }));
+                    }
+                }
+            }
+        }
+        Ok(Some(Applied {
+            device: device.into(),
+            decision,
+            outcome,
+        }))
+    }
+
+    /// Evaluates every device; returns when the next one may change by itself.
+    async fn evaluate_all(&self) -> Result<Option<Timestamp>, StoreError> {
+        let mut state = self.state.lock().await;
+        let now = Timestamp::now();
+        let mut next: Option<Timestamp> = None;
+        for d in self.orchestrator.store().list(Kind::Device)? {
+            if let Some(a) = self.evaluate(&mut state, &d.name, now).await?
+                && let Some(t) = a.decision.next_check
+            {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        }
+        Ok(next)
+    }
+
+    /// The engine's loop: evaluate, then sleep until the next boundary or a poke.
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            let next = match self.evaluate_all().await {
+                Ok(n) => n,
+                Err(e) => {
+                    warn!(error = %e, "rule evaluation failed");
+                    Some(Timestamp::now() + jiff::SignedDuration::from_secs(5))
+                }
+            };
+            let sleep = next.map(|t| {
+                let d = t.duration_since(Timestamp::now());
+                std::time::Duration::from_millis(d.as_millis().clamp(0, 86_400_000) as u64 + 1)
+            });
+            match sleep {
+                Some(d) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(d) => {}
+                        _ = self.wake.notified() => {}
+                    }
+                }
+                None => self.wake.notified().await,
+            }
+        }
+    }
+}

@@ -16,11 +16,14 @@ const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const DEVICE_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("device_state");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+const RULES: TableDefinition<&str, &[u8]> = TableDefinition::new("rules");
+const SIGNALS: TableDefinition<&str, &[u8]> = TableDefinition::new("signals");
 
 fn table(kind: Kind) -> TableDefinition<'static, &'static str, &'static [u8]> {
     match kind {
         Kind::Persona => PERSONAS,
         Kind::Device => DEVICES,
+        Kind::Rule => RULES,
     }
 }
 
@@ -28,6 +31,7 @@ fn label(kind: Kind) -> &'static str {
     match kind {
         Kind::Persona => "Persona",
         Kind::Device => "Device",
+        Kind::Rule => "Rule",
     }
 }
 
@@ -55,7 +59,7 @@ impl EmbeddedStore {
         }
         let db = Database::create(path).map_err(|e| backend(format!("{}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(backend)?;
-        for t in [PERSONAS, DEVICES, TOKENS, DEVICE_STATE] {
+        for t in [PERSONAS, DEVICES, TOKENS, DEVICE_STATE, RULES, SIGNALS] {
             txn.open_table(t).map_err(backend)?;
         }
         txn.open_table(EVENTS).map_err(backend)?;
@@ -227,6 +231,14 @@ impl Store for EmbeddedStore {
         };
         txn.commit().map_err(backend)?;
         Ok(event)
+    }
+
+    fn put_signal(&self, key: &str, signal: &Value) -> Result<()> {
+        self.write(SIGNALS, key, Some(&encode(signal)?))
+    }
+
+    fn signals(&self) -> Result<Vec<Value>> {
+        self.read_all(SIGNALS)
     }
 
     fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>> {

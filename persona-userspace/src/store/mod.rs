@@ -12,13 +12,23 @@ use serde_json::Value;
 pub enum Kind {
     Persona,
     Device,
+    Rule,
 }
 
 impl Kind {
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Persona => "Persona",
+            Kind::Device => "Device",
+            Kind::Rule => "Rule",
+        }
+    }
+
     pub fn plural(self) -> &'static str {
         match self {
             Kind::Persona => "personas",
             Kind::Device => "devices",
+            Kind::Rule => "rules",
         }
     }
 }
@@ -82,6 +92,9 @@ pub struct DeviceState {
     pub persona_version: u64,
     pub generation: u64,
     pub since: jiff::Timestamp,
+    /// The rule that chose this persona, when the rule engine did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
 }
 
 /// One entry of the audit log.
@@ -148,6 +161,10 @@ pub trait Store: Send + Sync + 'static {
     fn set_device_state(&self, device: &str, state: Option<&DeviceState>) -> Result<()>;
 
     fn append_event(&self, body: EventBody) -> Result<Event>;
+
+    /// Context signals, as JSON, one per key; the rule engine owns their meaning.
+    fn put_signal(&self, key: &str, signal: &Value) -> Result<()>;
+    fn signals(&self) -> Result<Vec<Value>>;
     /// Events with `seq > after`, oldest first, at most `limit`.
     fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>>;
 }

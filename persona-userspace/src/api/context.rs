@@ -1,0 +1,70 @@
+//! Context signals in, and the engine's reasons out.
+use axum::{Json, extract::Path, http::StatusCode};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiError, State};
+use crate::{
+    auth::Caller,
+    model::FieldError,
+    rules::signals::Signal,
+    store::{Kind, Role},
+};
+
+/// One signal or a batch.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ContextBody {
+    Many(Vec<Value>),
+    One(Value),
+}
+
+/// Push context signals (operator): all are checked first, then taken in together, and
+/// the devices they concern are re-evaluated before this returns.
+#[utoipa::path(post, path = "/context", request_body = Object, responses((status = 200, description = "What the engine decided and did per device"), (status = 422)), security(("bearer" = [])))]
+pub async fn push(
+    state: State,
+    caller: Caller,
+    Json(body): Json<ContextBody>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Operator)?;
+    let raw = match body {
+        ContextBody::Many(v) => v,
+        ContextBody::One(v) => vec![v],
+    };
+    let store = state.orchestrator.store();
+    let mut signals = Vec::with_capacity(raw.len());
+    for (i, v) in raw.into_iter().enumerate() {
+        let at = |f: &str| format!("signals[{i}].{f}");
+        let s: Signal = serde_json::from_value(v)
+            .map_err(|e| ApiError::from(FieldError::new(format!("signals[{i}]"), e.to_string())))?;
+        s.validate()
+            .map_err(|e| ApiError::from(FieldError::new(at(&e.field), e.reason)))?;
+        if store.get(Kind::Device, &s.device)?.is_none() {
+            return Err(
+                FieldError::new(at("device"), format!("no Device named {:?}", s.device)).into(),
+            );
+        }
+        signals.push(s);
+    }
+    let accepted = signals.len();
+    let applied = state.engine.ingest(signals).await?;
+    Ok(Json(json!({ "accepted": accepted, "devices": applied })))
+}
+
+/// Every rule, whether it selects and matches the device, and why (viewer).
+#[utoipa::path(get, path = "/explain/{id}", params(("id" = String, Path)), responses((status = 200), (status = 404)), security(("bearer" = [])))]
+pub async fn explain(
+    state: State,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Viewer)?;
+    match state.engine.explain(&id).await? {
+        Some(d) => Ok(Json(json!(d))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("Device {id:?} not found"),
+        )),
+    }
+}
