@@ -530,8 +530,22 @@ fn events_follow_prints_shifts_as_they_happen() {
         .spawn()
         .unwrap();
     let mut lines = std::io::BufReader::new(follow.stdout.take().unwrap()).lines();
-    // The history first: the apply and the first shift to office.
-    let first: Vec<String> = (&mut lines).take(4).map(Result::unwrap).collect();
+    // The history first, up to the first shift to office.
+    let mut first = Vec::new();
+    for line in (&mut lines).take(20) {
+        let line = line.unwrap();
+        let done = line.contains("shift") && line.contains("office");
+        first.push(line);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        first
+            .last()
+            .is_some_and(|l| l.contains("shift") && l.contains("office")),
+        "{first:?}"
+    );
     assert!(
         first
             .iter()
