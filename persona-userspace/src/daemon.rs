@@ -42,6 +42,8 @@ pub struct DaemonConfig {
     pub timing: Timing,
     /// Record the shifts the rule engine would make, make none.
     pub rules_dry_run: bool,
+    /// MaxMind-format database for geolocation signals that carry only an address.
+    pub geoip_db: Option<PathBuf>,
 }
 
 pub fn admin_token_path(data_dir: &Path) -> PathBuf {
@@ -114,7 +116,17 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         .await
         .context("reconciling stored devices")?;
     let orchestrator = Arc::new(orchestrator);
-    let engine = RuleEngine::new(orchestrator.clone(), config.timing, config.rules_dry_run)?;
+    let geoip = config
+        .geoip_db
+        .as_deref()
+        .map(crate::rules::geoip::GeoIp::open)
+        .transpose()?;
+    let engine = RuleEngine::new(
+        orchestrator.clone(),
+        config.timing,
+        config.rules_dry_run,
+        geoip,
+    )?;
     tokio::spawn(engine.clone().run());
     let app = api::router(Arc::new(AppState {
         auth,

@@ -179,3 +179,38 @@ fn context_to_flipped_datapath_latency() {
         ms(samples[samples.len() - 1])
     );
 }
+
+/// A geolocation signal with only an address gets its country from a MaxMind-format
+/// database the test writes itself; the admins-abroad rule (CEL) reacts to it.
+#[test]
+fn an_address_is_located_with_a_geoip_database() {
+    let db = std::path::PathBuf::from(format!("/tmp/persona-geo-{}.mmdb", std::process::id()));
+    let script = persona_tests::lab::script("write_mmdb.pl");
+    persona_tests::netns::sh(&format!(
+        "perl {script} {} 192.0.2.0/24=FR 198.51.100.0/24=DE",
+        db.display()
+    ));
+    let (lab, d) = start(&[
+        "--min-dwell",
+        "0",
+        "--cooldown",
+        "0",
+        "--geoip-db",
+        db.to_str().unwrap(),
+    ]);
+
+    let abroad = json!([
+        {"device": "vm1", "kind": "role", "role": "admin"},
+        {"device": "vm1", "kind": "geo", "address": "192.0.2.77"},
+    ]);
+    let (s, v) = d.admin(Method::POST, "/context", Some(&abroad));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["devices"][0]["decision"]["rule"], "admins-abroad", "{v}");
+    assert_eq!(lab.seen_from_outside().as_deref(), Some("203.0.113.20"));
+
+    let home = json!({"device": "vm1", "kind": "geo", "address": "198.51.100.77"});
+    let (_, v) = d.admin(Method::POST, "/context", Some(&home));
+    assert_eq!(v["devices"][0]["decision"]["desired"], "office", "{v}");
+    assert_eq!(lab.seen_from_outside().as_deref(), Some("203.0.113.10"));
+    let _ = std::fs::remove_file(&db);
+}

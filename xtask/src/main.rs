@@ -36,6 +36,8 @@ const APT_PACKAGES: &[&str] = &[
     "tcpdump",
     "bpftool",
     "python3",
+    // Writes the small GeoIP database the rule-engine tests look countries up in.
+    "libmaxmind-db-writer-perl",
 ];
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {

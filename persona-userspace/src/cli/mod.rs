@@ -78,6 +78,10 @@ pub enum Command {
         /// Let the rule engine record the shifts it would make, and make none.
         #[arg(long)]
         rules_dry_run: bool,
+        /// MaxMind-format database to find the country of geolocation signals that
+        /// carry only an address.
+        #[arg(long)]
+        geoip_db: Option<PathBuf>,
     },
     /// Create or update every object in a file or directory of manifests.
     Apply {
@@ -284,6 +288,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             min_dwell,
             cooldown,
             rules_dry_run,
+            geoip_db,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -305,6 +310,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     cooldown: jiff::SignedDuration::from_secs(*cooldown as i64),
                 },
                 rules_dry_run: *rules_dry_run,
+                geoip_db: geoip_db.clone(),
             }))
         }
         _ => {

@@ -1,6 +1,7 @@
 //! The rule engine: context signals about devices, rules over them, and the decision
 //! which persona each device should have, with the reasons.
 pub mod engine;
+pub mod geoip;
 pub mod runner;
 pub mod schedule;
 pub mod signals;

@@ -27,6 +27,7 @@ use crate::{
 
 pub struct RuleEngine {
     orchestrator: Arc<Orchestrator>,
+    geoip: Option<super::geoip::GeoIp>,
     timing: Timing,
     dry_run: bool,
     state: Mutex<State>,
@@ -53,6 +54,7 @@ impl RuleEngine {
         orchestrator: Arc<Orchestrator>,
         timing: Timing,
         dry_run: bool,
+        geoip: Option<super::geoip::GeoIp>,
     ) -> Result<Arc<Self>, StoreError> {
         let mut state = State::default();
         for v in orchestrator.store().signals()? {
@@ -65,6 +67,7 @@ impl RuleEngine {
         }
         Ok(Arc::new(Self {
             orchestrator,
+            geoip,
             timing,
             dry_run,
             state: Mutex::new(state),
@@ -140,6 +143,18 @@ impl RuleEngine {
         let mut devices: Vec<String> = Vec::new();
         for mut s in signals {
             s.at.get_or_insert(now);
+            // An address without a country is looked up when a database was given.
+            if let (
+                Some(db),
+                super::signals::SignalBody::Geo {
+                    country: country @ None,
+                    address: Some(ip),
+                    ..
+                },
+            ) = (&self.geoip, &mut s.body)
+            {
+                *country = db.country(*ip);
+            }
             let key = format!("{}/{}", s.device, s.key());
             let json = serde_json::to_value(&s).map_err(|e| StoreError::Backend(e.to_string()))?;
             if !devices.contains(&s.device) {
