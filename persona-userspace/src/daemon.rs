@@ -44,6 +44,8 @@ pub struct DaemonConfig {
     pub rules_dry_run: bool,
     /// MaxMind-format database for geolocation signals that carry only an address.
     pub geoip_db: Option<PathBuf>,
+    /// How often flows are read for applications, and how idle a flow may be to count.
+    pub app_observe: (std::time::Duration, std::time::Duration),
 }
 
 pub fn admin_token_path(data_dir: &Path) -> PathBuf {
@@ -128,6 +130,11 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         geoip,
     )?;
     tokio::spawn(engine.clone().run());
+    tokio::spawn(
+        engine
+            .clone()
+            .observe_applications(config.app_observe.0, config.app_observe.1),
+    );
     let app = api::router(Arc::new(AppState {
         auth,
         orchestrator,

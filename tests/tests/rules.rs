@@ -214,3 +214,70 @@ fn an_address_is_located_with_a_geoip_database() {
     assert_eq!(lab.seen_from_outside().as_deref(), Some("203.0.113.10"));
     let _ = std::fs::remove_file(&db);
 }
+
+/// An application defined by port and prefix is recognised in the device's real flows;
+/// a rule on it moves the device while the flow is fresh and lets it go when it idles.
+#[test]
+fn applications_seen_in_the_datapath_trigger_rules() {
+    let (lab, d) = start(&[
+        "--min-dwell",
+        "0",
+        "--cooldown",
+        "0",
+        "--app-observe-secs",
+        "1",
+        "--app-idle-secs",
+        "3",
+    ]);
+    let app = json!({"metadata": {"name": "web-admin"}, "spec": {"protocol": "tcp", "ports": ["8080"], "cidrs": ["198.51.100.0/24"]}});
+    assert_eq!(d.admin(Method::POST, "/applications", Some(&app)).0, 201);
+    let rule = json!({"metadata": {"name": "browsing"}, "spec": {
+        "priority": 30, "selector": {"matchLabels": {"team": "finance"}}, "persona": "travel",
+        "when": {"apps": {"anyOf": ["web-admin"]}},
+    }});
+    assert_eq!(d.admin(Method::POST, "/rules", Some(&rule)).0, 201);
+
+    let persona = || {
+        d.admin(Method::GET, "/status/vm1", None).1["persona"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    };
+    let wait_for = |want: &str, secs: u64| {
+        let start = Instant::now();
+        while persona() != want {
+            assert!(
+                start.elapsed() < Duration::from_secs(secs),
+                "vm1 never became {want}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        start.elapsed()
+    };
+    assert_eq!(persona(), "office");
+    assert_eq!(
+        lab.seen_from_outside().as_deref(),
+        Some("203.0.113.10"),
+        "a flow to 198.51.100.7:8080"
+    );
+    let took = wait_for("travel", 8);
+    eprintln!("flow seen -> shifted in {took:?}");
+    wait_for("office", 12);
+
+    let events = d.cli_ok("events -o json");
+    let browsing = events
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["actor"] == "rule:browsing")
+        .expect("a shift by the browsing rule");
+    assert_eq!(browsing["to"], "travel");
+    let signals = &browsing["detail"]["cause"]["why"]["signals"];
+    assert!(
+        signals
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["source"] == "datapath" && s["app"] == "web-admin"),
+        "{signals}"
+    );
+}

@@ -93,6 +93,16 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .put(objects::put_rule)
                 .delete(objects::delete_rule),
         )
+        .route(
+            "/applications",
+            get(objects::list_applications).post(objects::create_application),
+        )
+        .route(
+            "/applications/{id}",
+            get(objects::get_application)
+                .put(objects::put_application)
+                .delete(objects::delete_application),
+        )
         .route("/context", post(context::push))
         .route("/explain/{id}", get(context::explain))
         .route("/status/{id}", get(objects::status))

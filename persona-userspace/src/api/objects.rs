@@ -12,7 +12,7 @@ use crate::{
     auth::Caller,
     datapath::{ShiftOptions, compile},
     model::{DeviceSpec, FieldError, PersonaSpec},
-    rules::RuleSpec,
+    rules::{RuleSpec, apps::ApplicationSpec},
     store::{EventBody, Expect, Kind, Record, Role},
 };
 
@@ -77,6 +77,11 @@ fn validate(kind: Kind, body: &Body) -> Result<Value, ApiError> {
         }
         Kind::Rule => {
             let spec: RuleSpec = serde_json::from_value(body.spec.clone()).map_err(bad)?;
+            spec.validate()?;
+            serde_json::to_value(spec).map_err(|e| ApiError::internal(e.to_string()))
+        }
+        Kind::Application => {
+            let spec: ApplicationSpec = serde_json::from_value(body.spec.clone()).map_err(bad)?;
             spec.validate()?;
             serde_json::to_value(spec).map_err(|e| ApiError::internal(e.to_string()))
         }
@@ -235,7 +240,7 @@ async fn put(
     match kind {
         Kind::Device => settle_device(&state, &caller, &r).await?,
         Kind::Persona => reapply_persona(&state, &caller, &r).await?,
-        Kind::Rule => {}
+        Kind::Rule | Kind::Application => {}
     }
     state.engine.poke();
     Ok(Json(view(&r)))
@@ -285,7 +290,7 @@ async fn delete(
             }
             store.delete(kind, &id, expect)?;
         }
-        Kind::Rule => {
+        Kind::Rule | Kind::Application => {
             store.delete(kind, &id, expect)?;
             state.engine.poke();
         }
@@ -367,6 +372,15 @@ handlers!(
     put_rule,
     delete_rule,
     "/rules"
+);
+handlers!(
+    Kind::Application,
+    list_applications,
+    create_application,
+    get_application,
+    put_application,
+    delete_application,
+    "/applications"
 );
 
 /// The device's persona, generation, since when, and its counters.

@@ -35,7 +35,7 @@ pub(super) fn catalog(path: &std::path::Path) -> anyhow::Result<Catalog> {
                 }
             }
             // Rules need the daemon's engine; the pinned datapath has no use for them.
-            Manifest::Rule { .. } => {}
+            Manifest::Rule { .. } | Manifest::Application { .. } => {}
         }
     }
     for (name, d) in &devices {

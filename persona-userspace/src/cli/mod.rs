@@ -82,6 +82,12 @@ pub enum Command {
         /// carry only an address.
         #[arg(long)]
         geoip_db: Option<PathBuf>,
+        /// Seconds between looks at each device's flows for known applications.
+        #[arg(long, default_value_t = 5)]
+        app_observe_secs: u64,
+        /// A flow idle longer than this many seconds no longer shows its application.
+        #[arg(long, default_value_t = 30)]
+        app_idle_secs: u64,
     },
     /// Create or update every object in a file or directory of manifests.
     Apply {
@@ -203,6 +209,8 @@ pub enum KindArg {
     Devices,
     #[value(alias = "rule")]
     Rules,
+    #[value(alias = "application", alias = "apps")]
+    Applications,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -289,6 +297,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             cooldown,
             rules_dry_run,
             geoip_db,
+            app_observe_secs,
+            app_idle_secs,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -311,6 +321,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 rules_dry_run: *rules_dry_run,
                 geoip_db: geoip_db.clone(),
+                app_observe: (
+                    std::time::Duration::from_secs(*app_observe_secs),
+                    std::time::Duration::from_secs(*app_idle_secs),
+                ),
             }))
         }
         _ => {

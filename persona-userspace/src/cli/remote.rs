@@ -26,6 +26,7 @@ impl KindArg {
             KindArg::Personas => "/personas",
             KindArg::Devices => "/devices",
             KindArg::Rules => "/rules",
+            KindArg::Applications => "/applications",
         }
     }
     fn singular(self) -> &'static str {
@@ -33,6 +34,7 @@ impl KindArg {
             KindArg::Personas => "persona",
             KindArg::Devices => "device",
             KindArg::Rules => "rule",
+            KindArg::Applications => "application",
         }
     }
 }
@@ -72,6 +74,19 @@ fn table(kind: KindArg, items: &[Value]) {
                     list(s, "addresses"),
                     list(s, "dns"),
                     i["metadata"]["version"]
+                );
+            }
+        }
+        KindArg::Applications => {
+            println!("{:<20} {:<8} {:<24} CIDRS", "NAME", "PROTO", "PORTS");
+            for i in items {
+                let s = &i["spec"];
+                println!(
+                    "{:<20} {:<8} {:<24} {}",
+                    i["metadata"]["name"].as_str().unwrap_or(""),
+                    s["protocol"].as_str().unwrap_or("any"),
+                    list(s, "ports"),
+                    list(s, "cidrs")
                 );
             }
         }
@@ -140,13 +155,16 @@ async fn apply(client: &Client, path: &std::path::Path, dry_run: bool) -> anyhow
     manifests.sort_by_key(|m| match m {
         Manifest::Persona { .. } => 0,
         Manifest::Device { .. } => 1,
-        Manifest::Rule { .. } => 2,
+        Manifest::Rule { .. } | Manifest::Application { .. } => 2,
     });
     for m in manifests {
         let (kind, spec) = match &m {
             Manifest::Persona { spec, .. } => (KindArg::Personas, serde_json::to_value(spec)?),
             Manifest::Device { spec, .. } => (KindArg::Devices, serde_json::to_value(spec)?),
             Manifest::Rule { spec, .. } => (KindArg::Rules, serde_json::to_value(spec)?),
+            Manifest::Application { spec, .. } => {
+                (KindArg::Applications, serde_json::to_value(spec)?)
+            }
         };
         let name = m.name().to_owned();
         let label = format!("{}/{name}", kind.singular());

@@ -17,6 +17,7 @@ pub struct FakeDatapath {
     generation: u64,
     /// Interface names the fake pretends exist, with their ifindex.
     pub interfaces: HashMap<String, u32>,
+    pub flows: HashMap<u32, Vec<super::FlowInfo>>,
 }
 
 impl Datapath for FakeDatapath {
@@ -77,5 +78,9 @@ impl Datapath for FakeDatapath {
 
     fn counters(&self, _ifindex: u32) -> Result<Counters> {
         Ok(Counters::new())
+    }
+
+    fn flows(&self, ifindex: u32) -> Result<Vec<super::FlowInfo>> {
+        Ok(self.flows.get(&ifindex).cloned().unwrap_or_default())
     }
 }

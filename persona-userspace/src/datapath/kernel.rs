@@ -739,6 +739,33 @@ impl Datapath for KernelDatapath {
         }
     }
 
+    fn flows(&self, ifindex: u32) -> Result<Vec<super::FlowInfo>> {
+        // Entries carry bpf_ktime_get_ns(), which is CLOCK_MONOTONIC.
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map_err(|e| DatapathError::Bpf(format!("reading the monotonic clock: {e}")))?;
+        let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+        let mut out = Vec::new();
+        for item in self.maps.conntrack.iter() {
+            let Ok((key, entry)) = item else { continue };
+            if key.ifindex != ifindex {
+                continue;
+            }
+            let remote = if key.family == persona_common::FAMILY_V4 {
+                IpAddr::from([key.remote[0], key.remote[1], key.remote[2], key.remote[3]])
+            } else {
+                IpAddr::from(key.remote)
+            };
+            out.push(super::FlowInfo {
+                proto: key.proto,
+                remote,
+                remote_port: key.remote_port,
+                local_port: key.local_port,
+                idle: std::time::Duration::from_nanos(now_ns.saturating_sub(entry.last_seen_ns)),
+            });
+        }
+        Ok(out)
+    }
+
     fn counters(&self, ifindex: u32) -> Result<Counters> {
         let mut out = Counters::new();
         for key in self.maps.counters.keys() {

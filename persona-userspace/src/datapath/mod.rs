@@ -74,6 +74,17 @@ pub struct Shifted {
 /// Packets and bytes per direction and reason, summed over CPUs.
 pub type Counters = BTreeMap<(u8, Reason), Counter>;
 
+/// A tracked flow of a device, seen from the VM: the remote end and how long ago the
+/// last packet went either way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowInfo {
+    pub proto: u8,
+    pub remote: std::net::IpAddr,
+    pub remote_port: u16,
+    pub local_port: u16,
+    pub idle: std::time::Duration,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ActiveState {
     pub table: u32,
@@ -92,4 +103,6 @@ pub trait Datapath {
     fn shift(&mut self, ifindex: u32, staged: Staged, options: ShiftOptions) -> Result<Shifted>;
     fn active(&self, ifindex: u32) -> Result<Option<ActiveState>>;
     fn counters(&self, ifindex: u32) -> Result<Counters>;
+    /// The device's tracked flows, as connection tracking has them now.
+    fn flows(&self, ifindex: u32) -> Result<Vec<FlowInfo>>;
 }

@@ -34,6 +34,12 @@ pub enum Manifest {
         metadata: Metadata,
         spec: crate::rules::RuleSpec,
     },
+    Application {
+        #[serde(rename = "apiVersion")]
+        api_version: String,
+        metadata: Metadata,
+        spec: crate::rules::apps::ApplicationSpec,
+    },
 }
 
 impl Manifest {
@@ -46,6 +52,7 @@ impl Manifest {
             Manifest::Persona { .. } => "Persona",
             Manifest::Device { .. } => "Device",
             Manifest::Rule { .. } => "Rule",
+            Manifest::Application { .. } => "Application",
         }
     }
 
@@ -62,6 +69,11 @@ impl Manifest {
                 ..
             }
             | Manifest::Rule {
+                api_version,
+                metadata,
+                ..
+            }
+            | Manifest::Application {
                 api_version,
                 metadata,
                 ..
@@ -82,6 +94,7 @@ impl Manifest {
             Manifest::Persona { spec, .. } => spec.validate(),
             Manifest::Device { spec, .. } => spec.validate(),
             Manifest::Rule { spec, .. } => spec.validate(),
+            Manifest::Application { spec, .. } => spec.validate(),
         }
     }
 }

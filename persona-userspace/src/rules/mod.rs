@@ -1,5 +1,6 @@
 //! The rule engine: context signals about devices, rules over them, and the decision
 //! which persona each device should have, with the reasons.
+pub mod apps;
 pub mod engine;
 pub mod geoip;
 pub mod runner;

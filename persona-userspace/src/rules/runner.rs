@@ -297,4 +297,80 @@ impl RuleEngine {
             }
         }
     }
+
+    /// Every `every`, reads each device's flows from the datapath and reports the
+    /// applications seen in them (a flow idle less than `idle`) as app signals with
+    /// source "datapath", when that changes.
+    pub async fn observe_applications(
+        self: Arc<Self>,
+        every: std::time::Duration,
+        idle: std::time::Duration,
+    ) {
+        let mut seen: HashMap<String, std::collections::BTreeSet<String>> = HashMap::new();
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(e) = self.observe_once(&mut seen, idle).await {
+                warn!(error = %e, "observing applications failed");
+            }
+        }
+    }
+
+    async fn observe_once(
+        &self,
+        seen: &mut HashMap<String, std::collections::BTreeSet<String>>,
+        idle: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        let store = self.orchestrator.store().clone();
+        let apps: Vec<(String, super::apps::ApplicationSpec)> = store
+            .list(Kind::Application)?
+            .into_iter()
+            .filter_map(|r| serde_json::from_value(r.spec).ok().map(|s| (r.name, s)))
+            .collect();
+        if apps.is_empty() {
+            return Ok(());
+        }
+        let mut signals = Vec::new();
+        for d in store.list(Kind::Device)? {
+            let Ok(spec) = serde_json::from_value::<DeviceSpec>(d.spec) else {
+                continue;
+            };
+            let iface = spec.interface.clone();
+            let flows = self
+                .orchestrator
+                .datapath()
+                .call(move |dp| {
+                    let ifindex = nix::net::if_::if_nametoindex(iface.as_str()).map_err(|_| {
+                        crate::datapath::DatapathError::NoSuchInterface(iface.clone())
+                    })?;
+                    dp.flows(ifindex)
+                })
+                .await;
+            let Ok(flows) = flows else { continue };
+            let active: std::collections::BTreeSet<String> = apps
+                .iter()
+                .filter(|(_, a)| flows.iter().any(|f| f.idle < idle && a.matches(f)))
+                .map(|(n, _)| n.clone())
+                .collect();
+            let before = seen.entry(d.name.clone()).or_default();
+            let changes = active
+                .difference(before)
+                .map(|a| (a.clone(), true))
+                .chain(before.difference(&active).map(|a| (a.clone(), false)))
+                .collect::<Vec<_>>();
+            for (app, on) in changes {
+                signals.push(Signal {
+                    device: d.name.clone(),
+                    body: super::signals::SignalBody::App { app, active: on },
+                    source: "datapath".into(),
+                    at: Some(Timestamp::now()),
+                    ttl: None,
+                });
+            }
+            *before = active;
+        }
+        if !signals.is_empty() {
+            self.ingest(signals).await?;
+        }
+        Ok(())
+    }
 }

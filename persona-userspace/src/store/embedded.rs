@@ -17,6 +17,7 @@ const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 const DEVICE_STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("device_state");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const RULES: TableDefinition<&str, &[u8]> = TableDefinition::new("rules");
+const APPLICATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("applications");
 const SIGNALS: TableDefinition<&str, &[u8]> = TableDefinition::new("signals");
 
 fn table(kind: Kind) -> TableDefinition<'static, &'static str, &'static [u8]> {
@@ -24,6 +25,7 @@ fn table(kind: Kind) -> TableDefinition<'static, &'static str, &'static [u8]> {
         Kind::Persona => PERSONAS,
         Kind::Device => DEVICES,
         Kind::Rule => RULES,
+        Kind::Application => APPLICATIONS,
     }
 }
 
@@ -32,6 +34,7 @@ fn label(kind: Kind) -> &'static str {
         Kind::Persona => "Persona",
         Kind::Device => "Device",
         Kind::Rule => "Rule",
+        Kind::Application => "Application",
     }
 }
 
@@ -59,7 +62,15 @@ impl EmbeddedStore {
         }
         let db = Database::create(path).map_err(|e| backend(format!("{}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(backend)?;
-        for t in [PERSONAS, DEVICES, TOKENS, DEVICE_STATE, RULES, SIGNALS] {
+        for t in [
+            PERSONAS,
+            DEVICES,
+            TOKENS,
+            DEVICE_STATE,
+            RULES,
+            SIGNALS,
+            APPLICATIONS,
+        ] {
             txn.open_table(t).map_err(backend)?;
         }
         txn.open_table(EVENTS).map_err(backend)?;

@@ -13,6 +13,7 @@ pub enum Kind {
     Persona,
     Device,
     Rule,
+    Application,
 }
 
 impl Kind {
@@ -21,6 +22,7 @@ impl Kind {
             Kind::Persona => "Persona",
             Kind::Device => "Device",
             Kind::Rule => "Rule",
+            Kind::Application => "Application",
         }
     }
 
@@ -29,6 +31,7 @@ impl Kind {
             Kind::Persona => "personas",
             Kind::Device => "devices",
             Kind::Rule => "rules",
+            Kind::Application => "applications",
         }
     }
 }
