@@ -54,7 +54,7 @@ fn shifts_under_load_lose_nothing_and_never_mix_personas() {
                         personas.push(compile(&spec).expect("compiles"))
                     }
                     Manifest::Device { spec, .. } => device = Some(spec),
-                    Manifest::Rule { .. } => {}
+                    Manifest::Rule { .. } | Manifest::Application { .. } => {}
                 }
             }
             let ifindex = dp.attach(&device.expect("a device")).expect("attach");
