@@ -113,7 +113,13 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let auth = Auth::new(store.clone());
     bootstrap_admin(&auth, &config.data_dir)?;
     let tls = TlsApplier::new(config.data_dir.join("tls"), config.tls_hook.clone());
-    let orchestrator = Orchestrator::new(store, datapath, events, tls);
+    let orchestrator = Orchestrator::new(
+        store,
+        datapath,
+        events,
+        tls,
+        Arc::new(crate::metrics::Metrics::default()),
+    );
     reconcile(&orchestrator)
         .await
         .context("reconciling stored devices")?;

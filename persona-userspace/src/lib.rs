@@ -9,6 +9,7 @@ pub mod client;
 pub mod daemon;
 pub mod datapath;
 pub mod host;
+pub mod metrics;
 pub mod model;
 pub mod orchestrator;
 pub mod rules;

@@ -168,6 +168,7 @@ pub fn plan(
 pub struct Orchestrator {
     store: Arc<dyn Store>,
     tls: TlsApplier,
+    metrics: Arc<crate::metrics::Metrics>,
     datapath: DatapathHandle,
     events: broadcast::Sender<Event>,
     /// Shifts of one device never interleave.
@@ -195,10 +196,12 @@ impl Orchestrator {
         datapath: DatapathHandle,
         events: broadcast::Sender<Event>,
         tls: TlsApplier,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         Self {
             store,
             tls,
+            metrics,
             datapath,
             events,
             lock: tokio::sync::Mutex::new(()),
@@ -217,6 +220,10 @@ impl Orchestrator {
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
+    }
+
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
     }
 
     pub fn datapath(&self) -> &DatapathHandle {
@@ -259,6 +266,42 @@ impl Orchestrator {
 
     /// A shift with its cause recorded: the rule that chose it and the signals behind it.
     pub async fn shift_for(
+        &self,
+        device: &str,
+        persona: &str,
+        actor: &str,
+        dry_run: bool,
+        options: ShiftOptions,
+        cause: Option<(String, Value)>,
+    ) -> Result<Outcome, ShiftError> {
+        let start = Instant::now();
+        let result = self
+            .shift_inner(device, persona, actor, dry_run, options, cause)
+            .await;
+        let trigger = crate::metrics::trigger(actor).to_owned();
+        let outcome = match &result {
+            Ok(o) if o.dry_run => "dry_run",
+            Ok(_) => "ok",
+            Err(ShiftError::RolledBack { .. }) => "rolled_back",
+            Err(_) => "refused",
+        };
+        self.metrics
+            .shifts
+            .get_or_create(&crate::metrics::ShiftLabels {
+                trigger: trigger.clone(),
+                result: outcome.into(),
+            })
+            .inc();
+        if outcome == "ok" {
+            self.metrics
+                .shift_latency
+                .get_or_create(&crate::metrics::TriggerLabels { trigger })
+                .observe(start.elapsed().as_secs_f64());
+        }
+        result
+    }
+
+    async fn shift_inner(
         &self,
         device: &str,
         persona: &str,

@@ -38,6 +38,8 @@ const APT_PACKAGES: &[&str] = &[
     "python3",
     // Writes the small GeoIP database the rule-engine tests look countries up in.
     "libmaxmind-db-writer-perl",
+    // promtool checks the daemon's /metrics output in the tests.
+    "prometheus",
 ];
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {

@@ -2,6 +2,7 @@
 mod context;
 mod error;
 mod events;
+mod metrics;
 mod objects;
 mod openapi;
 mod shift;
@@ -103,6 +104,7 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .put(objects::put_application)
                 .delete(objects::delete_application),
         )
+        .route("/metrics", get(metrics::scrape))
         .route("/context", post(context::push))
         .route("/explain/{id}", get(context::explain))
         .route("/status/{id}", get(objects::status))
@@ -110,5 +112,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/events", get(events::list))
         .route("/tokens", get(tokens::list).post(tokens::create))
         .route("/tokens/{id}", axum::routing::delete(tokens::revoke))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::count_requests,
+        ))
         .with_state(state)
 }

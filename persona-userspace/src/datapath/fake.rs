@@ -80,6 +80,10 @@ impl Datapath for FakeDatapath {
         Ok(Counters::new())
     }
 
+    fn usage(&self) -> Result<super::Usage> {
+        Ok(super::Usage::default())
+    }
+
     fn flows(&self, ifindex: u32) -> Result<Vec<super::FlowInfo>> {
         Ok(self.flows.get(&ifindex).cloned().unwrap_or_default())
     }

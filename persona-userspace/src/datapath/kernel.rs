@@ -739,6 +739,43 @@ impl Datapath for KernelDatapath {
         }
     }
 
+    fn usage(&self) -> Result<super::Usage> {
+        use persona_common::{
+            conntrack::CT_MAX_ENTRIES, device::MAX_DEVICES, firewall::MAX_PREFIXES,
+            persona::MAX_TABLES,
+        };
+        let count = |n: usize| n as u64;
+        Ok(super::Usage {
+            maps: vec![
+                (
+                    "devices",
+                    count(self.maps.devices.keys().count()),
+                    MAX_DEVICES as u64,
+                ),
+                (
+                    "persona_tables",
+                    count(self.tables.in_use()),
+                    (MAX_TABLES - 1) as u64,
+                ),
+                (
+                    "fw_v4",
+                    count(self.maps.fw_v4.keys().count()),
+                    MAX_PREFIXES as u64,
+                ),
+                (
+                    "fw_v6",
+                    count(self.maps.fw_v6.keys().count()),
+                    MAX_PREFIXES as u64,
+                ),
+                (
+                    "conntrack",
+                    count(self.maps.conntrack.keys().count()),
+                    CT_MAX_ENTRIES as u64,
+                ),
+            ],
+        })
+    }
+
     fn flows(&self, ifindex: u32) -> Result<Vec<super::FlowInfo>> {
         // Entries carry bpf_ktime_get_ns(), which is CLOCK_MONOTONIC.
         let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)

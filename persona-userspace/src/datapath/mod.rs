@@ -85,6 +85,12 @@ pub struct FlowInfo {
     pub idle: std::time::Duration,
 }
 
+/// Entries in use and capacity, per map.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub maps: Vec<(&'static str, u64, u64)>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ActiveState {
     pub table: u32,
@@ -105,4 +111,6 @@ pub trait Datapath {
     fn counters(&self, ifindex: u32) -> Result<Counters>;
     /// The device's tracked flows, as connection tracking has them now.
     fn flows(&self, ifindex: u32) -> Result<Vec<FlowInfo>>;
+    /// How full the tables are.
+    fn usage(&self) -> Result<Usage>;
 }

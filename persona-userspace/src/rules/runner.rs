@@ -184,6 +184,7 @@ impl RuleEngine {
             return Ok(None);
         };
         let hist = self.history(state, device)?;
+        self.orchestrator.metrics().rule_evaluations.inc();
         let decision = decide(
             &view,
             &self.rules()?,

@@ -1,0 +1,115 @@
+//! `GET /metrics`: the Prometheus text exposition.
+use axum::{
+    extract::{MatchedPath, Request},
+    http::header::CONTENT_TYPE,
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+
+use super::{ApiError, State};
+use crate::{
+    auth::Caller,
+    metrics::{DeviceLabels, InfoLabels, MapLabels, OneDevice, RequestLabels, Snapshot},
+    model::DeviceSpec,
+    store::{Kind, Role},
+};
+
+/// Counts every request by its route pattern (not its path: ids would explode the
+/// label set) and status.
+pub async fn count_requests(state: State, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = req.method().to_string();
+    let response = next.run(req).await;
+    state
+        .orchestrator
+        .metrics()
+        .api_requests
+        .get_or_create(&RequestLabels {
+            route,
+            method,
+            status: response.status().as_u16().to_string(),
+        })
+        .inc();
+    response
+}
+
+/// The metrics (viewer), datapath counters read at this moment.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format")), security(("bearer" = [])))]
+pub async fn scrape(
+    state: State,
+    caller: Caller,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Viewer)?;
+    let store = state.orchestrator.store().clone();
+    let mut devices = Vec::new();
+    for d in store.list(Kind::Device)? {
+        let Ok(spec) = serde_json::from_value::<DeviceSpec>(d.spec) else {
+            continue;
+        };
+        let persona = store.device_state(&d.name)?.map(|s| s.persona);
+        devices.push((d.name, spec.interface, persona));
+    }
+    let snapshot = state
+        .orchestrator
+        .datapath()
+        .call(move |dp| {
+            let mut snap = Snapshot::default();
+            for (name, iface, persona) in devices {
+                let Ok(ifindex) = nix::net::if_::if_nametoindex(iface.as_str()) else {
+                    continue;
+                };
+                for ((dir, reason), c) in dp.counters(ifindex)? {
+                    let labels = DeviceLabels {
+                        device: name.clone(),
+                        direction: if dir == persona_common::DIR_EGRESS {
+                            "egress"
+                        } else {
+                            "ingress"
+                        }
+                        .into(),
+                        reason: reason.label().into(),
+                        verdict: if reason.passes() { "pass" } else { "drop" }.into(),
+                    };
+                    snap.counters.push((labels, c.packets, c.bytes));
+                }
+                if let (Some(active), Some(persona)) = (dp.active(ifindex)?, persona) {
+                    snap.info.push((
+                        InfoLabels {
+                            device: name.clone(),
+                            persona,
+                            interface: iface.clone(),
+                        },
+                        active.generation,
+                    ));
+                }
+                snap.flows
+                    .push((OneDevice { device: name }, dp.flows(ifindex)?.len() as u64));
+            }
+            for (map, used, cap) in dp.usage()?.maps {
+                snap.maps.push((MapLabels { map: map.into() }, used, cap));
+            }
+            Ok(snap)
+        })
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    // Prometheus asks for OpenMetrics; everything else gets the classic text format.
+    let openmetrics = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    let text = state
+        .orchestrator
+        .metrics()
+        .render(snapshot, openmetrics)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let content_type = if openmetrics {
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    } else {
+        "text/plain; version=0.0.4; charset=utf-8"
+    };
+    Ok(([(CONTENT_TYPE, content_type)], text).into_response())
+}

@@ -1,0 +1,232 @@
+//! Prometheus metrics. Long-lived ones (shifts, latency, rule evaluations, API requests)
+//! are updated where things happen; the datapath's counters and fill levels are read at
+//! scrape time and encoded by a collector, so they are exact and survive restarts (they
+//! live in the pinned maps).
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::ConstGauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShiftLabels {
+    pub trigger: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TriggerLabels {
+    pub trigger: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: String,
+    pub method: String,
+    pub status: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 us to ~13 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub shifts: Family<ShiftLabels, Counter>,
+    pub shift_latency: Family<TriggerLabels, Histogram, fn() -> Histogram>,
+    pub rule_evaluations: Counter,
+    pub api_requests: Family<RequestLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            shifts: Family::default(),
+            shift_latency: Family::new_with_constructor(latency_histogram),
+            rule_evaluations: Counter::default(),
+            api_requests: Family::default(),
+        }
+    }
+}
+
+/// What caused a shift, from the audit log's actor.
+pub fn trigger(actor: &str) -> &'static str {
+    match actor.split(':').next() {
+        Some("rule") => "rule",
+        Some("token") => "api",
+        Some("daemon") => "reconcile",
+        _ => "other",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeviceLabels {
+    pub device: String,
+    pub direction: String,
+    pub reason: String,
+    pub verdict: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InfoLabels {
+    pub device: String,
+    pub persona: String,
+    pub interface: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabels {
+    pub map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OneDevice {
+    pub device: String,
+}
+
+/// The datapath as one scrape saw it.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub counters: Vec<(DeviceLabels, u64, u64)>,
+    pub info: Vec<(InfoLabels, u64)>,
+    pub flows: Vec<(OneDevice, u64)>,
+    pub maps: Vec<(MapLabels, u64, u64)>,
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut counter = |name: &str,
+                           help: &str,
+                           rows: Vec<(&DeviceLabels, u64)>|
+         -> Result<(), std::fmt::Error> {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (labels, v) in rows {
+                ConstCounter::new(v).encode(family.encode_family(labels)?)?;
+            }
+            Ok(())
+        };
+        counter(
+            "persona_device_packets",
+            "Packets the persona programs handled, by device, direction (egress = from the VM), reason and verdict",
+            self.counters.iter().map(|(l, p, _)| (l, *p)).collect(),
+        )?;
+        counter(
+            "persona_device_bytes",
+            "Bytes the persona programs handled, by device, direction, reason and verdict",
+            self.counters.iter().map(|(l, _, b)| (l, *b)).collect(),
+        )?;
+        let mut info = encoder.encode_descriptor(
+            "persona_device_generation",
+            "The generation of the active persona, labelled with the persona: join on device",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (l, g) in &self.info {
+            ConstGauge::new(*g as i64).encode(info.encode_family(l)?)?;
+        }
+        let mut flows = encoder.encode_descriptor(
+            "persona_device_tracked_flows",
+            "Flows in connection tracking, by device",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (l, n) in &self.flows {
+            ConstGauge::new(*n as i64).encode(flows.encode_family(l)?)?;
+        }
+        let mut used = encoder.encode_descriptor(
+            "persona_map_entries",
+            "Entries in use in a datapath map",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (l, n, _) in &self.maps {
+            ConstGauge::new(*n as i64).encode(used.encode_family(l)?)?;
+        }
+        let mut cap = encoder.encode_descriptor(
+            "persona_map_capacity",
+            "Entries a datapath map can hold",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (l, _, c) in &self.maps {
+            ConstGauge::new(*c as i64).encode(cap.encode_family(l)?)?;
+        }
+        Ok(())
+    }
+}
+
+impl Metrics {
+    /// The text exposition: these metrics and the datapath snapshot, in one registry;
+    /// OpenMetrics, or the classic Prometheus text format when `openmetrics` is false.
+    pub fn render(&self, snapshot: Snapshot, openmetrics: bool) -> Result<String, std::fmt::Error> {
+        let mut registry = Registry::default();
+        registry.register(
+            "persona_shifts",
+            "Shifts, by what triggered them and how they ended",
+            self.shifts.clone(),
+        );
+        registry.register(
+            "persona_shift_duration_seconds",
+            "Time from a shift's trigger to the flipped datapath (and the steps after it)",
+            self.shift_latency.clone(),
+        );
+        registry.register(
+            "persona_rule_evaluations",
+            "Device evaluations by the rule engine",
+            self.rule_evaluations.clone(),
+        );
+        registry.register(
+            "persona_api_requests",
+            "API requests, by route, method and status",
+            self.api_requests.clone(),
+        );
+        registry.register_collector(Box::new(snapshot));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry)?;
+        Ok(if openmetrics { out } else { classic(&out) })
+    }
+}
+
+/// OpenMetrics text to the Prometheus 0.0.4 text format: counter families are named
+/// with their `_total` suffix, and `# EOF` and `# UNIT` lines go.
+fn classic(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut help: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if line.starts_with("# EOF") || line.starts_with("# UNIT") {
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            help = Some(line);
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+            let family = if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            };
+            if let Some(h) = help.take() {
+                let text = h
+                    .strip_prefix("# HELP ")
+                    .and_then(|r| r.split_once(' '))
+                    .map_or("", |(_, t)| t);
+                out.push_str(&format!("# HELP {family} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {family} {kind}\n"));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}

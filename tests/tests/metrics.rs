@@ -1,0 +1,142 @@
+//! /metrics on the real daemon: valid for promtool, and exact for traffic of known
+//! size and count.
+use std::io::Write as _;
+
+use hyper::Method;
+use persona_tests::{
+    daemon::Daemon,
+    lab::{Lab, OUTSIDE, VmLink},
+};
+
+/// The classic text format, as curl (and promtool) read it.
+fn scrape(d: &Daemon) -> String {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--unix-socket", d.socket.to_str().unwrap()])
+        .args([
+            "-H",
+            &format!("Authorization: Bearer {}", d.admin),
+            "http://persona/metrics",
+        ])
+        .output()
+        .expect("curl");
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn value(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .unwrap_or_else(|| panic!("{series} missing from\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn promtool_accepts_the_metrics_and_they_count_exactly() {
+    let lab = Lab::new(VmLink::Veth);
+    let d = Daemon::start(&lab);
+    d.cli_ok("apply -f examples/");
+    d.cli_ok("shift vm1 travel");
+    d.cli_ok("shift vm1 office");
+
+    let before = scrape(&d);
+    let key = |reason: &str| {
+        format!(
+            "persona_device_packets_total{{device=\"vm1\",direction=\"egress\",reason=\"{reason}\",verdict=\"pass\"}}"
+        )
+    };
+    let bytes_key = |reason: &str| {
+        format!(
+            "persona_device_bytes_total{{device=\"vm1\",direction=\"egress\",reason=\"{reason}\",verdict=\"pass\"}}"
+        )
+    };
+    // 50 UDP datagrams of 100 bytes of payload to a port nobody listens on: one new flow
+    // (allow_default) and 49 tracked packets, each 14 + 20 + 8 + 100 = 142 bytes on the tap.
+    let sent = lab.vm.try_exec(&format!(
+        "python3 -c 'import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); [s.sendto(bytes(100), (\"{OUTSIDE}\", 9999)) for _ in range(50)]'"
+    ));
+    assert!(sent.status.success());
+    let after = scrape(&d);
+    let delta = |k: &str| value(&after, k) - value(&before, k);
+    assert_eq!(
+        delta(&key("allow_default")) + delta(&key("allow_tracked")),
+        50,
+        "{after}"
+    );
+    assert_eq!(
+        delta(&bytes_key("allow_default")) + delta(&bytes_key("allow_tracked")),
+        50 * 142
+    );
+    assert_eq!(
+        value(
+            &after,
+            "persona_shifts_total{trigger=\"api\",result=\"ok\"}"
+        ),
+        3,
+        "the first shift and two more"
+    );
+    assert!(value(&after, "persona_map_capacity{map=\"conntrack\"}") >= 65_536);
+    assert!(
+        after.contains(
+            "persona_device_generation{device=\"vm1\",persona=\"office\",interface=\"pvm1\"} 3"
+        ),
+        "{after}"
+    );
+    assert!(
+        after.contains(
+            "persona_api_requests_total{route=\"/trigger_shift\",method=\"POST\",status=\"200\"} 2"
+        ),
+        "{after}"
+    );
+
+    let promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .output_with_stdin(after.as_bytes());
+    assert!(
+        promtool.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&promtool.stdout),
+        String::from_utf8_lossy(&promtool.stderr)
+    );
+
+    // Prometheus itself asks for OpenMetrics, and gets it.
+    let om = std::process::Command::new("curl")
+        .args(["-sS", "--unix-socket", d.socket.to_str().unwrap()])
+        .args(["-H", &format!("Authorization: Bearer {}", d.admin)])
+        .args([
+            "-H",
+            "Accept: application/openmetrics-text; version=1.0.0",
+            "http://persona/metrics",
+        ])
+        .output()
+        .expect("curl");
+    let om = String::from_utf8(om.stdout).unwrap();
+    assert!(
+        om.trim_end().ends_with("# EOF") && om.contains("# TYPE persona_shifts counter"),
+        "{om}"
+    );
+
+    let (s, _) = d.call(None, Method::GET, "/metrics", None);
+    assert_eq!(s, 401, "metrics need a token like every other endpoint");
+}
+
+trait OutputWithStdin {
+    fn output_with_stdin(&mut self, input: &[u8]) -> std::process::Output;
+}
+
+impl OutputWithStdin for std::process::Command {
+    fn output_with_stdin(&mut self, input: &[u8]) -> std::process::Output {
+        let mut child = self
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    }
+}
