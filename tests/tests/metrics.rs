@@ -140,3 +140,44 @@ impl OutputWithStdin for std::process::Command {
         child.wait_with_output().unwrap()
     }
 }
+
+/// `persona top` in a real terminal (tmux), while the VM sends a bounded UDP stream.
+#[test]
+fn persona_top_shows_live_rates_in_a_terminal() {
+    let lab = Lab::new(VmLink::Veth);
+    let d = Daemon::start(&lab);
+    d.cli_ok("apply -f examples/");
+    let session = format!("persona-top-{}", std::process::id());
+    let cmd = format!(
+        "{} --server unix:{} --data-dir {} top --interval 0.5",
+        persona_tests::lab::persona_bin().display(),
+        d.socket.display(),
+        d.data_dir.display()
+    );
+    persona_tests::netns::sh(&format!(
+        "tmux new-session -d -s {session} -x 130 -y 12 '{cmd}'"
+    ));
+    let traffic = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.vm.name, "python3", "-c"])
+        .arg(format!(
+            "import socket, time\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nfor _ in range(3000):\n    s.sendto(bytes(200), ('{OUTSIDE}', 9999)); time.sleep(0.001)"
+        ))
+        .spawn()
+        .expect("traffic");
+    std::thread::sleep(std::time::Duration::from_millis(2000));
+    let screen = persona_tests::netns::sh(&format!("tmux capture-pane -p -t {session}"));
+    let _ = persona_tests::netns::try_sh(&format!("tmux kill-session -t {session}"));
+    let _ = traffic.wait_with_output();
+    assert!(
+        screen.contains("persona top - every 0.5s, 1 devices"),
+        "{screen}"
+    );
+    let row = screen
+        .lines()
+        .find(|l| l.starts_with("vm1"))
+        .unwrap_or_else(|| panic!("no vm1 row:\n{screen}"));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cols[1], "office", "{row}");
+    let out_pps: f64 = cols[3].parse().unwrap();
+    assert!(out_pps > 50.0, "outbound packets per second shown: {row}");
+}

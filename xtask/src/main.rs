@@ -40,6 +40,9 @@ const APT_PACKAGES: &[&str] = &[
     "libmaxmind-db-writer-perl",
     // promtool checks the daemon's /metrics output in the tests.
     "prometheus",
+    // `persona top` is checked in a real terminal.
+    "tmux",
+    "curl",
 ];
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {

@@ -166,6 +166,15 @@ pub enum Command {
         #[arg(long, conflicts_with = "device")]
         feed: Option<PathBuf>,
     },
+    /// Live per-device packet and byte rates, refreshed until interrupted.
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 2.0)]
+        interval: f64,
+        /// Stop after this many refreshes (0: never).
+        #[arg(long, default_value_t = 0)]
+        iterations: u64,
+    },
     /// Why the rule engine wants what it wants for a device: every rule and condition.
     Explain { device: String },
     /// Manage API tokens (admin).

@@ -247,6 +247,110 @@ fn event_line(e: &Value) -> String {
     )
 }
 
+/// Totals per device: persona, generation, and packets/bytes passed and dropped per
+/// direction (egress pass, egress drop, ingress pass, ingress drop).
+type Totals = std::collections::BTreeMap<String, (String, String, [u64; 8])>;
+
+async fn totals(client: &Client) -> anyhow::Result<Totals> {
+    let mut out = Totals::new();
+    let devices = client.ok(Method::GET, "/devices", None).await?;
+    for d in devices["items"].as_array().into_iter().flatten() {
+        let Some(name) = d["metadata"]["name"].as_str() else {
+            continue;
+        };
+        let s = client
+            .ok(Method::GET, &format!("/status/{name}"), None)
+            .await?;
+        let mut sums = [0u64; 8];
+        for r in s["counters"].as_array().into_iter().flatten() {
+            let egress = r["direction"] == "egress";
+            let pass = r["reason"]
+                .as_str()
+                .is_some_and(|x| x.starts_with("allow") || x.starts_with("pass"));
+            let base = match (egress, pass) {
+                (true, true) => 0,
+                (true, false) => 2,
+                (false, true) => 4,
+                (false, false) => 6,
+            };
+            sums[base] += r["packets"].as_u64().unwrap_or(0);
+            sums[base + 1] += r["bytes"].as_u64().unwrap_or(0);
+        }
+        let persona = s["persona"].as_str().unwrap_or("-").to_owned();
+        out.insert(
+            name.to_owned(),
+            (persona, s["generation"].to_string(), sums),
+        );
+    }
+    Ok(out)
+}
+
+fn human(bytes_per_s: f64) -> String {
+    let bits = bytes_per_s * 8.0;
+    match bits {
+        b if b >= 1e9 => format!("{:.1}Gb/s", b / 1e9),
+        b if b >= 1e6 => format!("{:.1}Mb/s", b / 1e6),
+        b if b >= 1e3 => format!("{:.1}kb/s", b / 1e3),
+        b => format!("{b:.0}b/s"),
+    }
+}
+
+/// A screen of per-device rates, redrawn every `interval` seconds.
+async fn top(client: &Client, interval: f64, iterations: u64) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let interval = Duration::from_secs_f64(interval.max(0.2));
+    let mut previous = totals(client).await?;
+    let mut at = std::time::Instant::now();
+    let mut n = 0;
+    loop {
+        tokio::time::sleep(interval).await;
+        let now = totals(client).await?;
+        let secs = at.elapsed().as_secs_f64();
+        at = std::time::Instant::now();
+        // Clear the screen and go home, as top does.
+        print!("\x1b[2J\x1b[H");
+        println!(
+            "persona top - every {:.1}s, {} devices",
+            interval.as_secs_f64(),
+            now.len()
+        );
+        println!(
+            "{:<14} {:<12} {:>5} {:>10} {:>11} {:>10} {:>10} {:>11} {:>10}",
+            "DEVICE",
+            "PERSONA",
+            "GEN",
+            "OUT pkt/s",
+            "OUT rate",
+            "OUT drop/s",
+            "IN pkt/s",
+            "IN rate",
+            "IN drop/s"
+        );
+        for (name, (persona, generation, sums)) in &now {
+            let old = previous.get(name).map_or([0; 8], |p| p.2);
+            let rate = |i: usize| sums[i].saturating_sub(old[i]) as f64 / secs;
+            println!(
+                "{:<14} {:<12} {:>5} {:>10.1} {:>11} {:>10.1} {:>10.1} {:>11} {:>10.1}",
+                name,
+                persona,
+                generation,
+                rate(0),
+                human(rate(1)),
+                rate(2),
+                rate(4),
+                human(rate(5)),
+                rate(6)
+            );
+        }
+        std::io::stdout().flush()?;
+        previous = now;
+        n += 1;
+        if iterations != 0 && n >= iterations {
+            return Ok(());
+        }
+    }
+}
+
 #[expect(
     clippy::too_many_arguments,
     reason = "one parameter per command-line flag"
@@ -573,6 +677,10 @@ pub(super) async fn run(cli: &Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Top {
+            interval,
+            iterations,
+        } => top(&client, *interval, *iterations).await?,
         other => bail!("{other:?} does not go through the daemon"),
     }
     Ok(())
