@@ -9,6 +9,7 @@
 pub mod conntrack;
 pub mod counters;
 pub mod device;
+pub mod events;
 pub mod firewall;
 pub mod host;
 pub mod persona;
@@ -36,6 +37,7 @@ pub mod map_names {
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const COUNTERS: &str = "COUNTERS";
     pub const HOST_WIRING: &str = "HOST_WIRING";
+    pub const EVENTS: &str = "EVENTS";
 }
 
 pub mod program_names {
@@ -46,7 +48,7 @@ pub mod program_names {
 
 #[cfg(feature = "user")]
 mod pod {
-    use crate::{conntrack, counters, device, firewall, host, persona};
+    use crate::{conntrack, counters, device, events, firewall, host, persona};
 
     macro_rules! pod {
         ($($t:ty),* $(,)?) => {
@@ -69,5 +71,6 @@ mod pod {
         counters::CounterKey,
         counters::Counter,
         host::HostWiring,
+        events::DropEvent,
     );
 }

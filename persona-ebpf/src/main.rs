@@ -7,6 +7,7 @@ mod conntrack;
 mod counters;
 mod csum;
 mod dns;
+mod events;
 mod firewall;
 mod from_vm;
 mod maps;
@@ -33,6 +34,9 @@ pub fn persona_from_vm(ctx: XdpContext) -> u32 {
     let mut pkt = XdpPacket::from_raw(ctx.ctx);
     let reason = path::handle::<_, from_vm::FromVm>(&mut pkt).unwrap_or_else(|reason| reason);
     counters::count(pkt.ifindex, DIR_EGRESS, reason, pkt.len);
+    if events::is_reported(reason) {
+        events::report_drop::<XdpPacket>(pkt.raw(), DIR_EGRESS, reason as u8);
+    }
     if reason.passes() {
         xdp_action::XDP_PASS
     } else {
@@ -46,6 +50,9 @@ pub fn persona_to_vm(ctx: TcContext) -> i32 {
     let mut pkt = TcPacket::pulled(ctx.skb.skb);
     let reason = path::handle::<_, to_vm::ToVm>(&mut pkt).unwrap_or_else(|reason| reason);
     counters::count(pkt.ifindex, DIR_INGRESS, reason, pkt.len);
+    if events::is_reported(reason) {
+        events::report_drop::<TcPacket>(pkt.raw(), DIR_INGRESS, reason as u8);
+    }
     if reason.passes() {
         TC_ACT_OK
     } else {

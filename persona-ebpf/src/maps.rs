@@ -2,12 +2,13 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use persona_common::{
     conntrack::{CT_MAX_ENTRIES, CtEntry, CtKey},
     counters::{Counter, CounterKey, MAX_COUNTER_KEYS},
     device::{DeviceConfig, MAX_DEVICES},
+    events::{RING_BYTES, RateWindow},
     firewall::{FwKeyV4, FwKeyV6, MAX_PREFIXES, RuleSet},
     host::HostWiring,
     persona::{Active, MAX_TABLES, PersonaTable},
@@ -45,3 +46,11 @@ pub static CT_SCRATCH: PerCpuArray<CtEntry> = PerCpuArray::with_max_entries(1, 0
 /// object so it is pinned beside the others.
 #[map]
 pub static HOST_WIRING: HashMap<u32, HostWiring> = HashMap::pinned(MAX_DEVICES, 0);
+
+/// Firewall drops for userspace. Pinned: after a restart the daemon must read the ring
+/// the running programs write to.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::pinned(RING_BYTES, 0);
+
+#[map]
+pub static EVENT_RATE: PerCpuArray<RateWindow> = PerCpuArray::with_max_entries(1, 0);

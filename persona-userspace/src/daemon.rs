@@ -136,6 +136,14 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         geoip,
     )?;
     tokio::spawn(engine.clone().run());
+    if let Some(ring) = orchestrator
+        .datapath()
+        .call(|dp| Ok(dp.take_events()))
+        .await?
+    {
+        let watcher = crate::security::Watcher::new(orchestrator.clone(), engine.clone());
+        tokio::spawn(watcher.run(ring));
+    }
     tokio::spawn(
         engine
             .clone()

@@ -13,5 +13,6 @@ pub mod metrics;
 pub mod model;
 pub mod orchestrator;
 pub mod rules;
+pub mod security;
 pub mod store;
 pub mod tls_applier;

@@ -44,6 +44,13 @@ pub struct Metrics {
     pub shift_latency: Family<TriggerLabels, Histogram, fn() -> Histogram>,
     pub rule_evaluations: Counter,
     pub api_requests: Family<RequestLabels, Counter>,
+    pub security_events: Family<SecurityLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SecurityLabels {
+    pub device: String,
+    pub reason: String,
 }
 
 impl Default for Metrics {
@@ -53,6 +60,7 @@ impl Default for Metrics {
             shift_latency: Family::new_with_constructor(latency_histogram),
             rule_evaluations: Counter::default(),
             api_requests: Family::default(),
+            security_events: Family::default(),
         }
     }
 }
@@ -187,6 +195,11 @@ impl Metrics {
             "persona_api_requests",
             "API requests, by route, method and status",
             self.api_requests.clone(),
+        );
+        registry.register(
+            "persona_security_events",
+            "Firewall drops reported to userspace (rate limited in the kernel), by device and reason",
+            self.security_events.clone(),
         );
         registry.register_collector(Box::new(snapshot));
         let mut out = String::new();

@@ -181,3 +181,78 @@ fn persona_top_shows_live_rates_in_a_terminal() {
     let out_pps: f64 = cols[3].parse().unwrap();
     assert!(out_pps > 50.0, "outbound packets per second shown: {row}");
 }
+
+/// A port scan the firewall blocks: counted, reported through the ring buffer into the
+/// audit log and the metrics, and turned into a port-scan alert that the lockdown rule
+/// answers by hardening the device.
+#[test]
+fn a_blocked_port_scan_is_counted_logged_and_raises_an_alert() {
+    let lab = Lab::new(VmLink::Veth);
+    let d = Daemon::start_with(&lab, &["--min-dwell", "0", "--cooldown", "0"]);
+    d.cli_ok("apply -f examples/");
+    d.cli_ok("apply -f examples/rules/");
+    let before = scrape(&d);
+    // 30 ports, one SYN each, nothing listens and office's ingress drops them all.
+    lab.out.exec(
+        "for p in $(seq 1000 1029); do timeout 0.4 socat -T0.2 - TCP:203.0.113.10:$p,connect-timeout=0.2 </dev/null >/dev/null 2>&1; done; true",
+    );
+    let start = std::time::Instant::now();
+    loop {
+        let (_, s) = d.admin(Method::GET, "/status/vm1", None);
+        if s["persona"] == "hardened" {
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(8),
+            "no hardening after the scan: {s}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // Let the rest of the scan land: once hardened, the old address is no persona's.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let after = scrape(&d);
+    let drops = |reason: &str| {
+        let k = format!(
+            "persona_device_packets_total{{device=\"vm1\",direction=\"ingress\",reason=\"{reason}\",verdict=\"drop\"}}"
+        );
+        value(&after, &k) - value(&before, &k)
+    };
+    let reported = |reason: &str| {
+        after
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "persona_security_events_total{{device=\"vm1\",reason=\"{reason}\"}} "
+                ))
+            })
+            .map_or(0, |v| v.trim().parse::<u64>().unwrap())
+    };
+    assert!(
+        drops("drop_default") + drops("drop_not_persona") >= 30,
+        "{after}"
+    );
+    assert!(
+        reported("drop_default") + reported("drop_not_persona") >= 30,
+        "{after}"
+    );
+
+    let events = d.cli_ok("events -o json");
+    let events: Vec<serde_json::Value> = events
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let security: Vec<_> = events.iter().filter(|e| e["kind"] == "security").collect();
+    assert!(!security.is_empty(), "security events in the log");
+    assert!(
+        security.iter().all(|e| e["from"] == "198.51.100.7"),
+        "{security:?}"
+    );
+    let hardening = events
+        .iter()
+        .find(|e| e["actor"] == "rule:lockdown")
+        .expect("the lockdown shift");
+    assert_eq!(
+        hardening["detail"]["cause"]["why"]["signals"][0]["alertKind"], "port-scan",
+        "{hardening}"
+    );
+}

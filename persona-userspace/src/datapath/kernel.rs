@@ -739,6 +739,10 @@ impl Datapath for KernelDatapath {
         }
     }
 
+    fn take_events(&mut self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
+        self.maps.events.take()
+    }
+
     fn usage(&self) -> Result<super::Usage> {
         use persona_common::{
             conntrack::CT_MAX_ENTRIES, device::MAX_DEVICES, firewall::MAX_PREFIXES,

@@ -2,7 +2,7 @@
 //! definition in persona-ebpf/src/maps.rs and the types in persona-common.
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuHashMap, RingBuf},
 };
 use persona_common::{
     conntrack::{CtEntry, CtKey},
@@ -31,6 +31,8 @@ pub struct Maps {
     pub counters: PerCpuHashMap<MapData, CounterKey, Counter>,
     /// `HOST_WIRING`: userspace only.
     pub host_wiring: HashMap<MapData, u32, HostWiring>,
+    /// `EVENTS`: firewall drops; handed to whoever reads them.
+    pub events: Option<RingBuf<MapData>>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -54,6 +56,7 @@ impl Maps {
             conntrack: take(ebpf, map_names::CONNTRACK)?,
             counters: take(ebpf, map_names::COUNTERS)?,
             host_wiring: take(ebpf, map_names::HOST_WIRING)?,
+            events: Some(take(ebpf, map_names::EVENTS)?),
         })
     }
 }

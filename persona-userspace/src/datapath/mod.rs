@@ -113,4 +113,8 @@ pub trait Datapath {
     fn flows(&self, ifindex: u32) -> Result<Vec<FlowInfo>>;
     /// How full the tables are.
     fn usage(&self) -> Result<Usage>;
+    /// The ring buffer of firewall drops, to the first caller.
+    fn take_events(&mut self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
+        None
+    }
 }
