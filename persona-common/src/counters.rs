@@ -90,3 +90,17 @@ reasons! {
     /// A program runs on an interface no device is configured for.
     DropUnknownDevice = 27, "drop_unknown_device", false;
 }
+
+/// `HANDSHAKES`: TCP handshake round trips seen on the tap (SYN out to SYN-ACK in), per
+/// device, as a log2 histogram in microseconds: bucket `b` counts RTTs below 2^b us;
+/// bucket `HANDSHAKE_SUM` holds the sum of all RTTs in microseconds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct HandshakeKey {
+    pub ifindex: u32,
+    pub bucket: u32,
+}
+const _: () = assert!(core::mem::size_of::<HandshakeKey>() == 8);
+
+pub const HANDSHAKE_BUCKETS: u32 = 28;
+pub const HANDSHAKE_SUM: u32 = HANDSHAKE_BUCKETS;

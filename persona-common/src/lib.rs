@@ -38,6 +38,7 @@ pub mod map_names {
     pub const COUNTERS: &str = "COUNTERS";
     pub const HOST_WIRING: &str = "HOST_WIRING";
     pub const EVENTS: &str = "EVENTS";
+    pub const HANDSHAKES: &str = "HANDSHAKES";
 }
 
 pub mod program_names {
@@ -70,6 +71,7 @@ mod pod {
         conntrack::CtEntry,
         counters::CounterKey,
         counters::Counter,
+        counters::HandshakeKey,
         host::HostWiring,
         events::DropEvent,
     );

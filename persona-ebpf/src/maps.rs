@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use persona_common::{
     conntrack::{CT_MAX_ENTRIES, CtEntry, CtKey},
-    counters::{Counter, CounterKey, MAX_COUNTER_KEYS},
+    counters::{Counter, CounterKey, HandshakeKey, MAX_COUNTER_KEYS},
     device::{DeviceConfig, MAX_DEVICES},
     events::{RING_BYTES, RateWindow},
     firewall::{FwKeyV4, FwKeyV6, MAX_PREFIXES, RuleSet},
@@ -54,3 +54,7 @@ pub static EVENTS: RingBuf = RingBuf::pinned(RING_BYTES, 0);
 
 #[map]
 pub static EVENT_RATE: PerCpuArray<RateWindow> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+pub static HANDSHAKES: PerCpuHashMap<HandshakeKey, u64> =
+    PerCpuHashMap::pinned(MAX_COUNTER_KEYS, 0);

@@ -139,7 +139,12 @@ pub struct L4 {
     pub sport: u16,
     pub dport: u16,
     pub csum_off: usize,
+    /// TCP only: `TCP_SYN` and `TCP_ACK` as seen.
+    pub tcp_flags: u8,
 }
+
+pub const TCP_SYN: u8 = 1;
+pub const TCP_ACK: u8 = 2;
 
 impl L4 {
     /// The port firewall rules match: the destination port, for protocols that have one.
@@ -181,6 +186,8 @@ pub fn transport<P: Packet>(p: &P, ip: &Ip) -> Result<L4, Reason> {
                 sport: u16::from_be_bytes(h.source),
                 dport: u16::from_be_bytes(h.dest),
                 csum_off: l4 + offset_of!(TcpHdr, check),
+                tcp_flags: (if h.syn() != 0 { TCP_SYN } else { 0 })
+                    | (if h.ack() != 0 { TCP_ACK } else { 0 }),
             })
         }
         PROTO_UDP => {
@@ -190,6 +197,7 @@ pub fn transport<P: Packet>(p: &P, ip: &Ip) -> Result<L4, Reason> {
                 sport: u16::from_be_bytes(h.src),
                 dport: u16::from_be_bytes(h.dst),
                 csum_off: l4 + offset_of!(UdpHdr, check),
+                tcp_flags: 0,
             })
         }
         PROTO_ICMP | PROTO_ICMPV6 if (ip.proto == PROTO_ICMP) == (ip.family == FAMILY_V4) => {
@@ -200,6 +208,7 @@ pub fn transport<P: Packet>(p: &P, ip: &Ip) -> Result<L4, Reason> {
                 sport: id,
                 dport: id,
                 csum_off: l4 + 2,
+                tcp_flags: 0,
             })
         }
         _ => Ok(L4 {
@@ -207,6 +216,7 @@ pub fn transport<P: Packet>(p: &P, ip: &Ip) -> Result<L4, Reason> {
             sport: 0,
             dport: 0,
             csum_off: 0,
+            tcp_flags: 0,
         }),
     }
 }

@@ -2,7 +2,7 @@
 //! be a reply to a flow that left through an earlier one; the destination becomes the
 //! VM's own address and DNS replies get back the source the VM asked.
 use persona_common::{
-    DIR_INGRESS,
+    DIR_EGRESS, DIR_INGRESS,
     conntrack::{CT_DNS_REDIRECTED, CtEntry},
     counters::Reason,
     persona::Active,
@@ -10,9 +10,9 @@ use persona_common::{
 
 use crate::{
     conntrack::{self, NewFlow},
-    firewall,
+    counters, firewall,
     packet::Packet,
-    parse::{self, Ip, L4},
+    parse::{self, Ip, L4, TCP_ACK, TCP_SYN},
     path::Direction,
     plan::{OUTER_DST, OUTER_SRC, Plan, QUOTED_SRC},
     state,
@@ -103,6 +103,12 @@ fn try_flow(
         return Ok(Reason::DropNotPersona);
     }
     if let Some(e) = entry {
+        // A SYN-ACK answering the VM's SYN: the entry was last touched by that SYN.
+        // SAFETY: map value valid for this program run.
+        let (origin, last) = unsafe { ((*e).origin, (*e).last_seen_ns) };
+        if l4.tcp_flags == TCP_SYN | TCP_ACK && origin == DIR_EGRESS {
+            counters::handshake(ifindex, now.saturating_sub(last));
+        }
         conntrack::refresh(e, None, active.generation, now);
         // SAFETY: map value valid for this program run.
         let e = unsafe { &*e };

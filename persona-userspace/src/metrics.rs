@@ -107,6 +107,8 @@ pub struct Snapshot {
     pub info: Vec<(InfoLabels, u64)>,
     pub flows: Vec<(OneDevice, u64)>,
     pub maps: Vec<(MapLabels, u64, u64)>,
+    /// Per device: handshake counts per log2 microsecond bucket, and their sum.
+    pub handshakes: Vec<(OneDevice, Vec<u64>, u64)>,
 }
 
 impl Collector for Snapshot {
@@ -148,6 +150,27 @@ impl Collector for Snapshot {
         )?;
         for (l, n) in &self.flows {
             ConstGauge::new(*n as i64).encode(flows.encode_family(l)?)?;
+        }
+        let mut rtt = encoder.encode_descriptor(
+            "persona_tcp_handshake_seconds",
+            "TCP handshake round trips seen on the tap, from the VM's SYN to the SYN-ACK",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (l, buckets, sum_us) in &self.handshakes {
+            let bounds: Vec<(f64, u64)> = buckets
+                .iter()
+                .enumerate()
+                .map(|(b, n)| ((1u64 << b) as f64 / 1e6, *n))
+                .collect();
+            let count = buckets.iter().sum();
+            rtt.encode_family(l)?
+                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    *sum_us as f64 / 1e6,
+                    count,
+                    &bounds,
+                    None,
+                )?;
         }
         let mut used = encoder.encode_descriptor(
             "persona_map_entries",

@@ -93,6 +93,17 @@ fn promtool_accepts_the_metrics_and_they_count_exactly() {
         "{after}"
     );
 
+    // One TCP connection from the VM: its handshake round trip lands in the histogram.
+    assert!(lab.seen_from_outside().is_some());
+    let after = scrape(&d);
+    assert!(
+        value(
+            &after,
+            "persona_tcp_handshake_seconds_count{device=\"vm1\"}"
+        ) >= 1,
+        "{after}"
+    );
+
     let promtool = std::process::Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())

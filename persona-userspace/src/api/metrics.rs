@@ -86,6 +86,14 @@ pub async fn scrape(
                         active.generation,
                     ));
                 }
+                let (buckets, sum) = dp.handshakes(ifindex)?;
+                snap.handshakes.push((
+                    OneDevice {
+                        device: name.clone(),
+                    },
+                    buckets,
+                    sum,
+                ));
                 snap.flows
                     .push((OneDevice { device: name }, dp.flows(ifindex)?.len() as u64));
             }

@@ -739,6 +739,20 @@ impl Datapath for KernelDatapath {
         }
     }
 
+    fn handshakes(&self, ifindex: u32) -> Result<(Vec<u64>, u64)> {
+        use persona_common::counters::{HANDSHAKE_BUCKETS, HANDSHAKE_SUM, HandshakeKey};
+        let read = |bucket: u32| -> u64 {
+            self.maps
+                .handshakes
+                .get(&HandshakeKey { ifindex, bucket }, 0)
+                .map_or(0, |per_cpu| per_cpu.iter().sum())
+        };
+        Ok((
+            (0..HANDSHAKE_BUCKETS).map(read).collect(),
+            read(HANDSHAKE_SUM),
+        ))
+    }
+
     fn take_events(&mut self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
         self.maps.events.take()
     }

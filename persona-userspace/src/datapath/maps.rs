@@ -31,6 +31,8 @@ pub struct Maps {
     pub counters: PerCpuHashMap<MapData, CounterKey, Counter>,
     /// `HOST_WIRING`: userspace only.
     pub host_wiring: HashMap<MapData, u32, HostWiring>,
+    /// `HANDSHAKES` (per-CPU hash): TCP handshake RTT histogram per device.
+    pub handshakes: PerCpuHashMap<MapData, persona_common::counters::HandshakeKey, u64>,
     /// `EVENTS`: firewall drops; handed to whoever reads them.
     pub events: Option<RingBuf<MapData>>,
 }
@@ -57,6 +59,7 @@ impl Maps {
             counters: take(ebpf, map_names::COUNTERS)?,
             host_wiring: take(ebpf, map_names::HOST_WIRING)?,
             events: Some(take(ebpf, map_names::EVENTS)?),
+            handshakes: take(ebpf, map_names::HANDSHAKES)?,
         })
     }
 }

@@ -113,6 +113,11 @@ pub trait Datapath {
     fn flows(&self, ifindex: u32) -> Result<Vec<FlowInfo>>;
     /// How full the tables are.
     fn usage(&self) -> Result<Usage>;
+    /// TCP handshake round trips of a device: per log2 bucket of microseconds (below
+    /// 2^b us), and their sum in microseconds.
+    fn handshakes(&self, _ifindex: u32) -> Result<(Vec<u64>, u64)> {
+        Ok((Vec::new(), 0))
+    }
     /// The ring buffer of firewall drops, to the first caller.
     fn take_events(&mut self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
         None
