@@ -229,6 +229,7 @@ fn event_line(e: &Value) -> String {
     let change = match (opt("from"), opt("to")) {
         (Some(f), Some(t)) => format!("{f} -> {t}"),
         (None, Some(t)) => t,
+        (Some(f), None) => format!("from {f}"),
         _ => String::new(),
     };
     format!(
