@@ -242,11 +242,7 @@ impl Orchestrator {
     pub async fn detach(&self, spec: &DeviceSpec) -> Result<(), ShiftError> {
         let iface = spec.interface.clone();
         self.datapath
-            .call(move |dp| {
-                let ifindex = nix::net::if_::if_nametoindex(iface.as_str())
-                    .map_err(|_| crate::datapath::DatapathError::NoSuchInterface(iface.clone()))?;
-                dp.detach(ifindex)
-            })
+            .call(move |dp| dp.detach(crate::datapath::ifindex(&iface)?))
             .await
             .map_err(|e| ShiftError::Failed(e.to_string()))
     }
@@ -359,16 +355,7 @@ impl Orchestrator {
             });
         }
 
-        let compiled = compile(&new)?;
-        let attach_spec = device_spec.clone();
-        let result = self
-            .datapath
-            .call(move |dp| {
-                let ifindex = dp.attach(&attach_spec)?;
-                let staged = dp.stage(&compiled)?;
-                dp.shift(ifindex, staged, options)
-            })
-            .await;
+        let result = self.apply(&device_spec, compile(&new)?, options).await;
         let shifted = match result {
             Ok(s) => s,
             Err(e) => {
@@ -425,6 +412,24 @@ impl Orchestrator {
         })
     }
 
+    /// Stages `persona` and flips the device to it, attaching the device first if needed:
+    /// one datapath call, so a failure anywhere leaves the previous tables in force.
+    async fn apply(
+        &self,
+        device: &DeviceSpec,
+        persona: crate::datapath::CompiledPersona,
+        options: ShiftOptions,
+    ) -> Result<crate::datapath::Shifted, crate::datapath::DatapathError> {
+        let device = device.clone();
+        self.datapath
+            .call(move |dp| {
+                let ifindex = dp.attach(&device)?;
+                let staged = dp.stage(&persona)?;
+                dp.shift(ifindex, staged, options)
+            })
+            .await
+    }
+
     /// Puts the device back on its previous persona (or on none) after a step that
     /// followed the flip failed. Returns the persona it is on now.
     async fn roll_back(
@@ -439,14 +444,7 @@ impl Orchestrator {
         let spec = spec.clone();
         match (old.map(compile).transpose(), &state) {
             (Ok(Some(compiled)), Some(s)) => {
-                let restored = self
-                    .datapath
-                    .call(move |dp| {
-                        let ifindex = dp.attach(&spec)?;
-                        let staged = dp.stage(&compiled)?;
-                        dp.shift(ifindex, staged, ShiftOptions::default())
-                    })
-                    .await;
+                let restored = self.apply(&spec, compiled, ShiftOptions::default()).await;
                 match restored {
                     Ok(shifted) => {
                         let mut s = s.clone();
@@ -465,13 +463,7 @@ impl Orchestrator {
                 let _ = self
                     .datapath
                     .call(move |dp| {
-                        let ifindex = nix::net::if_::if_nametoindex(spec.interface.as_str())
-                            .map_err(|_| {
-                                crate::datapath::DatapathError::NoSuchInterface(
-                                    spec.interface.clone(),
-                                )
-                            })?;
-                        dp.detach(ifindex)?;
+                        dp.detach(crate::datapath::ifindex(&spec.interface)?)?;
                         dp.attach(&spec)
                     })
                     .await;

@@ -72,7 +72,7 @@ impl Watcher {
         };
         for d in devices {
             if let Ok(spec) = serde_json::from_value::<DeviceSpec>(d.spec)
-                && let Ok(ifindex) = nix::net::if_::if_nametoindex(spec.interface.as_str())
+                && let Ok(ifindex) = crate::datapath::ifindex(&spec.interface)
             {
                 self.names.insert(ifindex, d.name);
             }

@@ -59,7 +59,7 @@ pub async fn scrape(
         .call(move |dp| {
             let mut snap = Snapshot::default();
             for (name, iface, persona) in devices {
-                let Ok(ifindex) = nix::net::if_::if_nametoindex(iface.as_str()) else {
+                let Ok(ifindex) = crate::datapath::ifindex(&iface) else {
                     continue;
                 };
                 for ((dir, reason), c) in dp.counters(ifindex)? {

@@ -403,8 +403,7 @@ pub async fn status(
         .orchestrator
         .datapath()
         .call(move |dp| {
-            let ifindex = nix::net::if_::if_nametoindex(iface.as_str())
-                .map_err(|_| crate::datapath::DatapathError::NoSuchInterface(iface.clone()))?;
+            let ifindex = crate::datapath::ifindex(&iface)?;
             Ok((dp.active(ifindex)?, dp.counters(ifindex)?))
         })
         .await;

@@ -58,8 +58,7 @@ fn datapath(cli: &Cli, exclusive: bool) -> anyhow::Result<KernelDatapath> {
 }
 
 fn ifindex(interface: &str) -> anyhow::Result<u32> {
-    nix::net::if_::if_nametoindex(interface)
-        .with_context(|| format!("interface {interface:?} not found"))
+    Ok(crate::datapath::ifindex(interface)?)
 }
 
 fn shift_to(

@@ -507,8 +507,9 @@ pub(super) async fn run(cli: &Cli) -> anyhow::Result<()> {
         }
         Command::Events { follow, output } => {
             let mut after = 0u64;
+            // The history first, at once; then, when following, long polls for what comes.
+            let mut wait = 0;
             loop {
-                let wait = if *follow && after > 0 { 30 } else { 0 };
                 let v = client
                     .ok(
                         Method::GET,
@@ -527,19 +528,7 @@ pub(super) async fn run(cli: &Cli) -> anyhow::Result<()> {
                 if !*follow {
                     break;
                 }
-                if after == 0 {
-                    // Nothing yet: ask again, now waiting for the first event.
-                    let v = client
-                        .ok(Method::GET, "/events?after=0&limit=500&wait=30", None)
-                        .await?;
-                    if v["items"].as_array().is_some_and(|a| a.is_empty()) {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    for e in v["items"].as_array().into_iter().flatten() {
-                        after = after.max(e["seq"].as_u64().unwrap_or(after));
-                        println!("{}", event_line(e));
-                    }
-                }
+                wait = 30;
             }
         }
         Command::Token { command } => match command {

@@ -543,8 +543,7 @@ where
 impl Datapath for KernelDatapath {
     fn attach(&mut self, device: &DeviceSpec) -> Result<u32> {
         device.validate()?;
-        let ifindex = nix::net::if_::if_nametoindex(device.interface.as_str())
-            .map_err(|_| DatapathError::NoSuchInterface(device.interface.clone()))?;
+        let ifindex = super::ifindex(&device.interface)?;
         self.configure_device(ifindex, device)?;
         if let Some(host) = &self.host {
             host.prepare_device(ifindex, device)?;

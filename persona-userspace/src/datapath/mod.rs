@@ -41,6 +41,12 @@ pub enum DatapathError {
 
 pub type Result<T, E = DatapathError> = std::result::Result<T, E>;
 
+/// The ifindex of an interface in this network namespace.
+pub fn ifindex(interface: &str) -> Result<u32> {
+    nix::net::if_::if_nametoindex(interface)
+        .map_err(|_| DatapathError::NoSuchInterface(interface.to_owned()))
+}
+
 /// A persona written into a free table slot, not yet visible to any packet.
 #[derive(Debug)]
 #[must_use = "a staged persona holds a table slot until it is shifted to or discarded"]

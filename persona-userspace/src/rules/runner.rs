@@ -164,9 +164,10 @@ impl RuleEngine {
                 self.orchestrator.store().put_signal(&key, &json)?;
             }
         }
+        let rules = self.rules()?;
         let mut out = Vec::new();
         for d in devices {
-            if let Some(a) = self.evaluate(&mut state, &d, now).await? {
+            if let Some(a) = self.evaluate(&mut state, &rules, &d, now).await? {
                 out.push(a);
             }
         }
@@ -177,6 +178,7 @@ impl RuleEngine {
     async fn evaluate(
         &self,
         state: &mut State,
+        rules: &BTreeMap<String, RuleSpec>,
         device: &str,
         now: Timestamp,
     ) -> Result<Option<Applied>, StoreError> {
@@ -185,14 +187,7 @@ impl RuleEngine {
         };
         let hist = self.history(state, device)?;
         self.orchestrator.metrics().rule_evaluations.inc();
-        let decision = decide(
-            &view,
-            &self.rules()?,
-            &state.signals,
-            &hist,
-            self.timing,
-            now,
-        );
+        let decision = decide(&view, rules, &state.signals, &hist, self.timing, now);
         let mut outcome = None;
         if decision.shift
             && let Some(persona) = &decision.desired
@@ -263,8 +258,9 @@ impl RuleEngine {
         let mut state = self.state.lock().await;
         let now = Timestamp::now();
         let mut next: Option<Timestamp> = None;
+        let rules = self.rules()?;
         for d in self.orchestrator.store().list(Kind::Device)? {
-            if let Some(a) = self.evaluate(&mut state, &d.name, now).await?
+            if let Some(a) = self.evaluate(&mut state, &rules, &d.name, now).await?
                 && let Some(t) = a.decision.next_check
             {
                 next = Some(next.map_or(t, |n| n.min(t)));
@@ -339,12 +335,7 @@ impl RuleEngine {
             let flows = self
                 .orchestrator
                 .datapath()
-                .call(move |dp| {
-                    let ifindex = nix::net::if_::if_nametoindex(iface.as_str()).map_err(|_| {
-                        crate::datapath::DatapathError::NoSuchInterface(iface.clone())
-                    })?;
-                    dp.flows(ifindex)
-                })
+                .call(move |dp| dp.flows(crate::datapath::ifindex(&iface)?))
                 .await;
             let Ok(flows) = flows else { continue };
             let active: std::collections::BTreeSet<String> = apps
