@@ -9,7 +9,7 @@ use hyper::Method;
 use persona::client::{Client, Target};
 use serde_json::Value;
 
-use crate::lab::{Lab, UPLINK, persona_bin};
+use crate::lab::{Lab, UPLINK, persona_args, persona_bin, stdout_of_success};
 
 pub struct Daemon {
     child: Child,
@@ -115,7 +115,6 @@ impl Daemon {
 
     /// Runs the `persona` CLI against this daemon.
     pub fn cli(&self, args: &str) -> Output {
-        let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/");
         Command::new(persona_bin())
             .args([
                 "--server",
@@ -123,20 +122,13 @@ impl Daemon {
                 "--data-dir",
                 self.data_dir.to_str().unwrap(),
             ])
-            .args(args.replace("examples/", examples).split_whitespace())
+            .args(persona_args(args))
             .output()
             .expect("running persona")
     }
 
     pub fn cli_ok(&self, args: &str) -> String {
-        let out = self.cli(args);
-        assert!(
-            out.status.success(),
-            "persona {args} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        stdout_of_success(args, self.cli(args))
     }
 }
 

@@ -155,10 +155,7 @@ impl Lab {
 
     /// Runs `persona` in the host's network namespace only (not `ip netns exec`, which
     /// would remount /sys and hide the bpffs holding the pins).
-    /// `-f examples/` in `args` means the repository's example manifests.
     pub fn persona(&self, args: &str) -> Command {
-        let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/");
-        let args = args.replace("examples/", examples);
         let mut c = Command::new("nsenter");
         c.arg(format!("--net=/run/netns/{}", self.host.name))
             .arg(persona_bin())
@@ -168,19 +165,12 @@ impl Lab {
                 "--uplink",
                 UPLINK,
             ])
-            .args(args.split_whitespace());
+            .args(persona_args(args));
         c
     }
 
     pub fn persona_ok(&self, args: &str) -> String {
-        let out = self.persona(args).output().expect("running persona");
-        assert!(
-            out.status.success(),
-            "persona {args} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        stdout_of_success(args, self.persona(args).output().expect("running persona"))
     }
 
     /// The address the outside saw a TCP connection from the VM come from.
@@ -212,6 +202,27 @@ impl Lab {
         let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         (out.status.success() && !text.is_empty()).then_some(text)
     }
+}
+
+/// `persona` arguments from a test's command line; `examples/` means the repository's
+/// example manifests.
+pub fn persona_args(args: &str) -> Vec<String> {
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/");
+    args.replace("examples/", examples)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The standard output of `persona ARGS`, which must have succeeded.
+pub fn stdout_of_success(args: &str, out: std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "persona {args} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 pub fn script(name: &str) -> String {
