@@ -9,7 +9,7 @@ use hyper::Method;
 use persona::client::{Client, Target};
 use serde_json::Value;
 
-use crate::lab::{Lab, UPLINK, persona_args, persona_bin, stdout_of_success};
+use crate::lab::{Site, UPLINK, persona_args, persona_bin, stdout_of_success};
 
 pub struct Daemon {
     child: Child,
@@ -22,12 +22,12 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub fn start(lab: &Lab) -> Self {
+    pub fn start(lab: &Site) -> Self {
         Self::start_with(lab, &[])
     }
 
     /// With extra `persona daemon` arguments.
-    pub fn start_with(lab: &Lab, extra: &[&str]) -> Self {
+    pub fn start_with(lab: &Site, extra: &[&str]) -> Self {
         let data_dir = PathBuf::from(format!("/tmp/persona-test-data-{}", lab.host.name));
         let _ = std::fs::remove_dir_all(&data_dir);
         let mut d = Self {
@@ -127,9 +127,37 @@ impl Daemon {
             .expect("running persona")
     }
 
+    /// /metrics in the classic text format, as curl (and promtool) read it.
+    pub fn metrics(&self) -> String {
+        let out = Command::new("curl")
+            .args(["-sS", "--unix-socket", self.socket.to_str().unwrap()])
+            .args([
+                "-H",
+                &format!("Authorization: Bearer {}", self.admin),
+                "http://persona/metrics",
+            ])
+            .output()
+            .expect("curl");
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    }
+
     pub fn cli_ok(&self, args: &str) -> String {
         stdout_of_success(args, self.cli(args))
     }
+}
+
+/// The value of one series in a scrape, e.g. `name{label="x"}`.
+pub fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .unwrap_or_else(|| panic!("{series} missing from\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 impl Drop for Daemon {

@@ -17,6 +17,7 @@ use crate::{
 };
 
 pub const VM_IFACE: &str = "pvm1";
+pub const VM2_IFACE: &str = "pvm2";
 pub const UPLINK: &str = "up0";
 pub const OUTSIDE: &str = "198.51.100.7";
 pub const RESOLVER: &str = "198.51.100.53";
@@ -28,12 +29,28 @@ pub enum VmLink {
     Tap,
 }
 
-pub struct Lab {
+/// The hypervisor host namespace and the outside world with its servers; the VMs come
+/// on top: a namespace ([`Lab`]) or QEMU guests ([`crate::guest::Guest`]).
+pub struct Site {
     pub host: Netns,
-    pub vm: Netns,
     pub out: Netns,
     pub pin_dir: PathBuf,
+    /// The HTTP server's access log: one line per request, the client's address first.
+    pub http_log: PathBuf,
     children: Vec<Child>,
+}
+
+/// A site with one VM namespace behind a veth pair or a real tap device.
+pub struct Lab {
+    site: Site,
+    pub vm: Netns,
+}
+
+impl std::ops::Deref for Lab {
+    type Target = Site;
+    fn deref(&self) -> &Site {
+        &self.site
+    }
 }
 
 /// The `persona` binary built with this test run.
@@ -55,12 +72,17 @@ pub fn persona_bin() -> PathBuf {
     bin
 }
 
-impl Lab {
-    pub fn new(link: VmLink) -> Self {
+impl Default for Site {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Site {
+    pub fn new() -> Self {
         let host = Netns::new("p-host");
-        let vm = Netns::new("p-vm");
         let out = Netns::new("p-out");
-        let (h, v, o) = (host.name.clone(), vm.name.clone(), out.name.clone());
+        let (h, o) = (host.name.clone(), out.name.clone());
         sh(&format!(
             "ip link add {UPLINK} netns {h} type veth peer name eth0 netns {o}"
         ));
@@ -70,36 +92,20 @@ impl Lab {
         out.exec(&format!(
             "ip addr add {OUTSIDE}/24 dev eth0 && ip addr add {RESOLVER}/24 dev eth0 && ip link set eth0 up && ip route add 203.0.113.0/24 dev eth0 && ip -6 addr add {OUTSIDE_V6}/64 dev eth0 nodad && ip -6 route add 2001:db8:a::/64 dev eth0"
         ));
-        let mut lab = Self {
+        let mut site = Self {
+            http_log: PathBuf::from(format!("/tmp/persona-http-{o}.log")),
             host,
-            vm,
             out,
             pin_dir: unique_pin_dir("e2e"),
             children: Vec::new(),
         };
-        match link {
-            VmLink::Veth => {
-                sh(&format!(
-                    "ip link add {VM_IFACE} netns {h} type veth peer name eth0 netns {v}"
-                ));
-            }
-            VmLink::Tap => {
-                let host_side = tap::open_tap(&h, VM_IFACE);
-                let vm_side = tap::open_tap(&v, "eth0");
-                tap::relay(host_side, vm_side);
-            }
-        }
-        lab.host.exec(&format!("ip link set {VM_IFACE} up"));
-        lab.vm.exec(
-            "ip link set eth0 address 52:54:00:00:00:02 && ip addr add 198.18.0.2/24 dev eth0 && ip -6 addr add 2001:db8:1::2/64 dev eth0 nodad && ip link set eth0 up && ip route add default via 198.18.0.1 && ip -6 route add default via fe80::1 dev eth0",
-        );
-        lab.start_servers();
-        lab
+        site.start_servers();
+        site
     }
 
-    fn spawn(&mut self, ns: &Netns, cmd: &str) {
+    fn spawn(&mut self, ns: &str, cmd: &str) {
         let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name, "sh", "-c", cmd])
+            .args(["netns", "exec", ns, "sh", "-c", cmd])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -108,12 +114,10 @@ impl Lab {
         self.children.push(child);
     }
 
-    /// Outside: a TCP and a UDP service that answer with the address they saw, and a
-    /// DNS server with a name only it knows. Inside the VM: two TCP services.
+    /// Outside: TCP and UDP services that answer with the address they saw, an HTTP
+    /// server, and a DNS server with a name only it knows.
     fn start_servers(&mut self) {
-        let out = Netns {
-            name: self.out.name.clone(),
-        };
+        let out = self.out.name.clone();
         self.spawn(
             &out,
             "exec socat TCP-LISTEN:8080,reuseaddr,fork SYSTEM:'echo $SOCAT_PEERADDR'",
@@ -124,7 +128,22 @@ impl Lab {
         );
         self.spawn(
             &out,
+            "exec socat TCP-LISTEN:8801,reuseaddr,fork SYSTEM:'echo zoom'",
+        );
+        self.spawn(
+            &out,
             &format!("exec python3 {} 9000", script("udp_echo.py")),
+        );
+        let www = format!("/tmp/persona-www-{out}");
+        sh(&format!(
+            "mkdir -p {www} && echo 'hello from outside' > {www}/hello.txt"
+        ));
+        self.spawn(
+            &out,
+            &format!(
+                "exec python3 -u -m http.server 8000 --bind {OUTSIDE} --directory {www} 2>{}",
+                self.http_log.display()
+            ),
         );
         self.spawn(
             &out,
@@ -132,25 +151,22 @@ impl Lab {
                 "exec dnsmasq --no-daemon --no-resolv --no-hosts --bind-interfaces --listen-address={RESOLVER} --address=/persona.test/192.0.2.80 --pid-file= --log-facility=-"
             ),
         );
-        let vm = Netns {
-            name: self.vm.name.clone(),
-        };
-        self.spawn(
-            &vm,
-            "exec socat TCP-LISTEN:22,reuseaddr,fork SYSTEM:'echo ssh-ok'",
-        );
-        self.spawn(
-            &vm,
-            "exec socat TCP-LISTEN:23,reuseaddr,fork SYSTEM:'echo telnet-ok'",
-        );
-        std::mem::forget(out);
-        std::mem::forget(vm);
         wait_for(|| {
             self.out
-                .try_exec("ss -ltn | grep -q :8080 && ss -lun | grep -q 198.51.100.53:53 && ss -lun | grep -q :9000")
+                .try_exec("ss -ltn | grep -q :8080 && ss -ltn | grep -q :8000 && ss -lun | grep -q 198.51.100.53:53 && ss -lun | grep -q :9000")
                 .status
                 .success()
         });
+    }
+
+    /// The client addresses in the HTTP server's access log, oldest first.
+    pub fn http_clients(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.http_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"GET "))
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .collect()
     }
 
     /// Runs `persona` in the host's network namespace only (not `ip netns exec`, which
@@ -171,27 +187,6 @@ impl Lab {
 
     pub fn persona_ok(&self, args: &str) -> String {
         stdout_of_success(args, self.persona(args).output().expect("running persona"))
-    }
-
-    /// The address the outside saw a TCP connection from the VM come from.
-    pub fn seen_from_outside(&self) -> Option<String> {
-        let out = self.vm.try_exec(&format!(
-            "socat -T2 - TCP:{OUTSIDE}:8080,connect-timeout=2 </dev/null"
-        ));
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        (out.status.success() && !text.is_empty()).then_some(text)
-    }
-
-    /// The address the outside saw a TCP connection over IPv6 from the VM come from.
-    pub fn seen_from_outside_v6(&self) -> Option<String> {
-        let out = self.vm.try_exec(&format!(
-            "socat -T2 - TCP6:[{OUTSIDE_V6}]:8080,connect-timeout=2 </dev/null"
-        ));
-        let text = String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .trim_matches(['[', ']'])
-            .to_owned();
-        (out.status.success() && !text.is_empty()).then_some(text)
     }
 
     /// Whether a TCP connection from outside to `addr:port` got the service's answer.
@@ -240,6 +235,62 @@ pub struct Probe {
 }
 
 impl Lab {
+    pub fn new(link: VmLink) -> Self {
+        let mut site = Site::new();
+        let vm = Netns::new("p-vm");
+        let (h, v) = (site.host.name.clone(), vm.name.clone());
+        match link {
+            VmLink::Veth => {
+                sh(&format!(
+                    "ip link add {VM_IFACE} netns {h} type veth peer name eth0 netns {v}"
+                ));
+            }
+            VmLink::Tap => {
+                let host_side = tap::open_tap(&h, VM_IFACE);
+                let vm_side = tap::open_tap(&v, "eth0");
+                tap::relay(host_side, vm_side);
+            }
+        }
+        // The examples' second VM has its tap here too, with no guest behind it.
+        site.host.exec(&format!(
+            "ip link set {VM_IFACE} up && ip tuntap add {VM2_IFACE} mode tap && ip link set {VM2_IFACE} up"
+        ));
+        vm.exec(
+            "ip link set eth0 address 52:54:00:00:00:02 && ip addr add 198.18.0.2/24 dev eth0 && ip -6 addr add 2001:db8:1::2/64 dev eth0 nodad && ip link set eth0 up && ip route add default via 198.18.0.1 && ip -6 route add default via fe80::1 dev eth0",
+        );
+        site.spawn(
+            &v,
+            "exec socat TCP-LISTEN:22,reuseaddr,fork SYSTEM:'echo ssh-ok'",
+        );
+        site.spawn(
+            &v,
+            "exec socat TCP-LISTEN:23,reuseaddr,fork SYSTEM:'echo telnet-ok'",
+        );
+        wait_for(|| vm.try_exec("ss -ltn | grep -q :23").status.success());
+        Self { site, vm }
+    }
+
+    /// The address the outside saw a TCP connection from the VM come from.
+    pub fn seen_from_outside(&self) -> Option<String> {
+        let out = self.vm.try_exec(&format!(
+            "socat -T2 - TCP:{OUTSIDE}:8080,connect-timeout=2 </dev/null"
+        ));
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        (out.status.success() && !text.is_empty()).then_some(text)
+    }
+
+    /// The address the outside saw a TCP connection over IPv6 from the VM come from.
+    pub fn seen_from_outside_v6(&self) -> Option<String> {
+        let out = self.vm.try_exec(&format!(
+            "socat -T2 - TCP6:[{OUTSIDE_V6}]:8080,connect-timeout=2 </dev/null"
+        ));
+        let text = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .trim_matches(['[', ']'])
+            .to_owned();
+        (out.status.success() && !text.is_empty()).then_some(text)
+    }
+
     /// Starts `count` numbered UDP round trips from the VM, one every `interval_ms`.
     pub fn start_probe(&self, count: u32, interval_ms: f64) -> Child {
         Command::new("ip")
@@ -278,12 +329,14 @@ pub fn wait_for(mut ok: impl FnMut() -> bool) {
     }
 }
 
-impl Drop for Lab {
+impl Drop for Site {
     fn drop(&mut self) {
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
         }
         let _ = std::fs::remove_dir_all(&self.pin_dir);
+        let _ = std::fs::remove_file(&self.http_log);
+        let _ = std::fs::remove_dir_all(format!("/tmp/persona-www-{}", self.out.name));
     }
 }

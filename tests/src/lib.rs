@@ -2,6 +2,7 @@
 //! computed from scratch, a datapath on its own pin directory, and network namespaces.
 pub mod daemon;
 pub mod frames;
+pub mod guest;
 pub mod harness;
 pub mod lab;
 pub mod netns;

@@ -53,7 +53,9 @@ fn shifts_under_load_lose_nothing_and_never_mix_personas() {
                     Manifest::Persona { spec, .. } => {
                         personas.push(compile(&spec).expect("compiles"))
                     }
-                    Manifest::Device { spec, .. } => device = Some(spec),
+                    Manifest::Device { spec, .. } => {
+                        device.get_or_insert(spec);
+                    }
                     Manifest::Rule { .. } | Manifest::Application { .. } => {}
                 }
             }
@@ -156,8 +158,16 @@ fn sigkill_of_the_userspace_process_loses_nothing() {
     second.kill().expect("stopping");
     second.wait().expect("reaping");
     let out = lab.persona_ok(&format!("datapath shift {VM_IFACE} travel -f examples/"));
+    let before = lines.iter().filter_map(|l| generation(l)).max();
     assert!(
-        out.contains("generation 2"),
-        "generations continue after restarts: {out}"
+        generation(&out) > before && before.is_some(),
+        "generations continue after restarts: {out} after {lines:?}"
     );
+}
+
+fn generation(line: &str) -> Option<u64> {
+    let rest = &line[line.find("generation ")? + "generation ".len()..];
+    rest[..rest.find(|c: char| !c.is_ascii_digit())?]
+        .parse()
+        .ok()
 }

@@ -4,46 +4,21 @@ use std::io::Write as _;
 
 use hyper::Method;
 use persona_tests::{
-    daemon::Daemon,
+    daemon::{Daemon, metric},
     lab::{Lab, OUTSIDE, VmLink},
 };
-
-/// The classic text format, as curl (and promtool) read it.
-fn scrape(d: &Daemon) -> String {
-    let out = std::process::Command::new("curl")
-        .args(["-sS", "--unix-socket", d.socket.to_str().unwrap()])
-        .args([
-            "-H",
-            &format!("Authorization: Bearer {}", d.admin),
-            "http://persona/metrics",
-        ])
-        .output()
-        .expect("curl");
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn value(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.strip_prefix(' '))
-        })
-        .unwrap_or_else(|| panic!("{series} missing from\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
-}
 
 #[test]
 fn promtool_accepts_the_metrics_and_they_count_exactly() {
     let lab = Lab::new(VmLink::Veth);
     let d = Daemon::start(&lab);
     d.cli_ok("apply -f examples/");
+    let shifts = "persona_shifts_total{trigger=\"api\",result=\"ok\"}";
+    let applied = metric(&d.metrics(), shifts);
     d.cli_ok("shift vm1 travel");
     d.cli_ok("shift vm1 office");
 
-    let before = scrape(&d);
+    let before = d.metrics();
     let key = |reason: &str| {
         format!(
             "persona_device_packets_total{{device=\"vm1\",direction=\"egress\",reason=\"{reason}\",verdict=\"pass\"}}"
@@ -60,8 +35,8 @@ fn promtool_accepts_the_metrics_and_they_count_exactly() {
         "python3 -c 'import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); [s.sendto(bytes(100), (\"{OUTSIDE}\", 9999)) for _ in range(50)]'"
     ));
     assert!(sent.status.success());
-    let after = scrape(&d);
-    let delta = |k: &str| value(&after, k) - value(&before, k);
+    let after = d.metrics();
+    let delta = |k: &str| metric(&after, k) - metric(&before, k);
     assert_eq!(
         delta(&key("allow_default")) + delta(&key("allow_tracked")),
         50,
@@ -71,18 +46,11 @@ fn promtool_accepts_the_metrics_and_they_count_exactly() {
         delta(&bytes_key("allow_default")) + delta(&bytes_key("allow_tracked")),
         50 * 142
     );
-    assert_eq!(
-        value(
-            &after,
-            "persona_shifts_total{trigger=\"api\",result=\"ok\"}"
-        ),
-        3,
-        "the first shift and two more"
-    );
-    assert!(value(&after, "persona_map_capacity{map=\"conntrack\"}") >= 65_536);
+    assert_eq!(metric(&after, shifts) - applied, 2, "the two shifts");
+    assert!(metric(&after, "persona_map_capacity{map=\"conntrack\"}") >= 65_536);
     assert!(
         after.contains(
-            "persona_device_generation{device=\"vm1\",persona=\"office\",interface=\"pvm1\"} 3"
+            "persona_device_generation{device=\"vm1\",persona=\"office\",interface=\"pvm1\"} "
         ),
         "{after}"
     );
@@ -95,9 +63,9 @@ fn promtool_accepts_the_metrics_and_they_count_exactly() {
 
     // One TCP connection from the VM: its handshake round trip lands in the histogram.
     assert!(lab.seen_from_outside().is_some());
-    let after = scrape(&d);
+    let after = d.metrics();
     assert!(
-        value(
+        metric(
             &after,
             "persona_tcp_handshake_seconds_count{device=\"vm1\"}"
         ) >= 1,
@@ -180,7 +148,7 @@ fn persona_top_shows_live_rates_in_a_terminal() {
     let _ = persona_tests::netns::try_sh(&format!("tmux kill-session -t {session}"));
     let _ = traffic.wait_with_output();
     assert!(
-        screen.contains("persona top - every 0.5s, 1 devices"),
+        screen.contains("persona top - every 0.5s, 2 devices"),
         "{screen}"
     );
     let row = screen
@@ -202,7 +170,7 @@ fn a_blocked_port_scan_is_counted_logged_and_raises_an_alert() {
     let d = Daemon::start_with(&lab, &["--min-dwell", "0", "--cooldown", "0"]);
     d.cli_ok("apply -f examples/");
     d.cli_ok("apply -f examples/rules/");
-    let before = scrape(&d);
+    let before = d.metrics();
     // 30 ports, one SYN each, nothing listens and office's ingress drops them all.
     lab.out.exec(
         "for p in $(seq 1000 1029); do timeout 0.4 socat -T0.2 - TCP:203.0.113.10:$p,connect-timeout=0.2 </dev/null >/dev/null 2>&1; done; true",
@@ -221,12 +189,12 @@ fn a_blocked_port_scan_is_counted_logged_and_raises_an_alert() {
     }
     // Let the rest of the scan land: once hardened, the old address is no persona's.
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    let after = scrape(&d);
+    let after = d.metrics();
     let drops = |reason: &str| {
         let k = format!(
             "persona_device_packets_total{{device=\"vm1\",direction=\"ingress\",reason=\"{reason}\",verdict=\"drop\"}}"
         );
-        value(&after, &k) - value(&before, &k)
+        metric(&after, &k) - metric(&before, &k)
     };
     let reported = |reason: &str| {
         after

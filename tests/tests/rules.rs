@@ -61,7 +61,7 @@ fn a_security_alert_hardens_the_device_and_clearing_it_restores_it() {
     let shifts: Vec<Value> = events
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|e| e["kind"] == "shift")
+        .filter(|e| e["kind"] == "shift" && e["device"] == "vm1")
         .collect();
     let by_rule: Vec<(&str, &str, &str)> = shifts
         .iter()

@@ -4,6 +4,9 @@ use std::process::Command;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod cpio;
+mod guest;
+
 #[derive(Parser)]
 #[command(name = "xtask")]
 struct Cli {
@@ -24,6 +27,9 @@ enum Task {
     },
     /// Set up, then play the demo: namespaces as VMs, two personas, a shift, counters.
     Demo,
+    /// Build the QEMU guest (kernel and busybox initramfs from Debian packages) into
+    /// target/guest.
+    Guest,
     /// Per-packet cost of the programs next to an XDP_PASS baseline (BPF_PROG_TEST_RUN).
     Bench,
 }
@@ -43,6 +49,9 @@ const APT_PACKAGES: &[&str] = &[
     // `persona top` is checked in a real terminal.
     "tmux",
     "curl",
+    // Real guests: QEMU, and the userland of their initramfs.
+    "qemu-system-x86",
+    "busybox-static",
 ];
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
@@ -111,13 +120,21 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup(),
         Task::Test { args } => {
             setup()?;
+            guest::build()?;
             // The end-to-end tests run the `persona` binary itself, which `cargo test`
             // does not build for another package's tests.
             run(Command::new("cargo").args(["build", "--bins"]))?;
             run(Command::new("cargo").args(["test"]).args(&args))
         }
+        Task::Guest => {
+            setup()?;
+            let dir = guest::build()?;
+            println!("{}", dir.canonicalize()?.display());
+            Ok(())
+        }
         Task::Demo => {
             setup()?;
+            guest::build()?;
             run(Command::new("cargo").args([
                 "build",
                 "--release",

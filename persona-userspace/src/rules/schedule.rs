@@ -16,7 +16,7 @@ pub struct Schedule {
     /// "mon".."sun"; every day when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub days: Vec<String>,
-    /// "HH:MM" local time; `to` before `from` spans midnight.
+    /// "HH:MM" or "HH:MM:SS" local time; `to` before `from` spans midnight.
     pub from: String,
     pub to: String,
 }
@@ -34,9 +34,19 @@ fn weekday(s: &str) -> Option<Weekday> {
     })
 }
 
-fn hhmm(s: &str) -> Option<Time> {
-    let (h, m) = s.split_once(':')?;
-    Time::new(h.parse().ok()?, m.parse().ok()?, 0, 0).ok()
+/// "HH:MM" or "HH:MM:SS".
+fn clock_time(s: &str) -> Option<Time> {
+    let mut parts = s.split(':');
+    let mut field = |required: bool| match parts.next() {
+        Some(p) if p.len() == 2 && p.bytes().all(|b| b.is_ascii_digit()) => p.parse().ok(),
+        None if !required => Some(0),
+        _ => None,
+    };
+    let (h, m, sec) = (field(true)?, field(true)?, field(false)?);
+    if parts.next().is_some() {
+        return None;
+    }
+    Time::new(h, m, sec, 0).ok()
 }
 
 pub struct Compiled {
@@ -64,8 +74,11 @@ impl Schedule {
             })?);
         }
         let time = |s: &str, f: &str| {
-            hhmm(s).ok_or_else(|| {
-                FieldError::new(format!("{field}.{f}"), format!("{s:?} is not HH:MM"))
+            clock_time(s).ok_or_else(|| {
+                FieldError::new(
+                    format!("{field}.{f}"),
+                    format!("{s:?} is not HH:MM or HH:MM:SS"),
+                )
             })
         };
         let (from, to) = (time(&self.from, "from")?, time(&self.to, "to")?);

@@ -361,6 +361,22 @@ fn schedules_fire_at_their_boundaries_across_daylight_saving() {
         Some("2026-10-25T07:00:00Z".parse().unwrap())
     );
 
+    // Seconds, for windows that must start at an exact instant.
+    let exact = Schedule {
+        timezone: "UTC".into(),
+        days: vec![],
+        from: "09:00:30".into(),
+        to: "09:01".into(),
+    }
+    .compile("e")
+    .unwrap();
+    assert!(!exact.active("2026-11-24T09:00:29Z".parse().unwrap()));
+    assert!(exact.active("2026-11-24T09:00:30Z".parse().unwrap()));
+    assert_eq!(
+        exact.next_boundary("2026-11-24T09:00:00Z".parse().unwrap()),
+        Some("2026-11-24T09:00:30Z".parse().unwrap())
+    );
+
     // A window over midnight belongs to the day it starts on.
     let night = Schedule {
         timezone: "Europe/Berlin".into(),
@@ -404,6 +420,14 @@ fn bad_rules_name_the_field() {
         ),
         (
             "priority: 1\npersona: x\nwhen: { schedule: { timezone: UTC, from: '25:00', to: '09:00' } }",
+            "spec.when.schedule.from",
+        ),
+        (
+            "priority: 1\npersona: x\nwhen: { schedule: { timezone: UTC, from: '08:00', to: '9:00' } }",
+            "spec.when.schedule.to",
+        ),
+        (
+            "priority: 1\npersona: x\nwhen: { schedule: { timezone: UTC, from: '08:00:60', to: '09:00' } }",
             "spec.when.schedule.from",
         ),
         (

@@ -1,0 +1,246 @@
+//! Real virtual machines: two QEMU guests on two taps behind the persona daemon, an
+//! outside namespace with a DNS and an HTTP server. Everything is checked from where a
+//! user would look: inside the guests, on the outside, in the audit log and the metrics.
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use persona_tests::{
+    daemon::{Daemon, metric},
+    guest::{Guest, GuestSpec, Starting, accelerator},
+    lab::{OUTSIDE, Site, VM_IFACE, VM2_IFACE},
+};
+use serde_json::Value;
+
+fn spec(name: &str, tap: &str, n: u8) -> GuestSpec {
+    GuestSpec {
+        name: name.into(),
+        tap: tap.into(),
+        mac: format!("52:54:00:00:00:{n:02x}"),
+        ip: format!("198.18.0.{n}/24"),
+        gateway: "198.18.0.1".into(),
+        ip6: (n == 2).then(|| ("2001:db8:1::2/64".into(), "fe80::1".into())),
+        // The VM's own idea of DNS: the persona's redirect decides who answers.
+        dns: "192.0.2.53".into(),
+    }
+}
+
+/// The address the outside HTTP server logged for a download from the guest.
+fn http_identity(site: &Site, g: &mut Guest) -> String {
+    let body = g.ok(&format!(
+        "timeout 10 wget -q -O - http://{OUTSIDE}:8000/hello.txt"
+    ));
+    assert_eq!(body.trim(), "hello from outside");
+    site.http_clients()
+        .last()
+        .cloned()
+        .expect("a logged request")
+}
+
+fn reach(site: &Site, addr: &str, port: u16) -> Option<String> {
+    let out = site
+        .out
+        .try_exec(&format!("curl -s --max-time 3 http://{addr}:{port}/"));
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+#[test]
+fn two_guests_behind_the_daemon() {
+    let site = Site::new();
+    let booting: [Starting; 2] = [
+        Guest::start(&site.host.name, &spec("vm1", VM_IFACE, 2)),
+        Guest::start(&site.host.name, &spec("vm2", VM2_IFACE, 3)),
+    ];
+    let d = Daemon::start(&site);
+    // Personas and devices only: the example rules follow the clock, and this test
+    // decides the shifts itself.
+    d.cli_ok("apply -f examples/personas.yaml");
+    d.cli_ok("apply -f examples/devices.yaml");
+    let [mut vm1, mut vm2] = booting.map(Starting::wait);
+    eprintln!(
+        "guests up in {:?} and {:?} ({})",
+        vm1.booted_in,
+        vm2.booted_in,
+        accelerator().1
+    );
+
+    // The guests keep their own addresses; the outside sees the personas'.
+    let config = vm1.ok("ip -4 addr show dev eth0; ip route");
+    assert!(config.contains("inet 198.18.0.2/24"), "{config}");
+    assert!(!config.contains("203.0.113."), "{config}");
+    assert_eq!(http_identity(&site, &mut vm1), "203.0.113.10");
+    assert_eq!(http_identity(&site, &mut vm2), "203.0.113.30");
+
+    // DNS: the guest asks 192.0.2.53; only the persona's resolver knows the name.
+    let answer = vm1.ok("nslookup -type=a persona.test");
+    assert!(answer.contains("192.0.2.80"), "{answer}");
+
+    // The firewall holds, in and out.
+    assert_eq!(reach(&site, "203.0.113.10", 22).as_deref(), Some("vm1"));
+    assert_eq!(
+        reach(&site, "203.0.113.10", 23),
+        None,
+        "office admits only ssh"
+    );
+    assert_eq!(reach(&site, "203.0.113.30", 22).as_deref(), Some("vm2"));
+    assert_eq!(
+        reach(&site, "198.18.0.2", 22),
+        None,
+        "the inner address is unreachable"
+    );
+    let smtp = |g: &mut Guest| g.run(&format!("nc -w 3 {OUTSIDE} 25 </dev/null")).1;
+    assert!(!smtp(&mut vm1).contains("smtp"), "office drops smtp out");
+    assert!(smtp(&mut vm2).contains("smtp"), "lab lets smtp out");
+
+    // A shift while vm1 pings: the outside sees the new address from the next packet
+    // on, no echo is lost, and the guest's configuration does not change.
+    let before = d.metrics();
+    let mut capture = Command::new("ip")
+        .args(["netns", "exec", &site.out.name])
+        .args(["timeout", "60", "tcpdump", "-n", "-l", "-i", "eth0"])
+        .arg("icmp[icmptype] == icmp-echo and dst host 198.51.100.7")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tcpdump");
+    wait_listening(&mut std::io::BufReader::new(capture.stderr.take().unwrap()));
+    const PINGS: u32 = 250;
+    vm1.ok(&format!(
+        "ping -c {PINGS} -i 0.02 {OUTSIDE} >/tmp/ping.out 2>&1 &"
+    ));
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_millis(1500));
+    let shifted = d.cli_ok("shift vm1 travel");
+    eprintln!("shift after {:?}: {shifted}", started.elapsed());
+    let summary = wait_output(&mut vm1, "cat /tmp/ping.out", "packets transmitted");
+    assert!(
+        summary.contains(&format!(
+            "{PINGS} packets transmitted, {PINGS} packets received"
+        )),
+        "{summary}"
+    );
+    let sources = stop_capture(capture);
+    let after = d.metrics();
+    assert_eq!(sources.len(), PINGS as usize, "{sources:?}");
+    let switch = sources
+        .iter()
+        .position(|s| s == "203.0.113.20")
+        .expect("the new identity seen");
+    assert!(switch > 0, "the shift came mid-stream");
+    assert!(sources[..switch].iter().all(|s| s == "203.0.113.10"));
+    assert!(
+        sources[switch..].iter().all(|s| s == "203.0.113.20"),
+        "never back to the old identity: {sources:?}"
+    );
+    assert_eq!(vm1.ok("ip -4 addr show dev eth0; ip route"), config);
+    assert_eq!(http_identity(&site, &mut vm1), "203.0.113.20");
+    assert_eq!(
+        http_identity(&site, &mut vm2),
+        "203.0.113.30",
+        "vm2 untouched"
+    );
+    assert_eq!(
+        reach(&site, "203.0.113.20", 22),
+        None,
+        "travel admits nothing"
+    );
+
+    // The audit log and the metrics tell the same story.
+    let events: Vec<Value> = d
+        .cli_ok("events -o json")
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|e: &Value| e["kind"] == "shift" && e["device"] == "vm1")
+        .collect();
+    let story: Vec<(Option<&str>, &str, &str)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["from"].as_str(),
+                e["to"].as_str().unwrap(),
+                e["result"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(story.len(), 2, "{events:?}");
+    assert_eq!(
+        (story[0].1, story[1]),
+        ("office", (Some("office"), "travel", story[1].2))
+    );
+    assert!(story[1].2.starts_with("ok"), "{story:?}");
+
+    let delta = |dir: &str, what: &str, reasons: &[&str]| -> u64 {
+        reasons
+            .iter()
+            .map(|r| {
+                let k = format!(
+                    "persona_device_{what}_total{{device=\"vm1\",direction=\"{dir}\",reason=\"{r}\",verdict=\"pass\"}}"
+                );
+                metric(&after, &k) - metric(&before, &k)
+            })
+            .sum()
+    };
+    let flows = ["allow_default", "allow_tracked"];
+    assert_eq!(
+        delta("egress", "packets", &flows),
+        u64::from(PINGS),
+        "{after}"
+    );
+    assert_eq!(
+        delta("egress", "bytes", &flows),
+        u64::from(PINGS) * 98,
+        "echo requests of 14 + 20 + 8 + 56 bytes"
+    );
+    assert_eq!(
+        delta("ingress", "packets", &["allow_tracked"]),
+        u64::from(PINGS)
+    );
+    assert!(
+        after.contains(
+            "persona_device_generation{device=\"vm1\",persona=\"travel\",interface=\"pvm1\"}"
+        ),
+        "{after}"
+    );
+}
+
+fn wait_listening(err: &mut impl std::io::BufRead) {
+    let mut line = String::new();
+    while err.read_line(&mut line).expect("tcpdump stderr") > 0 {
+        if line.contains("listening on") {
+            return;
+        }
+        line.clear();
+    }
+    panic!("tcpdump never listened");
+}
+
+fn wait_output(g: &mut Guest, cmd: &str, marker: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let (_, out) = g.run(cmd);
+        if out.contains(marker) {
+            return out;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "{cmd}: {out}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The source address of every echo request tcpdump saw, in order.
+fn stop_capture(mut capture: std::process::Child) -> Vec<String> {
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(capture.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let mut text = String::new();
+    std::io::Read::read_to_string(capture.stdout.as_mut().unwrap(), &mut text).unwrap();
+    let _ = capture.wait();
+    text.lines()
+        .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "IP").nth(1))
+        .map(str::to_owned)
+        .collect()
+}
