@@ -110,6 +110,11 @@ pub fn ipv6<P: Packet>(p: &P) -> Result<Ip, Reason> {
     }
     let next = h.next_hdr;
     if is_extension_header(next) {
+        // MLD reports carry a hop-by-hop header; like everything that never leaves the
+        // link, they pass untranslated.
+        if link_scoped(&h.src_addr) || link_scoped(&h.dst_addr) {
+            return Err(Reason::PassLinkLocal);
+        }
         return Err(Reason::DropIpv6ExtHeader);
     }
     Ok(Ip {
@@ -260,6 +265,12 @@ pub fn quoted<P: Packet>(p: &P, family: u8) -> Result<Quoted, Reason> {
         sport: u16::from_be(sport),
         dport: u16::from_be(dport),
     })
+}
+
+/// Link-local unicast, the unspecified address (before DAD) or link-scope multicast.
+#[inline(always)]
+fn link_scoped(a: &[u8; 16]) -> bool {
+    is_link_local_v6(a) || *a == [0; 16] || (a[0] == 0xff && (a[1] & 0x0f) == 0x02)
 }
 
 #[inline(always)]

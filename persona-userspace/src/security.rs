@@ -104,14 +104,21 @@ impl Watcher {
             .pending
             .entry((device.clone(), remote, reason))
             .or_default();
+        // The port that says what happened: the service a VM tried to reach, or the one
+        // of the VM's that was probed.
+        let port = if e.direction == DIR_EGRESS {
+            e.remote_port
+        } else {
+            e.local_port
+        };
         s.dropped += 1;
-        s.ports.insert(e.local_port);
+        s.ports.insert(port);
         s.proto = e.proto;
         s.direction = e.direction;
         if e.direction != DIR_EGRESS {
             let now = Instant::now();
             let window = self.recent.entry((device, remote)).or_default();
-            window.push_back((now, e.local_port));
+            window.push_back((now, port));
             while window
                 .front()
                 .is_some_and(|(t, _)| now.duration_since(*t) > SCAN_WINDOW)

@@ -9,7 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::netns::sh;
+use crate::{
+    lab::{OUTSIDE, Site},
+    netns::{Netns, sh},
+};
 
 /// What the guest is told on its kernel command line.
 #[derive(Debug, Clone)]
@@ -23,6 +26,22 @@ pub struct GuestSpec {
     pub gateway: String,
     pub ip6: Option<(String, String)>,
     pub dns: String,
+}
+
+impl GuestSpec {
+    /// The examples' VMs: vm1 (198.18.0.2, with IPv6) on pvm1, vm2 (198.18.0.3) on pvm2.
+    pub fn example(name: &str, tap: &str, n: u8) -> Self {
+        Self {
+            name: name.into(),
+            tap: tap.into(),
+            mac: format!("52:54:00:00:00:{n:02x}"),
+            ip: format!("198.18.0.{n}/24"),
+            gateway: "198.18.0.1".into(),
+            ip6: (n == 2).then(|| ("2001:db8:1::2/64".into(), "fe80::1".into())),
+            // The VM's own idea of DNS: the persona's redirect decides who answers.
+            dns: "192.0.2.53".into(),
+        }
+    }
 }
 
 pub struct Guest {
@@ -130,13 +149,32 @@ impl Guest {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let child = qemu.spawn().expect("starting qemu-system-x86_64");
+        let mut child = qemu.spawn().expect("starting qemu-system-x86_64");
+        // QEMU starts the guest once this connection is made: connect now, so that
+        // guests started together boot together.
+        let since = Instant::now();
+        let stream = loop {
+            if let Ok(s) = UnixStream::connect(&ctl) {
+                break s;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut err = String::new();
+                let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err);
+                panic!("{}: qemu exited with {status}: {err}", spec.name);
+            }
+            assert!(
+                since.elapsed() < BOOT_TIMEOUT,
+                "{}: qemu never listened",
+                spec.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
         Starting {
             name: spec.name.clone(),
             child: Some(child),
-            ctl,
+            stream: Some(stream),
             dir,
-            since: Instant::now(),
+            since,
         }
     }
 
@@ -144,8 +182,7 @@ impl Guest {
         Self::start(host_ns, spec).wait()
     }
 
-    /// Runs a shell command in the guest: its exit status and output.
-    pub fn run(&mut self, cmd: &str) -> (i32, String) {
+    fn command(&mut self, cmd: &str) -> (i32, String) {
         assert!(!cmd.contains('\n'), "one line per command");
         self.writer
             .write_all(format!("{cmd}\n").as_bytes())
@@ -170,13 +207,6 @@ impl Guest {
         }
     }
 
-    /// Output of a command that must succeed.
-    pub fn ok(&mut self, cmd: &str) -> String {
-        let (rc, out) = self.run(cmd);
-        assert_eq!(rc, 0, "{}: `{cmd}` failed: {out}", self.name);
-        out
-    }
-
     pub fn console(&self) -> String {
         std::fs::read_to_string(self.dir.join("console.log")).unwrap_or_default()
     }
@@ -186,7 +216,7 @@ impl Guest {
 pub struct Starting {
     name: String,
     child: Option<Child>,
-    ctl: PathBuf,
+    stream: Option<UnixStream>,
     dir: PathBuf,
     since: Instant,
 }
@@ -195,23 +225,8 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
 impl Starting {
     pub fn wait(mut self) -> Guest {
-        let mut child = self.child.take().expect("started once");
-        let stream = loop {
-            if let Ok(s) = UnixStream::connect(&self.ctl) {
-                break s;
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                let mut err = String::new();
-                let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err);
-                panic!("{}: qemu exited with {status}: {err}", self.name);
-            }
-            assert!(
-                self.since.elapsed() < BOOT_TIMEOUT,
-                "{}: qemu never listened",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let child = self.child.take().expect("started once");
+        let stream = self.stream.take().expect("connected once");
         stream
             .set_read_timeout(Some(BOOT_TIMEOUT))
             .expect("read timeout");
@@ -245,6 +260,105 @@ impl Starting {
             .set_read_timeout(Some(Duration::from_secs(120)))
             .expect("read timeout");
         guest
+    }
+}
+
+impl Vm for Guest {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn run(&mut self, cmd: &str) -> (i32, String) {
+        self.command(cmd)
+    }
+}
+
+/// A VM as the tests and the demo use it: a shell with busybox's tools.
+pub trait Vm {
+    fn name(&self) -> &str;
+
+    /// Runs a shell command in the VM: its exit status and output.
+    fn run(&mut self, cmd: &str) -> (i32, String);
+
+    /// Output of a command that must succeed.
+    fn ok(&mut self, cmd: &str) -> String {
+        let (rc, out) = self.run(cmd);
+        assert_eq!(rc, 0, "{}: `{cmd}` failed: {out}", self.name());
+        out
+    }
+
+    /// The address the outside HTTP server logged for a download from this VM.
+    fn identity(&mut self, site: &Site) -> String {
+        let body = self.ok(&format!(
+            "timeout 10 wget -q -O - http://{OUTSIDE}:8000/hello.txt"
+        ));
+        assert_eq!(body.trim(), "hello from outside");
+        site.http_clients()
+            .last()
+            .cloned()
+            .expect("a logged request")
+    }
+}
+
+/// A network namespace standing in for a VM, behind a veth pair named like its tap,
+/// with busybox's applets first in PATH so commands behave as in a guest.
+pub struct NsVm {
+    pub name: String,
+    pub ns: Netns,
+    applets: PathBuf,
+}
+
+impl NsVm {
+    pub fn start(site: &Site, spec: &GuestSpec) -> Self {
+        let ns = Netns::new(&format!("p-{}", spec.name));
+        let (h, v) = (&site.host.name, &ns.name);
+        sh(&format!(
+            "ip link add {} netns {h} type veth peer name eth0 netns {v} && ip -n {h} link set {} up",
+            spec.tap, spec.tap
+        ));
+        ns.exec(&format!(
+            "ip link set eth0 address {} && ip addr add {} dev eth0 && ip link set eth0 up && ip route add default via {}",
+            spec.mac, spec.ip, spec.gateway
+        ));
+        if let Some((ip6, gw6)) = &spec.ip6 {
+            ns.exec(&format!(
+                "ip -6 addr add {ip6} dev eth0 nodad && ip -6 route add default via {gw6} dev eth0"
+            ));
+        }
+        let applets = PathBuf::from(format!("/tmp/persona-applets-{v}"));
+        let www = applets.join("www");
+        std::fs::create_dir_all(&www).expect("applet dir");
+        std::fs::write(www.join("index.html"), format!("{}\n", spec.name)).expect("index");
+        sh(&format!("busybox --install -s {}", applets.display()));
+        for port in [80, 22, 23] {
+            ns.exec(&format!("busybox httpd -p {port} -h {}", www.display()));
+        }
+        Self {
+            name: spec.name.clone(),
+            ns,
+            applets,
+        }
+    }
+}
+
+impl Vm for NsVm {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn run(&mut self, cmd: &str) -> (i32, String) {
+        let out = self
+            .ns
+            .try_exec(&format!("PATH={}:$PATH; {cmd}", self.applets.display()));
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.status.code().unwrap_or(-1), text)
+    }
+}
+
+impl Drop for NsVm {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.applets);
     }
 }
 

@@ -8,35 +8,10 @@ use std::{
 
 use persona_tests::{
     daemon::{Daemon, metric},
-    guest::{Guest, GuestSpec, Starting, accelerator},
+    guest::{Guest, GuestSpec, Starting, Vm, accelerator},
     lab::{OUTSIDE, Site, VM_IFACE, VM2_IFACE},
 };
 use serde_json::Value;
-
-fn spec(name: &str, tap: &str, n: u8) -> GuestSpec {
-    GuestSpec {
-        name: name.into(),
-        tap: tap.into(),
-        mac: format!("52:54:00:00:00:{n:02x}"),
-        ip: format!("198.18.0.{n}/24"),
-        gateway: "198.18.0.1".into(),
-        ip6: (n == 2).then(|| ("2001:db8:1::2/64".into(), "fe80::1".into())),
-        // The VM's own idea of DNS: the persona's redirect decides who answers.
-        dns: "192.0.2.53".into(),
-    }
-}
-
-/// The address the outside HTTP server logged for a download from the guest.
-fn http_identity(site: &Site, g: &mut Guest) -> String {
-    let body = g.ok(&format!(
-        "timeout 10 wget -q -O - http://{OUTSIDE}:8000/hello.txt"
-    ));
-    assert_eq!(body.trim(), "hello from outside");
-    site.http_clients()
-        .last()
-        .cloned()
-        .expect("a logged request")
-}
 
 fn reach(site: &Site, addr: &str, port: u16) -> Option<String> {
     let out = site
@@ -51,8 +26,8 @@ fn reach(site: &Site, addr: &str, port: u16) -> Option<String> {
 fn two_guests_behind_the_daemon() {
     let site = Site::new();
     let booting: [Starting; 2] = [
-        Guest::start(&site.host.name, &spec("vm1", VM_IFACE, 2)),
-        Guest::start(&site.host.name, &spec("vm2", VM2_IFACE, 3)),
+        Guest::start(&site.host.name, &GuestSpec::example("vm1", VM_IFACE, 2)),
+        Guest::start(&site.host.name, &GuestSpec::example("vm2", VM2_IFACE, 3)),
     ];
     let d = Daemon::start(&site);
     // Personas and devices only: the example rules follow the clock, and this test
@@ -71,8 +46,8 @@ fn two_guests_behind_the_daemon() {
     let config = vm1.ok("ip -4 addr show dev eth0; ip route");
     assert!(config.contains("inet 198.18.0.2/24"), "{config}");
     assert!(!config.contains("203.0.113."), "{config}");
-    assert_eq!(http_identity(&site, &mut vm1), "203.0.113.10");
-    assert_eq!(http_identity(&site, &mut vm2), "203.0.113.30");
+    assert_eq!(vm1.identity(&site), "203.0.113.10");
+    assert_eq!(vm2.identity(&site), "203.0.113.30");
 
     // DNS: the guest asks 192.0.2.53; only the persona's resolver knows the name.
     let answer = vm1.ok("nslookup -type=a persona.test");
@@ -136,12 +111,8 @@ fn two_guests_behind_the_daemon() {
         "never back to the old identity: {sources:?}"
     );
     assert_eq!(vm1.ok("ip -4 addr show dev eth0; ip route"), config);
-    assert_eq!(http_identity(&site, &mut vm1), "203.0.113.20");
-    assert_eq!(
-        http_identity(&site, &mut vm2),
-        "203.0.113.30",
-        "vm2 untouched"
-    );
+    assert_eq!(vm1.identity(&site), "203.0.113.20");
+    assert_eq!(vm2.identity(&site), "203.0.113.30", "vm2 untouched");
     assert_eq!(
         reach(&site, "203.0.113.20", 22),
         None,

@@ -314,6 +314,9 @@ fn bad_packets_get_their_documented_verdict_and_reason() {
     vlan.splice(12..12, [0x81, 0x00, 0x00, 0x05]);
     let mut ext = frame(inner6(), v6("2001:db8:b::7"), &udp(5000, 9000));
     ext[20] = 0; // hop-by-hop options first
+    // An MLD report as a booting guest sends it: hop-by-hop, link-local to ff02::16.
+    let mut mld = frame(v6("fe80::5054:ff:fe00:2"), v6("ff02::16"), &udp(0, 0));
+    mld[20] = 0;
     let lldp = ethernet(0x88cc, &[0u8; 46]);
     let arp = ethernet(0x0806, &[0u8; 28]);
     let spoofed = frame(v4([198, 18, 0, 99]), v4(REMOTE), &udp(5000, 9000));
@@ -344,6 +347,12 @@ fn bad_packets_get_their_documented_verdict_and_reason() {
             ext,
             XDP_DROP,
             Reason::DropIpv6ExtHeader,
+        ),
+        (
+            "link-scoped ipv6 with an extension header (MLD)",
+            mld,
+            XDP_PASS,
+            Reason::PassLinkLocal,
         ),
         ("not ip", lldp, XDP_DROP, Reason::DropNotIp),
         ("arp", arp, XDP_PASS, Reason::PassArp),

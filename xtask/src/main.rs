@@ -144,6 +144,8 @@ fn main() -> anyhow::Result<()> {
                 "persona-tests",
                 "--bins",
             ]))?;
+            // Ctrl-C goes to the demo too, which cleans up before it exits: wait for it.
+            ctrlc::set_handler(|| {})?;
             run(Command::new("target/release/persona-demo")
                 .env("PERSONA_BIN", "target/release/persona"))
         }
