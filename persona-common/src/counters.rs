@@ -1,17 +1,24 @@
-//! Per-device, per-direction, per-reason packet and byte counters (per CPU).
+//! Per-device, per-persona, per-direction, per-reason packet and byte counters (per
+//! CPU).
 //!
-//! Every packet either program sees ends in exactly one reason. The numbers are part of
-//! the userspace contract (metrics labels); append, never renumber.
+//! Every packet either program sees ends in exactly one reason, and is counted for the
+//! persona it was handled with (`Active::persona` read once with the rest), or for
+//! [`NO_PERSONA`] when the device had none. The numbers are part of the userspace
+//! contract (metrics labels); append, never renumber.
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CounterKey {
     pub ifindex: u32,
+    pub persona: u32,
     pub direction: u8,
     pub reason: u8,
     pub _pad: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<CounterKey>() == 8);
+const _: () = assert!(core::mem::size_of::<CounterKey>() == 12);
+
+/// The persona id of packets a device handled without an active persona.
+pub const NO_PERSONA: u32 = 0;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

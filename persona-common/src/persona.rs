@@ -10,7 +10,8 @@
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Active {
     pub table: u32,
-    pub _pad: u32,
+    /// The control plane's id of the persona staged in `table`; counters are kept by it.
+    pub persona: u32,
     pub generation: u64,
 }
 const _: () = assert!(core::mem::size_of::<Active>() == 16);

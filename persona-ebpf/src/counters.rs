@@ -1,29 +1,48 @@
 //! The one place packets are counted.
+use aya_ebpf::bindings::BPF_NOEXIST;
 use persona_common::counters::{
-    Counter, CounterKey, HANDSHAKE_BUCKETS, HANDSHAKE_SUM, HandshakeKey, Reason,
+    Counter, CounterKey, HANDSHAKE_BUCKETS, HANDSHAKE_SUM, HandshakeKey, NO_PERSONA, Reason,
 };
 
-use crate::maps::{COUNTERS, HANDSHAKES};
+use crate::{
+    maps::{COUNTERS, HANDSHAKES},
+    state,
+};
 
-#[inline(always)]
-pub fn count(ifindex: u32, direction: u8, reason: Reason, bytes: u64) {
+/// A packet decided before any persona was read (ARP, link-local, malformed).
+pub const UNATTRIBUTED: u32 = u32::MAX;
+
+/// A subprogram of its own, so its frame never adds to the deciders'.
+#[inline(never)]
+pub fn count(ifindex: u32, persona: u32, direction: u8, reason: Reason, bytes: u64) {
+    // Traffic no persona handled still happened while one was active: count it there.
+    let persona = if persona == UNATTRIBUTED {
+        state::active(ifindex).map_or(NO_PERSONA, |a| a.persona)
+    } else {
+        persona
+    };
     let key = CounterKey {
         ifindex,
+        persona,
         direction,
         reason: reason as u8,
         _pad: [0; 2],
     };
-    // Userspace creates every key of a device when attaching it, so the insert only
-    // happens for devices it does not know.
-    match COUNTERS.get_ptr_mut(key) {
-        Some(c) => {
+    // Userspace creates a device's keys for a persona before shifting to it. Otherwise
+    // the first packet creates it, and a CPU that loses that race adds to the winner's.
+    for _ in 0..2 {
+        if let Some(c) = COUNTERS.get_ptr_mut(key) {
             // SAFETY: per-CPU value, no other writer.
             let c = unsafe { &mut *c };
             c.packets += 1;
             c.bytes += bytes;
+            return;
         }
-        None => {
-            let _ = COUNTERS.insert(key, Counter { packets: 1, bytes }, 0);
+        if COUNTERS
+            .insert(key, Counter { packets: 1, bytes }, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            return;
         }
     }
 }

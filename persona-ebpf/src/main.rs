@@ -34,8 +34,9 @@ use crate::packet::{Packet as _, TcPacket, XdpPacket};
 #[xdp]
 pub fn persona_from_vm(ctx: XdpContext) -> u32 {
     let mut pkt = XdpPacket::from_raw(ctx.ctx);
-    let reason = path::handle::<_, from_vm::FromVm>(&mut pkt).unwrap_or_else(|reason| reason);
-    counters::count(pkt.ifindex, DIR_EGRESS, reason, pkt.len);
+    let handled = path::handle::<_, from_vm::FromVm>(&mut pkt);
+    let reason = handled.reason();
+    counters::count(pkt.ifindex, handled.persona(), DIR_EGRESS, reason, pkt.len);
     if events::is_reported(reason) {
         events::report_drop::<XdpPacket>(pkt.raw(), DIR_EGRESS, reason as u8);
     }
@@ -50,8 +51,9 @@ pub fn persona_from_vm(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn persona_to_vm(ctx: TcContext) -> i32 {
     let mut pkt = TcPacket::pulled(ctx.skb.skb);
-    let reason = path::handle::<_, to_vm::ToVm>(&mut pkt).unwrap_or_else(|reason| reason);
-    counters::count(pkt.ifindex, DIR_INGRESS, reason, pkt.len);
+    let handled = path::handle::<_, to_vm::ToVm>(&mut pkt);
+    let reason = handled.reason();
+    counters::count(pkt.ifindex, handled.persona(), DIR_INGRESS, reason, pkt.len);
     if events::is_reported(reason) {
         events::report_drop::<TcPacket>(pkt.raw(), DIR_INGRESS, reason as u8);
     }

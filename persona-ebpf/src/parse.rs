@@ -109,20 +109,21 @@ pub fn ipv6<P: Packet>(p: &P) -> Result<Ip, Reason> {
         return Err(Reason::DropTruncated);
     }
     let next = h.next_hdr;
-    if is_extension_header(next) {
-        // MLD reports carry a hop-by-hop header; like everything that never leaves the
-        // link, they pass untranslated.
-        if link_scoped(&h.src_addr) || link_scoped(&h.dst_addr) {
-            return Err(Reason::PassLinkLocal);
-        }
-        return Err(Reason::DropIpv6ExtHeader);
-    }
-    Ok(Ip {
+    let ip = Ip {
         family: FAMILY_V6,
         proto: next,
         src: h.src_addr,
         dst: h.dst_addr,
-    })
+    };
+    if is_extension_header(next) {
+        // MLD reports carry a hop-by-hop header; like everything that never leaves the
+        // link, they pass untranslated.
+        if link_scoped(&ip.src) || link_scoped(&ip.dst) {
+            return Err(Reason::PassLinkLocal);
+        }
+        return Err(Reason::DropIpv6ExtHeader);
+    }
+    Ok(ip)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -3,6 +3,7 @@
 use persona_common::{FAMILY_V6, counters::Reason, persona::Active};
 
 use crate::{
+    counters::UNATTRIBUTED,
     packet::Packet,
     parse::{self, Ip, Kind, L3, L4},
     plan::{self, Plan},
@@ -18,10 +19,41 @@ pub trait Direction {
     fn flow(ifindex: u32, ip: &Ip, l4: &L4, active: &Active, plan: &mut Plan) -> Reason;
 }
 
+/// The verdict on a packet and the persona that decided it, in one register: a
+/// separate variable would cost main's frame the bytes the verifier's 512 cannot spare.
+#[derive(Clone, Copy)]
+pub struct Handled(u64);
+
+impl Handled {
+    #[inline(always)]
+    fn new(reason: Reason, persona: u32) -> Self {
+        Self(reason as u64 | (u64::from(persona) << 32))
+    }
+
+    #[inline(always)]
+    pub fn reason(self) -> Reason {
+        Reason::from_u8(self.0 as u8).unwrap_or(Reason::DropTruncated)
+    }
+
+    #[inline(always)]
+    pub fn persona(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+}
+
+/// Decides and rewrites one packet.
 #[inline(always)]
-pub fn handle<P: Packet, D: Direction>(p: &mut P) -> Result<Reason, Reason> {
+pub fn handle<P: Packet, D: Direction>(p: &mut P) -> Handled {
+    match decide::<P, D>(p) {
+        Ok(h) => h,
+        Err(reason) => Handled::new(reason, UNATTRIBUTED),
+    }
+}
+
+#[inline(always)]
+fn decide<P: Packet, D: Direction>(p: &mut P) -> Result<Handled, Reason> {
     let ip = match parse::l3(p)? {
-        L3::Arp => return Ok(Reason::PassArp),
+        L3::Arp => return Ok(Handled::new(Reason::PassArp, UNATTRIBUTED)),
         L3::V4 => parse::ipv4(p)?,
         L3::V6 => parse::ipv6(p)?,
     };
@@ -29,20 +61,23 @@ pub fn handle<P: Packet, D: Direction>(p: &mut P) -> Result<Reason, Reason> {
     if ip.family == FAMILY_V6
         && (l4.kind == Kind::Ndp || parse::is_link_local_v6(D::local_end(&ip)))
     {
-        return Ok(Reason::PassLinkLocal);
+        return Ok(Handled::new(Reason::PassLinkLocal, UNATTRIBUTED));
     }
     let active = state::active(p.ifindex())?;
-    let mut plan = Plan::default();
+    let mut plan = Plan {
+        persona: active.persona,
+        ..Plan::default()
+    };
     let reason = if l4.kind == Kind::IcmpError {
         D::icmp_error::<P>(p.raw(), &ip, &active, &mut plan)
     } else {
         D::flow(p.ifindex(), &ip, &l4, &active, &mut plan)
     };
     if !reason.passes() {
-        return Ok(reason);
+        return Ok(Handled::new(reason, plan.persona));
     }
     match plan::apply::<P>(p.raw(), &ip, &l4, &plan) {
-        r if r.passes() => Ok(reason),
-        failed => Ok(failed),
+        r if r.passes() => Ok(Handled::new(reason, plan.persona)),
+        failed => Ok(Handled::new(failed, plan.persona)),
     }
 }

@@ -78,6 +78,7 @@ pub fn trigger(actor: &str) -> &'static str {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DeviceLabels {
     pub device: String,
+    pub persona: String,
     pub direction: String,
     pub reason: String,
     pub verdict: String,
@@ -125,12 +126,12 @@ impl Collector for Snapshot {
         };
         counter(
             "persona_device_packets",
-            "Packets the persona programs handled, by device, direction (egress = from the VM), reason and verdict",
+            "Packets the persona programs handled, by device, the persona they were handled with, direction (egress = from the VM), reason and verdict",
             self.counters.iter().map(|(l, p, _)| (l, *p)).collect(),
         )?;
         counter(
             "persona_device_bytes",
-            "Bytes the persona programs handled, by device, direction, reason and verdict",
+            "Bytes the persona programs handled, by device, persona, direction, reason and verdict",
             self.counters.iter().map(|(l, _, b)| (l, *b)).collect(),
         )?;
         let mut info = encoder.encode_descriptor(

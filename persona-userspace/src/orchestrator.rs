@@ -355,7 +355,9 @@ impl Orchestrator {
             });
         }
 
-        let result = self.apply(&device_spec, compile(&new)?, options).await;
+        let result = self
+            .apply(&device_spec, self.compile(persona, &new)?, options)
+            .await;
         let shifted = match result {
             Ok(s) => s,
             Err(e) => {
@@ -412,6 +414,17 @@ impl Orchestrator {
         })
     }
 
+    /// The persona compiled for the datapath, with the id its packets are counted by.
+    fn compile(
+        &self,
+        name: &str,
+        spec: &PersonaSpec,
+    ) -> Result<crate::datapath::CompiledPersona, ShiftError> {
+        let mut compiled = compile(spec)?;
+        compiled.id = self.store.persona_id(name)?;
+        Ok(compiled)
+    }
+
     /// Stages `persona` and flips the device to it, attaching the device first if needed:
     /// one datapath call, so a failure anywhere leaves the previous tables in force.
     async fn apply(
@@ -442,7 +455,11 @@ impl Orchestrator {
         tracing::warn!(device, reason = why, "rolling back");
         let state = self.store.device_state(device).ok().flatten();
         let spec = spec.clone();
-        match (old.map(compile).transpose(), &state) {
+        let restore = match (old, &state) {
+            (Some(spec), Some(s)) => Some(self.compile(&s.persona, spec)),
+            _ => None,
+        };
+        match (restore.transpose(), &state) {
             (Ok(Some(compiled)), Some(s)) => {
                 let restored = self.apply(&spec, compiled, ShiftOptions::default()).await;
                 match restored {

@@ -147,6 +147,20 @@ impl Daemon {
     }
 }
 
+/// The sum of every series of `name` whose labels include all of `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix('{'))
+        .filter_map(|l| l.split_once("} "))
+        .filter(|(set, _)| {
+            labels
+                .iter()
+                .all(|(k, v)| set.split(',').any(|kv| kv == format!("{k}=\"{v}\"")))
+        })
+        .map(|(_, v)| v.trim().parse::<u64>().expect("a counter value"))
+        .sum()
+}
+
 /// The value of one series in a scrape, e.g. `name{label="x"}`.
 pub fn metric(text: &str, series: &str) -> u64 {
     text.lines()

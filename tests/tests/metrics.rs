@@ -4,7 +4,7 @@ use std::io::Write as _;
 
 use hyper::Method;
 use persona_tests::{
-    daemon::{Daemon, metric},
+    daemon::{Daemon, metric, metric_sum},
     lab::{Lab, OUTSIDE, VmLink},
 };
 
@@ -19,44 +19,52 @@ fn promtool_accepts_the_metrics_and_they_count_exactly() {
     d.cli_ok("shift vm1 office");
 
     let before = d.metrics();
-    let key = |reason: &str| {
-        format!(
-            "persona_device_packets_total{{device=\"vm1\",direction=\"egress\",reason=\"{reason}\",verdict=\"pass\"}}"
-        )
+    // UDP datagrams of 100 bytes of payload to a port nobody listens on, each
+    // 14 + 20 + 8 + 100 = 142 bytes on the tap: 50 as office, then 30 as travel.
+    let send = |n: u32| {
+        let sent = lab.vm.try_exec(&format!(
+            "python3 -c 'import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); [s.sendto(bytes(100), (\"{OUTSIDE}\", 9999)) for _ in range({n})]'"
+        ));
+        assert!(sent.status.success());
     };
-    let bytes_key = |reason: &str| {
-        format!(
-            "persona_device_bytes_total{{device=\"vm1\",direction=\"egress\",reason=\"{reason}\",verdict=\"pass\"}}"
-        )
-    };
-    // 50 UDP datagrams of 100 bytes of payload to a port nobody listens on: one new flow
-    // (allow_default) and 49 tracked packets, each 14 + 20 + 8 + 100 = 142 bytes on the tap.
-    let sent = lab.vm.try_exec(&format!(
-        "python3 -c 'import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); [s.sendto(bytes(100), (\"{OUTSIDE}\", 9999)) for _ in range(50)]'"
-    ));
-    assert!(sent.status.success());
+    send(50);
+    d.cli_ok("shift vm1 travel");
+    send(30);
     let after = d.metrics();
-    let delta = |k: &str| metric(&after, k) - metric(&before, k);
+    let delta = |what: &str, persona: &str| -> u64 {
+        let name = format!("persona_device_{what}_total");
+        ["allow_default", "allow_tracked"]
+            .iter()
+            .map(|reason| {
+                let labels = [
+                    ("device", "vm1"),
+                    ("persona", persona),
+                    ("direction", "egress"),
+                    ("reason", reason),
+                ];
+                metric_sum(&after, &name, &labels) - metric_sum(&before, &name, &labels)
+            })
+            .sum()
+    };
+    assert_eq!(delta("packets", "office"), 50, "{after}");
+    assert_eq!(delta("bytes", "office"), 50 * 142);
     assert_eq!(
-        delta(&key("allow_default")) + delta(&key("allow_tracked")),
-        50,
-        "{after}"
+        delta("packets", "travel"),
+        30,
+        "counted as the persona that sent them"
     );
-    assert_eq!(
-        delta(&bytes_key("allow_default")) + delta(&bytes_key("allow_tracked")),
-        50 * 142
-    );
-    assert_eq!(metric(&after, shifts) - applied, 2, "the two shifts");
+    assert_eq!(delta("bytes", "travel"), 30 * 142);
+    assert_eq!(metric(&after, shifts) - applied, 3, "the three shifts");
     assert!(metric(&after, "persona_map_capacity{map=\"conntrack\"}") >= 65_536);
     assert!(
         after.contains(
-            "persona_device_generation{device=\"vm1\",persona=\"office\",interface=\"pvm1\"} "
+            "persona_device_generation{device=\"vm1\",persona=\"travel\",interface=\"pvm1\"} "
         ),
         "{after}"
     );
     assert!(
         after.contains(
-            "persona_api_requests_total{route=\"/trigger_shift\",method=\"POST\",status=\"200\"} 2"
+            "persona_api_requests_total{route=\"/trigger_shift\",method=\"POST\",status=\"200\"} 3"
         ),
         "{after}"
     );
@@ -191,10 +199,13 @@ fn a_blocked_port_scan_is_counted_logged_and_raises_an_alert() {
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let after = d.metrics();
     let drops = |reason: &str| {
-        let k = format!(
-            "persona_device_packets_total{{device=\"vm1\",direction=\"ingress\",reason=\"{reason}\",verdict=\"drop\"}}"
-        );
-        metric(&after, &k) - metric(&before, &k)
+        let labels = [
+            ("device", "vm1"),
+            ("direction", "ingress"),
+            ("reason", reason),
+        ];
+        metric_sum(&after, "persona_device_packets_total", &labels)
+            - metric_sum(&before, "persona_device_packets_total", &labels)
     };
     let reported = |reason: &str| {
         after

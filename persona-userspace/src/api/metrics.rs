@@ -53,6 +53,7 @@ pub async fn scrape(
         let persona = store.device_state(&d.name)?.map(|s| s.persona);
         devices.push((d.name, spec.interface, persona));
     }
+    let names = store.persona_names()?;
     let snapshot = state
         .orchestrator
         .datapath()
@@ -62,9 +63,15 @@ pub async fn scrape(
                 let Ok(ifindex) = crate::datapath::ifindex(&iface) else {
                     continue;
                 };
-                for ((dir, reason), c) in dp.counters(ifindex)? {
+                for ((id, (dir, reason)), c) in dp
+                    .persona_counters(ifindex)?
+                    .into_iter()
+                    .flat_map(|(id, cs)| cs.into_iter().map(move |(k, c)| ((id, k), c)))
+                {
                     let labels = DeviceLabels {
                         device: name.clone(),
+                        // Packets handled while the device had no persona.
+                        persona: names.get(&id).cloned().unwrap_or_else(|| "none".into()),
                         direction: if dir == persona_common::DIR_EGRESS {
                             "egress"
                         } else {

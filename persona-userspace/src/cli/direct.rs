@@ -61,14 +61,35 @@ fn ifindex(interface: &str) -> anyhow::Result<u32> {
     Ok(crate::datapath::ifindex(interface)?)
 }
 
+impl Catalog {
+    /// Without the daemon's store, a persona's counter id is its place among the
+    /// manifests' personas, by name.
+    fn shift_to(
+        &self,
+        dp: &mut KernelDatapath,
+        ifindex: u32,
+        name: &str,
+        cut_flows: bool,
+    ) -> anyhow::Result<u64> {
+        let spec = self
+            .personas
+            .get(name)
+            .with_context(|| format!("no Persona named {name:?}"))?;
+        let id = self.personas.keys().position(|p| p == name).unwrap_or(0) as u32 + 1;
+        shift_to(dp, ifindex, name, id, spec, cut_flows)
+    }
+}
+
 fn shift_to(
     dp: &mut KernelDatapath,
     ifindex: u32,
     name: &str,
+    id: u32,
     spec: &PersonaSpec,
     cut_flows: bool,
 ) -> anyhow::Result<u64> {
-    let compiled = compile(spec).with_context(|| format!("Persona {name:?}"))?;
+    let mut compiled = compile(spec).with_context(|| format!("Persona {name:?}"))?;
+    compiled.id = id;
     let staged = dp.stage(&compiled)?;
     let shifted = dp.shift(ifindex, staged, ShiftOptions { cut_flows })?;
     tracing::info!(
@@ -136,7 +157,7 @@ pub(super) fn run(cli: &Cli, command: &DatapathCommand) -> anyhow::Result<()> {
                         d.interface, a.generation
                     ),
                     (None, Some(p)) => {
-                        let generation = shift_to(&mut dp, ifindex, p, &c.personas[p], false)?;
+                        let generation = c.shift_to(&mut dp, ifindex, p, false)?;
                         println!("{name}: {} now {p} (generation {generation})", d.interface);
                     }
                     (None, None) => println!(
@@ -173,7 +194,7 @@ pub(super) fn run(cli: &Cli, command: &DatapathCommand) -> anyhow::Result<()> {
             let mut dp = datapath(cli, true)?;
             let ifindex = dp.attach(d)?;
             if let (None, Some(p)) = (dp.active(ifindex)?, &d.persona) {
-                shift_to(&mut dp, ifindex, p, &c.personas[p], false)?;
+                c.shift_to(&mut dp, ifindex, p, false)?;
             }
             println!("{device}: attached to {} (ifindex {ifindex})", d.interface);
         }
@@ -189,13 +210,9 @@ pub(super) fn run(cli: &Cli, command: &DatapathCommand) -> anyhow::Result<()> {
             cut_flows,
         } => {
             let c = catalog(manifests)?;
-            let spec = c
-                .personas
-                .get(persona)
-                .with_context(|| format!("no Persona named {persona:?}"))?;
             let ifindex = ifindex(interface)?;
             let mut dp = datapath(cli, true)?;
-            let generation = shift_to(&mut dp, ifindex, persona, spec, *cut_flows)?;
+            let generation = c.shift_to(&mut dp, ifindex, persona, *cut_flows)?;
             println!("{interface}: {persona} (generation {generation})");
         }
         DatapathCommand::Status { interface, output } => {

@@ -24,6 +24,9 @@ pub struct Prefix<N> {
 /// are filled in by the shift itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CompiledPersona {
+    /// The control plane's id for the persona (0 until it gives one); the datapath
+    /// counts the packets it handles under it.
+    pub id: u32,
     pub table: PersonaTable,
     pub v4: Vec<Prefix<Ipv4Net>>,
     pub v6: Vec<Prefix<Ipv6Net>>,
@@ -97,7 +100,12 @@ pub fn compile(spec: &PersonaSpec) -> Result<CompiledPersona, FieldError> {
             }
         }
     }
-    Ok(CompiledPersona { table, v4, v6 })
+    Ok(CompiledPersona {
+        id: 0,
+        table,
+        v4,
+        v6,
+    })
 }
 
 /// For every prefix named by a rule, the rules that apply to an address whose longest

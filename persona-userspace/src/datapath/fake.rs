@@ -61,6 +61,7 @@ impl Datapath for FakeDatapath {
         self.generation += 1;
         let state = ActiveState {
             table: staged.table,
+            persona: staged.persona.id,
             generation: self.generation,
         };
         let previous = self.active.insert(ifindex, (state, staged.persona));
@@ -76,8 +77,8 @@ impl Datapath for FakeDatapath {
         Ok(self.active.get(&ifindex).map(|(a, _)| *a))
     }
 
-    fn counters(&self, _ifindex: u32) -> Result<Counters> {
-        Ok(Counters::new())
+    fn persona_counters(&self, _ifindex: u32) -> Result<std::collections::BTreeMap<u32, Counters>> {
+        Ok(Default::default())
     }
 
     fn usage(&self) -> Result<super::Usage> {

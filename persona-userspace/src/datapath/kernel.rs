@@ -1,6 +1,7 @@
 //! The real datapath: the embedded BPF object loaded into this kernel, maps and links
 //! pinned under bpffs so that traffic keeps flowing while the process restarts.
 use std::{
+    collections::BTreeMap,
     collections::HashMap as StdHashMap,
     net::IpAddr,
     path::{Path, PathBuf},
@@ -18,7 +19,7 @@ use aya::{
 };
 use persona_common::{
     DIR_EGRESS, DIR_INGRESS,
-    counters::{Counter, CounterKey, Reason},
+    counters::{Counter, CounterKey, NO_PERSONA, Reason},
     device::{DEVICE_HAS_V4, DEVICE_HAS_V6, DeviceConfig},
     firewall::{FwKeyV4, FwKeyV6, KEY_HEADER_BITS, key_header},
     host::{
@@ -37,6 +38,9 @@ use super::{
     tables::{META_TABLE, Prefixes, Tables},
 };
 use crate::{host::Host, model::DeviceSpec};
+
+/// bpf(2)'s flag for "create, never replace".
+const BPF_NOEXIST: u64 = 1;
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/persona"));
 
@@ -198,6 +202,33 @@ impl KernelDatapath {
         })
     }
 
+    /// Creates the device's counters for a persona, keeping those that exist. Every key
+    /// exists before the first packet, so the kernel only ever increments and no count
+    /// is lost to two CPUs creating the same key at once.
+    fn create_counters(&mut self, ifindex: u32, persona: u32) -> Result<()> {
+        let cpus = nr_cpus().map_err(|(_, e)| io_err("counting CPUs")(e))?;
+        for direction in [DIR_EGRESS, DIR_INGRESS] {
+            for reason in Reason::ALL {
+                let key = CounterKey {
+                    ifindex,
+                    persona,
+                    direction,
+                    reason: *reason as u8,
+                    _pad: [0; 2],
+                };
+                let zero = PerCpuValues::try_from(vec![Counter::default(); cpus])
+                    .map_err(|e| DatapathError::Bpf(e.to_string()))?;
+                match self.maps.counters.insert(key, zero, BPF_NOEXIST) {
+                    Ok(()) => {}
+                    Err(MapError::SyscallError(e))
+                        if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                    Err(e) => return Err(bpf_err("COUNTERS")(e)),
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn link_pin(&self, ifindex: u32, kind: &str) -> PathBuf {
         self.config
             .pin_dir
@@ -225,27 +256,7 @@ impl KernelDatapath {
             .devices
             .insert(ifindex, cfg, 0)
             .map_err(bpf_err("DEVICES"))?;
-        // Every key exists before the first packet, so the kernel only ever increments
-        // and no count is lost to two CPUs creating the same key at once.
-        let cpus = nr_cpus().map_err(|(_, e)| io_err("counting CPUs")(e))?;
-        for direction in [DIR_EGRESS, DIR_INGRESS] {
-            for reason in Reason::ALL {
-                let key = CounterKey {
-                    ifindex,
-                    direction,
-                    reason: *reason as u8,
-                    _pad: [0; 2],
-                };
-                if self.maps.counters.get(&key, 0).is_err() {
-                    let zero = PerCpuValues::try_from(vec![Counter::default(); cpus])
-                        .map_err(|e| DatapathError::Bpf(e.to_string()))?;
-                    self.maps
-                        .counters
-                        .insert(key, zero, 0)
-                        .map_err(bpf_err("COUNTERS"))?;
-                }
-            }
-        }
+        self.create_counters(ifindex, NO_PERSONA)?;
         let mut wiring = HostWiring::default();
         if let Some(gw) = device.gateway_v4 {
             wiring.gateway_v4 = gw.octets();
@@ -395,6 +406,7 @@ impl KernelDatapath {
 
     fn host_addresses(table: &PersonaTable) -> Vec<IpAddr> {
         let compiled = CompiledPersona {
+            id: 0,
             table: *table,
             v4: vec![],
             v6: vec![],
@@ -681,6 +693,7 @@ impl Datapath for KernelDatapath {
             host.announce_persona(ifindex, &new_addrs, &inner)?;
         }
 
+        self.create_counters(ifindex, staged.persona.id)?;
         let start = Instant::now();
         self.maps
             .active
@@ -688,7 +701,7 @@ impl Datapath for KernelDatapath {
                 ifindex,
                 Active {
                     table: staged.table,
-                    _pad: 0,
+                    persona: staged.persona.id,
                     generation,
                 },
                 0,
@@ -731,6 +744,7 @@ impl Datapath for KernelDatapath {
         match self.maps.active.get(&ifindex, 0) {
             Ok(a) => Ok(Some(ActiveState {
                 table: a.table,
+                persona: a.persona,
                 generation: a.generation,
             })),
             Err(MapError::KeyNotFound) => Ok(None),
@@ -820,8 +834,8 @@ impl Datapath for KernelDatapath {
         Ok(out)
     }
 
-    fn counters(&self, ifindex: u32) -> Result<Counters> {
-        let mut out = Counters::new();
+    fn persona_counters(&self, ifindex: u32) -> Result<BTreeMap<u32, Counters>> {
+        let mut out: BTreeMap<u32, Counters> = BTreeMap::new();
         for key in self.maps.counters.keys() {
             let key = key.map_err(bpf_err("COUNTERS"))?;
             if key.ifindex != ifindex {
@@ -839,7 +853,9 @@ impl Datapath for KernelDatapath {
                 packets: acc.packets + c.packets,
                 bytes: acc.bytes + c.bytes,
             });
-            out.insert((key.direction, reason), sum);
+            out.entry(key.persona)
+                .or_default()
+                .insert((key.direction, reason), sum);
         }
         Ok(out)
     }

@@ -100,6 +100,8 @@ pub struct Usage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ActiveState {
     pub table: u32,
+    /// The persona's id ([`CompiledPersona::id`]), which its counters are kept by.
+    pub persona: u32,
     pub generation: u64,
 }
 
@@ -114,7 +116,20 @@ pub trait Datapath {
     /// Makes a staged persona the device's active one with a single map update.
     fn shift(&mut self, ifindex: u32, staged: Staged, options: ShiftOptions) -> Result<Shifted>;
     fn active(&self, ifindex: u32) -> Result<Option<ActiveState>>;
-    fn counters(&self, ifindex: u32) -> Result<Counters>;
+    /// The device's counters, by the id of the persona each packet was handled with.
+    fn persona_counters(&self, ifindex: u32) -> Result<BTreeMap<u32, Counters>>;
+    /// The device's counters, whatever the persona.
+    fn counters(&self, ifindex: u32) -> Result<Counters> {
+        let mut total = Counters::new();
+        for counters in self.persona_counters(ifindex)?.into_values() {
+            for (k, c) in counters {
+                let t = total.entry(k).or_default();
+                t.packets += c.packets;
+                t.bytes += c.bytes;
+            }
+        }
+        Ok(total)
+    }
     /// The device's tracked flows, as connection tracking has them now.
     fn flows(&self, ifindex: u32) -> Result<Vec<FlowInfo>>;
     /// How full the tables are.

@@ -1,7 +1,7 @@
 //! The embedded store: one redb file. Every write is one ACID transaction committed with
 //! `Durability::Immediate` (redb's default), so whatever was acknowledged survives a
 //! SIGKILL or a power cut.
-use std::path::Path;
+use std::{collections::BTreeMap, path::Path};
 
 use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
 use serde::{Serialize, de::DeserializeOwned};
@@ -19,6 +19,8 @@ const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const RULES: TableDefinition<&str, &[u8]> = TableDefinition::new("rules");
 const APPLICATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("applications");
 const SIGNALS: TableDefinition<&str, &[u8]> = TableDefinition::new("signals");
+/// Persona name -> the number the datapath counts it by; never reused.
+const PERSONA_IDS: TableDefinition<&str, u32> = TableDefinition::new("persona_ids");
 
 fn table(kind: Kind) -> TableDefinition<'static, &'static str, &'static [u8]> {
     match kind {
@@ -74,6 +76,7 @@ impl EmbeddedStore {
             txn.open_table(t).map_err(backend)?;
         }
         txn.open_table(EVENTS).map_err(backend)?;
+        txn.open_table(PERSONA_IDS).map_err(backend)?;
         txn.commit().map_err(backend)?;
         Ok(Self { db })
     }
@@ -145,6 +148,35 @@ fn check(kind: Kind, name: &str, current: Option<&Record>, expect: Expect) -> Re
 }
 
 impl Store for EmbeddedStore {
+    fn persona_id(&self, name: &str) -> Result<u32> {
+        let txn = self.db.begin_write().map_err(backend)?;
+        let id = {
+            let mut t = txn.open_table(PERSONA_IDS).map_err(backend)?;
+            if let Some(id) = t.get(name).map_err(backend)? {
+                return Ok(id.value());
+            }
+            let mut next = 1;
+            for entry in t.iter().map_err(backend)? {
+                next = next.max(entry.map_err(backend)?.1.value() + 1);
+            }
+            t.insert(name, next).map_err(backend)?;
+            next
+        };
+        txn.commit().map_err(backend)?;
+        Ok(id)
+    }
+
+    fn persona_names(&self) -> Result<BTreeMap<u32, String>> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let t = txn.open_table(PERSONA_IDS).map_err(backend)?;
+        let mut out = BTreeMap::new();
+        for entry in t.iter().map_err(backend)? {
+            let (name, id) = entry.map_err(backend)?;
+            out.insert(id.value(), name.value().to_owned());
+        }
+        Ok(out)
+    }
+
     fn get(&self, kind: Kind, name: &str) -> Result<Option<Record>> {
         self.read(table(kind), name)
     }
@@ -274,7 +306,16 @@ mod tests {
 
     use super::*;
 
-    fn store() -> (EmbeddedStore, std::path::PathBuf) {
+    /// A directory removed when the test ends.
+    struct Scratch(std::path::PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn store() -> (EmbeddedStore, Scratch) {
         let dir = std::env::temp_dir().join(format!(
             "persona-store-{}-{:?}",
             std::process::id(),
@@ -283,8 +324,31 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         (
             EmbeddedStore::open(&dir.join("store.redb")).expect("open"),
-            dir,
+            Scratch(dir),
         )
+    }
+
+    #[test]
+    fn persona_ids_are_given_once_and_kept() {
+        let (s, dir) = store();
+        let office = s.persona_id("office").unwrap();
+        let travel = s.persona_id("travel").unwrap();
+        assert_ne!(office, travel);
+        assert_ne!(office, persona_common::counters::NO_PERSONA);
+        assert_eq!(s.persona_id("office").unwrap(), office, "asked again");
+        drop(s);
+        let s = EmbeddedStore::open(&dir.0.join("store.redb")).unwrap();
+        assert_eq!(s.persona_id("travel").unwrap(), travel, "after a reopen");
+        let third = s.persona_id("hardened").unwrap();
+        assert!(third > office && third > travel, "never given twice");
+        assert_eq!(
+            s.persona_names().unwrap().into_iter().collect::<Vec<_>>(),
+            [
+                (office, "office".to_owned()),
+                (travel, "travel".to_owned()),
+                (third, "hardened".to_owned())
+            ]
+        );
     }
 
     #[test]

@@ -156,6 +156,12 @@ pub trait Store: Send + Sync + 'static {
     fn put(&self, kind: Kind, name: &str, spec: Value, expect: Expect) -> Result<Record>;
     fn delete(&self, kind: Kind, name: &str, expect: Expect) -> Result<Record>;
 
+    /// The persona's number in the datapath's counters: given on first use, kept for
+    /// good (a deleted persona's counts stay attributable), never given to another.
+    fn persona_id(&self, name: &str) -> Result<u32>;
+    /// Every number given, with its persona's name.
+    fn persona_names(&self) -> Result<std::collections::BTreeMap<u32, String>>;
+
     fn put_token(&self, token: &TokenRecord) -> Result<()>;
     fn token(&self, id: &str) -> Result<Option<TokenRecord>>;
     fn tokens(&self) -> Result<Vec<TokenRecord>>;
