@@ -30,8 +30,13 @@ enum Task {
     /// Build the QEMU guest (kernel and busybox initramfs from Debian packages) into
     /// target/guest.
     Guest,
-    /// Per-packet cost of the programs next to an XDP_PASS baseline (BPF_PROG_TEST_RUN).
-    Bench,
+    /// Benchmarks: per-packet cost against XDP_PASS, throughput against no program and
+    /// nftables, shift latency against `nft -f`, scale, control plane. Writes
+    /// BENCHMARKS.md and benchmarks.json.
+    Bench {
+        /// Only these sections (packets, shifts, control, throughput, scale).
+        sections: Vec<String>,
+    },
 }
 
 const APT_PACKAGES: &[&str] = &[
@@ -52,6 +57,9 @@ const APT_PACKAGES: &[&str] = &[
     // Real guests: QEMU, and the userland of their initramfs.
     "qemu-system-x86",
     "busybox-static",
+    // The bench's comparisons: the same persona as nftables rules, and iperf3 traffic.
+    "nftables",
+    "iperf3",
 ];
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
@@ -149,16 +157,20 @@ fn main() -> anyhow::Result<()> {
             run(Command::new("target/release/persona-demo")
                 .env("PERSONA_BIN", "target/release/persona"))
         }
-        Task::Bench => {
+        Task::Bench { sections } => {
             setup()?;
             run(Command::new("cargo").args([
-                "run",
+                "build",
                 "--release",
                 "-p",
+                "persona-userspace",
+                "-p",
                 "persona-tests",
-                "--bin",
-                "persona-bench",
-            ]))
+                "--bins",
+            ]))?;
+            run(Command::new("target/release/persona-bench")
+                .args(&sections)
+                .env("PERSONA_BIN", "target/release/persona"))
         }
     }
 }

@@ -315,8 +315,14 @@ impl KernelDatapath {
         Ok(())
     }
 
-    fn write_prefixes(&mut self, table: u32, persona: &CompiledPersona) -> Result<Prefixes> {
-        let mut written = Prefixes::default();
+    /// Writes the persona's prefixes under `table`, recording each in `written` as it
+    /// goes, so that a failure part-way leaves a record of what to remove.
+    fn write_prefixes(
+        &mut self,
+        table: u32,
+        persona: &CompiledPersona,
+        written: &mut Prefixes,
+    ) -> Result<()> {
         for p in &persona.v4 {
             let (t, d) = key_header(table, p.direction);
             let data = FwKeyV4 {
@@ -345,7 +351,18 @@ impl KernelDatapath {
                 .map_err(bpf_err("FW_V6"))?;
             written.v6.push((len, data));
         }
-        Ok(written)
+        Ok(())
+    }
+
+    /// Writes the prefixes into `table`, or leaves it empty.
+    fn write_into(&mut self, table: u32, persona: &CompiledPersona) -> Result<()> {
+        let mut written = Prefixes::default();
+        let result = self.write_prefixes(table, persona, &mut written);
+        self.tables.set_prefixes(table, written);
+        if result.is_err() {
+            let _ = self.clear_table(table);
+        }
+        result
     }
 
     fn clear_table(&mut self, table: u32) -> Result<()> {
@@ -634,13 +651,16 @@ impl Datapath for KernelDatapath {
             self.tables.release(table);
             return Err(e);
         }
-        match self.write_prefixes(table, persona) {
-            Ok(written) => self.tables.set_prefixes(table, written),
-            Err(e) => {
-                let _ = self.clear_table(table);
-                self.tables.release(table);
-                return Err(e);
-            }
+        let mut result = self.write_into(table, persona);
+        if result.is_err() && !self.retired.is_empty() {
+            // The firewall maps may be full of retired tables' prefixes: free them now
+            // rather than at the end of the batch, and try once more.
+            self.reclaim()?;
+            result = self.write_into(table, persona);
+        }
+        if let Err(e) = result {
+            self.tables.release(table);
+            return Err(e);
         }
         if let Err(e) = self
             .maps

@@ -93,6 +93,30 @@ fn view(device: &DeviceView, signals: &[&Signal]) -> Value {
     json!({"alerts": alerts, "apps": apps, "geo": geo, "role": role})
 }
 
+thread_local! {
+    /// Expressions compiled once per thread, not at every evaluation of every rule.
+    static PROGRAMS: std::cell::RefCell<std::collections::HashMap<String, std::rc::Rc<cel::Program>>> =
+        Default::default();
+}
+
+/// Bound on the cache: rules come and go, expressions with them.
+const MAX_PROGRAMS: usize = 4096;
+
+fn compiled(e: &str) -> Result<std::rc::Rc<cel::Program>, String> {
+    PROGRAMS.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if let Some(p) = cache.get(e) {
+            return Ok(p.clone());
+        }
+        let p = std::rc::Rc::new(cel::Program::compile(e).map_err(|err| err.to_string())?);
+        if cache.len() >= MAX_PROGRAMS {
+            cache.clear();
+        }
+        cache.insert(e.to_owned(), p.clone());
+        Ok(p)
+    })
+}
+
 struct Eval<'a> {
     device: &'a DeviceView,
     sig: Value,
@@ -149,7 +173,7 @@ impl Eval<'_> {
     }
 
     fn expression(&self, e: &str) -> (bool, String) {
-        let program = match cel::Program::compile(e) {
+        let program = match compiled(e) {
             Ok(p) => p,
             Err(err) => return (false, format!("no: expression does not parse: {err}")),
         };

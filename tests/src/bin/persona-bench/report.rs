@@ -1,0 +1,176 @@
+//! The machine the figures came from, and BENCHMARKS.md from the raw results.
+use std::fmt::Write as _;
+
+use serde_json::{Value, json};
+
+pub fn machine() -> Value {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let mem_kb: u64 = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or(0);
+    json!({
+        "cpu": cpu,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "memory_gib": mem_kb as f64 / 1024.0 / 1024.0,
+        "kernel": read("/proc/sys/kernel/osrelease").trim(),
+    })
+}
+
+fn f(v: &Value, digits: usize) -> String {
+    v.as_f64()
+        .map(|x| format!("{x:.digits$}"))
+        .unwrap_or_else(|| "-".into())
+}
+
+pub fn markdown(r: &Value) -> String {
+    let mut m = String::new();
+    let mac = &r["machine"];
+    let _ = writeln!(
+        m,
+        "# Benchmarks\n\nWritten by `cargo xtask bench` on {} ({}, {} CPUs, {:.0} GiB, Linux {}). Raw results: `benchmarks.json`. These machines are shared and noisy: compare the ratios and the growth within one run, not the absolute figures between runs.\n",
+        r["date"].as_str().unwrap_or("?"),
+        mac["cpu"].as_str().unwrap_or("?"),
+        mac["cpus"],
+        mac["memory_gib"].as_f64().unwrap_or(0.0),
+        mac["kernel"].as_str().unwrap_or("?"),
+    );
+    if let Some(p) = r.get("packets") {
+        let _ = writeln!(
+            m,
+            "## Per-packet cost\n\nBPF_PROG_TEST_RUN, repeat {} per figure, the kernel's time per run; next to each case an XDP_PASS program run on the same frame just before it. The rules are per direction and family, each on its own prefix. With repeat > 1 the kernel reruns a program on the frame it rewrote, so after one run a translated frame would be a spoofing drop: the measured persona uses the VM's own addresses, which makes every rewrite write the bytes already there (same instructions, same frame next run). Each case then checks from the counters that every run took the named path (`runs_on_path` in the JSON).\n\n| case | rules | ns | XDP_PASS ns | ratio |\n|---|---:|---:|---:|---:|",
+            p["repeat"]
+        );
+        for row in p["rows"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                m,
+                "| {} | {} | {} | {} | {}x |",
+                row["case"].as_str().unwrap_or(""),
+                row["rules"],
+                f(&row["ns"], 1),
+                f(&row["xdp_pass_ns"], 1),
+                f(&row["ratio"], 2)
+            );
+        }
+        m.push('\n');
+    }
+    if let Some(s) = r.get("shifts") {
+        let _ = writeln!(
+            m,
+            "## Shift latency\n\nMicroseconds, p50 / p99 (max). *flip*: the one ACTIVE map update that makes a shift visible. *compile+stage+flip*: the library call, persona text to flipped datapath (includes the batched reclamation of replaced tables). *API*: POST /trigger_shift over the daemon's Unix socket until it returns after the flip (client wall clock; includes plan, audit record and store write). *nft -f*: replacing an equivalent nftables ruleset (DNAT, SNAT, one filter rule per prefix) atomically, wall clock of the `nft -f` process.\n\n| rules | flip | compile+stage+flip | API | nft -f |\n|---:|---|---|---|---|"
+        );
+        let pct = |v: &Value| {
+            format!(
+                "{} / {} ({})",
+                f(&v["p50_us"], 1),
+                f(&v["p99_us"], 1),
+                f(&v["max_us"], 1)
+            )
+        };
+        for row in s["rows"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                m,
+                "| {} | {} | {} | {} | {} |",
+                row["rules"],
+                pct(&row["flip"]),
+                pct(&row["compile_stage_flip"]),
+                pct(&row["api_call"]),
+                pct(&row["nft_f"])
+            );
+        }
+        m.push('\n');
+    }
+    if let Some(t) = r.get("throughput") {
+        let _ = writeln!(
+            m,
+            "## Throughput through namespaces\n\niperf3 from the VM namespace to the outside one through the host namespace, {} s each: TCP bulk, and UDP with 18-byte payloads (64-byte frames) at full rate, counted where they arrive. *no program*: plain routing. *persona*: the daemon with the examples' office persona. *nftables*: the same persona as nftables NAT and filter rules. Between namespaces the VM's link is a veth: without an XDP program it carries 64 KB GSO segments, so TCP bulk pays per segment, not per packet; with persona's XDP program on it, the kernel hands XDP single MTU-sized frames, and bulk TCP pays per packet. A QEMU tap without a vnet header (how persona runs guests) carries MTU-sized frames either way.\n\n| setup | TCP Gbit/s | small UDP pkt/s received | UDP lost % |\n|---|---:|---:|---:|",
+            t["seconds_each"]
+        );
+        for row in t["rows"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                m,
+                "| {} | {} | {} | {} |",
+                row["setup"].as_str().unwrap_or(""),
+                row["tcp_bits_per_s"]
+                    .as_f64()
+                    .map_or("-".into(), |b| format!("{:.2}", b / 1e9)),
+                f(&row["udp_small_pps_received"], 0),
+                f(&row["udp_small_lost_percent"], 1)
+            );
+        }
+        m.push('\n');
+    }
+    if let Some(c) = r.get("control") {
+        let _ = writeln!(
+            m,
+            "## Control plane\n\n- Shifts through the API, one client, sequential: **{} shifts/s** ({} shifts).\n- Context signals through the rule engine with {} rules (one in ten a CEL expression; no rule matches, so every rule is evaluated and nothing shifts):",
+            f(&c["api_shifts_per_s"], 0),
+            c["api_shifts"],
+            c["rules"]
+        );
+        for b in c["context"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                m,
+                "  - batches of {}: **{} signals/s** ({} ms per POST /context)",
+                b["batch"],
+                f(&b["signals_per_s"], 0),
+                f(&b["ms_per_post"], 2)
+            );
+        }
+        m.push('\n');
+    }
+    if let Some(s) = r.get("scale") {
+        let d = &s["devices"];
+        let _ = writeln!(
+            m,
+            "## Scale\n\n{} tap devices in one namespace, each attached (XDP + tcx, host routes) and shifted to a persona of its own. Per-device cost of the devices added since the previous row:\n\n| devices | attach us each | stage+shift us each | flip us (last) |\n|---:|---:|---:|---:|",
+            d["devices"]
+        );
+        for st in d["steps"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                m,
+                "| {} | {} | {} | {} |",
+                st["devices"],
+                f(&st["attach_us_each"], 0),
+                f(&st["stage_shift_us_each"], 0),
+                f(&st["last_flip_us"], 1)
+            );
+        }
+        let (empty, full) = (
+            d["map_memory_bytes_empty"].as_f64().unwrap_or(0.0),
+            d["map_memory_bytes_full"].as_f64().unwrap_or(0.0),
+        );
+        let _ = writeln!(
+            m,
+            "\nMaps' memory (bytes_memlock, as the kernel accounts it): {:.1} MiB with no device, {:.1} MiB with {} devices and personas, so {:.0} bytes per device with its persona beyond the preallocated maps. By map: `benchmarks.json` (`scale.devices.map_memory_by_map`).\n",
+            empty / 1048576.0,
+            full / 1048576.0,
+            d["devices"],
+            (full - empty) / d["devices"].as_f64().unwrap_or(1.0)
+        );
+        let st = &s["store"];
+        let _ = writeln!(
+            m,
+            "Personas stored in the embedded store (redb, one durable transaction each):\n\n| personas | put us each | list all ms | file bytes |\n|---:|---:|---:|---:|"
+        );
+        for row in st["steps"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                m,
+                "| {} | {} | {} | {} |",
+                row["personas"],
+                f(&row["put_us_each_since_last"], 0),
+                f(&row["list_all_ms"], 1),
+                row["file_bytes"]
+            );
+        }
+    }
+    m
+}

@@ -1,0 +1,162 @@
+//! Shift latency: the flip alone, the whole compile-stage-flip, an API call to a
+//! flipped datapath, and, for comparison, replacing an equivalent nftables ruleset
+//! atomically with `nft -f`.
+use std::time::{Duration, Instant};
+
+use persona_tests::{
+    daemon::Daemon,
+    harness::Harness,
+    lab::{Site, VM_IFACE, VM2_IFACE},
+    netns::{Netns, sh},
+};
+use serde_json::{Value, json};
+
+pub const RULE_COUNTS: [usize; 3] = [10, 1_000, 10_000];
+
+pub fn percentiles(mut v: Vec<Duration>) -> Value {
+    v.sort();
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e6;
+    json!({ "n": v.len(), "p50_us": at(0.5), "p90_us": at(0.9), "p99_us": at(0.99), "max_us": at(1.0) })
+}
+
+/// `n` ingress rules on their own /32s; two personas differ in address.
+fn persona(n: usize, addr: &str) -> String {
+    let rules: String = (0..n)
+        .map(|i| {
+            format!(
+                "      - {{ cidr: 198.19.{}.{}/32, protocol: tcp, ports: \"443\", action: allow }}\n",
+                i / 256,
+                i % 256
+            )
+        })
+        .collect();
+    format!(
+        "addresses: [\"{addr}/24\"]\nfirewall:\n  egress: {{ default: allow }}\n  ingress:\n    default: drop\n    rules:\n      - {{ cidr: 198.51.100.0/24, protocol: tcp, ports: \"22\", action: allow }}\n{rules}"
+    )
+}
+
+fn datapath(n: usize, shifts: usize) -> Value {
+    let mut h = Harness::new();
+    let (a, b) = (persona(n, "203.0.113.10"), persona(n, "203.0.113.20"));
+    let (mut flips, mut whole) = (Vec::new(), Vec::new());
+    for i in 0..shifts {
+        let start = Instant::now();
+        let shifted = h.shift(if i % 2 == 0 { &a } else { &b }, false);
+        whole.push(start.elapsed());
+        flips.push(shifted.flip);
+    }
+    json!({ "flip": percentiles(flips), "compile_stage_flip": percentiles(whole) })
+}
+
+/// The same persona as an nftables ruleset: DNAT in, SNAT out, the rules in a set-free
+/// chain (one rule per address, as persona has one LPM entry per prefix).
+fn nft_ruleset(n: usize, addr: &str) -> String {
+    let mut rules = String::new();
+    for i in 0..n {
+        rules.push_str(&format!(
+            "    ip saddr 198.19.{}.{} tcp dport 443 accept\n",
+            i / 256,
+            i % 256
+        ));
+    }
+    format!(
+        "flush ruleset
+table ip persona {{
+  chain pre {{ type nat hook prerouting priority dstnat; ip daddr {addr} dnat to 198.18.0.2; }}
+  chain post {{ type nat hook postrouting priority srcnat; ip saddr 198.18.0.2 snat to {addr}; }}
+  chain filter {{
+    type filter hook forward priority filter; policy drop;
+    ct state established,related accept
+    ip saddr 198.18.0.2 accept
+    ip saddr 198.51.100.0/24 tcp dport 22 accept
+{rules}  }}
+}}
+"
+    )
+}
+
+fn nft(n: usize, shifts: usize) -> Value {
+    let ns = Netns::new("p-bench-nft");
+    let dir = std::env::temp_dir().join(format!("persona-bench-nft-{}", ns.name));
+    std::fs::create_dir_all(&dir).expect("nft dir");
+    let files: Vec<_> = ["203.0.113.10", "203.0.113.20"]
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| {
+            let f = dir.join(format!("{i}.nft"));
+            std::fs::write(&f, nft_ruleset(n, addr)).expect("ruleset");
+            f
+        })
+        .collect();
+    let mut times = Vec::new();
+    for i in 0..shifts {
+        let f = &files[i % 2];
+        let start = Instant::now();
+        sh(&format!("ip netns exec {} nft -f {}", ns.name, f.display()));
+        times.push(start.elapsed());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    json!({ "nft_f": percentiles(times) })
+}
+
+/// POST /trigger_shift to the daemon until the datapath has flipped (the call returns
+/// after the flip), alternating two devices' personas.
+fn api(n: usize, shifts: usize) -> Value {
+    let site = Site::new();
+    site.host.exec(&format!(
+        "ip tuntap add {VM_IFACE} mode tap && ip link set {VM_IFACE} up && ip tuntap add {VM2_IFACE} mode tap && ip link set {VM2_IFACE} up"
+    ));
+    let d = Daemon::start(&site);
+    let dir = std::env::temp_dir().join(format!("persona-bench-api-{}", site.host.name));
+    std::fs::create_dir_all(&dir).expect("manifest dir");
+    let mut manifests = String::new();
+    for (name, addr) in [("a", "203.0.113.10"), ("b", "203.0.113.20")] {
+        let spec: String = persona(n, addr)
+            .lines()
+            .map(|l| format!("  {l}\n"))
+            .collect();
+        manifests.push_str(&format!(
+            "apiVersion: persona.dev/v1\nkind: Persona\nmetadata: {{ name: {name} }}\nspec:\n{spec}---\n"
+        ));
+    }
+    manifests.push_str(&format!(
+        "apiVersion: persona.dev/v1\nkind: Device\nmetadata: {{ name: vm1 }}\nspec:\n  interface: {VM_IFACE}\n  innerV4: 198.18.0.2\n  persona: a\n"
+    ));
+    std::fs::write(dir.join("m.yaml"), manifests).expect("manifests");
+    d.cli_ok(&format!("apply -f {}", dir.join("m.yaml").display()));
+    let mut client = Vec::new();
+    let mut reported = Vec::new();
+    for i in 0..shifts {
+        let to = if i % 2 == 0 { "b" } else { "a" };
+        let body = json!({ "device_id": "vm1", "persona_id": to });
+        let start = Instant::now();
+        let (status, v) = d.admin(hyper::Method::POST, "/trigger_shift", Some(&body));
+        client.push(start.elapsed());
+        assert_eq!(status, 200, "{v}");
+        if let Some(us) = v["duration_us"].as_u64() {
+            reported.push(Duration::from_micros(us));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    json!({ "api_call": percentiles(client), "daemon_reported": percentiles(reported) })
+}
+
+pub fn run() -> Value {
+    let mut rows = Vec::new();
+    for &n in &RULE_COUNTS {
+        let shifts = if n >= 10_000 { 40 } else { 200 };
+        let mut row = json!({ "rules": n, "shifts": shifts });
+        for part in [
+            datapath(n, shifts),
+            api(n, shifts.min(100)),
+            nft(n, shifts.min(100)),
+        ] {
+            row.as_object_mut()
+                .unwrap()
+                .extend(part.as_object().unwrap().clone());
+        }
+        eprintln!("  {n:>6} rules  {row}");
+        rows.push(row);
+    }
+    json!({ "rows": rows })
+}
