@@ -1,7 +1,11 @@
 //! What the host needs so a persona's addresses are reachable through the VM's tap:
-//! a host route per persona address out of the tap, proxy ARP/NDP entries on the uplink
+//! a host route per persona address out of the tap, proxy ARP/NDP entries on the uplinks
 //! so the network's neighbours find the address, and proxy ARP/NDP on the tap so the VM
-//! finds its gateway. Routes and neighbour entries go through rtnetlink.
+//! finds its gateway. A persona's gateway is its next hop by policy routing: the
+//! programs pass translated packets to the host's stack, so a rule on the persona's
+//! address picks a table whose default route is the persona's gateway, and the kernel's
+//! FIB and neighbour code do the rest (no FIB lookup or redirect in the programs). Routes,
+//! rules and neighbour entries go through rtnetlink.
 use std::net::IpAddr;
 
 use futures::TryStreamExt as _;
@@ -21,7 +25,28 @@ use crate::{
 pub struct Host {
     rt: Runtime,
     handle: Handle,
-    uplink: Option<(String, u32)>,
+    uplinks: Vec<(String, u32)>,
+}
+
+/// Rules on persona addresses sit after this one, which sends every packet whose main
+/// table route is a host route (another VM's persona address, a gateway) the usual way.
+/// Everything else a persona sends, even to a network the host is attached to, leaves
+/// through the persona's gateway: the persona's identity decides, not the host's.
+const RULE_MAIN_SPECIFIC: u32 = 9_000;
+const RULE_PERSONA: u32 = 9_001;
+
+/// The routing table of a persona address: an IPv4 address is its own number (no two
+/// persona addresses share one); an IPv6 address is hashed (the family is in the rule).
+pub fn table_of(addr: IpAddr) -> u32 {
+    match addr {
+        IpAddr::V4(a) => u32::from(a).max(256),
+        IpAddr::V6(a) => {
+            let h = a.octets().iter().fold(0x811c_9dc5u32, |h, b| {
+                (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+            });
+            h | 0x8000_0000
+        }
+    }
 }
 
 fn host_err(context: impl std::fmt::Display) -> impl FnOnce(rtnetlink::Error) -> DatapathError {
@@ -72,7 +97,7 @@ fn ifname(ifindex: u32) -> Result<String> {
 }
 
 impl Host {
-    pub fn new(uplink: Option<&str>) -> Result<Self> {
+    pub fn new(uplinks: &[String]) -> Result<Self> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -90,21 +115,28 @@ impl Host {
                 context: "opening rtnetlink".into(),
                 source,
             })?;
-        let uplink = match uplink {
-            Some(name) => {
-                let index = nix::net::if_::if_nametoindex(name)
-                    .map_err(|_| DatapathError::NoSuchInterface(name.into()))?;
-                Some((name.to_owned(), index))
-            }
-            None => None,
+        let uplinks = uplinks
+            .iter()
+            .map(|name| {
+                nix::net::if_::if_nametoindex(name.as_str())
+                    .map(|index| (name.clone(), index))
+                    .map_err(|_| DatapathError::NoSuchInterface(name.clone()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let host = Self {
+            rt,
+            handle,
+            uplinks,
         };
-        let host = Self { rt, handle, uplink };
-        // A hypervisor host forwards between its taps and its uplink.
+        // A hypervisor host forwards between its taps and its uplinks.
         sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
         sysctl("/proc/sys/net/ipv6/conf/all/forwarding", "1")?;
-        if let Some((name, _)) = &host.uplink {
+        for (name, _) in &host.uplinks {
             sysctl(&format!("/proc/sys/net/ipv6/conf/{name}/proxy_ndp"), "1")?;
             answer_proxied_at_once(name)?;
+        }
+        for v6 in [false, true] {
+            host.rule(v6, None, RULE_MAIN_SPECIFIC, true)?;
         }
         Ok(host)
     }
@@ -136,15 +168,29 @@ impl Host {
     }
 
     /// Before a flip: the persona's addresses route to the tap, via the VM's own address
-    /// of the same family (which the VM answers ARP/NDP for), and are announced.
-    pub fn announce_persona(&self, ifindex: u32, addrs: &[IpAddr], inner: &[IpAddr]) -> Result<()> {
+    /// of the same family (which the VM answers ARP/NDP for), are announced on every
+    /// uplink, and leave through the persona's gateway of their family when it has one.
+    pub fn announce_persona(
+        &self,
+        ifindex: u32,
+        addrs: &[IpAddr],
+        inner: &[IpAddr],
+        gateways: &[IpAddr],
+    ) -> Result<()> {
         for &addr in addrs {
             let Some(&via) = inner.iter().find(|i| i.is_ipv4() == addr.is_ipv4()) else {
                 continue;
             };
             self.route(ifindex, addr, Some(via))?;
-            if let Some((_, uplink)) = self.uplink {
+            for &(_, uplink) in &self.uplinks {
                 self.proxy(uplink, addr, true)?;
+            }
+            match gateways.iter().find(|g| g.is_ipv4() == addr.is_ipv4()) {
+                Some(&gw) => {
+                    self.default_route(addr, Some(gw))?;
+                    self.rule(addr.is_ipv6(), Some(addr), RULE_PERSONA, true)?;
+                }
+                None => self.unsteer(addr)?,
             }
         }
         Ok(())
@@ -154,11 +200,104 @@ impl Host {
     pub fn withdraw_persona(&self, ifindex: u32, addrs: &[IpAddr]) -> Result<()> {
         for &addr in addrs {
             self.route(ifindex, addr, None)?;
-            if let Some((_, uplink)) = self.uplink {
+            for &(_, uplink) in &self.uplinks {
                 self.proxy(uplink, addr, false)?;
             }
+            self.unsteer(addr)?;
         }
         Ok(())
+    }
+
+    fn unsteer(&self, addr: IpAddr) -> Result<()> {
+        self.rule(addr.is_ipv6(), Some(addr), RULE_PERSONA, false)?;
+        self.default_route(addr, None)
+    }
+
+    /// `from ADDR lookup table_of(ADDR)` with `Some(addr)`; the main-table rule for host
+    /// routes with `None`. Added or deleted, idempotently.
+    fn rule(&self, v6: bool, from: Option<IpAddr>, priority: u32, add: bool) -> Result<()> {
+        let handle = self.handle.clone();
+        let what = match from {
+            Some(a) => format!("rule from {a}"),
+            None => "rule lookup main for host routes only".into(),
+        };
+        self.rt
+            .block_on(async move {
+                let mut req = handle.rule().add().priority(priority);
+                req = match from {
+                    Some(a) => req.table_id(table_of(a)),
+                    None => req.table_id(254),
+                };
+                req = req.action(rtnetlink::packet_route::rule::RuleAction::ToTable);
+                let mut msg = match (v6, from) {
+                    (false, Some(IpAddr::V4(a))) => {
+                        let mut r = req.v4().source_prefix(a, 32);
+                        std::mem::take(r.message_mut())
+                    }
+                    (true, Some(IpAddr::V6(a))) => {
+                        let mut r = req.v6().source_prefix(a, 128);
+                        std::mem::take(r.message_mut())
+                    }
+                    (false, _) => std::mem::take(req.v4().message_mut()),
+                    (true, _) => std::mem::take(req.v6().message_mut()),
+                };
+                if from.is_none() {
+                    let shorter_than_host = if v6 { 127 } else { 31 };
+                    msg.attributes.push(
+                        rtnetlink::packet_route::rule::RuleAttribute::SuppressPrefixLen(
+                            shorter_than_host,
+                        ),
+                    );
+                }
+                if add {
+                    let mut req = handle.rule().add();
+                    *req.message_mut() = msg;
+                    tolerate(req.execute().await, &[libc::EEXIST])
+                } else {
+                    tolerate(
+                        handle.rule().del(msg).execute().await,
+                        &[libc::ENOENT, libc::ESRCH],
+                    )
+                }
+            })
+            .map_err(host_err(format_args!(
+                "{} {what}",
+                if add { "adding" } else { "deleting" }
+            )))
+    }
+
+    /// The default route of `addr`'s table: via `gw` when given, none otherwise.
+    fn default_route(&self, addr: IpAddr, gw: Option<IpAddr>) -> Result<()> {
+        let handle = self.handle.clone();
+        let table = table_of(addr);
+        let unspecified = if addr.is_ipv6() {
+            IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+        };
+        let bad = |e| DatapathError::Host(format!("default route of table {table}: {e}"));
+        let mut builder = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(unspecified, 0)
+            .map_err(bad)?
+            .table_id(table);
+        if let Some(gw) = gw {
+            builder = builder.gateway(gw).map_err(bad)?;
+        }
+        let msg = builder.build();
+        self.rt
+            .block_on(async move {
+                match gw {
+                    Some(_) => handle.route().add(msg).replace().execute().await,
+                    None => tolerate(
+                        handle.route().del(msg).execute().await,
+                        &[libc::ESRCH, libc::ENOENT],
+                    ),
+                }
+            })
+            .map_err(host_err(format_args!(
+                "{} default route of table {table}",
+                if gw.is_some() { "setting" } else { "deleting" }
+            )))
     }
 
     /// Adds the route when `via` is given, deletes it otherwise.

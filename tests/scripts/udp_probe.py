@@ -17,10 +17,17 @@ def drain():
         if int(seq) >= 0:
             seen[int(seq)] = addr
 
-# One round trip first, so the flow and the neighbours on the way are established.
-sock.settimeout(2)
-sock.sendto(b"-1", (host, port))
-sock.recvfrom(2048)
+# One round trip first, so the flow and the neighbours on the way are established
+# (a few tries: neighbour resolution on a busy machine may take more than one).
+sock.settimeout(1)
+for attempt in range(5):
+    sock.sendto(b"-1", (host, port))
+    try:
+        sock.recvfrom(2048)
+        break
+    except TimeoutError:
+        if attempt == 4:
+            raise
 sock.settimeout(None)
 
 start = time.monotonic()

@@ -71,7 +71,7 @@ impl Harness {
         let pin_dir = unique_pin_dir("pkt");
         let mut dp = KernelDatapath::open(KernelConfig {
             pin_dir: pin_dir.clone(),
-            uplink: None,
+            uplinks: Vec::new(),
             wire_host: false,
             exclusive: true,
         })

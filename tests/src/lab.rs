@@ -22,6 +22,8 @@ pub const UPLINK: &str = "up0";
 pub const OUTSIDE: &str = "198.51.100.7";
 pub const RESOLVER: &str = "198.51.100.53";
 pub const OUTSIDE_V6: &str = "2001:db8:ffff::7";
+/// The examples' personas' gateway: the outside router, reached on the uplink.
+pub const PERSONA_GATEWAY: &str = "203.0.113.1";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VmLink {
@@ -87,10 +89,10 @@ impl Site {
             "ip link add {UPLINK} netns {h} type veth peer name eth0 netns {o}"
         ));
         host.exec(&format!(
-            "ip addr add 198.51.100.1/24 dev {UPLINK} && ip -6 addr add 2001:db8:ffff::1/64 dev {UPLINK} nodad && ip link set {UPLINK} up && ip route add default via {OUTSIDE} && ip -6 route add default via {OUTSIDE_V6}"
+            "ip addr add 198.51.100.1/24 dev {UPLINK} && ip -6 addr add 2001:db8:ffff::1/64 dev {UPLINK} nodad && ip link set {UPLINK} up && ip route add default via {OUTSIDE} && ip -6 route add default via {OUTSIDE_V6} && ip route add {PERSONA_GATEWAY} dev {UPLINK}"
         ));
         out.exec(&format!(
-            "ip addr add {OUTSIDE}/24 dev eth0 && ip addr add {RESOLVER}/24 dev eth0 && ip link set eth0 up && ip route add 203.0.113.0/24 dev eth0 && ip -6 addr add {OUTSIDE_V6}/64 dev eth0 nodad && ip -6 route add 2001:db8:a::/64 dev eth0"
+            "ip addr add {OUTSIDE}/24 dev eth0 && ip addr add {RESOLVER}/24 dev eth0 && ip link set eth0 up && ip addr add {PERSONA_GATEWAY}/32 dev eth0 && ip route add 203.0.113.0/24 dev eth0 src {OUTSIDE} && ip -6 addr add {OUTSIDE_V6}/64 dev eth0 nodad && ip -6 route add 2001:db8:a::/64 dev eth0"
         ));
         let mut site = Self {
             http_log: PathBuf::from(format!("/tmp/persona-http-{o}.log")),

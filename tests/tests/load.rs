@@ -41,7 +41,7 @@ fn shifts_under_load_lose_nothing_and_never_mix_personas() {
             enter(&host);
             let mut dp = KernelDatapath::open(KernelConfig {
                 pin_dir,
-                uplink: Some(UPLINK.into()),
+                uplinks: vec![UPLINK.into()],
                 wire_host: true,
                 exclusive: true,
             })

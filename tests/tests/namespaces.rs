@@ -113,6 +113,18 @@ fn host_wiring_routes_and_proxies_the_persona_address() {
         proxies.contains("fe80::1 dev pvm1"),
         "the VM's IPv6 gateway answered on the tap: {proxies}"
     );
+    // The persona's gateway is the next hop of its address, by policy routing.
+    let office_table = u32::from(std::net::Ipv4Addr::new(203, 0, 113, 10));
+    let rules = lab.host.exec("ip rule show");
+    assert!(
+        rules.contains("lookup main suppress_prefixlength 31")
+            && rules.contains(&format!("from 203.0.113.10 lookup {office_table}")),
+        "{rules}"
+    );
+    let table = lab
+        .host
+        .exec(&format!("ip route show table {office_table}"));
+    assert!(table.contains("default via 203.0.113.1"), "{table}");
 
     // The previous persona's address stays announced until the next shift, so replies
     // in flight to it still arrive.
@@ -139,9 +151,13 @@ fn host_wiring_routes_and_proxies_the_persona_address() {
         "",
         "detach withdraws every proxy entry, gateways included"
     );
-    let routes = lab.host.exec("ip route show; ip -6 route show");
+    let routes = lab
+        .host
+        .exec("ip route show table all; ip -6 route show table all; ip rule show");
     assert!(
-        !routes.contains("203.0.113.") && !routes.contains("2001:db8:a::"),
-        "{routes}"
+        !routes.contains("203.0.113.10")
+            && !routes.contains("203.0.113.20")
+            && !routes.contains("2001:db8:a::"),
+        "routes and rules withdrawn: {routes}"
     );
 }

@@ -51,7 +51,7 @@ pub(super) fn catalog(path: &std::path::Path) -> anyhow::Result<Catalog> {
 fn datapath(cli: &Cli, exclusive: bool) -> anyhow::Result<KernelDatapath> {
     Ok(KernelDatapath::open(KernelConfig {
         pin_dir: cli.pin_dir.clone(),
-        uplink: cli.uplink.clone(),
+        uplinks: cli.uplink.clone(),
         wire_host: exclusive,
         exclusive,
     })?)

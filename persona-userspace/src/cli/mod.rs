@@ -27,9 +27,10 @@ pub struct Cli {
     /// bpffs directory holding the pinned maps and links.
     #[arg(long, global = true, env = "PERSONA_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
-    /// Host interface towards the network; persona addresses are proxied on it.
-    #[arg(long, global = true, env = "PERSONA_UPLINK")]
-    pub uplink: Option<String>,
+    /// Host interface towards the network; persona addresses are proxied on it. Give it
+    /// once per uplink: a persona's gateway decides which one its traffic leaves by.
+    #[arg(long, global = true, env = "PERSONA_UPLINK", value_delimiter = ',')]
+    pub uplink: Vec<String>,
     /// CA certificate (PEM) to trust for an https:// server.
     #[arg(long, global = true, env = "PERSONA_CACERT")]
     pub cacert: Option<PathBuf>,
@@ -318,7 +319,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 socket: Some(socket.clone()),
                 kernel: KernelConfig {
                     pin_dir: cli.pin_dir.clone(),
-                    uplink: cli.uplink.clone(),
+                    uplinks: cli.uplink.clone(),
                     wire_host: true,
                     exclusive: true,
                 },

@@ -28,6 +28,8 @@ pub struct CompiledPersona {
     /// counts the packets it handles under it.
     pub id: u32,
     pub table: PersonaTable,
+    /// Next hops on the host: the persona's traffic leaves through these.
+    pub gateways: Vec<IpAddr>,
     pub v4: Vec<Prefix<Ipv4Net>>,
     pub v6: Vec<Prefix<Ipv6Net>>,
 }
@@ -103,6 +105,7 @@ pub fn compile(spec: &PersonaSpec) -> Result<CompiledPersona, FieldError> {
     Ok(CompiledPersona {
         id: 0,
         table,
+        gateways: spec.gateway.into_iter().collect(),
         v4,
         v6,
     })

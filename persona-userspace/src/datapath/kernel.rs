@@ -54,9 +54,9 @@ const RECLAIM_BATCH: usize = 64;
 pub struct KernelConfig {
     /// Maps are pinned here and links under `links/`.
     pub pin_dir: PathBuf,
-    /// The host's interface towards the network, where the persona addresses are
-    /// announced by proxy ARP/NDP. Without it only routes are installed.
-    pub uplink: Option<String>,
+    /// The host's interfaces towards the network, where the persona addresses are
+    /// announced by proxy ARP/NDP. Without one only routes are installed.
+    pub uplinks: Vec<String>,
     /// Leave the host's routes and neighbour proxies alone (packet tests).
     pub wire_host: bool,
     /// Hold the pin directory's lock: only one process may change the tables, since
@@ -68,7 +68,7 @@ impl Default for KernelConfig {
     fn default() -> Self {
         Self {
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
-            uplink: None,
+            uplinks: Vec::new(),
             wire_host: true,
             exclusive: true,
         }
@@ -186,7 +186,7 @@ impl KernelDatapath {
             info!(devices = in_use.len(), pin_dir = %config.pin_dir.display(), "re-using pinned datapath");
         }
         let host = if config.wire_host {
-            Some(Host::new(config.uplink.as_deref())?)
+            Some(Host::new(&config.uplinks)?)
         } else {
             None
         };
@@ -425,6 +425,7 @@ impl KernelDatapath {
         let compiled = CompiledPersona {
             id: 0,
             table: *table,
+            gateways: vec![],
             v4: vec![],
             v6: vec![],
         };
@@ -710,7 +711,7 @@ impl Datapath for KernelDatapath {
         let new_addrs = staged.persona.addresses();
         if let Some(host) = &self.host {
             let inner = self.inner_addresses(ifindex)?;
-            host.announce_persona(ifindex, &new_addrs, &inner)?;
+            host.announce_persona(ifindex, &new_addrs, &inner, &staged.persona.gateways)?;
         }
 
         self.create_counters(ifindex, staged.persona.id)?;

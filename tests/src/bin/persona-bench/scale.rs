@@ -86,7 +86,7 @@ fn devices() -> Value {
         nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
         let mut dp = KernelDatapath::open(KernelConfig {
             pin_dir: dir.clone(),
-            uplink: None,
+            uplinks: Vec::new(),
             wire_host: true,
             exclusive: true,
         })
