@@ -48,7 +48,11 @@ pub async fn push(
         signals.push(s);
     }
     let accepted = signals.len();
-    let applied = state.engine.ingest(signals).await?;
+    let mut applied = state.engine.ingest(signals).await?;
+    // Every rule's verdict is /explain's to give; here, only what was decided.
+    for a in &mut applied {
+        a.decision.rules.clear();
+    }
     Ok(Json(json!({ "accepted": accepted, "devices": applied })))
 }
 

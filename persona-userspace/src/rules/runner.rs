@@ -32,6 +32,9 @@ pub struct RuleEngine {
     dry_run: bool,
     state: Mutex<State>,
     wake: Notify,
+    /// The stored rules, parsed; dropped by `poke` whenever objects change through the
+    /// API (the daemon is the store's only writer).
+    rules: std::sync::Mutex<Option<Arc<BTreeMap<String, RuleSpec>>>>,
 }
 
 #[derive(Default)]
@@ -72,15 +75,20 @@ impl RuleEngine {
             dry_run,
             state: Mutex::new(state),
             wake: Notify::new(),
+            rules: Default::default(),
         }))
     }
 
     /// Something changed (rules, devices): evaluate everything soon.
     pub fn poke(&self) {
+        *self.rules.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.wake.notify_one();
     }
 
-    fn rules(&self) -> Result<BTreeMap<String, RuleSpec>, StoreError> {
+    fn rules(&self) -> Result<Arc<BTreeMap<String, RuleSpec>>, StoreError> {
+        if let Some(r) = &*self.rules.lock().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(r.clone());
+        }
         let mut out = BTreeMap::new();
         for r in self.orchestrator.store().list(Kind::Rule)? {
             match serde_json::from_value(r.spec) {
@@ -90,6 +98,8 @@ impl RuleEngine {
                 Err(e) => warn!(rule = %r.name, error = %e, "stored rule does not parse"),
             }
         }
+        let out = Arc::new(out);
+        *self.rules.lock().unwrap_or_else(|e| e.into_inner()) = Some(out.clone());
         Ok(out)
     }
 
@@ -128,7 +138,7 @@ impl RuleEngine {
         let hist = self.history(&state, device)?;
         Ok(Some(decide(
             &view,
-            &self.rules()?,
+            &*self.rules()?,
             &state.signals,
             &hist,
             self.timing,
