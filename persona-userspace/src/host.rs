@@ -17,8 +17,10 @@ use rtnetlink::{
 };
 use tokio::runtime::Runtime;
 
+use ipnet::IpNet;
+
 use crate::{
-    datapath::{DatapathError, Result},
+    datapath::{CompiledPersona, DatapathError, Result},
     model::DeviceSpec,
 };
 
@@ -34,6 +36,11 @@ pub struct Host {
 /// through the persona's gateway: the persona's identity decides, not the host's.
 const RULE_MAIN_SPECIFIC: u32 = 9_000;
 const RULE_PERSONA: u32 = 9_001;
+
+/// The WireGuard interface of a VPN persona's address.
+pub fn tunnel_name(addr: IpAddr) -> String {
+    format!("pwg{:08x}", table_of(addr))
+}
 
 /// The routing table of a persona address: an IPv4 address is its own number (no two
 /// persona addresses share one); an IPv6 address is hashed (the family is in the rule).
@@ -175,7 +182,7 @@ impl Host {
         ifindex: u32,
         addrs: &[IpAddr],
         inner: &[IpAddr],
-        gateways: &[IpAddr],
+        persona: &CompiledPersona,
     ) -> Result<()> {
         for &addr in addrs {
             let Some(&via) = inner.iter().find(|i| i.is_ipv4() == addr.is_ipv4()) else {
@@ -185,13 +192,31 @@ impl Host {
             for &(_, uplink) in &self.uplinks {
                 self.proxy(uplink, addr, true)?;
             }
-            match gateways.iter().find(|g| g.is_ipv4() == addr.is_ipv4()) {
-                Some(&gw) => {
-                    self.default_route(addr, Some(gw))?;
-                    self.rule(addr.is_ipv6(), Some(addr), RULE_PERSONA, true)?;
-                }
-                None => self.unsteer(addr)?,
+            let gateway = persona
+                .gateways
+                .iter()
+                .copied()
+                .find(|g| g.is_ipv4() == addr.is_ipv4());
+            let tunnelled: Vec<IpNet> = persona
+                .vpn
+                .iter()
+                .flat_map(|v| v.allowed_ips.iter().copied())
+                .filter(|n| n.addr().is_ipv4() == addr.is_ipv4())
+                .collect();
+            if gateway.is_none() && tunnelled.is_empty() {
+                self.unsteer(addr)?;
+                continue;
             }
+            if let (Some(vpn), false) = (&persona.vpn, tunnelled.is_empty()) {
+                let tunnel = crate::tunnel::up(&tunnel_name(addr), vpn)?;
+                for net in tunnelled {
+                    self.tunnel_route(addr, net, tunnel)?;
+                }
+            }
+            if let Some(gw) = gateway {
+                self.default_route(addr, Some(gw))?;
+            }
+            self.rule(addr.is_ipv6(), Some(addr), RULE_PERSONA, true)?;
         }
         Ok(())
     }
@@ -208,9 +233,30 @@ impl Host {
         Ok(())
     }
 
+    /// The address's rule and table go, and its tunnel with them (the kernel drops the
+    /// routes through a deleted link).
     fn unsteer(&self, addr: IpAddr) -> Result<()> {
         self.rule(addr.is_ipv6(), Some(addr), RULE_PERSONA, false)?;
-        self.default_route(addr, None)
+        self.default_route(addr, None)?;
+        crate::tunnel::down(&tunnel_name(addr))
+    }
+
+    /// `net dev TUNNEL` in the address's table.
+    fn tunnel_route(&self, addr: IpAddr, net: IpNet, tunnel: u32) -> Result<()> {
+        let table = table_of(addr);
+        let bad = |e| DatapathError::Host(format!("route {net} through the tunnel: {e}"));
+        let msg = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(net.network(), net.prefix_len())
+            .map_err(bad)?
+            .output_interface(tunnel)
+            .table_id(table)
+            .build();
+        let handle = self.handle.clone();
+        self.rt
+            .block_on(async move { handle.route().add(msg).replace().execute().await })
+            .map_err(host_err(format_args!(
+                "adding route {net} dev {tunnel} table {table}"
+            )))
     }
 
     /// `from ADDR lookup table_of(ADDR)` with `Some(addr)`; the main-table rule for host

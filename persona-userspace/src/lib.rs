@@ -16,3 +16,4 @@ pub mod rules;
 pub mod security;
 pub mod store;
 pub mod tls_applier;
+pub mod tunnel;

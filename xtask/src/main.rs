@@ -60,6 +60,10 @@ const APT_PACKAGES: &[&str] = &[
     // The bench's comparisons: the same persona as nftables rules, and iperf3 traffic.
     "nftables",
     "iperf3",
+    // VPN personas: this kernel has no WireGuard module, so wireguard-go over a tun
+    // device; wg configures either.
+    "wireguard-go",
+    "wireguard-tools",
 ];
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {

@@ -30,6 +30,8 @@ pub struct CompiledPersona {
     pub table: PersonaTable,
     /// Next hops on the host: the persona's traffic leaves through these.
     pub gateways: Vec<IpAddr>,
+    /// The persona's WireGuard peer: what its allowed IPs name goes through the tunnel.
+    pub vpn: Option<crate::model::vpn::WireguardSpec>,
     pub v4: Vec<Prefix<Ipv4Net>>,
     pub v6: Vec<Prefix<Ipv6Net>>,
 }
@@ -106,6 +108,7 @@ pub fn compile(spec: &PersonaSpec) -> Result<CompiledPersona, FieldError> {
         id: 0,
         table,
         gateways: spec.gateway.into_iter().collect(),
+        vpn: spec.vpn.as_ref().map(|v| v.wireguard.clone()),
         v4,
         v6,
     })

@@ -257,7 +257,11 @@ impl KernelDatapath {
             .insert(ifindex, cfg, 0)
             .map_err(bpf_err("DEVICES"))?;
         self.create_counters(ifindex, NO_PERSONA)?;
+        // Configuring an attached device again (every shift through the daemon does)
+        // keeps the record of the previous persona's addresses, which the next shift
+        // withdraws.
         let mut wiring = HostWiring::default();
+        set_lingering(&mut wiring, &lingering(&self.wiring(ifindex)));
         if let Some(gw) = device.gateway_v4 {
             wiring.gateway_v4 = gw.octets();
             wiring.flags |= WIRED_GATEWAY_V4;
@@ -426,6 +430,7 @@ impl KernelDatapath {
             id: 0,
             table: *table,
             gateways: vec![],
+            vpn: None,
             v4: vec![],
             v6: vec![],
         };
@@ -711,7 +716,7 @@ impl Datapath for KernelDatapath {
         let new_addrs = staged.persona.addresses();
         if let Some(host) = &self.host {
             let inner = self.inner_addresses(ifindex)?;
-            host.announce_persona(ifindex, &new_addrs, &inner, &staged.persona.gateways)?;
+            host.announce_persona(ifindex, &new_addrs, &inner, &staged.persona)?;
         }
 
         self.create_counters(ifindex, staged.persona.id)?;
