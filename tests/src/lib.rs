@@ -1,5 +1,6 @@
 //! Helpers shared by the end-to-end tests: frames built byte by byte with checksums
 //! computed from scratch, a datapath on its own pin directory, and network namespaces.
+pub mod capture;
 pub mod daemon;
 pub mod frames;
 pub mod guest;

@@ -1,12 +1,10 @@
 //! Real virtual machines: two QEMU guests on two taps behind the persona daemon, an
 //! outside namespace with a DNS and an HTTP server. Everything is checked from where a
 //! user would look: inside the guests, on the outside, in the audit log and the metrics.
-use std::{
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use persona_tests::{
+    capture::Capture,
     daemon::{Daemon, metric_sum},
     guest::{Guest, GuestSpec, Starting, Vm, accelerator},
     lab::{OUTSIDE, Site, VM_IFACE, VM2_IFACE},
@@ -73,15 +71,11 @@ fn two_guests_behind_the_daemon() {
     // A shift while vm1 pings: the outside sees the new address from the next packet
     // on, no echo is lost, and the guest's configuration does not change.
     let before = d.metrics();
-    let mut capture = Command::new("ip")
-        .args(["netns", "exec", &site.out.name])
-        .args(["timeout", "60", "tcpdump", "-n", "-l", "-i", "eth0"])
-        .arg("icmp[icmptype] == icmp-echo and dst host 198.51.100.7")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("tcpdump");
-    wait_listening(&mut std::io::BufReader::new(capture.stderr.take().unwrap()));
+    let capture = Capture::start(
+        &site.out.name,
+        "eth0",
+        "icmp[icmptype] == icmp-echo and dst host 198.51.100.7",
+    );
     const PINGS: u32 = 250;
     vm1.ok(&format!(
         "ping -c {PINGS} -i 0.02 {OUTSIDE} >/tmp/ping.out 2>&1 &"
@@ -97,7 +91,13 @@ fn two_guests_behind_the_daemon() {
         )),
         "{summary}"
     );
-    let sources = stop_capture(capture);
+    // The source address of every echo request, in order.
+    let sources: Vec<String> = capture
+        .stop()
+        .iter()
+        .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "IP").nth(1))
+        .map(str::to_owned)
+        .collect();
     let after = d.metrics();
     assert_eq!(sources.len(), PINGS as usize, "{sources:?}");
     let switch = sources
@@ -184,17 +184,6 @@ fn two_guests_behind_the_daemon() {
     );
 }
 
-fn wait_listening(err: &mut impl std::io::BufRead) {
-    let mut line = String::new();
-    while err.read_line(&mut line).expect("tcpdump stderr") > 0 {
-        if line.contains("listening on") {
-            return;
-        }
-        line.clear();
-    }
-    panic!("tcpdump never listened");
-}
-
 fn wait_output(g: &mut Guest, cmd: &str, marker: &str) -> String {
     let start = Instant::now();
     loop {
@@ -205,20 +194,4 @@ fn wait_output(g: &mut Guest, cmd: &str, marker: &str) -> String {
         assert!(start.elapsed() < Duration::from_secs(60), "{cmd}: {out}");
         std::thread::sleep(Duration::from_millis(250));
     }
-}
-
-/// The source address of every echo request tcpdump saw, in order.
-fn stop_capture(mut capture: std::process::Child) -> Vec<String> {
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(capture.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    );
-    let mut text = String::new();
-    std::io::Read::read_to_string(capture.stdout.as_mut().unwrap(), &mut text).unwrap();
-    let _ = capture.wait();
-    text.lines()
-        .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "IP").nth(1))
-        .map(str::to_owned)
-        .collect()
 }

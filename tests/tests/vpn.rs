@@ -2,9 +2,8 @@
 //! peer (wireguard-go in the outside namespace) gets it decrypted with the persona's
 //! address, the uplink carries only encrypted WireGuard datagrams, and a shift to a
 //! persona without VPN sends the same traffic out directly, in the clear.
-use std::process::{Command, Stdio};
-
 use persona_tests::{
+    capture::Capture,
     daemon::Daemon,
     lab::{Lab, OUTSIDE, UPLINK, VmLink},
     netns::sh,
@@ -68,35 +67,11 @@ fn round_trip(lab: &Lab, to: &str) -> Option<String> {
 
 /// Everything the host's uplink carried while the VM did 5 round trips to `to`.
 fn on_the_uplink(lab: &Lab, to: &str) -> Vec<String> {
-    let mut dump = Command::new("ip")
-        .args(["netns", "exec", &lab.host.name])
-        .args(["timeout", "20", "tcpdump", "-n", "-l", "-i", UPLINK, "ip"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("tcpdump");
-    let mut err = std::io::BufReader::new(dump.stderr.take().unwrap());
-    let mut line = String::new();
-    while std::io::BufRead::read_line(&mut err, &mut line).unwrap() > 0
-        && !line.contains("listening on")
-    {
-        line.clear();
-    }
+    let capture = Capture::start(&lab.host.name, UPLINK, "ip");
     for _ in 0..5 {
         assert!(round_trip(lab, to).is_some(), "a round trip failed");
     }
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(dump.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    );
-    let mut text = String::new();
-    std::io::Read::read_to_string(dump.stdout.as_mut().unwrap(), &mut text).unwrap();
-    let _ = dump.wait();
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(str::to_owned)
-        .collect()
+    capture.stop()
 }
 
 #[test]
