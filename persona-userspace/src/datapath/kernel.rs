@@ -206,16 +206,23 @@ impl KernelDatapath {
     /// exists before the first packet, so the kernel only ever increments and no count
     /// is lost to two CPUs creating the same key at once.
     fn create_counters(&mut self, ifindex: u32, persona: u32) -> Result<()> {
+        let key = |direction, reason: Reason| CounterKey {
+            ifindex,
+            persona,
+            direction,
+            reason: reason as u8,
+            _pad: [0; 2],
+        };
+        // Keys are created in order, the last one last: when it exists, all do, and a
+        // shift back to a persona costs one lookup here, not one insert per key.
+        let last = *Reason::ALL.last().expect("reasons");
+        if self.maps.counters.get(&key(DIR_INGRESS, last), 0).is_ok() {
+            return Ok(());
+        }
         let cpus = nr_cpus().map_err(|(_, e)| io_err("counting CPUs")(e))?;
         for direction in [DIR_EGRESS, DIR_INGRESS] {
             for reason in Reason::ALL {
-                let key = CounterKey {
-                    ifindex,
-                    persona,
-                    direction,
-                    reason: *reason as u8,
-                    _pad: [0; 2],
-                };
+                let key = key(direction, *reason);
                 let zero = PerCpuValues::try_from(vec![Counter::default(); cpus])
                     .map_err(|e| DatapathError::Bpf(e.to_string()))?;
                 match self.maps.counters.insert(key, zero, BPF_NOEXIST) {
