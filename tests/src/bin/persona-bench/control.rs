@@ -3,24 +3,14 @@
 use std::time::Instant;
 
 use hyper::Method;
-use persona_tests::{
-    daemon::Daemon,
-    lab::{Site, VM_IFACE},
-};
 use serde_json::{Value, json};
+
+use crate::api::{self, Bench};
 
 pub const RULES: usize = 1_000;
 
 fn manifests(rules: usize) -> String {
-    let mut m = String::new();
-    for (name, addr) in [("a", "203.0.113.10"), ("b", "203.0.113.20")] {
-        m.push_str(&format!(
-            "apiVersion: persona.dev/v1\nkind: Persona\nmetadata: {{ name: {name} }}\nspec:\n  addresses: [\"{addr}/24\"]\n---\n"
-        ));
-    }
-    m.push_str(&format!(
-        "apiVersion: persona.dev/v1\nkind: Device\nmetadata: {{ name: vm1 }}\nspec:\n  interface: {VM_IFACE}\n  innerV4: 198.18.0.2\n  persona: a\n  labels: {{ team: bench }}\n"
-    ));
+    let mut m = api::manifests("");
     // Every tenth rule is a CEL expression, the rest role conditions; none matches the
     // signals sent, so the engine evaluates all of them and shifts nothing.
     for i in 0..rules {
@@ -37,31 +27,18 @@ fn manifests(rules: usize) -> String {
 }
 
 pub fn run() -> Value {
-    let site = Site::new();
-    site.host.exec(&format!(
-        "ip tuntap add {VM_IFACE} mode tap && ip link set {VM_IFACE} up"
-    ));
-    let d = Daemon::start_with(&site, &["--min-dwell", "0", "--cooldown", "0"]);
-    let file = std::env::temp_dir().join(format!("persona-bench-control-{}.yaml", site.host.name));
-    std::fs::write(&file, manifests(0)).expect("manifests");
-    d.cli_ok(&format!("apply -f {}", file.display()));
+    let bench = Bench::start(&manifests(0), &["--min-dwell", "0", "--cooldown", "0"]);
+    let d = &bench.daemon;
 
-    let shifts = 500;
+    let shifts: u32 = 500;
     let start = Instant::now();
     for i in 0..shifts {
-        let to = if i % 2 == 0 { "b" } else { "a" };
-        let (s, v) = d.admin(
-            Method::POST,
-            "/trigger_shift",
-            Some(&json!({ "device_id": "vm1", "persona_id": to })),
-        );
-        assert_eq!(s, 200, "{v}");
+        bench.shift(i as usize);
     }
     let shifts_per_s = f64::from(shifts) / start.elapsed().as_secs_f64();
     eprintln!("  {shifts_per_s:.0} shifts/s through the API (one client, sequential)");
 
-    std::fs::write(&file, manifests(RULES)).expect("manifests");
-    d.cli_ok(&format!("apply -f {}", file.display()));
+    bench.apply(&manifests(RULES));
     let mut by_batch = Vec::new();
     for batch in [1usize, 100] {
         let posts = if batch == 1 { 1000 } else { 50 };
@@ -83,7 +60,6 @@ pub fn run() -> Value {
     }
     let (_, status) = d.admin(Method::GET, "/status/vm1", None);
     assert_eq!(status["persona"], "a", "no signal should have moved vm1");
-    let _ = std::fs::remove_file(&file);
     json!({
         "api_shifts_per_s": shifts_per_s,
         "api_shifts": shifts,

@@ -2,6 +2,7 @@
 //! in one run. Writes BENCHMARKS.md (method, machine, figures) and benchmarks.json (raw).
 //! Nothing here asserts a time; the checks are that each measurement took the path it
 //! names.
+mod api;
 mod control;
 mod packets;
 mod report;

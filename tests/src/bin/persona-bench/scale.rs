@@ -13,7 +13,7 @@ use persona::{
     store::{Expect, Kind, Store, embedded::EmbeddedStore},
 };
 use persona_tests::{
-    harness::unique_pin_dir,
+    harness::{self, unique_pin_dir},
     netns::{Netns, sh},
 };
 use serde_json::{Value, json};
@@ -32,12 +32,7 @@ fn device(i: usize) -> DeviceSpec {
         )),
         inner_v6: None,
         mac: Some(format!("52:54:00:00:{:02x}:{:02x}", i / 256, i % 256)),
-        gateway_v4: None,
-        gateway_v6: None,
-        persona: None,
-        labels: Default::default(),
-        owner: None,
-        role: None,
+        ..harness::device()
     }
 }
 

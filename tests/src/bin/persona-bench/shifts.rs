@@ -4,12 +4,12 @@
 use std::time::{Duration, Instant};
 
 use persona_tests::{
-    daemon::Daemon,
     harness::Harness,
-    lab::{Site, VM_IFACE, VM2_IFACE},
     netns::{Netns, sh},
 };
 use serde_json::{Value, json};
+
+use crate::api::{self, Bench};
 
 pub const RULE_COUNTS: [usize; 3] = [10, 1_000, 10_000];
 
@@ -21,6 +21,10 @@ pub fn percentiles(mut v: Vec<Duration>) -> Value {
 
 /// `n` ingress rules on their own /32s; two personas differ in address.
 fn persona(n: usize, addr: &str) -> String {
+    format!("addresses: [\"{addr}/24\"]\n{}", firewall(n))
+}
+
+fn firewall(n: usize) -> String {
     let rules: String = (0..n)
         .map(|i| {
             format!(
@@ -31,7 +35,7 @@ fn persona(n: usize, addr: &str) -> String {
         })
         .collect();
     format!(
-        "addresses: [\"{addr}/24\"]\nfirewall:\n  egress: {{ default: allow }}\n  ingress:\n    default: drop\n    rules:\n      - {{ cidr: 198.51.100.0/24, protocol: tcp, ports: \"22\", action: allow }}\n{rules}"
+        "firewall:\n  egress: {{ default: allow }}\n  ingress:\n    default: drop\n    rules:\n      - {{ cidr: 198.51.100.0/24, protocol: tcp, ports: \"22\", action: allow }}\n{rules}"
     )
 }
 
@@ -100,44 +104,20 @@ fn nft(n: usize, shifts: usize) -> Value {
 }
 
 /// POST /trigger_shift to the daemon until the datapath has flipped (the call returns
-/// after the flip), alternating two devices' personas.
+/// after the flip), vm1 alternating between two personas.
 fn api(n: usize, shifts: usize) -> Value {
-    let site = Site::new();
-    site.host.exec(&format!(
-        "ip tuntap add {VM_IFACE} mode tap && ip link set {VM_IFACE} up && ip tuntap add {VM2_IFACE} mode tap && ip link set {VM2_IFACE} up"
-    ));
-    let d = Daemon::start(&site);
-    let dir = std::env::temp_dir().join(format!("persona-bench-api-{}", site.host.name));
-    std::fs::create_dir_all(&dir).expect("manifest dir");
-    let mut manifests = String::new();
-    for (name, addr) in [("a", "203.0.113.10"), ("b", "203.0.113.20")] {
-        let spec: String = persona(n, addr)
-            .lines()
-            .map(|l| format!("  {l}\n"))
-            .collect();
-        manifests.push_str(&format!(
-            "apiVersion: persona.dev/v1\nkind: Persona\nmetadata: {{ name: {name} }}\nspec:\n{spec}---\n"
-        ));
-    }
-    manifests.push_str(&format!(
-        "apiVersion: persona.dev/v1\nkind: Device\nmetadata: {{ name: vm1 }}\nspec:\n  interface: {VM_IFACE}\n  innerV4: 198.18.0.2\n  persona: a\n"
-    ));
-    std::fs::write(dir.join("m.yaml"), manifests).expect("manifests");
-    d.cli_ok(&format!("apply -f {}", dir.join("m.yaml").display()));
+    let spec: String = firewall(n).lines().map(|l| format!("  {l}\n")).collect();
+    let bench = Bench::start(&api::manifests(&spec), &[]);
     let mut client = Vec::new();
     let mut reported = Vec::new();
     for i in 0..shifts {
-        let to = if i % 2 == 0 { "b" } else { "a" };
-        let body = json!({ "device_id": "vm1", "persona_id": to });
         let start = Instant::now();
-        let (status, v) = d.admin(hyper::Method::POST, "/trigger_shift", Some(&body));
+        let v = bench.shift(i);
         client.push(start.elapsed());
-        assert_eq!(status, 200, "{v}");
         if let Some(us) = v["duration_us"].as_u64() {
             reported.push(Duration::from_micros(us));
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
     json!({ "api_call": percentiles(client), "daemon_reported": percentiles(reported) })
 }
 
