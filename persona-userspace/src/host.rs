@@ -260,7 +260,7 @@ impl Host {
     }
 
     /// `from ADDR lookup table_of(ADDR)` with `Some(addr)`; the main-table rule for host
-    /// routes with `None`. Added or deleted, idempotently.
+    /// routes of the family `v6` says with `None`. Added or deleted, idempotently.
     fn rule(&self, v6: bool, from: Option<IpAddr>, priority: u32, add: bool) -> Result<()> {
         let handle = self.handle.clone();
         let what = match from {
@@ -275,17 +275,15 @@ impl Host {
                     None => req.table_id(254),
                 };
                 req = req.action(rtnetlink::packet_route::rule::RuleAction::ToTable);
-                let mut msg = match (v6, from) {
-                    (false, Some(IpAddr::V4(a))) => {
-                        let mut r = req.v4().source_prefix(a, 32);
-                        std::mem::take(r.message_mut())
+                let mut msg = match from {
+                    Some(IpAddr::V4(a)) => {
+                        std::mem::take(req.v4().source_prefix(a, 32).message_mut())
                     }
-                    (true, Some(IpAddr::V6(a))) => {
-                        let mut r = req.v6().source_prefix(a, 128);
-                        std::mem::take(r.message_mut())
+                    Some(IpAddr::V6(a)) => {
+                        std::mem::take(req.v6().source_prefix(a, 128).message_mut())
                     }
-                    (false, _) => std::mem::take(req.v4().message_mut()),
-                    (true, _) => std::mem::take(req.v6().message_mut()),
+                    None if v6 => std::mem::take(req.v6().message_mut()),
+                    None => std::mem::take(req.v4().message_mut()),
                 };
                 if from.is_none() {
                     let shorter_than_host = if v6 { 127 } else { 31 };
