@@ -96,6 +96,8 @@ reasons! {
     DropNotPersona = 26, "drop_not_persona", false;
     /// A program runs on an interface no device is configured for.
     DropUnknownDevice = 27, "drop_unknown_device", false;
+    /// Over the device's packet-rate cap (flood guard).
+    DropRateLimited = 28, "drop_rate_limited", false;
 }
 
 /// `HANDSHAKES`: TCP handshake round trips seen on the tap (SYN out to SYN-ACK in), per

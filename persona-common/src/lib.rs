@@ -11,10 +11,11 @@ pub mod counters;
 pub mod device;
 pub mod events;
 pub mod firewall;
+pub mod guard;
 pub mod host;
 pub mod persona;
 
-/// Traffic leaving the VM: received on the tap, handled by XDP.
+/// Traffic leaving the VM: received on the tap, handled by tc (tcx) ingress.
 pub const DIR_EGRESS: u8 = 0;
 /// Traffic going to the VM: sent out of the tap, handled by TC (tcx) egress.
 pub const DIR_INGRESS: u8 = 1;
@@ -39,17 +40,21 @@ pub mod map_names {
     pub const HOST_WIRING: &str = "HOST_WIRING";
     pub const EVENTS: &str = "EVENTS";
     pub const HANDSHAKES: &str = "HANDSHAKES";
+    pub const GUARD: &str = "GUARD";
 }
 
 pub mod program_names {
     pub const FROM_VM: &str = "persona_from_vm";
     pub const TO_VM: &str = "persona_to_vm";
+    pub const GUARD: &str = "persona_guard";
     pub const BASELINE: &str = "persona_baseline_pass";
+    pub const BASELINE_TC: &str = "persona_baseline_tc_pass";
+    pub const BASELINE_TC_LOOKUP: &str = "persona_baseline_tc_lookup";
 }
 
 #[cfg(feature = "user")]
 mod pod {
-    use crate::{conntrack, counters, device, events, firewall, host, persona};
+    use crate::{conntrack, counters, device, events, firewall, guard, host, persona};
 
     macro_rules! pod {
         ($($t:ty),* $(,)?) => {
@@ -74,5 +79,6 @@ mod pod {
         counters::HandshakeKey,
         host::HostWiring,
         events::DropEvent,
+        guard::GuardState,
     );
 }

@@ -6,6 +6,7 @@ use persona_common::counters::{
 
 use crate::{
     maps::{COUNTERS, HANDSHAKES},
+    packet::Wire,
     state,
 };
 
@@ -14,7 +15,7 @@ pub const UNATTRIBUTED: u32 = u32::MAX;
 
 /// A subprogram of its own, so its frame never adds to the deciders'.
 #[inline(never)]
-pub fn count(ifindex: u32, persona: u32, direction: u8, reason: Reason, bytes: u64) {
+pub fn count(ifindex: u32, persona: u32, direction: u8, reason: Reason, wire: Wire) {
     // Traffic no persona handled still happened while one was active: count it there.
     let persona = if persona == UNATTRIBUTED {
         state::active(ifindex).map_or(NO_PERSONA, |a| a.persona)
@@ -34,12 +35,19 @@ pub fn count(ifindex: u32, persona: u32, direction: u8, reason: Reason, bytes: u
         if let Some(c) = COUNTERS.get_ptr_mut(key) {
             // SAFETY: per-CPU value, no other writer.
             let c = unsafe { &mut *c };
-            c.packets += 1;
-            c.bytes += bytes;
+            c.packets += wire.packets();
+            c.bytes += wire.bytes();
             return;
         }
         if COUNTERS
-            .insert(key, Counter { packets: 1, bytes }, u64::from(BPF_NOEXIST))
+            .insert(
+                key,
+                Counter {
+                    packets: wire.packets(),
+                    bytes: wire.bytes(),
+                },
+                u64::from(BPF_NOEXIST),
+            )
             .is_ok()
         {
             return;

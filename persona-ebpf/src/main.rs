@@ -5,6 +5,7 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+mod baseline;
 mod conntrack;
 mod counters;
 mod csum;
@@ -12,6 +13,7 @@ mod dns;
 mod events;
 mod firewall;
 mod from_vm;
+mod guard;
 mod maps;
 mod nat;
 mod packet;
@@ -22,40 +24,45 @@ mod state;
 mod to_vm;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    bindings::{__sk_buff, TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use persona_common::{DIR_EGRESS, DIR_INGRESS};
 
-use crate::packet::{Packet as _, TcPacket, XdpPacket};
+use crate::{
+    packet::{Packet as _, TcPacket},
+    path::Direction,
+};
 
-/// Traffic leaving the VM, as it arrives on the tap.
-#[xdp]
-pub fn persona_from_vm(ctx: XdpContext) -> u32 {
-    let mut pkt = XdpPacket::from_raw(ctx.ctx);
-    let handled = path::handle::<_, from_vm::FromVm>(&mut pkt);
-    let reason = handled.reason();
-    counters::count(pkt.ifindex, handled.persona(), DIR_EGRESS, reason, pkt.len);
-    if events::is_reported(reason) {
-        events::report_drop::<XdpPacket>(pkt.raw(), DIR_EGRESS, reason as u8);
-    }
-    if reason.passes() {
-        xdp_action::XDP_PASS
-    } else {
-        xdp_action::XDP_DROP
-    }
+/// Traffic leaving the VM, as the host receives it from the tap (tcx ingress). In tc
+/// the skb knows whether its L4 checksum is partial, and a GSO skb is rewritten once
+/// for all its segments.
+#[classifier]
+pub fn persona_from_vm(ctx: TcContext) -> i32 {
+    tc_entry::<from_vm::FromVm>(ctx.skb.skb, DIR_EGRESS)
 }
 
 /// Traffic going to the VM, as it leaves the host through the tap (tcx egress).
 #[classifier]
 pub fn persona_to_vm(ctx: TcContext) -> i32 {
-    let mut pkt = TcPacket::pulled(ctx.skb.skb);
-    let handled = path::handle::<_, to_vm::ToVm>(&mut pkt);
+    tc_entry::<to_vm::ToVm>(ctx.skb.skb, DIR_INGRESS)
+}
+
+#[inline(always)]
+fn tc_entry<D: Direction>(skb: *mut __sk_buff, direction: u8) -> i32 {
+    let mut pkt = TcPacket::pulled(skb);
+    let handled = path::handle::<_, D>(&mut pkt);
     let reason = handled.reason();
-    counters::count(pkt.ifindex, handled.persona(), DIR_INGRESS, reason, pkt.len);
+    counters::count(
+        pkt.ifindex,
+        handled.persona(),
+        direction,
+        reason,
+        pkt.on_wire(),
+    );
     if events::is_reported(reason) {
-        events::report_drop::<TcPacket>(pkt.raw(), DIR_INGRESS, reason as u8);
+        events::report_drop::<TcPacket>(pkt.raw(), direction, reason as u8);
     }
     if reason.passes() {
         TC_ACT_OK
@@ -64,10 +71,30 @@ pub fn persona_to_vm(ctx: TcContext) -> i32 {
     }
 }
 
-/// Does nothing: the floor BPF_PROG_TEST_RUN measurements are compared against.
+/// The optional flood guard on the tap's XDP hook: drops what the tc program would
+/// drop anyway before an skb is built for it, and never changes a byte.
+#[xdp]
+pub fn persona_guard(ctx: XdpContext) -> u32 {
+    guard::run(ctx.ctx)
+}
+
+/// Does nothing: the floor BPF_PROG_TEST_RUN measurements of XDP are compared against.
 #[xdp]
 pub fn persona_baseline_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// The same floor for tc.
+#[classifier]
+pub fn persona_baseline_tc_pass(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}
+
+/// A tc program that does one hash lookup (the device's `ACTIVE` entry): what a
+/// tracked flow's cost is compared against.
+#[classifier]
+pub fn persona_baseline_tc_lookup(ctx: TcContext) -> i32 {
+    baseline::one_lookup(ctx.skb.skb)
 }
 
 #[cfg(not(target_arch = "bpf"))]

@@ -10,6 +10,7 @@ use persona_common::{
     device::{DeviceConfig, MAX_DEVICES},
     events::{RING_BYTES, RateWindow},
     firewall::{FwKeyV4, FwKeyV6, MAX_PREFIXES, RuleSet},
+    guard::GuardState,
     host::HostWiring,
     persona::{Active, MAX_TABLES, PersonaTable},
 };
@@ -58,3 +59,7 @@ pub static EVENT_RATE: PerCpuArray<RateWindow> = PerCpuArray::with_max_entries(1
 #[map]
 pub static HANDSHAKES: PerCpuHashMap<HandshakeKey, u64> =
     PerCpuHashMap::pinned(MAX_COUNTER_KEYS, 0);
+
+/// Devices whose flood guard is on, and its rate window.
+#[map]
+pub static GUARD: HashMap<u32, GuardState> = HashMap::pinned(MAX_DEVICES, 0);

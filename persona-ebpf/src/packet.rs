@@ -169,6 +169,63 @@ impl TcPacket {
     }
 }
 
+impl TcPacket {
+    /// What the skb stands for on the wire: a GSO skb is `gso_segs` frames, each with
+    /// its own copy of the headers.
+    #[inline(always)]
+    pub fn on_wire(&self) -> Wire {
+        // SAFETY: reading a field of the context the kernel handed us.
+        let segs = unsafe { (*self.ctx.skb.skb).gso_segs } as u64;
+        if segs <= 1 {
+            return Wire::new(1, self.len);
+        }
+        let headers = headers_len(self).unwrap_or(0) as u64;
+        Wire::new(segs, self.len + (segs - 1) * headers)
+    }
+}
+
+/// Ethernet, IP and transport headers, which each segment of a GSO skb repeats.
+#[inline(always)]
+fn headers_len<P: Packet>(p: &P) -> Result<usize, Reason> {
+    let ethertype = load_u16(p, 12)?;
+    let (l4, proto) = if ethertype == 0x0800_u16.to_be() {
+        let vihl: u8 = load(p, 14)?;
+        (14 + ((vihl & 0x0f) as usize) * 4, load::<u8, P>(p, 23)?)
+    } else {
+        (14 + 40, load::<u8, P>(p, 20)?)
+    };
+    match proto {
+        6 => {
+            let doff: u8 = load(p, l4 + 12)?;
+            Ok(l4 + ((doff >> 4) as usize) * 4)
+        }
+        17 => Ok(l4 + 8),
+        _ => Ok(l4),
+    }
+}
+
+/// Packets and bytes in one register (segments in the top 16 bits): the counting
+/// subprogram has no argument to spare.
+#[derive(Clone, Copy)]
+pub struct Wire(u64);
+
+impl Wire {
+    #[inline(always)]
+    pub fn new(packets: u64, bytes: u64) -> Self {
+        Self((packets << 48) | (bytes & ((1 << 48) - 1)))
+    }
+
+    #[inline(always)]
+    pub fn packets(self) -> u64 {
+        self.0 >> 48
+    }
+
+    #[inline(always)]
+    pub fn bytes(self) -> u64 {
+        self.0 & ((1 << 48) - 1)
+    }
+}
+
 impl Packet for TcPacket {
     type Raw = *mut __sk_buff;
 

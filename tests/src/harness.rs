@@ -9,6 +9,7 @@ use persona::{
     datapath::{
         Counters, Datapath, ShiftOptions, Shifted, compile,
         kernel::{KernelConfig, KernelDatapath},
+        programs::Program,
     },
     model::{DeviceSpec, PersonaSpec},
 };
@@ -51,6 +52,7 @@ pub fn device() -> DeviceSpec {
         labels: Default::default(),
         owner: None,
         role: None,
+        flood_guard: None,
     }
 }
 
@@ -68,6 +70,10 @@ impl Default for Harness {
 impl Harness {
     /// A datapath whose device (the loopback) has the inner addresses above and no persona.
     pub fn new() -> Self {
+        Self::with_device(&device())
+    }
+
+    pub fn with_device(spec: &DeviceSpec) -> Self {
         let pin_dir = unique_pin_dir("pkt");
         let mut dp = KernelDatapath::open(KernelConfig {
             pin_dir: pin_dir.clone(),
@@ -76,7 +82,7 @@ impl Harness {
             exclusive: true,
         })
         .unwrap_or_else(|e| panic!("loading the datapath (are we root?): {e}"));
-        dp.configure_device(LOOPBACK, &device())
+        dp.configure_device(LOOPBACK, spec)
             .expect("configuring the test device");
         Self { dp, pin_dir }
     }
@@ -97,14 +103,29 @@ impl Harness {
 
     pub fn from_vm(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
         self.dp
-            .test_run(persona_common::DIR_EGRESS, frame)
-            .expect("test run (XDP)")
+            .test_run(Program::FromVm, frame)
+            .expect("test run (tc ingress)")
     }
 
     pub fn to_vm(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
         self.dp
-            .test_run(persona_common::DIR_INGRESS, frame)
-            .expect("test run (TC)")
+            .test_run(Program::ToVm, frame)
+            .expect("test run (tc egress)")
+    }
+
+    /// A GSO skb of `segs` segments, `size` payload bytes each, through tc ingress.
+    pub fn from_vm_gso(&mut self, frame: &[u8], segs: u32, size: u32) -> u32 {
+        self.dp
+            .test_run_gso(Program::FromVm, frame, segs, size)
+            .expect("test run (tc ingress, GSO)")
+    }
+
+    /// The flood guard (XDP), which only ever drops.
+    pub fn guard(&mut self, frame: &[u8]) -> u32 {
+        self.dp
+            .test_run(Program::Guard, frame)
+            .expect("test run (XDP guard)")
+            .0
     }
 
     pub fn counters(&self) -> Counters {

@@ -2,6 +2,7 @@
 //! with BPF_PROG_TEST_RUN, every checksum of the result checked from scratch.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use persona::datapath::programs::Program;
 use persona_common::{DIR_EGRESS as EGRESS, DIR_INGRESS as INGRESS, counters::Reason};
 use persona_tests::{
     frames::{ACK, L4, SYN, check_frame, check_ip, ethernet, frame, icmp_error, ip_packet},
@@ -68,7 +69,7 @@ fn tcp(sport: u16, dport: u16, flags: u8) -> L4 {
 fn egress_udp_v4_takes_the_persona_address_with_valid_checksums() {
     let mut h = Harness::with_persona(PERSONA_A);
     let (verdict, out) = h.from_vm(&frame(inner4(), v4(REMOTE), &udp(5000, 9000)));
-    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(verdict, TC_ACT_OK);
     let seen = check_frame(&out);
     assert_eq!(seen.src, v4(PERSONA_A_V4));
     assert_eq!(seen.dst, v4(REMOTE));
@@ -86,7 +87,7 @@ fn zero_udp_checksum_over_ipv4_stays_zero() {
         zero_checksum: true,
     };
     let (verdict, out) = h.from_vm(&frame(inner4(), v4(REMOTE), &l4));
-    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(verdict, TC_ACT_OK);
     let seen = check_frame(&out);
     assert_eq!(seen.src, v4(PERSONA_A_V4));
     assert_eq!(
@@ -100,7 +101,7 @@ fn zero_udp_checksum_over_ipv4_stays_zero() {
 fn tcp_v4_connection_out_and_its_reply_back_in() {
     let mut h = Harness::with_persona(PERSONA_A);
     let (verdict, out) = h.from_vm(&frame(inner4(), v4(REMOTE), &tcp(40000, 443, SYN)));
-    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(check_frame(&out).src, v4(PERSONA_A_V4));
 
     // The reply is let in although ingress defaults to drop: the flow is tracked.
@@ -123,7 +124,7 @@ fn tcp_and_udp_v6_are_rewritten_both_ways() {
     let persona = v6("2001:db8:a::10");
     for l4 in [tcp(40001, 443, SYN), udp(5001, 9001)] {
         let (verdict, out) = h.from_vm(&frame(inner6(), remote, &l4));
-        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(verdict, TC_ACT_OK);
         let seen = check_frame(&out);
         assert_eq!((seen.src, seen.dst), (persona, remote));
         let (sport, dport) = seen.ports();
@@ -158,7 +159,7 @@ fn icmp_echo_v4_and_v6_round_trip() {
             payload: b"ping".to_vec(),
         };
         let (verdict, out) = h.from_vm(&frame(inner, remote, &echo(req)));
-        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(verdict, TC_ACT_OK);
         assert_eq!(check_frame(&out).src, persona);
         let (verdict, out) = h.to_vm(&frame(remote, persona, &echo(rep)));
         assert_eq!(verdict, TC_ACT_OK, "echo reply from {remote}");
@@ -197,7 +198,7 @@ fn icmp_errors_translate_the_quoted_datagram_both_ways() {
         // And the other way: the VM reports an error about a datagram it received.
         let received = ip_packet(remote, inner, &udp(9003, 5003));
         let (verdict, out) = h.from_vm(&icmp_error(inner, remote, &received));
-        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(verdict, TC_ACT_OK);
         let seen = check_frame(&out);
         assert_eq!(seen.src, persona);
         let quoted = check_ip(&seen.l4[8..]);
@@ -241,7 +242,7 @@ fn firewall_longest_prefix_ports_and_defaults() {
     assert_eq!(verdict, TC_ACT_OK);
 
     let (verdict, _) = h.from_vm(&frame(inner4(), v4(REMOTE), &tcp(40002, 25, SYN)));
-    assert_eq!(verdict, XDP_DROP, "egress smtp is dropped by rule");
+    assert_eq!(verdict, TC_ACT_SHOT, "egress smtp is dropped by rule");
     assert_eq!(h.count(EGRESS, Reason::DropRule), 1);
 
     // An inbound connection that was admitted gets its replies out without a rule.
@@ -250,7 +251,7 @@ fn firewall_longest_prefix_ports_and_defaults() {
         v4([198, 51, 100, 9]),
         &tcp(22, 50000, SYN | ACK),
     ));
-    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(check_frame(&out).src, v4(PERSONA_A_V4));
     assert_eq!(h.count(EGRESS, Reason::AllowTracked), 1);
 }
@@ -274,7 +275,7 @@ fn dns_queries_go_to_the_persona_resolver_and_answers_come_back_from_the_asked_s
     ] {
         for query in [udp(33000, 53), tcp(33001, 53, SYN)] {
             let (verdict, out) = h.from_vm(&frame(inner, asked, &query));
-            assert_eq!(verdict, XDP_PASS);
+            assert_eq!(verdict, TC_ACT_OK);
             let seen = check_frame(&out);
             assert_eq!(
                 (seen.src, seen.dst),
@@ -310,6 +311,10 @@ fn bad_packets_get_their_documented_verdict_and_reason() {
     options.splice(34..34, [1, 1, 1, 1]);
     let mut fragment = good.clone();
     fragment[20] = 0x20; // more fragments
+    let mut short_total = good.clone();
+    short_total[16..18].copy_from_slice(&10u16.to_be_bytes());
+    let mut short_ihl = good.clone();
+    short_ihl[14] = 0x44;
     let mut vlan = good.clone();
     vlan.splice(12..12, [0x81, 0x00, 0x00, 0x05]);
     let mut ext = frame(inner6(), v6("2001:db8:b::7"), &udp(5000, 9000));
@@ -321,42 +326,44 @@ fn bad_packets_get_their_documented_verdict_and_reason() {
     let arp = ethernet(0x0806, &[0u8; 28]);
     let spoofed = frame(v4([198, 18, 0, 99]), v4(REMOTE), &udp(5000, 9000));
     let cases: Vec<(&str, Vec<u8>, u32, Reason)> = vec![
+        // BPF_PROG_TEST_RUN of a tc program refuses a frame shorter than its L3 header
+        // (EINVAL), so a cut IPv4 header is one whose length fields say less than 20.
         (
-            "ethernet header only",
-            good[..14].to_vec(),
-            XDP_DROP,
+            "ipv4 total length below its header",
+            short_total,
+            TC_ACT_SHOT,
             Reason::DropTruncated,
         ),
         (
-            "truncated ipv4",
-            good[..30].to_vec(),
-            XDP_DROP,
+            "ipv4 ihl below 5",
+            short_ihl,
+            TC_ACT_SHOT,
             Reason::DropTruncated,
         ),
         (
             "truncated udp",
             good[..38].to_vec(),
-            XDP_DROP,
+            TC_ACT_SHOT,
             Reason::DropTruncated,
         ),
-        ("ipv4 options", options, XDP_DROP, Reason::DropIpOptions),
-        ("fragment", fragment, XDP_DROP, Reason::DropFragment),
-        ("vlan tag", vlan, XDP_DROP, Reason::DropVlan),
+        ("ipv4 options", options, TC_ACT_SHOT, Reason::DropIpOptions),
+        ("fragment", fragment, TC_ACT_SHOT, Reason::DropFragment),
+        ("vlan tag", vlan, TC_ACT_SHOT, Reason::DropVlan),
         (
             "ipv6 extension header",
             ext,
-            XDP_DROP,
+            TC_ACT_SHOT,
             Reason::DropIpv6ExtHeader,
         ),
         (
             "link-scoped ipv6 with an extension header (MLD)",
             mld,
-            XDP_PASS,
+            TC_ACT_OK,
             Reason::PassLinkLocal,
         ),
-        ("not ip", lldp, XDP_DROP, Reason::DropNotIp),
-        ("arp", arp, XDP_PASS, Reason::PassArp),
-        ("spoofed source", spoofed, XDP_DROP, Reason::DropSpoofed),
+        ("not ip", lldp, TC_ACT_SHOT, Reason::DropNotIp),
+        ("arp", arp, TC_ACT_OK, Reason::PassArp),
+        ("spoofed source", spoofed, TC_ACT_SHOT, Reason::DropSpoofed),
     ];
     for (name, f, want, reason) in cases {
         let before = h.count(EGRESS, reason);
@@ -384,12 +391,12 @@ fn bad_packets_get_their_documented_verdict_and_reason() {
 fn without_a_persona_nothing_leaves_with_the_inner_address() {
     let mut h = Harness::new();
     let (verdict, _) = h.from_vm(&frame(inner4(), v4(REMOTE), &udp(5000, 9000)));
-    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(h.count(EGRESS, Reason::DropNoPersona), 1);
     // A persona without IPv6 drops the VM's IPv6 traffic rather than leak it.
     h.shift(PERSONA_B, false);
     let (verdict, _) = h.from_vm(&frame(inner6(), v6("2001:db8:b::7"), &udp(5000, 9000)));
-    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(h.count(EGRESS, Reason::DropNoPersona), 2);
 }
 
@@ -418,4 +425,117 @@ fn a_shift_changes_the_identity_and_keeps_replies_of_open_flows_unless_cut() {
     assert_eq!(h.count(INGRESS, Reason::DropNotPersona), 1);
     h.dp.reclaim().expect("reclaiming");
     assert_eq!(h.dp.tables_in_use(), 1, "the replaced tables were released");
+}
+
+#[test]
+fn a_gso_skb_counts_as_the_segments_it_stands_for() {
+    let mut h = Harness::with_persona(PERSONA_A);
+    // A test run's frame must fit one page, so four segments of 500 bytes.
+    let payload = vec![7u8; 4 * 500];
+    let data = frame(
+        inner4(),
+        v4(REMOTE),
+        &L4::Tcp {
+            sport: 40100,
+            dport: 443,
+            flags: ACK,
+            payload,
+        },
+    );
+    let before = h.counters();
+    assert_eq!(h.from_vm_gso(&data, 4, 500), TC_ACT_OK);
+    let after = h.counters();
+    let (packets, bytes) = after
+        .iter()
+        .map(|(k, c)| {
+            let b = before.get(k).copied().unwrap_or_default();
+            (c.packets - b.packets, c.bytes - b.bytes)
+        })
+        .fold((0, 0), |(p, b), (dp, db)| (p + dp, b + db));
+    assert_eq!(
+        packets, 4,
+        "one skb of four segments is four packets on the wire"
+    );
+    let headers = 14 + 20 + 20;
+    assert_eq!(
+        bytes,
+        data.len() as u64 + 3 * headers,
+        "each segment repeats the Ethernet, IP and TCP headers"
+    );
+}
+
+fn guarded(rate: Option<u32>) -> Harness {
+    let mut spec = persona_tests::harness::device();
+    spec.flood_guard = Some(persona::model::FloodGuard {
+        enabled: true,
+        max_packets_per_second: rate,
+    });
+    let mut h = Harness::with_device(&spec);
+    h.shift(PERSONA_A, false);
+    h
+}
+
+#[test]
+fn the_flood_guard_drops_only_what_tc_would_drop_and_changes_no_byte() {
+    let mut h = guarded(None);
+    let spoofed = frame(v4([198, 18, 0, 99]), v4(REMOTE), &udp(5000, 9000));
+    let smtp = frame(inner4(), v4(REMOTE), &tcp(40010, 25, SYN));
+    let allowed = frame(inner4(), v4(REMOTE), &tcp(40011, 443, SYN));
+    let dns = frame(inner4(), v4([192, 0, 2, 53]), &udp(33000, 53));
+    let arp = ethernet(0x0806, &[0u8; 28]);
+    for (name, f, want, reason) in [
+        (
+            "spoofed source",
+            &spoofed,
+            XDP_DROP,
+            Some(Reason::DropSpoofed),
+        ),
+        (
+            "smtp out, dropped by rule",
+            &smtp,
+            XDP_DROP,
+            Some(Reason::DropRule),
+        ),
+        ("https out, allowed by default", &allowed, XDP_PASS, None),
+        ("dns query, left to tc's redirect", &dns, XDP_PASS, None),
+        ("arp", &arp, XDP_PASS, None),
+    ] {
+        let before = h.counters();
+        assert_eq!(h.guard(f), want, "{name}");
+        let after = h.counters();
+        let changed: Vec<_> = after
+            .iter()
+            .filter(|(k, c)| before.get(k) != Some(c))
+            .map(|(k, _)| *k)
+            .collect();
+        match reason {
+            Some(r) => assert_eq!(changed, vec![(EGRESS, r)], "{name}: counted once"),
+            None => assert!(changed.is_empty(), "{name}: left for tc to count"),
+        }
+    }
+    // A packet the guard passes is then tc's; a flow tc admitted passes the guard.
+    let (verdict, _) = h.from_vm(&allowed);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(h.guard(&allowed), XDP_PASS);
+    let (frame_out, unchanged) = h.dp.test_run(Program::Guard, &allowed).expect("guard run");
+    assert_eq!(frame_out, XDP_PASS);
+    assert_eq!(unchanged, allowed, "the guard never writes a byte");
+}
+
+#[test]
+fn the_flood_guard_caps_the_packet_rate() {
+    let mut h = guarded(Some(50));
+    let f = frame(inner4(), v4(REMOTE), &udp(5000, 9000));
+    let passed = (0..200).filter(|_| h.guard(&f) == XDP_PASS).count();
+    // The window is one second; 200 test runs take far less, unless the machine
+    // stalls across a window boundary, which lets at most one more window through.
+    assert!(
+        (50..=100).contains(&passed),
+        "{passed} of 200 passed a cap of 50/s"
+    );
+    assert_eq!(
+        h.count(EGRESS, Reason::DropRateLimited) as usize,
+        200 - passed,
+        "every capped packet is counted"
+    );
 }

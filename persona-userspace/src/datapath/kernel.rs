@@ -11,10 +11,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapError, PerCpuValues, lpm_trie::Key},
-    programs::{
-        SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode,
-        links::{FdLink, PinnedLink},
-    },
+    programs::TestRunOptions,
     util::nr_cpus,
 };
 use persona_common::{
@@ -22,22 +19,26 @@ use persona_common::{
     counters::{Counter, CounterKey, NO_PERSONA, Reason},
     device::{DEVICE_HAS_V4, DEVICE_HAS_V6, DeviceConfig},
     firewall::{FwKeyV4, FwKeyV6, KEY_HEADER_BITS, key_header},
+    guard::GuardState,
     host::{
         HostWiring, WIRED_GATEWAY_V4, WIRED_GATEWAY_V6, WIRED_LINGERING_V4, WIRED_LINGERING_V6,
     },
     persona::{Active, PersonaTable},
-    program_names,
 };
-use tracing::{info, warn};
+use tracing::info;
 
 use super::{
     ActiveState, CompiledPersona, Counters, Datapath, DatapathError, Result, ShiftOptions, Shifted,
     Staged,
     grace::GraceBarrier,
     maps::Maps,
+    programs::{self, Links, Program},
     tables::{META_TABLE, Prefixes, Tables},
 };
-use crate::{host::Host, model::DeviceSpec};
+use crate::{
+    host::Host,
+    model::{DeviceSpec, FloodGuard},
+};
 
 /// bpf(2)'s flag for "create, never replace".
 const BPF_NOEXIST: u64 = 1;
@@ -133,6 +134,7 @@ impl KernelDatapath {
     /// Loads the programs and opens the maps, re-using pinned ones: after a restart the
     /// devices, active personas, flows and counters are all still there.
     pub fn open(config: KernelConfig) -> Result<Self> {
+        programs::check_kernel()?;
         ensure_bpffs(&config.pin_dir)?;
         let lock = if config.exclusive {
             Some(lock(&config.pin_dir)?)
@@ -143,22 +145,7 @@ impl KernelDatapath {
             .default_map_pin_directory(&config.pin_dir)
             .load(EBPF_OBJECT)
             .map_err(|e| DatapathError::Bpf(format!("loading the BPF object: {e}")))?;
-        {
-            let xdp: &mut Xdp = program(&mut ebpf, program_names::FROM_VM)?;
-            xdp.load().map_err(|e| {
-                DatapathError::Bpf(format!("verifying {}: {e:#}", program_names::FROM_VM))
-            })?;
-            let tc: &mut SchedClassifier = program(&mut ebpf, program_names::TO_VM)?;
-            tc.load().map_err(|e| {
-                DatapathError::Bpf(format!("verifying {}: {e:#}", program_names::TO_VM))
-            })?;
-        }
-        {
-            let baseline: &mut Xdp = program(&mut ebpf, program_names::BASELINE)?;
-            baseline.load().map_err(|e| {
-                DatapathError::Bpf(format!("verifying {}: {e:#}", program_names::BASELINE))
-            })?;
-        }
+        programs::load(&mut ebpf)?;
         let maps = Maps::take(&mut ebpf)?;
         let in_use: Vec<u32> = maps
             .active
@@ -236,11 +223,11 @@ impl KernelDatapath {
         Ok(())
     }
 
-    fn link_pin(&self, ifindex: u32, kind: &str) -> PathBuf {
-        self.config
-            .pin_dir
-            .join("links")
-            .join(format!("{ifindex}-{kind}"))
+    fn links(&self, ifindex: u32) -> Links<'_> {
+        Links {
+            pin_dir: &self.config.pin_dir,
+            ifindex,
+        }
     }
 
     /// Writes the device's identity and zeroed counters without attaching anything:
@@ -264,6 +251,28 @@ impl KernelDatapath {
             .insert(ifindex, cfg, 0)
             .map_err(bpf_err("DEVICES"))?;
         self.create_counters(ifindex, NO_PERSONA)?;
+        match FloodGuard::rate_pps(device.flood_guard.as_ref()) {
+            Some(rate_pps) => self
+                .maps
+                .guard
+                .insert(
+                    ifindex,
+                    GuardState {
+                        rate_pps,
+                        ..Default::default()
+                    },
+                    0,
+                )
+                .map_err(bpf_err("GUARD"))?,
+            None => match self.maps.guard.remove(&ifindex) {
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() != Some(libc::ENOENT) =>
+                {
+                    return Err(DatapathError::Bpf(format!("GUARD: {e}")));
+                }
+                _ => {}
+            },
+        }
         // Configuring an attached device again (every shift through the daemon does)
         // keeps the record of the previous persona's addresses, which the next shift
         // withdraws.
@@ -281,48 +290,6 @@ impl KernelDatapath {
             .host_wiring
             .insert(ifindex, wiring, 0)
             .map_err(bpf_err("HOST_WIRING"))?;
-        Ok(())
-    }
-
-    fn attach_programs(&mut self, ifindex: u32) -> Result<()> {
-        let xdp_pin = self.link_pin(ifindex, "xdp");
-        if !xdp_pin.exists() {
-            let xdp: &mut Xdp = program(&mut self.ebpf, program_names::FROM_VM)?;
-            let id = match xdp.attach_to_if_index(ifindex, XdpMode::Driver) {
-                Ok(id) => id,
-                Err(e) => {
-                    warn!(ifindex, error = %e, "native XDP refused, falling back to generic");
-                    xdp.attach_to_if_index(ifindex, XdpMode::Skb).map_err(|e| {
-                        DatapathError::Bpf(format!("attaching XDP to {ifindex}: {e}"))
-                    })?
-                }
-            };
-            let link: FdLink = xdp
-                .take_link(id)
-                .map_err(|e| DatapathError::Bpf(e.to_string()))?
-                .try_into()
-                .map_err(|e| DatapathError::Bpf(format!("XDP link: {e}")))?;
-            link.pin(&xdp_pin)
-                .map_err(|e| DatapathError::Bpf(format!("pinning {}: {e}", xdp_pin.display())))?;
-        }
-        let tc_pin = self.link_pin(ifindex, "tc");
-        if !tc_pin.exists() {
-            let name = nix::net::if_::if_indextoname(ifindex)
-                .map_err(|_| DatapathError::NoSuchInterface(ifindex.to_string()))?;
-            let tc: &mut SchedClassifier = program(&mut self.ebpf, program_names::TO_VM)?;
-            let id = tc
-                .attach(&name.to_string_lossy(), TcAttachType::Egress)
-                .map_err(|e| {
-                    DatapathError::Bpf(format!("attaching tcx egress to {ifindex}: {e}"))
-                })?;
-            let link: FdLink = tc
-                .take_link(id)
-                .map_err(|e| DatapathError::Bpf(e.to_string()))?
-                .try_into()
-                .map_err(|e| DatapathError::Bpf(format!("tcx link: {e}")))?;
-            link.pin(&tc_pin)
-                .map_err(|e| DatapathError::Bpf(format!("pinning {}: {e}", tc_pin.display())))?;
-        }
         Ok(())
     }
 
@@ -480,24 +447,47 @@ impl KernelDatapath {
 
     /// Runs a program once on `frame` through BPF_PROG_TEST_RUN, as if on the loopback
     /// device; returns the program's verdict and the frame as it left.
-    pub fn test_run(&mut self, direction: u8, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+    pub fn test_run(&mut self, program: Program, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
         let mut out = vec![0u8; frame.len() + 256];
         let opts = TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
             ..TestRunOptions::new()
         };
-        let result = self.run(direction, opts)?;
+        let result = programs::test_run(&mut self.ebpf, program, opts)?;
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value, out))
     }
 
+    /// Runs a tc program once on `frame` as if it were a GSO skb of `segs` segments of
+    /// `size` payload bytes; returns the verdict.
+    pub fn test_run_gso(
+        &mut self,
+        program: Program,
+        frame: &[u8],
+        segs: u32,
+        size: u32,
+    ) -> Result<u32> {
+        // struct __sk_buff (include/uapi/linux/bpf.h): the only fields a test run may
+        // set besides a few others left zero.
+        const SIZE: usize = 192;
+        const GSO_SEGS: usize = 164;
+        const GSO_SIZE: usize = 176;
+        let mut ctx = [0u8; SIZE];
+        ctx[GSO_SEGS..GSO_SEGS + 4].copy_from_slice(&segs.to_ne_bytes());
+        ctx[GSO_SIZE..GSO_SIZE + 4].copy_from_slice(&size.to_ne_bytes());
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::new()
+        };
+        Ok(programs::test_run(&mut self.ebpf, program, opts)?.return_value)
+    }
+
     /// Average time per run over `repeat` runs of the same frame.
-    /// Average time per run over `repeat` runs of the same frame; `None` runs the
-    /// XDP_PASS baseline program instead of the persona program of `direction`.
     pub fn bench(
         &mut self,
-        direction: Option<u8>,
+        program: Program,
         frame: &[u8],
         repeat: u32,
     ) -> Result<std::time::Duration> {
@@ -506,30 +496,7 @@ impl KernelDatapath {
             repeat,
             ..TestRunOptions::new()
         };
-        let result = match direction {
-            Some(d) => self.run(d, opts)?,
-            None => {
-                let xdp: &mut Xdp = program(&mut self.ebpf, program_names::BASELINE)?;
-                xdp.test_run(opts)
-                    .map_err(|e| DatapathError::Bpf(format!("BPF_PROG_TEST_RUN: {e}")))?
-            }
-        };
-        Ok(result.duration)
-    }
-
-    fn run(
-        &mut self,
-        direction: u8,
-        opts: TestRunOptions<'_>,
-    ) -> Result<aya::programs::TestRunResult> {
-        let res = if direction == DIR_EGRESS {
-            let xdp: &mut Xdp = program(&mut self.ebpf, program_names::FROM_VM)?;
-            xdp.test_run(opts)
-        } else {
-            let tc: &mut SchedClassifier = program(&mut self.ebpf, program_names::TO_VM)?;
-            tc.test_run(opts)
-        };
-        res.map_err(|e| DatapathError::Bpf(format!("BPF_PROG_TEST_RUN: {e}")))
+        Ok(programs::test_run(&mut self.ebpf, program, opts)?.duration)
     }
 }
 
@@ -571,17 +538,6 @@ fn gateways(w: &HostWiring) -> Vec<IpAddr> {
     out
 }
 
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
-where
-    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
-{
-    let prog = ebpf
-        .program_mut(name)
-        .ok_or_else(|| DatapathError::Bpf(format!("program {name} missing from the object")))?;
-    prog.try_into()
-        .map_err(|e| DatapathError::Bpf(format!("program {name}: {e}")))
-}
-
 impl Datapath for KernelDatapath {
     fn attach(&mut self, device: &DeviceSpec) -> Result<u32> {
         device.validate()?;
@@ -590,7 +546,12 @@ impl Datapath for KernelDatapath {
         if let Some(host) = &self.host {
             host.prepare_device(ifindex, device)?;
         }
-        self.attach_programs(ifindex)?;
+        let guard = FloodGuard::rate_pps(device.flood_guard.as_ref()).is_some();
+        Links {
+            pin_dir: &self.config.pin_dir,
+            ifindex,
+        }
+        .attach(&mut self.ebpf, guard)?;
         info!(interface = %device.interface, ifindex, "attached");
         Ok(ifindex)
     }
@@ -599,17 +560,8 @@ impl Datapath for KernelDatapath {
         if self.maps.devices.get(&ifindex, 0).is_err() {
             return Err(DatapathError::NotAttached(ifindex));
         }
-        for kind in ["xdp", "tc"] {
-            let pin = self.link_pin(ifindex, kind);
-            if pin.exists() {
-                let link = PinnedLink::from_pin(&pin)
-                    .map_err(|e| DatapathError::Bpf(format!("{}: {e}", pin.display())))?;
-                drop(
-                    link.unpin()
-                        .map_err(io_err(format!("unpinning {}", pin.display())))?,
-                );
-            }
-        }
+        self.links(ifindex).detach()?;
+        let _ = self.maps.guard.remove(&ifindex);
         let active = self.maps.active.get(&ifindex, 0).ok();
         let _ = self.maps.active.remove(&ifindex);
         let wiring = self.wiring(ifindex);

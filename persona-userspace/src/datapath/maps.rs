@@ -9,6 +9,7 @@ use persona_common::{
     counters::{Counter, CounterKey},
     device::DeviceConfig,
     firewall::{FwKeyV4, FwKeyV6, RuleSet},
+    guard::GuardState,
     host::HostWiring,
     map_names,
     persona::{Active, PersonaTable},
@@ -33,6 +34,8 @@ pub struct Maps {
     pub host_wiring: HashMap<MapData, u32, HostWiring>,
     /// `HANDSHAKES` (per-CPU hash): TCP handshake RTT histogram per device.
     pub handshakes: PerCpuHashMap<MapData, persona_common::counters::HandshakeKey, u64>,
+    /// `GUARD`: devices whose flood guard is on, and its rate window.
+    pub guard: HashMap<MapData, u32, GuardState>,
     /// `EVENTS`: firewall drops; handed to whoever reads them.
     pub events: Option<RingBuf<MapData>>,
 }
@@ -60,6 +63,7 @@ impl Maps {
             host_wiring: take(ebpf, map_names::HOST_WIRING)?,
             events: Some(take(ebpf, map_names::EVENTS)?),
             handshakes: take(ebpf, map_names::HANDSHAKES)?,
+            guard: take(ebpf, map_names::GUARD)?,
         })
     }
 }

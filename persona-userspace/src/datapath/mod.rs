@@ -7,6 +7,7 @@ pub mod fake;
 mod grace;
 pub mod kernel;
 pub mod maps;
+pub mod programs;
 mod tables;
 pub mod worker;
 

@@ -34,6 +34,32 @@ pub struct DeviceSpec {
     pub owner: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
+    /// A drop-only prefilter at the tap's XDP hook; off unless asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flood_guard: Option<FloodGuard>,
+}
+
+/// Drops, before the kernel builds an skb, what the tc program would drop anyway:
+/// spoofed sources and new flows the active persona's egress rules refuse, plus
+/// whatever exceeds a packet-rate cap. The price: the tap hands GSO frames to generic
+/// XDP, which linearises and copies them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FloodGuard {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Packets per second the VM may send; no cap when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_packets_per_second: Option<u32>,
+}
+
+impl FloodGuard {
+    /// The `GUARD` entry for this setting, `None` when the guard is off.
+    pub fn rate_pps(guard: Option<&FloodGuard>) -> Option<u32> {
+        guard
+            .filter(|g| g.enabled)
+            .map(|g| g.max_packets_per_second.unwrap_or(0))
+    }
 }
 
 impl DeviceSpec {
@@ -57,6 +83,7 @@ impl DeviceSpec {
             labels: Default::default(),
             owner: None,
             role: None,
+            flood_guard: None,
         }
     }
 
@@ -77,6 +104,16 @@ impl DeviceSpec {
             ));
         }
         self.mac_bytes()?;
+        if let Some(FloodGuard {
+            max_packets_per_second: Some(0),
+            ..
+        }) = self.flood_guard
+        {
+            return Err(FieldError::new(
+                "spec.floodGuard.maxPacketsPerSecond",
+                "0 would drop everything; leave it out for no cap",
+            ));
+        }
         for key in self.labels.keys() {
             let ok = !key.is_empty()
                 && key.len() <= 63

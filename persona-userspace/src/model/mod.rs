@@ -5,7 +5,7 @@ mod persona;
 pub mod tls;
 pub mod vpn;
 
-pub use device::DeviceSpec;
+pub use device::{DeviceSpec, FloodGuard};
 pub use manifest::{API_VERSION, Manifest, load_manifests, parse_manifests, validate_name};
 pub use persona::{
     Action, DirectionSpec, FirewallSpec, PersonaSpec, PortRange, Protocol, RuleSpec,

@@ -9,6 +9,7 @@
 //! the counters, that the runs took the path it names.
 use std::net::IpAddr;
 
+use persona::datapath::programs::Program;
 use persona_common::{DIR_EGRESS, DIR_INGRESS, counters::Reason};
 use persona_tests::{
     frames::{ACK, L4, SYN, frame},
@@ -137,10 +138,19 @@ pub fn run() -> Value {
         let mut h = Harness::with_persona(&persona(n, "198.18.0.2", "2001:db8:1::2"));
         for case in cases() {
             let before = h.count(case.direction, case.reason);
-            let baseline = h.dp.bench(None, &case.frame, REPEAT).expect("baseline run");
-            let t =
-                h.dp.bench(Some(case.direction), &case.frame, REPEAT)
-                    .expect("bench run");
+            let program = if case.direction == DIR_EGRESS {
+                Program::FromVm
+            } else {
+                Program::ToVm
+            };
+            let time = |h: &mut Harness, p: Program| {
+                h.dp.bench(p, &case.frame, REPEAT)
+                    .unwrap_or_else(|e| panic!("bench run of {p:?}: {e}"))
+                    .as_nanos() as f64
+            };
+            let pass = time(&mut h, Program::TcPass);
+            let lookup = time(&mut h, Program::TcLookup);
+            let ns = time(&mut h, program);
             let on_path = h.count(case.direction, case.reason) - before;
             assert!(
                 on_path + 1 >= u64::from(REPEAT),
@@ -148,20 +158,21 @@ pub fn run() -> Value {
                 case.name,
                 case.reason.label()
             );
-            let (ns, base) = (t.as_nanos() as f64, baseline.as_nanos() as f64);
             eprintln!(
-                "  {n:>6} rules  {:<45} {ns:>7.1} ns  xdp_pass {base:>5.1} ns  {:>5.2}x",
+                "  {n:>6} rules  {:<45} {ns:>7.1} ns  tc_pass {pass:>5.1} ns  one lookup {lookup:>5.1} ns  {:>5.2}x of one lookup",
                 case.name,
-                ns / base.max(1.0)
+                ns / lookup.max(1.0)
             );
             rows.push(json!({
                 "rules": n,
                 "case": case.name,
                 "frame_bytes": case.frame.len(),
-                "direction": if case.direction == DIR_EGRESS { "from_vm (xdp)" } else { "to_vm (tc)" },
+                "direction": if case.direction == DIR_EGRESS { "from_vm (tcx ingress)" } else { "to_vm (tcx egress)" },
                 "ns": ns,
-                "xdp_pass_ns": base,
-                "ratio": ns / base.max(1.0),
+                "tc_pass_ns": pass,
+                "tc_lookup_ns": lookup,
+                "ratio_to_pass": ns / pass.max(1.0),
+                "ratio_to_lookup": ns / lookup.max(1.0),
                 "runs_on_path": on_path,
                 "reason": case.reason.label(),
             }));

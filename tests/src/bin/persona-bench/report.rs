@@ -46,18 +46,20 @@ pub fn markdown(r: &Value) -> String {
     if let Some(p) = r.get("packets") {
         let _ = writeln!(
             m,
-            "## Per-packet cost\n\nBPF_PROG_TEST_RUN, repeat {} per figure, the kernel's time per run; next to each case an XDP_PASS program run on the same frame just before it. The rules are per direction and family, each on its own prefix. With repeat > 1 the kernel reruns a program on the frame it rewrote, so after one run a translated frame would be a spoofing drop: the measured persona uses the VM's own addresses, which makes every rewrite write the bytes already there (same instructions, same frame next run). Each case then checks from the counters that every run took the named path (`runs_on_path` in the JSON).\n\n| case | rules | ns | XDP_PASS ns | ratio |\n|---|---:|---:|---:|---:|",
+            "## Per-packet cost\n\nBPF_PROG_TEST_RUN, repeat {} per figure, the kernel's time per run. Both directions run in tc (tcx ingress and egress of the tap); next to each case, on the same frame just before it, a tc program that only returns TC_ACT_OK and one that does a single hash lookup (the device's ACTIVE entry) first. The rules are per direction and family, each on its own prefix. With repeat > 1 the kernel reruns a program on the frame it rewrote, so after one run a translated frame would be a spoofing drop: the measured persona uses the VM's own addresses, which makes every rewrite write the bytes already there (same instructions, same frame next run). Each case then checks from the counters that every run took the named path (`runs_on_path` in the JSON).\n\n| case | rules | ns | TC_ACT_OK ns | one lookup ns | x TC_ACT_OK | x one lookup |\n|---|---:|---:|---:|---:|---:|---:|",
             p["repeat"]
         );
         for row in p["rows"].as_array().into_iter().flatten() {
             let _ = writeln!(
                 m,
-                "| {} | {} | {} | {} | {}x |",
+                "| {} | {} | {} | {} | {} | {}x | {}x |",
                 row["case"].as_str().unwrap_or(""),
                 row["rules"],
                 f(&row["ns"], 1),
-                f(&row["xdp_pass_ns"], 1),
-                f(&row["ratio"], 2)
+                f(&row["tc_pass_ns"], 1),
+                f(&row["tc_lookup_ns"], 1),
+                f(&row["ratio_to_pass"], 2),
+                f(&row["ratio_to_lookup"], 2)
             );
         }
         m.push('\n');
