@@ -1,20 +1,66 @@
 //! tcpdump in a namespace: started before the traffic, stopped after it.
 use std::{
     io::{BufRead as _, BufReader, Read as _},
+    path::Path,
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
 pub struct Capture(Child);
 
+/// What tcpdump found in a capture file: packets, and those whose IPv4 header, TCP or
+/// UDP checksum it computed as wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checksums {
+    pub packets: usize,
+    pub bad: usize,
+}
+
+/// Reads the packets of a whole-packet capture that match `filter` with `tcpdump -vv`,
+/// which verifies every checksum.
+pub fn checksums(file: &Path, filter: &str) -> Checksums {
+    let read = |verbose: &str| {
+        let out = Command::new("tcpdump")
+            .args(["-n", verbose, "-r"])
+            .arg(file)
+            .arg(filter)
+            .output()
+            .expect("tcpdump -r");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let packets = read("-q").lines().count();
+    let bad = read("-vv")
+        .lines()
+        .filter(|l| l.contains("incorrect") || l.contains("bad cksum"))
+        .count();
+    Checksums { packets, bad }
+}
+
 impl Capture {
     /// Returns once tcpdump listens on `iface` in the namespace `ns`; it stops by itself
-    /// after a minute at most.
+    /// after two minutes at most.
     pub fn start(ns: &str, iface: &str, filter: &str) -> Self {
+        Self::spawn(ns, &["-l", "-i", iface, filter])
+    }
+
+    /// Whole packets that `iface` sends into `file`, for [`checksums`]. Only those it
+    /// sends: what arrives may carry the sender's partial checksums.
+    pub fn sent_to_file(ns: &str, iface: &str, filter: &str, file: &Path) -> Self {
+        let file = file.to_string_lossy();
+        Self::spawn(
+            ns,
+            &[
+                "-U", "-s", "0", "-Q", "out", "-w", &file, "-i", iface, filter,
+            ],
+        )
+    }
+
+    fn spawn(ns: &str, args: &[&str]) -> Self {
         let mut capture = Self(
             Command::new("ip")
                 .args(["netns", "exec", ns])
-                .args(["timeout", "60", "tcpdump", "-n", "-l", "-i", iface, filter])
+                .args(["timeout", "120", "tcpdump", "-n"])
+                .args(args)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -28,7 +74,7 @@ impl Capture {
             }
             line.clear();
         }
-        panic!("tcpdump never listened on {iface} in {ns}");
+        panic!("tcpdump {args:?} never listened in {ns}");
     }
 
     /// Every packet line tcpdump printed, once the last packets have landed.

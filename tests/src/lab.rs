@@ -44,7 +44,7 @@ pub struct Site {
 
 /// A site with one VM namespace behind a veth pair or a real tap device.
 pub struct Lab {
-    site: Site,
+    pub site: Site,
     pub vm: Netns,
 }
 

@@ -7,4 +7,5 @@ pub mod guest;
 pub mod harness;
 pub mod lab;
 pub mod netns;
+pub mod sink;
 pub mod tap;

@@ -16,6 +16,9 @@ use crate::{cpio::Archive, run};
 /// The network driver and what it needs; loaded in this order.
 const MODULES: &[&str] = &["virtio_pci", "virtio_net"];
 
+/// Bumped when the initramfs changes shape, so that built guests are rebuilt.
+const GUEST_VERSION: &str = "2 (ethtool)";
+
 const INIT: &str = include_str!("guest/init.sh");
 const AGENT: &str = include_str!("guest/agent.sh");
 
@@ -29,6 +32,7 @@ pub fn build() -> anyhow::Result<PathBuf> {
     let dir = dir();
     let package = kernel_package()?;
     let stamp = dir.join("built-from");
+    let package = format!("{package} {GUEST_VERSION}");
     if fs::read_to_string(&stamp).ok().as_deref() == Some(package.as_str())
         && dir.join("vmlinuz").exists()
         && dir.join("initramfs.cpio").exists()
@@ -40,7 +44,8 @@ pub fn build() -> anyhow::Result<PathBuf> {
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work)?;
     run(Command::new("apt-get")
-        .args(["download", "-qq", "-o", "APT::Sandbox::User=root", &package])
+        .args(["download", "-qq", "-o", "APT::Sandbox::User=root"])
+        .arg(package.split(' ').next().unwrap_or(&package))
         .current_dir(&work))?;
     let deb = fs::read_dir(&work)?
         .filter_map(Result::ok)
@@ -169,10 +174,44 @@ fn initramfs(modules: &[PathBuf]) -> anyhow::Result<Archive> {
         order.push('\n');
     }
     a.file("lib/modules/order", 0o644, order.into_bytes());
+    add_program(&mut a, Path::new("/usr/sbin/ethtool"))?;
     a.file(
         "etc/passwd",
         0o644,
         b"root:x:0:0:root:/root:/bin/sh\n".to_vec(),
     );
     Ok(a)
+}
+
+/// A dynamically linked host program with the libraries `ldd` names, at their host
+/// paths: the guest runs the same Debian release's userland.
+fn add_program(a: &mut Archive, program: &Path) -> anyhow::Result<()> {
+    let out = Command::new("ldd")
+        .arg(program)
+        .output()
+        .with_context(|| format!("running ldd {}", program.display()))?;
+    if !out.status.success() {
+        bail!("ldd {} failed (is it installed?)", program.display());
+    }
+    let mut files = vec![program.to_path_buf()];
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            files.push(PathBuf::from(p));
+        }
+    }
+    for f in files {
+        let rel = f.strip_prefix("/")?;
+        let mut dir = PathBuf::new();
+        for part in rel.parent().into_iter().flat_map(Path::components) {
+            dir.push(part);
+            a.dir(&dir.to_string_lossy());
+        }
+        let data = fs::read(&f).with_context(|| format!("reading {}", f.display()))?;
+        a.file(&rel.to_string_lossy(), 0o755, data);
+    }
+    Ok(())
 }

@@ -57,6 +57,9 @@ const APT_PACKAGES: &[&str] = &[
     // Real guests: QEMU, and the userland of their initramfs.
     "qemu-system-x86",
     "busybox-static",
+    // Copied into the guest to show its offloads; on the host, to turn an uplink's
+    // checksum offload off so that captures and receivers see complete checksums.
+    "ethtool",
     // The bench's comparisons: the same persona as nftables rules, and iperf3 traffic.
     "nftables",
     "iperf3",
