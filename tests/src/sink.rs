@@ -34,7 +34,7 @@ impl Sink {
         Self { child, lines }
     }
 
-    pub fn next(&mut self) -> Upload {
+    pub fn next_upload(&mut self) -> Upload {
         let line = self
             .lines
             .next()

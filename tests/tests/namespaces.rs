@@ -204,7 +204,7 @@ fn bulk_uploads_arrive_intact_with_veth_offloads_on_and_off() {
                 "timeout 60 socat -u FILE:{} {to},connect-timeout=5",
                 blob.display()
             ));
-            let got = sink.next();
+            let got = sink.next_upload();
             assert_eq!(
                 (got.sha256.as_str(), got.bytes, got.from.as_str()),
                 (sum, 20 << 20, from),

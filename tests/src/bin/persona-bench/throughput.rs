@@ -79,7 +79,7 @@ fn measure(lab: &Lab, setup: &str) -> Value {
     );
     let pps = (packets - lost) / secs;
     eprintln!(
-        "  {setup:<10} tcp bulk {:>7.2} Gbit/s   udp 18-byte payload {:>9.0} pkt/s received ({:.1}% lost)",
+        "  {setup:<22} tcp bulk {:>7.2} Gbit/s   udp 18-byte payload {:>9.0} pkt/s received ({:.1}% lost)",
         bulk / 1e9,
         pps,
         sum["lost_percent"].as_f64().unwrap_or(0.0)
@@ -112,6 +112,25 @@ pub fn run() -> Value {
         let d = Daemon::start(&lab);
         d.cli_ok("apply -f examples/");
         rows.push(measure(&lab, "persona"));
+    }
+    {
+        // The same with the XDP flood guard on: it only drops, but attached to a veth it
+        // takes the peer's GSO away, so the VM's TCP reaches the host as MTU frames.
+        let lab = Lab::new(VmLink::Veth);
+        let d = Daemon::start(&lab);
+        d.cli_ok("apply -f examples/personas.yaml");
+        let devices = std::fs::read_to_string("examples/devices.yaml").expect("devices.yaml");
+        let guarded = devices.replacen(
+            "  persona: office\n",
+            "  persona: office\n  floodGuard: { enabled: true }\n",
+            1,
+        );
+        assert_ne!(guarded, devices, "vm1's device in examples/devices.yaml");
+        let file = std::env::temp_dir().join(format!("persona-bench-{}.yaml", lab.host.name));
+        std::fs::write(&file, guarded).expect("devices");
+        d.cli_ok(&format!("apply -f {}", file.display()));
+        let _ = std::fs::remove_file(&file);
+        rows.push(measure(&lab, "persona + flood guard"));
     }
     {
         let lab = Lab::new(VmLink::Veth);
