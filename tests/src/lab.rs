@@ -29,6 +29,9 @@ pub const PERSONA_GATEWAY: &str = "203.0.113.1";
 pub enum VmLink {
     Veth,
     Tap,
+    /// A tap with two queues, as libvirt creates one for `<driver queues='2'/>`; the
+    /// VM's frames go into them in turn.
+    MultiQueueTap,
 }
 
 /// The hypervisor host namespace and the outside world with its servers; the VMs come
@@ -46,6 +49,8 @@ pub struct Site {
 pub struct Lab {
     pub site: Site,
     pub vm: Netns,
+    /// Frames written into each queue of a multiqueue tap.
+    pub queue_frames: Vec<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl std::ops::Deref for Lab {
@@ -241,6 +246,7 @@ impl Lab {
         let mut site = Site::new();
         let vm = Netns::new("p-vm");
         let (h, v) = (site.host.name.clone(), vm.name.clone());
+        let mut queue_frames = Vec::new();
         match link {
             VmLink::Veth => {
                 sh(&format!(
@@ -251,6 +257,11 @@ impl Lab {
                 let host_side = tap::open_tap(&h, VM_IFACE);
                 let vm_side = tap::open_tap(&v, "eth0");
                 tap::relay(host_side, vm_side);
+            }
+            VmLink::MultiQueueTap => {
+                let queues = tap::open_multiqueue_tap(&h, VM_IFACE, 2);
+                let vm_side = tap::open_tap(&v, "eth0");
+                queue_frames = tap::relay_queues(vm_side, queues);
             }
         }
         // The examples' second VM has its tap here too, with no guest behind it.
@@ -269,7 +280,11 @@ impl Lab {
             "exec socat TCP-LISTEN:23,reuseaddr,fork SYSTEM:'echo telnet-ok'",
         );
         wait_for(|| vm.try_exec("ss -ltn | grep -q :23").status.success());
-        Self { site, vm }
+        Self {
+            site,
+            vm,
+            queue_frames,
+        }
     }
 
     /// The address the outside saw a TCP connection from the VM come from.

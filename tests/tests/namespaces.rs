@@ -6,7 +6,7 @@ use persona_tests::{
     sink::Sink,
 };
 
-fn identity_firewall_and_dns(link: VmLink) {
+fn identity_firewall_and_dns(link: VmLink) -> Lab {
     let lab = Lab::new(link);
     lab.persona_ok("datapath attach vm1 -f examples/");
 
@@ -80,16 +80,31 @@ fn identity_firewall_and_dns(link: VmLink) {
     );
     let routes = lab.host.exec("ip route show");
     assert!(!routes.contains("203.0.113.20"), "routes removed: {routes}");
+    lab
 }
 
 #[test]
 fn veth_vm_is_seen_as_its_persona_with_firewall_and_dns() {
-    identity_firewall_and_dns(VmLink::Veth);
+    drop(identity_firewall_and_dns(VmLink::Veth));
 }
 
 #[test]
 fn tap_vm_is_seen_as_its_persona_with_firewall_and_dns() {
-    identity_firewall_and_dns(VmLink::Tap);
+    drop(identity_firewall_and_dns(VmLink::Tap));
+}
+
+#[test]
+fn multiqueue_tap_vm_is_seen_as_its_persona_on_every_queue() {
+    let lab = identity_firewall_and_dns(VmLink::MultiQueueTap);
+    let per_queue: Vec<u64> = lab
+        .queue_frames
+        .iter()
+        .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        .collect();
+    assert!(
+        per_queue.iter().all(|&n| n >= 10),
+        "both queues carried the VM's traffic: {per_queue:?}"
+    );
 }
 
 #[test]
