@@ -223,7 +223,7 @@ fn main() {
 fn run() {
     step("the lab");
     println!(
-        "  vm1 (guest 198.18.0.2) ─ pvm1 ┐\n  vm2 (guest 198.18.0.3) ─ pvm2 ┴─ host: persona daemon, XDP + TC on each tap ─ up0 ─ outside {OUTSIDE} (HTTP :8000, DNS 198.51.100.53)"
+        "  vm1 (guest 198.18.0.2) ─ pvm1 ┐\n  vm2 (guest 198.18.0.3) ─ pvm2 ┴─ host: persona daemon, tc (tcx) on each tap ─ up0 ─ outside {OUTSIDE} (HTTP :8000, DNS 198.51.100.53)"
     );
     let site = Site::new();
     println!("  QEMU accelerator: {}", guest::accelerator().1);
