@@ -93,7 +93,7 @@ pub fn markdown(r: &Value) -> String {
     if let Some(t) = r.get("throughput") {
         let _ = writeln!(
             m,
-            "## Throughput through namespaces\n\niperf3 from the VM namespace to the outside one through the host namespace, {} s each: TCP bulk, and UDP with 18-byte payloads (64-byte frames) at full rate, counted where they arrive. *no program*: plain routing. *persona*: the daemon with the examples' office persona. *nftables*: the same persona as nftables NAT and filter rules. Between namespaces the VM's link is a veth: without an XDP program it carries 64 KB GSO segments, so TCP bulk pays per segment, not per packet; with persona's XDP program on it, the kernel hands XDP single MTU-sized frames, and bulk TCP pays per packet. A QEMU tap without a vnet header (how persona runs guests) carries MTU-sized frames either way.\n\n| setup | TCP Gbit/s | small UDP pkt/s received | UDP lost % |\n|---|---:|---:|---:|",
+            "## Throughput through namespaces\n\niperf3 from the VM namespace to the outside one through the host namespace, {} s each: TCP bulk, and UDP with 18-byte payloads (64-byte frames) at full rate, counted where they arrive. *no program*: plain routing. *persona*: the daemon with the examples' office persona. *nftables*: the same persona as nftables NAT and filter rules. *persona + flood guard*: the same with the device's XDP flood guard on. Between namespaces the VM's link is a veth: with only tc programs on it, it carries 64 KB GSO segments, so TCP bulk pays per segment, not per packet; attaching any XDP program (the flood guard) makes the kernel take GSO away from the veth's peer, so bulk TCP pays per MTU frame.\n\n| setup | TCP Gbit/s | small UDP pkt/s received | UDP lost % |\n|---|---:|---:|---:|",
             t["seconds_each"]
         );
         for row in t["rows"].as_array().into_iter().flatten() {
@@ -133,7 +133,7 @@ pub fn markdown(r: &Value) -> String {
         let d = &s["devices"];
         let _ = writeln!(
             m,
-            "## Scale\n\n{} tap devices in one namespace, each attached (XDP + tcx, host routes) and shifted to a persona of its own. Per-device cost of the devices added since the previous row:\n\n| devices | attach us each | stage+shift us each | flip us (last) |\n|---:|---:|---:|---:|",
+            "## Scale\n\n{} tap devices in one namespace, each attached (tcx ingress and egress, host routes) and shifted to a persona of its own. Per-device cost of the devices added since the previous row:\n\n| devices | attach us each | stage+shift us each | flip us (last) |\n|---:|---:|---:|---:|",
             d["devices"]
         );
         for st in d["steps"].as_array().into_iter().flatten() {
