@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use persona_common::counters::Reason;
 
-use crate::csum;
+use crate::{csum, parse};
 
 const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
@@ -167,9 +167,7 @@ impl TcPacket {
             .pull_data(if len < TC_PULL_LEN { len } else { TC_PULL_LEN });
         p
     }
-}
 
-impl TcPacket {
     /// What the skb stands for on the wire: a GSO skb is `gso_segs` frames, each with
     /// its own copy of the headers.
     #[inline(always)]
@@ -179,28 +177,8 @@ impl TcPacket {
         if segs <= 1 {
             return Wire::new(1, self.len);
         }
-        let headers = headers_len(self).unwrap_or(0) as u64;
+        let headers = parse::headers_len(self).unwrap_or(0) as u64;
         Wire::new(segs, self.len + (segs - 1) * headers)
-    }
-}
-
-/// Ethernet, IP and transport headers, which each segment of a GSO skb repeats.
-#[inline(always)]
-fn headers_len<P: Packet>(p: &P) -> Result<usize, Reason> {
-    let ethertype = load_u16(p, 12)?;
-    let (l4, proto) = if ethertype == 0x0800_u16.to_be() {
-        let vihl: u8 = load(p, 14)?;
-        (14 + ((vihl & 0x0f) as usize) * 4, load::<u8, P>(p, 23)?)
-    } else {
-        (14 + 40, load::<u8, P>(p, 20)?)
-    };
-    match proto {
-        6 => {
-            let doff: u8 = load(p, l4 + 12)?;
-            Ok(l4 + ((doff >> 4) as usize) * 4)
-        }
-        17 => Ok(l4 + 8),
-        _ => Ok(l4),
     }
 }
 

@@ -278,3 +278,21 @@ fn link_scoped(a: &[u8; 16]) -> bool {
 pub fn is_link_local_v6(a: &[u8; 16]) -> bool {
     a[0] == 0xfe && (a[1] & 0xc0) == 0x80
 }
+
+/// Ethernet, IP and transport headers, which each segment of a GSO skb repeats. Reads
+/// the IPv4 header length itself: it runs on every packet, options or not.
+#[inline(always)]
+pub fn headers_len<P: Packet>(p: &P) -> Result<usize, Reason> {
+    let eth: EthHdr = load(p, 0)?;
+    let (l4, proto) = if eth.ether_type == ETH_P_IP {
+        let h: Ipv4Hdr = load(p, V4_OFF)?;
+        (V4_OFF + usize::from(h.ihl()), h.proto)
+    } else {
+        (V6_L4, load::<Ipv6Hdr, P>(p, V6_OFF)?.next_hdr)
+    };
+    match proto {
+        PROTO_TCP => Ok(l4 + usize::from(load::<TcpHdr, P>(p, l4)?.doff()) * 4),
+        PROTO_UDP => Ok(l4 + UdpHdr::LEN),
+        _ => Ok(l4),
+    }
+}
