@@ -35,10 +35,7 @@ use super::{
     programs::{self, Links, Program},
     tables::{META_TABLE, Prefixes, Tables},
 };
-use crate::{
-    host::Host,
-    model::{DeviceSpec, FloodGuard},
-};
+use crate::{host::Host, model::DeviceSpec};
 
 /// bpf(2)'s flag for "create, never replace".
 const BPF_NOEXIST: u64 = 1;
@@ -223,13 +220,6 @@ impl KernelDatapath {
         Ok(())
     }
 
-    fn links(&self, ifindex: u32) -> Links<'_> {
-        Links {
-            pin_dir: &self.config.pin_dir,
-            ifindex,
-        }
-    }
-
     /// Writes the device's identity and zeroed counters without attaching anything:
     /// enough for BPF_PROG_TEST_RUN, which runs as if on the loopback device.
     pub fn configure_device(&mut self, ifindex: u32, device: &DeviceSpec) -> Result<()> {
@@ -251,7 +241,7 @@ impl KernelDatapath {
             .insert(ifindex, cfg, 0)
             .map_err(bpf_err("DEVICES"))?;
         self.create_counters(ifindex, NO_PERSONA)?;
-        match FloodGuard::rate_pps(device.flood_guard.as_ref()) {
+        match device.flood_guard_rate() {
             Some(rate_pps) => self
                 .maps
                 .guard
@@ -546,12 +536,8 @@ impl Datapath for KernelDatapath {
         if let Some(host) = &self.host {
             host.prepare_device(ifindex, device)?;
         }
-        let guard = FloodGuard::rate_pps(device.flood_guard.as_ref()).is_some();
-        Links {
-            pin_dir: &self.config.pin_dir,
-            ifindex,
-        }
-        .attach(&mut self.ebpf, guard)?;
+        Links::new(&self.config.pin_dir, ifindex)
+            .attach(&mut self.ebpf, device.flood_guard_rate().is_some())?;
         info!(interface = %device.interface, ifindex, "attached");
         Ok(ifindex)
     }
@@ -560,7 +546,7 @@ impl Datapath for KernelDatapath {
         if self.maps.devices.get(&ifindex, 0).is_err() {
             return Err(DatapathError::NotAttached(ifindex));
         }
-        self.links(ifindex).detach()?;
+        Links::new(&self.config.pin_dir, ifindex).detach()?;
         let _ = self.maps.guard.remove(&ifindex);
         let active = self.maps.active.get(&ifindex, 0).ok();
         let _ = self.maps.active.remove(&ifindex);

@@ -126,10 +126,24 @@ pub fn test_run(
     })
 }
 
+/// Pins a program's link, so that it outlives this process.
+fn pin_link<L>(link: L, pin: &Path) -> Result<()>
+where
+    L: TryInto<FdLink>,
+    L::Error: std::fmt::Display,
+{
+    let link: FdLink = link
+        .try_into()
+        .map_err(|e| DatapathError::Bpf(format!("link for {}: {e}", pin.display())))?;
+    link.pin(pin)
+        .map_err(|e| DatapathError::Bpf(format!("pinning {}: {e}", pin.display())))?;
+    Ok(())
+}
+
 /// The pinned links of one device's tap.
 pub struct Links<'a> {
-    pub pin_dir: &'a Path,
-    pub ifindex: u32,
+    pin_dir: &'a Path,
+    ifindex: u32,
 }
 
 /// Link pins by what they hold. `xdp` held the from-VM program of releases that ran it
@@ -139,7 +153,11 @@ const TO_VM_PIN: &str = "tc";
 const GUARD_PIN: &str = "guard";
 const LEGACY_XDP_PIN: &str = "xdp";
 
-impl Links<'_> {
+impl<'a> Links<'a> {
+    pub fn new(pin_dir: &'a Path, ifindex: u32) -> Self {
+        Self { pin_dir, ifindex }
+    }
+
     fn pin(&self, kind: &str) -> PathBuf {
         self.pin_dir
             .join("links")
@@ -181,14 +199,10 @@ impl Links<'_> {
         let id = tc.attach(&interface, hook).map_err(|e| {
             DatapathError::Bpf(format!("attaching tcx {hook:?} to {interface}: {e}"))
         })?;
-        let link: FdLink = tc
+        let link = tc
             .take_link(id)
-            .map_err(|e| DatapathError::Bpf(e.to_string()))?
-            .try_into()
-            .map_err(|e| DatapathError::Bpf(format!("tcx link: {e}")))?;
-        link.pin(&pin)
-            .map_err(|e| DatapathError::Bpf(format!("pinning {}: {e}", pin.display())))?;
-        Ok(())
+            .map_err(|e| DatapathError::Bpf(e.to_string()))?;
+        pin_link(link, &pin)
     }
 
     fn attach_guard(&self, ebpf: &mut Ebpf) -> Result<()> {
@@ -206,14 +220,10 @@ impl Links<'_> {
                     .map_err(|e| DatapathError::Bpf(format!("attaching XDP to {ifindex}: {e}")))?
             }
         };
-        let link: FdLink = xdp
+        let link = xdp
             .take_link(id)
-            .map_err(|e| DatapathError::Bpf(e.to_string()))?
-            .try_into()
-            .map_err(|e| DatapathError::Bpf(format!("XDP link: {e}")))?;
-        link.pin(&pin)
-            .map_err(|e| DatapathError::Bpf(format!("pinning {}: {e}", pin.display())))?;
-        Ok(())
+            .map_err(|e| DatapathError::Bpf(e.to_string()))?;
+        pin_link(link, &pin)
     }
 
     fn unpin(&self, kind: &str) -> Result<()> {

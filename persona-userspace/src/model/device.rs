@@ -53,15 +53,6 @@ pub struct FloodGuard {
     pub max_packets_per_second: Option<u32>,
 }
 
-impl FloodGuard {
-    /// The `GUARD` entry for this setting, `None` when the guard is off.
-    pub fn rate_pps(guard: Option<&FloodGuard>) -> Option<u32> {
-        guard
-            .filter(|g| g.enabled)
-            .map(|g| g.max_packets_per_second.unwrap_or(0))
-    }
-}
-
 impl DeviceSpec {
     /// What a pinned `DEVICES` entry tells about a device attached by an earlier run.
     pub fn from_config(interface: String, cfg: &persona_common::device::DeviceConfig) -> Self {
@@ -85,6 +76,14 @@ impl DeviceSpec {
             role: None,
             flood_guard: None,
         }
+    }
+
+    /// The flood guard's packet-rate cap (0: none), or `None` when the guard is off.
+    pub fn flood_guard_rate(&self) -> Option<u32> {
+        self.flood_guard
+            .as_ref()
+            .filter(|g| g.enabled)
+            .map(|g| g.max_packets_per_second.unwrap_or(0))
     }
 
     pub fn validate(&self) -> Result<(), FieldError> {
