@@ -256,12 +256,12 @@ impl Lab {
             VmLink::Tap => {
                 let host_side = tap::open_tap(&h, VM_IFACE);
                 let vm_side = tap::open_tap(&v, "eth0");
-                tap::relay(host_side, vm_side);
+                tap::relay(vm_side, vec![host_side]);
             }
             VmLink::MultiQueueTap => {
                 let queues = tap::open_multiqueue_tap(&h, VM_IFACE, 2);
                 let vm_side = tap::open_tap(&v, "eth0");
-                queue_frames = tap::relay_queues(vm_side, queues);
+                queue_frames = tap::relay(vm_side, queues);
             }
         }
         // The examples' second VM has its tap here too, with no guest behind it.

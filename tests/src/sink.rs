@@ -20,6 +20,16 @@ pub struct Upload {
     pub from: String,
 }
 
+impl Upload {
+    pub fn new(sha256: &str, bytes: u64, from: &str) -> Self {
+        Self {
+            sha256: sha256.to_owned(),
+            bytes,
+            from: from.to_owned(),
+        }
+    }
+}
+
 impl Sink {
     /// TCP on `port` (IPv4 and IPv6) in the namespace `ns`, for four minutes at most.
     pub fn start(ns: &str, port: u16) -> Self {
@@ -44,11 +54,7 @@ impl Sink {
         let [_, sha, bytes, from] = f[..] else {
             panic!("sink line {line:?}");
         };
-        Upload {
-            sha256: sha.to_owned(),
-            bytes: bytes.parse().expect("byte count"),
-            from: from.to_owned(),
-        }
+        Upload::new(sha, bytes.parse().expect("byte count"), from)
     }
 }
 

@@ -69,60 +69,37 @@ fn open_queues(ns: &str, name: &str, n: usize, flags: libc::c_short) -> Vec<File
     .expect("tap thread")
 }
 
-/// Copies frames both ways until a side goes away. A frame the other side refuses (its
-/// interface is still down, say) is dropped, as a wire would.
-pub fn relay(a: File, b: File) {
-    let (a2, b2) = (a.try_clone().expect("dup"), b.try_clone().expect("dup"));
-    for (mut from, mut to) in [(a, b), (b2, a2)] {
-        thread::spawn(move || {
-            let mut buf = vec![0u8; 65536];
-            while let Ok(n) = from.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                let _ = to.write_all(&buf[..n]);
-            }
-        });
-    }
-}
-
-/// Like [`relay`] between a VM-side tap and the queues of a multiqueue host tap: what
-/// the VM sends goes into the queues in turn, what any queue gives goes to the VM.
-/// Returns how many frames went into each queue.
-pub fn relay_queues(vm: File, queues: Vec<File>) -> Vec<std::sync::Arc<AtomicU64>> {
-    let counts: Vec<_> = queues.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
-    let mut into: Vec<(File, Arc<AtomicU64>)> = queues
-        .iter()
-        .zip(&counts)
-        .map(|(q, c)| (q.try_clone().expect("dup"), c.clone()))
-        .collect();
-    let mut from_vm = vm.try_clone().expect("dup");
+/// Copies frames from `from` into whichever of `to` each next one picks, until `from`
+/// goes away. A frame the other side refuses (its interface is still down, say) is
+/// dropped, as a wire would.
+fn forward(mut from: File, mut to: Vec<(File, Arc<AtomicU64>)>) {
     thread::spawn(move || {
         let mut buf = vec![0u8; 65536];
         let mut next = 0;
-        while let Ok(n) = from_vm.read(&mut buf) {
+        while let Ok(n) = from.read(&mut buf) {
             if n == 0 {
                 break;
             }
-            let queues = into.len();
-            let (q, count) = &mut into[next % queues];
+            let queues = to.len();
+            let (q, count) = &mut to[next % queues];
             if q.write_all(&buf[..n]).is_ok() {
                 count.fetch_add(1, Ordering::Relaxed);
             }
             next += 1;
         }
     });
-    for mut q in queues {
-        let mut to_vm = vm.try_clone().expect("dup");
-        thread::spawn(move || {
-            let mut buf = vec![0u8; 65536];
-            while let Ok(n) = q.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                let _ = to_vm.write_all(&buf[..n]);
-            }
-        });
+}
+
+/// Copies frames both ways between a VM-side tap and the queues of a host tap: what
+/// the VM sends goes into the queues in turn, what any queue gives goes to the VM.
+/// Returns how many frames went into each queue.
+pub fn relay(vm: File, queues: Vec<File>) -> Vec<Arc<AtomicU64>> {
+    let dup = |f: &File| f.try_clone().expect("dup");
+    let counts: Vec<_> = queues.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
+    for q in &queues {
+        forward(dup(q), vec![(dup(&vm), Arc::new(AtomicU64::new(0)))]);
     }
+    let into = queues.into_iter().zip(counts.iter().cloned()).collect();
+    forward(vm, into);
     counts
 }

@@ -8,7 +8,7 @@ use persona_tests::{
     daemon::{Daemon, metric_sum},
     guest::{Guest, GuestSpec, Starting, Vm, accelerator},
     lab::{OUTSIDE, Site, UPLINK, VM_IFACE, VM2_IFACE},
-    sink::Sink,
+    sink::{Sink, Upload},
 };
 use serde_json::Value;
 
@@ -212,10 +212,9 @@ fn uploads_with_offloads_arrive_intact(site: &Site, vm: &mut Guest) {
     let started = Instant::now();
     vm.ok(&format!("nc {OUTSIDE} 5001 </tmp/blob"));
     eprintln!("50 MB up in {:?}", started.elapsed());
-    let got = sink.next_upload();
     assert_eq!(
-        (got.sha256.as_str(), got.bytes, got.from.as_str()),
-        (sum, 50 << 20, "::ffff:203.0.113.10"),
+        sink.next_upload(),
+        Upload::new(sum, 50 << 20, "::ffff:203.0.113.10"),
         "the upload as the outside received it"
     );
     // UDP with offloads: a query redirected to the persona's resolver, both addresses

@@ -3,7 +3,7 @@
 use persona_tests::{
     capture::{Capture, checksums},
     lab::{Lab, OUTSIDE, OUTSIDE_V6, UPLINK, VmLink},
-    sink::Sink,
+    sink::{Sink, Upload},
 };
 
 fn identity_firewall_and_dns(link: VmLink) -> Lab {
@@ -219,10 +219,9 @@ fn bulk_uploads_arrive_intact_with_veth_offloads_on_and_off() {
                 "timeout 60 socat -u FILE:{} {to},connect-timeout=5",
                 blob.display()
             ));
-            let got = sink.next_upload();
             assert_eq!(
-                (got.sha256.as_str(), got.bytes, got.from.as_str()),
-                (sum, 20 << 20, from),
+                sink.next_upload(),
+                Upload::new(sum, 20 << 20, from),
                 "offload {offload}, upload to {to}"
             );
         }

@@ -32,8 +32,8 @@ pub fn build() -> anyhow::Result<PathBuf> {
     let dir = dir();
     let package = kernel_package()?;
     let stamp = dir.join("built-from");
-    let package = format!("{package} {GUEST_VERSION}");
-    if fs::read_to_string(&stamp).ok().as_deref() == Some(package.as_str())
+    let built_from = format!("{package} {GUEST_VERSION}");
+    if fs::read_to_string(&stamp).ok().as_deref() == Some(built_from.as_str())
         && dir.join("vmlinuz").exists()
         && dir.join("initramfs.cpio").exists()
     {
@@ -44,8 +44,7 @@ pub fn build() -> anyhow::Result<PathBuf> {
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work)?;
     run(Command::new("apt-get")
-        .args(["download", "-qq", "-o", "APT::Sandbox::User=root"])
-        .arg(package.split(' ').next().unwrap_or(&package))
+        .args(["download", "-qq", "-o", "APT::Sandbox::User=root", &package])
         .current_dir(&work))?;
     let deb = fs::read_dir(&work)?
         .filter_map(Result::ok)
@@ -66,7 +65,7 @@ pub fn build() -> anyhow::Result<PathBuf> {
     let modules = resolve_modules(&root.join("lib/modules"))?;
     initramfs(&modules)?.write_to(&dir.join("initramfs.cpio"))?;
     fs::remove_dir_all(&work)?;
-    fs::write(&stamp, &package)?;
+    fs::write(&stamp, &built_from)?;
     Ok(dir)
 }
 
