@@ -78,6 +78,8 @@ fn judge(p: &XdpPacket) -> Option<(Reason, u32)> {
     if st.inner(ip.family) != Some(ip.src) {
         return Some((Reason::DropSpoofed, active.persona));
     }
+    // A persona without this family: tc drops it as `drop_no_persona`, and counts it.
+    st.persona_addr(ip.family)?;
     if dns::redirect_target(st.persona, ip.family, &l4).is_some() {
         return None;
     }

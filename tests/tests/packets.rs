@@ -464,20 +464,20 @@ fn a_gso_skb_counts_as_the_segments_it_stands_for() {
     );
 }
 
-fn guarded(rate: Option<u32>) -> Harness {
+fn guarded(rate: Option<u32>, persona: &str) -> Harness {
     let mut spec = persona_tests::harness::device();
     spec.flood_guard = Some(persona::model::FloodGuard {
         enabled: true,
         max_packets_per_second: rate,
     });
     let mut h = Harness::with_device(&spec);
-    h.shift(PERSONA_A, false);
+    h.shift(persona, false);
     h
 }
 
 #[test]
 fn the_flood_guard_drops_only_what_tc_would_drop_and_changes_no_byte() {
-    let mut h = guarded(None);
+    let mut h = guarded(None, PERSONA_A);
     let spoofed = frame(v4([198, 18, 0, 99]), v4(REMOTE), &udp(5000, 9000));
     let smtp = frame(inner4(), v4(REMOTE), &tcp(40010, 25, SYN));
     let allowed = frame(inner4(), v4(REMOTE), &tcp(40011, 443, SYN));
@@ -523,7 +523,7 @@ fn the_flood_guard_drops_only_what_tc_would_drop_and_changes_no_byte() {
 
 #[test]
 fn the_flood_guard_caps_the_packet_rate() {
-    let mut h = guarded(Some(50));
+    let mut h = guarded(Some(50), PERSONA_A);
     let f = frame(inner4(), v4(REMOTE), &udp(5000, 9000));
     let passed = (0..200).filter(|_| h.guard(&f) == XDP_PASS).count();
     // The window is one second; 200 test runs take far less, unless the machine
@@ -537,4 +537,23 @@ fn the_flood_guard_caps_the_packet_rate() {
         200 - passed,
         "every capped packet is counted"
     );
+}
+
+#[test]
+fn the_flood_guard_leaves_a_family_the_persona_lacks_to_tc() {
+    // No IPv6 address: tc drops the VM's IPv6 as drop_no_persona, and the guard must
+    // not drop it first under the egress default.
+    const V4_ONLY_CLOSED: &str = r#"
+addresses: ["203.0.113.20/24"]
+firewall:
+  egress: { default: drop }
+  ingress: { default: drop }
+"#;
+    let mut h = guarded(None, V4_ONLY_CLOSED);
+    let f = frame(inner6(), v6("2001:db8:b::7"), &tcp(40020, 25, SYN));
+    assert_eq!(h.guard(&f), XDP_PASS);
+    let before = h.count(EGRESS, Reason::DropNoPersona);
+    let (verdict, _) = h.from_vm(&f);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(h.count(EGRESS, Reason::DropNoPersona), before + 1);
 }
