@@ -41,12 +41,14 @@ pub mod map_names {
     pub const EVENTS: &str = "EVENTS";
     pub const HANDSHAKES: &str = "HANDSHAKES";
     pub const GUARD: &str = "GUARD";
+    pub const ROUTING: &str = "ROUTING";
 }
 
 pub mod program_names {
     pub const FROM_VM: &str = "persona_from_vm";
     pub const TO_VM: &str = "persona_to_vm";
     pub const GUARD: &str = "persona_guard";
+    pub const FROM_UPLINK: &str = "persona_from_uplink";
     pub const BASELINE: &str = "persona_baseline_pass";
     pub const BASELINE_TC: &str = "persona_baseline_tc_pass";
     pub const BASELINE_TC_LOOKUP: &str = "persona_baseline_tc_lookup";
@@ -78,6 +80,7 @@ mod pod {
         counters::Counter,
         counters::HandshakeKey,
         host::HostWiring,
+        host::Routing,
         events::DropEvent,
         guard::GuardState,
     );

@@ -16,7 +16,7 @@ pub struct Active {
 }
 const _: () = assert!(core::mem::size_of::<Active>() == 16);
 
-/// `PERSONAS[table]`: everything the datapath enforces for one persona.
+/// `PERSONAS[table]`: everything the datapath enforces for one persona on one device.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PersonaTable {
@@ -32,8 +32,13 @@ pub struct PersonaTable {
     /// sets it to its own generation cuts every flow opened before it.
     pub ct_floor: u64,
     pub generation: u64,
+    /// The device's own identity (`device::DEVICE_HAS_*` in `device_flags`), copied in
+    /// when the table is flipped in, so that a packet reads one table for both ends.
+    pub inner_v4: [u8; 4],
+    pub device_flags: u32,
+    pub inner_v6: [u8; 16],
 }
-const _: () = assert!(core::mem::size_of::<PersonaTable>() == 64);
+const _: () = assert!(core::mem::size_of::<PersonaTable>() == 88);
 
 pub const PERSONA_HAS_V4: u32 = 1 << 0;
 pub const PERSONA_HAS_V6: u32 = 1 << 1;

@@ -43,7 +43,7 @@ fn try_icmp_error<P: Packet>(
     plan: &mut Plan,
 ) -> Result<Reason, Reason> {
     let ifindex = p.ifindex();
-    let st = state::resolve(ifindex, active)?;
+    let st = state::resolve(active)?;
     let inner = st.inner(ip.family);
     if inner != Some(ip.src) {
         return Ok(Reason::DropSpoofed);
@@ -79,7 +79,7 @@ fn try_flow(
     active: &Active,
     plan: &mut Plan,
 ) -> Result<Reason, Reason> {
-    let st = state::resolve(ifindex, active)?;
+    let st = state::resolve(active)?;
     if st.inner(ip.family) != Some(ip.src) {
         return Ok(Reason::DropSpoofed);
     }

@@ -74,7 +74,7 @@ fn judge(p: &XdpPacket) -> Option<(Reason, u32)> {
         return None;
     }
     let active = state::active(p.ifindex).ok()?;
-    let st = state::resolve(p.ifindex, &active).ok()?;
+    let st = state::resolve(&active).ok()?;
     if st.inner(ip.family) != Some(ip.src) {
         return Some((Reason::DropSpoofed, active.persona));
     }

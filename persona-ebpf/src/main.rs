@@ -12,6 +12,7 @@ mod csum;
 mod dns;
 mod events;
 mod firewall;
+mod forward;
 mod from_vm;
 mod guard;
 mod maps;
@@ -28,7 +29,7 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use persona_common::{DIR_EGRESS, DIR_INGRESS};
+use persona_common::{DIR_EGRESS, DIR_INGRESS, counters::Reason};
 
 use crate::{
     packet::{Packet as _, TcPacket},
@@ -40,17 +41,34 @@ use crate::{
 /// for all its segments.
 #[classifier]
 pub fn persona_from_vm(ctx: TcContext) -> i32 {
-    tc_entry::<from_vm::FromVm>(ctx.skb.skb, DIR_EGRESS)
+    match tc_entry::<from_vm::FromVm>(ctx.skb.skb, DIR_EGRESS) {
+        Reason::AllowRule | Reason::AllowDefault | Reason::AllowTracked | Reason::AllowDns => {
+            forward::from_vm(ctx.skb.skb)
+        }
+        r if r.passes() => TC_ACT_OK,
+        _ => TC_ACT_SHOT,
+    }
 }
 
 /// Traffic going to the VM, as it leaves the host through the tap (tcx egress).
 #[classifier]
 pub fn persona_to_vm(ctx: TcContext) -> i32 {
-    tc_entry::<to_vm::ToVm>(ctx.skb.skb, DIR_INGRESS)
+    if tc_entry::<to_vm::ToVm>(ctx.skb.skb, DIR_INGRESS).passes() {
+        TC_ACT_OK
+    } else {
+        TC_ACT_SHOT
+    }
+}
+
+/// Traffic arriving on an uplink (tcx ingress): what the FIB routes to a device's tap is
+/// redirected there, past the host's IP stack; everything else is left alone.
+#[classifier]
+pub fn persona_from_uplink(ctx: TcContext) -> i32 {
+    forward::from_uplink(ctx.skb.skb)
 }
 
 #[inline(always)]
-fn tc_entry<D: Direction>(skb: *mut __sk_buff, direction: u8) -> i32 {
+fn tc_entry<D: Direction>(skb: *mut __sk_buff, direction: u8) -> Reason {
     let mut pkt = TcPacket::pulled(skb);
     let handled = path::handle::<_, D>(&mut pkt);
     let reason = handled.reason();
@@ -64,11 +82,7 @@ fn tc_entry<D: Direction>(skb: *mut __sk_buff, direction: u8) -> i32 {
     if events::is_reported(reason) {
         events::report_drop::<TcPacket>(pkt.raw(), direction, reason as u8);
     }
-    if reason.passes() {
-        TC_ACT_OK
-    } else {
-        TC_ACT_SHOT
-    }
+    reason
 }
 
 /// The optional flood guard on the tap's XDP hook: drops what the tc program would

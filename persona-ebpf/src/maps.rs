@@ -11,7 +11,7 @@ use persona_common::{
     events::{RING_BYTES, RateWindow},
     firewall::{FwKeyV4, FwKeyV6, MAX_PREFIXES, RuleSet},
     guard::GuardState,
-    host::HostWiring,
+    host::{HostWiring, Routing},
     persona::{Active, MAX_TABLES, PersonaTable},
 };
 
@@ -63,3 +63,7 @@ pub static HANDSHAKES: PerCpuHashMap<HandshakeKey, u64> =
 /// Devices whose flood guard is on, and its rate window.
 #[map]
 pub static GUARD: HashMap<u32, GuardState> = HashMap::pinned(MAX_DEVICES, 0);
+
+/// Whether and where the programs forward by themselves; written by userspace at start.
+#[map]
+pub static ROUTING: Array<Routing> = Array::pinned(1, 0);

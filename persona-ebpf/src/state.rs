@@ -1,8 +1,10 @@
-//! The device and the persona a packet is handled with, read once per packet.
+//! The persona a packet is handled with, read once per packet: one hash lookup for the
+//! device's `ACTIVE` entry, then its table, an array slot that also holds the device's
+//! own identity.
 use persona_common::{
     FAMILY_V4,
     counters::Reason,
-    device::{DEVICE_HAS_V4, DEVICE_HAS_V6, DeviceConfig},
+    device::{DEVICE_HAS_V4, DEVICE_HAS_V6},
     persona::{Active, PERSONA_HAS_V4, PERSONA_HAS_V6, PersonaTable},
 };
 
@@ -12,31 +14,25 @@ use crate::{
 };
 
 pub struct State<'a> {
-    pub device: &'a DeviceConfig,
     pub persona: &'a PersonaTable,
-}
-
-#[inline(always)]
-pub fn device<'a>(ifindex: u32) -> Result<&'a DeviceConfig, Reason> {
-    // SAFETY: a preallocated hash whose entries userspace writes only while detached.
-    unsafe { DEVICES.get(ifindex) }.ok_or(Reason::DropUnknownDevice)
 }
 
 /// The single read of `ACTIVE` that pins this packet to one persona. Everything else
 /// is looked up from this copy: a table stays unchanged while any program may use it.
 #[inline(always)]
 pub fn active(ifindex: u32) -> Result<Active, Reason> {
-    device(ifindex)?;
     // SAFETY: ACTIVE is not preallocated: the element read stays intact under RCU.
-    unsafe { ACTIVE.get(ifindex) }
-        .copied()
-        .ok_or(Reason::DropNoPersona)
+    match unsafe { ACTIVE.get(ifindex) } {
+        Some(a) => Ok(*a),
+        // SAFETY: only compared against null.
+        None if unsafe { DEVICES.get(ifindex) }.is_some() => Err(Reason::DropNoPersona),
+        None => Err(Reason::DropUnknownDevice),
+    }
 }
 
 #[inline(always)]
-pub fn resolve<'a>(ifindex: u32, active: &Active) -> Result<State<'a>, Reason> {
+pub fn resolve<'a>(active: &Active) -> Result<State<'a>, Reason> {
     Ok(State {
-        device: device(ifindex)?,
         persona: PERSONAS.get(active.table).ok_or(Reason::DropNoPersona)?,
     })
 }
@@ -44,11 +40,11 @@ pub fn resolve<'a>(ifindex: u32, active: &Active) -> Result<State<'a>, Reason> {
 impl State<'_> {
     #[inline(always)]
     pub fn inner(&self, family: u8) -> Option<[u8; 16]> {
-        let d = self.device;
+        let p = self.persona;
         if family == FAMILY_V4 {
-            (d.flags & DEVICE_HAS_V4 != 0).then(|| widen(d.inner_v4))
+            (p.device_flags & DEVICE_HAS_V4 != 0).then(|| widen(p.inner_v4))
         } else {
-            (d.flags & DEVICE_HAS_V6 != 0).then_some(d.inner_v6)
+            (p.device_flags & DEVICE_HAS_V6 != 0).then_some(p.inner_v6)
         }
     }
 

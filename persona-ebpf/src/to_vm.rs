@@ -58,7 +58,7 @@ fn try_icmp_error<P: Packet>(
     plan: &mut Plan,
 ) -> Result<Reason, Reason> {
     let ifindex = p.ifindex();
-    let st = state::resolve(ifindex, active)?;
+    let st = state::resolve(active)?;
     let persona_addr = st.persona_addr(ip.family).ok_or(Reason::DropNoPersona)?;
     plan.dst = st.inner(ip.family).ok_or(Reason::DropNoPersona)?;
     let q = parse::quoted(p, ip.family)?;
@@ -92,7 +92,7 @@ fn try_flow(
     active: &Active,
     plan: &mut Plan,
 ) -> Result<Reason, Reason> {
-    let st = state::resolve(ifindex, active)?;
+    let st = state::resolve(active)?;
     let persona_addr = st.persona_addr(ip.family).ok_or(Reason::DropNoPersona)?;
     plan.dst = st.inner(ip.family).ok_or(Reason::DropNoPersona)?;
     plan.flags = OUTER_DST;

@@ -17,16 +17,17 @@ def drain():
         if int(seq) >= 0:
             seen[int(seq)] = addr
 
-# One round trip first, so the flow and the neighbours on the way are established
-# (a few tries: neighbour resolution on a busy machine may take more than one).
+# One round trip first, so the flow and the neighbours on the way are established.
+# Up to 30 tries: the probe may start while the datapath is still being loaded and
+# verified, which on a busy machine takes seconds.
 sock.settimeout(1)
-for attempt in range(5):
+for attempt in range(30):
     sock.sendto(b"-1", (host, port))
     try:
         sock.recvfrom(2048)
         break
     except TimeoutError:
-        if attempt == 4:
+        if attempt == 29:
             raise
 sock.settimeout(None)
 

@@ -79,7 +79,7 @@ impl Harness {
             pin_dir: pin_dir.clone(),
             uplinks: Vec::new(),
             wire_host: false,
-            exclusive: true,
+            ..KernelConfig::default()
         })
         .unwrap_or_else(|e| panic!("loading the datapath (are we root?): {e}"));
         dp.configure_device(LOOPBACK, spec)

@@ -43,7 +43,7 @@ fn shifts_under_load_lose_nothing_and_never_mix_personas() {
                 pin_dir,
                 uplinks: vec![UPLINK.into()],
                 wire_host: true,
-                exclusive: true,
+                ..KernelConfig::default()
             })
             .expect("datapath");
             let mut personas = Vec::new();

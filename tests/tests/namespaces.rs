@@ -239,3 +239,56 @@ fn bulk_uploads_arrive_intact_with_veth_offloads_on_and_off() {
     }
     let _ = std::fs::remove_file(&blob);
 }
+
+/// Packets the host's forward hook saw: an nftables counter in that hook.
+fn forwarded_by_the_host(lab: &Lab) -> u64 {
+    let out = lab.host.exec("nft list chain inet probe forward");
+    out.split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counter in {out}"))
+}
+
+/// The hop count the VM sees on the outside's echo replies, one router away.
+fn reply_hops(lab: &Lab, dst: &str) -> String {
+    let out = lab.vm.exec(&format!("ping -c 2 -W 2 {dst}"));
+    out.split_whitespace()
+        .find_map(|w| w.strip_prefix("ttl="))
+        .unwrap_or_else(|| panic!("no reply from {dst}: {out}"))
+        .to_owned()
+}
+
+/// With `--host-routing bpf` the programs forward both ways themselves: the host's
+/// forward hook sees none of the VM's traffic, and the hop count drops by one as a
+/// router's would. With the default, kernel routing, the host's stack forwards it.
+#[test]
+fn host_routing_in_bpf_skips_the_host_stack_and_kernel_routing_does_not() {
+    let lab = Lab::new(VmLink::Veth);
+    lab.host.exec(
+        "nft add table inet probe && nft add chain inet probe forward '{ type filter hook forward priority 0; policy accept; }' && nft add rule inet probe forward counter",
+    );
+    lab.persona_ok("--host-routing bpf datapath attach vm1 -f examples/");
+    assert_eq!(lab.seen_from_outside().as_deref(), Some("203.0.113.10"));
+    assert_eq!(
+        lab.reach_vm("203.0.113.10", 22).as_deref(),
+        Some("ssh-ok"),
+        "the outside reaches the VM through the uplink's program"
+    );
+    assert_eq!(reply_hops(&lab, OUTSIDE), "63");
+    assert_eq!(reply_hops(&lab, OUTSIDE_V6), "63");
+    assert_eq!(
+        forwarded_by_the_host(&lab),
+        0,
+        "BPF routing forwarded it all"
+    );
+
+    lab.persona_ok("datapath attach vm1 -f examples/");
+    assert_eq!(lab.seen_from_outside().as_deref(), Some("203.0.113.10"));
+    assert_eq!(reply_hops(&lab, OUTSIDE), "63");
+    assert_eq!(reply_hops(&lab, OUTSIDE_V6), "63");
+    assert!(
+        forwarded_by_the_host(&lab) > 0,
+        "with kernel routing the host's stack forwards"
+    );
+}

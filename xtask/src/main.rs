@@ -45,6 +45,8 @@ const APT_PACKAGES: &[&str] = &[
     "bind9-dnsutils",
     "socat",
     "tcpdump",
+    // Hop counts after a forward, as an operator reads them.
+    "iputils-ping",
     "bpftool",
     "python3",
     // Writes the small GeoIP database the rule-engine tests look countries up in.
@@ -63,6 +65,8 @@ const APT_PACKAGES: &[&str] = &[
     // The bench's comparisons: the same persona as nftables rules, and iperf3 traffic.
     "nftables",
     "iperf3",
+    // A spoofed flood from the VM, at full rate.
+    "hping3",
     // VPN personas: this kernel has no WireGuard module, so wireguard-go over a tun
     // device; wg configures either.
     "wireguard-go",

@@ -54,6 +54,7 @@ fn datapath(cli: &Cli, exclusive: bool) -> anyhow::Result<KernelDatapath> {
         uplinks: cli.uplink.clone(),
         wire_host: exclusive,
         exclusive,
+        routing: cli.host_routing,
     })?)
 }
 

@@ -13,7 +13,7 @@ use crate::{
     daemon::{DEFAULT_DATA_DIR, DEFAULT_SOCKET, DaemonConfig},
     datapath::{
         compile,
-        kernel::{DEFAULT_PIN_DIR, KernelConfig},
+        kernel::{DEFAULT_PIN_DIR, HostRouting, KernelConfig},
     },
 };
 
@@ -31,6 +31,17 @@ pub struct Cli {
     /// once per uplink: a persona's gateway decides which one its traffic leaves by.
     #[arg(long, global = true, env = "PERSONA_UPLINK", value_delimiter = ',')]
     pub uplink: Vec<String>,
+    /// Who forwards translated packets between the taps and the uplinks: the programs
+    /// (a FIB lookup and a redirect, past the host's IP stack and its netfilter hooks) or
+    /// the host's IP stack.
+    #[arg(
+        long,
+        global = true,
+        env = "PERSONA_HOST_ROUTING",
+        value_enum,
+        default_value_t
+    )]
+    pub host_routing: HostRouting,
     /// CA certificate (PEM) to trust for an https:// server.
     #[arg(long, global = true, env = "PERSONA_CACERT")]
     pub cacert: Option<PathBuf>,
@@ -322,6 +333,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     uplinks: cli.uplink.clone(),
                     wire_host: true,
                     exclusive: true,
+                    routing: cli.host_routing,
                 },
                 tls_hook: tls_hook.clone(),
                 api_tls: tls_cert.clone().zip(tls_key.clone()),

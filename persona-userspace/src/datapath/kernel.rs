@@ -21,7 +21,8 @@ use persona_common::{
     firewall::{FwKeyV4, FwKeyV6, KEY_HEADER_BITS, key_header},
     guard::GuardState,
     host::{
-        HostWiring, WIRED_GATEWAY_V4, WIRED_GATEWAY_V6, WIRED_LINGERING_V4, WIRED_LINGERING_V6,
+        HostWiring, MAX_UPLINKS, ROUTE_IN_BPF, Routing, WIRED_GATEWAY_V4, WIRED_GATEWAY_V6,
+        WIRED_LINGERING_V4, WIRED_LINGERING_V6,
     },
     persona::{Active, PersonaTable},
 };
@@ -60,6 +61,21 @@ pub struct KernelConfig {
     /// Hold the pin directory's lock: only one process may change the tables, since
     /// each keeps its own account of free table slots.
     pub exclusive: bool,
+    /// Who forwards translated packets between the taps and the uplinks.
+    pub routing: HostRouting,
+}
+
+/// Who forwards a translated packet between a tap and an uplink. The kernel by
+/// default: measured in situ (bpf_stats), the from-VM program's FIB lookup costs more
+/// than the host's forwarding it replaces, and throughput is no better (BENCHMARKS.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum HostRouting {
+    /// The host's IP stack, as for any forwarded packet.
+    #[default]
+    Kernel,
+    /// The programs: a FIB lookup and a redirect, past the host's IP stack (and its
+    /// netfilter hooks). What they cannot finish still goes the kernel's way.
+    Bpf,
 }
 
 impl Default for KernelConfig {
@@ -69,6 +85,7 @@ impl Default for KernelConfig {
             uplinks: Vec::new(),
             wire_host: true,
             exclusive: true,
+            routing: HostRouting::default(),
         }
     }
 }
@@ -174,7 +191,7 @@ impl KernelDatapath {
         } else {
             None
         };
-        Ok(Self {
+        let mut dp = Self {
             ebpf,
             maps,
             tables: Tables::recover(in_use, found),
@@ -183,7 +200,42 @@ impl KernelDatapath {
             config,
             retired: Vec::new(),
             _lock: lock,
-        })
+        };
+        if dp.config.wire_host {
+            dp.route()?;
+        }
+        Ok(dp)
+    }
+
+    /// Tells the programs who forwards, and attaches (or removes) the uplinks' program.
+    fn route(&mut self) -> Result<()> {
+        let uplinks = self
+            .config
+            .uplinks
+            .iter()
+            .map(|name| super::ifindex(name))
+            .collect::<Result<Vec<u32>>>()?;
+        if uplinks.len() > MAX_UPLINKS {
+            return Err(DatapathError::Bpf(format!(
+                "at most {MAX_UPLINKS} uplinks, {} given",
+                uplinks.len()
+            )));
+        }
+        let on = self.config.routing == HostRouting::Bpf && !uplinks.is_empty();
+        let mut routing = Routing {
+            flags: if on { ROUTE_IN_BPF } else { 0 },
+            ..Routing::default()
+        };
+        routing.uplinks[..uplinks.len()].copy_from_slice(&uplinks);
+        for &ifindex in &uplinks {
+            Links::new(&self.config.pin_dir, ifindex).route_from_uplink(&mut self.ebpf, on)?;
+        }
+        self.maps
+            .routing
+            .set(0, routing, 0)
+            .map_err(bpf_err("ROUTING"))?;
+        info!(routing = ?self.config.routing, uplinks = uplinks.len(), "host routing");
+        Ok(())
     }
 
     /// Creates the device's counters for a persona, keeping those that exist. Every key
@@ -637,10 +689,10 @@ impl Datapath for KernelDatapath {
     }
 
     fn shift(&mut self, ifindex: u32, staged: Staged, options: ShiftOptions) -> Result<Shifted> {
-        if self.maps.devices.get(&ifindex, 0).is_err() {
+        let Ok(device) = self.maps.devices.get(&ifindex, 0) else {
             self.discard(staged)?;
             return Err(DatapathError::NotAttached(ifindex));
-        }
+        };
         let previous = self.maps.active.get(&ifindex, 0).ok();
         let previous_table = match previous {
             Some(a) => Some(self.persona_table(a.table)?),
@@ -649,6 +701,9 @@ impl Datapath for KernelDatapath {
         let generation = self.next_generation()?;
         let mut table = staged.persona.table;
         table.generation = generation;
+        table.inner_v4 = device.inner_v4;
+        table.inner_v6 = device.inner_v6;
+        table.device_flags = device.flags;
         table.ct_floor = match (options.cut_flows, previous_table) {
             (true, _) => generation,
             (false, Some(prev)) => prev.ct_floor,

@@ -10,7 +10,7 @@ use persona_common::{
     device::DeviceConfig,
     firewall::{FwKeyV4, FwKeyV6, RuleSet},
     guard::GuardState,
-    host::HostWiring,
+    host::{HostWiring, Routing},
     map_names,
     persona::{Active, PersonaTable},
 };
@@ -36,6 +36,8 @@ pub struct Maps {
     pub handshakes: PerCpuHashMap<MapData, persona_common::counters::HandshakeKey, u64>,
     /// `GUARD`: devices whose flood guard is on, and its rate window.
     pub guard: HashMap<MapData, u32, GuardState>,
+    /// `ROUTING`: whether the programs forward by themselves, and to which uplinks.
+    pub routing: Array<MapData, Routing>,
     /// `EVENTS`: firewall drops; handed to whoever reads them.
     pub events: Option<RingBuf<MapData>>,
 }
@@ -64,6 +66,7 @@ impl Maps {
             events: Some(take(ebpf, map_names::EVENTS)?),
             handshakes: take(ebpf, map_names::HANDSHAKES)?,
             guard: take(ebpf, map_names::GUARD)?,
+            routing: take(ebpf, map_names::ROUTING)?,
         })
     }
 }

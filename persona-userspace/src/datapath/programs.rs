@@ -30,6 +30,8 @@ pub enum Program {
     ToVm,
     /// XDP on the tap, when the device's flood guard is on.
     Guard,
+    /// tcx ingress of an uplink, when the programs route by themselves.
+    FromUplink,
     /// Baselines: XDP_PASS, TC_ACT_OK, and TC_ACT_OK after one hash lookup.
     XdpPass,
     TcPass,
@@ -42,6 +44,7 @@ impl Program {
             Self::FromVm => program_names::FROM_VM,
             Self::ToVm => program_names::TO_VM,
             Self::Guard => program_names::GUARD,
+            Self::FromUplink => program_names::FROM_UPLINK,
             Self::XdpPass => program_names::BASELINE,
             Self::TcPass => program_names::BASELINE_TC,
             Self::TcLookup => program_names::BASELINE_TC_LOOKUP,
@@ -52,10 +55,11 @@ impl Program {
         matches!(self, Self::Guard | Self::XdpPass)
     }
 
-    const ALL: [Program; 6] = [
+    const ALL: [Program; 7] = [
         Self::FromVm,
         Self::ToVm,
         Self::Guard,
+        Self::FromUplink,
         Self::XdpPass,
         Self::TcPass,
         Self::TcLookup,
@@ -140,7 +144,7 @@ where
     Ok(())
 }
 
-/// The pinned links of one device's tap.
+/// The pinned links of one interface: a device's tap, or an uplink.
 pub struct Links<'a> {
     pin_dir: &'a Path,
     ifindex: u32,
@@ -151,6 +155,7 @@ pub struct Links<'a> {
 const FROM_VM_PIN: &str = "tc-in";
 const TO_VM_PIN: &str = "tc";
 const GUARD_PIN: &str = "guard";
+const UPLINK_PIN: &str = "uplink";
 const LEGACY_XDP_PIN: &str = "xdp";
 
 impl<'a> Links<'a> {
@@ -180,6 +185,16 @@ impl<'a> Links<'a> {
             self.attach_guard(ebpf)
         } else {
             self.unpin(GUARD_PIN)
+        }
+    }
+
+    /// An uplink's program, which redirects what the FIB routes to a device; `false`
+    /// removes it.
+    pub fn route_from_uplink(&self, ebpf: &mut Ebpf, on: bool) -> Result<()> {
+        if on {
+            self.attach_tc(ebpf, Program::FromUplink, TcAttachType::Ingress, UPLINK_PIN)
+        } else {
+            self.unpin(UPLINK_PIN)
         }
     }
 

@@ -31,6 +31,27 @@ fn f(v: &Value, digits: usize) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// Programs' mean run times on real traffic, e.g. "from_vm 930, to_vm 880".
+fn in_situ(programs: &Value) -> String {
+    let each: Vec<String> = programs
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(name, p)| {
+            format!(
+                "{} {}",
+                name.trim_start_matches("persona_"),
+                f(&p["ns_per_run"], 0)
+            )
+        })
+        .collect();
+    if each.is_empty() {
+        "-".into()
+    } else {
+        each.join(", ")
+    }
+}
+
 pub fn markdown(r: &Value) -> String {
     let mut m = String::new();
     let mac = &r["machine"];
@@ -93,19 +114,50 @@ pub fn markdown(r: &Value) -> String {
     if let Some(t) = r.get("throughput") {
         let _ = writeln!(
             m,
-            "## Throughput through namespaces\n\niperf3 from the VM namespace to the outside one through the host namespace, {} s each: TCP bulk, and UDP with 18-byte payloads (64-byte frames) at full rate, counted where they arrive. *no program*: plain routing. *persona*: the daemon with the examples' office persona. *nftables*: the same persona as nftables NAT and filter rules. *persona + flood guard*: the same with the device's XDP flood guard on. Between namespaces the VM's link is a veth: with only tc programs on it, it carries 64 KB GSO segments, so TCP bulk pays per segment, not per packet; attaching any XDP program (the flood guard) makes the kernel take GSO away from the veth's peer, so bulk TCP pays per MTU frame.\n\n| setup | TCP Gbit/s | small UDP pkt/s received | UDP lost % |\n|---|---:|---:|---:|",
-            t["seconds_each"]
+            "## Throughput through namespaces\n\niperf3 from the VM namespace to the outside one through the host namespace, {} s each, every setup measured {} times round-robin (medians): TCP bulk, and UDP with 18-byte payloads (64-byte frames) at full rate, counted where they arrive. *no program*: plain routing. *persona*: the daemon with the examples' office persona, the host's stack forwarding. *persona, BPF routing*: the same with `--host-routing bpf` (a FIB lookup and a redirect in the programs). *persona + flood guard*: with the device's XDP flood guard on. *nftables*: the same persona as nftables NAT and filter rules. Between namespaces the VM's link is a veth: with only tc programs on it, it carries 64 KB GSO segments, so TCP bulk pays per segment, not per packet; attaching any XDP program (the flood guard) makes the kernel take GSO away from the veth's peer, so bulk TCP pays per MTU frame. *In situ* is each program's mean run time on the real traffic of those rounds (kernel.bpf_stats_enabled).\n\n| setup | TCP Gbit/s | × no program | × nftables | small UDP pkt/s | × no program | × nftables | UDP lost % | in situ ns per run |\n|---|---:|---:|---:|---:|---:|---:|---:|---|",
+            t["seconds_each"], t["rounds"]
         );
-        for row in t["rows"].as_array().into_iter().flatten() {
+        let rows: Vec<&Value> = t["rows"].as_array().into_iter().flatten().collect();
+        let of = |setup: &str, key: &str| {
+            rows.iter()
+                .find(|r| r["setup"] == setup)
+                .and_then(|r| r[key].as_f64())
+        };
+        let ratio = |row: &Value, key: &str, base: &str| match (row[key].as_f64(), of(base, key)) {
+            (Some(v), Some(b)) if b > 0.0 => format!("{:.2}", v / b),
+            _ => "-".into(),
+        };
+        for row in &rows {
             let _ = writeln!(
                 m,
-                "| {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 row["setup"].as_str().unwrap_or(""),
                 row["tcp_bits_per_s"]
                     .as_f64()
                     .map_or("-".into(), |b| format!("{:.2}", b / 1e9)),
+                ratio(row, "tcp_bits_per_s", "no program"),
+                ratio(row, "tcp_bits_per_s", "nftables"),
                 f(&row["udp_small_pps_received"], 0),
-                f(&row["udp_small_lost_percent"], 1)
+                ratio(row, "udp_small_pps_received", "no program"),
+                ratio(row, "udp_small_pps_received", "nftables"),
+                f(&row["udp_small_lost_percent"], 1),
+                in_situ(&row["programs"])
+            );
+        }
+        m.push('\n');
+        let _ = writeln!(
+            m,
+            "A spoofed flood: the VM sends UDP from an address that is not its own, as fast as `hping3 --flood` can for {} s. Dropped per second as counted under `drop_spoofed`, and the mean run time of the programs that saw the flood: tc drops it after the kernel built an skb, the flood guard before.\n\n| setup | sent pkt/s | dropped pkt/s | in situ ns per run |\n|---|---:|---:|---|",
+            t["seconds_each"]
+        );
+        for row in t["spoofed_flood"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                m,
+                "| {} | {} | {} | {} |",
+                row["setup"].as_str().unwrap_or(""),
+                f(&row["sent_pps"], 0),
+                f(&row["dropped_pps"], 0),
+                in_situ(&row["programs"])
             );
         }
         m.push('\n');

@@ -83,7 +83,7 @@ fn devices() -> Value {
             pin_dir: dir.clone(),
             uplinks: Vec::new(),
             wire_host: true,
-            exclusive: true,
+            ..KernelConfig::default()
         })
         .expect("datapath");
         let (empty, _) = map_memory(&dir);
