@@ -31,7 +31,11 @@ pub fn checksums(file: &Path, filter: &str) -> Checksums {
     let packets = read("-q").lines().count();
     let bad = read("-vv")
         .lines()
-        .filter(|l| l.contains("incorrect") || l.contains("bad cksum"))
+        // TCP: "cksum 0x.. (incorrect -> 0x..)"; IPv4 header: "bad cksum";
+        // UDP: "bad udp cksum".
+        .filter(|l| {
+            l.contains("incorrect") || l.contains("bad cksum") || l.contains("bad udp cksum")
+        })
         .count();
     Checksums { packets, bad }
 }
@@ -59,7 +63,9 @@ impl Capture {
         let mut capture = Self(
             Command::new("ip")
                 .args(["netns", "exec", ns])
-                .args(["timeout", "120", "tcpdump", "-n"])
+                // Immediate mode: otherwise packets wait in the ring for its block
+                // timeout, and a capture stopped sooner loses its last ones.
+                .args(["timeout", "120", "tcpdump", "-n", "--immediate-mode"])
                 .args(args)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())

@@ -7,7 +7,7 @@ use persona_tests::{
     capture::{Capture, checksums},
     daemon::{Daemon, metric_sum},
     guest::{Guest, GuestSpec, Starting, Vm, accelerator},
-    lab::{OUTSIDE, Site, UPLINK, VM_IFACE, VM2_IFACE},
+    lab::{OUTSIDE, OUTSIDE_V6, Site, UPLINK, VM_IFACE, VM2_IFACE},
     sink::{Sink, Upload},
 };
 use serde_json::Value;
@@ -189,8 +189,9 @@ fn two_guests_behind_the_daemon() {
 
 /// The guest as operators run it: virtio-net over a vnet-header tap, with checksum and
 /// segmentation offload on, so the tap hands persona 64 KB GSO skbs with partial
-/// checksums. 50 MB up over TCP arrive with the same SHA-256, and a capture of the
-/// uplink finds no bad checksum in them.
+/// checksums. 50 MB up over TCP, by IPv4 and by IPv6, arrive with the same SHA-256 from
+/// the persona's addresses; a DNS query over UDP is redirected and answered; a capture
+/// of the uplink finds no bad checksum in any of them.
 fn uploads_with_offloads_arrive_intact(site: &Site, vm: &mut Guest) {
     let features = vm.ok("/usr/sbin/ethtool -k eth0");
     for on in ["tx-checksumming: on", "tcp-segmentation-offload: on"] {
@@ -202,32 +203,45 @@ fn uploads_with_offloads_arrive_intact(site: &Site, vm: &mut Guest) {
     site.host.exec(&format!("ethtool -K {UPLINK} tx off"));
     let mut sink = Sink::start(&site.out.name, 5001);
     let pcap = std::env::temp_dir().join(format!("persona-uplink-{}.pcap", std::process::id()));
-    let capture = Capture::sent_to_file(&site.host.name, UPLINK, "tcp port 5001", &pcap);
+    let capture = Capture::sent_to_file(
+        &site.host.name,
+        UPLINK,
+        "tcp port 5001 or udp port 53",
+        &pcap,
+    );
     vm.ok("dd if=/dev/urandom of=/tmp/blob bs=1M count=50 2>/dev/null");
     let sum = vm.ok("sha256sum /tmp/blob");
     let sum = sum.split_whitespace().next().expect("sha256sum output");
-    // IPv6 from inside a guest is left out: its default route via fe80::1 finds no
-    // neighbour ("No route to host"), which the namespace tests do not show; IPv6 with
-    // offloads is covered there.
-    let started = Instant::now();
-    vm.ok(&format!("nc {OUTSIDE} 5001 </tmp/blob"));
-    eprintln!("50 MB up in {:?}", started.elapsed());
-    assert_eq!(
-        sink.next_upload(),
-        Upload::new(sum, 50 << 20, "::ffff:203.0.113.10"),
-        "the upload as the outside received it"
-    );
+    for (to, from) in [
+        (OUTSIDE, "::ffff:203.0.113.10"),
+        (OUTSIDE_V6, "2001:db8:a::10"),
+    ] {
+        let started = Instant::now();
+        vm.ok(&format!("nc {to} 5001 </tmp/blob"));
+        eprintln!("50 MB up to {to} in {:?}", started.elapsed());
+        assert_eq!(
+            sink.next_upload(),
+            Upload::new(sum, 50 << 20, from),
+            "the upload to {to} as the outside received it"
+        );
+    }
     // UDP with offloads: a query redirected to the persona's resolver, both addresses
     // rewritten, answered.
     let answer = vm.ok("nslookup -type=a persona.test");
     assert!(answer.contains("192.0.2.80"), "{answer}");
     drop(capture.stop());
     drop(sink);
-    // tcpdump may miss some of 36,000 segments under load; what it holds is checked.
-    let found = checksums(&pcap, "tcp");
-    eprintln!("uplink capture: {found:?}");
-    assert!(found.packets >= 18_000, "{found:?}");
-    assert_eq!(found.bad, 0, "bad checksums on the uplink: {found:?}");
+    // tcpdump may miss some of the 36,000 segments of each upload under load; what it
+    // holds is checked.
+    for (filter, at_least) in [("ip and tcp", 18_000), ("ip6 and tcp", 18_000), ("udp", 1)] {
+        let found = checksums(&pcap, filter);
+        eprintln!("uplink capture, {filter}: {found:?}");
+        assert!(found.packets >= at_least, "{filter}: {found:?}");
+        assert_eq!(
+            found.bad, 0,
+            "bad checksums on the uplink, {filter}: {found:?}"
+        );
+    }
     let _ = std::fs::remove_file(&pcap);
     site.host.exec(&format!("ethtool -K {UPLINK} tx on"));
 }

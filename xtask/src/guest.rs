@@ -16,7 +16,8 @@ use crate::{cpio::Archive, run};
 /// The network driver and what it needs; loaded in this order.
 const MODULES: &[&str] = &["virtio_pci", "virtio_net"];
 
-/// Bumped when the initramfs changes shape, so that built guests are rebuilt.
+/// Bumped when the initramfs changes shape, so that built guests are rebuilt (a change
+/// to the init or agent scripts rebuilds them by itself).
 const GUEST_VERSION: &str = "2 (ethtool)";
 
 const INIT: &str = include_str!("guest/init.sh");
@@ -32,7 +33,13 @@ pub fn build() -> anyhow::Result<PathBuf> {
     let dir = dir();
     let package = kernel_package()?;
     let stamp = dir.join("built-from");
-    let built_from = format!("{package} {GUEST_VERSION}");
+    let scripts = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        (INIT, AGENT).hash(&mut h);
+        h.finish()
+    };
+    let built_from = format!("{package} {GUEST_VERSION} scripts {scripts:016x}");
     if fs::read_to_string(&stamp).ok().as_deref() == Some(built_from.as_str())
         && dir.join("vmlinuz").exists()
         && dir.join("initramfs.cpio").exists()

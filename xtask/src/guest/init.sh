@@ -22,7 +22,10 @@ ip link set eth0 up
 ip addr add "$p_ip" dev eth0
 ip route add default via "$p_gw"
 if [ -n "$p_ip6" ]; then
-	ip -6 addr add "$p_ip6" dev eth0 nodad
+	# busybox ip has no "nodad": turn duplicate address detection off instead, so the
+	# address is usable at once.
+	echo 0 >/proc/sys/net/ipv6/conf/eth0/accept_dad
+	ip -6 addr add "$p_ip6" dev eth0
 	ip -6 route add default via "$p_gw6" dev eth0
 fi
 echo "nameserver ${p_dns:-192.0.2.53}" >/etc/resolv.conf
