@@ -30,6 +30,17 @@ const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 
 pub const MAX_COUNTER_KEYS: u32 = 65_536;
 
+/// `TRACKED[table * 2 + direction]` (per CPU): packets of tracked flows, the bulk of all
+/// traffic, counted in an array slot of the table they were handled with instead of a
+/// hash key. Userspace adds a slot into the device's `allow_tracked` key in `COUNTERS`
+/// when the table is freed.
+pub const TRACKED_SLOTS: u32 = crate::persona::MAX_TABLES * 2;
+
+#[inline(always)]
+pub const fn tracked_slot(table: u32, direction: u8) -> u32 {
+    table * 2 + direction as u32
+}
+
 macro_rules! reasons {
     ($( $(#[$doc:meta])* $name:ident = $num:literal, $label:literal, $pass:literal; )*) => {
         #[repr(u8)]

@@ -37,8 +37,12 @@ pub struct PersonaTable {
     pub inner_v4: [u8; 4],
     pub device_flags: u32,
     pub inner_v6: [u8; 16],
+    /// The device and persona id the table was flipped in for, whose `TRACKED` counts
+    /// it holds; 0 before any flip.
+    pub owner_ifindex: u32,
+    pub owner_persona: u32,
 }
-const _: () = assert!(core::mem::size_of::<PersonaTable>() == 88);
+const _: () = assert!(core::mem::size_of::<PersonaTable>() == 96);
 
 pub const PERSONA_HAS_V4: u32 = 1 << 0;
 pub const PERSONA_HAS_V6: u32 = 1 << 1;

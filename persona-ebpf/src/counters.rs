@@ -2,11 +2,13 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use persona_common::counters::{
     Counter, CounterKey, HANDSHAKE_BUCKETS, HANDSHAKE_SUM, HandshakeKey, NO_PERSONA, Reason,
+    tracked_slot,
 };
 
 use crate::{
-    maps::{COUNTERS, HANDSHAKES},
+    maps::{COUNTERS, HANDSHAKES, TRACKED},
     packet::Wire,
+    path::Handled,
     state,
 };
 
@@ -15,7 +17,18 @@ pub const UNATTRIBUTED: u32 = u32::MAX;
 
 /// A subprogram of its own, so its frame never adds to the deciders'.
 #[inline(never)]
-pub fn count(ifindex: u32, persona: u32, direction: u8, reason: Reason, wire: Wire) {
+pub fn count(ifindex: u32, handled: Handled, direction: u8, wire: Wire) {
+    let reason = handled.reason();
+    let persona = handled.persona();
+    if reason == Reason::AllowTracked && persona != UNATTRIBUTED {
+        if let Some(c) = TRACKED.get_ptr_mut(tracked_slot(handled.table(), direction)) {
+            // SAFETY: per-CPU value, no other writer.
+            let c = unsafe { &mut *c };
+            c.packets += wire.packets();
+            c.bytes += wire.bytes();
+        }
+        return;
+    }
     // Traffic no persona handled still happened while one was active: count it there.
     let persona = if persona == UNATTRIBUTED {
         state::active(ifindex).map_or(NO_PERSONA, |a| a.persona)

@@ -14,6 +14,7 @@ use crate::{
     maps::GUARD,
     packet::{Packet, Wire, XdpPacket},
     parse::{self, Kind, L3},
+    path::Handled,
     state,
 };
 
@@ -23,15 +24,16 @@ pub fn run(raw: *mut xdp_md) -> u32 {
     let Some(guard) = GUARD.get_ptr_mut(p.ifindex) else {
         return xdp_action::XDP_PASS;
     };
-    let (reason, persona) = if over_rate(guard) {
-        (Reason::DropRateLimited, counters::UNATTRIBUTED)
+    let handled = if over_rate(guard) {
+        Handled::unattributed(Reason::DropRateLimited)
     } else {
         match judge(&p) {
             Some(judged) => judged,
             None => return xdp_action::XDP_PASS,
         }
     };
-    counters::count(p.ifindex, persona, DIR_EGRESS, reason, Wire::new(1, p.len));
+    let reason = handled.reason();
+    counters::count(p.ifindex, handled, DIR_EGRESS, Wire::new(1, p.len));
     if events::is_reported(reason) {
         events::report_drop::<XdpPacket>(raw, DIR_EGRESS, reason as u8);
     }
@@ -60,7 +62,7 @@ fn over_rate(guard: *mut GuardState) -> bool {
 /// tc should see it. Anything unusual (ARP, ICMP errors, malformed headers, DNS) is
 /// left to tc, which counts it.
 #[inline(always)]
-fn judge(p: &XdpPacket) -> Option<(Reason, u32)> {
+fn judge(p: &XdpPacket) -> Option<Handled> {
     let ip = match parse::l3(p).ok()? {
         L3::Arp => return None,
         L3::V4 => parse::ipv4(p).ok()?,
@@ -76,7 +78,11 @@ fn judge(p: &XdpPacket) -> Option<(Reason, u32)> {
     let active = state::active(p.ifindex).ok()?;
     let st = state::resolve(&active).ok()?;
     if st.inner(ip.family) != Some(ip.src) {
-        return Some((Reason::DropSpoofed, active.persona));
+        return Some(Handled::new(
+            Reason::DropSpoofed,
+            active.table,
+            active.persona,
+        ));
     }
     // A persona without this family: tc drops it as `drop_no_persona`, and counts it.
     st.persona_addr(ip.family)?;
@@ -96,5 +102,5 @@ fn judge(p: &XdpPacket) -> Option<(Reason, u32)> {
         l4.rule_port(),
         st.persona.default_action[DIR_EGRESS as usize],
     );
-    (!reason.passes()).then_some((reason, active.persona))
+    (!reason.passes()).then_some(Handled::new(reason, active.table, active.persona))
 }

@@ -72,13 +72,7 @@ fn tc_entry<D: Direction>(skb: *mut __sk_buff, direction: u8) -> Reason {
     let mut pkt = TcPacket::pulled(skb);
     let handled = path::handle::<_, D>(&mut pkt);
     let reason = handled.reason();
-    counters::count(
-        pkt.ifindex,
-        handled.persona(),
-        direction,
-        reason,
-        pkt.on_wire(),
-    );
+    counters::count(pkt.ifindex, handled, direction, pkt.on_wire());
     if events::is_reported(reason) {
         events::report_drop::<TcPacket>(pkt.raw(), direction, reason as u8);
     }

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use persona_common::{
     conntrack::{CT_MAX_ENTRIES, CtEntry, CtKey},
-    counters::{Counter, CounterKey, HandshakeKey, MAX_COUNTER_KEYS},
+    counters::{Counter, CounterKey, HandshakeKey, MAX_COUNTER_KEYS, TRACKED_SLOTS},
     device::{DeviceConfig, MAX_DEVICES},
     events::{RING_BYTES, RateWindow},
     firewall::{FwKeyV4, FwKeyV6, MAX_PREFIXES, RuleSet},
@@ -38,6 +38,9 @@ pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(CT_MAX_ENT
 #[map]
 pub static COUNTERS: PerCpuHashMap<CounterKey, Counter> =
     PerCpuHashMap::pinned(MAX_COUNTER_KEYS, 0);
+
+#[map]
+pub static TRACKED: PerCpuArray<Counter> = PerCpuArray::pinned(TRACKED_SLOTS, 0);
 
 /// Where a new conntrack entry is built: the BPF stack is too small to hold it as well.
 #[map]

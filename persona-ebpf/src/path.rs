@@ -19,15 +19,26 @@ pub trait Direction {
     fn flow(ifindex: u32, ip: &Ip, l4: &L4, active: &Active, plan: &mut Plan) -> Reason;
 }
 
-/// The verdict on a packet and the persona that decided it, in one register: a
-/// separate variable would cost main's frame the bytes the verifier's 512 cannot spare.
+/// The verdict on a packet and the persona and table that decided it, in one
+/// register: separate variables would cost main's frame bytes the verifier's 512
+/// cannot spare. Reason in bits 0-7, table in 8-31, persona in 32-63.
 #[derive(Clone, Copy)]
 pub struct Handled(u64);
 
 impl Handled {
     #[inline(always)]
-    fn new(reason: Reason, persona: u32) -> Self {
-        Self(reason as u64 | (u64::from(persona) << 32))
+    pub fn new(reason: Reason, table: u32, persona: u32) -> Self {
+        Self(reason as u64 | (u64::from(table & 0xff_ffff) << 8) | (u64::from(persona) << 32))
+    }
+
+    #[inline(always)]
+    fn decided(reason: Reason, plan: &Plan) -> Self {
+        Self::new(reason, plan.table, plan.persona)
+    }
+
+    #[inline(always)]
+    pub fn unattributed(reason: Reason) -> Self {
+        Self(reason as u64 | (u64::from(UNATTRIBUTED) << 32))
     }
 
     #[inline(always)]
@@ -39,6 +50,11 @@ impl Handled {
     pub fn persona(self) -> u32 {
         (self.0 >> 32) as u32
     }
+
+    #[inline(always)]
+    pub fn table(self) -> u32 {
+        ((self.0 >> 8) & 0xff_ffff) as u32
+    }
 }
 
 /// Decides and rewrites one packet.
@@ -46,14 +62,14 @@ impl Handled {
 pub fn handle<P: Packet, D: Direction>(p: &mut P) -> Handled {
     match decide::<P, D>(p) {
         Ok(h) => h,
-        Err(reason) => Handled::new(reason, UNATTRIBUTED),
+        Err(reason) => Handled::unattributed(reason),
     }
 }
 
 #[inline(always)]
 fn decide<P: Packet, D: Direction>(p: &mut P) -> Result<Handled, Reason> {
     let ip = match parse::l3(p)? {
-        L3::Arp => return Ok(Handled::new(Reason::PassArp, UNATTRIBUTED)),
+        L3::Arp => return Ok(Handled::unattributed(Reason::PassArp)),
         L3::V4 => parse::ipv4(p)?,
         L3::V6 => parse::ipv6(p)?,
     };
@@ -61,11 +77,12 @@ fn decide<P: Packet, D: Direction>(p: &mut P) -> Result<Handled, Reason> {
     if ip.family == FAMILY_V6
         && (l4.kind == Kind::Ndp || parse::is_link_local_v6(D::local_end(&ip)))
     {
-        return Ok(Handled::new(Reason::PassLinkLocal, UNATTRIBUTED));
+        return Ok(Handled::unattributed(Reason::PassLinkLocal));
     }
     let active = state::active(p.ifindex())?;
     let mut plan = Plan {
         persona: active.persona,
+        table: active.table,
         ..Plan::default()
     };
     let reason = if l4.kind == Kind::IcmpError {
@@ -74,10 +91,10 @@ fn decide<P: Packet, D: Direction>(p: &mut P) -> Result<Handled, Reason> {
         D::flow(p.ifindex(), &ip, &l4, &active, &mut plan)
     };
     if !reason.passes() {
-        return Ok(Handled::new(reason, plan.persona));
+        return Ok(Handled::decided(reason, &plan));
     }
     match plan::apply::<P>(p.raw(), &ip, &l4, &plan) {
-        r if r.passes() => Ok(Handled::new(reason, plan.persona)),
-        failed => Ok(Handled::new(failed, plan.persona)),
+        r if r.passes() => Ok(Handled::decided(reason, &plan)),
+        failed => Ok(Handled::decided(failed, &plan)),
     }
 }

@@ -20,9 +20,10 @@ pub struct Plan {
     pub src: [u8; 16],
     pub dst: [u8; 16],
     pub flags: u8,
-    /// The persona that decided: kept here, in the padding, because main's frame cannot
-    /// grow by another slot.
+    /// The persona and table that decided: kept here, in the padding, because main's
+    /// frame cannot grow by another slot.
     pub persona: u32,
+    pub table: u32,
 }
 
 #[inline(never)]

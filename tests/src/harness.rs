@@ -94,7 +94,14 @@ impl Harness {
     }
 
     pub fn shift(&mut self, yaml: &str, cut_flows: bool) -> Shifted {
-        let compiled = compile(&persona(yaml)).expect("test persona compiles");
+        self.shift_as(yaml, 0, cut_flows)
+    }
+
+    /// A shift to the persona with the control plane's id `id`, which counters are
+    /// kept by.
+    pub fn shift_as(&mut self, yaml: &str, id: u32, cut_flows: bool) -> Shifted {
+        let mut compiled = compile(&persona(yaml)).expect("test persona compiles");
+        compiled.id = id;
         let staged = self.dp.stage(&compiled).expect("staging");
         self.dp
             .shift(LOOPBACK, staged, ShiftOptions { cut_flows })

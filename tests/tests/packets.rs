@@ -2,11 +2,11 @@
 //! with BPF_PROG_TEST_RUN, every checksum of the result checked from scratch.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use persona::datapath::programs::Program;
+use persona::datapath::{Datapath as _, programs::Program};
 use persona_common::{DIR_EGRESS as EGRESS, DIR_INGRESS as INGRESS, counters::Reason};
 use persona_tests::{
     frames::{ACK, L4, SYN, check_frame, check_ip, ethernet, frame, icmp_error, ip_packet},
-    harness::{Harness, INNER_V4, INNER_V6, TC_ACT_OK, TC_ACT_SHOT, XDP_DROP, XDP_PASS},
+    harness::{Harness, INNER_V4, INNER_V6, LOOPBACK, TC_ACT_OK, TC_ACT_SHOT, XDP_DROP, XDP_PASS},
 };
 
 const PERSONA_A: &str = r#"
@@ -556,4 +556,45 @@ firewall:
     let (verdict, _) = h.from_vm(&f);
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(h.count(EGRESS, Reason::DropNoPersona), before + 1);
+}
+
+/// Tracked-flow packets are counted in an array slot of the table they were handled
+/// with: each persona keeps its own after a shift, and after the replaced table is
+/// freed and its slot reused.
+#[test]
+fn tracked_packets_stay_counted_for_their_persona_across_shifts_and_reclaim() {
+    let tracked_by_persona = |h: &Harness| -> Vec<u64> {
+        let by_persona = h.dp.persona_counters(LOOPBACK).expect("counters");
+        by_persona
+            .values()
+            .filter_map(|c| c.get(&(EGRESS, Reason::AllowTracked)))
+            .map(|c| c.packets)
+            .filter(|&n| n > 0)
+            .collect()
+    };
+    let mut h = Harness::new();
+    h.shift_as(PERSONA_A, 1, false);
+    let out = frame(inner4(), v4(REMOTE), &udp(5005, 9005));
+    for _ in 0..3 {
+        assert_eq!(h.from_vm(&out).0, TC_ACT_OK);
+    }
+    assert_eq!(
+        tracked_by_persona(&h),
+        [2],
+        "the flow's first packet opened it"
+    );
+    h.shift_as(PERSONA_B, 2, false);
+    assert_eq!(h.from_vm(&out).0, TC_ACT_OK);
+    assert_eq!(tracked_by_persona(&h), [2, 1]);
+    h.dp.reclaim().expect("reclaiming");
+    assert_eq!(
+        tracked_by_persona(&h),
+        [2, 1],
+        "the freed table's count moved to its persona"
+    );
+    // The freed slot is reused by the next shift and starts from zero.
+    h.shift_as(PERSONA_A, 1, false);
+    assert_eq!(h.from_vm(&out).0, TC_ACT_OK);
+    h.dp.reclaim().expect("reclaiming");
+    assert_eq!(tracked_by_persona(&h), [3, 1]);
 }

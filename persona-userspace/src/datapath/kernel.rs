@@ -16,7 +16,7 @@ use aya::{
 };
 use persona_common::{
     DIR_EGRESS, DIR_INGRESS,
-    counters::{Counter, CounterKey, NO_PERSONA, Reason},
+    counters::{Counter, CounterKey, NO_PERSONA, Reason, tracked_slot},
     device::{DEVICE_HAS_V4, DEVICE_HAS_V6, DeviceConfig},
     firewall::{FwKeyV4, FwKeyV6, KEY_HEADER_BITS, key_header},
     guard::GuardState,
@@ -107,7 +107,15 @@ pub struct KernelDatapath {
     host: Option<Host>,
     config: KernelConfig,
     retired: Vec<u32>,
+    cpus: usize,
     _lock: Option<nix::fcntl::Flock<std::fs::File>>,
+}
+
+fn add(a: Counter, b: &Counter) -> Counter {
+    Counter {
+        packets: a.packets + b.packets,
+        bytes: a.bytes + b.bytes,
+    }
 }
 
 fn lock(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
@@ -199,10 +207,18 @@ impl KernelDatapath {
             host,
             config,
             retired: Vec::new(),
+            cpus: nr_cpus().map_err(|(_, e)| io_err("counting CPUs")(e))?,
             _lock: lock,
         };
         if dp.config.wire_host {
             dp.route()?;
+        }
+        // Tables retired but not freed when the last process stopped still hold counts.
+        if dp.config.exclusive {
+            let free: Vec<u32> = dp.tables.free().collect();
+            for table in free {
+                dp.harvest(table)?;
+            }
         }
         Ok(dp)
     }
@@ -255,7 +271,7 @@ impl KernelDatapath {
         if self.maps.counters.get(&key(DIR_INGRESS, last), 0).is_ok() {
             return Ok(());
         }
-        let cpus = nr_cpus().map_err(|(_, e)| io_err("counting CPUs")(e))?;
+        let cpus = self.cpus;
         for direction in [DIR_EGRESS, DIR_INGRESS] {
             for reason in Reason::ALL {
                 let key = key(direction, *reason);
@@ -386,6 +402,7 @@ impl KernelDatapath {
     }
 
     fn clear_table(&mut self, table: u32) -> Result<()> {
+        self.harvest(table)?;
         let old = self.tables.take_prefixes(table);
         for (len, data) in old.v4 {
             let _ = self.maps.fw_v4.remove(&Key::new(len, data));
@@ -397,6 +414,72 @@ impl KernelDatapath {
             .personas
             .set(table, PersonaTable::default(), 0)
             .map_err(bpf_err("PERSONAS"))
+    }
+
+    /// The tracked-flow packets a table counted, per direction and summed over CPUs.
+    fn tracked(&self, table: u32) -> Result<[(u8, Counter); 2]> {
+        let read = |direction| -> Result<(u8, Counter)> {
+            let values = self
+                .maps
+                .tracked
+                .get(&tracked_slot(table, direction), 0)
+                .map_err(bpf_err("TRACKED"))?;
+            Ok((direction, values.iter().fold(Counter::default(), add)))
+        };
+        Ok([read(DIR_EGRESS)?, read(DIR_INGRESS)?])
+    }
+
+    /// Moves a freed table's tracked-flow counts into its device's `allow_tracked` keys
+    /// (which only userspace writes), and zeroes them for the slot's next owner. Safe
+    /// only once no program can be using the table.
+    fn harvest(&mut self, table: u32) -> Result<()> {
+        let owner = self.persona_table(table)?;
+        if owner.owner_ifindex == 0 {
+            return Ok(());
+        }
+        let attached = self.maps.devices.get(&owner.owner_ifindex, 0).is_ok();
+        let zero = || {
+            PerCpuValues::try_from(vec![Counter::default(); self.cpus])
+                .map_err(|e| DatapathError::Bpf(format!("TRACKED: {e}")))
+        };
+        for direction in [DIR_EGRESS, DIR_INGRESS] {
+            let slot = tracked_slot(table, direction);
+            let counted = self
+                .maps
+                .tracked
+                .get(&slot, 0)
+                .map_err(bpf_err("TRACKED"))?;
+            if counted.iter().all(|c| c.packets == 0) {
+                continue;
+            }
+            if attached {
+                let key = CounterKey {
+                    ifindex: owner.owner_ifindex,
+                    persona: owner.owner_persona,
+                    direction,
+                    reason: Reason::AllowTracked as u8,
+                    _pad: [0; 2],
+                };
+                let mut sum: Vec<Counter> = match self.maps.counters.get(&key, 0) {
+                    Ok(v) => v.iter().copied().collect(),
+                    Err(_) => vec![Counter::default(); self.cpus],
+                };
+                for (s, c) in sum.iter_mut().zip(counted.iter()) {
+                    *s = add(*s, c);
+                }
+                let sum = PerCpuValues::try_from(sum)
+                    .map_err(|e| DatapathError::Bpf(format!("COUNTERS: {e}")))?;
+                self.maps
+                    .counters
+                    .insert(key, sum, 0)
+                    .map_err(bpf_err("COUNTERS"))?;
+            }
+            self.maps
+                .tracked
+                .set(slot, zero()?, 0)
+                .map_err(bpf_err("TRACKED"))?;
+        }
+        Ok(())
     }
 
     /// Queues a table no device points at any more. It is freed by the next
@@ -704,6 +787,8 @@ impl Datapath for KernelDatapath {
         table.inner_v4 = device.inner_v4;
         table.inner_v6 = device.inner_v6;
         table.device_flags = device.flags;
+        table.owner_ifindex = ifindex;
+        table.owner_persona = staged.persona.id;
         table.ct_floor = match (options.cut_flows, previous_table) {
             (true, _) => generation,
             (false, Some(prev)) => prev.ct_floor,
@@ -875,13 +960,27 @@ impl Datapath for KernelDatapath {
                 .counters
                 .get(&key, 0)
                 .map_err(bpf_err("COUNTERS"))?;
-            let sum = values.iter().fold(Counter::default(), |acc, c| Counter {
-                packets: acc.packets + c.packets,
-                bytes: acc.bytes + c.bytes,
-            });
+            let sum = values.iter().fold(Counter::default(), add);
             out.entry(key.persona)
                 .or_default()
                 .insert((key.direction, reason), sum);
+        }
+        // Tracked flows of the tables still live: the active one, and those retired
+        // but not yet freed.
+        let active = self.maps.active.get(&ifindex, 0).ok().map(|a| a.table);
+        for table in active.into_iter().chain(self.retired.iter().copied()) {
+            let owner = self.persona_table(table)?;
+            if owner.owner_ifindex != ifindex {
+                continue;
+            }
+            for (direction, counted) in self.tracked(table)? {
+                let c = out
+                    .entry(owner.owner_persona)
+                    .or_default()
+                    .entry((direction, Reason::AllowTracked))
+                    .or_default();
+                *c = add(*c, &counted);
+            }
         }
         Ok(out)
     }

@@ -2,7 +2,7 @@
 //! definition in persona-ebpf/src/maps.rs and the types in persona-common.
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use persona_common::{
     conntrack::{CtEntry, CtKey},
@@ -30,6 +30,8 @@ pub struct Maps {
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
     /// `COUNTERS` (per-CPU hash).
     pub counters: PerCpuHashMap<MapData, CounterKey, Counter>,
+    /// `TRACKED` (per-CPU array): tracked-flow packets by table and direction.
+    pub tracked: PerCpuArray<MapData, Counter>,
     /// `HOST_WIRING`: userspace only.
     pub host_wiring: HashMap<MapData, u32, HostWiring>,
     /// `HANDSHAKES` (per-CPU hash): TCP handshake RTT histogram per device.
@@ -62,6 +64,7 @@ impl Maps {
             fw_v6: take(ebpf, map_names::FW_V6)?,
             conntrack: take(ebpf, map_names::CONNTRACK)?,
             counters: take(ebpf, map_names::COUNTERS)?,
+            tracked: take(ebpf, map_names::TRACKED)?,
             host_wiring: take(ebpf, map_names::HOST_WIRING)?,
             events: Some(take(ebpf, map_names::EVENTS)?),
             handshakes: take(ebpf, map_names::HANDSHAKES)?,

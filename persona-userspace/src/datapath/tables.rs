@@ -57,6 +57,10 @@ impl Tables {
         self.prefixes.insert(table, p);
     }
 
+    pub fn free(&self) -> impl Iterator<Item = u32> + '_ {
+        self.free.iter().copied()
+    }
+
     pub fn in_use(&self) -> usize {
         (MAX_TABLES - 1) as usize - self.free.len()
     }
