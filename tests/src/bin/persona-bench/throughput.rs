@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 const SECONDS: u32 = 5;
 /// Each setup is measured this many times, round-robin; figures are medians.
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 
 /// The office persona as nftables rules: addresses rewritten both ways, smtp out
 /// dropped, ssh in from the outside's /24 admitted, replies of admitted flows pass.
@@ -168,7 +168,7 @@ pub fn run() -> Value {
     plain
         .out
         .exec("ip route add 198.18.0.0/24 via 198.51.100.1");
-    let mut setups = [
+    let setups = [
         Setup {
             name: "no program",
             lab: plain,
@@ -183,9 +183,12 @@ pub fn run() -> Value {
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
     let mut results: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = vec![Default::default(); setups.len()];
     let before: Vec<_> = setups.iter().map(program_runs).collect();
-    // Round-robin, so that a slow minute of a noisy machine hits every setup alike.
+    // Round-robin, each round starting one setup later, so that a slow minute of a
+    // noisy machine, or the wake of the setup before, hits every setup alike.
+    let n = setups.len();
     for round in 0..ROUNDS {
-        for (setup, r) in setups.iter_mut().zip(&mut results) {
+        for i in (0..n).map(|k| (k + round) % n) {
+            let (setup, r) = (&setups[i], &mut results[i]);
             let (tcp, udp, lost) = measure(&setup.lab);
             eprintln!(
                 "  round {round} {:<22} tcp bulk {:>7.2} Gbit/s   udp 18-byte payload {udp:>9.0} pkt/s received ({lost:.1}% lost)",
