@@ -2,15 +2,13 @@
 //! is forwarded by the program itself, with a FIB lookup (which honours the persona's
 //! `from ADDR` rule) and a redirect, and skips the host's IP stack. Whatever the lookup
 //! cannot finish goes the kernel's way: local delivery, a tunnel, an MTU to report, an
-//! expiring TTL, an interface that is neither an uplink nor a device.
+//! unresolved neighbour, an expiring TTL, an interface that is neither an uplink nor a
+//! device.
 use core::{ffi::c_void, mem};
 
 use aya_ebpf::{
-    bindings::{
-        __sk_buff, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK,
-        bpf_fib_lookup as FibLookup, bpf_redir_neigh as RedirNeigh,
-    },
-    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    bindings::{__sk_buff, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup as FibLookup},
+    helpers::{bpf_fib_lookup, bpf_redirect},
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 use persona_common::host::{ROUTE_IN_BPF, Routing};
@@ -101,38 +99,19 @@ fn forward(skb: *mut __sk_buff, allowed: impl Fn(u32) -> bool) -> i32 {
         )
     } as u32;
     let oif = fib.ifindex;
-    if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) || !allowed(oif) {
+    // Anything but a complete answer goes the kernel's way: an unresolved neighbour is
+    // resolved there (and the MTU checked, which the lookup only does on success).
+    if rc != BPF_FIB_LKUP_RET_SUCCESS || !allowed(oif) {
         return TC_ACT_OK;
     }
-    if decrement_ttl(&mut p, v4).is_err() {
+    let mut macs = [0u8; ETH_ADDRS];
+    macs[..6].copy_from_slice(&fib.dmac);
+    macs[6..].copy_from_slice(&fib.smac);
+    if p.store(0, &macs).is_err() || decrement_ttl(&mut p, v4).is_err() {
         return TC_ACT_OK;
     }
-    if rc == BPF_FIB_LKUP_RET_SUCCESS {
-        let mut macs = [0u8; ETH_ADDRS];
-        macs[..6].copy_from_slice(&fib.dmac);
-        macs[6..].copy_from_slice(&fib.smac);
-        if p.store(0, &macs).is_err() {
-            return TC_ACT_OK;
-        }
-        // SAFETY: a helper taking plain values.
-        return unsafe { bpf_redirect(oif, 0) } as i32;
-    }
-    // The route is there but the next hop's neighbour is not resolved yet: the kernel
-    // resolves it and fills in the addresses.
-    // SAFETY: plain data, valid when zeroed.
-    let mut nh: RedirNeigh = unsafe { mem::zeroed() };
-    // SAFETY: the lookup wrote the next hop into the destination of its family.
-    unsafe {
-        if v4 {
-            nh.nh_family = AF_INET.into();
-            nh.__bindgen_anon_1.ipv4_nh = fib.__bindgen_anon_4.ipv4_dst;
-        } else {
-            nh.nh_family = AF_INET6.into();
-            nh.__bindgen_anon_1.ipv6_nh = fib.__bindgen_anon_4.ipv6_dst;
-        }
-    }
-    // SAFETY: a next hop structure of the size given.
-    unsafe { bpf_redirect_neigh(oif, &mut nh, mem::size_of::<RedirNeigh>() as i32, 0) as i32 }
+    // SAFETY: a helper taking plain values.
+    unsafe { bpf_redirect(oif, 0) as i32 }
 }
 
 #[inline(always)]

@@ -261,7 +261,7 @@ fn reply_hops(lab: &Lab, dst: &str) -> String {
 
 /// With `--host-routing bpf` the programs forward both ways themselves: the host's
 /// forward hook sees none of the VM's traffic, and the hop count drops by one as a
-/// router's would. With the default, kernel routing, the host's stack forwards it.
+/// router's would. With `--host-routing kernel` (the default) the host's stack does.
 #[test]
 fn host_routing_in_bpf_skips_the_host_stack_and_kernel_routing_does_not() {
     let lab = Lab::new(VmLink::Veth);
@@ -283,7 +283,7 @@ fn host_routing_in_bpf_skips_the_host_stack_and_kernel_routing_does_not() {
         "BPF routing forwarded it all"
     );
 
-    lab.persona_ok("datapath attach vm1 -f examples/");
+    lab.persona_ok("--host-routing kernel datapath attach vm1 -f examples/");
     assert_eq!(lab.seen_from_outside().as_deref(), Some("203.0.113.10"));
     assert_eq!(reply_hops(&lab, OUTSIDE), "63");
     assert_eq!(reply_hops(&lab, OUTSIDE_V6), "63");

@@ -598,3 +598,28 @@ fn tracked_packets_stay_counted_for_their_persona_across_shifts_and_reclaim() {
     h.dp.reclaim().expect("reclaiming");
     assert_eq!(tracked_by_persona(&h), [3, 1]);
 }
+
+/// The VM's own address changes while its persona is active (a Device applied again):
+/// packets from the new address leave as the persona under the same rules, the old
+/// address is refused as a spoof, and the replaced table is freed.
+#[test]
+fn a_changed_inner_address_takes_effect_without_a_shift() {
+    let mut h = Harness::with_persona(PERSONA_A);
+    let mut spec = persona_tests::harness::device();
+    spec.inner_v4 = Some(Ipv4Addr::new(198, 18, 0, 9));
+    h.dp.configure_device(LOOPBACK, &spec)
+        .expect("configuring the device again");
+    let moved = v4([198, 18, 0, 9]);
+    let (verdict, out) = h.from_vm(&frame(moved, v4(REMOTE), &udp(5006, 9006)));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(check_frame(&out).src, v4(PERSONA_A_V4));
+    let (verdict, _) = h.from_vm(&frame(inner4(), v4(REMOTE), &udp(5007, 9007)));
+    assert_eq!(verdict, TC_ACT_SHOT, "the old address is a spoof now");
+    let (verdict, _) = h.from_vm(&frame(moved, v4(REMOTE), &tcp(40000, 25, SYN)));
+    assert_eq!(
+        verdict, TC_ACT_SHOT,
+        "the persona's egress rule still drops smtp"
+    );
+    h.dp.reclaim().expect("reclaiming");
+    assert_eq!(h.dp.tables_in_use(), 1, "the replaced table was freed");
+}

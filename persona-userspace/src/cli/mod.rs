@@ -33,15 +33,10 @@ pub struct Cli {
     pub uplink: Vec<String>,
     /// Who forwards translated packets between the taps and the uplinks: the programs
     /// (a FIB lookup and a redirect, past the host's IP stack and its netfilter hooks) or
-    /// the host's IP stack.
-    #[arg(
-        long,
-        global = true,
-        env = "PERSONA_HOST_ROUTING",
-        value_enum,
-        default_value_t
-    )]
-    pub host_routing: HostRouting,
+    /// the host's IP stack. When not given, as the pinned datapath was last told (the
+    /// kernel at first).
+    #[arg(long, global = true, env = "PERSONA_HOST_ROUTING", value_enum)]
+    pub host_routing: Option<HostRouting>,
     /// CA certificate (PEM) to trust for an https:// server.
     #[arg(long, global = true, env = "PERSONA_CACERT")]
     pub cacert: Option<PathBuf>,

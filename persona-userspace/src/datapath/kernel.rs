@@ -18,13 +18,13 @@ use persona_common::{
     DIR_EGRESS, DIR_INGRESS,
     counters::{Counter, CounterKey, NO_PERSONA, Reason, tracked_slot},
     device::{DEVICE_HAS_V4, DEVICE_HAS_V6, DeviceConfig},
-    firewall::{FwKeyV4, FwKeyV6, KEY_HEADER_BITS, key_header},
+    firewall::{FwKeyV4, FwKeyV6, KEY_HEADER_BITS, RuleSet, key_header},
     guard::GuardState,
     host::{
         HostWiring, MAX_UPLINKS, ROUTE_IN_BPF, Routing, WIRED_GATEWAY_V4, WIRED_GATEWAY_V6,
         WIRED_LINGERING_V4, WIRED_LINGERING_V6,
     },
-    persona::{Active, PersonaTable},
+    persona::{Active, MAX_TABLES, PersonaTable},
 };
 use tracing::info;
 
@@ -61,8 +61,9 @@ pub struct KernelConfig {
     /// Hold the pin directory's lock: only one process may change the tables, since
     /// each keeps its own account of free table slots.
     pub exclusive: bool,
-    /// Who forwards translated packets between the taps and the uplinks.
-    pub routing: HostRouting,
+    /// Who forwards translated packets between the taps and the uplinks; `None` keeps
+    /// what the pinned datapath was last told (the kernel on a fresh one).
+    pub routing: Option<HostRouting>,
 }
 
 /// Who forwards a translated packet between a tap and an uplink. The kernel by
@@ -85,7 +86,7 @@ impl Default for KernelConfig {
             uplinks: Vec::new(),
             wire_host: true,
             exclusive: true,
-            routing: HostRouting::default(),
+            routing: None,
         }
     }
 }
@@ -109,6 +110,26 @@ pub struct KernelDatapath {
     retired: Vec<u32>,
     cpus: usize,
     _lock: Option<nix::fcntl::Flock<std::fs::File>>,
+}
+
+/// Copies each prefix under the key `moved` gives it, recording each in `written` as it
+/// goes.
+fn copy_prefixes<K: aya::Pod>(
+    map: &mut aya::maps::LpmTrie<aya::maps::MapData, K, RuleSet>,
+    from: &[(u32, K)],
+    moved: impl Fn(K) -> K,
+    written: &mut Vec<(u32, K)>,
+) -> Result<()> {
+    for &(len, key) in from {
+        let rules = map
+            .get(&Key::new(len, key), 0)
+            .map_err(bpf_err("firewall prefix"))?;
+        let to = moved(key);
+        map.insert(&Key::new(len, to), rules, 0)
+            .map_err(bpf_err("firewall prefix"))?;
+        written.push((len, to));
+    }
+    Ok(())
 }
 
 fn add(a: Counter, b: &Counter) -> Counter {
@@ -231,13 +252,27 @@ impl KernelDatapath {
             .iter()
             .map(|name| super::ifindex(name))
             .collect::<Result<Vec<u32>>>()?;
+        // Without uplinks there is nothing to route to: a maintenance command leaves
+        // whatever the daemon set alone.
+        if uplinks.is_empty() {
+            return Ok(());
+        }
         if uplinks.len() > MAX_UPLINKS {
             return Err(DatapathError::Bpf(format!(
                 "at most {MAX_UPLINKS} uplinks, {} given",
                 uplinks.len()
             )));
         }
-        let on = self.config.routing == HostRouting::Bpf && !uplinks.is_empty();
+        let before = self.maps.routing.get(&0, 0).map_err(bpf_err("ROUTING"))?;
+        let mode = self
+            .config
+            .routing
+            .unwrap_or(if before.flags & ROUTE_IN_BPF != 0 {
+                HostRouting::Bpf
+            } else {
+                HostRouting::Kernel
+            });
+        let on = mode == HostRouting::Bpf;
         let mut routing = Routing {
             flags: if on { ROUTE_IN_BPF } else { 0 },
             ..Routing::default()
@@ -246,11 +281,18 @@ impl KernelDatapath {
         for &ifindex in &uplinks {
             Links::new(&self.config.pin_dir, ifindex).route_from_uplink(&mut self.ebpf, on)?;
         }
+        for &gone in before
+            .uplinks
+            .iter()
+            .filter(|&&u| u != 0 && !uplinks.contains(&u))
+        {
+            Links::new(&self.config.pin_dir, gone).route_from_uplink(&mut self.ebpf, false)?;
+        }
         self.maps
             .routing
             .set(0, routing, 0)
             .map_err(bpf_err("ROUTING"))?;
-        info!(routing = ?self.config.routing, uplinks = uplinks.len(), "host routing");
+        info!(routing = ?mode, uplinks = uplinks.len(), "host routing");
         Ok(())
     }
 
@@ -308,6 +350,7 @@ impl KernelDatapath {
             .devices
             .insert(ifindex, cfg, 0)
             .map_err(bpf_err("DEVICES"))?;
+        self.restamp(ifindex, &cfg)?;
         self.create_counters(ifindex, NO_PERSONA)?;
         match device.flood_guard_rate() {
             Some(rate_pps) => self
@@ -349,6 +392,81 @@ impl KernelDatapath {
             .insert(ifindex, wiring, 0)
             .map_err(bpf_err("HOST_WIRING"))?;
         Ok(())
+    }
+
+    /// A device whose own addresses changed while a persona is active gets a copy of
+    /// its table with the new identity, flipped in like a shift: a table is never
+    /// rewritten while a program may read it.
+    fn restamp(&mut self, ifindex: u32, cfg: &DeviceConfig) -> Result<()> {
+        let Ok(active) = self.maps.active.get(&ifindex, 0) else {
+            return Ok(());
+        };
+        let mut table = self.persona_table(active.table)?;
+        if (table.inner_v4, table.inner_v6, table.device_flags)
+            == (cfg.inner_v4, cfg.inner_v6, cfg.flags)
+        {
+            return Ok(());
+        }
+        table.inner_v4 = cfg.inner_v4;
+        table.inner_v6 = cfg.inner_v6;
+        table.device_flags = cfg.flags;
+        let slot = match self.tables.alloc() {
+            Err(DatapathError::TablesExhausted(_)) if !self.retired.is_empty() => {
+                self.reclaim()?;
+                self.tables.alloc()?
+            }
+            other => other?,
+        };
+        if let Err(e) = self.copy_into(active.table, slot, table) {
+            let _ = self.clear_table(slot);
+            self.tables.release(slot);
+            return Err(e);
+        }
+        self.maps
+            .active
+            .insert(
+                ifindex,
+                Active {
+                    table: slot,
+                    ..active
+                },
+                0,
+            )
+            .map_err(bpf_err("ACTIVE"))?;
+        info!(
+            ifindex,
+            "the device's own addresses changed: its table was copied"
+        );
+        self.retire(active.table)
+    }
+
+    /// `table` with `from`'s firewall prefixes, written into the free slot `to`.
+    fn copy_into(&mut self, from: u32, to: u32, table: PersonaTable) -> Result<()> {
+        self.clear_table(to)?;
+        let old = self.tables.take_prefixes(from);
+        let (t, _) = key_header(to, 0);
+        let mut written = Prefixes::default();
+        let result = copy_prefixes(
+            &mut self.maps.fw_v4,
+            &old.v4,
+            |k| FwKeyV4 { table: t, ..k },
+            &mut written.v4,
+        )
+        .and_then(|()| {
+            copy_prefixes(
+                &mut self.maps.fw_v6,
+                &old.v6,
+                |k| FwKeyV6 { table: t, ..k },
+                &mut written.v6,
+            )
+        });
+        self.tables.set_prefixes(from, old);
+        self.tables.set_prefixes(to, written);
+        result?;
+        self.maps
+            .personas
+            .set(to, table, 0)
+            .map_err(bpf_err("PERSONAS"))
     }
 
     /// Writes the persona's prefixes under `table`, recording each in `written` as it
@@ -434,10 +552,8 @@ impl KernelDatapath {
     /// only once no program can be using the table.
     fn harvest(&mut self, table: u32) -> Result<()> {
         let owner = self.persona_table(table)?;
-        if owner.owner_ifindex == 0 {
-            return Ok(());
-        }
-        let attached = self.maps.devices.get(&owner.owner_ifindex, 0).is_ok();
+        let attached =
+            owner.owner_ifindex != 0 && self.maps.devices.get(&owner.owner_ifindex, 0).is_ok();
         let zero = || {
             PerCpuValues::try_from(vec![Counter::default(); self.cpus])
                 .map_err(|e| DatapathError::Bpf(format!("TRACKED: {e}")))
@@ -500,8 +616,10 @@ impl KernelDatapath {
         self.grace
             .wait()
             .map_err(io_err("waiting for an RCU grace period"))?;
-        for table in std::mem::take(&mut self.retired) {
+        // One at a time: a failure leaves the rest listed, to be freed next time.
+        while let Some(&table) = self.retired.last() {
             self.clear_table(table)?;
+            self.retired.pop();
             self.tables.release(table);
         }
         Ok(())
@@ -966,9 +1084,18 @@ impl Datapath for KernelDatapath {
                 .insert((key.direction, reason), sum);
         }
         // Tracked flows of the tables still live: the active one, and those retired
-        // but not yet freed.
-        let active = self.maps.active.get(&ifindex, 0).ok().map(|a| a.table);
-        for table in active.into_iter().chain(self.retired.iter().copied()) {
+        // but not yet freed, which only the process holding the lock knows of; any other
+        // reads every slot (a freed one holds no counts).
+        let tables: Vec<u32> = if self.config.exclusive {
+            let active = self.maps.active.get(&ifindex, 0).ok().map(|a| a.table);
+            active
+                .into_iter()
+                .chain(self.retired.iter().copied())
+                .collect()
+        } else {
+            (META_TABLE + 1..MAX_TABLES).collect()
+        };
+        for table in tables {
             let owner = self.persona_table(table)?;
             if owner.owner_ifindex != ifindex {
                 continue;

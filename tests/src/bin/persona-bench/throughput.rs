@@ -234,7 +234,7 @@ fn runs_since(setup: &Setup, before: &Runs) -> BTreeMap<String, Value> {
             let runs = cnt.checked_sub(c0).filter(|r| *r > 0)?;
             Some((
                 name,
-                json!({ "runs": runs, "ns_per_run": (ns - n0) as f64 / runs as f64 }),
+                json!({ "runs": runs, "ns_per_run": ns.saturating_sub(n0) as f64 / runs as f64 }),
             ))
         })
         .collect()
