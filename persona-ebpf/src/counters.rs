@@ -15,6 +15,14 @@ use crate::{
 /// A packet decided before any persona was read (ARP, link-local, malformed).
 pub const UNATTRIBUTED: u32 = u32::MAX;
 
+#[inline(always)]
+fn add_wire(c: *mut Counter, wire: Wire) {
+    // SAFETY: a per-CPU map value: no other writer.
+    let c = unsafe { &mut *c };
+    c.packets += wire.packets();
+    c.bytes += wire.bytes();
+}
+
 /// A subprogram of its own, so its frame never adds to the deciders'.
 #[inline(never)]
 pub fn count(ifindex: u32, handled: Handled, direction: u8, wire: Wire) {
@@ -22,10 +30,7 @@ pub fn count(ifindex: u32, handled: Handled, direction: u8, wire: Wire) {
     let persona = handled.persona();
     if reason == Reason::AllowTracked && persona != UNATTRIBUTED {
         if let Some(c) = TRACKED.get_ptr_mut(tracked_slot(handled.table(), direction)) {
-            // SAFETY: per-CPU value, no other writer.
-            let c = unsafe { &mut *c };
-            c.packets += wire.packets();
-            c.bytes += wire.bytes();
+            add_wire(c, wire);
         }
         return;
     }
@@ -46,10 +51,7 @@ pub fn count(ifindex: u32, handled: Handled, direction: u8, wire: Wire) {
     // the first packet creates it, and a CPU that loses that race adds to the winner's.
     for _ in 0..2 {
         if let Some(c) = COUNTERS.get_ptr_mut(key) {
-            // SAFETY: per-CPU value, no other writer.
-            let c = unsafe { &mut *c };
-            c.packets += wire.packets();
-            c.bytes += wire.bytes();
+            add_wire(c, wire);
             return;
         }
         if COUNTERS

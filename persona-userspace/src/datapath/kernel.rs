@@ -234,11 +234,14 @@ impl KernelDatapath {
         if dp.config.wire_host {
             dp.route()?;
         }
-        // Tables retired but not freed when the last process stopped still hold counts.
+        // Tables retired but not freed when the last process stopped still hold counts;
+        // only a table that was flipped in can have any.
         if dp.config.exclusive {
             let free: Vec<u32> = dp.tables.free().collect();
             for table in free {
-                dp.harvest(table)?;
+                if dp.persona_table(table)?.owner_ifindex != 0 {
+                    dp.harvest(table)?;
+                }
             }
         }
         Ok(dp)
@@ -313,13 +316,10 @@ impl KernelDatapath {
         if self.maps.counters.get(&key(DIR_INGRESS, last), 0).is_ok() {
             return Ok(());
         }
-        let cpus = self.cpus;
         for direction in [DIR_EGRESS, DIR_INGRESS] {
             for reason in Reason::ALL {
                 let key = key(direction, *reason);
-                let zero = PerCpuValues::try_from(vec![Counter::default(); cpus])
-                    .map_err(|e| DatapathError::Bpf(e.to_string()))?;
-                match self.maps.counters.insert(key, zero, BPF_NOEXIST) {
+                match self.maps.counters.insert(key, self.zeroed()?, BPF_NOEXIST) {
                     Ok(()) => {}
                     Err(MapError::SyscallError(e))
                         if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
@@ -410,13 +410,7 @@ impl KernelDatapath {
         table.inner_v4 = cfg.inner_v4;
         table.inner_v6 = cfg.inner_v6;
         table.device_flags = cfg.flags;
-        let slot = match self.tables.alloc() {
-            Err(DatapathError::TablesExhausted(_)) if !self.retired.is_empty() => {
-                self.reclaim()?;
-                self.tables.alloc()?
-            }
-            other => other?,
-        };
+        let slot = self.alloc_table()?;
         if let Err(e) = self.copy_into(active.table, slot, table) {
             let _ = self.clear_table(slot);
             self.tables.release(slot);
@@ -554,10 +548,6 @@ impl KernelDatapath {
         let owner = self.persona_table(table)?;
         let attached =
             owner.owner_ifindex != 0 && self.maps.devices.get(&owner.owner_ifindex, 0).is_ok();
-        let zero = || {
-            PerCpuValues::try_from(vec![Counter::default(); self.cpus])
-                .map_err(|e| DatapathError::Bpf(format!("TRACKED: {e}")))
-        };
         for direction in [DIR_EGRESS, DIR_INGRESS] {
             let slot = tracked_slot(table, direction);
             let counted = self
@@ -576,13 +566,15 @@ impl KernelDatapath {
                     reason: Reason::AllowTracked as u8,
                     _pad: [0; 2],
                 };
-                let mut sum: Vec<Counter> = match self.maps.counters.get(&key, 0) {
-                    Ok(v) => v.iter().copied().collect(),
-                    Err(_) => vec![Counter::default(); self.cpus],
+                let before = match self.maps.counters.get(&key, 0) {
+                    Ok(v) => v,
+                    Err(_) => self.zeroed()?,
                 };
-                for (s, c) in sum.iter_mut().zip(counted.iter()) {
-                    *s = add(*s, c);
-                }
+                let sum: Vec<Counter> = before
+                    .iter()
+                    .zip(counted.iter())
+                    .map(|(b, c)| add(*b, c))
+                    .collect();
                 let sum = PerCpuValues::try_from(sum)
                     .map_err(|e| DatapathError::Bpf(format!("COUNTERS: {e}")))?;
                 self.maps
@@ -592,10 +584,27 @@ impl KernelDatapath {
             }
             self.maps
                 .tracked
-                .set(slot, zero()?, 0)
+                .set(slot, self.zeroed()?, 0)
                 .map_err(bpf_err("TRACKED"))?;
         }
         Ok(())
+    }
+
+    /// A free table slot, freeing the retired ones first when none is left.
+    fn alloc_table(&mut self) -> Result<u32> {
+        match self.tables.alloc() {
+            Err(DatapathError::TablesExhausted(_)) if !self.retired.is_empty() => {
+                self.reclaim()?;
+                self.tables.alloc()
+            }
+            other => other,
+        }
+    }
+
+    /// A counter of zeros for every CPU.
+    fn zeroed(&self) -> Result<PerCpuValues<Counter>> {
+        PerCpuValues::try_from(vec![Counter::default(); self.cpus])
+            .map_err(|e| DatapathError::Bpf(format!("per-CPU counter: {e}")))
     }
 
     /// Queues a table no device points at any more. It is freed by the next
@@ -843,13 +852,7 @@ impl Datapath for KernelDatapath {
     }
 
     fn stage(&mut self, persona: &CompiledPersona) -> Result<Staged> {
-        let table = match self.tables.alloc() {
-            Err(DatapathError::TablesExhausted(_)) if !self.retired.is_empty() => {
-                self.reclaim()?;
-                self.tables.alloc()?
-            }
-            other => other?,
-        };
+        let table = self.alloc_table()?;
         // A slot may hold leftovers of a stage a crash cut short.
         if let Err(e) = self.clear_table(table) {
             self.tables.release(table);
