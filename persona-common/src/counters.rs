@@ -103,12 +103,15 @@ reasons! {
     DropNotIp = 24, "drop_not_ip", false;
     /// The VM sent from an address that is not its own.
     DropSpoofed = 25, "drop_spoofed", false;
-    /// Addressed to neither the active persona nor a flow of an earlier one.
+    /// Addressed to neither the active persona nor a flow of an earlier one, or to an
+    /// address other than the one its flow is bound to.
     DropNotPersona = 26, "drop_not_persona", false;
     /// A program runs on an interface no device is configured for.
     DropUnknownDevice = 27, "drop_unknown_device", false;
     /// Over the device's packet-rate cap (flood guard).
     DropRateLimited = 28, "drop_rate_limited", false;
+    /// A new flow over the device's flow budget.
+    DropFlowBudget = 29, "drop_flow_budget", false;
 }
 
 /// `HANDSHAKES`: TCP handshake round trips seen on the tap (SYN out to SYN-ACK in), per

@@ -43,6 +43,8 @@ pub mod map_names {
     pub const HANDSHAKES: &str = "HANDSHAKES";
     pub const GUARD: &str = "GUARD";
     pub const ROUTING: &str = "ROUTING";
+    pub const DRAINS: &str = "DRAINS";
+    pub const FLOW_BUDGET: &str = "FLOW_BUDGET";
 }
 
 pub mod program_names {
@@ -77,11 +79,14 @@ mod pod {
         firewall::RuleSet,
         conntrack::CtKey,
         conntrack::CtEntry,
+        conntrack::FlowBudget,
         counters::CounterKey,
         counters::Counter,
         counters::HandshakeKey,
         host::HostWiring,
         host::Routing,
+        host::DrainKey,
+        host::Drain,
         events::DropEvent,
         guard::GuardState,
     );

@@ -31,6 +31,9 @@ pub struct PersonaTable {
     /// Connection-tracking entries older than this generation are ignored: a shift that
     /// sets it to its own generation cuts every flow opened before it.
     pub ct_floor: u64,
+    /// Flows bound before this generation take the persona's address at their next
+    /// packet from the VM (`move`); later ones keep the address they have (`keep`).
+    pub move_floor: u64,
     pub generation: u64,
     /// The device's own identity (`device::DEVICE_HAS_*` in `device_flags`), copied in
     /// when the table is flipped in, so that a packet reads one table for both ends.
@@ -42,7 +45,7 @@ pub struct PersonaTable {
     pub owner_ifindex: u32,
     pub owner_persona: u32,
 }
-const _: () = assert!(core::mem::size_of::<PersonaTable>() == 96);
+const _: () = assert!(core::mem::size_of::<PersonaTable>() == 104);
 
 pub const PERSONA_HAS_V4: u32 = 1 << 0;
 pub const PERSONA_HAS_V6: u32 = 1 << 1;

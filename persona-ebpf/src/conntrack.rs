@@ -1,11 +1,22 @@
-//! Flow tracking: replies and further packets of admitted flows skip the rules.
+//! Flow tracking: replies and further packets of admitted flows skip the rules, and
+//! keep the persona address they were bound to.
 //!
 //! When the LRU map is full the least recently used flow is evicted; its next packet is
-//! judged by the rules again as if new, so an idle flow may need to be opened anew.
+//! judged by the rules again as if new. Each device opens flows within its budget, so
+//! one device's spray cannot push out the others' flows.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use persona_common::conntrack::{CtEntry, CtKey, timeout_ns};
+use persona_common::{
+    DIR_EGRESS,
+    conntrack::{
+        CtEntry, CtKey, TCP_FIN_EGRESS, TCP_FIN_INGRESS, TCP_RESET, TCP_SYN_SENT, tcp_closed,
+        timeout_ns,
+    },
+};
 
-use crate::maps::{CONNTRACK, CT_SCRATCH};
+use crate::{
+    maps::{CONNTRACK, CT_SCRATCH, FLOW_BUDGET},
+    parse::{Kind, L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
 
 #[inline(always)]
 pub fn now() -> u64 {
@@ -33,31 +44,114 @@ pub fn key(
     }
 }
 
-/// The flow's entry, unless it expired or predates the persona's `ct_floor`.
+/// The flow's entry, unless it expired, predates the persona's `ct_floor`, or ended
+/// and this bare SYN opens a new connection on its ports.
 #[inline(always)]
-pub fn live(key: &CtKey, floor: u64, now: u64) -> Option<*mut CtEntry> {
+pub fn live(key: &CtKey, floor: u64, now: u64, tcp_flags: u8) -> Option<*mut CtEntry> {
     let entry = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: the map value stays valid for the rest of this program run.
     let e = unsafe { &*entry };
-    if e.generation < floor || now.saturating_sub(e.last_seen_ns) > timeout_ns(key.proto) {
+    if e.generation < floor || now.saturating_sub(e.last_seen_ns) > timeout_ns(key.proto, e.tcp) {
+        return None;
+    }
+    if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && tcp_closed(e.tcp) {
         return None;
     }
     Some(entry)
 }
 
-/// Marks the flow as seen now, through `binding` if it left the VM.
+/// The TCP state bits a packet adds, going `direction`.
 #[inline(always)]
-pub fn refresh(entry: *mut CtEntry, binding: Option<&[u8; 16]>, generation: u64, now: u64) {
+fn tcp_bits(direction: u8, l4: &L4) -> u8 {
+    let mut bits = 0;
+    if l4.tcp_flags & TCP_FIN != 0 {
+        bits |= if direction == DIR_EGRESS {
+            TCP_FIN_EGRESS
+        } else {
+            TCP_FIN_INGRESS
+        };
+    }
+    if l4.tcp_flags & TCP_RST != 0 {
+        bits |= TCP_RESET;
+    }
+    bits
+}
+
+/// Marks the flow as seen now, going `direction`, and moves its TCP state on.
+#[inline(always)]
+pub fn seen(entry: *mut CtEntry, direction: u8, l4: &L4, now: u64) {
     // SAFETY: see `live`; concurrent writers only race on which timestamp wins.
     let e = unsafe { &mut *entry };
     e.last_seen_ns = now;
-    if let Some(binding) = binding {
-        if e.binding != *binding {
-            e.prev_binding = e.binding;
-            e.binding = *binding;
-        }
+    if l4.kind != Kind::Tcp {
+        return;
+    }
+    let mut tcp = e.tcp | tcp_bits(direction, l4);
+    if direction != e.origin {
+        tcp &= !TCP_SYN_SENT;
+    }
+    if tcp != e.tcp {
+        e.tcp = tcp;
+    }
+    if direction == DIR_EGRESS && l4.tcp_flags & TCP_ACK != 0 && e.vm_ack != l4.ack {
+        e.vm_ack = l4.ack;
+    }
+}
+
+/// The address a packet of the flow leaves with: the one it is bound to, unless a
+/// `move` shift since moves it to `addr`, the active persona's.
+#[inline(always)]
+pub fn bind(entry: *mut CtEntry, addr: &[u8; 16], move_floor: u64, generation: u64) -> [u8; 16] {
+    // SAFETY: see `live`.
+    let e = unsafe { &mut *entry };
+    if e.generation < move_floor {
+        e.prev_binding = e.binding;
+        e.binding = *addr;
         e.generation = generation;
     }
+    e.binding
+}
+
+/// The persona address of a live flow, if any.
+#[inline(always)]
+pub fn binding(entry: Option<*mut CtEntry>) -> Option<[u8; 16]> {
+    // SAFETY: see `live`.
+    entry.map(|e| unsafe { (*e).binding })
+}
+
+/// Whether the device may open one more flow; counts it when it may.
+#[inline(always)]
+pub fn admit(ifindex: u32) -> bool {
+    let Some(budget) = FLOW_BUDGET.get_ptr_mut(ifindex) else {
+        return true;
+    };
+    // SAFETY: map value valid for this program run; `used` is only ever changed
+    // atomically here, and set by userspace's sweep.
+    unsafe {
+        if (*budget).used >= (*budget).limit {
+            return false;
+        }
+        add_one(&raw mut (*budget).used);
+    }
+    true
+}
+
+/// core's atomic types have no read-modify-write on the BPF target; the intrinsic
+/// compiles to BPF's atomic add.
+#[cfg(target_arch = "bpf")]
+#[inline(always)]
+unsafe fn add_one(p: *mut u64) {
+    use core::intrinsics::{AtomicOrdering, atomic_xadd};
+    // SAFETY: the caller's pointer is valid and aligned.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, 1) };
+}
+
+#[cfg(not(target_arch = "bpf"))]
+#[inline(always)]
+unsafe fn add_one(p: *mut u64) {
+    // SAFETY: the caller's pointer is valid and aligned.
+    unsafe { core::sync::atomic::AtomicU64::from_ptr(p) }
+        .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
 }
 
 pub struct NewFlow<'a> {
@@ -70,10 +164,17 @@ pub struct NewFlow<'a> {
 }
 
 #[inline(always)]
-pub fn open(key: &CtKey, flow: NewFlow<'_>) {
+pub fn open(key: &CtKey, flow: NewFlow<'_>, l4: &L4) {
     let Some(e) = CT_SCRATCH.get_ptr_mut(0) else {
         return;
     };
+    let mut tcp = 0;
+    if l4.kind == Kind::Tcp {
+        tcp = tcp_bits(flow.origin, l4);
+        if l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            tcp |= TCP_SYN_SENT;
+        }
+    }
     // SAFETY: this CPU's scratch slot, used only for the duration of this call.
     let e = unsafe { &mut *e };
     *e = CtEntry {
@@ -84,7 +185,9 @@ pub fn open(key: &CtKey, flow: NewFlow<'_>) {
         orig_remote: *flow.orig_remote,
         origin: flow.origin,
         flags: flow.flags,
-        _pad: [0; 6],
+        tcp,
+        _pad: 0,
+        vm_ack: if flow.origin == DIR_EGRESS { l4.ack } else { 0 },
     };
     // A full map evicts; an insert can only fail on memory pressure, and then the flow
     // is simply judged again on its next packet.

@@ -54,7 +54,15 @@ fn try_icmp_error<P: Packet>(
         return Ok(Reason::DropSpoofed);
     }
     let qkey = conntrack::key(ifindex, ip.family, q.proto, &q.src, q.sport, q.dport);
-    let reason = if conntrack::live(&qkey, st.persona.ct_floor, conntrack::now()).is_some() {
+    let flow = conntrack::binding(conntrack::live(
+        &qkey,
+        st.persona.ct_floor,
+        conntrack::now(),
+        0,
+    ));
+    let reason = if let Some(binding) = flow {
+        // The datagram went to the address its flow is bound to.
+        plan.src = binding;
         Reason::AllowTracked
     } else {
         firewall::judge(
@@ -97,8 +105,9 @@ fn try_flow(
         &ip.dst
     };
     let key = conntrack::key(ifindex, ip.family, ip.proto, remote, l4.dport, l4.sport);
-    if let Some(entry) = conntrack::live(&key, st.persona.ct_floor, now) {
-        conntrack::refresh(entry, Some(&plan.src), active.generation, now);
+    if let Some(entry) = conntrack::live(&key, st.persona.ct_floor, now, l4.tcp_flags) {
+        plan.src = conntrack::bind(entry, &plan.src, st.persona.move_floor, active.generation);
+        conntrack::seen(entry, DIR_EGRESS, l4, now);
         return Ok(if redirect.is_some() {
             Reason::AllowDns
         } else {
@@ -121,6 +130,9 @@ fn try_flow(
         )
     };
     if reason.passes() {
+        if !conntrack::admit(ifindex) {
+            return Ok(Reason::DropFlowBudget);
+        }
         conntrack::open(
             &key,
             NewFlow {
@@ -135,6 +147,7 @@ fn try_flow(
                     0
                 },
             },
+            l4,
         );
     }
     Ok(reason)

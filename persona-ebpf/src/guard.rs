@@ -90,7 +90,7 @@ fn judge(p: &XdpPacket) -> Option<Handled> {
         return None;
     }
     let key = conntrack::key(p.ifindex, ip.family, ip.proto, &ip.dst, l4.dport, l4.sport);
-    if conntrack::live(&key, st.persona.ct_floor, conntrack::now()).is_some() {
+    if conntrack::live(&key, st.persona.ct_floor, conntrack::now(), l4.tcp_flags).is_some() {
         return None;
     }
     let reason = firewall::judge(

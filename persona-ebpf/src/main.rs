@@ -4,6 +4,11 @@
 // `cargo clippy`), the crate is a stub with std's panic handler and a `main`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(
+    target_arch = "bpf",
+    expect(internal_features, reason = "atomic_xadd: see conntrack::add_one")
+)]
 
 mod baseline;
 mod conntrack;

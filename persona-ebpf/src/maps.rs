@@ -5,13 +5,13 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use persona_common::{
-    conntrack::{CT_MAX_ENTRIES, CtEntry, CtKey},
+    conntrack::{CT_MAX_ENTRIES, CtEntry, CtKey, FlowBudget},
     counters::{Counter, CounterKey, HandshakeKey, MAX_COUNTER_KEYS, TRACKED_SLOTS},
     device::{DeviceConfig, MAX_DEVICES},
     events::{RING_BYTES, RateWindow},
     firewall::{FwKeyV4, FwKeyV6, MAX_PREFIXES, RuleSet},
     guard::GuardState,
-    host::{HostWiring, Routing},
+    host::{Drain, DrainKey, HostWiring, MAX_DRAINS, Routing},
     persona::{Active, MAX_TABLES, PersonaTable},
 };
 
@@ -42,6 +42,10 @@ pub static COUNTERS: PerCpuHashMap<CounterKey, Counter> =
 #[map]
 pub static TRACKED: PerCpuArray<Counter> = PerCpuArray::pinned(TRACKED_SLOTS, 0);
 
+/// Devices' flow budgets; a device without an entry has none.
+#[map]
+pub static FLOW_BUDGET: HashMap<u32, FlowBudget> = HashMap::pinned(MAX_DEVICES, 0);
+
 /// Where a new conntrack entry is built: the BPF stack is too small to hold it as well.
 #[map]
 pub static CT_SCRATCH: PerCpuArray<CtEntry> = PerCpuArray::with_max_entries(1, 0);
@@ -50,6 +54,10 @@ pub static CT_SCRATCH: PerCpuArray<CtEntry> = PerCpuArray::with_max_entries(1, 0
 /// object so it is pinned beside the others.
 #[map]
 pub static HOST_WIRING: HashMap<u32, HostWiring> = HashMap::pinned(MAX_DEVICES, 0);
+
+/// Userspace's record of the earlier personas' addresses still in use; never read here.
+#[map]
+pub static DRAINS: HashMap<DrainKey, Drain> = HashMap::pinned(MAX_DRAINS, 0);
 
 /// Firewall drops for userspace. Pinned: after a restart the daemon must read the ring
 /// the running programs write to.

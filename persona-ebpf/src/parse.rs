@@ -145,12 +145,16 @@ pub struct L4 {
     pub sport: u16,
     pub dport: u16,
     pub csum_off: usize,
-    /// TCP only: `TCP_SYN` and `TCP_ACK` as seen.
+    /// TCP only: `TCP_SYN`, `TCP_ACK`, `TCP_FIN` and `TCP_RST` as seen.
     pub tcp_flags: u8,
+    /// TCP only: the acknowledgement number, in host order.
+    pub ack: u32,
 }
 
 pub const TCP_SYN: u8 = 1;
 pub const TCP_ACK: u8 = 2;
+pub const TCP_FIN: u8 = 4;
+pub const TCP_RST: u8 = 8;
 
 impl L4 {
     /// The port firewall rules match: the destination port, for protocols that have one.
@@ -193,7 +197,10 @@ pub fn transport<P: Packet>(p: &P, ip: &Ip) -> Result<L4, Reason> {
                 dport: u16::from_be_bytes(h.dest),
                 csum_off: l4 + offset_of!(TcpHdr, check),
                 tcp_flags: (if h.syn() != 0 { TCP_SYN } else { 0 })
-                    | (if h.ack() != 0 { TCP_ACK } else { 0 }),
+                    | (if h.ack() != 0 { TCP_ACK } else { 0 })
+                    | (if h.fin() != 0 { TCP_FIN } else { 0 })
+                    | (if h.rst() != 0 { TCP_RST } else { 0 }),
+                ack: u32::from_be_bytes(h.ack_seq),
             })
         }
         PROTO_UDP => {
@@ -204,6 +211,7 @@ pub fn transport<P: Packet>(p: &P, ip: &Ip) -> Result<L4, Reason> {
                 dport: u16::from_be_bytes(h.dst),
                 csum_off: l4 + offset_of!(UdpHdr, check),
                 tcp_flags: 0,
+                ack: 0,
             })
         }
         PROTO_ICMP | PROTO_ICMPV6 if (ip.proto == PROTO_ICMP) == (ip.family == FAMILY_V4) => {
@@ -215,6 +223,7 @@ pub fn transport<P: Packet>(p: &P, ip: &Ip) -> Result<L4, Reason> {
                 dport: id,
                 csum_off: l4 + 2,
                 tcp_flags: 0,
+                ack: 0,
             })
         }
         _ => Ok(L4 {
@@ -223,6 +232,7 @@ pub fn transport<P: Packet>(p: &P, ip: &Ip) -> Result<L4, Reason> {
             dport: 0,
             csum_off: 0,
             tcp_flags: 0,
+            ack: 0,
         }),
     }
 }

@@ -18,12 +18,14 @@ use crate::{
     state,
 };
 
+/// A packet of a tracked flow must be addressed to the persona address the flow is
+/// bound to (or was, before a move); any other packet to the active persona's.
 #[inline(always)]
-fn bound_to(entry: Option<*mut CtEntry>, dst: &[u8; 16]) -> bool {
+fn addressed(entry: Option<*mut CtEntry>, dst: &[u8; 16], persona: &[u8; 16]) -> bool {
     match entry {
         // SAFETY: map value valid for this program run.
         Some(e) => unsafe { (*e).binding == *dst || (*e).prev_binding == *dst },
-        None => false,
+        None => dst == persona,
     }
 }
 
@@ -63,8 +65,8 @@ fn try_icmp_error<P: Packet>(
     plan.dst = st.inner(ip.family).ok_or(Reason::DropNoPersona)?;
     let q = parse::quoted(p, ip.family)?;
     let qkey = conntrack::key(ifindex, ip.family, q.proto, &q.dst, q.dport, q.sport);
-    let entry = conntrack::live(&qkey, st.persona.ct_floor, conntrack::now());
-    if ip.dst != persona_addr && !bound_to(entry, &ip.dst) {
+    let entry = conntrack::live(&qkey, st.persona.ct_floor, conntrack::now(), 0);
+    if !addressed(entry, &ip.dst, &persona_addr) {
         return Ok(Reason::DropNotPersona);
     }
     let reason = if entry.is_some() {
@@ -98,8 +100,8 @@ fn try_flow(
     plan.flags = OUTER_DST;
     let now = conntrack::now();
     let key = conntrack::key(ifindex, ip.family, ip.proto, &ip.src, l4.sport, l4.dport);
-    let entry = conntrack::live(&key, st.persona.ct_floor, now);
-    if ip.dst != persona_addr && !bound_to(entry, &ip.dst) {
+    let entry = conntrack::live(&key, st.persona.ct_floor, now, l4.tcp_flags);
+    if !addressed(entry, &ip.dst, &persona_addr) {
         return Ok(Reason::DropNotPersona);
     }
     if let Some(e) = entry {
@@ -109,7 +111,7 @@ fn try_flow(
         if l4.tcp_flags == TCP_SYN | TCP_ACK && origin == DIR_EGRESS {
             counters::handshake(ifindex, now.saturating_sub(last));
         }
-        conntrack::refresh(e, None, active.generation, now);
+        conntrack::seen(e, DIR_INGRESS, l4, now);
         // SAFETY: map value valid for this program run.
         let e = unsafe { &*e };
         if e.flags & CT_DNS_REDIRECTED != 0 {
@@ -129,6 +131,9 @@ fn try_flow(
         st.persona.default_action[DIR_INGRESS as usize],
     );
     if reason.passes() {
+        if !conntrack::admit(ifindex) {
+            return Ok(Reason::DropFlowBudget);
+        }
         conntrack::open(
             &key,
             NewFlow {
@@ -139,6 +144,7 @@ fn try_flow(
                 origin: DIR_INGRESS,
                 flags: 0,
             },
+            l4,
         );
     }
     Ok(reason)

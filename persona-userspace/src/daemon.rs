@@ -14,7 +14,6 @@ use crate::{
     api::{self, AppState},
     auth::Auth,
     datapath::{
-        ShiftOptions,
         kernel::{KernelConfig, KernelDatapath},
         worker::DatapathHandle,
     },
@@ -90,13 +89,7 @@ async fn reconcile(orchestrator: &Orchestrator) -> anyhow::Result<()> {
         };
         if let Some(p) = want {
             orchestrator
-                .shift(
-                    &d.name,
-                    &p,
-                    "daemon:reconcile",
-                    false,
-                    ShiftOptions::default(),
-                )
+                .shift(&d.name, &p, "daemon:reconcile", false, None)
                 .await?;
         }
     }
@@ -149,6 +142,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
             .clone()
             .observe_applications(config.app_observe.0, config.app_observe.1),
     );
+    tokio::spawn(sweep(orchestrator.clone()));
     let app = api::router(Arc::new(AppState {
         auth,
         orchestrator,
@@ -210,6 +204,21 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         r??;
     }
     Ok(())
+}
+
+/// How often connection tracking is swept: the delay between a kept flow's end and
+/// the release of the address it held.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+async fn sweep(orchestrator: Arc<Orchestrator>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = orchestrator.sweep().await {
+            warn!(error = %e, "sweeping connection tracking");
+        }
+    }
 }
 
 async fn shutdown() {

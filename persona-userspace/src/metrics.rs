@@ -96,6 +96,14 @@ pub struct MapLabels {
     pub map: String,
 }
 
+/// An address of an earlier persona that open flows of the device still use.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DrainLabels {
+    pub device: String,
+    pub persona: String,
+    pub address: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OneDevice {
     pub device: String,
@@ -107,6 +115,7 @@ pub struct Snapshot {
     pub counters: Vec<(DeviceLabels, u64, u64)>,
     pub info: Vec<(InfoLabels, u64)>,
     pub flows: Vec<(OneDevice, u64)>,
+    pub draining: Vec<(DrainLabels, u64)>,
     pub maps: Vec<(MapLabels, u64, u64)>,
     /// Per device: handshake counts per log2 microsecond bucket, and their sum.
     pub handshakes: Vec<(OneDevice, Vec<u64>, u64)>,
@@ -145,12 +154,21 @@ impl Collector for Snapshot {
         }
         let mut flows = encoder.encode_descriptor(
             "persona_device_tracked_flows",
-            "Flows in connection tracking, by device",
+            "Live flows in connection tracking, by device, as of the last sweep (each second)",
             None,
             MetricType::Gauge,
         )?;
         for (l, n) in &self.flows {
             ConstGauge::new(*n as i64).encode(flows.encode_family(l)?)?;
+        }
+        let mut draining = encoder.encode_descriptor(
+            "persona_device_draining_flows",
+            "Open flows still using an address of an earlier persona, which stays routed to the device until they end",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (l, n) in &self.draining {
+            ConstGauge::new(*n as i64).encode(draining.encode_family(l)?)?;
         }
         let mut rtt = encoder.encode_descriptor(
             "persona_tcp_handshake_seconds",

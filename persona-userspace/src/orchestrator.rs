@@ -8,8 +8,8 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
 use crate::{
-    datapath::{ShiftOptions, compile, worker::DatapathHandle},
-    model::{DeviceSpec, PersonaSpec},
+    datapath::{ShiftOptions, Sweep, compile, worker::DatapathHandle},
+    model::{DeviceSpec, FlowMode, PersonaSpec},
     store::{DeviceState, Event, EventBody, Kind, Record, Store, StoreError},
     tls_applier::TlsApplier,
 };
@@ -21,8 +21,12 @@ pub enum Step {
     StageTables { prefixes: usize },
     /// Route and announce the new addresses before the flip.
     HostRoutes { announce: Vec<IpAddr> },
-    /// The one map update after which every packet sees the new persona.
-    Flip { from_generation: Option<u64> },
+    /// The one map update after which every packet sees the new persona, and what
+    /// becomes of the flows open before it.
+    Flip {
+        from_generation: Option<u64>,
+        flows: FlowMode,
+    },
     /// Where the VM's DNS queries go from now on.
     Dns { resolvers: Vec<IpAddr> },
     /// Rule changes, as lines of a diff.
@@ -105,6 +109,7 @@ pub fn plan(
     old: Option<(&str, &PersonaSpec, u64)>,
     to: &str,
     new: &PersonaSpec,
+    flows: FlowMode,
 ) -> Result<Plan, ShiftError> {
     let compiled = compile(new)?;
     let addrs = |s: &PersonaSpec| {
@@ -144,6 +149,7 @@ pub fn plan(
             },
             Step::Flip {
                 from_generation: old.map(|o| o.2),
+                flows,
             },
             Step::Dns {
                 resolvers: new.dns.clone(),
@@ -173,6 +179,8 @@ pub struct Orchestrator {
     events: broadcast::Sender<Event>,
     /// Shifts of one device never interleave.
     lock: tokio::sync::Mutex<()>,
+    /// What the last sweep of connection tracking found.
+    swept: std::sync::Mutex<Sweep>,
 }
 
 fn parse<T: serde::de::DeserializeOwned>(r: &Record) -> Result<T, ShiftError> {
@@ -205,7 +213,58 @@ impl Orchestrator {
             datapath,
             events,
             lock: tokio::sync::Mutex::new(()),
+            swept: Default::default(),
         }
+    }
+
+    /// The last sweep's findings: open flows and draining addresses per ifindex.
+    pub fn swept(&self) -> Sweep {
+        self.swept.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Sweeps connection tracking: dead flows go, flow budgets are recounted, and
+    /// addresses of earlier personas no open flow uses are withdrawn, each recorded in
+    /// the audit log.
+    pub async fn sweep(&self) -> Result<Sweep, ShiftError> {
+        // One datapath job: it never lands inside a shift, which is one job too.
+        let sweep = self
+            .datapath
+            .call(|dp| dp.sweep())
+            .await
+            .map_err(|e| ShiftError::Failed(e.to_string()))?;
+        if !sweep.released.is_empty() {
+            let names = self.device_names()?;
+            for (ifindex, addr) in &sweep.released {
+                self.record(EventBody {
+                    kind: "release".into(),
+                    actor: "daemon:sweep".into(),
+                    device: names.get(ifindex).cloned(),
+                    from: None,
+                    to: None,
+                    generation: None,
+                    result: "ok".into(),
+                    duration_us: None,
+                    detail: json!({ "address": addr, "why": "no open flow uses it any more" }),
+                })?;
+            }
+        }
+        if let Ok(mut s) = self.swept.lock() {
+            *s = sweep.clone();
+        }
+        Ok(sweep)
+    }
+
+    /// Stored devices by the ifindex of their interface now.
+    pub fn device_names(&self) -> Result<std::collections::HashMap<u32, String>, ShiftError> {
+        let mut out = std::collections::HashMap::new();
+        for d in self.store.list(Kind::Device)? {
+            if let Ok(spec) = serde_json::from_value::<DeviceSpec>(d.spec)
+                && let Ok(ifindex) = crate::datapath::ifindex(&spec.interface)
+            {
+                out.insert(ifindex, d.name);
+            }
+        }
+        Ok(out)
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -254,25 +313,26 @@ impl Orchestrator {
         persona: &str,
         actor: &str,
         dry_run: bool,
-        options: ShiftOptions,
+        flows: Option<FlowMode>,
     ) -> Result<Outcome, ShiftError> {
-        self.shift_for(device, persona, actor, dry_run, options, None)
+        self.shift_for(device, persona, actor, dry_run, flows, None)
             .await
     }
 
     /// A shift with its cause recorded: the rule that chose it and the signals behind it.
+    /// `flows`, when given, overrides the persona's own choice for open flows.
     pub async fn shift_for(
         &self,
         device: &str,
         persona: &str,
         actor: &str,
         dry_run: bool,
-        options: ShiftOptions,
+        flows: Option<FlowMode>,
         cause: Option<(String, Value)>,
     ) -> Result<Outcome, ShiftError> {
         let start = Instant::now();
         let result = self
-            .shift_inner(device, persona, actor, dry_run, options, cause)
+            .shift_inner(device, persona, actor, dry_run, flows, cause)
             .await;
         let trigger = crate::metrics::trigger(actor).to_owned();
         let outcome = match &result {
@@ -303,7 +363,7 @@ impl Orchestrator {
         persona: &str,
         actor: &str,
         dry_run: bool,
-        options: ShiftOptions,
+        flows: Option<FlowMode>,
         cause: Option<(String, Value)>,
     ) -> Result<Outcome, ShiftError> {
         let _guard = self.lock.lock().await;
@@ -328,7 +388,8 @@ impl Orchestrator {
             (Some(s), Some(spec)) => Some((s.persona.as_str(), spec, s.generation)),
             _ => None,
         };
-        let plan = plan(device, old, persona, &new)?;
+        let flows = flows.or(new.flows).unwrap_or_default();
+        let plan = plan(device, old, persona, &new, flows)?;
         let mut body = EventBody {
             kind: "shift".into(),
             actor: actor.into(),
@@ -356,7 +417,11 @@ impl Orchestrator {
         }
 
         let result = self
-            .apply(&device_spec, self.compile(persona, &new)?, options)
+            .apply(
+                &device_spec,
+                self.compile(persona, &new)?,
+                ShiftOptions { flows },
+            )
             .await;
         let shifted = match result {
             Ok(s) => s,
@@ -404,6 +469,9 @@ impl Orchestrator {
         body.generation = Some(shifted.generation);
         body.result = "ok".into();
         body.detail["flip_us"] = json!(shifted.flip.as_secs_f64() * 1e6);
+        if shifted.resets > 0 {
+            body.detail["resets"] = json!(shifted.resets);
+        }
         let event = self.record(body)?;
         Ok(Outcome {
             plan,
@@ -505,7 +573,7 @@ mod tests {
             "addresses: [203.0.113.10/24]\ndns: [198.51.100.53]\nfirewall:\n  ingress:\n    default: drop\n    rules:\n      - { cidr: 198.51.100.0/24, protocol: tcp, ports: \"22\", action: allow }\n",
         );
         let b = spec("addresses: [203.0.113.20/24]\ndns: [198.51.100.53]\n");
-        let p = plan("vm1", Some(("office", &a, 7)), "travel", &b).unwrap();
+        let p = plan("vm1", Some(("office", &a, 7)), "travel", &b, FlowMode::Keep).unwrap();
         assert_eq!(p.from.as_deref(), Some("office"));
         assert!(
             p.diff.contains(&"- address 203.0.113.10/24".to_string()),
@@ -531,7 +599,8 @@ mod tests {
         assert!(matches!(
             p.steps[2],
             Step::Flip {
-                from_generation: Some(7)
+                from_generation: Some(7),
+                flows: FlowMode::Keep,
             }
         ));
     }

@@ -11,7 +11,7 @@ use persona::{
         kernel::{KernelConfig, KernelDatapath},
         programs::Program,
     },
-    model::{DeviceSpec, PersonaSpec},
+    model::{DeviceSpec, FlowMode, PersonaSpec},
 };
 use persona_common::counters::Reason;
 
@@ -53,6 +53,7 @@ pub fn device() -> DeviceSpec {
         owner: None,
         role: None,
         flood_guard: None,
+        flow_budget: None,
     }
 }
 
@@ -89,22 +90,22 @@ impl Harness {
 
     pub fn with_persona(yaml: &str) -> Self {
         let mut h = Self::new();
-        h.shift(yaml, false);
+        h.shift(yaml, FlowMode::Keep);
         h
     }
 
-    pub fn shift(&mut self, yaml: &str, cut_flows: bool) -> Shifted {
-        self.shift_as(yaml, 0, cut_flows)
+    pub fn shift(&mut self, yaml: &str, flows: FlowMode) -> Shifted {
+        self.shift_as(yaml, 0, flows)
     }
 
     /// A shift to the persona with the control plane's id `id`, which counters are
     /// kept by.
-    pub fn shift_as(&mut self, yaml: &str, id: u32, cut_flows: bool) -> Shifted {
+    pub fn shift_as(&mut self, yaml: &str, id: u32, flows: FlowMode) -> Shifted {
         let mut compiled = compile(&persona(yaml)).expect("test persona compiles");
         compiled.id = id;
         let staged = self.dp.stage(&compiled).expect("staging");
         self.dp
-            .shift(LOOPBACK, staged, ShiftOptions { cut_flows })
+            .shift(LOOPBACK, staged, ShiftOptions { flows })
             .expect("shifting")
     }
 

@@ -2,10 +2,15 @@
 //! with BPF_PROG_TEST_RUN, every checksum of the result checked from scratch.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use persona::datapath::{Datapath as _, programs::Program};
+use persona::{
+    datapath::{Datapath as _, programs::Program},
+    model::FlowMode,
+};
 use persona_common::{DIR_EGRESS as EGRESS, DIR_INGRESS as INGRESS, counters::Reason};
 use persona_tests::{
-    frames::{ACK, L4, SYN, check_frame, check_ip, ethernet, frame, icmp_error, ip_packet},
+    frames::{
+        ACK, FIN, L4, RST, SYN, check_frame, check_ip, ethernet, frame, icmp_error, ip_packet,
+    },
     harness::{Harness, INNER_V4, INNER_V6, LOOPBACK, TC_ACT_OK, TC_ACT_SHOT, XDP_DROP, XDP_PASS},
 };
 
@@ -394,37 +399,142 @@ fn without_a_persona_nothing_leaves_with_the_inner_address() {
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(h.count(EGRESS, Reason::DropNoPersona), 1);
     // A persona without IPv6 drops the VM's IPv6 traffic rather than leak it.
-    h.shift(PERSONA_B, false);
+    h.shift(PERSONA_B, FlowMode::Keep);
     let (verdict, _) = h.from_vm(&frame(inner6(), v6("2001:db8:b::7"), &udp(5000, 9000)));
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(h.count(EGRESS, Reason::DropNoPersona), 2);
 }
 
-#[test]
-fn a_shift_changes_the_identity_and_keeps_replies_of_open_flows_unless_cut() {
+const PERSONA_B_V4: [u8; 4] = [203, 0, 113, 20];
+
+/// A flow open under A, then a shift to B with `flows`.
+fn open_then_shift(flows: FlowMode) -> Harness {
     let mut h = Harness::with_persona(PERSONA_A);
     let (_, out) = h.from_vm(&frame(inner4(), v4(REMOTE), &udp(5004, 9004)));
     assert_eq!(check_frame(&out).src, v4(PERSONA_A_V4));
+    h.shift(PERSONA_B, flows);
+    h
+}
 
-    let first = h.shift(PERSONA_B, false);
+#[test]
+fn a_kept_flow_keeps_its_address_and_a_new_flow_takes_the_new_one() {
+    let mut h = open_then_shift(FlowMode::Keep);
     let (_, out) = h.from_vm(&frame(inner4(), v4(REMOTE), &udp(5004, 9004)));
     assert_eq!(
         check_frame(&out).src,
-        v4([203, 0, 113, 20]),
-        "new packets carry the new identity"
+        v4(PERSONA_A_V4),
+        "the open flow keeps A"
     );
-    // A reply still in flight to the old address is delivered.
+    let (_, out) = h.from_vm(&frame(inner4(), v4(REMOTE), &udp(5005, 9004)));
+    assert_eq!(check_frame(&out).src, v4(PERSONA_B_V4), "a new flow is B's");
     let (verdict, out) = h.to_vm(&frame(v4(REMOTE), v4(PERSONA_A_V4), &udp(9004, 5004)));
-    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(verdict, TC_ACT_OK, "replies to A are the kept flow's");
     assert_eq!(check_frame(&out).dst, inner4());
-
-    let second = h.shift(PERSONA_A, true);
-    assert!(second.generation > first.generation, "generations increase");
-    let (verdict, _) = h.to_vm(&frame(v4(REMOTE), v4([203, 0, 113, 20]), &udp(9004, 5004)));
-    assert_eq!(verdict, TC_ACT_SHOT, "a cutting shift forgets the flow");
+    // The flow is bound to A: its ports addressed to B are someone else's guess.
+    let (verdict, _) = h.to_vm(&frame(v4(REMOTE), v4(PERSONA_B_V4), &udp(9004, 5004)));
+    assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(h.count(INGRESS, Reason::DropNotPersona), 1);
+    // Nor does A accept what is not one of its flows.
+    let (verdict, _) = h.to_vm(&frame(v4(REMOTE), v4(PERSONA_A_V4), &udp(9004, 5005)));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(h.count(INGRESS, Reason::DropNotPersona), 2);
+}
+
+#[test]
+fn a_moved_flow_takes_the_new_address_and_replies_in_flight_still_arrive() {
+    let mut h = open_then_shift(FlowMode::Move);
+    let (_, out) = h.from_vm(&frame(inner4(), v4(REMOTE), &udp(5004, 9004)));
+    assert_eq!(
+        check_frame(&out).src,
+        v4(PERSONA_B_V4),
+        "the open flow moves to B"
+    );
+    let (verdict, out) = h.to_vm(&frame(v4(REMOTE), v4(PERSONA_A_V4), &udp(9004, 5004)));
+    assert_eq!(verdict, TC_ACT_OK, "a reply still in flight to A");
+    assert_eq!(check_frame(&out).dst, inner4());
+    let (verdict, _) = h.to_vm(&frame(v4(REMOTE), v4(PERSONA_B_V4), &udp(9004, 5004)));
+    assert_eq!(verdict, TC_ACT_OK, "and replies to B");
+    // A later keep leaves the moved flow on B.
+    h.shift(PERSONA_A, FlowMode::Keep);
+    let (_, out) = h.from_vm(&frame(inner4(), v4(REMOTE), &udp(5004, 9004)));
+    assert_eq!(check_frame(&out).src, v4(PERSONA_B_V4));
+}
+
+#[test]
+fn a_cut_forgets_every_flow_and_frees_the_tables() {
+    let mut h = open_then_shift(FlowMode::Keep);
+    let second = h.shift(PERSONA_A, FlowMode::Cut);
+    let (verdict, _) = h.to_vm(&frame(v4(REMOTE), v4(PERSONA_A_V4), &udp(9004, 5004)));
+    assert_eq!(verdict, TC_ACT_SHOT, "a cut forgets the flow");
+    assert_eq!(h.count(INGRESS, Reason::DropNotPersona), 0);
+    assert_eq!(h.count(INGRESS, Reason::DropDefault), 1, "judged as new");
+    let (_, out) = h.from_vm(&frame(inner4(), v4(REMOTE), &udp(5004, 9004)));
+    assert_eq!(
+        check_frame(&out).src,
+        v4(PERSONA_A_V4),
+        "opened anew under A"
+    );
+    assert!(second.generation > 1, "generations increase");
     h.dp.reclaim().expect("reclaiming");
     assert_eq!(h.dp.tables_in_use(), 1, "the replaced tables were released");
+}
+
+#[test]
+fn a_closed_tcp_connection_no_longer_holds_its_address_and_its_ports_open_anew() {
+    let mut h = Harness::with_persona(PERSONA_A);
+    let out = |h: &mut Harness, flags| {
+        let (v, out) = h.from_vm(&frame(inner4(), v4(REMOTE), &tcp(40000, 80, flags)));
+        assert_eq!(v, TC_ACT_OK);
+        check_frame(&out).src
+    };
+    let back = |h: &mut Harness, dst, flags| {
+        h.to_vm(&frame(v4(REMOTE), v4(dst), &tcp(80, 40000, flags)))
+            .0
+    };
+    assert_eq!(out(&mut h, SYN), v4(PERSONA_A_V4));
+    assert_eq!(back(&mut h, PERSONA_A_V4, SYN | ACK), TC_ACT_OK);
+    out(&mut h, ACK);
+    h.shift(PERSONA_B, FlowMode::Keep);
+    assert_eq!(out(&mut h, ACK), v4(PERSONA_A_V4), "kept while open");
+    let open = h.dp.flows(LOOPBACK).expect("flows");
+    assert_eq!(open.len(), 1);
+    assert!(!open[0].closed);
+    assert_eq!(open[0].binding, v4(PERSONA_A_V4));
+    out(&mut h, FIN | ACK);
+    assert_eq!(back(&mut h, PERSONA_A_V4, FIN | ACK), TC_ACT_OK);
+    out(&mut h, ACK);
+    let closed = h.dp.flows(LOOPBACK).expect("flows");
+    assert!(closed[0].closed, "both FINs seen: {closed:?}");
+    // The VM reuses the ports for a new connection: judged and bound as new, under B.
+    assert_eq!(out(&mut h, SYN), v4(PERSONA_B_V4));
+    assert_eq!(back(&mut h, PERSONA_A_V4, SYN | ACK), TC_ACT_SHOT);
+    assert_eq!(back(&mut h, PERSONA_B_V4, SYN | ACK), TC_ACT_OK);
+    // A reset ends it at once.
+    assert_eq!(back(&mut h, PERSONA_B_V4, RST), TC_ACT_OK);
+    assert!(h.dp.flows(LOOPBACK).expect("flows")[0].closed);
+}
+
+#[test]
+fn a_device_over_its_flow_budget_opens_no_more_flows_until_some_end() {
+    let mut spec = persona_tests::harness::device();
+    spec.flow_budget = Some(2);
+    let mut h = Harness::with_device(&spec);
+    h.shift(PERSONA_A, FlowMode::Keep);
+    for port in [5001, 5002] {
+        let (v, _) = h.from_vm(&frame(inner4(), v4(REMOTE), &udp(port, 9000)));
+        assert_eq!(v, TC_ACT_OK);
+    }
+    let (v, _) = h.from_vm(&frame(inner4(), v4(REMOTE), &udp(5003, 9000)));
+    assert_eq!(v, TC_ACT_SHOT, "a third flow is over the budget");
+    assert_eq!(h.count(EGRESS, Reason::DropFlowBudget), 1);
+    let (v, _) = h.from_vm(&frame(inner4(), v4(REMOTE), &udp(5001, 9000)));
+    assert_eq!(v, TC_ACT_OK, "open flows go on");
+    // A cut ends both; the sweep counts the device's flows again and frees the budget.
+    h.shift(PERSONA_A, FlowMode::Cut);
+    let sweep = h.dp.sweep().expect("sweep");
+    assert_eq!(sweep.removed, 2, "{sweep:?}");
+    let (v, _) = h.from_vm(&frame(inner4(), v4(REMOTE), &udp(5003, 9000)));
+    assert_eq!(v, TC_ACT_OK);
 }
 
 #[test]
@@ -471,7 +581,7 @@ fn guarded(rate: Option<u32>, persona: &str) -> Harness {
         max_packets_per_second: rate,
     });
     let mut h = Harness::with_device(&spec);
-    h.shift(persona, false);
+    h.shift(persona, FlowMode::Keep);
     h
 }
 
@@ -573,7 +683,7 @@ fn tracked_packets_stay_counted_for_their_persona_across_shifts_and_reclaim() {
             .collect()
     };
     let mut h = Harness::new();
-    h.shift_as(PERSONA_A, 1, false);
+    h.shift_as(PERSONA_A, 1, FlowMode::Keep);
     let out = frame(inner4(), v4(REMOTE), &udp(5005, 9005));
     for _ in 0..3 {
         assert_eq!(h.from_vm(&out).0, TC_ACT_OK);
@@ -583,7 +693,7 @@ fn tracked_packets_stay_counted_for_their_persona_across_shifts_and_reclaim() {
         [2],
         "the flow's first packet opened it"
     );
-    h.shift_as(PERSONA_B, 2, false);
+    h.shift_as(PERSONA_B, 2, FlowMode::Keep);
     assert_eq!(h.from_vm(&out).0, TC_ACT_OK);
     assert_eq!(tracked_by_persona(&h), [2, 1]);
     h.dp.reclaim().expect("reclaiming");
@@ -593,7 +703,7 @@ fn tracked_packets_stay_counted_for_their_persona_across_shifts_and_reclaim() {
         "the freed table's count moved to its persona"
     );
     // The freed slot is reused by the next shift and starts from zero.
-    h.shift_as(PERSONA_A, 1, false);
+    h.shift_as(PERSONA_A, 1, FlowMode::Keep);
     assert_eq!(h.from_vm(&out).0, TC_ACT_OK);
     h.dp.reclaim().expect("reclaiming");
     assert_eq!(tracked_by_persona(&h), [3, 1]);

@@ -9,7 +9,9 @@ use axum::{
 use super::{ApiError, State};
 use crate::{
     auth::Caller,
-    metrics::{DeviceLabels, InfoLabels, MapLabels, OneDevice, RequestLabels, Snapshot},
+    metrics::{
+        DeviceLabels, DrainLabels, InfoLabels, MapLabels, OneDevice, RequestLabels, Snapshot,
+    },
     model::DeviceSpec,
     store::{Kind, Role},
 };
@@ -54,6 +56,7 @@ pub async fn scrape(
         devices.push((d.name, spec.interface, persona));
     }
     let names = store.persona_names()?;
+    let swept = state.orchestrator.swept();
     let snapshot = state
         .orchestrator
         .datapath()
@@ -101,8 +104,19 @@ pub async fn scrape(
                     buckets,
                     sum,
                 ));
+                for (d, n) in swept.draining.get(&ifindex).into_iter().flatten() {
+                    snap.draining.push((
+                        DrainLabels {
+                            device: name.clone(),
+                            persona: names.get(&d.persona).cloned().unwrap_or_default(),
+                            address: d.addr.to_string(),
+                        },
+                        u64::from(*n),
+                    ));
+                }
+                let flows = swept.flows.get(&ifindex).copied().unwrap_or(0);
                 snap.flows
-                    .push((OneDevice { device: name }, dp.flows(ifindex)?.len() as u64));
+                    .push((OneDevice { device: name }, u64::from(flows)));
             }
             for (map, used, cap) in dp.usage()?.maps {
                 snap.maps.push((MapLabels { map: map.into() }, used, cap));

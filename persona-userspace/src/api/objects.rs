@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use super::{ApiError, State};
 use crate::{
     auth::Caller,
-    datapath::{ShiftOptions, compile},
+    datapath::compile,
     model::{DeviceSpec, FieldError, PersonaSpec},
     rules::{RuleSpec, apps::ApplicationSpec},
     store::{EventBody, Expect, Kind, Record, Role},
@@ -178,7 +178,7 @@ async fn settle_device(state: &State, caller: &Caller, r: &Record) -> Result<(),
     {
         state
             .orchestrator
-            .shift(&r.name, p, &caller.actor(), false, ShiftOptions::default())
+            .shift(&r.name, p, &caller.actor(), false, None)
             .await?;
     }
     Ok(())
@@ -194,13 +194,7 @@ async fn reapply_persona(state: &State, caller: &Caller, r: &Record) -> Result<(
         {
             state
                 .orchestrator
-                .shift(
-                    &d.name,
-                    &r.name,
-                    &caller.actor(),
-                    false,
-                    ShiftOptions::default(),
-                )
+                .shift(&d.name, &r.name, &caller.actor(), false, None)
                 .await?;
         }
     }
@@ -404,11 +398,12 @@ pub async fn status(
         .datapath()
         .call(move |dp| {
             let ifindex = crate::datapath::ifindex(&iface)?;
-            Ok((dp.active(ifindex)?, dp.counters(ifindex)?))
+            Ok((ifindex, dp.active(ifindex)?, dp.counters(ifindex)?))
         })
         .await;
-    let (active, rows) = match counters {
-        Ok((active, c)) => (
+    let (ifindex, active, rows) = match counters {
+        Ok((ifindex, active, c)) => (
+            ifindex,
             active.map(|a| a.generation),
             c.iter()
                 .map(|((dir, reason), v)| {
@@ -423,6 +418,21 @@ pub async fn status(
         ),
         Err(e) => return Err(ApiError::new(StatusCode::BAD_GATEWAY, e.to_string())),
     };
+    let swept = state.orchestrator.swept();
+    let names = store.persona_names()?;
+    let draining: Vec<Value> = swept
+        .draining
+        .get(&ifindex)
+        .into_iter()
+        .flatten()
+        .map(|(d, n)| {
+            json!({
+                "address": d.addr,
+                "persona": names.get(&d.persona),
+                "flows": n,
+            })
+        })
+        .collect();
     Ok(Json(json!({
         "device": id,
         "interface": device.interface,
@@ -430,5 +440,7 @@ pub async fn status(
         "generation": active,
         "since": device_state.as_ref().map(|s| s.since),
         "counters": rows,
+        "flows": swept.flows.get(&ifindex).copied().unwrap_or(0),
+        "draining": draining,
     })))
 }

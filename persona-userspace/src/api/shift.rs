@@ -4,7 +4,7 @@ use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use super::{ApiError, State};
-use crate::{auth::Caller, datapath::ShiftOptions, store::Role};
+use crate::{auth::Caller, model::FlowMode, store::Role};
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -14,9 +14,10 @@ pub struct ShiftRequest {
     /// Only compute and return the plan.
     #[serde(default)]
     pub dry_run: bool,
-    /// Forget flows opened before the shift.
+    /// What happens to flows open before the shift; the persona's `flows` (or `keep`)
+    /// when not given.
     #[serde(default)]
-    pub cut_flows: bool,
+    pub flows: Option<FlowMode>,
 }
 
 /// Shift a device to a persona (operator).
@@ -34,9 +35,7 @@ pub async fn trigger_shift(
             &req.persona_id,
             &caller.actor(),
             req.dry_run,
-            ShiftOptions {
-                cut_flows: req.cut_flows,
-            },
+            req.flows,
         )
         .await?;
     Ok(Json(json!(outcome)))

@@ -11,7 +11,7 @@ use crate::{
         Counters, Datapath, ShiftOptions, compile,
         kernel::{KernelConfig, KernelDatapath},
     },
-    model::{DeviceSpec, Manifest, PersonaSpec, load_manifests},
+    model::{DeviceSpec, FlowMode, Manifest, PersonaSpec, load_manifests},
 };
 
 pub(super) struct Catalog {
@@ -70,14 +70,15 @@ impl Catalog {
         dp: &mut KernelDatapath,
         ifindex: u32,
         name: &str,
-        cut_flows: bool,
+        flows: Option<FlowMode>,
     ) -> anyhow::Result<u64> {
         let spec = self
             .personas
             .get(name)
             .with_context(|| format!("no Persona named {name:?}"))?;
         let id = self.personas.keys().position(|p| p == name).unwrap_or(0) as u32 + 1;
-        shift_to(dp, ifindex, name, id, spec, cut_flows)
+        let flows = flows.or(spec.flows).unwrap_or_default();
+        shift_to(dp, ifindex, name, id, spec, flows)
     }
 }
 
@@ -87,12 +88,12 @@ fn shift_to(
     name: &str,
     id: u32,
     spec: &PersonaSpec,
-    cut_flows: bool,
+    flows: FlowMode,
 ) -> anyhow::Result<u64> {
     let mut compiled = compile(spec).with_context(|| format!("Persona {name:?}"))?;
     compiled.id = id;
     let staged = dp.stage(&compiled)?;
-    let shifted = dp.shift(ifindex, staged, ShiftOptions { cut_flows })?;
+    let shifted = dp.shift(ifindex, staged, ShiftOptions { flows })?;
     tracing::info!(
         ifindex,
         persona = name,
@@ -158,7 +159,7 @@ pub(super) fn run(cli: &Cli, command: &DatapathCommand) -> anyhow::Result<()> {
                         d.interface, a.generation
                     ),
                     (None, Some(p)) => {
-                        let generation = c.shift_to(&mut dp, ifindex, p, false)?;
+                        let generation = c.shift_to(&mut dp, ifindex, p, None)?;
                         println!("{name}: {} now {p} (generation {generation})", d.interface);
                     }
                     (None, None) => println!(
@@ -195,7 +196,7 @@ pub(super) fn run(cli: &Cli, command: &DatapathCommand) -> anyhow::Result<()> {
             let mut dp = datapath(cli, true)?;
             let ifindex = dp.attach(d)?;
             if let (None, Some(p)) = (dp.active(ifindex)?, &d.persona) {
-                c.shift_to(&mut dp, ifindex, p, false)?;
+                c.shift_to(&mut dp, ifindex, p, None)?;
             }
             println!("{device}: attached to {} (ifindex {ifindex})", d.interface);
         }
@@ -208,12 +209,12 @@ pub(super) fn run(cli: &Cli, command: &DatapathCommand) -> anyhow::Result<()> {
             interface,
             persona,
             manifests,
-            cut_flows,
+            flows,
         } => {
             let c = catalog(manifests)?;
             let ifindex = ifindex(interface)?;
             let mut dp = datapath(cli, true)?;
-            let generation = c.shift_to(&mut dp, ifindex, persona, *cut_flows)?;
+            let generation = c.shift_to(&mut dp, ifindex, persona, *flows)?;
             println!("{interface}: {persona} (generation {generation})");
         }
         DatapathCommand::Status { interface, output } => {

@@ -127,9 +127,10 @@ pub enum Command {
         /// Show the plan and the diff, change nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Cut flows opened before the shift.
-        #[arg(long)]
-        cut_flows: bool,
+        /// What open flows do: keep their address until they end, move to the new
+        /// one, or be cut (TCP reset). The persona's `flows` (or keep) when not given.
+        #[arg(long, value_enum)]
+        flows: Option<crate::model::FlowMode>,
     },
     /// Persona, generation and counters of a device, or a line per device.
     Status {
@@ -261,9 +262,9 @@ pub enum DatapathCommand {
         persona: String,
         #[arg(short = 'f', long = "filename")]
         manifests: PathBuf,
-        /// Cut flows opened before the shift instead of letting them finish.
-        #[arg(long)]
-        cut_flows: bool,
+        /// What open flows do; the persona's `flows` (or keep) when not given.
+        #[arg(long, value_enum)]
+        flows: Option<crate::model::FlowMode>,
     },
     /// Active generation and per-reason counters of a device.
     Status {

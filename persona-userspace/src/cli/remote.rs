@@ -441,9 +441,13 @@ pub(super) async fn run(cli: &Cli) -> anyhow::Result<()> {
             device,
             persona,
             dry_run,
-            cut_flows,
+            flows,
         } => {
-            let body = json!({ "device_id": device, "persona_id": persona, "dry_run": dry_run, "cut_flows": cut_flows });
+            let mut body =
+                json!({ "device_id": device, "persona_id": persona, "dry_run": dry_run });
+            if let Some(f) = flows {
+                body["flows"] = json!(f);
+            }
             let outcome = client
                 .ok(Method::POST, "/trigger_shift", Some(&body))
                 .await?;
@@ -483,6 +487,15 @@ pub(super) async fn run(cli: &Cli) -> anyhow::Result<()> {
                     s["generation"],
                     s["since"].as_str().unwrap_or("-")
                 );
+                println!("  flows: {}", s["flows"]);
+                for d in s["draining"].as_array().into_iter().flatten() {
+                    println!(
+                        "  draining {} of {}: {} flows",
+                        d["address"].as_str().unwrap_or("?"),
+                        d["persona"].as_str().unwrap_or("?"),
+                        d["flows"]
+                    );
+                }
                 if device.is_some() {
                     println!(
                         "  {:<9} {:<22} {:>12} {:>14}",

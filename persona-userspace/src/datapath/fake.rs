@@ -6,7 +6,7 @@ use super::{
     ActiveState, CompiledPersona, Counters, Datapath, DatapathError, Result, ShiftOptions, Shifted,
     Staged,
 };
-use crate::model::DeviceSpec;
+use crate::model::{DeviceSpec, FlowMode};
 
 #[derive(Default)]
 pub struct FakeDatapath {
@@ -18,6 +18,7 @@ pub struct FakeDatapath {
     /// Interface names the fake pretends exist, with their ifindex.
     pub interfaces: HashMap<String, u32>,
     pub flows: HashMap<u32, Vec<super::FlowInfo>>,
+    pub drains: HashMap<u32, Vec<super::DrainInfo>>,
 }
 
 impl Datapath for FakeDatapath {
@@ -53,7 +54,7 @@ impl Datapath for FakeDatapath {
         Ok(())
     }
 
-    fn shift(&mut self, ifindex: u32, staged: Staged, _options: ShiftOptions) -> Result<Shifted> {
+    fn shift(&mut self, ifindex: u32, staged: Staged, options: ShiftOptions) -> Result<Shifted> {
         if !self.devices.contains_key(&ifindex) {
             return Err(DatapathError::NotAttached(ifindex));
         }
@@ -64,12 +65,31 @@ impl Datapath for FakeDatapath {
             persona: staged.persona.id,
             generation: self.generation,
         };
+        let new_addrs = staged.persona.addresses();
         let previous = self.active.insert(ifindex, (state, staged.persona));
+        let drains = self.drains.entry(ifindex).or_default();
+        drains.retain(|d| !new_addrs.contains(&d.addr));
+        let mut resets = 0;
+        if options.flows == FlowMode::Cut {
+            drains.clear();
+            resets = self.flows.remove(&ifindex).map_or(0, |f| f.len());
+        } else if let Some((prev, compiled)) = &previous {
+            for addr in compiled.addresses() {
+                if !new_addrs.contains(&addr) && !drains.iter().any(|d| d.addr == addr) {
+                    drains.push(super::DrainInfo {
+                        addr,
+                        persona: prev.persona,
+                        generation: self.generation,
+                    });
+                }
+            }
+        }
         Ok(Shifted {
             generation: self.generation,
             table: staged.table,
             previous_table: previous.map(|(p, _)| p.table),
             flip: std::time::Duration::ZERO,
+            resets,
         })
     }
 
@@ -87,5 +107,34 @@ impl Datapath for FakeDatapath {
 
     fn flows(&self, ifindex: u32) -> Result<Vec<super::FlowInfo>> {
         Ok(self.flows.get(&ifindex).cloned().unwrap_or_default())
+    }
+
+    fn drains(&self, ifindex: u32) -> Result<Vec<super::DrainInfo>> {
+        Ok(self.drains.get(&ifindex).cloned().unwrap_or_default())
+    }
+
+    fn sweep(&mut self) -> Result<super::Sweep> {
+        let mut sweep = super::Sweep::default();
+        for (&ifindex, drains) in &mut self.drains {
+            let flows = self.flows.get(&ifindex).map_or(&[][..], |f| f.as_slice());
+            sweep.flows.insert(ifindex, flows.len() as u32);
+            drains.retain(|d| {
+                let using = flows
+                    .iter()
+                    .filter(|f| f.binding == d.addr && !f.closed)
+                    .count() as u32;
+                if using == 0 {
+                    sweep.released.push((ifindex, d.addr));
+                } else {
+                    sweep
+                        .draining
+                        .entry(ifindex)
+                        .or_default()
+                        .push((d.clone(), using));
+                }
+                using > 0
+            });
+        }
+        Ok(sweep)
     }
 }

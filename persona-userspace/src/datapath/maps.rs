@@ -5,12 +5,12 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use persona_common::{
-    conntrack::{CtEntry, CtKey},
+    conntrack::{CtEntry, CtKey, FlowBudget},
     counters::{Counter, CounterKey},
     device::DeviceConfig,
     firewall::{FwKeyV4, FwKeyV6, RuleSet},
     guard::GuardState,
-    host::{HostWiring, Routing},
+    host::{Drain, DrainKey, HostWiring, Routing},
     map_names,
     persona::{Active, PersonaTable},
 };
@@ -34,6 +34,10 @@ pub struct Maps {
     pub tracked: PerCpuArray<MapData, Counter>,
     /// `HOST_WIRING`: userspace only.
     pub host_wiring: HashMap<MapData, u32, HostWiring>,
+    /// `DRAINS`: earlier personas' addresses still in use; userspace only.
+    pub drains: HashMap<MapData, DrainKey, Drain>,
+    /// `FLOW_BUDGET`: ifindex → flows the device may have, and has.
+    pub flow_budget: HashMap<MapData, u32, FlowBudget>,
     /// `HANDSHAKES` (per-CPU hash): TCP handshake RTT histogram per device.
     pub handshakes: PerCpuHashMap<MapData, persona_common::counters::HandshakeKey, u64>,
     /// `GUARD`: devices whose flood guard is on, and its rate window.
@@ -66,6 +70,8 @@ impl Maps {
             counters: take(ebpf, map_names::COUNTERS)?,
             tracked: take(ebpf, map_names::TRACKED)?,
             host_wiring: take(ebpf, map_names::HOST_WIRING)?,
+            drains: take(ebpf, map_names::DRAINS)?,
+            flow_budget: take(ebpf, map_names::FLOW_BUDGET)?,
             events: Some(take(ebpf, map_names::EVENTS)?),
             handshakes: take(ebpf, map_names::HANDSHAKES)?,
             guard: take(ebpf, map_names::GUARD)?,

@@ -8,6 +8,7 @@ mod grace;
 pub mod kernel;
 pub mod maps;
 pub mod programs;
+mod reset;
 mod tables;
 pub mod worker;
 
@@ -16,7 +17,7 @@ use std::collections::BTreeMap;
 pub use compile::{CompiledPersona, compile};
 use persona_common::counters::{Counter, Reason};
 
-use crate::model::DeviceSpec;
+use crate::model::{DeviceSpec, FlowMode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -64,9 +65,8 @@ impl Staged {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ShiftOptions {
-    /// Forget every tracked flow of the device: replies of flows opened before the
-    /// shift are judged by the new persona's rules as if new.
-    pub cut_flows: bool,
+    /// What happens to the flows the device has open.
+    pub flows: FlowMode,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,20 +76,48 @@ pub struct Shifted {
     pub previous_table: Option<u32>,
     /// Time spent in the one map update that made the persona active.
     pub flip: std::time::Duration,
+    /// TCP connections of the VM reset by a `cut`.
+    pub resets: usize,
 }
 
 /// Packets and bytes per direction and reason, summed over CPUs.
 pub type Counters = BTreeMap<(u8, Reason), Counter>;
 
-/// A tracked flow of a device, seen from the VM: the remote end and how long ago the
-/// last packet went either way.
+/// A tracked flow of a device, seen from the VM: the remote end, the persona address
+/// the flow uses, and how long ago the last packet went either way.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FlowInfo {
     pub proto: u8,
     pub remote: std::net::IpAddr,
     pub remote_port: u16,
     pub local_port: u16,
+    pub binding: std::net::IpAddr,
+    /// TCP: both ends closed, or reset; the entry only waits for stragglers.
+    pub closed: bool,
     pub idle: std::time::Duration,
+}
+
+/// An address of an earlier persona still routed to a device for the flows using it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrainInfo {
+    pub addr: std::net::IpAddr,
+    /// The id of the persona it belonged to.
+    pub persona: u32,
+    /// The generation of the shift away from it.
+    pub generation: u64,
+}
+
+/// What one sweep of connection tracking found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sweep {
+    /// Live flows per device (ifindex).
+    pub flows: BTreeMap<u32, u32>,
+    /// Per device, each draining address with the number of open flows using it.
+    pub draining: BTreeMap<u32, Vec<(DrainInfo, u32)>>,
+    /// Addresses whose last flow ended, withdrawn by this sweep.
+    pub released: Vec<(u32, std::net::IpAddr)>,
+    /// Dead entries removed.
+    pub removed: usize,
 }
 
 /// Entries in use and capacity, per map.
@@ -131,8 +159,13 @@ pub trait Datapath {
         }
         Ok(total)
     }
-    /// The device's tracked flows, as connection tracking has them now.
+    /// The device's live tracked flows, as connection tracking has them now.
     fn flows(&self, ifindex: u32) -> Result<Vec<FlowInfo>>;
+    /// Addresses of earlier personas the device's flows still use.
+    fn drains(&self, ifindex: u32) -> Result<Vec<DrainInfo>>;
+    /// Removes dead flows, recounts each device's flow budget, and withdraws draining
+    /// addresses no open flow uses any more.
+    fn sweep(&mut self) -> Result<Sweep>;
     /// How full the tables are.
     fn usage(&self) -> Result<Usage>;
     /// TCP handshake round trips of a device: per log2 bucket of microseconds (below

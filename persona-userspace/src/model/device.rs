@@ -37,6 +37,10 @@ pub struct DeviceSpec {
     /// A drop-only prefilter at the tap's XDP hook; off unless asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flood_guard: Option<FloodGuard>,
+    /// How many flows the device may have tracked at once; a new flow over it is
+    /// dropped (`drop_flow_budget`). 16384 when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_budget: Option<u32>,
 }
 
 /// Drops, before the kernel builds an skb, what the tc program would drop anyway:
@@ -75,6 +79,7 @@ impl DeviceSpec {
             owner: None,
             role: None,
             flood_guard: None,
+            flow_budget: None,
         }
     }
 
@@ -111,6 +116,12 @@ impl DeviceSpec {
             return Err(FieldError::new(
                 "spec.floodGuard.maxPacketsPerSecond",
                 "0 would drop everything; leave it out for no cap",
+            ));
+        }
+        if self.flow_budget == Some(0) {
+            return Err(FieldError::new(
+                "spec.flowBudget",
+                "0 would refuse every flow; leave it out for the default of 16384",
             ));
         }
         for key in self.labels.keys() {

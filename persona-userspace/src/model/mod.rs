@@ -1,11 +1,13 @@
 //! What operators write: personas and devices, as YAML manifests.
 mod device;
+mod flows;
 mod manifest;
 mod persona;
 pub mod tls;
 pub mod vpn;
 
 pub use device::{DeviceSpec, FloodGuard};
+pub use flows::FlowMode;
 pub use manifest::{API_VERSION, Manifest, load_manifests, parse_manifests, validate_name};
 pub use persona::{
     Action, DirectionSpec, FirewallSpec, PersonaSpec, PortRange, Protocol, RuleSpec,

@@ -23,6 +23,10 @@ pub struct PersonaSpec {
     pub vpn: Option<super::vpn::VpnSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<super::tls::TlsSpec>,
+    /// What a shift to this persona does to open flows, unless the rule or the call
+    /// that shifts says otherwise; `keep` when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flows: Option<super::FlowMode>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

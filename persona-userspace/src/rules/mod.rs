@@ -34,6 +34,9 @@ pub struct RuleSpec {
     /// Shift at once, ignoring dwell time and cool-down (for hardening).
     #[serde(default)]
     pub immediate: bool,
+    /// What this rule's shifts do to open flows, over the persona's own choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flows: Option<crate::model::FlowMode>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -19,7 +19,6 @@ use super::{
     signals::{Signal, SignalSet},
 };
 use crate::{
-    datapath::ShiftOptions,
     model::DeviceSpec,
     orchestrator::{Orchestrator, ShiftError},
     store::{EventBody, Kind, StoreError},
@@ -226,7 +225,7 @@ impl RuleEngine {
                         persona,
                         &format!("rule:{rule}"),
                         false,
-                        ShiftOptions::default(),
+                        rules.get(&rule).and_then(|r| r.flows),
                         Some((rule.clone(), why)),
                     )
                     .await;

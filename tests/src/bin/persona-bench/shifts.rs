@@ -3,6 +3,7 @@
 //! atomically with `nft -f`.
 use std::time::{Duration, Instant};
 
+use persona::model::FlowMode;
 use persona_tests::{
     harness::Harness,
     netns::{Netns, sh},
@@ -45,7 +46,7 @@ fn datapath(n: usize, shifts: usize) -> Value {
     let (mut flips, mut whole) = (Vec::new(), Vec::new());
     for i in 0..shifts {
         let start = Instant::now();
-        let shifted = h.shift(if i % 2 == 0 { &a } else { &b }, false);
+        let shifted = h.shift(if i % 2 == 0 { &a } else { &b }, FlowMode::Keep);
         whole.push(start.elapsed());
         flips.push(shifted.flip);
     }

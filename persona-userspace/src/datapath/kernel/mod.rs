@@ -16,13 +16,13 @@ use aya::{
 };
 use persona_common::{
     DIR_EGRESS, DIR_INGRESS,
+    conntrack::{DEFAULT_FLOW_BUDGET, FlowBudget},
     counters::{Counter, CounterKey, NO_PERSONA, Reason, tracked_slot},
     device::{DEVICE_HAS_V4, DEVICE_HAS_V6, DeviceConfig},
     firewall::{FwKeyV4, FwKeyV6, KEY_HEADER_BITS, RuleSet, key_header},
     guard::GuardState,
     host::{
-        HostWiring, MAX_UPLINKS, ROUTE_IN_BPF, Routing, WIRED_GATEWAY_V4, WIRED_GATEWAY_V6,
-        WIRED_LINGERING_V4, WIRED_LINGERING_V6,
+        Drain, HostWiring, MAX_UPLINKS, ROUTE_IN_BPF, Routing, WIRED_GATEWAY_V4, WIRED_GATEWAY_V6,
     },
     persona::{Active, MAX_TABLES, PersonaTable},
 };
@@ -36,7 +36,14 @@ use super::{
     programs::{self, Links, Program},
     tables::{META_TABLE, Prefixes, Tables},
 };
-use crate::{host::Host, model::DeviceSpec};
+mod flows;
+
+use flows::drain_key;
+
+use crate::{
+    host::Host,
+    model::{DeviceSpec, FlowMode},
+};
 
 /// bpf(2)'s flag for "create, never replace".
 const BPF_NOEXIST: u64 = 1;
@@ -374,11 +381,15 @@ impl KernelDatapath {
                 _ => {}
             },
         }
-        // Configuring an attached device again (every shift through the daemon does)
-        // keeps the record of the previous persona's addresses, which the next shift
-        // withdraws.
+        let budget = FlowBudget {
+            limit: u64::from(device.flow_budget.unwrap_or(DEFAULT_FLOW_BUDGET)),
+            used: self.maps.flow_budget.get(&ifindex, 0).map_or(0, |b| b.used),
+        };
+        self.maps
+            .flow_budget
+            .insert(ifindex, budget, 0)
+            .map_err(bpf_err("FLOW_BUDGET"))?;
         let mut wiring = HostWiring::default();
-        set_lingering(&mut wiring, &lingering(&self.wiring(ifindex)));
         if let Some(gw) = device.gateway_v4 {
             wiring.gateway_v4 = gw.octets();
             wiring.flags |= WIRED_GATEWAY_V4;
@@ -752,33 +763,6 @@ impl KernelDatapath {
     }
 }
 
-fn lingering(w: &HostWiring) -> Vec<IpAddr> {
-    let mut out = Vec::new();
-    if w.flags & WIRED_LINGERING_V4 != 0 {
-        out.push(IpAddr::V4(w.lingering_v4.into()));
-    }
-    if w.flags & WIRED_LINGERING_V6 != 0 {
-        out.push(IpAddr::V6(w.lingering_v6.into()));
-    }
-    out
-}
-
-fn set_lingering(w: &mut HostWiring, addrs: &[IpAddr]) {
-    w.flags &= !(WIRED_LINGERING_V4 | WIRED_LINGERING_V6);
-    for a in addrs {
-        match a {
-            IpAddr::V4(a) => {
-                w.lingering_v4 = a.octets();
-                w.flags |= WIRED_LINGERING_V4;
-            }
-            IpAddr::V6(a) => {
-                w.lingering_v6 = a.octets();
-                w.flags |= WIRED_LINGERING_V6;
-            }
-        }
-    }
-}
-
 fn gateways(w: &HostWiring) -> Vec<IpAddr> {
     let mut out = Vec::new();
     if w.flags & WIRED_GATEWAY_V4 != 0 {
@@ -813,14 +797,19 @@ impl Datapath for KernelDatapath {
         let active = self.maps.active.get(&ifindex, 0).ok();
         let _ = self.maps.active.remove(&ifindex);
         let wiring = self.wiring(ifindex);
+        let drains = self.drains(ifindex)?;
         if let Some(host) = &self.host {
-            let mut addrs = lingering(&wiring);
+            let mut addrs: Vec<IpAddr> = drains.iter().map(|d| d.addr).collect();
             if let Some(a) = active {
                 addrs.extend(Self::host_addresses(&self.persona_table(a.table)?));
             }
             host.withdraw_persona(ifindex, &addrs)?;
             host.release_device(ifindex, &gateways(&wiring))?;
         }
+        for d in drains {
+            let _ = self.maps.drains.remove(&drain_key(ifindex, d.addr));
+        }
+        let _ = self.maps.flow_budget.remove(&ifindex);
         let _ = self.maps.host_wiring.remove(&ifindex);
         let _ = self.maps.devices.remove(&ifindex);
         let keys: Vec<CounterKey> = self
@@ -910,10 +899,11 @@ impl Datapath for KernelDatapath {
         table.device_flags = device.flags;
         table.owner_ifindex = ifindex;
         table.owner_persona = staged.persona.id;
-        table.ct_floor = match (options.cut_flows, previous_table) {
-            (true, _) => generation,
-            (false, Some(prev)) => prev.ct_floor,
-            (false, None) => 0,
+        let inherited = previous_table.unwrap_or_default();
+        (table.ct_floor, table.move_floor) = match options.flows {
+            FlowMode::Keep => (inherited.ct_floor, inherited.move_floor),
+            FlowMode::Move => (inherited.ct_floor, generation),
+            FlowMode::Cut => (generation, generation),
         };
         self.maps
             .personas
@@ -941,26 +931,42 @@ impl Datapath for KernelDatapath {
             .map_err(bpf_err("ACTIVE"))?;
         let flip = start.elapsed();
 
+        // The new persona's addresses are its own again, draining no more.
+        for &addr in &new_addrs {
+            let _ = self.maps.drains.remove(&drain_key(ifindex, addr));
+        }
+        let mut resets = 0;
         if let (Some(prev), Some(prev_table)) = (previous, previous_table) {
-            // The previous persona's addresses stay routed until the next shift: replies
-            // in flight to them are still delivered (conntrack keeps the binding too).
             let prev_addrs: Vec<IpAddr> = Self::host_addresses(&prev_table)
                 .into_iter()
                 .filter(|a| !new_addrs.contains(a))
                 .collect();
-            let mut wiring = self.wiring(ifindex);
-            let older = lingering(&wiring);
-            set_lingering(&mut wiring, &prev_addrs);
-            self.maps
-                .host_wiring
-                .insert(ifindex, wiring, 0)
-                .map_err(bpf_err("HOST_WIRING"))?;
-            if let Some(host) = &self.host {
-                let gone: Vec<IpAddr> = older
-                    .into_iter()
-                    .filter(|a| !new_addrs.contains(a) && !prev_addrs.contains(a))
-                    .collect();
-                host.withdraw_persona(ifindex, &gone)?;
+            if options.flows == FlowMode::Cut {
+                resets = self.reset_flows(ifindex, &device, prev_table.ct_floor, generation)?;
+                let mut gone: Vec<IpAddr> = self.drains(ifindex)?.iter().map(|d| d.addr).collect();
+                gone.extend(prev_addrs);
+                self.withdraw(ifindex, &gone)?;
+            } else {
+                // Flows bound to the previous addresses keep them routed until the sweep
+                // finds none left.
+                for addr in prev_addrs {
+                    let drain = Drain {
+                        persona: prev.persona,
+                        _pad: 0,
+                        generation,
+                    };
+                    self.maps
+                        .drains
+                        .insert(drain_key(ifindex, addr), drain, BPF_NOEXIST)
+                        .or_else(|e| match e {
+                            MapError::SyscallError(ref s)
+                                if s.io_error.raw_os_error() == Some(libc::EEXIST) =>
+                            {
+                                Ok(())
+                            }
+                            e => Err(bpf_err("DRAINS")(e)),
+                        })?;
+                }
             }
             self.retire(prev.table)?;
         }
@@ -969,6 +975,7 @@ impl Datapath for KernelDatapath {
             table: staged.table,
             previous_table: previous.map(|p| p.table),
             flip,
+            resets,
         })
     }
 
@@ -1040,30 +1047,15 @@ impl Datapath for KernelDatapath {
     }
 
     fn flows(&self, ifindex: u32) -> Result<Vec<super::FlowInfo>> {
-        // Entries carry bpf_ktime_get_ns(), which is CLOCK_MONOTONIC.
-        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-            .map_err(|e| DatapathError::Bpf(format!("reading the monotonic clock: {e}")))?;
-        let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
-        let mut out = Vec::new();
-        for item in self.maps.conntrack.iter() {
-            let Ok((key, entry)) = item else { continue };
-            if key.ifindex != ifindex {
-                continue;
-            }
-            let remote = if key.family == persona_common::FAMILY_V4 {
-                IpAddr::from([key.remote[0], key.remote[1], key.remote[2], key.remote[3]])
-            } else {
-                IpAddr::from(key.remote)
-            };
-            out.push(super::FlowInfo {
-                proto: key.proto,
-                remote,
-                remote_port: key.remote_port,
-                local_port: key.local_port,
-                idle: std::time::Duration::from_nanos(now_ns.saturating_sub(entry.last_seen_ns)),
-            });
-        }
-        Ok(out)
+        self.flow_list(ifindex)
+    }
+
+    fn drains(&self, ifindex: u32) -> Result<Vec<super::DrainInfo>> {
+        KernelDatapath::drains(self, ifindex)
+    }
+
+    fn sweep(&mut self) -> Result<super::Sweep> {
+        KernelDatapath::sweep(self)
     }
 
     fn persona_counters(&self, ifindex: u32) -> Result<BTreeMap<u32, Counters>> {

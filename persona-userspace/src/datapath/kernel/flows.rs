@@ -1,0 +1,251 @@
+//! The device's flows as connection tracking holds them: listing, the periodic sweep
+//! that ends dead ones, keeps flow budgets exact and releases drained addresses, and
+//! the resets a `cut` sends.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    time::Duration,
+};
+
+use persona_common::{
+    FAMILY_V4, FAMILY_V6, PROTO_TCP,
+    conntrack::{CtEntry, CtKey, tcp_closed, timeout_ns},
+    device::DeviceConfig,
+    host::DrainKey,
+};
+
+use super::{KernelDatapath, bpf_err};
+use crate::datapath::{
+    DatapathError, DrainInfo, FlowInfo, Result, Sweep,
+    reset::{self, Reset},
+};
+
+pub fn drain_key(ifindex: u32, addr: IpAddr) -> DrainKey {
+    let (family, addr) = match addr {
+        IpAddr::V4(a) => (FAMILY_V4, widen(a.octets())),
+        IpAddr::V6(a) => (FAMILY_V6, a.octets()),
+    };
+    DrainKey {
+        ifindex,
+        family,
+        _pad: [0; 3],
+        addr,
+    }
+}
+
+fn widen(a: [u8; 4]) -> [u8; 16] {
+    let mut out = [0; 16];
+    out[..4].copy_from_slice(&a);
+    out
+}
+
+fn addr(family: u8, a: &[u8; 16]) -> IpAddr {
+    if family == FAMILY_V4 {
+        IpAddr::from([a[0], a[1], a[2], a[3]])
+    } else {
+        IpAddr::from(*a)
+    }
+}
+
+/// Entries carry bpf_ktime_get_ns(), which is CLOCK_MONOTONIC.
+fn monotonic_ns() -> Result<u64> {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map_err(|e| DatapathError::Bpf(format!("reading the monotonic clock: {e}")))?;
+    Ok(now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64)
+}
+
+/// Whether the programs would still take `e` for a flow of its device.
+fn live(key: &CtKey, e: &CtEntry, floor: Option<u64>, now: u64) -> bool {
+    floor.is_some_and(|floor| e.generation >= floor)
+        && now.saturating_sub(e.last_seen_ns) <= timeout_ns(key.proto, e.tcp)
+}
+
+impl KernelDatapath {
+    /// Each attached device's `ct_floor`: flows of other devices are dead.
+    fn floors(&self) -> Result<HashMap<u32, u64>> {
+        let mut out = HashMap::new();
+        for item in self.maps.active.iter() {
+            let (ifindex, active) = item.map_err(bpf_err("ACTIVE"))?;
+            out.insert(ifindex, self.persona_table(active.table)?.ct_floor);
+        }
+        Ok(out)
+    }
+
+    pub(super) fn flow_list(&self, ifindex: u32) -> Result<Vec<FlowInfo>> {
+        let now = monotonic_ns()?;
+        let floor = self.floors()?.get(&ifindex).copied();
+        let mut out = Vec::new();
+        for item in self.maps.conntrack.iter() {
+            let Ok((key, e)) = item else { continue };
+            if key.ifindex != ifindex || !live(&key, &e, floor, now) {
+                continue;
+            }
+            out.push(FlowInfo {
+                proto: key.proto,
+                remote: addr(key.family, &key.remote),
+                remote_port: key.remote_port,
+                local_port: key.local_port,
+                binding: addr(key.family, &e.binding),
+                closed: key.proto == PROTO_TCP && tcp_closed(e.tcp),
+                idle: Duration::from_nanos(now.saturating_sub(e.last_seen_ns)),
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn drains(&self, ifindex: u32) -> Result<Vec<DrainInfo>> {
+        let mut out = Vec::new();
+        for item in self.maps.drains.iter() {
+            let (key, d) = item.map_err(bpf_err("DRAINS"))?;
+            if key.ifindex == ifindex {
+                out.push(DrainInfo {
+                    addr: addr(key.family, &key.addr),
+                    persona: d.persona,
+                    generation: d.generation,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stops routing and announcing `addrs` to the device, and forgets they drain.
+    pub(super) fn withdraw(&mut self, ifindex: u32, addrs: &[IpAddr]) -> Result<()> {
+        if let Some(host) = &self.host {
+            host.withdraw_persona(ifindex, addrs)?;
+        }
+        for &a in addrs {
+            let _ = self.maps.drains.remove(&drain_key(ifindex, a));
+        }
+        Ok(())
+    }
+
+    pub fn sweep(&mut self) -> Result<Sweep> {
+        let now = monotonic_ns()?;
+        let floors = self.floors()?;
+        let mut sweep = Sweep::default();
+        let mut dead = Vec::new();
+        let mut using: HashMap<(u32, IpAddr), u32> = HashMap::new();
+        for item in self.maps.conntrack.iter() {
+            let Ok((key, e)) = item else { continue };
+            if !live(&key, &e, floors.get(&key.ifindex).copied(), now) {
+                dead.push(key);
+                continue;
+            }
+            *sweep.flows.entry(key.ifindex).or_default() += 1;
+            if !(key.proto == PROTO_TCP && tcp_closed(e.tcp)) {
+                *using
+                    .entry((key.ifindex, addr(key.family, &e.binding)))
+                    .or_default() += 1;
+            }
+        }
+        for key in &dead {
+            let _ = self.maps.conntrack.remove(key);
+        }
+        sweep.removed = dead.len();
+        let budgets: Vec<u32> = self.maps.flow_budget.keys().flatten().collect();
+        for ifindex in budgets {
+            if let Ok(mut b) = self.maps.flow_budget.get(&ifindex, 0) {
+                b.used = sweep.flows.get(&ifindex).copied().map_or(0, u64::from);
+                self.maps
+                    .flow_budget
+                    .insert(ifindex, b, 0)
+                    .map_err(bpf_err("FLOW_BUDGET"))?;
+            }
+        }
+        let mut drains: BTreeMap<u32, Vec<DrainInfo>> = BTreeMap::new();
+        for item in self.maps.drains.iter() {
+            let (key, d) = item.map_err(bpf_err("DRAINS"))?;
+            drains.entry(key.ifindex).or_default().push(DrainInfo {
+                addr: addr(key.family, &key.addr),
+                persona: d.persona,
+                generation: d.generation,
+            });
+        }
+        for (ifindex, list) in drains {
+            let mut gone = Vec::new();
+            for d in list {
+                match using.get(&(ifindex, d.addr)) {
+                    Some(&n) => sweep.draining.entry(ifindex).or_default().push((d, n)),
+                    None => gone.push(d.addr),
+                }
+            }
+            if !gone.is_empty() {
+                self.withdraw(ifindex, &gone)?;
+                sweep
+                    .released
+                    .extend(gone.into_iter().map(|a| (ifindex, a)));
+            }
+        }
+        Ok(sweep)
+    }
+
+    /// Sends the VM a reset for each TCP connection that was open under the previous
+    /// table's `floor` until the `cut` of generation `cut` forgot it.
+    pub(super) fn reset_flows(
+        &mut self,
+        ifindex: u32,
+        device: &DeviceConfig,
+        floor: u64,
+        cut: u64,
+    ) -> Result<usize> {
+        if device.mac == [0; 6] {
+            tracing::warn!(
+                ifindex,
+                "the device has no MAC: its connections are forgotten but not reset"
+            );
+            return Ok(0);
+        }
+        let now = monotonic_ns()?;
+        let mut frames = Vec::new();
+        let src_mac = tap_mac(ifindex).unwrap_or([0x02, 0, 0, 0, 0, 1]);
+        for item in self.maps.conntrack.iter() {
+            let Ok((key, e)) = item else { continue };
+            if key.ifindex != ifindex
+                || key.proto != PROTO_TCP
+                || tcp_closed(e.tcp)
+                || !(floor..cut).contains(&e.generation)
+                || now.saturating_sub(e.last_seen_ns) > timeout_ns(key.proto, e.tcp)
+            {
+                continue;
+            }
+            let inner = if key.family == FAMILY_V4 {
+                widen(device.inner_v4)
+            } else {
+                device.inner_v6
+            };
+            frames.push(reset::frame(
+                device.mac,
+                src_mac,
+                &Reset {
+                    family: key.family,
+                    remote: key.remote,
+                    inner,
+                    remote_port: key.remote_port,
+                    local_port: key.local_port,
+                    seq: e.vm_ack,
+                },
+            ));
+        }
+        if frames.is_empty() {
+            return Ok(0);
+        }
+        reset::send(ifindex, &frames).map_err(|source| DatapathError::Io {
+            context: format!("sending TCP resets to the VM on ifindex {ifindex}"),
+            source,
+        })
+    }
+}
+
+/// The tap's own MAC, the source of frames the host sends the VM.
+fn tap_mac(ifindex: u32) -> Option<[u8; 6]> {
+    let name = nix::net::if_::if_indextoname(ifindex).ok()?;
+    let text =
+        std::fs::read_to_string(format!("/sys/class/net/{}/address", name.to_string_lossy()))
+            .ok()?;
+    let mut mac = [0u8; 6];
+    let mut parts = text.trim().split(':');
+    for b in &mut mac {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    Some(mac)
+}
