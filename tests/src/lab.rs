@@ -141,6 +141,10 @@ impl Site {
             &out,
             &format!("exec python3 {} 9000", script("udp_echo.py")),
         );
+        self.spawn(
+            &out,
+            &format!("exec python3 {} {LINE_ECHO_PORT}", script("line_echo.py")),
+        );
         let www = format!("/tmp/persona-www-{out}");
         sh(&format!(
             "mkdir -p {www} && echo 'hello from outside' > {www}/hello.txt"
@@ -160,7 +164,7 @@ impl Site {
         );
         wait_for(|| {
             self.out
-                .try_exec("ss -ltn | grep -q :8080 && ss -ltn | grep -q :8000 && ss -lun | grep -q 198.51.100.53:53 && ss -lun | grep -q :9000")
+                .try_exec("ss -ltn | grep -q :8080 && ss -ltn | grep -q :8000 && ss -lun | grep -q 198.51.100.53:53 && ss -lun | grep -q :9000 && ss -ltn | grep -q :7000")
                 .status
                 .success()
         });
@@ -308,6 +312,25 @@ impl Lab {
         (out.status.success() && !text.is_empty()).then_some(text)
     }
 
+    /// One long-lived TCP connection from the VM to the outside's line echo, a line
+    /// every `interval_ms`; [`finish_stream`] says what became of it.
+    pub fn start_stream(&self, lines: u32, interval_ms: u32) -> Child {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.vm.name,
+                "python3",
+                &script("stream.py"),
+            ])
+            .args([OUTSIDE, &LINE_ECHO_PORT.to_string()])
+            .arg(lines.to_string())
+            .arg((f64::from(interval_ms) / 1000.0).to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting the stream")
+    }
+
     /// Starts `count` numbered UDP round trips from the VM, one every `interval_ms`.
     pub fn start_probe(&self, count: u32, interval_ms: f64) -> Child {
         Command::new("ip")
@@ -326,6 +349,29 @@ impl Lab {
             .spawn()
             .expect("starting the probe")
     }
+}
+
+pub const LINE_ECHO_PORT: u16 = 7000;
+
+/// What became of a [`Lab::start_stream`] connection: the address the outside saw for
+/// each answered line, how it ended (`done`, `reset`, `closed` or `timeout`) and
+/// when, in seconds from its start.
+#[derive(Debug, serde::Deserialize)]
+pub struct Stream {
+    pub seen: Vec<String>,
+    pub ended: String,
+    pub at: f64,
+}
+
+pub fn finish_stream(child: Child) -> Stream {
+    let out = child.wait_with_output().expect("stream");
+    assert!(out.status.success(), "stream failed");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stream output {e}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
 
 pub fn finish_probe(child: Child) -> Probe {

@@ -94,6 +94,9 @@ fn shift_to(
     compiled.id = id;
     let staged = dp.stage(&compiled)?;
     let shifted = dp.shift(ifindex, staged, ShiftOptions { flows })?;
+    // No daemon sweeps for this process: the previous addresses go now unless open
+    // flows still use them.
+    dp.sweep()?;
     tracing::info!(
         ifindex,
         persona = name,
