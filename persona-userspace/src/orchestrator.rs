@@ -1,7 +1,12 @@
 //! A shift as an explicit plan — stage tables, flip, host routes, DNS, firewall — that
 //! can be shown without running it, executed by appliers, rolled back on failure and
 //! recorded in the audit log.
-use std::{collections::BTreeSet, net::IpAddr, sync::Arc, time::Instant};
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::IpAddr,
+    sync::Arc,
+    time::Instant,
+};
 
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -68,6 +73,8 @@ pub enum ShiftError {
         name: String,
         reason: String,
     },
+    #[error("{address} is held by {holder}")]
+    Held { address: String, holder: String },
     #[error("shift failed, device left on {kept}: {reason}")]
     RolledBack { kept: String, reason: String },
     #[error("shift failed: {0}")]
@@ -339,6 +346,7 @@ impl Orchestrator {
             Ok(o) if o.dry_run => "dry_run",
             Ok(_) => "ok",
             Err(ShiftError::RolledBack { .. }) => "rolled_back",
+            Err(ShiftError::Held { .. }) => "conflict",
             Err(_) => "refused",
         };
         self.metrics
@@ -377,8 +385,12 @@ impl Orchestrator {
             .store
             .get(Kind::Persona, persona)?
             .ok_or_else(|| not_found("Persona", persona))?;
-        let new: PersonaSpec = parse(&persona_record)?;
+        let declared: PersonaSpec = parse(&persona_record)?;
         let state = self.store.device_state(device)?;
+        let leases = self
+            .lease(device, persona, &declared, state.as_ref())
+            .await?;
+        let new = declared.leased(&leases);
         let old_record = match &state {
             Some(s) => self.store.get(Kind::Persona, &s.persona)?,
             None => None,
@@ -388,7 +400,7 @@ impl Orchestrator {
             (Some(s), Some(spec)) => Some((s.persona.as_str(), spec, s.generation)),
             _ => None,
         };
-        let flows = flows.or(new.flows).unwrap_or_default();
+        let flows = flows.or(declared.flows).unwrap_or_default();
         let plan = plan(device, old, persona, &new, flows)?;
         let mut body = EventBody {
             kind: "shift".into(),
@@ -464,6 +476,7 @@ impl Orchestrator {
                 generation: shifted.generation,
                 since: jiff::Timestamp::now(),
                 rule: cause.as_ref().map(|c| c.0.clone()),
+                leases,
             }),
         )?;
         body.generation = Some(shifted.generation);
@@ -480,6 +493,98 @@ impl Orchestrator {
             duration_us,
             event: event.seq,
         })
+    }
+
+    /// Every address a device other than `device` holds, with who holds it: those of
+    /// the persona it runs (its leases for a pooled one), and those still draining for
+    /// its open flows.
+    async fn held(&self, device: &str) -> Result<HashMap<IpAddr, String>, ShiftError> {
+        let mut held = HashMap::new();
+        let mut specs: HashMap<String, Option<PersonaSpec>> = HashMap::new();
+        let mut names = HashMap::new();
+        for d in self.store.list(Kind::Device)? {
+            let Ok(spec) = serde_json::from_value::<DeviceSpec>(d.spec) else {
+                continue;
+            };
+            if d.name == device {
+                continue;
+            }
+            if let Ok(ifindex) = crate::datapath::ifindex(&spec.interface) {
+                names.insert(ifindex, d.name.clone());
+            }
+            let Some(s) = self.store.device_state(&d.name)? else {
+                continue;
+            };
+            if !specs.contains_key(&s.persona) {
+                let spec = self.store.get(Kind::Persona, &s.persona)?;
+                specs.insert(s.persona.clone(), spec.as_ref().map(parse).transpose()?);
+            }
+            let declared = specs[&s.persona].iter().flat_map(|p| p.addresses.iter());
+            for a in declared.chain(&s.leases) {
+                held.insert(
+                    a.addr(),
+                    format!("device {} (persona {})", d.name, s.persona),
+                );
+            }
+        }
+        let drains = self
+            .datapath
+            .call(|dp| dp.drains_all())
+            .await
+            .map_err(|e| ShiftError::Failed(e.to_string()))?;
+        for (ifindex, d) in drains {
+            if let Some(name) = names.get(&ifindex) {
+                held.entry(d.addr)
+                    .or_insert_with(|| format!("device {name} (draining its open flows)"));
+            }
+        }
+        Ok(held)
+    }
+
+    /// The device's own addresses from the persona's pools, after checking that no
+    /// other device holds the persona's fixed addresses: the lease it has when it is
+    /// on the persona already, else the lowest free address of each pool.
+    async fn lease(
+        &self,
+        device: &str,
+        persona: &str,
+        declared: &PersonaSpec,
+        state: Option<&DeviceState>,
+    ) -> Result<Vec<ipnet::IpNet>, ShiftError> {
+        let held = self.held(device).await?;
+        for a in &declared.addresses {
+            if let Some(holder) = held.get(&a.addr()) {
+                return Err(ShiftError::Held {
+                    address: a.addr().to_string(),
+                    holder: holder.clone(),
+                });
+            }
+        }
+        let current: &[ipnet::IpNet] = match state {
+            Some(s) if s.persona == persona => &s.leases,
+            _ => &[],
+        };
+        let mut leases = Vec::new();
+        for pool in &declared.address_pool {
+            let kept = current
+                .iter()
+                .find(|l| pool.contains(&l.addr()) && !held.contains_key(&l.addr()));
+            let free = || {
+                pool.hosts()
+                    .find(|a| !held.contains_key(a))
+                    .map(|a| ipnet::IpNet::new(a, pool.prefix_len()).expect("a pool's own prefix"))
+            };
+            match kept.copied().or_else(free) {
+                Some(lease) => leases.push(lease),
+                None => {
+                    return Err(ShiftError::Held {
+                        address: format!("every address of {pool}"),
+                        holder: "other devices".into(),
+                    });
+                }
+            }
+        }
+        Ok(leases)
     }
 
     /// The persona compiled for the datapath, with the id its packets are counted by.

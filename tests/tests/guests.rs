@@ -71,8 +71,9 @@ fn two_guests_behind_the_daemon() {
 
     uploads_with_offloads_arrive_intact(&site, &mut vm1);
 
-    // A shift while vm1 pings: the outside sees the new address from the next packet
-    // on, no echo is lost, and the guest's configuration does not change.
+    // A shift that moves flows while vm1 pings: the outside sees the new address from
+    // the next packet on, no echo is lost, and the guest's configuration does not
+    // change. (The default, keep, would finish the ping on the old address.)
     let before = d.metrics();
     let capture = Capture::start(
         &site.out.name,
@@ -85,7 +86,7 @@ fn two_guests_behind_the_daemon() {
     ));
     let started = Instant::now();
     std::thread::sleep(Duration::from_millis(1500));
-    let shifted = d.cli_ok("shift vm1 travel");
+    let shifted = d.cli_ok("shift vm1 travel --flows move");
     eprintln!("shift after {:?}: {shifted}", started.elapsed());
     let summary = wait_output(&mut vm1, "cat /tmp/ping.out", "packets transmitted");
     assert!(
@@ -184,6 +185,39 @@ fn two_guests_behind_the_daemon() {
             "persona_device_generation{device=\"vm1\",persona=\"travel\",interface=\"pvm1\"}"
         ),
         "{after}"
+    );
+
+    // An address is one device's: vm2 cannot take travel while vm1 runs it.
+    let refused = d.cli("shift vm2 travel");
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        why.contains("203.0.113.20 is held by device vm1 (persona travel)"),
+        "{why}"
+    );
+    assert_eq!(vm2.identity(&site), "203.0.113.30", "vm2 unchanged");
+
+    // A pooled persona gives each device its own address, for as long as it stays.
+    d.cli_ok("shift vm1 hardened");
+    d.cli_ok("shift vm2 hardened");
+    assert_eq!(vm1.identity(&site), "203.0.113.65");
+    assert_eq!(vm2.identity(&site), "203.0.113.66");
+    assert_eq!(
+        reach(&site, "203.0.113.66", 22),
+        None,
+        "hardened admits nothing"
+    );
+    let status = d.cli_ok("status vm2 -o json");
+    assert!(
+        status.contains("203.0.113.66"),
+        "the lease is shown: {status}"
+    );
+    d.cli_ok("shift vm1 office");
+    d.cli_ok("shift vm2 hardened");
+    assert_eq!(
+        vm2.identity(&site),
+        "203.0.113.66",
+        "a lease stays with its device"
     );
 }
 

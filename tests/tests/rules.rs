@@ -31,11 +31,11 @@ fn a_security_alert_hardens_the_device_and_clearing_it_restores_it() {
     assert_eq!(v["devices"][0]["decision"]["desired"], "hardened", "{v}");
     assert_eq!(
         lab.seen_from_outside().as_deref(),
-        Some("203.0.113.66"),
+        Some("203.0.113.65"),
         "the datapath runs the hardened persona"
     );
     assert_eq!(
-        lab.reach_vm("203.0.113.66", 22),
+        lab.reach_vm("203.0.113.65", 22),
         None,
         "hardened admits nothing in"
     );
@@ -44,7 +44,7 @@ fn a_security_alert_hardens_the_device_and_clearing_it_restores_it() {
     d.cli_ok("context vm1 --app zoom");
     assert_eq!(
         lab.seen_from_outside().as_deref(),
-        Some("203.0.113.66"),
+        Some("203.0.113.65"),
         "held until the alert clears"
     );
     let explain = d.cli_ok("explain vm1");

@@ -168,10 +168,15 @@ fn a_vpn_persona_goes_through_a_real_wireguard_tunnel() {
         "in the clear now: {seen:?}"
     );
 
-    // The tunnel outlives the flip (replies of tracked flows may still come through it)
-    // until the VPN persona's address is withdrawn, at the next shift.
+    // The tunnel outlives the flip while flows opened through it are open (their
+    // replies still come that way); a cut ends them, and the tunnel with them.
     assert!(lab.host.exec("ip -o link show").contains("pwg"));
     d.cli_ok("shift vm1 elsewhere");
+    assert!(
+        lab.host.exec("ip -o link show").contains("pwg"),
+        "the VPN address drains for its open UDP flows"
+    );
+    d.cli_ok("shift vm1 direct --flows cut");
     let links = lab.host.exec("ip -o link show");
     assert!(
         !links.contains("pwg"),

@@ -158,6 +158,33 @@ async fn write(
             .await
             .map_err(|e| ApiError::bad(e.to_string()))?;
     }
+    if kind == Kind::Persona {
+        let persona: PersonaSpec =
+            serde_json::from_value(spec.clone()).map_err(|e| ApiError::internal(e.to_string()))?;
+        for other in store.list(Kind::Persona)? {
+            if other.name == name {
+                continue;
+            }
+            let Ok(theirs) = serde_json::from_value::<PersonaSpec>(other.spec) else {
+                continue;
+            };
+            if let Some(why) = persona.clashes_with(&theirs) {
+                let field = if persona.address_pool.is_empty() {
+                    "spec.addresses"
+                } else {
+                    "spec.addressPool"
+                };
+                return Err(FieldError::new(
+                    field,
+                    format!(
+                        "Persona {:?}: {why}; an address belongs to one persona",
+                        other.name
+                    ),
+                )
+                .into());
+            }
+        }
+    }
     let record = store.put(kind, &name, spec, expect)?;
     state.orchestrator.record(event(
         "apply",
@@ -439,6 +466,7 @@ pub async fn status(
         "persona": device_state.as_ref().map(|s| &s.persona),
         "generation": active,
         "since": device_state.as_ref().map(|s| s.since),
+        "leases": device_state.as_ref().map(|s| &s.leases),
         "counters": rows,
         "flows": swept.flows.get(&ifindex).copied().unwrap_or(0),
         "draining": draining,

@@ -90,7 +90,15 @@ fn shift_to(
     spec: &PersonaSpec,
     flows: FlowMode,
 ) -> anyhow::Result<u64> {
-    let mut compiled = compile(spec).with_context(|| format!("Persona {name:?}"))?;
+    // Without the daemon there is no record of other devices' leases: each pool's
+    // first address.
+    let leases: Vec<ipnet::IpNet> = spec
+        .address_pool
+        .iter()
+        .filter_map(|p| ipnet::IpNet::new(p.hosts().next()?, p.prefix_len()).ok())
+        .collect();
+    let mut compiled =
+        compile(&spec.leased(&leases)).with_context(|| format!("Persona {name:?}"))?;
     compiled.id = id;
     let staged = dp.stage(&compiled)?;
     let shifted = dp.shift(ifindex, staged, ShiftOptions { flows })?;

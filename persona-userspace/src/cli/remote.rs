@@ -487,6 +487,9 @@ pub(super) async fn run(cli: &Cli) -> anyhow::Result<()> {
                     s["generation"],
                     s["since"].as_str().unwrap_or("-")
                 );
+                for l in s["leases"].as_array().into_iter().flatten() {
+                    println!("  leased {}", l.as_str().unwrap_or("?"));
+                }
                 println!("  flows: {}", s["flows"]);
                 for d in s["draining"].as_array().into_iter().flatten() {
                     println!(

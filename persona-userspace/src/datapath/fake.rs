@@ -109,8 +109,12 @@ impl Datapath for FakeDatapath {
         Ok(self.flows.get(&ifindex).cloned().unwrap_or_default())
     }
 
-    fn drains(&self, ifindex: u32) -> Result<Vec<super::DrainInfo>> {
-        Ok(self.drains.get(&ifindex).cloned().unwrap_or_default())
+    fn drains_all(&self) -> Result<Vec<(u32, super::DrainInfo)>> {
+        Ok(self
+            .drains
+            .iter()
+            .flat_map(|(&i, ds)| ds.iter().map(move |d| (i, d.clone())))
+            .collect())
     }
 
     fn sweep(&mut self) -> Result<super::Sweep> {

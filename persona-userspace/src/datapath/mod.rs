@@ -161,8 +161,17 @@ pub trait Datapath {
     }
     /// The device's live tracked flows, as connection tracking has them now.
     fn flows(&self, ifindex: u32) -> Result<Vec<FlowInfo>>;
-    /// Addresses of earlier personas the device's flows still use.
-    fn drains(&self, ifindex: u32) -> Result<Vec<DrainInfo>>;
+    /// Addresses of earlier personas that devices' flows still use, by ifindex.
+    fn drains_all(&self) -> Result<Vec<(u32, DrainInfo)>>;
+    /// Those of one device.
+    fn drains(&self, ifindex: u32) -> Result<Vec<DrainInfo>> {
+        Ok(self
+            .drains_all()?
+            .into_iter()
+            .filter(|(i, _)| *i == ifindex)
+            .map(|(_, d)| d)
+            .collect())
+    }
     /// Removes dead flows, recounts each device's flow budget, and withdraws draining
     /// addresses no open flow uses any more.
     fn sweep(&mut self) -> Result<Sweep>;

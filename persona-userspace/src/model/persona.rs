@@ -10,8 +10,14 @@ use super::FieldError;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PersonaSpec {
-    /// The addresses the network sees, with their prefix: at most one per family.
+    /// The addresses the network sees, with their prefix: at most one per family, held
+    /// by one device at a time.
+    #[serde(default)]
     pub addresses: Vec<IpNet>,
+    /// Instead of an address, a pool per family: each device on the persona leases its
+    /// own address from it for as long as it stays.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub address_pool: Vec<IpNet>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<IpAddr>,
     /// Resolvers the VM's DNS queries are redirected to: the first of each family.
@@ -192,25 +198,62 @@ impl PersonaSpec {
         self.addresses.iter().copied().find(|a| a.addr().is_ipv6())
     }
 
+    /// The persona's addresses and pools: what its traffic may come from.
+    pub fn prefixes(&self) -> impl Iterator<Item = &IpNet> {
+        self.addresses.iter().chain(&self.address_pool)
+    }
+
+    /// The persona as one device runs it: its pools replaced by the device's leases.
+    pub fn leased(&self, leases: &[IpNet]) -> PersonaSpec {
+        let mut spec = self.clone();
+        spec.addresses.extend_from_slice(leases);
+        spec.address_pool.clear();
+        spec
+    }
+
+    /// Why this persona and `other` cannot both exist: an address of one that the other
+    /// has too or pools, or pools that overlap.
+    pub fn clashes_with(&self, other: &PersonaSpec) -> Option<String> {
+        let covers = |a: &IpNet, b: &IpNet| a.contains(&b.network()) || b.contains(&a.network());
+        for a in &self.addresses {
+            if other.addresses.iter().any(|b| a.addr() == b.addr()) {
+                return Some(format!("{} is its address too", a.addr()));
+            }
+            if let Some(p) = other.address_pool.iter().find(|p| p.contains(&a.addr())) {
+                return Some(format!("{} is in its pool {p}", a.addr()));
+            }
+        }
+        for p in &self.address_pool {
+            if let Some(b) = other.addresses.iter().find(|b| p.contains(&b.addr())) {
+                return Some(format!("pool {p} holds its address {}", b.addr()));
+            }
+            if let Some(q) = other.address_pool.iter().find(|q| covers(p, q)) {
+                return Some(format!("pool {p} overlaps its pool {q}"));
+            }
+        }
+        None
+    }
+
     /// Checks what the types cannot: every error names its field.
     pub fn validate(&self) -> Result<(), FieldError> {
-        if self.addresses.is_empty() {
+        if self.addresses.is_empty() && self.address_pool.is_empty() {
             return Err(FieldError::new(
                 "spec.addresses",
-                "at least one address is required",
+                "at least one address (or an addressPool) is required",
             ));
         }
         for family_v4 in [true, false] {
             let n = self
-                .addresses
-                .iter()
+                .prefixes()
                 .filter(|a| a.addr().is_ipv4() == family_v4)
                 .count();
             if n > 1 {
                 let fam = if family_v4 { "IPv4" } else { "IPv6" };
                 return Err(FieldError::new(
                     "spec.addresses",
-                    format!("{n} {fam} addresses given; a persona has at most one per family"),
+                    format!(
+                        "{n} {fam} addresses or pools given; a persona has at most one per family"
+                    ),
                 ));
             }
         }
@@ -223,11 +266,24 @@ impl PersonaSpec {
                 ));
             }
         }
+        for (i, p) in self.address_pool.iter().enumerate() {
+            let ip = p.network();
+            if p.addr() != ip {
+                return Err(FieldError::new(
+                    format!("spec.addressPool[{i}]"),
+                    format!("{p} is not a network: write {}/{}", ip, p.prefix_len()),
+                ));
+            }
+            if ip.is_multicast() || ip.is_loopback() || (ip.is_unspecified() && p.prefix_len() == 0)
+            {
+                return Err(FieldError::new(
+                    format!("spec.addressPool[{i}]"),
+                    format!("{p} cannot hold host addresses"),
+                ));
+            }
+        }
         if let Some(gw) = self.gateway {
-            let on_link = self
-                .addresses
-                .iter()
-                .any(|a| a.contains(&gw) && a.addr() != gw);
+            let on_link = self.prefixes().any(|a| a.contains(&gw) && a.addr() != gw);
             if !on_link {
                 return Err(FieldError::new(
                     "spec.gateway",
@@ -236,10 +292,7 @@ impl PersonaSpec {
             }
         }
         for (i, d) in self.dns.iter().enumerate() {
-            let family_has_address = self
-                .addresses
-                .iter()
-                .any(|a| a.addr().is_ipv4() == d.is_ipv4());
+            let family_has_address = self.prefixes().any(|a| a.addr().is_ipv4() == d.is_ipv4());
             if !family_has_address {
                 return Err(FieldError::new(
                     format!("spec.dns[{i}]"),

@@ -64,14 +64,28 @@ fn bad_manifests_name_the_field_and_the_reason() {
         ),
         (
             GOOD.replace("[\"203.0.113.10/24\"]", "[]"),
-            "spec.addresses: at least one address is required",
+            "spec.addresses: at least one address (or an addressPool) is required",
+        ),
+        (
+            GOOD.replace(
+                "[\"203.0.113.10/24\"]",
+                "[\"203.0.113.10/24\"]\n  addressPool: [\"203.0.113.64/28\"]",
+            ),
+            "spec.addresses: 2 IPv4 addresses or pools given; a persona has at most one per family",
+        ),
+        (
+            GOOD.replace(
+                "addresses: [\"203.0.113.10/24\"]",
+                "addressPool: [\"203.0.113.65/28\"]",
+            ),
+            "spec.addressPool[0]: 203.0.113.65/28 is not a network: write 203.0.113.64/28",
         ),
         (
             GOOD.replace(
                 "[\"203.0.113.10/24\"]",
                 "[\"203.0.113.10/24\", \"203.0.113.11/24\"]",
             ),
-            "spec.addresses: 2 IPv4 addresses given; a persona has at most one per family",
+            "spec.addresses: 2 IPv4 addresses or pools given; a persona has at most one per family",
         ),
         (
             GOOD.replace("dns: [\"198.51.100.53\"]", "dns: [\"2001:db8::53\"]"),
@@ -188,6 +202,32 @@ proptest::proptest! {
             }
         }
     }
+}
+
+#[test]
+fn personas_clash_on_a_shared_address_or_overlapping_pools() {
+    let p = |y: &str| -> PersonaSpec { serde_yaml::from_str(y).unwrap() };
+    let office = p("addresses: [203.0.113.10/24]");
+    let pooled = p("addressPool: [203.0.113.0/28]");
+    let other_pool = p("addressPool: [203.0.113.8/29]");
+    let apart = p("addressPool: [203.0.113.64/28]");
+    assert_eq!(
+        office
+            .clashes_with(&p("addresses: [203.0.113.10/32]"))
+            .as_deref(),
+        Some("203.0.113.10 is its address too")
+    );
+    assert_eq!(
+        office.clashes_with(&pooled).as_deref(),
+        Some("203.0.113.10 is in its pool 203.0.113.0/28")
+    );
+    assert_eq!(
+        pooled.clashes_with(&office).as_deref(),
+        Some("pool 203.0.113.0/28 holds its address 203.0.113.10")
+    );
+    assert!(pooled.clashes_with(&other_pool).is_some());
+    assert_eq!(pooled.clashes_with(&apart), None);
+    assert_eq!(office.clashes_with(&apart), None);
 }
 
 mod tls_and_vpn {

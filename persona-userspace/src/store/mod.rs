@@ -98,6 +98,9 @@ pub struct DeviceState {
     /// The rule that chose this persona, when the rule engine did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
+    /// Addresses the device leased from the persona's pools, for as long as it stays.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leases: Vec<ipnet::IpNet>,
 }
 
 /// One entry of the audit log.

@@ -93,17 +93,18 @@ impl KernelDatapath {
         Ok(out)
     }
 
-    pub fn drains(&self, ifindex: u32) -> Result<Vec<DrainInfo>> {
+    pub fn drains_all(&self) -> Result<Vec<(u32, DrainInfo)>> {
         let mut out = Vec::new();
         for item in self.maps.drains.iter() {
             let (key, d) = item.map_err(bpf_err("DRAINS"))?;
-            if key.ifindex == ifindex {
-                out.push(DrainInfo {
+            out.push((
+                key.ifindex,
+                DrainInfo {
                     addr: addr(key.family, &key.addr),
                     persona: d.persona,
                     generation: d.generation,
-                });
-            }
+                },
+            ));
         }
         Ok(out)
     }
@@ -153,13 +154,8 @@ impl KernelDatapath {
             }
         }
         let mut drains: BTreeMap<u32, Vec<DrainInfo>> = BTreeMap::new();
-        for item in self.maps.drains.iter() {
-            let (key, d) = item.map_err(bpf_err("DRAINS"))?;
-            drains.entry(key.ifindex).or_default().push(DrainInfo {
-                addr: addr(key.family, &key.addr),
-                persona: d.persona,
-                generation: d.generation,
-            });
+        for (ifindex, d) in self.drains_all()? {
+            drains.entry(ifindex).or_default().push(d);
         }
         for (ifindex, list) in drains {
             let mut gone = Vec::new();

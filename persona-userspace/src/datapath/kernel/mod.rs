@@ -797,7 +797,7 @@ impl Datapath for KernelDatapath {
         let active = self.maps.active.get(&ifindex, 0).ok();
         let _ = self.maps.active.remove(&ifindex);
         let wiring = self.wiring(ifindex);
-        let drains = self.drains(ifindex)?;
+        let drains = Datapath::drains(self, ifindex)?;
         if let Some(host) = &self.host {
             let mut addrs: Vec<IpAddr> = drains.iter().map(|d| d.addr).collect();
             if let Some(a) = active {
@@ -943,7 +943,10 @@ impl Datapath for KernelDatapath {
                 .collect();
             if options.flows == FlowMode::Cut {
                 resets = self.reset_flows(ifindex, &device, prev_table.ct_floor, generation)?;
-                let mut gone: Vec<IpAddr> = self.drains(ifindex)?.iter().map(|d| d.addr).collect();
+                let mut gone: Vec<IpAddr> = Datapath::drains(self, ifindex)?
+                    .iter()
+                    .map(|d| d.addr)
+                    .collect();
                 gone.extend(prev_addrs);
                 self.withdraw(ifindex, &gone)?;
             } else {
@@ -1050,8 +1053,8 @@ impl Datapath for KernelDatapath {
         self.flow_list(ifindex)
     }
 
-    fn drains(&self, ifindex: u32) -> Result<Vec<super::DrainInfo>> {
-        KernelDatapath::drains(self, ifindex)
+    fn drains_all(&self) -> Result<Vec<(u32, super::DrainInfo)>> {
+        KernelDatapath::drains_all(self)
     }
 
     fn sweep(&mut self) -> Result<super::Sweep> {
