@@ -17,7 +17,9 @@ use crate::{
         kernel::{KernelConfig, KernelDatapath},
         worker::DatapathHandle,
     },
+    host::Host,
     model::DeviceSpec,
+    node::Node,
     orchestrator::Orchestrator,
     rules::{engine::Timing, runner::RuleEngine},
     store::{Kind, Role, Store, embedded::EmbeddedStore},
@@ -45,6 +47,8 @@ pub struct DaemonConfig {
     pub geoip_db: Option<PathBuf>,
     /// How often flows are read for applications, and how idle a flow may be to count.
     pub app_observe: (std::time::Duration, std::time::Duration),
+    /// Fail every shift at this step (tests of the undo).
+    pub fault_at: Option<crate::node::Step>,
 }
 
 pub fn admin_token_path(data_dir: &Path) -> PathBuf {
@@ -78,6 +82,13 @@ async fn reconcile(orchestrator: &Orchestrator) -> anyhow::Result<()> {
                 continue;
             }
         };
+        match orchestrator.repair(ifindex).await {
+            Ok(stray) if !stray.is_empty() => {
+                warn!(device = %d.name, ?stray, "withdrew addresses a cut-short shift left wired")
+            }
+            Ok(_) => {}
+            Err(e) => warn!(device = %d.name, error = %e, "repairing the host's wiring"),
+        }
         let active = orchestrator
             .datapath()
             .call(move |dp| dp.active(ifindex))
@@ -101,7 +112,13 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&config.data_dir.join("store.redb"))?);
     let kernel = config.kernel.clone();
-    let datapath = DatapathHandle::spawn(move || Ok(Box::new(KernelDatapath::open(kernel)?)))?;
+    let datapath = DatapathHandle::spawn(move || {
+        let host = Host::new(&kernel.uplinks)?;
+        Ok(Node::new(
+            Box::new(KernelDatapath::open(kernel)?),
+            Box::new(host),
+        ))
+    })?;
     let (events, _) = broadcast::channel(1024);
     let auth = Auth::new(store.clone());
     bootstrap_admin(&auth, &config.data_dir)?;
@@ -112,7 +129,8 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         events,
         tls,
         Arc::new(crate::metrics::Metrics::default()),
-    );
+    )
+    .with_fault(config.fault_at);
     reconcile(&orchestrator)
         .await
         .context("reconciling stored devices")?;

@@ -150,7 +150,7 @@ impl Host {
 
     /// The VM resolves its gateway through the tap: proxy ARP answers for any address
     /// the host routes elsewhere; IPv6 needs an explicit proxy entry.
-    pub fn prepare_device(&self, ifindex: u32, device: &DeviceSpec) -> Result<()> {
+    fn prepare(&self, ifindex: u32, device: &DeviceSpec) -> Result<()> {
         let name = ifname(ifindex)?;
         sysctl(&format!("/proc/sys/net/ipv4/conf/{name}/proxy_arp"), "1")?;
         answer_proxied_at_once(&name)?;
@@ -167,7 +167,7 @@ impl Host {
         Ok(())
     }
 
-    pub fn release_device(&self, ifindex: u32, gateways: &[IpAddr]) -> Result<()> {
+    fn release(&self, ifindex: u32, gateways: &[IpAddr]) -> Result<()> {
         for &gw in gateways {
             self.proxy(ifindex, gw, false)?;
         }
@@ -176,8 +176,8 @@ impl Host {
 
     /// Before a flip: the persona's addresses route to the tap, via the VM's own address
     /// of the same family (which the VM answers ARP/NDP for), are announced on every
-    /// uplink, and leave through the persona's gateway of their family when it has one.
-    pub fn announce_persona(
+    /// uplink, and leave through the persona's gateway (or tunnel) of their family.
+    fn announce_persona(
         &self,
         ifindex: u32,
         addrs: &[IpAddr],
@@ -197,21 +197,9 @@ impl Host {
                 .iter()
                 .copied()
                 .find(|g| g.is_ipv4() == addr.is_ipv4());
-            let tunnelled: Vec<IpNet> = persona
-                .vpn
-                .iter()
-                .flat_map(|v| v.allowed_ips.iter().copied())
-                .filter(|n| n.addr().is_ipv4() == addr.is_ipv4())
-                .collect();
-            if gateway.is_none() && tunnelled.is_empty() {
+            if gateway.is_none() && tunnelled(persona, addr).is_empty() {
                 self.unsteer(addr)?;
                 continue;
-            }
-            if let (Some(vpn), false) = (&persona.vpn, tunnelled.is_empty()) {
-                let tunnel = crate::tunnel::up(&tunnel_name(addr), vpn)?;
-                for net in tunnelled {
-                    self.tunnel_route(addr, net, tunnel)?;
-                }
             }
             if let Some(gw) = gateway {
                 self.default_route(addr, Some(gw))?;
@@ -222,7 +210,7 @@ impl Host {
     }
 
     /// After a flip: addresses the device no longer uses stop routing to it.
-    pub fn withdraw_persona(&self, ifindex: u32, addrs: &[IpAddr]) -> Result<()> {
+    fn withdraw_persona(&self, ifindex: u32, addrs: &[IpAddr]) -> Result<()> {
         for &addr in addrs {
             self.route(ifindex, addr, None)?;
             for &(_, uplink) in &self.uplinks {
@@ -412,6 +400,49 @@ impl Host {
             )))
     }
 
+    /// The host routes out of the tap (the persona addresses it is wired for).
+    fn host_routes(&self, ifindex: u32) -> Result<Vec<IpAddr>> {
+        use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
+        let handle = self.handle.clone();
+        self.rt
+            .block_on(async move {
+                let mut out = Vec::new();
+                for v6 in [false, true] {
+                    let msg = if v6 {
+                        RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
+                    } else {
+                        RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
+                    };
+                    let mut stream = handle.route().get(msg).execute();
+                    while let Some(route) = stream.try_next().await? {
+                        let host = route.header.destination_prefix_length
+                            == if v6 { 128 } else { 32 }
+                            && route.header.table == 254;
+                        let out_of_tap = route
+                            .attributes
+                            .iter()
+                            .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == ifindex));
+                        if !(host && out_of_tap) {
+                            continue;
+                        }
+                        for a in &route.attributes {
+                            match a {
+                                RouteAttribute::Destination(RouteAddress::Inet(d)) => {
+                                    out.push(IpAddr::V4(*d))
+                                }
+                                RouteAttribute::Destination(RouteAddress::Inet6(d)) => {
+                                    out.push(IpAddr::V6(*d))
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
+                }
+                Ok(out)
+            })
+            .map_err(host_err("listing routes"))
+    }
+
     /// Proxy entries currently on an interface, for tests and status.
     pub fn proxies(&self, ifindex: u32) -> Result<Vec<IpAddr>> {
         let handle = self.handle.clone();
@@ -440,5 +471,192 @@ impl Host {
                 Ok(out)
             })
             .map_err(host_err("listing proxy neighbours"))
+    }
+}
+
+fn tunnelled(persona: &CompiledPersona, addr: IpAddr) -> Vec<IpNet> {
+    persona
+        .vpn
+        .iter()
+        .flat_map(|v| v.allowed_ips.iter().copied())
+        .filter(|n| n.addr().is_ipv4() == addr.is_ipv4())
+        .collect()
+}
+
+/// What the host around the datapath must do for devices and shifts: routes, neighbour
+/// proxies, policy rules and tunnels. [`Host`] does it through rtnetlink;
+/// [`fake::FakeWiring`] records it for unit tests.
+pub trait Wiring: Send {
+    /// The VM finds its gateway through the tap.
+    fn prepare_device(&self, ifindex: u32, device: &DeviceSpec) -> Result<()>;
+    fn release_device(&self, ifindex: u32, gateways: &[IpAddr]) -> Result<()>;
+    /// Routes and announces the persona's addresses to the device, each steered out
+    /// through the persona's gateway or tunnel.
+    fn announce(
+        &self,
+        ifindex: u32,
+        addrs: &[IpAddr],
+        inner: &[IpAddr],
+        persona: &CompiledPersona,
+    ) -> Result<()>;
+    fn withdraw(&self, ifindex: u32, addrs: &[IpAddr]) -> Result<()>;
+    /// The tunnel of each address the persona sends through its VPN, with the routes
+    /// into it; returns the addresses whose tunnel was made now.
+    fn tunnel(&self, addrs: &[IpAddr], persona: &CompiledPersona) -> Result<Vec<IpAddr>>;
+    fn untunnel(&self, addrs: &[IpAddr]) -> Result<()>;
+    /// The persona addresses routed to the device now.
+    fn routed(&self, ifindex: u32) -> Result<Vec<IpAddr>>;
+}
+
+impl Wiring for Host {
+    fn prepare_device(&self, ifindex: u32, device: &DeviceSpec) -> Result<()> {
+        self.prepare(ifindex, device)
+    }
+
+    fn release_device(&self, ifindex: u32, gateways: &[IpAddr]) -> Result<()> {
+        self.release(ifindex, gateways)
+    }
+
+    fn announce(
+        &self,
+        ifindex: u32,
+        addrs: &[IpAddr],
+        inner: &[IpAddr],
+        persona: &CompiledPersona,
+    ) -> Result<()> {
+        self.announce_persona(ifindex, addrs, inner, persona)
+    }
+
+    fn withdraw(&self, ifindex: u32, addrs: &[IpAddr]) -> Result<()> {
+        self.withdraw_persona(ifindex, addrs)
+    }
+
+    fn tunnel(&self, addrs: &[IpAddr], persona: &CompiledPersona) -> Result<Vec<IpAddr>> {
+        let Some(vpn) = &persona.vpn else {
+            return Ok(Vec::new());
+        };
+        let mut made = Vec::new();
+        for &addr in addrs {
+            let nets = tunnelled(persona, addr);
+            if nets.is_empty() {
+                continue;
+            }
+            let name = tunnel_name(addr);
+            if nix::net::if_::if_nametoindex(name.as_str()).is_err() {
+                made.push(addr);
+            }
+            let tunnel = crate::tunnel::up(&name, vpn)?;
+            for net in nets {
+                self.tunnel_route(addr, net, tunnel)?;
+            }
+        }
+        Ok(made)
+    }
+
+    fn untunnel(&self, addrs: &[IpAddr]) -> Result<()> {
+        for &addr in addrs {
+            crate::tunnel::down(&tunnel_name(addr))?;
+        }
+        Ok(())
+    }
+
+    fn routed(&self, ifindex: u32) -> Result<Vec<IpAddr>> {
+        self.host_routes(ifindex)
+    }
+}
+
+pub mod fake {
+    //! Host wiring as a record, for unit tests of the shift transaction.
+    use std::{
+        collections::BTreeSet,
+        net::IpAddr,
+        sync::{Arc, Mutex},
+    };
+
+    use super::Wiring;
+    use crate::{
+        datapath::{CompiledPersona, DatapathError, Result},
+        model::DeviceSpec,
+    };
+
+    #[derive(Debug, Default, Clone, PartialEq, Eq)]
+    pub struct Wired {
+        pub routes: BTreeSet<(u32, IpAddr)>,
+        pub tunnels: BTreeSet<IpAddr>,
+        pub prepared: BTreeSet<u32>,
+    }
+
+    /// Shares its record with the test through `state`; `fail_announce` makes the
+    /// next announcement fail after wiring its first address.
+    #[derive(Default, Clone)]
+    pub struct FakeWiring {
+        pub state: Arc<Mutex<Wired>>,
+        pub fail_announce: Arc<Mutex<bool>>,
+    }
+
+    impl Wiring for FakeWiring {
+        fn prepare_device(&self, ifindex: u32, _device: &DeviceSpec) -> Result<()> {
+            self.state.lock().unwrap().prepared.insert(ifindex);
+            Ok(())
+        }
+
+        fn release_device(&self, ifindex: u32, _gateways: &[IpAddr]) -> Result<()> {
+            self.state.lock().unwrap().prepared.remove(&ifindex);
+            Ok(())
+        }
+
+        fn announce(
+            &self,
+            ifindex: u32,
+            addrs: &[IpAddr],
+            _inner: &[IpAddr],
+            _persona: &CompiledPersona,
+        ) -> Result<()> {
+            let mut state = self.state.lock().unwrap();
+            for (i, &a) in addrs.iter().enumerate() {
+                if i > 0 && std::mem::take(&mut *self.fail_announce.lock().unwrap()) {
+                    return Err(DatapathError::Host(format!("adding route {a}: injected")));
+                }
+                state.routes.insert((ifindex, a));
+            }
+            Ok(())
+        }
+
+        fn withdraw(&self, ifindex: u32, addrs: &[IpAddr]) -> Result<()> {
+            let mut state = self.state.lock().unwrap();
+            for a in addrs {
+                state.routes.remove(&(ifindex, *a));
+                state.tunnels.remove(a);
+            }
+            Ok(())
+        }
+
+        fn tunnel(&self, addrs: &[IpAddr], persona: &CompiledPersona) -> Result<Vec<IpAddr>> {
+            let mut state = self.state.lock().unwrap();
+            Ok(addrs
+                .iter()
+                .filter(|_| persona.vpn.is_some())
+                .filter(|a| state.tunnels.insert(**a))
+                .copied()
+                .collect())
+        }
+
+        fn untunnel(&self, addrs: &[IpAddr]) -> Result<()> {
+            let mut state = self.state.lock().unwrap();
+            for a in addrs {
+                state.tunnels.remove(a);
+            }
+            Ok(())
+        }
+
+        fn routed(&self, ifindex: u32) -> Result<Vec<IpAddr>> {
+            let state = self.state.lock().unwrap();
+            Ok(state
+                .routes
+                .iter()
+                .filter(|(i, _)| *i == ifindex)
+                .map(|(_, a)| *a)
+                .collect())
+        }
     }
 }

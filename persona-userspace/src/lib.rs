@@ -1,7 +1,8 @@
 //! persona: switchable network identities for VMs.
 //!
 //! `model` holds what operators write, `datapath` turns it into BPF map tables and
-//! applies it to tap devices, `host` wires the host's routes and neighbour proxies.
+//! applies it to tap devices, `host` wires the host's routes and neighbour proxies,
+//! `node` drives both as one, and `orchestrator` runs a shift as a transaction.
 pub mod api;
 pub mod auth;
 pub mod cli;
@@ -11,6 +12,7 @@ pub mod datapath;
 pub mod host;
 pub mod metrics;
 pub mod model;
+pub mod node;
 pub mod orchestrator;
 pub mod rules;
 pub mod security;

@@ -13,8 +13,9 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
 use crate::{
-    datapath::{ShiftOptions, Sweep, compile, worker::DatapathHandle},
+    datapath::{Sweep, compile, worker::DatapathHandle},
     model::{DeviceSpec, FlowMode, PersonaSpec},
+    node::{Applied, Step as TxStep, StepFailed},
     store::{DeviceState, Event, EventBody, Kind, Record, Store, StoreError},
     tls_applier::TlsApplier,
 };
@@ -188,6 +189,7 @@ pub struct Orchestrator {
     lock: tokio::sync::Mutex<()>,
     /// What the last sweep of connection tracking found.
     swept: std::sync::Mutex<Sweep>,
+    fault: Option<TxStep>,
 }
 
 fn parse<T: serde::de::DeserializeOwned>(r: &Record) -> Result<T, ShiftError> {
@@ -221,6 +223,7 @@ impl Orchestrator {
             events,
             lock: tokio::sync::Mutex::new(()),
             swept: Default::default(),
+            fault: None,
         }
     }
 
@@ -233,11 +236,12 @@ impl Orchestrator {
     /// addresses of earlier personas no open flow uses are withdrawn, each recorded in
     /// the audit log.
     pub async fn sweep(&self) -> Result<Sweep, ShiftError> {
-        // One datapath job: it never lands inside a shift, which is one job too.
+        // One job: it never lands inside a shift's steps, which are one job too.
         let sweep = self
             .datapath
-            .call(|dp| dp.sweep())
+            .on_node(|n| n.sweep())
             .await
+            .and_then(|r| r)
             .map_err(|e| ShiftError::Failed(e.to_string()))?;
         if !sweep.released.is_empty() {
             let names = self.device_names()?;
@@ -300,17 +304,35 @@ impl Orchestrator {
     pub async fn attach(&self, spec: &DeviceSpec) -> Result<u32, ShiftError> {
         let spec = spec.clone();
         self.datapath
-            .call(move |dp| dp.attach(&spec))
+            .on_node(move |n| n.attach(&spec))
             .await
+            .and_then(|r| r)
             .map_err(|e| ShiftError::Failed(e.to_string()))
     }
 
     pub async fn detach(&self, spec: &DeviceSpec) -> Result<(), ShiftError> {
         let iface = spec.interface.clone();
         self.datapath
-            .call(move |dp| dp.detach(crate::datapath::ifindex(&iface)?))
+            .on_node(move |n| n.detach(crate::datapath::ifindex(&iface)?))
             .await
+            .and_then(|r| r)
             .map_err(|e| ShiftError::Failed(e.to_string()))
+    }
+
+    /// Withdraws what the host routes to the device beyond what its state calls for
+    /// (left by a shift a crash cut short); returns those addresses.
+    pub async fn repair(&self, ifindex: u32) -> Result<Vec<IpAddr>, ShiftError> {
+        self.datapath
+            .on_node(move |n| n.repair(ifindex))
+            .await
+            .and_then(|r| r)
+            .map_err(|e| ShiftError::Failed(e.to_string()))
+    }
+
+    /// Fails every shift at `step` (tests of the undo).
+    pub fn with_fault(mut self, step: Option<TxStep>) -> Self {
+        self.fault = step;
+        self
     }
 
     /// Shifts `device` to `persona`, or only says what that would do.
@@ -395,7 +417,12 @@ impl Orchestrator {
             Some(s) => self.store.get(Kind::Persona, &s.persona)?,
             None => None,
         };
-        let old_spec: Option<PersonaSpec> = old_record.as_ref().map(parse).transpose()?;
+        let old_spec: Option<PersonaSpec> = old_record
+            .as_ref()
+            .map(parse::<PersonaSpec>)
+            .transpose()?
+            .zip(state.as_ref())
+            .map(|(p, s)| p.leased(&s.leases));
         let old = match (&state, &old_spec) {
             (Some(s), Some(spec)) => Some((s.persona.as_str(), spec, s.generation)),
             _ => None,
@@ -428,68 +455,99 @@ impl Orchestrator {
             });
         }
 
-        let result = self
-            .apply(
-                &device_spec,
-                self.compile(persona, &new)?,
-                ShiftOptions { flows },
-            )
+        let kept = || {
+            state
+                .as_ref()
+                .map_or_else(|| "no persona".to_owned(), |s| s.persona.clone())
+        };
+        let failed = |body: &mut EventBody, f: &StepFailed| {
+            body.duration_us = Some(start.elapsed().as_micros() as u64);
+            body.result = format!("rolled back at {}: {}", f.step, f.reason);
+            body.detail["failed_step"] = json!(f.step);
+        };
+        let applied = self
+            .apply(&device_spec, self.compile(persona, &new)?, flows)
             .await;
-        let shifted = match result {
-            Ok(s) => s,
-            Err(e) => {
-                // Staging and the flip are one datapath call: when it fails the device
-                // still runs its previous tables, which is the rollback.
-                body.duration_us = Some(start.elapsed().as_micros() as u64);
-                let kept = state.map_or_else(|| "no persona".to_owned(), |s| s.persona);
-                body.result = format!("rolled back: {e}");
+        let applied = match applied {
+            Ok(a) => a,
+            Err(f) => {
+                failed(&mut body, &f);
                 self.record(body)?;
                 return Err(ShiftError::RolledBack {
-                    kept,
-                    reason: e.to_string(),
+                    kept: kept(),
+                    reason: f.to_string(),
                 });
             }
         };
-        if let Err(why) = self
-            .tls
-            .install(device, persona, shifted.generation, new.tls.as_ref())
-        {
-            let kept = self
-                .roll_back(device, &device_spec, old_spec.as_ref(), &why)
-                .await;
-            body.duration_us = Some(start.elapsed().as_micros() as u64);
-            body.generation = Some(shifted.generation);
-            body.result = format!("rolled back: {why}");
-            self.record(body)?;
-            return Err(ShiftError::RolledBack {
-                kept: kept.unwrap_or_else(|| "no persona".into()),
-                reason: why,
-            });
+        let generation = applied.flipped().map_or(0, |f| f.generation);
+        let flip = applied.flipped().map(|f| f.flip).unwrap_or_default();
+        let old_tls = old_spec.as_ref().and_then(|o| o.tls.as_ref());
+        let tls = match self.fault {
+            Some(TxStep::Tls) => Err("injected fault".to_owned()),
+            _ => self
+                .tls
+                .install(device, persona, generation, new.tls.as_ref()),
         }
-        let duration_us = start.elapsed().as_micros() as u64;
-        body.duration_us = Some(duration_us);
-        self.store.set_device_state(
-            device,
-            Some(&DeviceState {
+        .map_err(|why| StepFailed::new(TxStep::Tls, why));
+        let stored = tls.and_then(|()| {
+            let record = DeviceState {
                 persona: persona.into(),
                 persona_version: persona_record.version,
-                generation: shifted.generation,
+                generation,
                 since: jiff::Timestamp::now(),
                 rule: cause.as_ref().map(|c| c.0.clone()),
                 leases,
-            }),
-        )?;
-        body.generation = Some(shifted.generation);
-        body.result = "ok".into();
-        body.detail["flip_us"] = json!(shifted.flip.as_secs_f64() * 1e6);
-        if shifted.resets > 0 {
-            body.detail["resets"] = json!(shifted.resets);
+            };
+            match self.fault {
+                Some(TxStep::Store) => Err(StepFailed::new(TxStep::Store, "injected fault")),
+                _ => self
+                    .store
+                    .set_device_state(device, Some(&record))
+                    .map_err(|e| StepFailed::new(TxStep::Store, e)),
+            }
+            .inspect_err(|_| {
+                // The TLS step ran: the previous persona's identity goes back.
+                if let Some(s) = &state
+                    && let Err(e) = self.tls.install(device, &s.persona, s.generation, old_tls)
+                {
+                    tracing::error!(device, error = %e, "restoring the previous TLS identity");
+                }
+            })
+        });
+        if let Err(f) = stored {
+            let undone = self.datapath.on_node(move |n| n.undo(applied)).await;
+            let reason = match undone {
+                Ok(Ok(())) => f.reason.clone(),
+                Ok(Err(e)) => format!("{}; undoing the steps before it failed too: {e}", f.reason),
+                Err(e) => format!("{}; undoing the steps before it failed too: {e}", f.reason),
+            };
+            let f = StepFailed::new(f.step, reason);
+            failed(&mut body, &f);
+            self.record(body)?;
+            return Err(ShiftError::RolledBack {
+                kept: kept(),
+                reason: f.to_string(),
+            });
         }
+        // Past the point of no return: what is left only tidies up after the old persona.
+        match self.datapath.on_node(move |n| n.commit(applied)).await {
+            Ok(Ok(c)) if c.resets > 0 => body.detail["resets"] = json!(c.resets),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) | Err(e) => {
+                tracing::warn!(device, error = %e, "finishing the shift");
+                body.detail["commit_error"] = json!(e.to_string());
+            }
+        }
+        let duration_us = start.elapsed().as_micros() as u64;
+        body.duration_us = Some(duration_us);
+        body.generation = Some(generation);
+        body.result = "ok".into();
+        body.detail["flip_us"] = json!(flip.as_secs_f64() * 1e6);
         let event = self.record(body)?;
         Ok(Outcome {
             plan,
             dry_run,
-            generation: Some(shifted.generation),
+            generation: Some(generation),
             duration_us,
             event: event.seq,
         })
@@ -598,69 +656,28 @@ impl Orchestrator {
         Ok(compiled)
     }
 
-    /// Stages `persona` and flips the device to it, attaching the device first if needed:
-    /// one datapath call, so a failure anywhere leaves the previous tables in force.
+    /// The datapath's and the host's steps of a shift, up to the flip, as one job on
+    /// the node: attached first if need be; on failure, undone.
     async fn apply(
         &self,
         device: &DeviceSpec,
         persona: crate::datapath::CompiledPersona,
-        options: ShiftOptions,
-    ) -> Result<crate::datapath::Shifted, crate::datapath::DatapathError> {
+        flows: FlowMode,
+    ) -> Result<Applied, StepFailed> {
         let device = device.clone();
+        let fault = self.fault;
         self.datapath
-            .call(move |dp| {
-                let ifindex = dp.attach(&device)?;
-                let staged = dp.stage(&persona)?;
-                dp.shift(ifindex, staged, options)
+            .on_node(move |node| {
+                if fault == Some(TxStep::Attach) {
+                    return Err(StepFailed::new(TxStep::Attach, "injected fault"));
+                }
+                let ifindex = node
+                    .attach(&device)
+                    .map_err(|e| StepFailed::new(TxStep::Attach, e))?;
+                node.apply(ifindex, persona, flows, fault)
             })
             .await
-    }
-
-    /// Puts the device back on its previous persona (or on none) after a step that
-    /// followed the flip failed. Returns the persona it is on now.
-    async fn roll_back(
-        &self,
-        device: &str,
-        spec: &DeviceSpec,
-        old: Option<&PersonaSpec>,
-        why: &str,
-    ) -> Option<String> {
-        tracing::warn!(device, reason = why, "rolling back");
-        let state = self.store.device_state(device).ok().flatten();
-        let spec = spec.clone();
-        let restore = match (old, &state) {
-            (Some(spec), Some(s)) => Some(self.compile(&s.persona, spec)),
-            _ => None,
-        };
-        match (restore.transpose(), &state) {
-            (Ok(Some(compiled)), Some(s)) => {
-                let restored = self.apply(&spec, compiled, ShiftOptions::default()).await;
-                match restored {
-                    Ok(shifted) => {
-                        let mut s = s.clone();
-                        s.generation = shifted.generation;
-                        let _ = self.store.set_device_state(device, Some(&s));
-                        Some(s.persona)
-                    }
-                    Err(e) => {
-                        tracing::error!(device, error = %e, "rollback failed");
-                        None
-                    }
-                }
-            }
-            _ => {
-                // No previous persona: back to none, the device drops its traffic.
-                let _ = self
-                    .datapath
-                    .call(move |dp| {
-                        dp.detach(crate::datapath::ifindex(&spec.interface)?)?;
-                        dp.attach(&spec)
-                    })
-                    .await;
-                let _ = self.store.set_device_state(device, None);
-                None
-            }
-        }
+            .map_err(|e| StepFailed::new(TxStep::Attach, e))?
     }
 }
 

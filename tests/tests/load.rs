@@ -10,7 +10,8 @@ use persona::{
         Datapath, ShiftOptions, compile,
         kernel::{KernelConfig, KernelDatapath},
     },
-    model::{Manifest, load_manifests},
+    host::{Host, Wiring as _},
+    model::{FlowMode, Manifest, load_manifests},
 };
 use persona_tests::lab::{Lab, UPLINK, VM_IFACE, VmLink, finish_probe};
 
@@ -59,14 +60,31 @@ fn shifts_under_load_lose_nothing_and_never_mix_personas() {
                     Manifest::Rule { .. } | Manifest::Application { .. } => {}
                 }
             }
-            let ifindex = dp.attach(&device.expect("a device")).expect("attach");
+            // Both personas' addresses are wired up front: what is measured is the
+            // datapath's shifts, which move the probe's one flow back and forth.
+            let device = device.expect("a device");
+            let host = Host::new(&[UPLINK.into()]).expect("host wiring");
+            let ifindex = dp.attach(&device).expect("attach");
+            host.prepare_device(ifindex, &device)
+                .expect("preparing the tap");
+            let inner = dp.wiring(ifindex).expect("wiring").inner;
+            for p in &personas {
+                host.announce(ifindex, &p.addresses(), &inner, p)
+                    .expect("announcing");
+            }
             let start = Instant::now();
             let mut shifts = 0u32;
             let mut probe: Option<Child> = Some(probe);
             while start.elapsed() < Duration::from_secs(30) && shifts < 50_000 {
                 let staged = dp.stage(&personas[shifts as usize % 2]).expect("stage");
-                dp.shift(ifindex, staged, ShiftOptions::default())
-                    .expect("shift");
+                dp.shift(
+                    ifindex,
+                    staged,
+                    ShiftOptions {
+                        flows: FlowMode::Move,
+                    },
+                )
+                .expect("shift");
                 shifts += 1;
                 if probe.as_mut().unwrap().try_wait().expect("probe").is_some() {
                     break;

@@ -8,10 +8,12 @@ use serde::Serialize;
 use super::{Cli, DatapathCommand, Output};
 use crate::{
     datapath::{
-        Counters, Datapath, ShiftOptions, compile,
+        Counters, Datapath, compile,
         kernel::{KernelConfig, KernelDatapath},
     },
+    host::Host,
     model::{DeviceSpec, FlowMode, Manifest, PersonaSpec, load_manifests},
+    node::Node,
 };
 
 pub(super) struct Catalog {
@@ -58,6 +60,12 @@ fn datapath(cli: &Cli, exclusive: bool) -> anyhow::Result<KernelDatapath> {
     })?)
 }
 
+/// The pinned datapath with the host's wiring, as the daemon drives it.
+fn node(cli: &Cli) -> anyhow::Result<Node> {
+    let host = Host::new(&cli.uplink)?;
+    Ok(Node::new(Box::new(datapath(cli, true)?), Box::new(host)))
+}
+
 fn ifindex(interface: &str) -> anyhow::Result<u32> {
     Ok(crate::datapath::ifindex(interface)?)
 }
@@ -67,7 +75,7 @@ impl Catalog {
     /// manifests' personas, by name.
     fn shift_to(
         &self,
-        dp: &mut KernelDatapath,
+        dp: &mut Node,
         ifindex: u32,
         name: &str,
         flows: Option<FlowMode>,
@@ -83,7 +91,7 @@ impl Catalog {
 }
 
 fn shift_to(
-    dp: &mut KernelDatapath,
+    node: &mut Node,
     ifindex: u32,
     name: &str,
     id: u32,
@@ -100,19 +108,20 @@ fn shift_to(
     let mut compiled =
         compile(&spec.leased(&leases)).with_context(|| format!("Persona {name:?}"))?;
     compiled.id = id;
-    let staged = dp.stage(&compiled)?;
-    let shifted = dp.shift(ifindex, staged, ShiftOptions { flows })?;
+    let applied = node.apply(ifindex, compiled, flows, None)?;
+    let flipped = applied.flipped().cloned().context("a shift flips")?;
+    node.commit(applied)?;
     // No daemon sweeps for this process: the previous addresses go now unless open
     // flows still use them.
-    dp.sweep()?;
+    node.sweep()?;
     tracing::info!(
         ifindex,
         persona = name,
-        generation = shifted.generation,
-        flip_us = shifted.flip.as_micros() as u64,
+        generation = flipped.generation,
+        flip_us = flipped.flip.as_micros() as u64,
         "shifted"
     );
-    Ok(shifted.generation)
+    Ok(flipped.generation)
 }
 
 #[derive(Serialize)]
@@ -157,14 +166,14 @@ pub(super) fn run(cli: &Cli, command: &DatapathCommand) -> anyhow::Result<()> {
             detach_on_exit,
         } => {
             let c = catalog(manifests)?;
-            let mut dp = datapath(cli, true)?;
+            let mut dp = node(cli)?;
             let mut attached = Vec::new();
             for (name, d) in &c.devices {
                 let ifindex = dp
                     .attach(d)
                     .with_context(|| format!("attaching Device {name:?}"))?;
                 attached.push(ifindex);
-                match (dp.active(ifindex)?, &d.persona) {
+                match (dp.datapath.active(ifindex)?, &d.persona) {
                     (Some(a), _) => println!(
                         "{name}: {} keeps generation {} (found pinned)",
                         d.interface, a.generation
@@ -204,15 +213,15 @@ pub(super) fn run(cli: &Cli, command: &DatapathCommand) -> anyhow::Result<()> {
                 .devices
                 .get(device)
                 .with_context(|| format!("no Device named {device:?}"))?;
-            let mut dp = datapath(cli, true)?;
+            let mut dp = node(cli)?;
             let ifindex = dp.attach(d)?;
-            if let (None, Some(p)) = (dp.active(ifindex)?, &d.persona) {
+            if let (None, Some(p)) = (dp.datapath.active(ifindex)?, &d.persona) {
                 c.shift_to(&mut dp, ifindex, p, None)?;
             }
             println!("{device}: attached to {} (ifindex {ifindex})", d.interface);
         }
         DatapathCommand::Detach { interface } => {
-            let mut dp = datapath(cli, true)?;
+            let mut dp = node(cli)?;
             dp.detach(ifindex(interface)?)?;
             println!("{interface}: detached");
         }
@@ -224,7 +233,7 @@ pub(super) fn run(cli: &Cli, command: &DatapathCommand) -> anyhow::Result<()> {
         } => {
             let c = catalog(manifests)?;
             let ifindex = ifindex(interface)?;
-            let mut dp = datapath(cli, true)?;
+            let mut dp = node(cli)?;
             let generation = c.shift_to(&mut dp, ifindex, persona, *flows)?;
             println!("{interface}: {persona} (generation {generation})");
         }

@@ -95,6 +95,9 @@ pub enum Command {
         /// A flow idle longer than this many seconds no longer shows its application.
         #[arg(long, default_value_t = 30)]
         app_idle_secs: u64,
+        /// Fail every shift at this step, to test that it is undone (tests only).
+        #[arg(long, value_enum, hide = true)]
+        fault_at: Option<crate::node::Step>,
     },
     /// Create or update every object in a file or directory of manifests.
     Apply {
@@ -316,6 +319,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             geoip_db,
             app_observe_secs,
             app_idle_secs,
+            fault_at,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -343,6 +347,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     std::time::Duration::from_secs(*app_observe_secs),
                     std::time::Duration::from_secs(*app_idle_secs),
                 ),
+                fault_at: *fault_at,
             }))
         }
         _ => {

@@ -2,10 +2,7 @@
 //! bookkeeping (slots, generations, attached devices) without a kernel.
 use std::collections::{BTreeSet, HashMap};
 
-use super::{
-    ActiveState, CompiledPersona, Counters, Datapath, DatapathError, Result, ShiftOptions, Shifted,
-    Staged,
-};
+use super::{ActiveState, CompiledPersona, Counters, Datapath, DatapathError, Result, Staged};
 use crate::model::{DeviceSpec, FlowMode};
 
 #[derive(Default)]
@@ -19,6 +16,10 @@ pub struct FakeDatapath {
     pub interfaces: HashMap<String, u32>,
     pub flows: HashMap<u32, Vec<super::FlowInfo>>,
     pub drains: HashMap<u32, Vec<super::DrainInfo>>,
+    /// Counter sets created, by device and persona.
+    pub counters: BTreeSet<(u32, u32)>,
+    /// Tables flipped away from but not yet committed.
+    retained: HashMap<u32, CompiledPersona>,
 }
 
 impl Datapath for FakeDatapath {
@@ -54,8 +55,47 @@ impl Datapath for FakeDatapath {
         Ok(())
     }
 
-    fn shift(&mut self, ifindex: u32, staged: Staged, options: ShiftOptions) -> Result<Shifted> {
+    fn wiring(&self, ifindex: u32) -> Result<super::DeviceWiring> {
+        Ok(super::DeviceWiring {
+            inner: self
+                .devices
+                .get(&ifindex)
+                .map(|d| {
+                    d.inner_v4
+                        .map(std::net::IpAddr::V4)
+                        .into_iter()
+                        .chain(d.inner_v6.map(std::net::IpAddr::V6))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            active: self
+                .active
+                .get(&ifindex)
+                .map(|(_, p)| p.addresses())
+                .unwrap_or_default(),
+            draining: self
+                .drains
+                .get(&ifindex)
+                .into_iter()
+                .flatten()
+                .map(|d| d.addr)
+                .collect(),
+            gateways: Vec::new(),
+        })
+    }
+
+    fn create_counters(&mut self, ifindex: u32, persona: u32) -> Result<bool> {
+        Ok(self.counters.insert((ifindex, persona)))
+    }
+
+    fn drop_counters(&mut self, ifindex: u32, persona: u32) -> Result<()> {
+        self.counters.remove(&(ifindex, persona));
+        Ok(())
+    }
+
+    fn flip(&mut self, ifindex: u32, staged: Staged, flows: FlowMode) -> Result<super::Flipped> {
         if !self.devices.contains_key(&ifindex) {
+            self.staged.remove(&staged.table);
             return Err(DatapathError::NotAttached(ifindex));
         }
         self.staged.remove(&staged.table);
@@ -65,32 +105,70 @@ impl Datapath for FakeDatapath {
             persona: staged.persona.id,
             generation: self.generation,
         };
-        let new_addrs = staged.persona.addresses();
         let previous = self.active.insert(ifindex, (state, staged.persona));
-        let drains = self.drains.entry(ifindex).or_default();
+        if let Some(p) = &previous {
+            self.retained.insert(p.0.table, p.1.clone());
+        }
+        Ok(super::Flipped {
+            ifindex,
+            generation: self.generation,
+            table: state.table,
+            persona: state.persona,
+            previous: previous.map(|(p, _)| p),
+            flows,
+            flip: std::time::Duration::ZERO,
+        })
+    }
+
+    fn unflip(&mut self, f: &super::Flipped) -> Result<()> {
+        match f.previous {
+            Some(p) => {
+                let compiled = self
+                    .retained
+                    .remove(&p.table)
+                    .ok_or_else(|| DatapathError::Bpf(format!("table {} is gone", p.table)))?;
+                self.active.insert(f.ifindex, (p, compiled));
+            }
+            None => {
+                self.active.remove(&f.ifindex);
+            }
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self, f: &super::Flipped) -> Result<super::Committed> {
+        let new_addrs = self
+            .active
+            .get(&f.ifindex)
+            .map(|(_, p)| p.addresses())
+            .unwrap_or_default();
+        let previous = f.previous.and_then(|p| self.retained.remove(&p.table));
+        let drains = self.drains.entry(f.ifindex).or_default();
         drains.retain(|d| !new_addrs.contains(&d.addr));
-        let mut resets = 0;
-        if options.flows == FlowMode::Cut {
-            drains.clear();
-            resets = self.flows.remove(&ifindex).map_or(0, |f| f.len());
-        } else if let Some((prev, compiled)) = &previous {
+        let mut committed = super::Committed::default();
+        if let (Some(prev), Some(compiled)) = (f.previous, previous) {
             for addr in compiled.addresses() {
                 if !new_addrs.contains(&addr) && !drains.iter().any(|d| d.addr == addr) {
                     drains.push(super::DrainInfo {
                         addr,
                         persona: prev.persona,
-                        generation: self.generation,
+                        generation: f.generation,
                     });
                 }
             }
+            if f.flows == FlowMode::Cut {
+                committed.resets = self.flows.remove(&f.ifindex).map_or(0, |f| f.len());
+                committed.release = drains.iter().map(|d| d.addr).collect();
+            }
         }
-        Ok(Shifted {
-            generation: self.generation,
-            table: staged.table,
-            previous_table: previous.map(|(p, _)| p.table),
-            flip: std::time::Duration::ZERO,
-            resets,
-        })
+        Ok(committed)
+    }
+
+    fn forget_drains(&mut self, ifindex: u32, addrs: &[std::net::IpAddr]) -> Result<()> {
+        if let Some(d) = self.drains.get_mut(&ifindex) {
+            d.retain(|d| !addrs.contains(&d.addr));
+        }
+        Ok(())
     }
 
     fn active(&self, ifindex: u32) -> Result<Option<ActiveState>> {
@@ -119,10 +197,10 @@ impl Datapath for FakeDatapath {
 
     fn sweep(&mut self) -> Result<super::Sweep> {
         let mut sweep = super::Sweep::default();
-        for (&ifindex, drains) in &mut self.drains {
+        for (&ifindex, drains) in &self.drains {
             let flows = self.flows.get(&ifindex).map_or(&[][..], |f| f.as_slice());
             sweep.flows.insert(ifindex, flows.len() as u32);
-            drains.retain(|d| {
+            for d in drains {
                 let using = flows
                     .iter()
                     .filter(|f| f.binding == d.addr && !f.closed)
@@ -136,8 +214,7 @@ impl Datapath for FakeDatapath {
                         .or_default()
                         .push((d.clone(), using));
                 }
-                using > 0
-            });
+            }
         }
         Ok(sweep)
     }

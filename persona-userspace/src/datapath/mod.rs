@@ -114,7 +114,7 @@ pub struct Sweep {
     pub flows: BTreeMap<u32, u32>,
     /// Per device, each draining address with the number of open flows using it.
     pub draining: BTreeMap<u32, Vec<(DrainInfo, u32)>>,
-    /// Addresses whose last flow ended, withdrawn by this sweep.
+    /// Addresses whose last flow ended, to be withdrawn.
     pub released: Vec<(u32, std::net::IpAddr)>,
     /// Dead entries removed.
     pub removed: usize,
@@ -134,16 +134,80 @@ pub struct ActiveState {
     pub generation: u64,
 }
 
+/// A flip done but not yet committed: everything needed to undo it, or to finish it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Flipped {
+    pub ifindex: u32,
+    pub generation: u64,
+    pub table: u32,
+    /// The persona id flipped in.
+    pub persona: u32,
+    /// What the device ran before, `None` when nothing.
+    pub previous: Option<ActiveState>,
+    pub flows: FlowMode,
+    pub flip: std::time::Duration,
+}
+
+/// What committing a flip left for the host: addresses to withdraw now (a `cut`'s).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Committed {
+    pub resets: usize,
+    pub release: Vec<std::net::IpAddr>,
+}
+
+/// What the host has wired for a device, as the datapath records it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceWiring {
+    /// The VM's own addresses, which persona addresses are routed via.
+    pub inner: Vec<std::net::IpAddr>,
+    /// The active persona's addresses.
+    pub active: Vec<std::net::IpAddr>,
+    /// Earlier personas' addresses still draining.
+    pub draining: Vec<std::net::IpAddr>,
+    pub gateways: Vec<std::net::IpAddr>,
+}
+
+/// BPF maps and programs only: the host around them (routes, proxies, tunnels) is
+/// [`crate::host::Wiring`]'s, and the shift transaction ([`crate::node`]) drives both.
 pub trait Datapath {
-    /// Configures the device, attaches both programs and wires the host. Until a shift,
-    /// the device's IP traffic is dropped (`drop_no_persona`): nothing leaves with the
-    /// VM's own address.
+    /// Configures the device and attaches both programs. Until a shift, the device's
+    /// IP traffic is dropped (`drop_no_persona`): nothing leaves with the VM's own
+    /// address.
     fn attach(&mut self, device: &DeviceSpec) -> Result<u32>;
     fn detach(&mut self, ifindex: u32) -> Result<()>;
+    /// The host wiring the device's state calls for.
+    fn wiring(&self, ifindex: u32) -> Result<DeviceWiring>;
     fn stage(&mut self, persona: &CompiledPersona) -> Result<Staged>;
     fn discard(&mut self, staged: Staged) -> Result<()>;
-    /// Makes a staged persona the device's active one with a single map update.
-    fn shift(&mut self, ifindex: u32, staged: Staged, options: ShiftOptions) -> Result<Shifted>;
+    /// Creates the device's counters for a persona; true when they did not exist.
+    fn create_counters(&mut self, ifindex: u32, persona: u32) -> Result<bool>;
+    fn drop_counters(&mut self, ifindex: u32, persona: u32) -> Result<()>;
+    /// Makes a staged persona the device's active one with a single map update. The
+    /// previous table stays intact until [`commit`](Self::commit).
+    fn flip(&mut self, ifindex: u32, staged: Staged, flows: FlowMode) -> Result<Flipped>;
+    /// Puts the previous table back in force; the flipped one is retired.
+    fn unflip(&mut self, flipped: &Flipped) -> Result<()>;
+    /// Retires the previous table and records which of its addresses drain (a `cut`
+    /// resets the VM's connections and has them all released at once).
+    fn commit(&mut self, flipped: &Flipped) -> Result<Committed>;
+    /// Forgets that `addrs` drain for the device, once the host withdrew them.
+    fn forget_drains(&mut self, ifindex: u32, addrs: &[std::net::IpAddr]) -> Result<()>;
+    /// Stage, counters, flip and commit at once, without the host: for tests and
+    /// benchmarks of the datapath alone.
+    fn shift(&mut self, ifindex: u32, staged: Staged, options: ShiftOptions) -> Result<Shifted> {
+        let persona = staged.persona.id;
+        self.create_counters(ifindex, persona)?;
+        let flipped = self.flip(ifindex, staged, options.flows)?;
+        let committed = self.commit(&flipped)?;
+        self.forget_drains(ifindex, &committed.release)?;
+        Ok(Shifted {
+            generation: flipped.generation,
+            table: flipped.table,
+            previous_table: flipped.previous.map(|p| p.table),
+            flip: flipped.flip,
+            resets: committed.resets,
+        })
+    }
     fn active(&self, ifindex: u32) -> Result<Option<ActiveState>>;
     /// The device's counters, by the id of the persona each packet was handled with.
     fn persona_counters(&self, ifindex: u32) -> Result<BTreeMap<u32, Counters>>;
@@ -172,8 +236,8 @@ pub trait Datapath {
             .map(|(_, d)| d)
             .collect())
     }
-    /// Removes dead flows, recounts each device's flow budget, and withdraws draining
-    /// addresses no open flow uses any more.
+    /// Removes dead flows, recounts each device's flow budget, and lists the draining
+    /// addresses no open flow uses any more, for the host to withdraw.
     fn sweep(&mut self) -> Result<Sweep>;
     /// How full the tables are.
     fn usage(&self) -> Result<Usage>;

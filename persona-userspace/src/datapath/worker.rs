@@ -1,13 +1,14 @@
-//! One thread owns the datapath; async code sends it jobs. The kernel datapath drives
-//! netlink through a runtime of its own and must not be called from inside another, and
-//! a single owner also serialises shifts.
+//! One thread owns the node (the datapath and the host wiring); async code sends it
+//! jobs. The host drives netlink through a runtime of its own and must not be called
+//! from inside another, and a single owner also serialises shifts.
 use std::{sync::mpsc, thread};
 
 use tokio::sync::oneshot;
 
 use super::{Datapath, DatapathError, Result};
+use crate::node::Node;
 
-type Job = Box<dyn FnOnce(&mut dyn Datapath) + Send>;
+type Job = Box<dyn FnOnce(&mut Node) + Send>;
 
 #[derive(Clone)]
 pub struct DatapathHandle {
@@ -15,20 +16,20 @@ pub struct DatapathHandle {
 }
 
 impl DatapathHandle {
-    /// Starts the worker; `open` runs on it and builds the datapath there.
+    /// Starts the worker; `open` runs on it and builds the node there.
     pub fn spawn<F>(open: F) -> Result<Self>
     where
-        F: FnOnce() -> Result<Box<dyn Datapath>> + Send + 'static,
+        F: FnOnce() -> Result<Node> + Send + 'static,
     {
         let (jobs, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel();
         thread::Builder::new()
             .name("datapath".into())
             .spawn(move || match open() {
-                Ok(mut dp) => {
+                Ok(mut node) => {
                     let _ = ready_tx.send(Ok(()));
                     for job in rx {
-                        job(dp.as_mut());
+                        job(&mut node);
                     }
                 }
                 Err(e) => {
@@ -45,18 +46,28 @@ impl DatapathHandle {
         Ok(Self { jobs })
     }
 
+    /// Runs `f` on the datapath alone.
     pub async fn call<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut dyn Datapath) -> Result<T> + Send + 'static,
     {
+        self.on_node(move |node| f(node.datapath.as_mut())).await?
+    }
+
+    /// Runs `f` on the whole node, as one job: nothing else runs in between.
+    pub async fn on_node<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Node) -> T + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel();
         self.jobs
-            .send(Box::new(move |dp| {
-                let _ = tx.send(f(dp));
+            .send(Box::new(move |node| {
+                let _ = tx.send(f(node));
             }))
             .map_err(|_| DatapathError::Bpf("the datapath thread is gone".into()))?;
         rx.await
-            .map_err(|_| DatapathError::Bpf("the datapath thread dropped a job".into()))?
+            .map_err(|_| DatapathError::Bpf("the datapath thread dropped a job".into()))
     }
 }

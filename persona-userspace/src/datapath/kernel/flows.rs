@@ -109,17 +109,6 @@ impl KernelDatapath {
         Ok(out)
     }
 
-    /// Stops routing and announcing `addrs` to the device, and forgets they drain.
-    pub(super) fn withdraw(&mut self, ifindex: u32, addrs: &[IpAddr]) -> Result<()> {
-        if let Some(host) = &self.host {
-            host.withdraw_persona(ifindex, addrs)?;
-        }
-        for &a in addrs {
-            let _ = self.maps.drains.remove(&drain_key(ifindex, a));
-        }
-        Ok(())
-    }
-
     pub fn sweep(&mut self) -> Result<Sweep> {
         let now = monotonic_ns()?;
         let floors = self.floors()?;
@@ -165,12 +154,9 @@ impl KernelDatapath {
                     None => gone.push(d.addr),
                 }
             }
-            if !gone.is_empty() {
-                self.withdraw(ifindex, &gone)?;
-                sweep
-                    .released
-                    .extend(gone.into_iter().map(|a| (ifindex, a)));
-            }
+            sweep
+                .released
+                .extend(gone.into_iter().map(|a| (ifindex, a)));
         }
         Ok(sweep)
     }

@@ -1,0 +1,210 @@
+//! A device's configuration in the maps, its programs, and its counters.
+use super::*;
+
+impl KernelDatapath {
+    pub(super) fn attach_device(&mut self, device: &DeviceSpec) -> Result<u32> {
+        device.validate()?;
+        let ifindex = crate::datapath::ifindex(&device.interface)?;
+        self.configure_device(ifindex, device)?;
+        Links::new(&self.config.pin_dir, ifindex)
+            .attach(&mut self.ebpf, device.flood_guard_rate().is_some())?;
+        info!(interface = %device.interface, ifindex, "attached");
+        Ok(ifindex)
+    }
+
+    pub(super) fn detach_device(&mut self, ifindex: u32) -> Result<()> {
+        if self.maps.devices.get(&ifindex, 0).is_err() {
+            return Err(DatapathError::NotAttached(ifindex));
+        }
+        Links::new(&self.config.pin_dir, ifindex).detach()?;
+        let _ = self.maps.guard.remove(&ifindex);
+        let active = self.maps.active.get(&ifindex, 0).ok();
+        let _ = self.maps.active.remove(&ifindex);
+        for (_, d) in self
+            .drains_all()?
+            .into_iter()
+            .filter(|(i, _)| *i == ifindex)
+        {
+            let _ = self.maps.drains.remove(&drain_key(ifindex, d.addr));
+        }
+        let _ = self.maps.flow_budget.remove(&ifindex);
+        let _ = self.maps.host_wiring.remove(&ifindex);
+        let _ = self.maps.devices.remove(&ifindex);
+        let keys: Vec<CounterKey> = self
+            .maps
+            .counters
+            .keys()
+            .flatten()
+            .filter(|k| k.ifindex == ifindex)
+            .collect();
+        for k in keys {
+            let _ = self.maps.counters.remove(&k);
+        }
+        let flows: Vec<_> = self
+            .maps
+            .conntrack
+            .keys()
+            .flatten()
+            .filter(|k| k.ifindex == ifindex)
+            .collect();
+        for k in flows {
+            let _ = self.maps.conntrack.remove(&k);
+        }
+        if let Some(a) = active {
+            self.retire(a.table)?;
+        }
+        self.reclaim()?;
+        info!(ifindex, "detached");
+        Ok(())
+    }
+
+    fn counter_key(ifindex: u32, persona: u32, direction: u8, reason: Reason) -> CounterKey {
+        CounterKey {
+            ifindex,
+            persona,
+            direction,
+            reason: reason as u8,
+            _pad: [0; 2],
+        }
+    }
+
+    /// Creates the device's counters for a persona, keeping those that exist; true when
+    /// none did. Every key exists before the first packet, so the kernel only ever
+    /// increments and no count is lost to two CPUs creating the same key at once.
+    pub(super) fn create_counters(&mut self, ifindex: u32, persona: u32) -> Result<bool> {
+        // Keys are created in order, the last one last: when it exists, all do, and a
+        // shift back to a persona costs one lookup here, not one insert per key.
+        let last = *Reason::ALL.last().expect("reasons");
+        let key = |direction, reason| Self::counter_key(ifindex, persona, direction, reason);
+        if self.maps.counters.get(&key(DIR_INGRESS, last), 0).is_ok() {
+            return Ok(false);
+        }
+        for direction in [DIR_EGRESS, DIR_INGRESS] {
+            for reason in Reason::ALL {
+                match self.maps.counters.insert(
+                    key(direction, *reason),
+                    self.zeroed()?,
+                    BPF_NOEXIST,
+                ) {
+                    Ok(()) => {}
+                    Err(MapError::SyscallError(e))
+                        if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                    Err(e) => return Err(bpf_err("COUNTERS")(e)),
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Removes the counters [`create_counters`](Self::create_counters) made, when a
+    /// shift that made them is undone.
+    pub(super) fn drop_counters(&mut self, ifindex: u32, persona: u32) -> Result<()> {
+        for direction in [DIR_EGRESS, DIR_INGRESS] {
+            for reason in Reason::ALL {
+                match self
+                    .maps
+                    .counters
+                    .remove(&Self::counter_key(ifindex, persona, direction, *reason))
+                {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(MapError::SyscallError(e))
+                        if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) => return Err(bpf_err("COUNTERS")(e)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What the host must have wired for the device.
+    pub(super) fn device_wiring(&self, ifindex: u32) -> Result<DeviceWiring> {
+        let attached = self.maps.devices.get(&ifindex, 0).is_ok();
+        Ok(DeviceWiring {
+            inner: if attached {
+                self.inner_addresses(ifindex)?
+            } else {
+                Vec::new()
+            },
+            active: self.active_addresses(ifindex)?,
+            draining: self
+                .drains_all()?
+                .into_iter()
+                .filter(|(i, _)| *i == ifindex)
+                .map(|(_, d)| d.addr)
+                .collect(),
+            gateways: gateways(&self.wiring(ifindex)),
+        })
+    }
+
+    /// Writes the device's identity and zeroed counters without attaching anything:
+    /// enough for BPF_PROG_TEST_RUN, which runs as if on the loopback device.
+    pub fn configure_device(&mut self, ifindex: u32, device: &DeviceSpec) -> Result<()> {
+        device.validate()?;
+        let mut cfg = DeviceConfig {
+            mac: device.mac_bytes()?,
+            ..Default::default()
+        };
+        if let Some(a) = device.inner_v4 {
+            cfg.inner_v4 = a.octets();
+            cfg.flags |= DEVICE_HAS_V4;
+        }
+        if let Some(a) = device.inner_v6 {
+            cfg.inner_v6 = a.octets();
+            cfg.flags |= DEVICE_HAS_V6;
+        }
+        self.maps
+            .devices
+            .insert(ifindex, cfg, 0)
+            .map_err(bpf_err("DEVICES"))?;
+        self.restamp(ifindex, &cfg)?;
+        self.create_counters(ifindex, NO_PERSONA)?;
+        match device.flood_guard_rate() {
+            Some(rate_pps) => self
+                .maps
+                .guard
+                .insert(
+                    ifindex,
+                    GuardState {
+                        rate_pps,
+                        ..Default::default()
+                    },
+                    0,
+                )
+                .map_err(bpf_err("GUARD"))?,
+            None => match self.maps.guard.remove(&ifindex) {
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() != Some(libc::ENOENT) =>
+                {
+                    return Err(DatapathError::Bpf(format!("GUARD: {e}")));
+                }
+                _ => {}
+            },
+        }
+        let budget = FlowBudget {
+            limit: u64::from(device.flow_budget.unwrap_or(DEFAULT_FLOW_BUDGET)),
+            used: self.maps.flow_budget.get(&ifindex, 0).map_or(0, |b| b.used),
+        };
+        self.maps
+            .flow_budget
+            .insert(ifindex, budget, 0)
+            .map_err(bpf_err("FLOW_BUDGET"))?;
+        let mut wiring = HostWiring::default();
+        if let Some(gw) = device.gateway_v4 {
+            wiring.gateway_v4 = gw.octets();
+            wiring.flags |= WIRED_GATEWAY_V4;
+        }
+        if let Some(gw) = device.gateway_v6 {
+            wiring.gateway_v6 = gw.octets();
+            wiring.flags |= WIRED_GATEWAY_V6;
+        }
+        self.maps
+            .host_wiring
+            .insert(ifindex, wiring, 0)
+            .map_err(bpf_err("HOST_WIRING"))?;
+        Ok(())
+    }
+
+    pub(super) fn wiring(&self, ifindex: u32) -> HostWiring {
+        self.maps.host_wiring.get(&ifindex, 0).unwrap_or_default()
+    }
+}

@@ -1,0 +1,126 @@
+//! Loading: the embedded object into this kernel, its maps pinned (or the pins
+//! re-used), and the uplinks' routing program.
+use std::collections::HashMap as StdHashMap;
+
+use super::*;
+
+impl KernelDatapath {
+    /// Loads the programs and opens the maps, re-using pinned ones: after a restart the
+    /// devices, active personas, flows and counters are all still there.
+    pub fn open(config: KernelConfig) -> Result<Self> {
+        programs::check_kernel()?;
+        ensure_bpffs(&config.pin_dir)?;
+        let lock = if config.exclusive {
+            Some(lock(&config.pin_dir)?)
+        } else {
+            None
+        };
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&config.pin_dir)
+            .load(EBPF_OBJECT)
+            .map_err(|e| DatapathError::Bpf(format!("loading the BPF object: {e}")))?;
+        programs::load(&mut ebpf)?;
+        let maps = Maps::take(&mut ebpf)?;
+        let in_use: Vec<u32> = maps
+            .active
+            .iter()
+            .filter_map(|r| r.ok().map(|(_, a)| a.table))
+            .collect();
+        let mut found: StdHashMap<u32, Prefixes> = StdHashMap::new();
+        for key in maps.fw_v4.keys().flatten() {
+            let table = u32::from_be_bytes(key.data().table);
+            found
+                .entry(table)
+                .or_default()
+                .v4
+                .push((key.prefix_len(), key.data()));
+        }
+        for key in maps.fw_v6.keys().flatten() {
+            let table = u32::from_be_bytes(key.data().table);
+            found
+                .entry(table)
+                .or_default()
+                .v6
+                .push((key.prefix_len(), key.data()));
+        }
+        if !in_use.is_empty() {
+            info!(devices = in_use.len(), pin_dir = %config.pin_dir.display(), "re-using pinned datapath");
+        }
+        let mut dp = Self {
+            ebpf,
+            maps,
+            tables: Tables::recover(in_use, found),
+            grace: GraceBarrier::new().map_err(io_err("creating the grace-period map"))?,
+            config,
+            retired: Vec::new(),
+            cpus: nr_cpus().map_err(|(_, e)| io_err("counting CPUs")(e))?,
+            _lock: lock,
+        };
+        if dp.config.wire_host {
+            dp.route()?;
+        }
+        // Tables retired but not freed when the last process stopped still hold counts;
+        // only a table that was flipped in can have any.
+        if dp.config.exclusive {
+            let free: Vec<u32> = dp.tables.free().collect();
+            for table in free {
+                if dp.persona_table(table)?.owner_ifindex != 0 {
+                    dp.harvest(table)?;
+                }
+            }
+        }
+        Ok(dp)
+    }
+
+    /// Tells the programs who forwards, and attaches (or removes) the uplinks' program.
+    pub(super) fn route(&mut self) -> Result<()> {
+        let uplinks = self
+            .config
+            .uplinks
+            .iter()
+            .map(|name| crate::datapath::ifindex(name))
+            .collect::<Result<Vec<u32>>>()?;
+        // Without uplinks there is nothing to route to: a maintenance command leaves
+        // whatever the daemon set alone.
+        if uplinks.is_empty() {
+            return Ok(());
+        }
+        if uplinks.len() > MAX_UPLINKS {
+            return Err(DatapathError::Bpf(format!(
+                "at most {MAX_UPLINKS} uplinks, {} given",
+                uplinks.len()
+            )));
+        }
+        let before = self.maps.routing.get(&0, 0).map_err(bpf_err("ROUTING"))?;
+        let mode = self
+            .config
+            .routing
+            .unwrap_or(if before.flags & ROUTE_IN_BPF != 0 {
+                HostRouting::Bpf
+            } else {
+                HostRouting::Kernel
+            });
+        let on = mode == HostRouting::Bpf;
+        let mut routing = Routing {
+            flags: if on { ROUTE_IN_BPF } else { 0 },
+            ..Routing::default()
+        };
+        routing.uplinks[..uplinks.len()].copy_from_slice(&uplinks);
+        for &ifindex in &uplinks {
+            Links::new(&self.config.pin_dir, ifindex).route_from_uplink(&mut self.ebpf, on)?;
+        }
+        for &gone in before
+            .uplinks
+            .iter()
+            .filter(|&&u| u != 0 && !uplinks.contains(&u))
+        {
+            Links::new(&self.config.pin_dir, gone).route_from_uplink(&mut self.ebpf, false)?;
+        }
+        self.maps
+            .routing
+            .set(0, routing, 0)
+            .map_err(bpf_err("ROUTING"))?;
+        info!(routing = ?mode, uplinks = uplinks.len(), "host routing");
+        Ok(())
+    }
+}

@@ -1,0 +1,158 @@
+//! The flip and what follows it: the one map update, its undo, and the commit that
+//! retires the previous table and records which of its addresses still drain.
+use super::*;
+
+impl KernelDatapath {
+    pub(super) fn flip_to(
+        &mut self,
+        ifindex: u32,
+        staged: Staged,
+        flows: FlowMode,
+    ) -> Result<Flipped> {
+        let Ok(device) = self.maps.devices.get(&ifindex, 0) else {
+            self.discard_staged(staged)?;
+            return Err(DatapathError::NotAttached(ifindex));
+        };
+        let previous = self.maps.active.get(&ifindex, 0).ok();
+        let inherited = match previous {
+            Some(a) => self.persona_table(a.table)?,
+            None => PersonaTable::default(),
+        };
+        let generation = self.next_generation()?;
+        let mut table = staged.persona.table;
+        table.generation = generation;
+        table.inner_v4 = device.inner_v4;
+        table.inner_v6 = device.inner_v6;
+        table.device_flags = device.flags;
+        table.owner_ifindex = ifindex;
+        table.owner_persona = staged.persona.id;
+        (table.ct_floor, table.move_floor) = match flows {
+            FlowMode::Keep => (inherited.ct_floor, inherited.move_floor),
+            FlowMode::Move => (inherited.ct_floor, generation),
+            FlowMode::Cut => (generation, generation),
+        };
+        let active = Active {
+            table: staged.table,
+            persona: staged.persona.id,
+            generation,
+        };
+        let start = Instant::now();
+        let written = self
+            .maps
+            .personas
+            .set(staged.table, table, 0)
+            .map_err(bpf_err("PERSONAS"))
+            .and_then(|()| {
+                self.maps
+                    .active
+                    .insert(ifindex, active, 0)
+                    .map_err(bpf_err("ACTIVE"))
+            });
+        let flip = start.elapsed();
+        if let Err(e) = written {
+            // Not flipped in: no program saw the table.
+            self.discard_staged(staged)?;
+            return Err(e);
+        }
+        Ok(Flipped {
+            ifindex,
+            generation,
+            table: staged.table,
+            persona: staged.persona.id,
+            previous: previous.map(|a| ActiveState {
+                table: a.table,
+                persona: a.persona,
+                generation: a.generation,
+            }),
+            flows,
+            flip,
+        })
+    }
+
+    pub(super) fn unflip_to_previous(&mut self, f: &Flipped) -> Result<()> {
+        match f.previous {
+            Some(p) => self
+                .maps
+                .active
+                .insert(
+                    f.ifindex,
+                    Active {
+                        table: p.table,
+                        persona: p.persona,
+                        generation: p.generation,
+                    },
+                    0,
+                )
+                .map_err(bpf_err("ACTIVE"))?,
+            None => match self.maps.active.remove(&f.ifindex) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(bpf_err("ACTIVE")(e)),
+            },
+        }
+        // Programs may have read the flipped table: freed after a grace period.
+        self.retire(f.table)
+    }
+
+    pub(super) fn commit_flip(&mut self, f: &Flipped) -> Result<Committed> {
+        let new_addrs = Self::host_addresses(&self.persona_table(f.table)?);
+        // The new persona's addresses are its own again, draining no more.
+        for &addr in &new_addrs {
+            let _ = self.maps.drains.remove(&drain_key(f.ifindex, addr));
+        }
+        let mut committed = Committed::default();
+        let Some(prev) = f.previous else {
+            return Ok(committed);
+        };
+        let prev_table = self.persona_table(prev.table)?;
+        let drain = Drain {
+            persona: prev.persona,
+            _pad: 0,
+            generation: f.generation,
+        };
+        for addr in Self::host_addresses(&prev_table) {
+            if new_addrs.contains(&addr) {
+                continue;
+            }
+            match self
+                .maps
+                .drains
+                .insert(drain_key(f.ifindex, addr), drain, BPF_NOEXIST)
+            {
+                Ok(()) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(bpf_err("DRAINS")(e)),
+            }
+        }
+        if f.flows == FlowMode::Cut {
+            let device = self
+                .maps
+                .devices
+                .get(&f.ifindex, 0)
+                .map_err(|_| DatapathError::NotAttached(f.ifindex))?;
+            committed.resets =
+                self.reset_flows(f.ifindex, &device, prev_table.ct_floor, f.generation)?;
+            // Every flow is gone: so is every reason to keep an old address.
+            committed.release = self
+                .drains_all()?
+                .into_iter()
+                .filter(|(i, _)| *i == f.ifindex)
+                .map(|(_, d)| d.addr)
+                .collect();
+        }
+        self.retire(prev.table)?;
+        Ok(committed)
+    }
+
+    pub(super) fn forget(&mut self, ifindex: u32, addrs: &[IpAddr]) -> Result<()> {
+        for &a in addrs {
+            match self.maps.drains.remove(&drain_key(ifindex, a)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(bpf_err("DRAINS")(e)),
+            }
+        }
+        Ok(())
+    }
+}
