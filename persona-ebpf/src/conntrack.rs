@@ -105,8 +105,12 @@ pub fn bind(entry: *mut CtEntry, addr: &[u8; 16], move_floor: u64, generation: u
     // SAFETY: see `live`.
     let e = unsafe { &mut *entry };
     if e.generation < move_floor {
-        e.prev_binding = e.binding;
-        e.binding = *addr;
+        // Replies in flight to the address it had are still the flow's; moved to the
+        // address it has already (shifts back and forth), it keeps the one before.
+        if e.binding != *addr {
+            e.prev_binding = e.binding;
+            e.binding = *addr;
+        }
         e.generation = generation;
     }
     e.binding

@@ -17,6 +17,7 @@ use crate::{
 /// The steps of a shift, in the order they run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum Step {
     /// The device configured and its programs attached (a no-op when they are).
     Attach,

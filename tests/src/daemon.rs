@@ -47,6 +47,12 @@ impl Daemon {
         d
     }
 
+    /// Restarts it with other extra `persona daemon` arguments.
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.restart();
+    }
+
     /// Starts the daemon process (again) and waits until it says it is ready.
     pub fn restart(&mut self) {
         let _ = self.child.kill();

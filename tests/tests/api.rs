@@ -72,7 +72,7 @@ fn every_endpoint_for_every_caller() {
             (
                 Method::POST,
                 "/personas".into(),
-                Some(persona_body(&unique, "203.0.113.77/24")),
+                Some(persona_body(&unique, "192.0.2.77/24")),
                 3,
                 201,
             ),
@@ -150,14 +150,14 @@ fn versions_conflicts_and_bad_input() {
     let (s, v) = d.admin(
         Method::POST,
         "/personas",
-        Some(&persona_body("home", "203.0.113.30/24")),
+        Some(&persona_body("home", "192.0.2.30/24")),
     );
     assert_eq!(s, 201, "{v}");
     assert_eq!(v["metadata"]["version"], 1);
     let (s, _) = d.admin(
         Method::POST,
         "/personas",
-        Some(&persona_body("home", "203.0.113.31/24")),
+        Some(&persona_body("home", "192.0.2.31/24")),
     );
     assert_eq!(s, 409, "creating twice");
 
@@ -165,7 +165,7 @@ fn versions_conflicts_and_bad_input() {
     let (s, v) = d.admin(
         Method::PUT,
         "/personas/home",
-        Some(&update(1, "203.0.113.32/24")),
+        Some(&update(1, "192.0.2.32/24")),
     );
     assert_eq!(
         (s, v["metadata"]["version"].as_u64()),
@@ -175,7 +175,7 @@ fn versions_conflicts_and_bad_input() {
     let (s, v) = d.admin(
         Method::PUT,
         "/personas/home",
-        Some(&update(1, "203.0.113.33/24")),
+        Some(&update(1, "192.0.2.33/24")),
     );
     assert_eq!(s, 409, "a stale version is refused: {v}");
     assert!(
@@ -184,7 +184,7 @@ fn versions_conflicts_and_bad_input() {
     );
     let (_, v) = d.admin(Method::GET, "/personas/home", None);
     assert_eq!(
-        v["spec"]["addresses"][0], "203.0.113.32/24",
+        v["spec"]["addresses"][0], "192.0.2.32/24",
         "the refused write changed nothing"
     );
 
@@ -374,7 +374,7 @@ fn tls_is_installed_and_a_failing_step_rolls_back() {
         .unwrap();
     let key_file = d.data_dir.join("office.key");
     std::fs::write(&key_file, key.serialize_pem()).unwrap();
-    for (name, addr) in [("secure", "203.0.113.30/24"), ("broken", "203.0.113.40/24")] {
+    for (name, addr) in [("secure", "203.0.113.31/24"), ("broken", "203.0.113.41/24")] {
         let body = json!({"metadata": {"name": name}, "spec": {
             "addresses": [addr],
             "tls": {"certificate": cert.pem(), "keyFile": key_file, "names": ["office.example"]},
@@ -395,7 +395,7 @@ fn tls_is_installed_and_a_failing_step_rolls_back() {
         .mode();
     assert_eq!(mode & 0o777, 0o600, "the key is readable by its owner only");
     let installed = std::fs::read_link(&current).unwrap();
-    assert_eq!(lab.seen_from_outside().as_deref(), Some("203.0.113.30"));
+    assert_eq!(lab.seen_from_outside().as_deref(), Some("203.0.113.31"));
 
     let failed = d.cli("shift vm1 broken");
     assert!(!failed.status.success());
@@ -407,7 +407,7 @@ fn tls_is_installed_and_a_failing_step_rolls_back() {
     );
     assert_eq!(
         lab.seen_from_outside().as_deref(),
-        Some("203.0.113.30"),
+        Some("203.0.113.31"),
         "back on the previous identity"
     );
     assert_eq!(
@@ -418,10 +418,8 @@ fn tls_is_installed_and_a_failing_step_rolls_back() {
     assert!(d.cli_ok("status vm1").starts_with("vm1: secure"));
     let events = d.cli_ok("events");
     assert!(
-        events
-            .lines()
-            .any(|l| l.contains("secure -> broken")
-                && l.contains("rolled back: TLS hook exited with 3")),
+        events.lines().any(|l| l.contains("secure -> broken")
+            && l.contains("rolled back at tls: TLS hook exited with 3")),
         "{events}"
     );
 

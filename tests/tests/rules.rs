@@ -10,7 +10,11 @@ use persona_tests::{
 use serde_json::{Value, json};
 
 fn alert(state: &str) -> Value {
-    json!({"device": "vm1", "kind": "alert", "id": "ids-7", "severity": "critical", "alertKind": "malware", "state": state, "source": "ids"})
+    alert_on("vm1", state)
+}
+
+fn alert_on(device: &str, state: &str) -> Value {
+    json!({"device": device, "kind": "alert", "id": "ids-7", "severity": "critical", "alertKind": "malware", "state": state, "source": "ids"})
 }
 
 fn start(extra: &[&str]) -> (Lab, Daemon) {
@@ -39,6 +43,20 @@ fn a_security_alert_hardens_the_device_and_clearing_it_restores_it() {
         None,
         "hardened admits nothing in"
     );
+
+    // The rule selects vm2 too: it gets an address of its own from hardened's pool.
+    let (s, v) = d.admin(Method::POST, "/context", Some(&alert_on("vm2", "raised")));
+    assert_eq!(s, 200, "{v}");
+    let leases = |device: &str| {
+        let (_, st) = d.admin(Method::GET, &format!("/status/{device}"), None);
+        assert_eq!(st["persona"], "hardened", "{st}");
+        st["leases"].clone()
+    };
+    assert_eq!(leases("vm1"), json!(["203.0.113.65/28"]));
+    assert_eq!(leases("vm2"), json!(["203.0.113.66/28"]));
+    assert_eq!(lab.seen_from_outside().as_deref(), Some("203.0.113.65"));
+    let (s, v) = d.admin(Method::POST, "/context", Some(&alert_on("vm2", "cleared")));
+    assert_eq!(s, 200, "{v}");
 
     // While the alert is open, a video call does not take the device out of hardened.
     d.cli_ok("context vm1 --app zoom");

@@ -89,8 +89,10 @@ impl KernelDatapath {
                 Err(e) => return Err(bpf_err("ACTIVE")(e)),
             },
         }
-        // Programs may have read the flipped table: freed after a grace period.
-        self.retire(f.table)
+        // Programs may have read the flipped table: freed after a grace period, waited
+        // for now so that a failed shift leaves no table behind.
+        self.retire(f.table)?;
+        self.reclaim()
     }
 
     pub(super) fn commit_flip(&mut self, f: &Flipped) -> Result<Committed> {

@@ -4,6 +4,7 @@
 //! names.
 mod api;
 mod control;
+mod flows;
 mod packets;
 mod report;
 mod scale;
@@ -19,9 +20,10 @@ fn main() {
     let wanted = |s: &str| only.is_empty() || only.iter().any(|o| o == s);
     let mut results =
         json!({ "machine": report::machine(), "date": jiff::Timestamp::now().to_string() });
-    let sections: [(&str, Section); 5] = [
+    let sections: [(&str, Section); 6] = [
         ("packets", packets::run),
         ("shifts", shifts::run),
+        ("flows", flows::run),
         ("control", control::run),
         ("throughput", throughput::run),
         ("scale", scale::run),

@@ -32,6 +32,16 @@ fn f(v: &Value, digits: usize) -> String {
 }
 
 /// Programs' mean run times on real traffic, e.g. "from_vm 930, to_vm 880".
+/// Microsecond percentiles as "p50 / p99 (max)".
+fn pct(v: &Value) -> String {
+    format!(
+        "{} / {} ({})",
+        f(&v["p50_us"], 1),
+        f(&v["p99_us"], 1),
+        f(&v["max_us"], 1)
+    )
+}
+
 fn in_situ(programs: &Value) -> String {
     let each: Vec<String> = programs
         .as_object()
@@ -90,14 +100,6 @@ pub fn markdown(r: &Value) -> String {
             m,
             "## Shift latency\n\nMicroseconds, p50 / p99 (max). *flip*: the one ACTIVE map update that makes a shift visible. *compile+stage+flip*: the library call, persona text to flipped datapath (includes the batched reclamation of replaced tables). *API*: POST /trigger_shift over the daemon's Unix socket until it returns after the flip (client wall clock; includes plan, audit record and store write). *nft -f*: replacing an equivalent nftables ruleset (DNAT, SNAT, one filter rule per prefix) atomically, wall clock of the `nft -f` process.\n\n| rules | flip | compile+stage+flip | API | nft -f |\n|---:|---|---|---|---|"
         );
-        let pct = |v: &Value| {
-            format!(
-                "{} / {} ({})",
-                f(&v["p50_us"], 1),
-                f(&v["p99_us"], 1),
-                f(&v["max_us"], 1)
-            )
-        };
         for row in s["rows"].as_array().into_iter().flatten() {
             let _ = writeln!(
                 m,
@@ -110,6 +112,34 @@ pub fn markdown(r: &Value) -> String {
             );
         }
         m.push('\n');
+    }
+    if let Some(fl) = r.get("flows") {
+        let ratio = |what: &str, q: &str| {
+            let busy = fl["busy"][what][q].as_f64().unwrap_or(0.0);
+            let idle = fl["idle"][what][q].as_f64().unwrap_or(1.0);
+            format!("{:.2}x", busy / idle)
+        };
+        let _ = writeln!(
+            m,
+            "## Shifts that keep open flows\n\nMicroseconds, p50 / p99 (max), {} keep-mode shifts between two personas of one device (BPF_PROG_TEST_RUN datapath, no host wiring) with {} open UDP flows, and on an idle device. A flow keeps its address by what its conntrack entry holds, so the flip does no per-flow work.\n\n| device | flip | compile+stage+flip |\n|---|---|---|\n| idle | {} | {} |\n| {} open flows | {} | {} |\n| ratio (p50) | {} | {} |\n",
+            fl["busy"]["flip"]["n"],
+            fl["busy"]["flows"],
+            pct(&fl["idle"]["flip"]),
+            pct(&fl["idle"]["compile_stage_flip"]),
+            fl["busy"]["flows"],
+            pct(&fl["busy"]["flip"]),
+            pct(&fl["busy"]["compile_stage_flip"]),
+            ratio("flip", "p50_us"),
+            ratio("compile_stage_flip", "p50_us"),
+        );
+        let rel = &fl["release"]["release"];
+        let _ = writeln!(
+            m,
+            "A kept TCP connection through the daemon closes (both FINs): its address is withdrawn from the host after {} ms p50, {} ms max over {} rounds (the daemon sweeps connection tracking each second).\n",
+            f(&(rel["p50_us"].as_f64().unwrap_or(0.0) / 1000.0).into(), 0),
+            f(&(rel["max_us"].as_f64().unwrap_or(0.0) / 1000.0).into(), 0),
+            fl["release"]["rounds"]
+        );
     }
     if let Some(t) = r.get("throughput") {
         let _ = writeln!(
