@@ -36,9 +36,9 @@ pub struct CtEntry {
     /// TCP: the `TCP_*` state bits seen so far.
     pub tcp: u8,
     pub _pad: u8,
-    /// TCP: the acknowledgement number the VM last sent, which is where its receive
-    /// window starts; a reset the VM accepts carries it as its sequence number.
-    pub vm_ack: u32,
+    /// TCP: the sequence number the VM expects next from the remote end (where the
+    /// last segment towards the VM ended); a reset the VM accepts carries it.
+    pub remote_next: u32,
 }
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 72);
 
@@ -49,6 +49,9 @@ pub const TCP_SYN_SENT: u8 = 1 << 0;
 pub const TCP_FIN_EGRESS: u8 = 1 << 1;
 pub const TCP_FIN_INGRESS: u8 = 1 << 2;
 pub const TCP_RESET: u8 = 1 << 3;
+/// Tracked from a segment in mid-stream, not from its SYN: a connection that was open
+/// before (a `cut` forgot it, or an eviction did).
+pub const TCP_PICKED_UP: u8 = 1 << 4;
 
 /// Both ends closed, or one reset it: the flow is over, its entry only waits for
 /// stragglers and no longer holds its persona address.

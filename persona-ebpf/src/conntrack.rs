@@ -8,8 +8,8 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use persona_common::{
     DIR_EGRESS,
     conntrack::{
-        CtEntry, CtKey, TCP_FIN_EGRESS, TCP_FIN_INGRESS, TCP_RESET, TCP_SYN_SENT, tcp_closed,
-        timeout_ns,
+        CtEntry, CtKey, TCP_FIN_EGRESS, TCP_FIN_INGRESS, TCP_PICKED_UP, TCP_RESET, TCP_SYN_SENT,
+        tcp_closed, timeout_ns,
     },
 };
 
@@ -93,8 +93,10 @@ pub fn seen(entry: *mut CtEntry, direction: u8, l4: &L4, now: u64) {
     if tcp != e.tcp {
         e.tcp = tcp;
     }
-    if direction == DIR_EGRESS && l4.tcp_flags & TCP_ACK != 0 && e.vm_ack != l4.ack {
-        e.vm_ack = l4.ack;
+    if direction != DIR_EGRESS
+        && (e.remote_next == 0 || (l4.seq_end.wrapping_sub(e.remote_next) as i32) > 0)
+    {
+        e.remote_next = l4.seq_end;
     }
 }
 
@@ -175,9 +177,13 @@ pub fn open(key: &CtKey, flow: NewFlow<'_>, l4: &L4) {
     let mut tcp = 0;
     if l4.kind == Kind::Tcp {
         tcp = tcp_bits(flow.origin, l4);
-        if l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-            tcp |= TCP_SYN_SENT;
-        }
+        tcp |= if l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            TCP_SYN_SENT
+        } else if l4.tcp_flags & TCP_SYN == 0 {
+            TCP_PICKED_UP
+        } else {
+            0
+        };
     }
     // SAFETY: this CPU's scratch slot, used only for the duration of this call.
     let e = unsafe { &mut *e };
@@ -191,7 +197,11 @@ pub fn open(key: &CtKey, flow: NewFlow<'_>, l4: &L4) {
         flags: flow.flags,
         tcp,
         _pad: 0,
-        vm_ack: if flow.origin == DIR_EGRESS { l4.ack } else { 0 },
+        remote_next: if flow.origin == DIR_EGRESS {
+            0
+        } else {
+            l4.seq_end
+        },
     };
     // A full map evicts; an insert can only fail on memory pressure, and then the flow
     // is simply judged again on its next packet.

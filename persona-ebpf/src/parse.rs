@@ -57,6 +57,8 @@ pub fn l3<P: Packet>(p: &P) -> Result<L3, Reason> {
 pub struct Ip {
     pub family: u8,
     pub proto: u8,
+    /// Bytes after the IP header, as the header says (a GSO skb's whole payload).
+    pub payload_len: u16,
     pub src: [u8; 16],
     pub dst: [u8; 16],
 }
@@ -92,6 +94,7 @@ pub fn ipv4<P: Packet>(p: &P) -> Result<Ip, Reason> {
     Ok(Ip {
         family: FAMILY_V4,
         proto: h.proto,
+        payload_len: h.tot_len() - Ipv4Hdr::LEN as u16,
         src: widen(h.src_addr),
         dst: widen(h.dst_addr),
     })
@@ -112,6 +115,7 @@ pub fn ipv6<P: Packet>(p: &P) -> Result<Ip, Reason> {
     let ip = Ip {
         family: FAMILY_V6,
         proto: next,
+        payload_len: h.payload_len(),
         src: h.src_addr,
         dst: h.dst_addr,
     };
@@ -147,8 +151,9 @@ pub struct L4 {
     pub csum_off: usize,
     /// TCP only: `TCP_SYN`, `TCP_ACK`, `TCP_FIN` and `TCP_RST` as seen.
     pub tcp_flags: u8,
-    /// TCP only: the acknowledgement number, in host order.
-    pub ack: u32,
+    /// TCP only: the sequence number just after this segment (its data, SYN and FIN),
+    /// which the receiver acknowledges next.
+    pub seq_end: u32,
 }
 
 pub const TCP_SYN: u8 = 1;
@@ -200,7 +205,9 @@ pub fn transport<P: Packet>(p: &P, ip: &Ip) -> Result<L4, Reason> {
                     | (if h.ack() != 0 { TCP_ACK } else { 0 })
                     | (if h.fin() != 0 { TCP_FIN } else { 0 })
                     | (if h.rst() != 0 { TCP_RST } else { 0 }),
-                ack: u32::from_be_bytes(h.ack_seq),
+                seq_end: u32::from_be_bytes(h.seq)
+                    .wrapping_add(u32::from(ip.payload_len.saturating_sub(h.doff() * 4)))
+                    .wrapping_add(u32::from(h.syn() != 0) + u32::from(h.fin() != 0)),
             })
         }
         PROTO_UDP => {
@@ -211,7 +218,7 @@ pub fn transport<P: Packet>(p: &P, ip: &Ip) -> Result<L4, Reason> {
                 dport: u16::from_be_bytes(h.dst),
                 csum_off: l4 + offset_of!(UdpHdr, check),
                 tcp_flags: 0,
-                ack: 0,
+                seq_end: 0,
             })
         }
         PROTO_ICMP | PROTO_ICMPV6 if (ip.proto == PROTO_ICMP) == (ip.family == FAMILY_V4) => {
@@ -223,7 +230,7 @@ pub fn transport<P: Packet>(p: &P, ip: &Ip) -> Result<L4, Reason> {
                 dport: id,
                 csum_off: l4 + 2,
                 tcp_flags: 0,
-                ack: 0,
+                seq_end: 0,
             })
         }
         _ => Ok(L4 {
@@ -232,7 +239,7 @@ pub fn transport<P: Packet>(p: &P, ip: &Ip) -> Result<L4, Reason> {
             dport: 0,
             csum_off: 0,
             tcp_flags: 0,
-            ack: 0,
+            seq_end: 0,
         }),
     }
 }

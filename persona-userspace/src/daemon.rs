@@ -71,7 +71,7 @@ fn bootstrap_admin(auth: &Auth, data_dir: &Path) -> anyhow::Result<()> {
 
 /// Brings the datapath in line with the store: every stored device attached, running
 /// the persona the store says (after a reboot the pins are gone and this restores them).
-async fn reconcile(orchestrator: &Orchestrator) -> anyhow::Result<()> {
+async fn reconcile(orchestrator: &Arc<Orchestrator>) -> anyhow::Result<()> {
     let store = orchestrator.store().clone();
     for d in store.list(Kind::Device)? {
         let spec: DeviceSpec = serde_json::from_value(d.spec.clone())?;
@@ -131,10 +131,10 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         Arc::new(crate::metrics::Metrics::default()),
     )
     .with_fault(config.fault_at);
+    let orchestrator = Arc::new(orchestrator);
     reconcile(&orchestrator)
         .await
         .context("reconciling stored devices")?;
-    let orchestrator = Arc::new(orchestrator);
     let geoip = config
         .geoip_db
         .as_deref()

@@ -84,6 +84,9 @@ pub struct Applied {
     counters: Option<u32>,
     /// Addresses this shift wired that were not wired before.
     announced: Vec<IpAddr>,
+    /// Addresses it wired again that the previous persona had, with how the previous
+    /// persona wired them (its gateway, its tunnel).
+    rewired: Option<(Vec<IpAddr>, Vec<IpAddr>, CompiledPersona)>,
     tunnels: Vec<IpAddr>,
     flipped: Option<Flipped>,
 }
@@ -154,11 +157,14 @@ impl Node {
     }
 
     /// Runs the datapath's and the host's steps of a shift up to the flip; on failure,
-    /// undoes what ran. `fault` fails that step on purpose (tests).
+    /// undoes what ran. `previous` is the persona the device runs, when known, whose
+    /// wiring of an address both share is put back on undo. `fault` fails that step on
+    /// purpose (tests).
     pub fn apply(
         &mut self,
         ifindex: u32,
         persona: CompiledPersona,
+        previous: Option<CompiledPersona>,
         flows: FlowMode,
         fault: Option<Step>,
     ) -> Result<Applied, StepFailed> {
@@ -167,10 +173,11 @@ impl Node {
             staged: None,
             counters: None,
             announced: Vec::new(),
+            rewired: None,
             tunnels: Vec::new(),
             flipped: None,
         };
-        match self.steps(&mut done, persona, flows, fault) {
+        match self.steps(&mut done, persona, previous, flows, fault) {
             Ok(()) => Ok(done),
             Err(failed) => match self.undo(done) {
                 Ok(()) => Err(failed),
@@ -189,6 +196,7 @@ impl Node {
         &mut self,
         done: &mut Applied,
         persona: CompiledPersona,
+        previous: Option<CompiledPersona>,
         flows: FlowMode,
         fault: Option<Step>,
     ) -> Result<(), StepFailed> {
@@ -220,6 +228,14 @@ impl Node {
             .filter(|a| !before.active.contains(a) && !before.draining.contains(a))
             .copied()
             .collect();
+        let shared: Vec<IpAddr> = addrs
+            .iter()
+            .filter(|a| before.active.contains(a))
+            .copied()
+            .collect();
+        if let Some(p) = previous.filter(|_| !shared.is_empty()) {
+            done.rewired = Some((shared, before.inner.clone(), p));
+        }
         self.wiring
             .announce(ifindex, &addrs, &before.inner, &persona)
             .map_err(at(Step::HostRoutes))?;
@@ -253,6 +269,10 @@ impl Node {
         }
         if !done.announced.is_empty() {
             self.wiring.withdraw(done.ifindex, &done.announced)?;
+        }
+        if let Some((addrs, inner, previous)) = &done.rewired {
+            self.wiring.announce(done.ifindex, addrs, inner, previous)?;
+            self.wiring.tunnel(addrs, previous)?;
         }
         if let Some(persona) = done.counters {
             self.datapath.drop_counters(done.ifindex, persona)?;
@@ -351,7 +371,9 @@ mod tests {
         let device: DeviceSpec =
             serde_yaml::from_str("interface: pvm1\ninnerV4: 198.18.0.2").unwrap();
         node.attach(&device).unwrap();
-        let applied = node.apply(IFINDEX, office(), FlowMode::Keep, None).unwrap();
+        let applied = node
+            .apply(IFINDEX, office(), None, FlowMode::Keep, None)
+            .unwrap();
         node.commit(applied).unwrap();
         (node, wiring)
     }
@@ -380,7 +402,13 @@ mod tests {
             let (mut node, wiring) = node_on_office();
             let before = state(&node, &wiring);
             let failed = node
-                .apply(IFINDEX, travel(), FlowMode::Keep, Some(step))
+                .apply(
+                    IFINDEX,
+                    travel(),
+                    Some(office()),
+                    FlowMode::Keep,
+                    Some(step),
+                )
                 .expect_err("the fault fails the shift");
             assert_eq!(failed.step, step);
             assert_eq!(state(&node, &wiring), before, "after a fault at {step}");
@@ -391,7 +419,9 @@ mod tests {
     fn an_undone_flip_puts_the_previous_persona_back() {
         let (mut node, wiring) = node_on_office();
         let before = state(&node, &wiring);
-        let applied = node.apply(IFINDEX, travel(), FlowMode::Keep, None).unwrap();
+        let applied = node
+            .apply(IFINDEX, travel(), Some(office()), FlowMode::Keep, None)
+            .unwrap();
         assert_eq!(
             node.datapath.active(IFINDEX).unwrap().map(|a| a.persona),
             Some(2)
@@ -401,12 +431,28 @@ mod tests {
     }
 
     #[test]
+    fn an_undone_shift_to_a_shared_address_puts_the_previous_wiring_back() {
+        let (mut node, wiring) = node_on_office();
+        let office_v2 = persona("addresses: [203.0.113.10/24, 2001:db8:c::10/64]", 4);
+        let applied = node
+            .apply(IFINDEX, office_v2, Some(office()), FlowMode::Keep, None)
+            .unwrap();
+        wiring.state.lock().unwrap().routes.clear();
+        node.undo(applied).unwrap();
+        let routes = node.wiring.routed(IFINDEX).unwrap();
+        assert!(
+            routes.contains(&"203.0.113.10".parse().unwrap()),
+            "the shared address is wired again as office had it: {routes:?}"
+        );
+    }
+
+    #[test]
     fn a_host_failure_part_way_withdraws_what_it_wired() {
         let (mut node, wiring) = node_on_office();
         let before = state(&node, &wiring);
         *wiring.fail_announce.lock().unwrap() = true;
         let failed = node
-            .apply(IFINDEX, travel(), FlowMode::Keep, None)
+            .apply(IFINDEX, travel(), Some(office()), FlowMode::Keep, None)
             .expect_err("the host fails");
         assert_eq!(failed.step, Step::HostRoutes);
         assert_eq!(state(&node, &wiring), before);
@@ -415,7 +461,9 @@ mod tests {
     #[test]
     fn a_commit_leaves_old_addresses_draining_and_a_cut_releases_them() {
         let (mut node, wiring) = node_on_office();
-        let applied = node.apply(IFINDEX, travel(), FlowMode::Keep, None).unwrap();
+        let applied = node
+            .apply(IFINDEX, travel(), Some(office()), FlowMode::Keep, None)
+            .unwrap();
         node.commit(applied).unwrap();
         let routes = wiring.state.lock().unwrap().routes.len();
         assert_eq!(routes, 4, "office drains beside travel");
@@ -424,6 +472,7 @@ mod tests {
             .apply(
                 IFINDEX,
                 persona("addresses: [203.0.113.30/24]", 3),
+                Some(travel()),
                 FlowMode::Cut,
                 None,
             )

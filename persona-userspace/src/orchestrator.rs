@@ -236,7 +236,9 @@ impl Orchestrator {
     /// addresses of earlier personas no open flow uses are withdrawn, each recorded in
     /// the audit log.
     pub async fn sweep(&self) -> Result<Sweep, ShiftError> {
-        // One job: it never lands inside a shift's steps, which are one job too.
+        // Never between a shift's flip and its commit: an address the shift just made
+        // active again still has its drain record until the commit.
+        let _guard = self.lock.lock().await;
         let sweep = self
             .datapath
             .on_node(|n| n.sweep())
@@ -303,6 +305,7 @@ impl Orchestrator {
     /// Attaches a stored device (idempotently) and returns its ifindex.
     pub async fn attach(&self, spec: &DeviceSpec) -> Result<u32, ShiftError> {
         let spec = spec.clone();
+        let _guard = self.lock.lock().await;
         self.datapath
             .on_node(move |n| n.attach(&spec))
             .await
@@ -312,6 +315,7 @@ impl Orchestrator {
 
     pub async fn detach(&self, spec: &DeviceSpec) -> Result<(), ShiftError> {
         let iface = spec.interface.clone();
+        let _guard = self.lock.lock().await;
         self.datapath
             .on_node(move |n| n.detach(crate::datapath::ifindex(&iface)?))
             .await
@@ -322,11 +326,18 @@ impl Orchestrator {
     /// Withdraws what the host routes to the device beyond what its state calls for
     /// (left by a shift a crash cut short); returns those addresses.
     pub async fn repair(&self, ifindex: u32) -> Result<Vec<IpAddr>, ShiftError> {
+        let _guard = self.lock.lock().await;
         self.datapath
             .on_node(move |n| n.repair(ifindex))
             .await
             .and_then(|r| r)
             .map_err(|e| ShiftError::Failed(e.to_string()))
+    }
+
+    /// Holds off shifts, sweeps and device changes while the caller checks and writes
+    /// something they depend on (a persona's addresses).
+    pub async fn serialized(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.lock.lock().await
     }
 
     /// Fails every shift at `step` (tests of the undo).
@@ -337,7 +348,7 @@ impl Orchestrator {
 
     /// Shifts `device` to `persona`, or only says what that would do.
     pub async fn shift(
-        &self,
+        self: &Arc<Self>,
         device: &str,
         persona: &str,
         actor: &str,
@@ -350,8 +361,11 @@ impl Orchestrator {
 
     /// A shift with its cause recorded: the rule that chose it and the signals behind it.
     /// `flows`, when given, overrides the persona's own choice for open flows.
+    ///
+    /// The shift runs as a task of its own: a caller that goes away (an HTTP client
+    /// hanging up) never leaves it between its flip and its commit or undo.
     pub async fn shift_for(
-        &self,
+        self: &Arc<Self>,
         device: &str,
         persona: &str,
         actor: &str,
@@ -360,9 +374,12 @@ impl Orchestrator {
         cause: Option<(String, Value)>,
     ) -> Result<Outcome, ShiftError> {
         let start = Instant::now();
-        let result = self
-            .shift_inner(device, persona, actor, dry_run, flows, cause)
-            .await;
+        let this = self.clone();
+        let (d, p, a) = (device.to_owned(), persona.to_owned(), actor.to_owned());
+        let result =
+            tokio::spawn(async move { this.shift_inner(&d, &p, &a, dry_run, flows, cause).await })
+                .await
+                .unwrap_or_else(|e| Err(ShiftError::Failed(format!("the shift task failed: {e}"))));
         let trigger = crate::metrics::trigger(actor).to_owned();
         let outcome = match &result {
             Ok(o) if o.dry_run => "dry_run",
@@ -465,8 +482,14 @@ impl Orchestrator {
             body.result = format!("rolled back at {}: {}", f.step, f.reason);
             body.detail["failed_step"] = json!(f.step);
         };
+        let previous = match (&state, &old_spec) {
+            // Only to put its wiring back on undo: a previous persona that no longer
+            // compiles does not stop the shift away from it.
+            (Some(s), Some(spec)) => self.compile(&s.persona, spec).ok(),
+            _ => None,
+        };
         let applied = self
-            .apply(&device_spec, self.compile(persona, &new)?, flows)
+            .apply(&device_spec, self.compile(persona, &new)?, previous, flows)
             .await;
         let applied = match applied {
             Ok(a) => a,
@@ -506,10 +529,12 @@ impl Orchestrator {
                     .map_err(|e| StepFailed::new(TxStep::Store, e)),
             }
             .inspect_err(|_| {
-                // The TLS step ran: the previous persona's identity goes back.
-                if let Some(s) = &state
-                    && let Err(e) = self.tls.install(device, &s.persona, s.generation, old_tls)
-                {
+                // The TLS step ran: the previous persona's identity goes back (none when
+                // the device had no persona).
+                let (p, g) = state
+                    .as_ref()
+                    .map_or((persona, 0), |s| (s.persona.as_str(), s.generation));
+                if let Err(e) = self.tls.install(device, p, g, old_tls) {
                     tracing::error!(device, error = %e, "restoring the previous TLS identity");
                 }
             })
@@ -585,14 +610,26 @@ impl Orchestrator {
                 );
             }
         }
-        let drains = self
+        // What the datapath runs too: a device's store record may lag behind (a
+        // persona updated, its device's shift refused) and drains are only there.
+        let devices: Vec<(u32, String)> = names.into_iter().collect();
+        let wired = self
             .datapath
-            .call(|dp| dp.drains_all())
+            .call(move |dp| {
+                devices
+                    .into_iter()
+                    .map(|(ifindex, name)| Ok((name, dp.wiring(ifindex)?)))
+                    .collect::<crate::datapath::Result<Vec<_>>>()
+            })
             .await
             .map_err(|e| ShiftError::Failed(e.to_string()))?;
-        for (ifindex, d) in drains {
-            if let Some(name) = names.get(&ifindex) {
-                held.entry(d.addr)
+        for (name, w) in wired {
+            for a in w.active {
+                held.entry(a)
+                    .or_insert_with(|| format!("device {name} (running it)"));
+            }
+            for a in w.draining {
+                held.entry(a)
                     .or_insert_with(|| format!("device {name} (draining its open flows)"));
             }
         }
@@ -627,8 +664,10 @@ impl Orchestrator {
             let kept = current
                 .iter()
                 .find(|l| pool.contains(&l.addr()) && !held.contains_key(&l.addr()));
+            // Never the pool's gateway, nor IPv6's subnet-router anycast address.
             let free = || {
                 pool.hosts()
+                    .filter(|a| Some(*a) != declared.gateway && *a != pool.network())
                     .find(|a| !held.contains_key(a))
                     .map(|a| ipnet::IpNet::new(a, pool.prefix_len()).expect("a pool's own prefix"))
             };
@@ -662,6 +701,7 @@ impl Orchestrator {
         &self,
         device: &DeviceSpec,
         persona: crate::datapath::CompiledPersona,
+        previous: Option<crate::datapath::CompiledPersona>,
         flows: FlowMode,
     ) -> Result<Applied, StepFailed> {
         let device = device.clone();
@@ -674,7 +714,7 @@ impl Orchestrator {
                 let ifindex = node
                     .attach(&device)
                     .map_err(|e| StepFailed::new(TxStep::Attach, e))?;
-                node.apply(ifindex, persona, flows, fault)
+                node.apply(ifindex, persona, previous, flows, fault)
             })
             .await
             .map_err(|e| StepFailed::new(TxStep::Attach, e))?

@@ -46,6 +46,23 @@ fn view(r: &Record) -> Value {
     })
 }
 
+/// A stored object as the API shows it; a device with what it runs now (its persona,
+/// generation and leased addresses) under `status`.
+fn view_in(store: &dyn crate::store::Store, r: &Record) -> Result<Value, ApiError> {
+    let mut v = view(r);
+    if r.kind == Kind::Device
+        && let Some(s) = store.device_state(&r.name)?
+    {
+        v["status"] = json!({
+            "persona": s.persona,
+            "generation": s.generation,
+            "since": s.since,
+            "leases": s.leases,
+        });
+    }
+    Ok(v)
+}
+
 /// Checks a body against its kind; returns the normalised spec.
 fn validate(kind: Kind, body: &Body) -> Result<Value, ApiError> {
     let kind_name = kind.label();
@@ -104,13 +121,12 @@ fn event(kind: &str, caller: &Caller, what: &str, result: &str) -> EventBody {
 
 async fn list(state: &State, caller: &Caller, kind: Kind) -> Result<Json<Value>, ApiError> {
     caller.require(Role::Viewer)?;
-    let items: Vec<Value> = state
-        .orchestrator
-        .store()
+    let store = state.orchestrator.store();
+    let items = store
         .list(kind)?
         .iter()
-        .map(view)
-        .collect();
+        .map(|r| view_in(store.as_ref(), r))
+        .collect::<Result<Vec<Value>, _>>()?;
     Ok(Json(json!({ "items": items })))
 }
 
@@ -128,7 +144,7 @@ async fn get_one(
             format!("{} {id:?} not found", kind.plural().trim_end_matches('s')),
         )
     })?;
-    Ok(Json(view(&r)))
+    Ok(Json(view_in(store.as_ref(), &r)?))
 }
 
 async fn write(
@@ -158,6 +174,11 @@ async fn write(
             .await
             .map_err(|e| ApiError::bad(e.to_string()))?;
     }
+    // Two writes must not both pass the clash check before either is stored.
+    let _guard = match kind {
+        Kind::Persona => Some(state.orchestrator.serialized().await),
+        _ => None,
+    };
     if kind == Kind::Persona {
         let persona: PersonaSpec =
             serde_json::from_value(spec.clone()).map_err(|e| ApiError::internal(e.to_string()))?;

@@ -108,7 +108,7 @@ fn shift_to(
     let mut compiled =
         compile(&spec.leased(&leases)).with_context(|| format!("Persona {name:?}"))?;
     compiled.id = id;
-    let applied = node.apply(ifindex, compiled, flows, None)?;
+    let applied = node.apply(ifindex, compiled, None, flows, None)?;
     let flipped = applied.flipped().cloned().context("a shift flips")?;
     node.commit(applied)?;
     // No daemon sweeps for this process: the previous addresses go now unless open
@@ -189,18 +189,39 @@ pub(super) fn run(cli: &Cli, command: &DatapathCommand) -> anyhow::Result<()> {
                 }
             }
             println!("ready");
+            // Signals are awaited on a thread of their own: the host's netlink runtime
+            // must not run inside another, and this one sweeps each second meanwhile.
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = stop.clone();
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(async {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+            let waiter = std::thread::spawn(move || {
+                let waited = rt.block_on(async {
+                    let mut term =
+                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                    Ok::<_, std::io::Error>(())
+                });
+                flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                waited
+            });
+            let mut last = std::time::Instant::now();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                if last.elapsed() >= std::time::Duration::from_secs(1) {
+                    last = std::time::Instant::now();
+                    if let Err(e) = dp.sweep() {
+                        tracing::warn!(error = %e, "sweeping connection tracking");
+                    }
                 }
-                Ok::<_, std::io::Error>(())
-            })?;
+            }
+            waiter
+                .join()
+                .map_err(|_| anyhow::anyhow!("the signal thread panicked"))??;
             if *detach_on_exit {
                 for ifindex in attached {
                     dp.detach(ifindex)?;

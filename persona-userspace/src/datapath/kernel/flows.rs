@@ -9,7 +9,7 @@ use std::{
 
 use persona_common::{
     FAMILY_V4, FAMILY_V6, PROTO_TCP,
-    conntrack::{CtEntry, CtKey, tcp_closed, timeout_ns},
+    conntrack::{CT_DNS_REDIRECTED, CtEntry, CtKey, TCP_PICKED_UP, tcp_closed, timeout_ns},
     device::DeviceConfig,
     host::DrainKey,
 };
@@ -46,6 +46,9 @@ fn addr(family: u8, a: &[u8; 16]) -> IpAddr {
         IpAddr::from(*a)
     }
 }
+
+/// How long after its last packet a moved flow's previous address counts as in use.
+const IN_FLIGHT_NS: u64 = 2_000_000_000;
 
 /// Entries carry bpf_ktime_get_ns(), which is CLOCK_MONOTONIC.
 fn monotonic_ns() -> Result<u64> {
@@ -118,20 +121,36 @@ impl KernelDatapath {
         for item in self.maps.conntrack.iter() {
             let Ok((key, e)) = item else { continue };
             if !live(&key, &e, floors.get(&key.ifindex).copied(), now) {
-                dead.push(key);
+                dead.push((key, e.last_seen_ns));
                 continue;
             }
             *sweep.flows.entry(key.ifindex).or_default() += 1;
-            if !(key.proto == PROTO_TCP && tcp_closed(e.tcp)) {
-                *using
-                    .entry((key.ifindex, addr(key.family, &e.binding)))
-                    .or_default() += 1;
+            if key.proto == PROTO_TCP && tcp_closed(e.tcp) {
+                continue;
+            }
+            *using
+                .entry((key.ifindex, addr(key.family, &e.binding)))
+                .or_default() += 1;
+            // Moved a moment ago: replies may still be on their way to the old address.
+            if e.prev_binding != e.binding && now.saturating_sub(e.last_seen_ns) < IN_FLIGHT_NS {
+                using
+                    .entry((key.ifindex, addr(key.family, &e.prev_binding)))
+                    .or_default();
             }
         }
-        for key in &dead {
-            let _ = self.maps.conntrack.remove(key);
+        for (key, seen) in &dead {
+            // Only if no packet touched it since it was judged dead: the VM may have
+            // opened a new flow on the same ports meanwhile.
+            if self
+                .maps
+                .conntrack
+                .get(key, 0)
+                .is_ok_and(|e| e.last_seen_ns == *seen)
+            {
+                let _ = self.maps.conntrack.remove(key);
+                sweep.removed += 1;
+            }
         }
-        sweep.removed = dead.len();
         let budgets: Vec<u32> = self.maps.flow_budget.keys().flatten().collect();
         for ifindex in budgets {
             if let Ok(mut b) = self.maps.flow_budget.get(&ifindex, 0) {
@@ -147,10 +166,13 @@ impl KernelDatapath {
             drains.entry(ifindex).or_default().push(d);
         }
         for (ifindex, list) in drains {
+            let active = self.active_addresses(ifindex)?;
             let mut gone = Vec::new();
             for d in list {
                 match using.get(&(ifindex, d.addr)) {
                     Some(&n) => sweep.draining.entry(ifindex).or_default().push((d, n)),
+                    // Active again (the shift back has not committed yet): not released.
+                    None if active.contains(&d.addr) => {}
                     None => gone.push(d.addr),
                 }
             }
@@ -161,8 +183,9 @@ impl KernelDatapath {
         Ok(sweep)
     }
 
-    /// Sends the VM a reset for each TCP connection that was open under the previous
-    /// table's `floor` until the `cut` of generation `cut` forgot it.
+    /// Sends the VM a reset for each TCP connection the `cut` of generation `cut`
+    /// forgot: those bound under the previous table's `floor` and before the cut, and
+    /// those the cut's table picked up in mid-stream since.
     pub(super) fn reset_flows(
         &mut self,
         ifindex: u32,
@@ -182,10 +205,12 @@ impl KernelDatapath {
         let src_mac = tap_mac(ifindex).unwrap_or([0x02, 0, 0, 0, 0, 1]);
         for item in self.maps.conntrack.iter() {
             let Ok((key, e)) = item else { continue };
+            let forgotten = (floor..cut).contains(&e.generation)
+                || (e.generation == cut && e.tcp & TCP_PICKED_UP != 0);
             if key.ifindex != ifindex
                 || key.proto != PROTO_TCP
                 || tcp_closed(e.tcp)
-                || !(floor..cut).contains(&e.generation)
+                || !forgotten
                 || now.saturating_sub(e.last_seen_ns) > timeout_ns(key.proto, e.tcp)
             {
                 continue;
@@ -195,16 +220,22 @@ impl KernelDatapath {
             } else {
                 device.inner_v6
             };
+            // A redirected DNS query's answers came from the server the VM asked.
+            let remote = if e.flags & CT_DNS_REDIRECTED != 0 {
+                e.orig_remote
+            } else {
+                key.remote
+            };
             frames.push(reset::frame(
                 device.mac,
                 src_mac,
                 &Reset {
                     family: key.family,
-                    remote: key.remote,
+                    remote,
                     inner,
                     remote_port: key.remote_port,
                     local_port: key.local_port,
-                    seq: e.vm_ack,
+                    seq: e.remote_next,
                 },
             ));
         }
@@ -230,4 +261,36 @@ fn tap_mac(ifindex: u32) -> Option<[u8; 6]> {
         *b = u8::from_str_radix(parts.next()?, 16).ok()?;
     }
     Some(mac)
+}
+
+impl KernelDatapath {
+    /// After an undone flip: flows the flipped table moved go back to the address they
+    /// had, and flows it opened (or picked up) are forgotten, so none is left bound to
+    /// an address the device no longer has.
+    pub(super) fn unbind(&mut self, ifindex: u32, generation: u64, keep: &[IpAddr]) -> Result<()> {
+        let mut moved = Vec::new();
+        let mut opened = Vec::new();
+        for item in self.maps.conntrack.iter() {
+            let Ok((key, e)) = item else { continue };
+            if key.ifindex != ifindex
+                || e.generation != generation
+                || keep.contains(&addr(key.family, &e.binding))
+            {
+                continue;
+            }
+            if keep.contains(&addr(key.family, &e.prev_binding)) {
+                moved.push((key, e));
+            } else {
+                opened.push(key);
+            }
+        }
+        for (key, mut e) in moved {
+            e.binding = e.prev_binding;
+            let _ = self.maps.conntrack.insert(key, e, 0);
+        }
+        for key in opened {
+            let _ = self.maps.conntrack.remove(&key);
+        }
+        Ok(())
+    }
 }

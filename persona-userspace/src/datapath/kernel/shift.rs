@@ -14,11 +14,18 @@ impl KernelDatapath {
             return Err(DatapathError::NotAttached(ifindex));
         };
         let previous = self.maps.active.get(&ifindex, 0).ok();
-        let inherited = match previous {
-            Some(a) => self.persona_table(a.table)?,
-            None => PersonaTable::default(),
+        let ready = match previous {
+            Some(a) => self.persona_table(a.table),
+            None => Ok(PersonaTable::default()),
+        }
+        .and_then(|t| Ok((t, self.next_generation()?)));
+        let (inherited, generation) = match ready {
+            Ok(r) => r,
+            Err(e) => {
+                self.discard_staged(staged)?;
+                return Err(e);
+            }
         };
-        let generation = self.next_generation()?;
         let mut table = staged.persona.table;
         table.generation = generation;
         table.inner_v4 = device.inner_v4;
@@ -27,7 +34,8 @@ impl KernelDatapath {
         table.owner_ifindex = ifindex;
         table.owner_persona = staged.persona.id;
         (table.ct_floor, table.move_floor) = match flows {
-            FlowMode::Keep => (inherited.ct_floor, inherited.move_floor),
+            // Flows still waiting to move keep their address too.
+            FlowMode::Keep => (inherited.ct_floor, 0),
             FlowMode::Move => (inherited.ct_floor, generation),
             FlowMode::Cut => (generation, generation),
         };
@@ -70,6 +78,17 @@ impl KernelDatapath {
     }
 
     pub(super) fn unflip_to_previous(&mut self, f: &Flipped) -> Result<()> {
+        // The addresses the device has again: the previous table's, and those draining.
+        let mut restored = match f.previous {
+            Some(p) => Self::host_addresses(&self.persona_table(p.table)?),
+            None => Vec::new(),
+        };
+        restored.extend(
+            self.drains_all()?
+                .into_iter()
+                .filter(|(i, _)| *i == f.ifindex)
+                .map(|(_, d)| d.addr),
+        );
         match f.previous {
             Some(p) => self
                 .maps
@@ -92,7 +111,8 @@ impl KernelDatapath {
         // Programs may have read the flipped table: freed after a grace period, waited
         // for now so that a failed shift leaves no table behind.
         self.retire(f.table)?;
-        self.reclaim()
+        self.reclaim()?;
+        self.unbind(f.ifindex, f.generation, &restored)
     }
 
     pub(super) fn commit_flip(&mut self, f: &Flipped) -> Result<Committed> {
@@ -126,14 +146,18 @@ impl KernelDatapath {
                 Err(e) => return Err(bpf_err("DRAINS")(e)),
             }
         }
+        self.retire(prev.table)?;
         if f.flows == FlowMode::Cut {
-            let device = self
-                .maps
-                .devices
-                .get(&f.ifindex, 0)
-                .map_err(|_| DatapathError::NotAttached(f.ifindex))?;
-            committed.resets =
-                self.reset_flows(f.ifindex, &device, prev_table.ct_floor, f.generation)?;
+            // Best effort: the connections are forgotten whether or not the VM hears.
+            committed.resets = match self.maps.devices.get(&f.ifindex, 0) {
+                Ok(device) => self
+                    .reset_flows(f.ifindex, &device, prev_table.ct_floor, f.generation)
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(ifindex = f.ifindex, error = %e, "resetting the VM's connections");
+                        0
+                    }),
+                Err(_) => 0,
+            };
             // Every flow is gone: so is every reason to keep an old address.
             committed.release = self
                 .drains_all()?
@@ -142,7 +166,6 @@ impl KernelDatapath {
                 .map(|(_, d)| d.addr)
                 .collect();
         }
-        self.retire(prev.table)?;
         Ok(committed)
     }
 
