@@ -8,7 +8,7 @@ use std::{
     time::Instant,
 };
 
-use serde::Serialize;
+use serde::{Deserialize as _, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
@@ -117,9 +117,9 @@ pub fn plan(
     old: Option<(&str, &PersonaSpec, u64)>,
     to: &str,
     new: &PersonaSpec,
+    compiled: &crate::datapath::CompiledPersona,
     flows: FlowMode,
 ) -> Result<Plan, ShiftError> {
-    let compiled = compile(new)?;
     let addrs = |s: &PersonaSpec| {
         s.addresses
             .iter()
@@ -445,7 +445,8 @@ impl Orchestrator {
             _ => None,
         };
         let flows = flows.or(declared.flows).unwrap_or_default();
-        let plan = plan(device, old, persona, &new, flows)?;
+        let compiled = self.compile(persona, &new)?;
+        let plan = plan(device, old, persona, &new, &compiled, flows)?;
         let mut body = EventBody {
             kind: "shift".into(),
             actor: actor.into(),
@@ -483,14 +484,17 @@ impl Orchestrator {
             body.detail["failed_step"] = json!(f.step);
         };
         let previous = match (&state, &old_spec) {
-            // Only to put its wiring back on undo: a previous persona that no longer
-            // compiles does not stop the shift away from it.
-            (Some(s), Some(spec)) => self.compile(&s.persona, spec).ok(),
+            // Only its wiring is put back on undo (addresses, gateway, tunnel), so its
+            // rules are left out; a previous persona that no longer compiles does not
+            // stop the shift away from it.
+            (Some(s), Some(spec)) => {
+                let mut wiring = spec.clone();
+                wiring.firewall = Default::default();
+                self.compile(&s.persona, &wiring).ok()
+            }
             _ => None,
         };
-        let applied = self
-            .apply(&device_spec, self.compile(persona, &new)?, previous, flows)
-            .await;
+        let applied = self.apply(&device_spec, compiled, previous, flows).await;
         let applied = match applied {
             Ok(a) => a,
             Err(f) => {
@@ -583,7 +587,13 @@ impl Orchestrator {
     /// its open flows.
     async fn held(&self, device: &str) -> Result<HashMap<IpAddr, String>, ShiftError> {
         let mut held = HashMap::new();
-        let mut specs: HashMap<String, Option<PersonaSpec>> = HashMap::new();
+        /// A persona's addresses alone: the rest of a large persona is not parsed.
+        #[derive(serde::Deserialize)]
+        struct Addresses {
+            #[serde(default)]
+            addresses: Vec<ipnet::IpNet>,
+        }
+        let mut specs: HashMap<String, Vec<ipnet::IpNet>> = HashMap::new();
         let mut names = HashMap::new();
         for d in self.store.list(Kind::Device)? {
             let Ok(spec) = serde_json::from_value::<DeviceSpec>(d.spec) else {
@@ -599,11 +609,14 @@ impl Orchestrator {
                 continue;
             };
             if !specs.contains_key(&s.persona) {
-                let spec = self.store.get(Kind::Persona, &s.persona)?;
-                specs.insert(s.persona.clone(), spec.as_ref().map(parse).transpose()?);
+                let addrs = self
+                    .store
+                    .get(Kind::Persona, &s.persona)?
+                    .and_then(|r| Addresses::deserialize(&r.spec).ok())
+                    .map_or_else(Vec::new, |a| a.addresses);
+                specs.insert(s.persona.clone(), addrs);
             }
-            let declared = specs[&s.persona].iter().flat_map(|p| p.addresses.iter());
-            for a in declared.chain(&s.leases) {
+            for a in specs[&s.persona].iter().chain(&s.leases) {
                 held.insert(
                     a.addr(),
                     format!("device {} (persona {})", d.name, s.persona),
@@ -735,7 +748,15 @@ mod tests {
             "addresses: [203.0.113.10/24]\ndns: [198.51.100.53]\nfirewall:\n  ingress:\n    default: drop\n    rules:\n      - { cidr: 198.51.100.0/24, protocol: tcp, ports: \"22\", action: allow }\n",
         );
         let b = spec("addresses: [203.0.113.20/24]\ndns: [198.51.100.53]\n");
-        let p = plan("vm1", Some(("office", &a, 7)), "travel", &b, FlowMode::Keep).unwrap();
+        let p = plan(
+            "vm1",
+            Some(("office", &a, 7)),
+            "travel",
+            &b,
+            &compile(&b).unwrap(),
+            FlowMode::Keep,
+        )
+        .unwrap();
         assert_eq!(p.from.as_deref(), Some("office"));
         assert!(
             p.diff.contains(&"- address 203.0.113.10/24".to_string()),
