@@ -787,4 +787,97 @@ mod tests {
             }
         ));
     }
+
+    /// An orchestrator on the fake datapath and wiring, with a real embedded store.
+    fn orchestrator(
+        dir: &std::path::Path,
+        store: Arc<dyn Store>,
+        datapath: DatapathHandle,
+        fault: Option<TxStep>,
+    ) -> Arc<Orchestrator> {
+        let (events, _) = broadcast::channel(16);
+        Arc::new(
+            Orchestrator::new(
+                store,
+                datapath,
+                events,
+                TlsApplier::new(dir.join("tls"), None),
+                Arc::new(crate::metrics::Metrics::default()),
+            )
+            .with_fault(fault),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_failure_after_the_flip_leaves_the_device_and_its_record_as_they_were() {
+        use crate::{
+            datapath::fake::FakeDatapath,
+            host::fake::FakeWiring,
+            node::Node,
+            store::{Expect, embedded::EmbeddedStore},
+        };
+        let dir = std::env::temp_dir().join(format!("persona-orch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.join("store.redb")).unwrap());
+        for (name, addr) in [("office", "203.0.113.10/24"), ("travel", "203.0.113.20/24")] {
+            store
+                .put(
+                    Kind::Persona,
+                    name,
+                    json!({ "addresses": [addr] }),
+                    Expect::Any,
+                )
+                .unwrap();
+        }
+        store
+            .put(
+                Kind::Device,
+                "vm1",
+                json!({ "interface": "pvm1", "innerV4": "198.18.0.2" }),
+                Expect::Any,
+            )
+            .unwrap();
+        let wiring = FakeWiring::default();
+        let w = wiring.clone();
+        let datapath = DatapathHandle::spawn(move || {
+            let mut dp = FakeDatapath::default();
+            dp.interfaces.insert("pvm1".into(), 7);
+            Ok(Node::new(Box::new(dp), Box::new(w)))
+        })
+        .unwrap();
+        orchestrator(&dir, store.clone(), datapath.clone(), None)
+            .shift("vm1", "office", "test", false, None)
+            .await
+            .unwrap();
+        let before = (
+            store.device_state("vm1").unwrap(),
+            datapath.call(|dp| dp.active(7)).await.unwrap(),
+            wiring.state.lock().unwrap().clone(),
+        );
+        for step in [TxStep::Tls, TxStep::Store] {
+            let failing = orchestrator(&dir, store.clone(), datapath.clone(), Some(step));
+            let err = failing
+                .shift("vm1", "travel", "test", false, None)
+                .await
+                .expect_err("the fault fails the shift");
+            assert!(
+                err.to_string()
+                    .contains(&format!("device left on office: {step}: injected fault")),
+                "{err}"
+            );
+            let after = (
+                store.device_state("vm1").unwrap(),
+                datapath.call(|dp| dp.active(7)).await.unwrap(),
+                wiring.state.lock().unwrap().clone(),
+            );
+            assert_eq!(after, before, "after a fault at {step}");
+            let last = store.events(0, 100).unwrap().pop().unwrap();
+            assert_eq!(
+                last.body.result,
+                format!("rolled back at {step}: injected fault")
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -21,7 +21,7 @@ pub struct ShiftRequest {
 }
 
 /// Shift a device to a persona (operator).
-#[utoipa::path(post, path = "/trigger_shift", request_body = ShiftRequest, responses((status = 200, description = "Shifted, or the plan of a dry run"), (status = 404), (status = 502, description = "Failed and rolled back")), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/trigger_shift", request_body = ShiftRequest, responses((status = 200, description = "Shifted, or the plan of a dry run"), (status = 404), (status = 409, description = "Another device holds the address"), (status = 502, description = "Failed at a step and undone")), security(("bearer" = [])))]
 pub async fn trigger_shift(
     state: State,
     caller: Caller,
