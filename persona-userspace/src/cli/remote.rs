@@ -68,10 +68,21 @@ fn table(kind: KindArg, items: &[Value]) {
             );
             for i in items {
                 let s = &i["spec"];
+                let pools = s["addressPool"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| p.as_str().map(|p| format!("pool {p}")));
+                let addresses = [list(s, "addresses")]
+                    .into_iter()
+                    .filter(|a| !a.is_empty())
+                    .chain(pools)
+                    .collect::<Vec<_>>()
+                    .join(",");
                 println!(
                     "{:<20} {:<40} {:<20} {:>7}",
                     i["metadata"]["name"].as_str().unwrap_or(""),
-                    list(s, "addresses"),
+                    addresses,
                     list(s, "dns"),
                     i["metadata"]["version"]
                 );
