@@ -74,35 +74,47 @@ fn bootstrap_admin(auth: &Auth, data_dir: &Path) -> anyhow::Result<()> {
 async fn reconcile(orchestrator: &Arc<Orchestrator>) -> anyhow::Result<()> {
     let store = orchestrator.store().clone();
     for d in store.list(Kind::Device)? {
-        let spec: DeviceSpec = serde_json::from_value(d.spec.clone())?;
-        let ifindex = match orchestrator.attach(&spec).await {
-            Ok(i) => i,
-            Err(e) => {
-                warn!(device = %d.name, error = %e, "cannot attach stored device");
-                continue;
-            }
-        };
-        match orchestrator.repair(ifindex).await {
-            Ok(stray) if !stray.is_empty() => {
-                warn!(device = %d.name, ?stray, "withdrew addresses a cut-short shift left wired")
-            }
-            Ok(_) => {}
-            Err(e) => warn!(device = %d.name, error = %e, "repairing the host's wiring"),
+        settle(orchestrator, &d.name).await?;
+    }
+    Ok(())
+}
+
+/// Attaches a stored device and runs the persona the store says (its default on first
+/// sight), withdrawing what a shift cut short left wired. A device whose interface is
+/// missing is left for when it appears.
+pub async fn settle(orchestrator: &Arc<Orchestrator>, name: &str) -> anyhow::Result<()> {
+    let store = orchestrator.store().clone();
+    let Some(record) = store.get(Kind::Device, name)? else {
+        return Ok(());
+    };
+    let spec: DeviceSpec = serde_json::from_value(record.spec)?;
+    let ifindex = match orchestrator.attach(&spec).await {
+        Ok(i) => i,
+        Err(e) => {
+            warn!(device = %name, error = %e, "cannot attach stored device");
+            return Ok(());
         }
-        let active = orchestrator
-            .datapath()
-            .call(move |dp| dp.active(ifindex))
+    };
+    match orchestrator.repair(ifindex).await {
+        Ok(stray) if !stray.is_empty() => {
+            warn!(device = %name, ?stray, "withdrew addresses a cut-short shift left wired")
+        }
+        Ok(_) => {}
+        Err(e) => warn!(device = %name, error = %e, "repairing the host's wiring"),
+    }
+    let active = orchestrator
+        .datapath()
+        .call(move |dp| dp.active(ifindex))
+        .await?;
+    let want = match store.device_state(name)? {
+        Some(s) if active.is_some_and(|a| a.generation == s.generation) => None,
+        Some(s) => Some(s.persona),
+        None => spec.persona.clone(),
+    };
+    if let Some(p) = want {
+        orchestrator
+            .shift(name, &p, "daemon:reconcile", false, None)
             .await?;
-        let want = match store.device_state(&d.name)? {
-            Some(s) if active.is_some_and(|a| a.generation == s.generation) => None,
-            Some(s) => Some(s.persona),
-            None => spec.persona.clone(),
-        };
-        if let Some(p) = want {
-            orchestrator
-                .shift(&d.name, &p, "daemon:reconcile", false, None)
-                .await?;
-        }
     }
     Ok(())
 }
@@ -161,6 +173,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
             .observe_applications(config.app_observe.0, config.app_observe.1),
     );
     tokio::spawn(sweep(orchestrator.clone()));
+    tokio::spawn(crate::links::follow(orchestrator.clone()));
     let app = api::router(Arc::new(AppState {
         auth,
         orchestrator,

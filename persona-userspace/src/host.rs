@@ -61,7 +61,8 @@ fn host_err(context: impl std::fmt::Display) -> impl FnOnce(rtnetlink::Error) ->
     move |e| DatapathError::Host(format!("{context}: {e}"))
 }
 
-/// Deleting what is already gone, or adding what is already there, is success.
+/// Deleting what is already gone (with its interface, too), or adding what is already
+/// there, is success.
 fn tolerate(
     res: std::result::Result<(), rtnetlink::Error>,
     codes: &[i32],
@@ -288,7 +289,7 @@ impl Host {
                 } else {
                     tolerate(
                         handle.rule().del(msg).execute().await,
-                        &[libc::ENOENT, libc::ESRCH],
+                        &[libc::ENOENT, libc::ESRCH, libc::ENODEV],
                     )
                 }
             })
@@ -322,7 +323,7 @@ impl Host {
                     Some(_) => handle.route().add(msg).replace().execute().await,
                     None => tolerate(
                         handle.route().del(msg).execute().await,
-                        &[libc::ESRCH, libc::ENOENT],
+                        &[libc::ESRCH, libc::ENOENT, libc::ENODEV],
                     ),
                 }
             })
@@ -353,7 +354,7 @@ impl Host {
                 } else {
                     tolerate(
                         handle.route().del(msg).execute().await,
-                        &[libc::ESRCH, libc::ENOENT],
+                        &[libc::ESRCH, libc::ENOENT, libc::ENODEV],
                     )
                 }
             })
@@ -390,7 +391,7 @@ impl Host {
                         }));
                     tolerate(
                         handle.neighbours().del(msg).execute().await,
-                        &[libc::ENOENT, libc::ESRCH],
+                        &[libc::ENOENT, libc::ESRCH, libc::ENODEV],
                     )
                 }
             })

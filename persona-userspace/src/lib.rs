@@ -10,6 +10,7 @@ pub mod client;
 pub mod daemon;
 pub mod datapath;
 pub mod host;
+pub mod links;
 pub mod metrics;
 pub mod model;
 pub mod node;

@@ -190,6 +190,8 @@ pub struct Orchestrator {
     /// What the last sweep of connection tracking found.
     swept: std::sync::Mutex<Sweep>,
     fault: Option<TxStep>,
+    /// The ifindex each attached device's interface had when it was attached.
+    interfaces: std::sync::Mutex<HashMap<u32, String>>,
 }
 
 fn parse<T: serde::de::DeserializeOwned>(r: &Record) -> Result<T, ShiftError> {
@@ -224,6 +226,7 @@ impl Orchestrator {
             lock: tokio::sync::Mutex::new(()),
             swept: Default::default(),
             fault: None,
+            interfaces: Default::default(),
         }
     }
 
@@ -304,23 +307,89 @@ impl Orchestrator {
 
     /// Attaches a stored device (idempotently) and returns its ifindex.
     pub async fn attach(&self, spec: &DeviceSpec) -> Result<u32, ShiftError> {
-        let spec = spec.clone();
         let _guard = self.lock.lock().await;
-        self.datapath
-            .on_node(move |n| n.attach(&spec))
+        let device = spec.clone();
+        let ifindex = self
+            .datapath
+            .on_node(move |n| n.attach(&device))
             .await
             .and_then(|r| r)
-            .map_err(|e| ShiftError::Failed(e.to_string()))
+            .map_err(|e| ShiftError::Failed(e.to_string()))?;
+        if let Ok(mut m) = self.interfaces.lock() {
+            m.retain(|_, name| *name != spec.interface);
+            m.insert(ifindex, spec.interface.clone());
+        }
+        Ok(ifindex)
     }
 
+    /// Detaches the device from the ifindex it was attached at, whether or not its
+    /// interface is still there.
     pub async fn detach(&self, spec: &DeviceSpec) -> Result<(), ShiftError> {
-        let iface = spec.interface.clone();
         let _guard = self.lock.lock().await;
+        let recorded = self.interfaces.lock().ok().and_then(|m| {
+            m.iter()
+                .find(|(_, name)| **name == spec.interface)
+                .map(|(i, _)| *i)
+        });
+        let ifindex = match recorded {
+            Some(i) => i,
+            None => crate::datapath::ifindex(&spec.interface)
+                .map_err(|e| ShiftError::Failed(e.to_string()))?,
+        };
+        self.detach_at(ifindex).await
+    }
+
+    /// Detaches whatever is at `ifindex`; the caller holds the lock.
+    async fn detach_at(&self, ifindex: u32) -> Result<(), ShiftError> {
         self.datapath
-            .on_node(move |n| n.detach(crate::datapath::ifindex(&iface)?))
+            .on_node(move |n| n.detach(ifindex))
             .await
             .and_then(|r| r)
-            .map_err(|e| ShiftError::Failed(e.to_string()))
+            .map_err(|e| ShiftError::Failed(e.to_string()))?;
+        if let Ok(mut m) = self.interfaces.lock() {
+            m.remove(&ifindex);
+        }
+        Ok(())
+    }
+
+    pub fn is_attached(&self, ifindex: u32) -> bool {
+        self.interfaces
+            .lock()
+            .is_ok_and(|m| m.contains_key(&ifindex))
+    }
+
+    /// A device's interface went away (its VM stopped): the wiring of its old ifindex
+    /// goes, programs, maps and host alike; the device and its state stay stored, to be
+    /// attached again when the interface comes back. Returns the device's name.
+    pub async fn interface_gone(&self, ifindex: u32) -> Result<Option<String>, ShiftError> {
+        let Some(interface) = self
+            .interfaces
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&ifindex).cloned())
+        else {
+            return Ok(None);
+        };
+        {
+            let _guard = self.lock.lock().await;
+            self.detach_at(ifindex).await?;
+        }
+        let device = self.store.list(Kind::Device)?.into_iter().find_map(|d| {
+            let spec: DeviceSpec = serde_json::from_value(d.spec).ok()?;
+            (spec.interface == interface).then_some(d.name)
+        });
+        self.record(EventBody {
+            kind: "interface".into(),
+            actor: "daemon:links".into(),
+            device: device.clone(),
+            from: None,
+            to: None,
+            generation: None,
+            result: "gone".into(),
+            duration_us: None,
+            detail: json!({ "interface": interface, "ifindex": ifindex }),
+        })?;
+        Ok(device)
     }
 
     /// Withdraws what the host routes to the device beyond what its state calls for

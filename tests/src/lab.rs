@@ -245,7 +245,25 @@ pub struct Probe {
     pub missing: Vec<u64>,
 }
 
+/// The VM's own configuration of its side of the link.
+const VM_CONFIG: &str = "ip link set eth0 address 52:54:00:00:00:02 && ip addr add 198.18.0.2/24 dev eth0 && ip -6 addr add 2001:db8:1::2/64 dev eth0 nodad && ip link set eth0 up && ip route add default via 198.18.0.1 && ip -6 route add default via fe80::1 dev eth0";
+
 impl Lab {
+    /// What a VM restart does to a veth lab: the link is deleted (both ends) and made
+    /// again under the same names, with a new ifindex.
+    pub fn unlink(&self) {
+        self.host.exec(&format!("ip link del {VM_IFACE}"));
+    }
+
+    pub fn relink(&self) {
+        let (h, v) = (&self.host.name, &self.vm.name);
+        sh(&format!(
+            "ip link add {VM_IFACE} netns {h} type veth peer name eth0 netns {v}"
+        ));
+        self.vm.exec(VM_CONFIG);
+        self.host.exec(&format!("ip link set {VM_IFACE} up"));
+    }
+
     pub fn new(link: VmLink) -> Self {
         let mut site = Site::new();
         let vm = Netns::new("p-vm");
@@ -272,9 +290,7 @@ impl Lab {
         site.host.exec(&format!(
             "ip link set {VM_IFACE} up && ip tuntap add {VM2_IFACE} mode tap && ip link set {VM2_IFACE} up"
         ));
-        vm.exec(
-            "ip link set eth0 address 52:54:00:00:00:02 && ip addr add 198.18.0.2/24 dev eth0 && ip -6 addr add 2001:db8:1::2/64 dev eth0 nodad && ip link set eth0 up && ip route add default via 198.18.0.1 && ip -6 route add default via fe80::1 dev eth0",
-        );
+        vm.exec(VM_CONFIG);
         site.spawn(
             &v,
             "exec socat TCP-LISTEN:22,reuseaddr,fork SYSTEM:'echo ssh-ok'",
@@ -381,12 +397,17 @@ pub fn finish_probe(child: Child) -> Probe {
         .unwrap_or_else(|e| panic!("probe output {e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
-pub fn wait_for(mut ok: impl FnMut() -> bool) {
+pub fn wait_for(ok: impl FnMut() -> bool) {
+    wait_until("the lab", ok);
+}
+
+/// Polls `ok` until it holds, for at most ten seconds.
+pub fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
     let start = Instant::now();
     while !ok() {
         assert!(
             start.elapsed() < Duration::from_secs(10),
-            "timed out waiting for the lab"
+            "timed out waiting for {what}"
         );
         std::thread::sleep(Duration::from_millis(50));
     }

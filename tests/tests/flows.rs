@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use hyper::Method;
 use persona_tests::{
     daemon::Daemon,
-    lab::{Lab, VmLink, finish_stream},
+    lab::{Lab, VmLink, finish_stream, wait_until},
 };
 
 const OFFICE: &str = "203.0.113.10";
@@ -21,17 +21,6 @@ fn wired(lab: &Lab, addr: &str) -> bool {
     state
         .lines()
         .any(|l| l.split_whitespace().any(|w| w == addr))
-}
-
-fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "timed out: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn draining(d: &Daemon) -> Vec<(String, u64)> {

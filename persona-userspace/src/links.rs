@@ -1,0 +1,91 @@
+//! Following the host's interfaces: a VM's tap vanishes when the VM stops and comes back,
+//! under a new ifindex, when it starts. A device whose interface goes has its wiring of
+//! the old ifindex cleaned up; one whose interface appears is attached and gets the
+//! persona the store says, as at the daemon's start.
+use std::sync::Arc;
+
+use futures::StreamExt as _;
+use rtnetlink::{
+    constants::RTMGRP_LINK,
+    packet_core::NetlinkPayload,
+    packet_route::{
+        RouteNetlinkMessage,
+        link::{LinkAttribute, LinkFlags, LinkMessage},
+    },
+    sys::{AsyncSocket as _, SocketAddr},
+};
+use tracing::{info, warn};
+
+use crate::{model::DeviceSpec, orchestrator::Orchestrator, store::Kind};
+
+fn name(link: &LinkMessage) -> Option<&str> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.as_str()),
+        _ => None,
+    })
+}
+
+/// The stored device on `interface`, if any.
+fn device_on(orchestrator: &Orchestrator, interface: &str) -> Option<String> {
+    let devices = orchestrator.store().list(Kind::Device).ok()?;
+    devices.into_iter().find_map(|d| {
+        let spec: DeviceSpec = serde_json::from_value(d.spec).ok()?;
+        (spec.interface == interface).then_some(d.name)
+    })
+}
+
+pub async fn follow(orchestrator: Arc<Orchestrator>) {
+    if let Err(e) = watch(&orchestrator).await {
+        warn!(error = %e, "following interfaces stopped: restarted VMs are not re-attached");
+    }
+}
+
+async fn watch(orchestrator: &Arc<Orchestrator>) -> anyhow::Result<()> {
+    let (mut connection, _, mut messages) = rtnetlink::new_connection()?;
+    connection
+        .socket_mut()
+        .socket_mut()
+        .bind(&SocketAddr::new(0, RTMGRP_LINK))?;
+    tokio::spawn(connection);
+    while let Some((message, _)) = messages.next().await {
+        match message.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
+                let ifindex = link.header.index;
+                match orchestrator.interface_gone(ifindex).await {
+                    Ok(Some(device)) => info!(device, ifindex, "interface gone: wiring removed"),
+                    Ok(None) => {}
+                    Err(e) => warn!(ifindex, error = %e, "cleaning up after a vanished interface"),
+                }
+            }
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
+                let ifindex = link.header.index;
+                let Some(interface) = name(&link) else {
+                    continue;
+                };
+                // A new link is down at first: routes through it cannot be added yet,
+                // and nothing can pass it. Another message says when it is up.
+                if !link.header.flags.contains(LinkFlags::Up) {
+                    continue;
+                }
+                let Some(device) = device_on(orchestrator, interface) else {
+                    continue;
+                };
+                let settled = orchestrator.is_attached(ifindex)
+                    && orchestrator
+                        .datapath()
+                        .call(move |dp| dp.active(ifindex))
+                        .await
+                        .is_ok_and(|a| a.is_some());
+                if settled {
+                    continue;
+                }
+                info!(device, interface, ifindex, "interface appeared: attaching");
+                if let Err(e) = crate::daemon::settle(orchestrator, &device).await {
+                    warn!(device, error = %e, "attaching a device whose interface appeared");
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
