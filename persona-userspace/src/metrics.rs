@@ -115,6 +115,8 @@ pub struct Snapshot {
     pub counters: Vec<(DeviceLabels, u64, u64)>,
     pub info: Vec<(InfoLabels, u64)>,
     pub flows: Vec<(OneDevice, u64)>,
+    /// 1 while the device's interface is there and attached.
+    pub up: Vec<(OneDevice, u64)>,
     pub draining: Vec<(DrainLabels, u64)>,
     pub maps: Vec<(MapLabels, u64, u64)>,
     /// Per device: handshake counts per log2 microsecond bucket, and their sum.
@@ -160,6 +162,15 @@ impl Collector for Snapshot {
         )?;
         for (l, n) in &self.flows {
             ConstGauge::new(*n as i64).encode(flows.encode_family(l)?)?;
+        }
+        let mut up = encoder.encode_descriptor(
+            "persona_device_up",
+            "1 while the device's interface exists and is attached, 0 while it is gone (its VM stopped)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (l, n) in &self.up {
+            ConstGauge::new(*n as i64).encode(up.encode_family(l)?)?;
         }
         let mut draining = encoder.encode_descriptor(
             "persona_device_draining_flows",

@@ -326,12 +326,7 @@ impl Orchestrator {
     /// interface is still there.
     pub async fn detach(&self, spec: &DeviceSpec) -> Result<(), ShiftError> {
         let _guard = self.lock.lock().await;
-        let recorded = self.interfaces.lock().ok().and_then(|m| {
-            m.iter()
-                .find(|(_, name)| **name == spec.interface)
-                .map(|(i, _)| *i)
-        });
-        let ifindex = match recorded {
+        let ifindex = match self.interface_of(&spec.interface) {
             Some(i) => i,
             None => crate::datapath::ifindex(&spec.interface)
                 .map_err(|e| ShiftError::Failed(e.to_string()))?,
@@ -350,6 +345,12 @@ impl Orchestrator {
             m.remove(&ifindex);
         }
         Ok(())
+    }
+
+    /// The ifindex the device on `interface` is attached at, if it is.
+    pub fn interface_of(&self, interface: &str) -> Option<u32> {
+        let m = self.interfaces.lock().ok()?;
+        m.iter().find(|(_, n)| **n == interface).map(|(i, _)| *i)
     }
 
     pub fn is_attached(&self, ifindex: u32) -> bool {

@@ -42,6 +42,14 @@ fn a_restarted_vm_gets_its_persona_back() {
         "{events}"
     );
 
+    let (_, status) = d.admin(Method::GET, "/status/vm1", None);
+    assert_eq!(status["up"], false, "{status}");
+    assert_eq!(
+        status["persona"], "office",
+        "the device and its state stay: {status}"
+    );
+    assert!(d.metrics().contains("persona_device_up{device=\"vm1\"} 0"));
+
     lab.relink();
     wait_until("vm1 is seen as office again", || {
         lab.seen_from_outside().as_deref() == Some(OFFICE)
@@ -49,6 +57,8 @@ fn a_restarted_vm_gets_its_persona_back() {
     assert!(announced(&lab));
     let (_, status) = d.admin(Method::GET, "/status/vm1", None);
     assert_eq!(status["persona"], "office", "{status}");
+    assert_eq!(status["up"], true, "{status}");
+    assert!(d.metrics().contains("persona_device_up{device=\"vm1\"} 1"));
     assert!(
         status["generation"].as_u64().unwrap() > before,
         "a new generation on the new interface: {status}"

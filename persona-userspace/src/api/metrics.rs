@@ -57,11 +57,26 @@ pub async fn scrape(
     }
     let names = store.persona_names()?;
     let swept = state.orchestrator.swept();
+    let up: Vec<(OneDevice, u64)> = devices
+        .iter()
+        .map(|(name, iface, _)| {
+            let attached = state.orchestrator.interface_of(iface).is_some();
+            (
+                OneDevice {
+                    device: name.clone(),
+                },
+                u64::from(attached),
+            )
+        })
+        .collect();
     let snapshot = state
         .orchestrator
         .datapath()
         .call(move |dp| {
-            let mut snap = Snapshot::default();
+            let mut snap = Snapshot {
+                up,
+                ..Snapshot::default()
+            };
             for (name, iface, persona) in devices {
                 let Ok(ifindex) = crate::datapath::ifindex(&iface) else {
                     continue;

@@ -440,15 +440,18 @@ pub async fn status(
     let device: DeviceSpec =
         serde_json::from_value(r.spec.clone()).map_err(|e| ApiError::internal(e.to_string()))?;
     let device_state = store.device_state(&id)?;
-    let iface = device.interface.clone();
-    let counters = state
-        .orchestrator
-        .datapath()
-        .call(move |dp| {
-            let ifindex = crate::datapath::ifindex(&iface)?;
-            Ok((ifindex, dp.active(ifindex)?, dp.counters(ifindex)?))
-        })
-        .await;
+    // A device whose interface is gone (its VM stopped) has no datapath state to show.
+    let attached = state.orchestrator.interface_of(&device.interface);
+    let counters = match attached {
+        Some(ifindex) => {
+            state
+                .orchestrator
+                .datapath()
+                .call(move |dp| Ok((ifindex, dp.active(ifindex)?, dp.counters(ifindex)?)))
+                .await
+        }
+        None => Ok((0, None, Default::default())),
+    };
     let (ifindex, active, rows) = match counters {
         Ok((ifindex, active, c)) => (
             ifindex,
@@ -484,6 +487,7 @@ pub async fn status(
     Ok(Json(json!({
         "device": id,
         "interface": device.interface,
+        "up": attached.is_some(),
         "persona": device_state.as_ref().map(|s| &s.persona),
         "generation": active,
         "since": device_state.as_ref().map(|s| s.since),

@@ -491,8 +491,13 @@ pub(super) async fn run(cli: &Cli) -> anyhow::Result<()> {
                     print(*output, &s)?;
                     continue;
                 }
+                let gone = if s["up"] == false {
+                    " (interface gone)"
+                } else {
+                    ""
+                };
                 println!(
-                    "{name}: {} on {}, generation {}, since {}",
+                    "{name}: {} on {}{gone}, generation {}, since {}",
                     s["persona"].as_str().unwrap_or("(no persona)"),
                     s["interface"].as_str().unwrap_or("?"),
                     s["generation"],
