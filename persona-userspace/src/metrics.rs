@@ -123,6 +123,20 @@ pub struct Snapshot {
     pub handshakes: Vec<(OneDevice, Vec<u64>, u64)>,
 }
 
+/// One gauge family, a value per label set.
+fn gauge<L: prometheus_client::encoding::EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(L, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, n) in rows {
+        ConstGauge::new(*n as i64).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
 impl Collector for Snapshot {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let mut counter = |name: &str,
@@ -154,33 +168,24 @@ impl Collector for Snapshot {
         for (l, g) in &self.info {
             ConstGauge::new(*g as i64).encode(info.encode_family(l)?)?;
         }
-        let mut flows = encoder.encode_descriptor(
+        gauge(
+            &mut encoder,
             "persona_device_tracked_flows",
             "Live flows in connection tracking, by device, as of the last sweep (each second)",
-            None,
-            MetricType::Gauge,
+            &self.flows,
         )?;
-        for (l, n) in &self.flows {
-            ConstGauge::new(*n as i64).encode(flows.encode_family(l)?)?;
-        }
-        let mut up = encoder.encode_descriptor(
+        gauge(
+            &mut encoder,
             "persona_device_up",
             "1 while the device's interface exists and is attached, 0 while it is gone (its VM stopped)",
-            None,
-            MetricType::Gauge,
+            &self.up,
         )?;
-        for (l, n) in &self.up {
-            ConstGauge::new(*n as i64).encode(up.encode_family(l)?)?;
-        }
-        let mut draining = encoder.encode_descriptor(
+        gauge(
+            &mut encoder,
             "persona_device_draining_flows",
             "Open flows still using an address of an earlier persona, which stays routed to the device until they end",
-            None,
-            MetricType::Gauge,
+            &self.draining,
         )?;
-        for (l, n) in &self.draining {
-            ConstGauge::new(*n as i64).encode(draining.encode_family(l)?)?;
-        }
         let mut rtt = encoder.encode_descriptor(
             "persona_tcp_handshake_seconds",
             "TCP handshake round trips seen on the tap, from the VM's SYN to the SYN-ACK",
