@@ -149,79 +149,6 @@ impl Host {
         Ok(host)
     }
 
-    /// The VM resolves its gateway through the tap: proxy ARP answers for any address
-    /// the host routes elsewhere; IPv6 needs an explicit proxy entry.
-    fn prepare(&self, ifindex: u32, device: &DeviceSpec) -> Result<()> {
-        let name = ifname(ifindex)?;
-        sysctl(&format!("/proc/sys/net/ipv4/conf/{name}/proxy_arp"), "1")?;
-        answer_proxied_at_once(&name)?;
-        // The tap's own address is the persona's from the host's point of view, reached by
-        // route; reverse-path filtering must not refuse the translated source.
-        sysctl(&format!("/proc/sys/net/ipv4/conf/{name}/rp_filter"), "0")?;
-        if let Some(gw) = device.gateway_v6 {
-            sysctl(&format!("/proc/sys/net/ipv6/conf/{name}/proxy_ndp"), "1")?;
-            self.proxy(ifindex, IpAddr::V6(gw), true)?;
-        }
-        if let Some(gw) = device.gateway_v4 {
-            self.proxy(ifindex, IpAddr::V4(gw), true)?;
-        }
-        Ok(())
-    }
-
-    fn release(&self, ifindex: u32, gateways: &[IpAddr]) -> Result<()> {
-        for &gw in gateways {
-            self.proxy(ifindex, gw, false)?;
-        }
-        Ok(())
-    }
-
-    /// Before a flip: the persona's addresses route to the tap, via the VM's own address
-    /// of the same family (which the VM answers ARP/NDP for), are announced on every
-    /// uplink, and leave through the persona's gateway (or tunnel) of their family.
-    fn announce_persona(
-        &self,
-        ifindex: u32,
-        addrs: &[IpAddr],
-        inner: &[IpAddr],
-        persona: &CompiledPersona,
-    ) -> Result<()> {
-        for &addr in addrs {
-            let Some(&via) = inner.iter().find(|i| i.is_ipv4() == addr.is_ipv4()) else {
-                continue;
-            };
-            self.route(ifindex, addr, Some(via))?;
-            for &(_, uplink) in &self.uplinks {
-                self.proxy(uplink, addr, true)?;
-            }
-            let gateway = persona
-                .gateways
-                .iter()
-                .copied()
-                .find(|g| g.is_ipv4() == addr.is_ipv4());
-            if gateway.is_none() && tunnelled(persona, addr).is_empty() {
-                self.unsteer(addr)?;
-                continue;
-            }
-            if let Some(gw) = gateway {
-                self.default_route(addr, Some(gw))?;
-            }
-            self.rule(addr.is_ipv6(), Some(addr), RULE_PERSONA, true)?;
-        }
-        Ok(())
-    }
-
-    /// After a flip: addresses the device no longer uses stop routing to it.
-    fn withdraw_persona(&self, ifindex: u32, addrs: &[IpAddr]) -> Result<()> {
-        for &addr in addrs {
-            self.route(ifindex, addr, None)?;
-            for &(_, uplink) in &self.uplinks {
-                self.proxy(uplink, addr, false)?;
-            }
-            self.unsteer(addr)?;
-        }
-        Ok(())
-    }
-
     /// The address's rule and table go, and its tunnel with them (the kernel drops the
     /// routes through a deleted link).
     fn unsteer(&self, addr: IpAddr) -> Result<()> {
@@ -401,49 +328,6 @@ impl Host {
             )))
     }
 
-    /// The host routes out of the tap (the persona addresses it is wired for).
-    fn host_routes(&self, ifindex: u32) -> Result<Vec<IpAddr>> {
-        use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
-        let handle = self.handle.clone();
-        self.rt
-            .block_on(async move {
-                let mut out = Vec::new();
-                for v6 in [false, true] {
-                    let msg = if v6 {
-                        RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
-                    } else {
-                        RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
-                    };
-                    let mut stream = handle.route().get(msg).execute();
-                    while let Some(route) = stream.try_next().await? {
-                        let host = route.header.destination_prefix_length
-                            == if v6 { 128 } else { 32 }
-                            && route.header.table == 254;
-                        let out_of_tap = route
-                            .attributes
-                            .iter()
-                            .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == ifindex));
-                        if !(host && out_of_tap) {
-                            continue;
-                        }
-                        for a in &route.attributes {
-                            match a {
-                                RouteAttribute::Destination(RouteAddress::Inet(d)) => {
-                                    out.push(IpAddr::V4(*d))
-                                }
-                                RouteAttribute::Destination(RouteAddress::Inet6(d)) => {
-                                    out.push(IpAddr::V6(*d))
-                                }
-                                _ => {}
-                            }
-                        }
-                    }
-                }
-                Ok(out)
-            })
-            .map_err(host_err("listing routes"))
-    }
-
     /// Proxy entries currently on an interface, for tests and status.
     pub fn proxies(&self, ifindex: u32) -> Result<Vec<IpAddr>> {
         let handle = self.handle.clone();
@@ -510,14 +394,35 @@ pub trait Wiring: Send {
 }
 
 impl Wiring for Host {
+    /// The VM resolves its gateway through the tap: proxy ARP answers for any address
+    /// the host routes elsewhere; IPv6 needs an explicit proxy entry.
     fn prepare_device(&self, ifindex: u32, device: &DeviceSpec) -> Result<()> {
-        self.prepare(ifindex, device)
+        let name = ifname(ifindex)?;
+        sysctl(&format!("/proc/sys/net/ipv4/conf/{name}/proxy_arp"), "1")?;
+        answer_proxied_at_once(&name)?;
+        // The tap's own address is the persona's from the host's point of view, reached by
+        // route; reverse-path filtering must not refuse the translated source.
+        sysctl(&format!("/proc/sys/net/ipv4/conf/{name}/rp_filter"), "0")?;
+        if let Some(gw) = device.gateway_v6 {
+            sysctl(&format!("/proc/sys/net/ipv6/conf/{name}/proxy_ndp"), "1")?;
+            self.proxy(ifindex, IpAddr::V6(gw), true)?;
+        }
+        if let Some(gw) = device.gateway_v4 {
+            self.proxy(ifindex, IpAddr::V4(gw), true)?;
+        }
+        Ok(())
     }
 
     fn release_device(&self, ifindex: u32, gateways: &[IpAddr]) -> Result<()> {
-        self.release(ifindex, gateways)
+        for &gw in gateways {
+            self.proxy(ifindex, gw, false)?;
+        }
+        Ok(())
     }
 
+    /// Before a flip: the persona's addresses route to the tap, via the VM's own address
+    /// of the same family (which the VM answers ARP/NDP for), are announced on every
+    /// uplink, and leave through the persona's gateway (or tunnel) of their family.
     fn announce(
         &self,
         ifindex: u32,
@@ -525,11 +430,41 @@ impl Wiring for Host {
         inner: &[IpAddr],
         persona: &CompiledPersona,
     ) -> Result<()> {
-        self.announce_persona(ifindex, addrs, inner, persona)
+        for &addr in addrs {
+            let Some(&via) = inner.iter().find(|i| i.is_ipv4() == addr.is_ipv4()) else {
+                continue;
+            };
+            self.route(ifindex, addr, Some(via))?;
+            for &(_, uplink) in &self.uplinks {
+                self.proxy(uplink, addr, true)?;
+            }
+            let gateway = persona
+                .gateways
+                .iter()
+                .copied()
+                .find(|g| g.is_ipv4() == addr.is_ipv4());
+            if gateway.is_none() && tunnelled(persona, addr).is_empty() {
+                self.unsteer(addr)?;
+                continue;
+            }
+            if let Some(gw) = gateway {
+                self.default_route(addr, Some(gw))?;
+            }
+            self.rule(addr.is_ipv6(), Some(addr), RULE_PERSONA, true)?;
+        }
+        Ok(())
     }
 
+    /// After a flip: addresses the device no longer uses stop routing to it.
     fn withdraw(&self, ifindex: u32, addrs: &[IpAddr]) -> Result<()> {
-        self.withdraw_persona(ifindex, addrs)
+        for &addr in addrs {
+            self.route(ifindex, addr, None)?;
+            for &(_, uplink) in &self.uplinks {
+                self.proxy(uplink, addr, false)?;
+            }
+            self.unsteer(addr)?;
+        }
+        Ok(())
     }
 
     fn tunnel(&self, addrs: &[IpAddr], persona: &CompiledPersona) -> Result<Vec<IpAddr>> {
@@ -561,8 +496,47 @@ impl Wiring for Host {
         Ok(())
     }
 
+    /// The host routes out of the tap (the persona addresses it is wired for).
     fn routed(&self, ifindex: u32) -> Result<Vec<IpAddr>> {
-        self.host_routes(ifindex)
+        use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
+        let handle = self.handle.clone();
+        self.rt
+            .block_on(async move {
+                let mut out = Vec::new();
+                for v6 in [false, true] {
+                    let msg = if v6 {
+                        RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
+                    } else {
+                        RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
+                    };
+                    let mut stream = handle.route().get(msg).execute();
+                    while let Some(route) = stream.try_next().await? {
+                        let host = route.header.destination_prefix_length
+                            == if v6 { 128 } else { 32 }
+                            && route.header.table == 254;
+                        let out_of_tap = route
+                            .attributes
+                            .iter()
+                            .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == ifindex));
+                        if !(host && out_of_tap) {
+                            continue;
+                        }
+                        for a in &route.attributes {
+                            match a {
+                                RouteAttribute::Destination(RouteAddress::Inet(d)) => {
+                                    out.push(IpAddr::V4(*d))
+                                }
+                                RouteAttribute::Destination(RouteAddress::Inet6(d)) => {
+                                    out.push(IpAddr::V6(*d))
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
+                }
+                Ok(out)
+            })
+            .map_err(host_err("listing routes"))
     }
 }
 

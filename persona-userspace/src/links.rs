@@ -16,21 +16,12 @@ use rtnetlink::{
 };
 use tracing::{info, warn};
 
-use crate::{model::DeviceSpec, orchestrator::Orchestrator, store::Kind};
+use crate::orchestrator::Orchestrator;
 
 fn name(link: &LinkMessage) -> Option<&str> {
     link.attributes.iter().find_map(|a| match a {
         LinkAttribute::IfName(n) => Some(n.as_str()),
         _ => None,
-    })
-}
-
-/// The stored device on `interface`, if any.
-fn device_on(orchestrator: &Orchestrator, interface: &str) -> Option<String> {
-    let devices = orchestrator.store().list(Kind::Device).ok()?;
-    devices.into_iter().find_map(|d| {
-        let spec: DeviceSpec = serde_json::from_value(d.spec).ok()?;
-        (spec.interface == interface).then_some(d.name)
     })
 }
 
@@ -67,7 +58,7 @@ async fn watch(orchestrator: &Arc<Orchestrator>) -> anyhow::Result<()> {
                 if !link.header.flags.contains(LinkFlags::Up) {
                     continue;
                 }
-                let Some(device) = device_on(orchestrator, interface) else {
+                let Ok(Some(device)) = orchestrator.device_on(interface) else {
                     continue;
                 };
                 let settled = orchestrator.is_attached(ifindex)

@@ -347,6 +347,14 @@ impl Orchestrator {
         Ok(())
     }
 
+    /// The stored device on `interface`, if any.
+    pub fn device_on(&self, interface: &str) -> Result<Option<String>, ShiftError> {
+        Ok(self.store.list(Kind::Device)?.into_iter().find_map(|d| {
+            let spec: DeviceSpec = serde_json::from_value(d.spec).ok()?;
+            (spec.interface == interface).then_some(d.name)
+        }))
+    }
+
     /// The ifindex the device on `interface` is attached at, if it is.
     pub fn interface_of(&self, interface: &str) -> Option<u32> {
         let m = self.interfaces.lock().ok()?;
@@ -375,10 +383,7 @@ impl Orchestrator {
             let _guard = self.lock.lock().await;
             self.detach_at(ifindex).await?;
         }
-        let device = self.store.list(Kind::Device)?.into_iter().find_map(|d| {
-            let spec: DeviceSpec = serde_json::from_value(d.spec).ok()?;
-            (spec.interface == interface).then_some(d.name)
-        });
+        let device = self.device_on(&interface)?;
         self.record(EventBody {
             kind: "interface".into(),
             actor: "daemon:links".into(),

@@ -331,39 +331,38 @@ impl Lab {
     /// One long-lived TCP connection from the VM to the outside's line echo, a line
     /// every `interval_ms`; [`finish_stream`] says what became of it.
     pub fn start_stream(&self, lines: u32, interval_ms: u32) -> Child {
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.vm.name,
-                "python3",
-                &script("stream.py"),
-            ])
-            .args([OUTSIDE, &LINE_ECHO_PORT.to_string()])
-            .arg(lines.to_string())
-            .arg((f64::from(interval_ms) / 1000.0).to_string())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("starting the stream")
+        self.vm_script(
+            "stream.py",
+            &[
+                OUTSIDE.into(),
+                LINE_ECHO_PORT.to_string(),
+                lines.to_string(),
+                (f64::from(interval_ms) / 1000.0).to_string(),
+            ],
+        )
     }
 
     /// Starts `count` numbered UDP round trips from the VM, one every `interval_ms`.
     pub fn start_probe(&self, count: u32, interval_ms: f64) -> Child {
+        self.vm_script(
+            "udp_probe.py",
+            &[
+                OUTSIDE.into(),
+                "9000".into(),
+                count.to_string(),
+                (interval_ms / 1000.0).to_string(),
+            ],
+        )
+    }
+
+    /// One of the test scripts, run in the VM with its output piped back.
+    fn vm_script(&self, name: &str, args: &[String]) -> Child {
         Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.vm.name,
-                "python3",
-                &script("udp_probe.py"),
-                OUTSIDE,
-                "9000",
-            ])
-            .arg(count.to_string())
-            .arg((interval_ms / 1000.0).to_string())
+            .args(["netns", "exec", &self.vm.name, "python3", &script(name)])
+            .args(args)
             .stdout(Stdio::piped())
             .spawn()
-            .expect("starting the probe")
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"))
     }
 }
 

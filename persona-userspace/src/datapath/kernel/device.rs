@@ -20,12 +20,8 @@ impl KernelDatapath {
         let _ = self.maps.guard.remove(&ifindex);
         let active = self.maps.active.get(&ifindex, 0).ok();
         let _ = self.maps.active.remove(&ifindex);
-        for (_, d) in self
-            .drains_all()?
-            .into_iter()
-            .filter(|(i, _)| *i == ifindex)
-        {
-            let _ = self.maps.drains.remove(&drain_key(ifindex, d.addr));
+        for addr in self.draining(ifindex)? {
+            let _ = self.maps.drains.remove(&drain_key(ifindex, addr));
         }
         let _ = self.maps.flow_budget.remove(&ifindex);
         let _ = self.maps.host_wiring.remove(&ifindex);
@@ -58,14 +54,19 @@ impl KernelDatapath {
         Ok(())
     }
 
-    fn counter_key(ifindex: u32, persona: u32, direction: u8, reason: Reason) -> CounterKey {
-        CounterKey {
-            ifindex,
-            persona,
-            direction,
-            reason: reason as u8,
-            _pad: [0; 2],
-        }
+    /// Every counter key of a device for a persona, the last one created last.
+    fn counter_keys(ifindex: u32, persona: u32) -> impl Iterator<Item = CounterKey> {
+        [DIR_EGRESS, DIR_INGRESS]
+            .into_iter()
+            .flat_map(move |direction| {
+                Reason::ALL.iter().map(move |reason| CounterKey {
+                    ifindex,
+                    persona,
+                    direction,
+                    reason: *reason as u8,
+                    _pad: [0; 2],
+                })
+            })
     }
 
     /// Creates the device's counters for a persona, keeping those that exist; true when
@@ -74,23 +75,18 @@ impl KernelDatapath {
     pub(super) fn create_counters(&mut self, ifindex: u32, persona: u32) -> Result<bool> {
         // Keys are created in order, the last one last: when it exists, all do, and a
         // shift back to a persona costs one lookup here, not one insert per key.
-        let last = *Reason::ALL.last().expect("reasons");
-        let key = |direction, reason| Self::counter_key(ifindex, persona, direction, reason);
-        if self.maps.counters.get(&key(DIR_INGRESS, last), 0).is_ok() {
+        let last = Self::counter_keys(ifindex, persona)
+            .last()
+            .expect("reasons");
+        if self.maps.counters.get(&last, 0).is_ok() {
             return Ok(false);
         }
-        for direction in [DIR_EGRESS, DIR_INGRESS] {
-            for reason in Reason::ALL {
-                match self.maps.counters.insert(
-                    key(direction, *reason),
-                    self.zeroed()?,
-                    BPF_NOEXIST,
-                ) {
-                    Ok(()) => {}
-                    Err(MapError::SyscallError(e))
-                        if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-                    Err(e) => return Err(bpf_err("COUNTERS")(e)),
-                }
+        for key in Self::counter_keys(ifindex, persona) {
+            match self.maps.counters.insert(key, self.zeroed()?, BPF_NOEXIST) {
+                Ok(()) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(bpf_err("COUNTERS")(e)),
             }
         }
         Ok(true)
@@ -99,18 +95,12 @@ impl KernelDatapath {
     /// Removes the counters [`create_counters`](Self::create_counters) made, when a
     /// shift that made them is undone.
     pub(super) fn drop_counters(&mut self, ifindex: u32, persona: u32) -> Result<()> {
-        for direction in [DIR_EGRESS, DIR_INGRESS] {
-            for reason in Reason::ALL {
-                match self
-                    .maps
-                    .counters
-                    .remove(&Self::counter_key(ifindex, persona, direction, *reason))
-                {
-                    Ok(()) | Err(MapError::KeyNotFound) => {}
-                    Err(MapError::SyscallError(e))
-                        if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-                    Err(e) => return Err(bpf_err("COUNTERS")(e)),
-                }
+        for key in Self::counter_keys(ifindex, persona) {
+            match self.maps.counters.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(bpf_err("COUNTERS")(e)),
             }
         }
         Ok(())
@@ -126,12 +116,7 @@ impl KernelDatapath {
                 Vec::new()
             },
             active: self.active_addresses(ifindex)?,
-            draining: self
-                .drains_all()?
-                .into_iter()
-                .filter(|(i, _)| *i == ifindex)
-                .map(|(_, d)| d.addr)
-                .collect(),
+            draining: self.draining(ifindex)?,
             gateways: gateways(&self.wiring(ifindex)),
         })
     }

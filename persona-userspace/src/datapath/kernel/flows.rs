@@ -76,7 +76,10 @@ impl KernelDatapath {
 
     pub(super) fn flow_list(&self, ifindex: u32) -> Result<Vec<FlowInfo>> {
         let now = monotonic_ns()?;
-        let floor = self.floors()?.get(&ifindex).copied();
+        let floor = match self.maps.active.get(&ifindex, 0) {
+            Ok(a) => Some(self.persona_table(a.table)?.ct_floor),
+            Err(_) => None,
+        };
         let mut out = Vec::new();
         for item in self.maps.conntrack.iter() {
             let Ok((key, e)) = item else { continue };
@@ -94,6 +97,16 @@ impl KernelDatapath {
             });
         }
         Ok(out)
+    }
+
+    /// The addresses draining for one device.
+    pub(super) fn draining(&self, ifindex: u32) -> Result<Vec<IpAddr>> {
+        Ok(self
+            .drains_all()?
+            .into_iter()
+            .filter(|(i, _)| *i == ifindex)
+            .map(|(_, d)| d.addr)
+            .collect())
     }
 
     pub fn drains_all(&self) -> Result<Vec<(u32, DrainInfo)>> {

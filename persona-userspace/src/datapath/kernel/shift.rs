@@ -83,12 +83,7 @@ impl KernelDatapath {
             Some(p) => Self::host_addresses(&self.persona_table(p.table)?),
             None => Vec::new(),
         };
-        restored.extend(
-            self.drains_all()?
-                .into_iter()
-                .filter(|(i, _)| *i == f.ifindex)
-                .map(|(_, d)| d.addr),
-        );
+        restored.extend(self.draining(f.ifindex)?);
         match f.previous {
             Some(p) => self
                 .maps
@@ -159,12 +154,7 @@ impl KernelDatapath {
                 Err(_) => 0,
             };
             // Every flow is gone: so is every reason to keep an old address.
-            committed.release = self
-                .drains_all()?
-                .into_iter()
-                .filter(|(i, _)| *i == f.ifindex)
-                .map(|(_, d)| d.addr)
-                .collect();
+            committed.release = self.draining(f.ifindex)?;
         }
         Ok(committed)
     }
