@@ -18,11 +18,10 @@ use crate::{
         worker::DatapathHandle,
     },
     host::Host,
-    model::DeviceSpec,
     node::Node,
     orchestrator::Orchestrator,
     rules::{engine::Timing, runner::RuleEngine},
-    store::{Kind, Role, Store, embedded::EmbeddedStore},
+    store::{Role, Store, embedded::EmbeddedStore},
     tls_applier::TlsApplier,
 };
 
@@ -47,8 +46,26 @@ pub struct DaemonConfig {
     pub geoip_db: Option<PathBuf>,
     /// How often flows are read for applications, and how idle a flow may be to count.
     pub app_observe: (std::time::Duration, std::time::Duration),
+    pub audit: Retention,
     /// Fail every shift at this step (tests of the undo).
     pub fault_at: Option<crate::node::Step>,
+}
+
+/// How long audit events are kept: those older than `max_age` go, and the oldest
+/// beyond `max_events`.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub max_age: std::time::Duration,
+    pub max_events: usize,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            max_age: std::time::Duration::from_secs(90 * 86_400),
+            max_events: 1_000_000,
+        }
+    }
 }
 
 pub fn admin_token_path(data_dir: &Path) -> PathBuf {
@@ -69,63 +86,14 @@ fn bootstrap_admin(auth: &Auth, data_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Brings the datapath in line with the store: every stored device attached, running
-/// the persona the store says (after a reboot the pins are gone and this restores them).
-async fn reconcile(orchestrator: &Arc<Orchestrator>) -> anyhow::Result<()> {
-    let store = orchestrator.store().clone();
-    for d in store.list(Kind::Device)? {
-        settle(orchestrator, &d.name).await?;
-    }
-    Ok(())
-}
-
-/// Attaches a stored device and runs the persona the store says (its default on first
-/// sight), withdrawing what a shift cut short left wired. A device whose interface is
-/// missing is left for when it appears.
-pub async fn settle(orchestrator: &Arc<Orchestrator>, name: &str) -> anyhow::Result<()> {
-    let store = orchestrator.store().clone();
-    let Some(record) = store.get(Kind::Device, name)? else {
-        return Ok(());
-    };
-    let spec: DeviceSpec = serde_json::from_value(record.spec)?;
-    let ifindex = match orchestrator.attach(&spec).await {
-        Ok(i) => i,
-        Err(e) => {
-            warn!(device = %name, error = %e, "cannot attach stored device");
-            return Ok(());
-        }
-    };
-    match orchestrator.repair(ifindex).await {
-        Ok(stray) if !stray.is_empty() => {
-            warn!(device = %name, ?stray, "withdrew addresses a cut-short shift left wired")
-        }
-        Ok(_) => {}
-        Err(e) => warn!(device = %name, error = %e, "repairing the host's wiring"),
-    }
-    let active = orchestrator
-        .datapath()
-        .call(move |dp| dp.active(ifindex))
-        .await?;
-    let want = match store.device_state(name)? {
-        Some(s) if active.is_some_and(|a| a.generation == s.generation) => None,
-        Some(s) => Some(s.persona),
-        None => spec.persona.clone(),
-    };
-    if let Some(p) = want {
-        orchestrator
-            .shift(name, &p, "daemon:reconcile", false, None)
-            .await?;
-    }
-    Ok(())
-}
-
 pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&config.data_dir.join("store.redb"))?);
     let kernel = config.kernel.clone();
+    let host_record = crate::host::sysctl::record_for(&kernel.pin_dir);
     let datapath = DatapathHandle::spawn(move || {
-        let host = Host::new(&kernel.uplinks)?;
+        let host = Host::new(&kernel.uplinks, Some(host_record))?;
         Ok(Node::new(
             Box::new(KernelDatapath::open(kernel)?),
             Box::new(host),
@@ -136,7 +104,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     bootstrap_admin(&auth, &config.data_dir)?;
     let tls = TlsApplier::new(config.data_dir.join("tls"), config.tls_hook.clone());
     let orchestrator = Orchestrator::new(
-        store,
+        store.clone(),
         datapath,
         events,
         tls,
@@ -144,7 +112,8 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     )
     .with_fault(config.fault_at);
     let orchestrator = Arc::new(orchestrator);
-    reconcile(&orchestrator)
+    orchestrator
+        .reconcile()
         .await
         .context("reconciling stored devices")?;
     let geoip = config
@@ -176,7 +145,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     tokio::spawn(crate::links::follow(orchestrator.clone()));
     let app = api::router(Arc::new(AppState {
         auth,
-        orchestrator,
+        orchestrator: orchestrator.clone(),
         engine,
     }));
 
@@ -231,10 +200,30 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         );
     }
     println!("ready");
+    crate::service::ready(store.list(crate::store::Kind::Device)?.len());
+    tokio::spawn(crate::service::watchdog(orchestrator.clone()));
+    tokio::spawn(prune_audit(store, config.audit));
     while let Some(r) = servers.join_next().await {
         r??;
     }
     Ok(())
+}
+
+/// The audit log is pruned at start and then hourly.
+async fn prune_audit(store: Arc<dyn Store>, keep: Retention) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
+    loop {
+        tick.tick().await;
+        let age = jiff::SignedDuration::try_from(keep.max_age).unwrap_or(jiff::SignedDuration::MAX);
+        let before = jiff::Timestamp::now()
+            .checked_sub(age)
+            .unwrap_or(jiff::Timestamp::MIN);
+        match store.prune_events(before, keep.max_events) {
+            Ok(0) => {}
+            Ok(n) => info!(removed = n, "pruned the audit log"),
+            Err(e) => warn!(error = %e, "pruning the audit log"),
+        }
+    }
 }
 
 /// How often connection tracking is swept: the delay between a kept flow's end and
@@ -259,4 +248,5 @@ async fn shutdown() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+    crate::service::stopping();
 }

@@ -25,6 +25,13 @@ fn name(link: &LinkMessage) -> Option<&str> {
     })
 }
 
+fn mac(link: &LinkMessage) -> Option<[u8; 6]> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(m) => m.as_slice().try_into().ok(),
+        _ => None,
+    })
+}
+
 pub async fn follow(orchestrator: Arc<Orchestrator>) {
     if let Err(e) = watch(&orchestrator).await {
         warn!(error = %e, "following interfaces stopped: restarted VMs are not re-attached");
@@ -58,8 +65,20 @@ async fn watch(orchestrator: &Arc<Orchestrator>) -> anyhow::Result<()> {
                 if !link.header.flags.contains(LinkFlags::Up) {
                     continue;
                 }
-                let Ok(Some(device)) = orchestrator.device_on(interface) else {
-                    continue;
+                let device = match orchestrator.device_on(interface) {
+                    Ok(Some(d)) => d,
+                    Ok(None) => match mac(&link).map(|m| orchestrator.follow_mac(interface, m)) {
+                        Some(Ok(Some(d))) => {
+                            info!(device = d, interface, "a device's VM is on a new tap");
+                            d
+                        }
+                        Some(Err(e)) => {
+                            warn!(interface, error = %e, "following a tap by its MAC");
+                            continue;
+                        }
+                        _ => continue,
+                    },
+                    Err(_) => continue,
                 };
                 let settled = orchestrator.is_attached(ifindex)
                     && orchestrator
@@ -71,9 +90,7 @@ async fn watch(orchestrator: &Arc<Orchestrator>) -> anyhow::Result<()> {
                     continue;
                 }
                 info!(device, interface, ifindex, "interface appeared: attaching");
-                if let Err(e) = crate::daemon::settle(orchestrator, &device).await {
-                    warn!(device, error = %e, "attaching a device whose interface appeared");
-                }
+                let _ = orchestrator.settle_reported(&device, "daemon:links").await;
             }
             _ => {}
         }

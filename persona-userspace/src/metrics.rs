@@ -117,6 +117,7 @@ pub struct Snapshot {
     pub flows: Vec<(OneDevice, u64)>,
     /// 1 while the device's interface is there and attached.
     pub up: Vec<(OneDevice, u64)>,
+    pub failing: Vec<(OneDevice, u64)>,
     pub draining: Vec<(DrainLabels, u64)>,
     pub maps: Vec<(MapLabels, u64, u64)>,
     /// Per device: handshake counts per log2 microsecond bucket, and their sum.
@@ -179,6 +180,12 @@ impl Collector for Snapshot {
             "persona_device_up",
             "1 while the device's interface exists and is attached, 0 while it is gone (its VM stopped)",
             &self.up,
+        )?;
+        gauge(
+            &mut encoder,
+            "persona_device_failing",
+            "1 while the device could not be attached or given its persona (status says why)",
+            &self.failing,
         )?;
         gauge(
             &mut encoder,

@@ -136,6 +136,10 @@ impl Node {
 
     /// Attaches the device (idempotently) and lets the VM find its gateway.
     pub fn attach(&mut self, device: &DeviceSpec) -> Result<u32> {
+        if let Some(tap) = &device.tap {
+            self.wiring.make_tap(&device.interface, tap)?;
+        }
+        self.wiring.admit(&device.interface)?;
         let ifindex = self.datapath.attach(device)?;
         self.wiring.prepare_device(ifindex, device)?;
         Ok(ifindex)
@@ -153,7 +157,11 @@ impl Node {
             .collect();
         self.wiring.withdraw(ifindex, &addrs)?;
         self.wiring.release_device(ifindex, &wired.gateways)?;
-        self.datapath.detach(ifindex)
+        self.datapath.detach(ifindex)?;
+        if self.datapath.attached()?.is_empty() {
+            self.wiring.put_back()?;
+        }
+        Ok(())
     }
 
     /// Runs the datapath's and the host's steps of a shift up to the flip; on failure,

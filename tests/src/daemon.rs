@@ -18,6 +18,7 @@ pub struct Daemon {
     host_ns: String,
     pin_dir: PathBuf,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
     pub admin: String,
 }
 
@@ -28,6 +29,11 @@ impl Daemon {
 
     /// With extra `persona daemon` arguments.
     pub fn start_with(lab: &Site, extra: &[&str]) -> Self {
+        Self::start_with_env(lab, extra, &[])
+    }
+
+    /// With extra arguments and environment variables.
+    pub fn start_with_env(lab: &Site, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let data_dir = PathBuf::from(format!("/tmp/persona-test-data-{}", lab.host.name));
         let _ = std::fs::remove_dir_all(&data_dir);
         let mut d = Self {
@@ -37,6 +43,10 @@ impl Daemon {
             host_ns: lab.host.name.clone(),
             pin_dir: lab.pin_dir.clone(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             admin: String::new(),
         };
         d.restart();
@@ -69,7 +79,10 @@ impl Daemon {
             .args(["--data-dir", self.data_dir.to_str().unwrap()])
             .args(["daemon", "--socket", self.socket.to_str().unwrap()])
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
+            // Its log, info and up, kept out of the tests' output.
+            .stderr(self.log())
             .spawn()
             .expect("starting persona daemon");
         let out = child.stdout.take().unwrap();
@@ -82,6 +95,24 @@ impl Daemon {
         );
         std::thread::spawn(move || for _ in lines {});
         self.child = child;
+    }
+
+    fn log(&self) -> std::fs::File {
+        std::fs::create_dir_all(&self.data_dir).expect("the data directory");
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data_dir.join("daemon.log"))
+            .expect("the daemon's log")
+    }
+
+    /// SIGTERM, and waits for it to exit.
+    pub fn stop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        self.child.wait().expect("reaping");
     }
 
     pub fn kill(&mut self) {

@@ -46,7 +46,8 @@ impl GuestSpec {
 
 pub struct Guest {
     pub name: String,
-    child: Child,
+    /// QEMU, when this process started it (not when libvirt did).
+    child: Option<Child>,
     reader: BufReader<UnixStream>,
     writer: UnixStream,
     dir: PathBuf,
@@ -110,13 +111,7 @@ impl Guest {
         let dir = PathBuf::from(format!("/tmp/persona-guest-{host_ns}-{}", spec.name));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("guest dir");
-        let mut append = format!(
-            "console=ttyS0 panic=-1 quiet persona.name={} persona.ip={} persona.gw={} persona.dns={}",
-            spec.name, spec.ip, spec.gateway, spec.dns
-        );
-        if let Some((ip6, gw6)) = &spec.ip6 {
-            append.push_str(&format!(" persona.ip6={ip6} persona.gw6={gw6}"));
-        }
+        let append = Self::kernel_args(spec);
         let ctl = dir.join("ctl.sock");
         let (accel, _) = accelerator();
         let mut qemu = Command::new("ip");
@@ -182,6 +177,42 @@ impl Guest {
         }
     }
 
+    /// The agent of a guest someone else started (libvirt) on the Unix socket `ctl`,
+    /// with its console in `dir`.
+    pub fn connect(name: &str, ctl: &std::path::Path, dir: PathBuf) -> Starting {
+        let since = Instant::now();
+        let stream = loop {
+            if let Ok(s) = UnixStream::connect(ctl) {
+                break s;
+            }
+            assert!(
+                since.elapsed() < BOOT_TIMEOUT,
+                "{name}: no agent on {}",
+                ctl.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Starting {
+            name: name.to_owned(),
+            child: None,
+            stream: Some(stream),
+            dir,
+            since,
+        }
+    }
+
+    /// The kernel command line that configures a guest as `spec` says.
+    pub fn kernel_args(spec: &GuestSpec) -> String {
+        let mut append = format!(
+            "console=ttyS0 panic=-1 quiet persona.name={} persona.ip={} persona.gw={} persona.dns={}",
+            spec.name, spec.ip, spec.gateway, spec.dns
+        );
+        if let Some((ip6, gw6)) = &spec.ip6 {
+            append.push_str(&format!(" persona.ip6={ip6} persona.gw6={gw6}"));
+        }
+        append
+    }
+
     pub fn boot(host_ns: &str, spec: &GuestSpec) -> Guest {
         Self::start(host_ns, spec).wait()
     }
@@ -229,7 +260,7 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
 impl Starting {
     pub fn wait(mut self) -> Guest {
-        let child = self.child.take().expect("started once");
+        let child = self.child.take();
         let stream = self.stream.take().expect("connected once");
         stream
             .set_read_timeout(Some(BOOT_TIMEOUT))
@@ -368,8 +399,10 @@ impl Drop for NsVm {
 
 impl Drop for Guest {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

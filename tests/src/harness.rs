@@ -54,6 +54,7 @@ pub fn device() -> DeviceSpec {
         role: None,
         flood_guard: None,
         flow_budget: None,
+        tap: None,
     }
 }
 

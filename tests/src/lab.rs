@@ -355,6 +355,20 @@ impl Lab {
         )
     }
 
+    /// Datagrams from the VM to the outside every millisecond for `seconds`, sent
+    /// while its interface is gone too; the child prints how many left the VM.
+    pub fn start_spray(&self, seconds: u32) -> Child {
+        self.vm_script(
+            "udp_spray.py",
+            &[
+                OUTSIDE.into(),
+                "9000".into(),
+                seconds.to_string(),
+                "0.001".into(),
+            ],
+        )
+    }
+
     /// One of the test scripts, run in the VM with its output piped back.
     fn vm_script(&self, name: &str, args: &[String]) -> Child {
         Command::new("ip")

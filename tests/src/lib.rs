@@ -5,6 +5,7 @@ pub mod daemon;
 pub mod frames;
 pub mod guest;
 pub mod harness;
+pub mod inspect;
 pub mod lab;
 pub mod netns;
 pub mod sink;

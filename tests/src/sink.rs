@@ -41,6 +41,13 @@ impl Sink {
             .spawn()
             .expect("starting sink.py");
         let lines = BufReader::new(child.stdout.take().expect("sink stdout")).lines();
+        crate::lab::wait_until("the sink listens", || {
+            crate::netns::try_sh(&format!(
+                "ip netns exec {ns} ss -ltnH 'sport = :{port}' | grep -q LISTEN"
+            ))
+            .status
+            .success()
+        });
         Self { child, lines }
     }
 

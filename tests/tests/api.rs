@@ -90,7 +90,7 @@ fn every_endpoint_for_every_caller() {
                 Method::POST,
                 "/devices".into(),
                 Some(
-                    json!({"metadata": {"name": "ghost"}, "spec": {"interface": "nope0", "innerV4": "198.18.0.9"}}),
+                    json!({"metadata": {"name": "ghost"}, "spec": {"interface": "up0", "innerV4": "198.18.0.9"}}),
                 ),
                 3,
                 422,

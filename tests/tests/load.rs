@@ -63,7 +63,7 @@ fn shifts_under_load_lose_nothing_and_never_mix_personas() {
             // Both personas' addresses are wired up front: what is measured is the
             // datapath's shifts, which move the probe's one flow back and forth.
             let device = device.expect("a device");
-            let host = Host::new(&[UPLINK.into()]).expect("host wiring");
+            let host = Host::new(&[UPLINK.into()], None).expect("host wiring");
             let ifindex = dp.attach(&device).expect("attach");
             host.prepare_device(ifindex, &device)
                 .expect("preparing the tap");

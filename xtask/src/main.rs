@@ -37,6 +37,25 @@ enum Task {
         /// Only these sections (packets, shifts, control, throughput, scale).
         sections: Vec<String>,
     },
+    /// Build the Debian package with cargo-deb: the binary, the systemd unit, the
+    /// default settings and the libvirt hook, into target/debian.
+    Package {
+        /// Package the debug build (what the tests install), into target/debian/dev.
+        #[arg(long)]
+        dev: bool,
+    },
+}
+
+fn package(dev: bool) -> anyhow::Result<()> {
+    let mut deb = Command::new("cargo");
+    deb.args(["deb", "-p", "persona-userspace", "--locked"]);
+    if dev {
+        deb.args(["--profile", "dev", "--no-build", "--no-strip", "--fast"])
+            .args(["-o", "target/debian/dev"]);
+    } else {
+        deb.args(["-o", "target/debian"]);
+    }
+    run(&mut deb)
 }
 
 const APT_PACKAGES: &[&str] = &[
@@ -124,6 +143,10 @@ fn setup() -> anyhow::Result<()> {
         // system LLVM development libraries this machine does not have.
         run(Command::new("cargo").args(["+nightly", "install", "bpf-linker@0.10.4", "--locked"]))?;
     }
+    if !answers("cargo-deb", "--version") {
+        eprintln!("xtask: installing cargo-deb (about a minute, once per machine)");
+        run(Command::new("cargo").args(["install", "cargo-deb@3.8.0", "--locked"]))?;
+    }
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     if !mounts
         .lines()
@@ -143,6 +166,8 @@ fn main() -> anyhow::Result<()> {
             // The end-to-end tests run the `persona` binary itself, which `cargo test`
             // does not build for another package's tests.
             run(Command::new("cargo").args(["build", "--bins"]))?;
+            // The package tests install what `cargo xtask package` makes.
+            package(true)?;
             run(Command::new("cargo").args(["test"]).args(&args))
         }
         Task::Guest => {
@@ -167,6 +192,13 @@ fn main() -> anyhow::Result<()> {
             ctrlc::set_handler(|| {})?;
             run(Command::new("target/release/persona-demo")
                 .env("PERSONA_BIN", "target/release/persona"))
+        }
+        Task::Package { dev } => {
+            setup()?;
+            if dev {
+                run(Command::new("cargo").args(["build", "--bins"]))?;
+            }
+            package(dev)
         }
         Task::Bench { sections } => {
             setup()?;

@@ -69,12 +69,25 @@ pub async fn scrape(
             )
         })
         .collect();
+    let failing = devices
+        .iter()
+        .map(|(name, _, _)| {
+            let device = OneDevice {
+                device: name.clone(),
+            };
+            (
+                device,
+                u64::from(state.orchestrator.failure(name).is_some()),
+            )
+        })
+        .collect();
     let snapshot = state
         .orchestrator
         .datapath()
         .call(move |dp| {
             let mut snap = Snapshot {
                 up,
+                failing,
                 ..Snapshot::default()
             };
             for (name, iface, persona) in devices {

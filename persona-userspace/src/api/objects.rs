@@ -166,13 +166,21 @@ async fn write(
         {
             return Err(FieldError::new("spec.persona", format!("no Persona named {p:?}")).into());
         }
-        // Attach before storing: an interface that does not exist is bad input and
-        // must leave nothing behind.
-        state
-            .orchestrator
-            .attach(&device)
-            .await
-            .map_err(|e| ApiError::bad(e.to_string()))?;
+        if let Some(other) = store
+            .list(Kind::Device)?
+            .into_iter()
+            .find(|d| d.name != name && d.spec["interface"] == device.interface.as_str())
+        {
+            return Err(FieldError::new(
+                "spec.interface",
+                format!(
+                    "Device {:?} is on {:?}; an interface carries one device",
+                    other.name, device.interface
+                ),
+            )
+            .into());
+        }
+        state.orchestrator.admit(&device).await?;
     }
     // Two writes must not both pass the clash check before either is stored.
     let _guard = match kind {
@@ -216,20 +224,52 @@ async fn write(
     Ok(record)
 }
 
-/// After a device is stored: give it its starting persona if it has none yet.
-async fn settle_device(state: &State, caller: &Caller, r: &Record) -> Result<(), ApiError> {
-    let device: DeviceSpec =
-        serde_json::from_value(r.spec.clone()).map_err(|e| ApiError::internal(e.to_string()))?;
-    let store = state.orchestrator.store();
-    if let Some(p) = &device.persona
-        && store.device_state(&r.name)?.is_none()
-    {
-        state
-            .orchestrator
-            .shift(&r.name, p, &caller.actor(), false, None)
-            .await?;
+/// After a device is stored: attached when its interface is there, and given its
+/// starting persona. When that fails the write is undone, so that a refused device
+/// changes nothing; `previous` is the record it replaced.
+async fn place_device(
+    state: &State,
+    caller: &Caller,
+    r: &Record,
+    previous: Option<Record>,
+) -> Result<(), ApiError> {
+    let orchestrator = &state.orchestrator;
+    let store = orchestrator.store();
+    let spec = |r: &Record| {
+        serde_json::from_value::<DeviceSpec>(r.spec.clone())
+            .map_err(|e| ApiError::internal(e.to_string()))
+    };
+    let device = spec(r)?;
+    let old = previous.as_ref().map(spec).transpose()?;
+    let moved = old
+        .as_ref()
+        .is_some_and(|o| o.interface != device.interface);
+    if let Some(o) = old.as_ref().filter(|_| moved) {
+        remove_quietly(state, &r.name, o).await;
     }
-    Ok(())
+    let Err(e) = orchestrator.settle_reported(&r.name, &caller.actor()).await else {
+        return Ok(());
+    };
+    if previous.is_none() || moved {
+        remove_quietly(state, &r.name, &device).await;
+    }
+    match previous {
+        None => {
+            store.set_device_state(&r.name, None)?;
+            store.delete(Kind::Device, &r.name, Expect::Version(r.version))?;
+        }
+        Some(p) => {
+            store.put(Kind::Device, &r.name, p.spec, Expect::Version(r.version))?;
+        }
+    }
+    let _ = orchestrator.settle_reported(&r.name, &caller.actor()).await;
+    Err(e.into())
+}
+
+async fn remove_quietly(state: &State, name: &str, device: &DeviceSpec) {
+    if let Err(e) = state.orchestrator.remove(device).await {
+        tracing::debug!(device = %name, error = %e, "nothing to remove");
+    }
 }
 
 /// After a persona changed: devices running it get the new version.
@@ -257,7 +297,7 @@ async fn create(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let r = write(&state, &caller, kind, body, Expect::Absent).await?;
     if kind == Kind::Device {
-        settle_device(&state, &caller, &r).await?;
+        place_device(&state, &caller, &r, None).await?;
     }
     state.engine.poke();
     Ok((StatusCode::CREATED, Json(view(&r))))
@@ -278,9 +318,10 @@ async fn put(
         .into());
     }
     let expect = body.metadata.version.map_or(Expect::Any, Expect::Version);
+    let previous = state.orchestrator.store().get(kind, &id)?;
     let r = write(&state, &caller, kind, body, expect).await?;
     match kind {
-        Kind::Device => settle_device(&state, &caller, &r).await?,
+        Kind::Device => place_device(&state, &caller, &r, previous).await?,
         Kind::Persona => reapply_persona(&state, &caller, &r).await?,
         Kind::Rule | Kind::Application => {}
     }
@@ -347,9 +388,9 @@ async fn delete(
             }
             let device: DeviceSpec = serde_json::from_value(r.spec.clone())
                 .map_err(|e| ApiError::internal(e.to_string()))?;
-            if let Err(e) = state.orchestrator.detach(&device).await {
-                tracing::warn!(device = %id, error = %e, "detach failed; removing the record anyway");
-            }
+            // A device whose detach failed stays, to be deleted again: its record says
+            // what is left to remove.
+            state.orchestrator.remove(&device).await?;
             store.set_device_state(&id, None)?;
             store.delete(kind, &id, expect)?;
         }
@@ -488,6 +529,7 @@ pub async fn status(
         "device": id,
         "interface": device.interface,
         "up": attached.is_some(),
+        "error": state.orchestrator.failure(&id),
         "persona": device_state.as_ref().map(|s| &s.persona),
         "generation": active,
         "since": device_state.as_ref().map(|s| s.since),

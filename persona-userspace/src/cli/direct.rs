@@ -62,7 +62,10 @@ fn datapath(cli: &Cli, exclusive: bool) -> anyhow::Result<KernelDatapath> {
 
 /// The pinned datapath with the host's wiring, as the daemon drives it.
 fn node(cli: &Cli) -> anyhow::Result<Node> {
-    let host = Host::new(&cli.uplink)?;
+    let host = Host::new(
+        &cli.uplink,
+        Some(crate::host::sysctl::record_for(&cli.pin_dir)),
+    )?;
     Ok(Node::new(Box::new(datapath(cli, true)?), Box::new(host)))
 }
 
@@ -240,6 +243,13 @@ pub(super) fn run(cli: &Cli, command: &DatapathCommand) -> anyhow::Result<()> {
                 c.shift_to(&mut dp, ifindex, p, None)?;
             }
             println!("{device}: attached to {} (ifindex {ifindex})", d.interface);
+        }
+        DatapathCommand::Reset => {
+            let (links, maps) = crate::datapath::kernel::remove_pins(&cli.pin_dir)?;
+            println!(
+                "{}: {links} program links and {maps} maps unpinned",
+                cli.pin_dir.display()
+            );
         }
         DatapathCommand::Detach { interface } => {
             let mut dp = node(cli)?;

@@ -1,6 +1,7 @@
 //! The `persona` command line: kubectl-style commands through the daemon's API, and
 //! `persona datapath ...` for the pinned datapath without a daemon.
 mod direct;
+pub mod hook;
 mod remote;
 
 use std::path::PathBuf;
@@ -54,8 +55,24 @@ pub struct Cli {
     /// Where the daemon keeps its store and the bootstrap admin token.
     #[arg(long, global = true, env = "PERSONA_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
+    /// Settings file: each key a flag's long name, overridden by flags and their
+    /// environment variables. /etc/persona/persona.yaml when it exists.
+    #[arg(long, global = true, env = "PERSONA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log filter (tracing's EnvFilter syntax): info for the daemon, warn otherwise.
+    #[arg(long, global = true, env = "PERSONA_LOG")]
+    pub log_level: Option<String>,
+    /// Log lines as text or as JSON objects, one per line.
+    #[arg(long, global = true, env = "PERSONA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -63,38 +80,44 @@ pub enum Command {
     /// Run the daemon: store, datapath, API on a Unix socket (and TCP with --listen).
     Daemon {
         /// Also serve HTTP on this address, e.g. 127.0.0.1:7070.
-        #[arg(long)]
+        #[arg(long, env = "PERSONA_LISTEN")]
         listen: Option<std::net::SocketAddr>,
-        #[arg(long, default_value = DEFAULT_SOCKET)]
+        #[arg(long, env = "PERSONA_SOCKET", default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
         /// Command run after a device's TLS files change; its failure rolls back.
-        #[arg(long)]
+        #[arg(long, env = "PERSONA_TLS_HOOK")]
         tls_hook: Option<String>,
         /// Serve --listen over HTTPS with this PEM certificate chain...
-        #[arg(long, requires_all = ["tls_key", "listen"])]
+        #[arg(long, env = "PERSONA_TLS_CERT", requires_all = ["tls_key", "listen"])]
         tls_cert: Option<PathBuf>,
         /// ...and this PEM private key.
-        #[arg(long, requires = "tls_cert")]
+        #[arg(long, env = "PERSONA_TLS_KEY", requires = "tls_cert")]
         tls_key: Option<PathBuf>,
         /// Seconds a device stays in a persona before the rule engine moves it again.
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, env = "PERSONA_MIN_DWELL", default_value_t = 30)]
         min_dwell: u64,
         /// Seconds before the rule engine returns a device to a persona it just left.
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, env = "PERSONA_COOLDOWN", default_value_t = 60)]
         cooldown: u64,
         /// Let the rule engine record the shifts it would make, and make none.
-        #[arg(long)]
+        #[arg(long, env = "PERSONA_RULES_DRY_RUN")]
         rules_dry_run: bool,
         /// MaxMind-format database to find the country of geolocation signals that
         /// carry only an address.
-        #[arg(long)]
+        #[arg(long, env = "PERSONA_GEOIP_DB")]
         geoip_db: Option<PathBuf>,
         /// Seconds between looks at each device's flows for known applications.
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, env = "PERSONA_APP_OBSERVE_SECS", default_value_t = 5)]
         app_observe_secs: u64,
         /// A flow idle longer than this many seconds no longer shows its application.
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, env = "PERSONA_APP_IDLE_SECS", default_value_t = 30)]
         app_idle_secs: u64,
+        /// Audit events older than this many days are removed (checked hourly).
+        #[arg(long, env = "PERSONA_AUDIT_MAX_AGE_DAYS", default_value_t = 90)]
+        audit_max_age_days: u64,
+        /// At most this many audit events are kept, the oldest removed first.
+        #[arg(long, env = "PERSONA_AUDIT_MAX_EVENTS", default_value_t = 1_000_000)]
+        audit_max_events: usize,
         /// Fail every shift at this step, to test that it is undone (tests only).
         #[arg(long, value_enum, hide = true)]
         fault_at: Option<crate::node::Step>,
@@ -193,6 +216,17 @@ pub enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Make or delete a persistent tap (vnet_hdr, multi_queue) for a VM to open, with
+    /// no daemon. A device with `tap:` in its spec has the daemon make its own.
+    Tap {
+        #[command(subcommand)]
+        command: TapCommand,
+    },
+    /// Hooks other programs call: `persona hook libvirt` is libvirt's QEMU hook.
+    Hook {
+        #[command(subcommand)]
+        command: HookCommand,
+    },
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
     /// Check manifests without touching anything.
@@ -241,6 +275,40 @@ pub enum Format {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum TapCommand {
+    Create {
+        name: String,
+        /// One queue instead of several (QEMU without `queues=N`).
+        #[arg(long)]
+        single_queue: bool,
+        /// The user (number) that may open it, QEMU's; root only when not given.
+        #[arg(long)]
+        user: Option<u32>,
+        #[arg(long)]
+        group: Option<u32>,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HookCommand {
+    /// libvirt's QEMU hook: reads the domain XML on standard input and, while a domain
+    /// starts, waits until the daemon guards each of its interfaces that is a device.
+    /// Install as /etc/libvirt/hooks/qemu.d/persona.
+    Libvirt {
+        domain: String,
+        operation: String,
+        subop: String,
+        extra: Option<String>,
+        /// Seconds to wait for a device to be guarded before failing the start.
+        #[arg(long, default_value_t = 30)]
+        timeout_secs: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum DatapathCommand {
     /// Attach every Device in the manifests, give each its starting persona, and stay
     /// in the foreground. Killing it leaves traffic flowing; running it again picks up.
@@ -259,6 +327,10 @@ pub enum DatapathCommand {
     },
     /// Detach a device: programs, routes and proxies removed.
     Detach { interface: String },
+    /// Remove every pin: the programs come off every device and the maps go. For a
+    /// release whose maps have another layout; the daemon attaches the stored devices
+    /// again when it starts.
+    Reset,
     /// Make PERSONA the active persona of the device on INTERFACE.
     Shift {
         interface: String,
@@ -302,6 +374,31 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Tap { command } => match command {
+            TapCommand::Create {
+                name,
+                single_queue,
+                user,
+                group,
+            } => {
+                let spec = crate::model::TapSpec {
+                    multi_queue: !single_queue,
+                    user: *user,
+                    group: *group,
+                };
+                if crate::host::tap::create(name, &spec)? {
+                    println!("{name}: made, persistent");
+                } else {
+                    println!("{name}: already there");
+                }
+                Ok(())
+            }
+            TapCommand::Delete { name } => {
+                crate::host::tap::delete(name, &crate::model::TapSpec::default())?;
+                println!("{name}: deleted");
+                Ok(())
+            }
+        },
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(*shell, &mut cmd, "persona", &mut std::io::stdout());
@@ -319,6 +416,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             geoip_db,
             app_observe_secs,
             app_idle_secs,
+            audit_max_age_days,
+            audit_max_events,
             fault_at,
         } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -347,6 +446,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     std::time::Duration::from_secs(*app_observe_secs),
                     std::time::Duration::from_secs(*app_idle_secs),
                 ),
+                audit: crate::daemon::Retention {
+                    max_age: std::time::Duration::from_secs(audit_max_age_days * 86_400),
+                    max_events: *audit_max_events,
+                },
                 fault_at: *fault_at,
             }))
         }

@@ -5,7 +5,7 @@ use anyhow::{Context as _, bail};
 use hyper::Method;
 use serde_json::{Value, json};
 
-use super::{Cli, Command, Format, KindArg, TokenCommand};
+use super::{Cli, Command, Format, HookCommand, KindArg, TokenCommand};
 use crate::{
     client::Client,
     daemon::admin_token_path,
@@ -424,6 +424,29 @@ pub(super) async fn run(cli: &Cli) -> anyhow::Result<()> {
     };
     match &cli.command {
         Command::Apply { manifests, dry_run } => apply(&client, manifests, *dry_run).await?,
+        Command::Hook {
+            command:
+                HookCommand::Libvirt {
+                    domain,
+                    operation,
+                    subop,
+                    extra: _,
+                    timeout_secs,
+                },
+        } => {
+            let mut xml = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut xml)
+                .context("reading the domain XML")?;
+            super::hook::libvirt(
+                &client,
+                domain,
+                operation,
+                subop,
+                &xml,
+                std::time::Duration::from_secs(*timeout_secs),
+            )
+            .await?
+        }
         Command::Get { kind, name, output } => {
             let path = match name {
                 Some(n) => format!("{}/{n}", kind.path()),
@@ -503,6 +526,9 @@ pub(super) async fn run(cli: &Cli) -> anyhow::Result<()> {
                     s["generation"],
                     s["since"].as_str().unwrap_or("-")
                 );
+                if let Some(why) = s["error"].as_str() {
+                    println!("  failing: {why}");
+                }
                 for l in s["leases"].as_array().into_iter().flatten() {
                     println!("  leased {}", l.as_str().unwrap_or("?"));
                 }

@@ -41,6 +41,10 @@ impl Datapath for FakeDatapath {
         Ok(())
     }
 
+    fn attached(&self) -> Result<Vec<u32>> {
+        Ok(self.devices.keys().copied().collect())
+    }
+
     fn stage(&mut self, _persona: &CompiledPersona) -> Result<Staged> {
         self.next_table += 1;
         self.staged.insert(self.next_table);

@@ -23,6 +23,8 @@ use crate::model::{DeviceSpec, FlowMode};
 pub enum DatapathError {
     #[error("interface {0:?} not found")]
     NoSuchInterface(String),
+    #[error("refused: {0}")]
+    Refused(String),
     #[error("device {0} is not attached")]
     NotAttached(u32),
     #[error("all {0} persona table slots are in use")]
@@ -31,6 +33,8 @@ pub enum DatapathError {
     Invalid(#[from] crate::model::FieldError),
     #[error("BPF: {0}")]
     Bpf(String),
+    #[error("{0}")]
+    Layout(String),
     #[error("host wiring: {0}")]
     Host(String),
     #[error("{context}: {source}")]
@@ -175,6 +179,9 @@ pub trait Datapath {
     /// address.
     fn attach(&mut self, device: &DeviceSpec) -> Result<u32>;
     fn detach(&mut self, ifindex: u32) -> Result<()>;
+    /// The ifindexes of every attached device, as the maps record them (some may be of
+    /// interfaces gone while no daemon watched).
+    fn attached(&self) -> Result<Vec<u32>>;
     /// The host wiring the device's state calls for.
     fn wiring(&self, ifindex: u32) -> Result<DeviceWiring>;
     fn stage(&mut self, persona: &CompiledPersona) -> Result<Staged>;

@@ -11,6 +11,8 @@ use aya::{
     programs::{
         SchedClassifier, TcAttachType, TestRun, TestRunOptions, TestRunResult, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
     },
 };
 use persona_common::program_names;
@@ -144,6 +146,19 @@ where
     Ok(())
 }
 
+fn bpf(pin: &Path, e: impl std::fmt::Display) -> DatapathError {
+    DatapathError::Bpf(format!("{}: {e}", pin.display()))
+}
+
+/// The pinned link, when it runs a program other than `ours` (an earlier run's, of
+/// this build or another): replacing it goes through BPF_LINK_UPDATE, one atomic swap
+/// with the traffic flowing, and the pin stays the link's.
+fn running(pin: &Path, ours: u32) -> Result<Option<FdLink>> {
+    let link = FdLink::from(PinnedLink::from_pin(pin).map_err(|e| bpf(pin, e))?);
+    let theirs = link.info().map_err(|e| bpf(pin, e))?.program_id();
+    Ok((theirs != ours).then_some(link))
+}
+
 /// The pinned links of one interface: a device's tap, or an uplink.
 pub struct Links<'a> {
     pin_dir: &'a Path,
@@ -206,11 +221,17 @@ impl<'a> Links<'a> {
         kind: &str,
     ) -> Result<()> {
         let pin = self.pin(kind);
+        let tc: &mut SchedClassifier = program(ebpf, which.name())?;
         if pin.exists() {
+            let ours = tc.info().map_err(|e| bpf(&pin, e))?.id();
+            if let Some(link) = running(&pin, ours)? {
+                let link = SchedClassifierLink::try_from(link).map_err(|e| bpf(&pin, e))?;
+                tc.attach_to_link(link).map_err(|e| bpf(&pin, e))?;
+                info!(pin = %pin.display(), "replaced the program of an earlier run");
+            }
             return Ok(());
         }
         let interface = self.interface()?;
-        let tc: &mut SchedClassifier = program(ebpf, which.name())?;
         let id = tc.attach(&interface, hook).map_err(|e| {
             DatapathError::Bpf(format!("attaching tcx {hook:?} to {interface}: {e}"))
         })?;
@@ -222,11 +243,17 @@ impl<'a> Links<'a> {
 
     fn attach_guard(&self, ebpf: &mut Ebpf) -> Result<()> {
         let pin = self.pin(GUARD_PIN);
+        let xdp: &mut Xdp = program(ebpf, Program::Guard.name())?;
         if pin.exists() {
+            let ours = xdp.info().map_err(|e| bpf(&pin, e))?.id();
+            if let Some(link) = running(&pin, ours)? {
+                let link = XdpLink::try_from(link).map_err(|e| bpf(&pin, e))?;
+                xdp.attach_to_link(link).map_err(|e| bpf(&pin, e))?;
+                info!(pin = %pin.display(), "replaced the program of an earlier run");
+            }
             return Ok(());
         }
         let ifindex = self.ifindex;
-        let xdp: &mut Xdp = program(ebpf, Program::Guard.name())?;
         let id = match xdp.attach_to_if_index(ifindex, XdpMode::Driver) {
             Ok(id) => id,
             Err(e) => {

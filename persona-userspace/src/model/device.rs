@@ -41,6 +41,42 @@ pub struct DeviceSpec {
     /// dropped (`drop_flow_budget`). 16384 when not given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flow_budget: Option<u32>,
+    /// persona makes the interface itself, a persistent tap with the virtio-net header,
+    /// and attaches its programs before any VM opens it; deleting the device deletes
+    /// the tap. For QEMU's `-netdev tap,ifname=...` or libvirt's `<target dev='...'
+    /// managed='no'/>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<TapSpec>,
+}
+
+/// A tap persona makes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TapSpec {
+    /// Several queues, for a VM with `queues=N` (libvirt's `<driver queues='N'/>`);
+    /// one queue when false. QEMU refuses a tap whose queues differ from its own.
+    #[serde(default = "yes")]
+    pub multi_queue: bool,
+    /// The user and group (numbers) that may open the tap, QEMU's; root only when
+    /// absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<u32>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for TapSpec {
+    fn default() -> Self {
+        Self {
+            multi_queue: true,
+            user: None,
+            group: None,
+        }
+    }
 }
 
 /// Drops, before the kernel builds an skb, what the tc program would drop anyway:
@@ -80,6 +116,7 @@ impl DeviceSpec {
             role: None,
             flood_guard: None,
             flow_budget: None,
+            tap: None,
         }
     }
 
@@ -99,6 +136,12 @@ impl DeviceSpec {
             return Err(FieldError::new(
                 "spec.interface",
                 format!("{:?} is not a valid interface name", self.interface),
+            ));
+        }
+        if self.tap.is_some() && self.interface.starts_with("vnet") {
+            return Err(FieldError::new(
+                "spec.interface",
+                "libvirt names its own taps vnetN; a tap persona makes needs another name",
             ));
         }
         if self.inner_v4.is_none() && self.inner_v6.is_none() {
@@ -154,5 +197,15 @@ impl DeviceSpec {
             *o = u8::from_str_radix(p, 16).map_err(|_| bad())?;
         }
         Ok(out)
+    }
+
+    /// The MAC libvirt gives the VM's tap: the guest's with the first octet 0xfe (0xfa
+    /// when the guest's already is 0xfe), so that the host's side never wins a bridge's
+    /// choice of address.
+    pub fn libvirt_tap_mac(&self) -> Option<[u8; 6]> {
+        self.mac.as_ref()?;
+        let mut mac = self.mac_bytes().ok()?;
+        mac[0] = if mac[0] == 0xfe { 0xfa } else { 0xfe };
+        Some(mac)
     }
 }

@@ -3,7 +3,10 @@
 //! SIGKILL or a power cut.
 use std::{collections::BTreeMap, path::Path};
 
-use redb::{Database, ReadableDatabase as _, ReadableTable as _, TableDefinition};
+use redb::{
+    Database, ReadableDatabase as _, ReadableTable as _, ReadableTableMetadata as _,
+    TableDefinition,
+};
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
@@ -298,6 +301,29 @@ impl Store for EmbeddedStore {
         }
         Ok(out)
     }
+
+    fn prune_events(&self, before: jiff::Timestamp, keep: usize) -> Result<usize> {
+        let txn = self.db.begin_write().map_err(backend)?;
+        let mut removed = 0;
+        {
+            let mut t = txn.open_table(EVENTS).map_err(backend)?;
+            let mut left = t.len().map_err(backend)?;
+            while left > 1 {
+                let at = match t.first().map_err(backend)? {
+                    Some((_, v)) => decode::<Event>(v.value())?.at,
+                    None => break,
+                };
+                if left <= keep as u64 && at >= before {
+                    break;
+                }
+                t.pop_first().map_err(backend)?;
+                left -= 1;
+                removed += 1;
+            }
+        }
+        txn.commit().map_err(backend)?;
+        Ok(removed)
+    }
 }
 
 #[cfg(test)]
@@ -402,22 +428,43 @@ mod tests {
     #[test]
     fn events_are_numbered_and_read_in_order() {
         let (s, _dir) = store();
-        for i in 0..5 {
-            s.append_event(EventBody {
-                kind: "shift".into(),
-                actor: format!("test{i}"),
-                device: None,
-                from: None,
-                to: None,
-                generation: None,
-                result: "ok".into(),
-                duration_us: None,
-                detail: Value::Null,
-            })
-            .expect("append");
+        for _ in 0..5 {
+            event(&s);
         }
         let tail: Vec<u64> = s.events(2, 10).unwrap().iter().map(|e| e.seq).collect();
         assert_eq!(tail, [3, 4, 5]);
         assert_eq!(s.events(0, 2).unwrap().len(), 2);
+    }
+
+    fn event(s: &EmbeddedStore) -> Event {
+        s.append_event(EventBody {
+            kind: "shift".into(),
+            actor: "test".into(),
+            device: None,
+            from: None,
+            to: None,
+            generation: None,
+            result: "ok".into(),
+            duration_us: None,
+            detail: Value::Null,
+        })
+        .expect("append")
+    }
+
+    #[test]
+    fn events_are_pruned_by_count_and_age_and_numbering_goes_on() {
+        let (s, _dir) = store();
+        for _ in 0..10 {
+            event(&s);
+        }
+        let long_ago = jiff::Timestamp::UNIX_EPOCH;
+        assert_eq!(s.prune_events(long_ago, 4).unwrap(), 6);
+        let seqs: Vec<u64> = s.events(0, 100).unwrap().iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [7, 8, 9, 10]);
+        // Everything is too old: the newest stays all the same.
+        let future = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1);
+        assert_eq!(s.prune_events(future, 100).unwrap(), 3);
+        assert_eq!(event(&s).seq, 11);
+        assert_eq!(s.prune_events(long_ago, 100).unwrap(), 0);
     }
 }

@@ -15,6 +15,7 @@ impl KernelDatapath {
         } else {
             None
         };
+        layout::check(EBPF_OBJECT, &config.pin_dir)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&config.pin_dir)
             .load(EBPF_OBJECT)

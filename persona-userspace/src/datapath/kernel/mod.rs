@@ -38,11 +38,13 @@ use super::{
 mod device;
 mod flows;
 mod introspect;
+mod layout;
 mod loader;
 mod shift;
 mod tables;
 
 use flows::drain_key;
+pub use layout::remove_pins;
 
 use crate::model::{DeviceSpec, FlowMode};
 
@@ -179,8 +181,6 @@ fn ensure_bpffs(dir: &Path) -> Result<()> {
         .map_err(io_err(format!("creating {}", dir.display())))
 }
 
-impl KernelDatapath {}
-
 fn gateways(w: &HostWiring) -> Vec<IpAddr> {
     let mut out = Vec::new();
     if w.flags & WIRED_GATEWAY_V4 != 0 {
@@ -199,6 +199,10 @@ impl Datapath for KernelDatapath {
 
     fn detach(&mut self, ifindex: u32) -> Result<()> {
         self.detach_device(ifindex)
+    }
+
+    fn attached(&self) -> Result<Vec<u32>> {
+        Ok(self.maps.devices.keys().flatten().collect())
     }
 
     fn wiring(&self, ifindex: u32) -> Result<DeviceWiring> {

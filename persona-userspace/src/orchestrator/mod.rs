@@ -12,6 +12,8 @@ use serde::{Deserialize as _, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
+mod devices;
+
 use crate::{
     datapath::{Sweep, compile, worker::DatapathHandle},
     model::{DeviceSpec, FlowMode, PersonaSpec},
@@ -192,6 +194,8 @@ pub struct Orchestrator {
     fault: Option<TxStep>,
     /// The ifindex each attached device's interface had when it was attached.
     interfaces: std::sync::Mutex<HashMap<u32, String>>,
+    /// Devices that could not be attached or given their persona, with why.
+    failing: std::sync::Mutex<HashMap<String, String>>,
 }
 
 fn parse<T: serde::de::DeserializeOwned>(r: &Record) -> Result<T, ShiftError> {
@@ -227,6 +231,7 @@ impl Orchestrator {
             swept: Default::default(),
             fault: None,
             interfaces: Default::default(),
+            failing: Default::default(),
         }
     }
 
@@ -303,110 +308,6 @@ impl Orchestrator {
 
     pub fn datapath(&self) -> &DatapathHandle {
         &self.datapath
-    }
-
-    /// Attaches a stored device (idempotently) and returns its ifindex.
-    pub async fn attach(&self, spec: &DeviceSpec) -> Result<u32, ShiftError> {
-        let _guard = self.lock.lock().await;
-        let device = spec.clone();
-        let ifindex = self
-            .datapath
-            .on_node(move |n| n.attach(&device))
-            .await
-            .and_then(|r| r)
-            .map_err(|e| ShiftError::Failed(e.to_string()))?;
-        if let Ok(mut m) = self.interfaces.lock() {
-            m.retain(|_, name| *name != spec.interface);
-            m.insert(ifindex, spec.interface.clone());
-        }
-        Ok(ifindex)
-    }
-
-    /// Detaches the device from the ifindex it was attached at, whether or not its
-    /// interface is still there.
-    pub async fn detach(&self, spec: &DeviceSpec) -> Result<(), ShiftError> {
-        let _guard = self.lock.lock().await;
-        let ifindex = match self.interface_of(&spec.interface) {
-            Some(i) => i,
-            None => crate::datapath::ifindex(&spec.interface)
-                .map_err(|e| ShiftError::Failed(e.to_string()))?,
-        };
-        self.detach_at(ifindex).await
-    }
-
-    /// Detaches whatever is at `ifindex`; the caller holds the lock.
-    async fn detach_at(&self, ifindex: u32) -> Result<(), ShiftError> {
-        self.datapath
-            .on_node(move |n| n.detach(ifindex))
-            .await
-            .and_then(|r| r)
-            .map_err(|e| ShiftError::Failed(e.to_string()))?;
-        if let Ok(mut m) = self.interfaces.lock() {
-            m.remove(&ifindex);
-        }
-        Ok(())
-    }
-
-    /// The stored device on `interface`, if any.
-    pub fn device_on(&self, interface: &str) -> Result<Option<String>, ShiftError> {
-        Ok(self.store.list(Kind::Device)?.into_iter().find_map(|d| {
-            let spec: DeviceSpec = serde_json::from_value(d.spec).ok()?;
-            (spec.interface == interface).then_some(d.name)
-        }))
-    }
-
-    /// The ifindex the device on `interface` is attached at, if it is.
-    pub fn interface_of(&self, interface: &str) -> Option<u32> {
-        let m = self.interfaces.lock().ok()?;
-        m.iter().find(|(_, n)| **n == interface).map(|(i, _)| *i)
-    }
-
-    pub fn is_attached(&self, ifindex: u32) -> bool {
-        self.interfaces
-            .lock()
-            .is_ok_and(|m| m.contains_key(&ifindex))
-    }
-
-    /// A device's interface went away (its VM stopped): the wiring of its old ifindex
-    /// goes, programs, maps and host alike; the device and its state stay stored, to be
-    /// attached again when the interface comes back. Returns the device's name.
-    pub async fn interface_gone(&self, ifindex: u32) -> Result<Option<String>, ShiftError> {
-        let Some(interface) = self
-            .interfaces
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&ifindex).cloned())
-        else {
-            return Ok(None);
-        };
-        {
-            let _guard = self.lock.lock().await;
-            self.detach_at(ifindex).await?;
-        }
-        let device = self.device_on(&interface)?;
-        self.record(EventBody {
-            kind: "interface".into(),
-            actor: "daemon:links".into(),
-            device: device.clone(),
-            from: None,
-            to: None,
-            generation: None,
-            result: "gone".into(),
-            duration_us: None,
-            detail: json!({ "interface": interface, "ifindex": ifindex }),
-        })?;
-        Ok(device)
-    }
-
-    /// Withdraws what the host routes to the device beyond what its state calls for
-    /// (left by a shift a crash cut short); returns those addresses.
-    pub async fn repair(&self, ifindex: u32) -> Result<Vec<IpAddr>, ShiftError> {
-        let _guard = self.lock.lock().await;
-        self.datapath
-            .on_node(move |n| n.repair(ifindex))
-            .await
-            .and_then(|r| r)
-            .map_err(|e| ShiftError::Failed(e.to_string()))
     }
 
     /// Holds off shifts, sweeps and device changes while the caller checks and writes

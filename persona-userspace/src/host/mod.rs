@@ -6,7 +6,13 @@
 //! address picks a table whose default route is the persona's gateway, and the kernel's
 //! FIB and neighbour code do the rest (no FIB lookup or redirect in the programs). Routes,
 //! rules and neighbour entries go through rtnetlink.
-use std::net::IpAddr;
+use std::{
+    net::IpAddr,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use futures::TryStreamExt as _;
 use rtnetlink::{
@@ -21,13 +27,17 @@ use ipnet::IpNet;
 
 use crate::{
     datapath::{CompiledPersona, DatapathError, Result},
-    model::DeviceSpec,
+    model::{DeviceSpec, TapSpec},
 };
+use sysctl::Sysctls;
 
 pub struct Host {
     rt: Runtime,
     handle: Handle,
     uplinks: Vec<(String, u32)>,
+    settings: Mutex<Sysctls>,
+    /// Whether this process set the host up for devices (see [`Wiring::put_back`]).
+    set_up: AtomicBool,
 }
 
 /// Rules on persona addresses sit after this one, which sends every packet whose main
@@ -77,25 +87,23 @@ fn tolerate(
     }
 }
 
-fn sysctl(path: &str, value: &str) -> Result<()> {
-    std::fs::write(path, value).map_err(|source| DatapathError::Io {
-        context: format!("writing {path}"),
-        source,
-    })
-}
-
-/// Proxied ARP/NDP answers are delayed by up to 0.8 s by default, during which at most
-/// `unres_qlen` packets wait and the rest are dropped: a host answering for its VMs
-/// should answer at once.
-fn answer_proxied_at_once(ifname: &str) -> Result<()> {
-    sysctl(
-        &format!("/proc/sys/net/ipv4/neigh/{ifname}/proxy_delay"),
-        "0",
-    )?;
-    sysctl(
-        &format!("/proc/sys/net/ipv6/neigh/{ifname}/proxy_delay"),
-        "0",
-    )
+/// What an interface persona forwards through, tap or uplink, needs: forwarding on it
+/// alone, never the host-wide switches, and proxied ARP/NDP answered at once (by default
+/// they wait up to 0.8 s, and all but `unres_qlen` packets waiting are dropped).
+fn forward_through(settings: &mut Sysctls, name: &str) -> Result<()> {
+    settings.set(&format!("net/ipv4/conf/{name}/forwarding"), "1")?;
+    // Proxy NDP answers only on an interface that forwards.
+    settings.set(&format!("net/ipv6/conf/{name}/forwarding"), "1")?;
+    let force = format!("net/ipv6/conf/{name}/force_forwarding");
+    if sysctl::exists(&force) {
+        settings.set(&force, "1")?;
+    } else {
+        // Before Linux 6.17, IPv6 forwards only when every interface does.
+        settings.set("net/ipv6/conf/all/forwarding", "1")?;
+    }
+    settings.set(&format!("net/ipv6/conf/{name}/proxy_ndp"), "1")?;
+    settings.set(&format!("net/ipv4/neigh/{name}/proxy_delay"), "0")?;
+    settings.set(&format!("net/ipv6/neigh/{name}/proxy_delay"), "0")
 }
 
 fn ifname(ifindex: u32) -> Result<String> {
@@ -105,7 +113,9 @@ fn ifname(ifindex: u32) -> Result<String> {
 }
 
 impl Host {
-    pub fn new(uplinks: &[String]) -> Result<Self> {
+    /// `record` is where the host settings persona changes are kept with their old
+    /// values (see [`sysctl`]).
+    pub fn new(uplinks: &[String], record: Option<std::path::PathBuf>) -> Result<Self> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -131,22 +141,92 @@ impl Host {
                     .map_err(|_| DatapathError::NoSuchInterface(name.clone()))
             })
             .collect::<Result<Vec<_>>>()?;
-        let host = Self {
+        Ok(Self {
             rt,
             handle,
             uplinks,
+            settings: Mutex::new(Sysctls::open(record)?),
+            set_up: AtomicBool::new(false),
+        })
+    }
+
+    fn settings(&self) -> std::sync::MutexGuard<'_, Sysctls> {
+        self.settings.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Refuses what must never carry the programs: an uplink (XDP and tc there would
+    /// cut the host off), and anything but a tap or a veth.
+    pub fn admit(&self, interface: &str) -> Result<()> {
+        if self.uplinks.iter().any(|(u, _)| u == interface) {
+            return Err(refused(interface, "it is an uplink"));
+        }
+        let Ok(ifindex) = crate::datapath::ifindex(interface) else {
+            return Ok(());
         };
-        // A hypervisor host forwards between its taps and its uplinks.
-        sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
-        sysctl("/proc/sys/net/ipv6/conf/all/forwarding", "1")?;
-        for (name, _) in &host.uplinks {
-            sysctl(&format!("/proc/sys/net/ipv6/conf/{name}/proxy_ndp"), "1")?;
-            answer_proxied_at_once(name)?;
+        let (kind, ethernet) = self.kind(ifindex)?;
+        match kind.as_deref() {
+            Some("veth") => Ok(()),
+            Some("tun") if ethernet => Ok(()),
+            Some("tun") => Err(refused(interface, "it is a tun device, not a tap")),
+            Some(kind) => Err(refused(interface, &format!("it is a {kind} device"))),
+            None => Err(refused(interface, "it is not a tap or veth")),
+        }
+    }
+
+    /// The link kind rtnetlink reports ("tun" for taps and tuns, "veth", "bridge"...),
+    /// and whether it carries Ethernet frames (a tap does, a tun does not).
+    fn kind(&self, ifindex: u32) -> Result<(Option<String>, bool)> {
+        use rtnetlink::packet_route::link::{LinkAttribute, LinkInfo, LinkLayerType};
+        let handle = self.handle.clone();
+        let link = self
+            .rt
+            .block_on(async move {
+                handle
+                    .link()
+                    .get()
+                    .match_index(ifindex)
+                    .execute()
+                    .try_next()
+                    .await
+            })
+            .map_err(host_err(format_args!("reading link {ifindex}")))?;
+        let Some(link) = link else {
+            return Ok((None, false));
+        };
+        let ethernet = link.header.link_layer_type == LinkLayerType::Ether;
+        let kind = link.attributes.into_iter().find_map(|a| match a {
+            LinkAttribute::LinkInfo(infos) => infos.into_iter().find_map(|i| match i {
+                LinkInfo::Kind(k) => Some(k.to_string()),
+                _ => None,
+            }),
+            _ => None,
+        });
+        Ok((kind, ethernet))
+    }
+
+    /// Once, before the first device: the uplinks forward and proxy, and the rule that
+    /// keeps host routes ahead of persona gateways goes in.
+    fn set_up(&self) -> Result<()> {
+        if self.set_up.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        {
+            let mut settings = self.settings();
+            for (name, _) in &self.uplinks {
+                forward_through(&mut settings, name)?;
+                // Forwarding would stop the uplink learning its routes from router
+                // advertisements; 2 accepts them on a forwarding interface.
+                let accept_ra = format!("net/ipv6/conf/{name}/accept_ra");
+                if sysctl::read(&accept_ra).as_deref() == Some("1") {
+                    settings.set(&accept_ra, "2")?;
+                }
+            }
         }
         for v6 in [false, true] {
-            host.rule(v6, None, RULE_MAIN_SPECIFIC, true)?;
+            self.rule(v6, None, RULE_MAIN_SPECIFIC, true)?;
         }
-        Ok(host)
+        self.set_up.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The address's rule and table go, and its tunnel with them (the kernel drops the
@@ -154,7 +234,14 @@ impl Host {
     fn unsteer(&self, addr: IpAddr) -> Result<()> {
         self.rule(addr.is_ipv6(), Some(addr), RULE_PERSONA, false)?;
         self.default_route(addr, None)?;
-        crate::tunnel::down(&tunnel_name(addr))
+        self.tunnel_down(addr)
+    }
+
+    /// The tunnel goes, and what was set for it is forgotten with it.
+    fn tunnel_down(&self, addr: IpAddr) -> Result<()> {
+        let name = tunnel_name(addr);
+        crate::tunnel::down(&name)?;
+        self.settings().restore(|k| sysctl::of_interface(k, &name))
     }
 
     /// `net dev TUNNEL` in the address's table.
@@ -372,6 +459,17 @@ fn tunnelled(persona: &CompiledPersona, addr: IpAddr) -> Vec<IpNet> {
 /// proxies, policy rules and tunnels. [`Host`] does it through rtnetlink;
 /// [`fake::FakeWiring`] records it for unit tests.
 pub trait Wiring: Send {
+    /// Refuses an interface that must not be a device.
+    fn admit(&self, _interface: &str) -> Result<()> {
+        Ok(())
+    }
+    /// Makes the device's tap when persona is to make it and it is not there.
+    fn make_tap(&self, _name: &str, _spec: &TapSpec) -> Result<()> {
+        Ok(())
+    }
+    fn remove_tap(&self, _name: &str, _spec: &TapSpec) -> Result<()> {
+        Ok(())
+    }
     /// The VM finds its gateway through the tap.
     fn prepare_device(&self, ifindex: u32, device: &DeviceSpec) -> Result<()>;
     fn release_device(&self, ifindex: u32, gateways: &[IpAddr]) -> Result<()>;
@@ -391,20 +489,43 @@ pub trait Wiring: Send {
     fn untunnel(&self, addrs: &[IpAddr]) -> Result<()>;
     /// The persona addresses routed to the device now.
     fn routed(&self, ifindex: u32) -> Result<Vec<IpAddr>>;
+    /// After the last device: what was changed on the host for devices is put back.
+    fn put_back(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl Wiring for Host {
+    fn admit(&self, interface: &str) -> Result<()> {
+        Host::admit(self, interface)
+    }
+
+    fn make_tap(&self, name: &str, spec: &TapSpec) -> Result<()> {
+        if tap::create(name, spec)? {
+            tracing::info!(tap = name, "made the device's tap");
+        }
+        Ok(())
+    }
+
+    fn remove_tap(&self, name: &str, spec: &TapSpec) -> Result<()> {
+        tap::delete(name, spec)
+    }
+
     /// The VM resolves its gateway through the tap: proxy ARP answers for any address
     /// the host routes elsewhere; IPv6 needs an explicit proxy entry.
     fn prepare_device(&self, ifindex: u32, device: &DeviceSpec) -> Result<()> {
         let name = ifname(ifindex)?;
-        sysctl(&format!("/proc/sys/net/ipv4/conf/{name}/proxy_arp"), "1")?;
-        answer_proxied_at_once(&name)?;
-        // The tap's own address is the persona's from the host's point of view, reached by
-        // route; reverse-path filtering must not refuse the translated source.
-        sysctl(&format!("/proc/sys/net/ipv4/conf/{name}/rp_filter"), "0")?;
+        self.set_up()?;
+        {
+            let mut settings = self.settings();
+            forward_through(&mut settings, &name)?;
+            settings.set(&format!("net/ipv4/conf/{name}/proxy_arp"), "1")?;
+            // The tap's own address is the persona's from the host's point of view,
+            // reached by route; reverse-path filtering must not refuse the translated
+            // source.
+            settings.set(&format!("net/ipv4/conf/{name}/rp_filter"), "0")?;
+        }
         if let Some(gw) = device.gateway_v6 {
-            sysctl(&format!("/proc/sys/net/ipv6/conf/{name}/proxy_ndp"), "1")?;
             self.proxy(ifindex, IpAddr::V6(gw), true)?;
         }
         if let Some(gw) = device.gateway_v4 {
@@ -413,11 +534,24 @@ impl Wiring for Host {
         Ok(())
     }
 
+    /// What was set for the tap goes back (when the tap is gone, it went with it).
     fn release_device(&self, ifindex: u32, gateways: &[IpAddr]) -> Result<()> {
         for &gw in gateways {
             self.proxy(ifindex, gw, false)?;
         }
+        if let Ok(name) = ifname(ifindex) {
+            self.settings()
+                .restore(|k| sysctl::of_interface(k, &name))?;
+        }
         Ok(())
+    }
+
+    fn put_back(&self) -> Result<()> {
+        for v6 in [false, true] {
+            self.rule(v6, None, RULE_MAIN_SPECIFIC, false)?;
+        }
+        self.set_up.store(false, Ordering::Relaxed);
+        self.settings().restore(|_| true)
     }
 
     /// Before a flip: the persona's addresses route to the tap, via the VM's own address
@@ -482,6 +616,8 @@ impl Wiring for Host {
                 made.push(addr);
             }
             let tunnel = crate::tunnel::up(&name, vpn)?;
+            // What comes back out of the tunnel is forwarded to the VM.
+            forward_through(&mut self.settings(), &name)?;
             for net in nets {
                 self.tunnel_route(addr, net, tunnel)?;
             }
@@ -491,7 +627,7 @@ impl Wiring for Host {
 
     fn untunnel(&self, addrs: &[IpAddr]) -> Result<()> {
         for &addr in addrs {
-            crate::tunnel::down(&tunnel_name(addr))?;
+            self.tunnel_down(addr)?;
         }
         Ok(())
     }
@@ -540,98 +676,10 @@ impl Wiring for Host {
     }
 }
 
-pub mod fake {
-    //! Host wiring as a record, for unit tests of the shift transaction.
-    use std::{
-        collections::BTreeSet,
-        net::IpAddr,
-        sync::{Arc, Mutex},
-    };
-
-    use super::Wiring;
-    use crate::{
-        datapath::{CompiledPersona, DatapathError, Result},
-        model::DeviceSpec,
-    };
-
-    #[derive(Debug, Default, Clone, PartialEq, Eq)]
-    pub struct Wired {
-        pub routes: BTreeSet<(u32, IpAddr)>,
-        pub tunnels: BTreeSet<IpAddr>,
-        pub prepared: BTreeSet<u32>,
-    }
-
-    /// Shares its record with the test through `state`; `fail_announce` makes the
-    /// next announcement fail after wiring its first address.
-    #[derive(Default, Clone)]
-    pub struct FakeWiring {
-        pub state: Arc<Mutex<Wired>>,
-        pub fail_announce: Arc<Mutex<bool>>,
-    }
-
-    impl Wiring for FakeWiring {
-        fn prepare_device(&self, ifindex: u32, _device: &DeviceSpec) -> Result<()> {
-            self.state.lock().unwrap().prepared.insert(ifindex);
-            Ok(())
-        }
-
-        fn release_device(&self, ifindex: u32, _gateways: &[IpAddr]) -> Result<()> {
-            self.state.lock().unwrap().prepared.remove(&ifindex);
-            Ok(())
-        }
-
-        fn announce(
-            &self,
-            ifindex: u32,
-            addrs: &[IpAddr],
-            _inner: &[IpAddr],
-            _persona: &CompiledPersona,
-        ) -> Result<()> {
-            let mut state = self.state.lock().unwrap();
-            for (i, &a) in addrs.iter().enumerate() {
-                if i > 0 && std::mem::take(&mut *self.fail_announce.lock().unwrap()) {
-                    return Err(DatapathError::Host(format!("adding route {a}: injected")));
-                }
-                state.routes.insert((ifindex, a));
-            }
-            Ok(())
-        }
-
-        fn withdraw(&self, ifindex: u32, addrs: &[IpAddr]) -> Result<()> {
-            let mut state = self.state.lock().unwrap();
-            for a in addrs {
-                state.routes.remove(&(ifindex, *a));
-                state.tunnels.remove(a);
-            }
-            Ok(())
-        }
-
-        fn tunnel(&self, addrs: &[IpAddr], persona: &CompiledPersona) -> Result<Vec<IpAddr>> {
-            let mut state = self.state.lock().unwrap();
-            Ok(addrs
-                .iter()
-                .filter(|_| persona.vpn.is_some())
-                .filter(|a| state.tunnels.insert(**a))
-                .copied()
-                .collect())
-        }
-
-        fn untunnel(&self, addrs: &[IpAddr]) -> Result<()> {
-            let mut state = self.state.lock().unwrap();
-            for a in addrs {
-                state.tunnels.remove(a);
-            }
-            Ok(())
-        }
-
-        fn routed(&self, ifindex: u32) -> Result<Vec<IpAddr>> {
-            let state = self.state.lock().unwrap();
-            Ok(state
-                .routes
-                .iter()
-                .filter(|(i, _)| *i == ifindex)
-                .map(|(_, a)| *a)
-                .collect())
-        }
-    }
+fn refused(interface: &str, why: &str) -> DatapathError {
+    DatapathError::Refused(format!("interface {interface:?}: {why}"))
 }
+
+pub mod fake;
+pub mod sysctl;
+pub mod tap;

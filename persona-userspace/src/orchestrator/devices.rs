@@ -1,0 +1,316 @@
+//! A device's life on the host: attached when its interface is there, detached (every
+//! trace of it) when the interface or the device goes, and left waiting, not failing,
+//! while its interface is missing.
+use std::{net::IpAddr, sync::Arc};
+
+use serde_json::json;
+use tracing::warn;
+
+use super::{Orchestrator, ShiftError};
+use crate::{
+    datapath::DatapathError,
+    model::{DeviceSpec, FieldError},
+    store::{EventBody, Kind},
+};
+
+impl Orchestrator {
+    /// Attaches every stored device whose interface is there and gives it the persona
+    /// the store says, after detaching what earlier runs left of interfaces that went.
+    /// A device that fails is reported and does not hold up the others.
+    pub async fn reconcile(self: &Arc<Self>) -> Result<(), ShiftError> {
+        for ifindex in self.prune().await? {
+            warn!(
+                ifindex,
+                "detached what an earlier run left of a vanished interface"
+            );
+        }
+        for d in self.store.list(Kind::Device)? {
+            let _ = self.settle_reported(&d.name, "daemon:reconcile").await;
+        }
+        Ok(())
+    }
+
+    /// [`settle`](Self::settle), with a failure kept for status and metrics and
+    /// recorded in the audit log; a success clears it.
+    pub async fn settle_reported(
+        self: &Arc<Self>,
+        name: &str,
+        actor: &str,
+    ) -> Result<(), ShiftError> {
+        let result = self.settle(name, actor).await;
+        let failure = result.as_ref().err().map(|e| e.to_string());
+        let changed = {
+            let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+            match &failure {
+                Some(why) => failing.insert(name.to_owned(), why.clone()).as_ref() != Some(why),
+                None => failing.remove(name).is_some(),
+            }
+        };
+        if let Some(why) = &failure {
+            warn!(device = %name, error = %why, "device not settled");
+        }
+        if changed {
+            self.record(EventBody {
+                kind: "attach".into(),
+                actor: actor.into(),
+                device: Some(name.to_owned()),
+                from: None,
+                to: None,
+                generation: None,
+                result: if failure.is_some() { "failed" } else { "ok" }.into(),
+                duration_us: None,
+                detail: failure.map_or(serde_json::Value::Null, |why| json!({ "error": why })),
+            })?;
+        }
+        result
+    }
+
+    /// Why the device could not be attached or given its persona, if it could not.
+    pub fn failure(&self, name: &str) -> Option<String> {
+        self.failing.lock().ok()?.get(name).cloned()
+    }
+
+    /// Attaches a stored device when its interface is there and runs the persona the
+    /// store says (its starting persona on first sight), withdrawing what a shift cut
+    /// short left wired. A device whose interface is missing waits for it.
+    pub async fn settle(self: &Arc<Self>, name: &str, actor: &str) -> Result<(), ShiftError> {
+        let Some(record) = self.store.get(Kind::Device, name)? else {
+            return Ok(());
+        };
+        let spec: DeviceSpec = super::parse(&record)?;
+        let Some(ifindex) = self.attach(&spec).await? else {
+            return Ok(());
+        };
+        let stray = self.repair(ifindex).await?;
+        if !stray.is_empty() {
+            warn!(device = %name, ?stray, "withdrew addresses a cut-short shift left wired");
+        }
+        let active = self
+            .datapath
+            .call(move |dp| dp.active(ifindex))
+            .await
+            .map_err(|e| ShiftError::Failed(e.to_string()))?;
+        let want = match self.store.device_state(name)? {
+            Some(s) if active.is_some_and(|a| a.generation == s.generation) => None,
+            Some(s) => Some(s.persona),
+            None => spec.persona.clone(),
+        };
+        if let Some(p) = want {
+            self.shift(name, &p, actor, false, None).await?;
+        }
+        Ok(())
+    }
+
+    /// Refuses a device on an interface that must not carry the programs (an uplink,
+    /// anything but a tap or a veth).
+    pub async fn admit(&self, spec: &DeviceSpec) -> Result<(), ShiftError> {
+        let interface = spec.interface.clone();
+        self.datapath
+            .on_node(move |n| n.wiring.admit(&interface))
+            .await
+            .and_then(|r| r)
+            .map_err(|e| match e {
+                DatapathError::Refused(why) => FieldError::new("spec.interface", why).into(),
+                e => ShiftError::Failed(e.to_string()),
+            })
+    }
+
+    /// Attaches a stored device (idempotently) and returns its ifindex; `None` when its
+    /// interface is not there (yet).
+    pub async fn attach(&self, spec: &DeviceSpec) -> Result<Option<u32>, ShiftError> {
+        let _guard = self.lock.lock().await;
+        let device = spec.clone();
+        let ifindex = match self
+            .datapath
+            .on_node(move |n| n.attach(&device))
+            .await
+            .and_then(|r| r)
+        {
+            Ok(i) => i,
+            Err(DatapathError::NoSuchInterface(_)) => return Ok(None),
+            Err(DatapathError::Refused(why)) => {
+                return Err(FieldError::new("spec.interface", why).into());
+            }
+            Err(e) => return Err(ShiftError::Failed(e.to_string())),
+        };
+        if let Ok(mut m) = self.interfaces.lock() {
+            m.retain(|_, name| *name != spec.interface);
+            m.insert(ifindex, spec.interface.clone());
+        }
+        Ok(Some(ifindex))
+    }
+
+    /// Detaches what the maps hold of interfaces that are gone, or that no stored
+    /// device is on (left by a run that stopped before it could clean up): their
+    /// programs, tables, routes, proxies and tunnels. Returns the ifindexes.
+    pub async fn prune(&self) -> Result<Vec<u32>, ShiftError> {
+        let mut wanted = std::collections::HashSet::new();
+        for d in self.store.list(Kind::Device)? {
+            if let Ok(spec) = serde_json::from_value::<DeviceSpec>(d.spec)
+                && let Ok(i) = crate::datapath::ifindex(&spec.interface)
+            {
+                wanted.insert(i);
+            }
+        }
+        let _guard = self.lock.lock().await;
+        let attached = self
+            .datapath
+            .call(|dp| dp.attached())
+            .await
+            .map_err(|e| ShiftError::Failed(e.to_string()))?;
+        let mut pruned = Vec::new();
+        for ifindex in attached.into_iter().filter(|i| !wanted.contains(i)) {
+            self.detach_at(ifindex).await?;
+            pruned.push(ifindex);
+        }
+        Ok(pruned)
+    }
+
+    /// A deleted device: detached, and its tap deleted when persona made it.
+    pub async fn remove(&self, spec: &DeviceSpec) -> Result<(), ShiftError> {
+        self.detach(spec).await?;
+        let Some(tap) = spec.tap.clone() else {
+            return Ok(());
+        };
+        let name = spec.interface.clone();
+        self.datapath
+            .on_node(move |n| n.wiring.remove_tap(&name, &tap))
+            .await
+            .and_then(|r| r)
+            .map_err(|e| ShiftError::Failed(e.to_string()))
+    }
+
+    /// Detaches the device from the ifindex it was attached at, whether or not its
+    /// interface is still there.
+    pub async fn detach(&self, spec: &DeviceSpec) -> Result<(), ShiftError> {
+        let _guard = self.lock.lock().await;
+        let ifindex = match self.interface_of(&spec.interface) {
+            Some(i) => i,
+            None => match crate::datapath::ifindex(&spec.interface) {
+                Ok(i) => i,
+                // Gone, and its wiring with it when it went.
+                Err(_) => return Ok(()),
+            },
+        };
+        self.detach_at(ifindex).await
+    }
+
+    /// Detaches whatever is at `ifindex` (nothing is success); the caller holds the
+    /// lock.
+    async fn detach_at(&self, ifindex: u32) -> Result<(), ShiftError> {
+        match self
+            .datapath
+            .on_node(move |n| n.detach(ifindex))
+            .await
+            .and_then(|r| r)
+        {
+            Ok(()) | Err(DatapathError::NotAttached(_)) => {}
+            Err(e) => return Err(ShiftError::Failed(e.to_string())),
+        }
+        if let Ok(mut m) = self.interfaces.lock() {
+            m.remove(&ifindex);
+        }
+        Ok(())
+    }
+
+    /// The stored device on `interface`, if any.
+    pub fn device_on(&self, interface: &str) -> Result<Option<String>, ShiftError> {
+        Ok(self.store.list(Kind::Device)?.into_iter().find_map(|d| {
+            let spec: DeviceSpec = serde_json::from_value(d.spec).ok()?;
+            (spec.interface == interface).then_some(d.name)
+        }))
+    }
+
+    /// A tap named unlike any device's interface whose MAC says it is a device's VM
+    /// (libvirt names its taps vnetN, a new one each start): the device follows it, its
+    /// stored interface renamed, when its old one is gone. Returns the device.
+    pub fn follow_mac(&self, interface: &str, mac: [u8; 6]) -> Result<Option<String>, ShiftError> {
+        for d in self.store.list(Kind::Device)? {
+            let Ok(mut spec) = serde_json::from_value::<DeviceSpec>(d.spec.clone()) else {
+                continue;
+            };
+            if spec.libvirt_tap_mac() != Some(mac)
+                || spec.interface == interface
+                || crate::datapath::ifindex(&spec.interface).is_ok()
+            {
+                continue;
+            }
+            let from = std::mem::replace(&mut spec.interface, interface.to_owned());
+            let value =
+                serde_json::to_value(&spec).map_err(|e| ShiftError::Failed(e.to_string()))?;
+            self.store.put(
+                Kind::Device,
+                &d.name,
+                value,
+                crate::store::Expect::Version(d.version),
+            )?;
+            self.record(EventBody {
+                kind: "interface".into(),
+                actor: "daemon:links".into(),
+                device: Some(d.name.clone()),
+                from: Some(from.clone()),
+                to: Some(interface.to_owned()),
+                generation: None,
+                result: "moved".into(),
+                duration_us: None,
+                detail: json!({ "from": from, "to": interface, "why": "the tap's MAC is the VM's" }),
+            })?;
+            return Ok(Some(d.name));
+        }
+        Ok(None)
+    }
+
+    /// The ifindex the device on `interface` is attached at, if it is.
+    pub fn interface_of(&self, interface: &str) -> Option<u32> {
+        let m = self.interfaces.lock().ok()?;
+        m.iter().find(|(_, n)| **n == interface).map(|(i, _)| *i)
+    }
+
+    pub fn is_attached(&self, ifindex: u32) -> bool {
+        self.interfaces
+            .lock()
+            .is_ok_and(|m| m.contains_key(&ifindex))
+    }
+
+    /// A device's interface went away (its VM stopped): the wiring of its old ifindex
+    /// goes, programs, maps and host alike; the device and its state stay stored, to be
+    /// attached again when the interface comes back. Returns the device's name.
+    pub async fn interface_gone(&self, ifindex: u32) -> Result<Option<String>, ShiftError> {
+        let Some(interface) = self
+            .interfaces
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&ifindex).cloned())
+        else {
+            return Ok(None);
+        };
+        {
+            let _guard = self.lock.lock().await;
+            self.detach_at(ifindex).await?;
+        }
+        let device = self.device_on(&interface)?;
+        self.record(EventBody {
+            kind: "interface".into(),
+            actor: "daemon:links".into(),
+            device: device.clone(),
+            from: None,
+            to: None,
+            generation: None,
+            result: "gone".into(),
+            duration_us: None,
+            detail: json!({ "interface": interface, "ifindex": ifindex }),
+        })?;
+        Ok(device)
+    }
+
+    /// Withdraws what the host routes to the device beyond what its state calls for
+    /// (left by a shift a crash cut short); returns those addresses.
+    pub async fn repair(&self, ifindex: u32) -> Result<Vec<IpAddr>, ShiftError> {
+        let _guard = self.lock.lock().await;
+        self.datapath
+            .on_node(move |n| n.repair(ifindex))
+            .await
+            .and_then(|r| r)
+            .map_err(|e| ShiftError::Failed(e.to_string()))
+    }
+}

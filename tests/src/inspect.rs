@@ -1,0 +1,88 @@
+//! What the datapath and the host hold, as an operator would look: the pinned maps as
+//! bpftool dumps them, routes, rules, neighbour proxies, links, pins and the kernel
+//! settings persona touches. Two snapshots compare equal when nothing changed.
+use serde_json::Value;
+
+use crate::{lab::Lab, netns::sh};
+
+/// `bpftool map dump` of a pinned map as (key, value) pairs, values left out for
+/// maps that traffic keeps changing.
+pub fn dump(lab: &Lab, map: &str, values: bool) -> Vec<String> {
+    let path = lab.pin_dir.join(map);
+    // Not through `ip netns exec`, which remounts /sys and hides the pins.
+    let out = sh(&format!("bpftool -j map dump pinned {}", path.display()));
+    let entries: Vec<Value> = serde_json::from_str(&out).expect("bpftool's JSON");
+    let mut rows: Vec<String> = entries
+        .iter()
+        .filter(|e| values || e.get("key").is_some())
+        .map(|e| {
+            if values {
+                e.to_string()
+            } else {
+                e["key"].to_string()
+            }
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// PERSONAS without slot 0, whose generation counter only ever grows, and without
+/// the slots that hold nothing.
+fn tables(lab: &Lab) -> Vec<String> {
+    let zero = |v: &Value| {
+        v.as_array()
+            .is_some_and(|b| b.iter().all(|x| x.as_str() == Some("0x00")))
+    };
+    let path = lab.pin_dir.join("PERSONAS");
+    let out = sh(&format!("bpftool -j map dump pinned {}", path.display()));
+    let entries: Vec<Value> = serde_json::from_str(&out).expect("bpftool's JSON");
+    entries
+        .iter()
+        .filter(|e| !zero(&e["value"]) && !zero(&e["key"]))
+        .map(|e| e.to_string())
+        .collect()
+}
+
+pub fn snapshot(lab: &Lab) -> Vec<(String, Vec<String>)> {
+    let mut out = vec![
+        ("ACTIVE".into(), dump(lab, "ACTIVE", true)),
+        ("DEVICES".into(), dump(lab, "DEVICES", true)),
+        ("HOST_WIRING".into(), dump(lab, "HOST_WIRING", true)),
+        ("DRAINS".into(), dump(lab, "DRAINS", true)),
+        ("FLOW_BUDGET".into(), dump(lab, "FLOW_BUDGET", false)),
+        ("FW_V4".into(), dump(lab, "FW_V4", true)),
+        ("FW_V6".into(), dump(lab, "FW_V6", true)),
+        ("COUNTERS".into(), dump(lab, "COUNTERS", false)),
+        ("PERSONAS".into(), tables(lab)),
+    ];
+    for (what, cmd) in [
+        (
+            "routes",
+            "ip -4 route show table all; ip -6 route show table all",
+        ),
+        ("rules", "ip rule show; ip -6 rule show"),
+        ("proxies", "ip neigh show proxy"),
+        ("links", "ip -o link show | awk '{print $2}'"),
+        (
+            "settings",
+            "sysctl -a 2>/dev/null | grep -E 'forwarding|proxy_arp|proxy_ndp|proxy_delay|rp_filter|accept_ra ' | grep -v -E '\\.(default|lo)\\.'",
+        ),
+    ] {
+        // The kernel's own routes (link-local addresses appear when they like) are not
+        // the shift's.
+        let mut lines: Vec<String> = lab
+            .host
+            .exec(cmd)
+            .lines()
+            .filter(|l| !l.contains("proto kernel"))
+            .map(str::to_owned)
+            .collect();
+        lines.sort();
+        lines.dedup();
+        out.push((what.into(), lines));
+    }
+    let pins = sh(&format!("find {} | sort", lab.pin_dir.display()));
+    out.push(("pins".into(), pins.lines().map(str::to_owned).collect()));
+    out
+}
