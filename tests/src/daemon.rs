@@ -215,6 +215,9 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.data_dir);
+        // A failing test's daemon log stays for reading.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
     }
 }

@@ -256,12 +256,19 @@ impl Lab {
     }
 
     pub fn relink(&self) {
+        self.relink_as(VM_IFACE, None);
+    }
+
+    /// The VM back on a host interface of another name (libvirt's vnetN), with the
+    /// host side's MAC given.
+    pub fn relink_as(&self, interface: &str, mac: Option<&str>) {
         let (h, v) = (&self.host.name, &self.vm.name);
+        let address = mac.map(|m| format!(" address {m}")).unwrap_or_default();
         sh(&format!(
-            "ip link add {VM_IFACE} netns {h} type veth peer name eth0 netns {v}"
+            "ip link add {interface}{address} netns {h} type veth peer name eth0 netns {v}"
         ));
         self.vm.exec(VM_CONFIG);
-        self.host.exec(&format!("ip link set {VM_IFACE} up"));
+        self.host.exec(&format!("ip link set {interface} up"));
     }
 
     pub fn new(link: VmLink) -> Self {

@@ -197,3 +197,36 @@ fn interfaces_that_must_not_carry_a_device_are_refused() {
         assert_eq!(was, is, "{what} after refused devices");
     }
 }
+
+#[test]
+fn a_device_follows_its_vm_to_a_tap_of_another_name_by_mac() {
+    let lab = Lab::new(VmLink::Veth);
+    let d = Daemon::start(&lab);
+    d.cli_ok("apply -f examples/personas.yaml");
+    d.cli_ok("apply -f examples/devices.yaml");
+    lab.unlink();
+    wait_until("vm1's interface is gone", || {
+        d.admin(Method::GET, "/status/vm1", None).1["up"] == false
+    });
+    // libvirt's tap for the guest 52:54:00:00:00:02, under a name of its choosing.
+    lab.relink_as("vnet7", Some("fe:54:00:00:00:02"));
+    wait_until("vm1 is seen as office on vnet7", || {
+        lab.seen_from_outside().as_deref() == Some(OFFICE)
+    });
+    let (_, status) = d.admin(Method::GET, "/status/vm1", None);
+    assert_eq!(status["interface"], "vnet7", "{status}");
+    assert_eq!(status["up"], true, "{status}");
+    let events = d.cli_ok("events -o json");
+    assert!(
+        events
+            .lines()
+            .any(|l| l.contains("\"moved\"") && l.contains("vnet7")),
+        "{events}"
+    );
+    // A tap whose MAC is no device's VM is left alone.
+    lab.host
+        .exec("ip link add vnet8 address fe:54:00:00:00:99 type veth peer name vnet8p && ip link set vnet8 up");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let devices = d.admin(Method::GET, "/devices", None).1.to_string();
+    assert!(!devices.contains("vnet8"), "{devices}");
+}

@@ -75,6 +75,8 @@ const APT_PACKAGES: &[&str] = &[
     // `persona top` is checked in a real terminal.
     "tmux",
     "curl",
+    // systemd-analyze checks the unit file; dpkg installs the package in its test.
+    "systemd",
     // Real guests: QEMU, and the userland of their initramfs.
     "qemu-system-x86",
     "busybox-static",

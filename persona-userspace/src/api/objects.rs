@@ -388,11 +388,10 @@ async fn delete(
             }
             let device: DeviceSpec = serde_json::from_value(r.spec.clone())
                 .map_err(|e| ApiError::internal(e.to_string()))?;
-            // A device whose detach failed stays, to be deleted again: its record says
-            // what is left to remove.
-            state.orchestrator.remove(&device).await?;
-            store.set_device_state(&id, None)?;
-            store.delete(kind, &id, expect)?;
+            state
+                .orchestrator
+                .delete_device(&id, &device, expect)
+                .await?;
         }
     }
     state.orchestrator.record(event(

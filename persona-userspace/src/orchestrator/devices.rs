@@ -74,13 +74,19 @@ impl Orchestrator {
     /// store says (its starting persona on first sight), withdrawing what a shift cut
     /// short left wired. A device whose interface is missing waits for it.
     pub async fn settle(self: &Arc<Self>, name: &str, actor: &str) -> Result<(), ShiftError> {
-        let Some(record) = self.store.get(Kind::Device, name)? else {
-            return Ok(());
+        let ifindex = {
+            // Read under the lock: a device deleted meanwhile is not attached again.
+            let _guard = self.lock.lock().await;
+            let Some(record) = self.store.get(Kind::Device, name)? else {
+                return Ok(());
+            };
+            let spec: DeviceSpec = super::parse(&record)?;
+            match self.attach_locked(&spec).await? {
+                Some(i) => (i, spec),
+                None => return Ok(()),
+            }
         };
-        let spec: DeviceSpec = super::parse(&record)?;
-        let Some(ifindex) = self.attach(&spec).await? else {
-            return Ok(());
-        };
+        let (ifindex, spec) = ifindex;
         let stray = self.repair(ifindex).await?;
         if !stray.is_empty() {
             warn!(device = %name, ?stray, "withdrew addresses a cut-short shift left wired");
@@ -119,6 +125,10 @@ impl Orchestrator {
     /// interface is not there (yet).
     pub async fn attach(&self, spec: &DeviceSpec) -> Result<Option<u32>, ShiftError> {
         let _guard = self.lock.lock().await;
+        self.attach_locked(spec).await
+    }
+
+    async fn attach_locked(&self, spec: &DeviceSpec) -> Result<Option<u32>, ShiftError> {
         let device = spec.clone();
         let ifindex = match self
             .datapath
@@ -166,9 +176,34 @@ impl Orchestrator {
         Ok(pruned)
     }
 
-    /// A deleted device: detached, and its tap deleted when persona made it.
+    /// A device taken off the host: detached, and its tap deleted when persona made it.
     pub async fn remove(&self, spec: &DeviceSpec) -> Result<(), ShiftError> {
-        self.detach(spec).await?;
+        let _guard = self.lock.lock().await;
+        self.remove_locked(spec).await
+    }
+
+    /// Deletes a stored device and every trace of it. Nothing attaches it meanwhile: a
+    /// settle that raced the delete finds it gone.
+    pub async fn delete_device(
+        &self,
+        name: &str,
+        spec: &DeviceSpec,
+        expect: crate::store::Expect,
+    ) -> Result<(), ShiftError> {
+        let _guard = self.lock.lock().await;
+        // A device whose removal failed stays, to be deleted again: its record says
+        // what is left.
+        self.remove_locked(spec).await?;
+        self.store.set_device_state(name, None)?;
+        self.store.delete(Kind::Device, name, expect)?;
+        if let Ok(mut failing) = self.failing.lock() {
+            failing.remove(name);
+        }
+        Ok(())
+    }
+
+    async fn remove_locked(&self, spec: &DeviceSpec) -> Result<(), ShiftError> {
+        self.detach_locked(spec).await?;
         let Some(tap) = spec.tap.clone() else {
             return Ok(());
         };
@@ -184,6 +219,10 @@ impl Orchestrator {
     /// interface is still there.
     pub async fn detach(&self, spec: &DeviceSpec) -> Result<(), ShiftError> {
         let _guard = self.lock.lock().await;
+        self.detach_locked(spec).await
+    }
+
+    async fn detach_locked(&self, spec: &DeviceSpec) -> Result<(), ShiftError> {
         let ifindex = match self.interface_of(&spec.interface) {
             Some(i) => i,
             None => match crate::datapath::ifindex(&spec.interface) {
