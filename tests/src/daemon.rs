@@ -11,6 +11,9 @@ use serde_json::Value;
 
 use crate::lab::{Site, UPLINK, persona_args, persona_bin, stdout_of_success};
 
+/// A device spec's last line that has persona make its tap.
+pub const TAP: &str = "  tap: { multiQueue: true }\n";
+
 pub struct Daemon {
     child: Child,
     pub data_dir: PathBuf,
@@ -177,6 +180,13 @@ impl Daemon {
             .expect("curl");
         assert!(out.status.success());
         String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// `persona apply` of manifests given as text.
+    pub fn apply_yaml(&self, yaml: &str) -> String {
+        let path = self.data_dir.join("applied.yaml");
+        std::fs::write(&path, yaml).expect("writing the manifests");
+        self.cli_ok(&format!("apply -f {}", path.display()))
     }
 
     pub fn cli_ok(&self, args: &str) -> String {

@@ -3,7 +3,7 @@
 //! each time, and a capture on the uplink for the whole run never shows its own address.
 use persona_tests::{
     capture::Capture,
-    daemon::Daemon,
+    daemon::{Daemon, TAP},
     guest::{Guest, GuestSpec, Vm},
     lab::{Site, UPLINK, VM_IFACE},
 };
@@ -18,20 +18,7 @@ fn vm1(tap: bool) -> String {
     ))
     .expect("the example devices");
     let vm1 = examples.split("---").next().expect("vm1 first").trim_end();
-    format!(
-        "{vm1}\n{}",
-        if tap {
-            "  tap: { multiQueue: true }\n"
-        } else {
-            ""
-        }
-    )
-}
-
-fn apply(d: &Daemon, site: &Site, yaml: &str) {
-    let path = std::env::temp_dir().join(format!("persona-restarts-{}.yaml", site.host.name));
-    std::fs::write(&path, yaml).unwrap();
-    d.cli_ok(&format!("apply -f {}", path.display()));
+    format!("{vm1}\n{}", if tap { TAP } else { "" })
 }
 
 #[test]
@@ -42,7 +29,7 @@ fn a_restarted_guest_gets_its_persona_back_and_never_leaks_its_address() {
     let inner = Capture::start(&site.host.name, UPLINK, "net 198.18.0.0/15");
     let spec = GuestSpec::example("vm1", VM_IFACE, 2);
 
-    apply(&d, &site, &vm1(true));
+    d.apply_yaml(&vm1(true));
     for boot in ["on the tap persona made", "again on the same tap"] {
         let mut vm = Guest::boot(&site.host.name, &spec);
         assert_eq!(vm.identity(&site), OFFICE, "{boot}");
@@ -54,7 +41,7 @@ fn a_restarted_guest_gets_its_persona_back_and_never_leaks_its_address() {
 
     // A tap made elsewhere (here by the test, as a hypervisor's own scripts would).
     d.cli_ok("delete device vm1");
-    apply(&d, &site, &vm1(false));
+    d.apply_yaml(&vm1(false));
     let mut vm = Guest::boot(&site.host.name, &spec);
     assert_eq!(vm.identity(&site), OFFICE, "on a tap persona did not make");
     drop(vm);

@@ -7,7 +7,11 @@ use std::{
     process::{Output, Stdio},
 };
 
-use persona_tests::{daemon::Daemon, lab::Site, netns::try_sh};
+use persona_tests::{
+    daemon::{Daemon, TAP},
+    lab::Site,
+    netns::try_sh,
+};
 use serde_json::Value;
 
 const MADE: &str = "pt-made1";
@@ -15,18 +19,8 @@ const MADE: &str = "pt-made1";
 fn device_yaml(name: &str, interface: &str, tap: bool) -> String {
     format!(
         "apiVersion: persona.dev/v1\nkind: Device\nmetadata:\n  name: {name}\nspec:\n  interface: {interface}\n  innerV4: 198.18.0.9\n  mac: \"52:54:00:12:34:56\"\n  gatewayV4: 198.18.0.1\n  persona: office\n{}",
-        if tap {
-            "  tap: { multiQueue: true }\n"
-        } else {
-            ""
-        }
+        if tap { TAP } else { "" }
     )
-}
-
-fn apply(d: &Daemon, site: &Site, yaml: &str) {
-    let path = std::env::temp_dir().join(format!("persona-taps-{}.yaml", site.host.name));
-    std::fs::write(&path, yaml).unwrap();
-    d.cli_ok(&format!("apply -f {}", path.display()));
 }
 
 /// The programs running on an interface's tcx hooks, by the link pins the daemon keeps
@@ -52,7 +46,7 @@ fn a_tap_persona_makes_is_guarded_before_any_vm_opens_it_and_goes_with_its_devic
     let site = Site::new();
     let d = Daemon::start(&site);
     d.cli_ok("apply -f examples/personas.yaml");
-    apply(&d, &site, &device_yaml("vm9", MADE, true));
+    d.apply_yaml(&device_yaml("vm9", MADE, true));
 
     let details = site.host.exec(&format!("ip -d link show {MADE}"));
     for what in [
@@ -150,7 +144,7 @@ fn the_libvirt_hook_holds_a_domain_until_its_devices_are_guarded() {
     );
 
     // A device on the domain's tap, which is not there: the start fails, and says why.
-    apply(&d, &site, &device_yaml("vm9", "pt-lv1", false));
+    d.apply_yaml(&device_yaml("vm9", "pt-lv1", false));
     let out = hook(&site, &d, "start", "begin", &start);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -167,7 +161,7 @@ fn the_libvirt_hook_holds_a_domain_until_its_devices_are_guarded() {
     }
 
     // persona makes the tap: guarded at prepare already, before libvirt opens it.
-    apply(&d, &site, &device_yaml("vm9", "pt-lv1", true));
+    d.apply_yaml(&device_yaml("vm9", "pt-lv1", true));
     for (op, file) in [
         ("prepare", "premade/prepare-begin.xml"),
         ("start", "premade/start-begin.xml"),
