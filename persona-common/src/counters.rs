@@ -17,6 +17,18 @@ pub struct CounterKey {
 }
 const _: () = assert!(core::mem::size_of::<CounterKey>() == 12);
 
+impl CounterKey {
+    pub const fn new(ifindex: u32, persona: u32, direction: u8, reason: Reason) -> Self {
+        Self {
+            ifindex,
+            persona,
+            direction,
+            reason: reason as u8,
+            _pad: [0; 2],
+        }
+    }
+}
+
 /// The persona id of packets a device handled without an active persona.
 pub const NO_PERSONA: u32 = 0;
 

@@ -40,13 +40,7 @@ pub fn count(ifindex: u32, handled: Handled, direction: u8, wire: Wire) {
     } else {
         persona
     };
-    let key = CounterKey {
-        ifindex,
-        persona,
-        direction,
-        reason: reason as u8,
-        _pad: [0; 2],
-    };
+    let key = CounterKey::new(ifindex, persona, direction, reason);
     // Userspace creates a device's keys for a persona before shifting to it. Otherwise
     // the first packet creates it, and a CPU that loses that race adds to the winner's.
     for _ in 0..2 {

@@ -262,13 +262,22 @@ impl Lab {
     /// The VM back on a host interface of another name (libvirt's vnetN), with the
     /// host side's MAC given.
     pub fn relink_as(&self, interface: &str, mac: Option<&str>) {
+        self.relink_down_as(interface, mac);
+        self.host.exec(&format!("ip link set {interface} up"));
+    }
+
+    /// The VM's link made again with its host side still down.
+    pub fn relink_down(&self, interface: &str) {
+        self.relink_down_as(interface, None);
+    }
+
+    fn relink_down_as(&self, interface: &str, mac: Option<&str>) {
         let (h, v) = (&self.host.name, &self.vm.name);
         let address = mac.map(|m| format!(" address {m}")).unwrap_or_default();
         sh(&format!(
             "ip link add {interface}{address} netns {h} type veth peer name eth0 netns {v}"
         ));
         self.vm.exec(VM_CONFIG);
-        self.host.exec(&format!("ip link set {interface} up"));
     }
 
     pub fn new(link: VmLink) -> Self {

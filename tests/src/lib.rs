@@ -7,6 +7,7 @@ pub mod guest;
 pub mod harness;
 pub mod inspect;
 pub mod lab;
+pub mod libvirt;
 pub mod netns;
 pub mod sink;
 pub mod tap;

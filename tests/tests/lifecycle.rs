@@ -5,7 +5,7 @@
 use hyper::Method;
 use persona_tests::{
     capture::Capture,
-    daemon::Daemon,
+    daemon::{Daemon, metric_sum},
     inspect::snapshot,
     lab::{Lab, UPLINK, VM_IFACE, VmLink, wait_until},
 };
@@ -31,6 +31,18 @@ fn a_restarted_vm_gets_its_persona_back() {
     let before: u64 = d.admin(Method::GET, "/status/vm1", None).1["generation"]
         .as_u64()
         .expect("a generation");
+    // Telnet from outside is refused by office's default: counted before the restart
+    // only.
+    assert_eq!(lab.reach_vm(OFFICE, 23), None);
+    let refused = || {
+        metric_sum(
+            &d.metrics(),
+            "persona_device_packets_total",
+            &[("device", "vm1"), ("reason", "drop_default")],
+        )
+    };
+    let counted = refused();
+    assert!(counted > 0);
 
     lab.unlink();
     wait_until("office is withdrawn with the interface", || {
@@ -64,6 +76,11 @@ fn a_restarted_vm_gets_its_persona_back() {
     assert!(
         status["generation"].as_u64().unwrap() > before,
         "a new generation on the new interface: {status}"
+    );
+    assert_eq!(
+        refused(),
+        counted,
+        "the counters go on under the new ifindex"
     );
     // Inbound as office allows: ssh to the VM.
     assert_eq!(lab.reach_vm(OFFICE, 22).as_deref(), Some("ssh-ok"));

@@ -77,6 +77,9 @@ const APT_PACKAGES: &[&str] = &[
     "curl",
     // systemd-analyze checks the unit file; dpkg installs the package in its test.
     "systemd",
+    // A real libvirt runs domains with persona's hook.
+    "libvirt-daemon-system",
+    "libvirt-clients",
     // Real guests: QEMU, and the userland of their initramfs.
     "qemu-system-x86",
     "busybox-static",

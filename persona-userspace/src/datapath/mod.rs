@@ -218,6 +218,10 @@ pub trait Datapath {
     fn active(&self, ifindex: u32) -> Result<Option<ActiveState>>;
     /// The device's counters, by the id of the persona each packet was handled with.
     fn persona_counters(&self, ifindex: u32) -> Result<BTreeMap<u32, Counters>>;
+    /// Adds counts a device had under another ifindex to its counters here.
+    fn carry_counters(&mut self, _ifindex: u32, _carried: &BTreeMap<u32, Counters>) -> Result<()> {
+        Ok(())
+    }
     /// The device's counters, whatever the persona.
     fn counters(&self, ifindex: u32) -> Result<Counters> {
         let mut total = Counters::new();

@@ -81,10 +81,17 @@ impl Orchestrator {
                 return Ok(());
             };
             let spec: DeviceSpec = super::parse(&record)?;
-            match self.attach_locked(&spec).await? {
-                Some(i) => (i, spec),
-                None => return Ok(()),
+            let Some(i) = self.attach_locked(&spec).await? else {
+                return Ok(());
+            };
+            let carried = self.carried.lock().ok().and_then(|mut c| c.remove(name));
+            if let Some(counts) = carried {
+                self.datapath
+                    .call(move |dp| dp.carry_counters(i, &counts))
+                    .await
+                    .map_err(|e| ShiftError::Failed(e.to_string()))?;
             }
+            (i, spec)
         };
         let (ifindex, spec) = ifindex;
         let stray = self.repair(ifindex).await?;
@@ -323,11 +330,20 @@ impl Orchestrator {
         else {
             return Ok(None);
         };
+        let device = self.device_on(&interface)?;
         {
             let _guard = self.lock.lock().await;
+            // Its counts go with the device, to go on under the ifindex it comes back at.
+            let counts = self
+                .datapath
+                .call(move |dp| dp.persona_counters(ifindex))
+                .await
+                .map_err(|e| ShiftError::Failed(e.to_string()))?;
+            if let (Some(d), Ok(mut carried)) = (&device, self.carried.lock()) {
+                carried.insert(d.clone(), counts);
+            }
             self.detach_at(ifindex).await?;
         }
-        let device = self.device_on(&interface)?;
         self.record(EventBody {
             kind: "interface".into(),
             actor: "daemon:links".into(),

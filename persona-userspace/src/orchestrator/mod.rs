@@ -196,6 +196,10 @@ pub struct Orchestrator {
     interfaces: std::sync::Mutex<HashMap<u32, String>>,
     /// Devices that could not be attached or given their persona, with why.
     failing: std::sync::Mutex<HashMap<String, String>>,
+    /// The counts of devices whose interface went, until it comes back.
+    carried: std::sync::Mutex<
+        HashMap<String, std::collections::BTreeMap<u32, crate::datapath::Counters>>,
+    >,
 }
 
 fn parse<T: serde::de::DeserializeOwned>(r: &Record) -> Result<T, ShiftError> {
@@ -232,6 +236,7 @@ impl Orchestrator {
             fault: None,
             interfaces: Default::default(),
             failing: Default::default(),
+            carried: Default::default(),
         }
     }
 

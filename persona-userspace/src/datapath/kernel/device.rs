@@ -59,13 +59,9 @@ impl KernelDatapath {
         [DIR_EGRESS, DIR_INGRESS]
             .into_iter()
             .flat_map(move |direction| {
-                Reason::ALL.iter().map(move |reason| CounterKey {
-                    ifindex,
-                    persona,
-                    direction,
-                    reason: *reason as u8,
-                    _pad: [0; 2],
-                })
+                Reason::ALL
+                    .iter()
+                    .map(move |reason| CounterKey::new(ifindex, persona, direction, *reason))
             })
     }
 
@@ -104,6 +100,40 @@ impl KernelDatapath {
             }
         }
         Ok(())
+    }
+
+    /// Counts the device had under an earlier ifindex (its VM's previous tap), added to
+    /// its counters here: they go on from where they were.
+    pub(super) fn carry_counters(
+        &mut self,
+        ifindex: u32,
+        carried: &BTreeMap<u32, Counters>,
+    ) -> Result<()> {
+        for (&persona, counters) in carried {
+            self.create_counters(ifindex, persona)?;
+            for (&(direction, reason), c) in counters {
+                let key = CounterKey::new(ifindex, persona, direction, reason);
+                self.add_to_counter(key, &[*c])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds counts per CPU (the first CPUs, when fewer) to a counter, creating it.
+    pub(super) fn add_to_counter(&mut self, key: CounterKey, counts: &[Counter]) -> Result<()> {
+        let mut values: Vec<Counter> = match self.maps.counters.get(&key, 0) {
+            Ok(v) => v.iter().copied().collect(),
+            Err(_) => vec![Counter::default(); self.cpus],
+        };
+        for (v, c) in values.iter_mut().zip(counts) {
+            *v = add(*v, c);
+        }
+        let values = PerCpuValues::try_from(values)
+            .map_err(|e| DatapathError::Bpf(format!("COUNTERS: {e}")))?;
+        self.maps
+            .counters
+            .insert(key, values, 0)
+            .map_err(bpf_err("COUNTERS"))
     }
 
     /// What the host must have wired for the device.

@@ -257,6 +257,10 @@ impl Datapath for KernelDatapath {
         self.counters_by_persona(ifindex)
     }
 
+    fn carry_counters(&mut self, ifindex: u32, carried: &BTreeMap<u32, Counters>) -> Result<()> {
+        self.carry_counters(ifindex, carried)
+    }
+
     fn handshakes(&self, ifindex: u32) -> Result<(Vec<u64>, u64)> {
         self.handshake_histogram(ifindex)
     }

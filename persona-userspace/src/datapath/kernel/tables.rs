@@ -196,28 +196,14 @@ impl KernelDatapath {
                 continue;
             }
             if attached {
-                let key = CounterKey {
-                    ifindex: owner.owner_ifindex,
-                    persona: owner.owner_persona,
+                let key = CounterKey::new(
+                    owner.owner_ifindex,
+                    owner.owner_persona,
                     direction,
-                    reason: Reason::AllowTracked as u8,
-                    _pad: [0; 2],
-                };
-                let before = match self.maps.counters.get(&key, 0) {
-                    Ok(v) => v,
-                    Err(_) => self.zeroed()?,
-                };
-                let sum: Vec<Counter> = before
-                    .iter()
-                    .zip(counted.iter())
-                    .map(|(b, c)| add(*b, c))
-                    .collect();
-                let sum = PerCpuValues::try_from(sum)
-                    .map_err(|e| DatapathError::Bpf(format!("COUNTERS: {e}")))?;
-                self.maps
-                    .counters
-                    .insert(key, sum, 0)
-                    .map_err(bpf_err("COUNTERS"))?;
+                    Reason::AllowTracked,
+                );
+                let counted: Vec<Counter> = counted.iter().copied().collect();
+                self.add_to_counter(key, &counted)?;
             }
             self.maps
                 .tracked

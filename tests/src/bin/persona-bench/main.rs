@@ -5,6 +5,7 @@
 mod api;
 mod control;
 mod flows;
+mod lifecycle;
 mod packets;
 mod report;
 mod scale;
@@ -20,10 +21,11 @@ fn main() {
     let wanted = |s: &str| only.is_empty() || only.iter().any(|o| o == s);
     let mut results =
         json!({ "machine": report::machine(), "date": jiff::Timestamp::now().to_string() });
-    let sections: [(&str, Section); 6] = [
+    let sections: [(&str, Section); 7] = [
         ("packets", packets::run),
         ("shifts", shifts::run),
         ("flows", flows::run),
+        ("lifecycle", lifecycle::run),
         ("control", control::run),
         ("throughput", throughput::run),
         ("scale", scale::run),

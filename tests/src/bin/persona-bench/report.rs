@@ -141,6 +141,37 @@ pub fn markdown(r: &Value) -> String {
             fl["release"]["rounds"]
         );
     }
+    if let Some(l) = r.get("lifecycle") {
+        let ms = |v: &Value, q: &str| f(&(v[q].as_f64().unwrap_or(0.0) / 1000.0).into(), 1);
+        let row = |name: &str, v: &Value| {
+            format!(
+                "| {name} | {} | {} | {:.2}x |",
+                ms(v, "p50_us"),
+                ms(v, "p99_us"),
+                v["p50_us"].as_f64().unwrap_or(0.0)
+                    / l["api_shift"]["p50_us"].as_f64().unwrap_or(1.0)
+            )
+        };
+        let _ = writeln!(
+            m,
+            "## A VM's interface coming back
+
+The daemon following link events, {} rounds: the VM's veth deleted and made again, then timed from the start of `ip link set up` (the command's own time is the first row) to the device's programs attached under the new ifindex (its link pin there) and to its persona active again (`/status` polled). An API shift of the same device is the baseline.
+
+| from `ip link set up` to | p50 ms | p99 ms | × API shift (p50) |
+|---|---:|---:|---:|
+{}
+{}
+{}
+{}
+",
+            l["rounds"],
+            row("the command returning", &l["link_up_command"]),
+            row("programs attached (guarded)", &l["appear_to_guarded"]),
+            row("persona active", &l["appear_to_persona"]),
+            row("(an API shift)", &l["api_shift"]),
+        );
+    }
     if let Some(t) = r.get("throughput") {
         let _ = writeln!(
             m,
