@@ -112,6 +112,9 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     )
     .with_fault(config.fault_at);
     let orchestrator = Arc::new(orchestrator);
+    // Following interfaces before reconciling: a VM that starts or stops meanwhile is
+    // not missed.
+    tokio::spawn(crate::links::follow(orchestrator.clone()));
     orchestrator
         .reconcile()
         .await
@@ -142,7 +145,6 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
             .observe_applications(config.app_observe.0, config.app_observe.1),
     );
     tokio::spawn(sweep(orchestrator.clone()));
-    tokio::spawn(crate::links::follow(orchestrator.clone()));
     let app = api::router(Arc::new(AppState {
         auth,
         orchestrator: orchestrator.clone(),
@@ -209,6 +211,8 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+const PRUNE_BATCH: usize = 10_000;
+
 /// The audit log is pruned at start and then hourly.
 async fn prune_audit(store: Arc<dyn Store>, keep: Retention) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
@@ -218,10 +222,31 @@ async fn prune_audit(store: Arc<dyn Store>, keep: Retention) {
         let before = jiff::Timestamp::now()
             .checked_sub(age)
             .unwrap_or(jiff::Timestamp::MIN);
-        match store.prune_events(before, keep.max_events) {
-            Ok(0) => {}
-            Ok(n) => info!(removed = n, "pruned the audit log"),
-            Err(e) => warn!(error = %e, "pruning the audit log"),
+        // In batches, off the async threads: writes (shifts among them) go on between.
+        let mut removed = 0;
+        loop {
+            let store = store.clone();
+            let batch = tokio::task::spawn_blocking(move || {
+                store.prune_events(before, keep.max_events, PRUNE_BATCH)
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+            match batch {
+                Ok(n) => {
+                    removed += n;
+                    if n < PRUNE_BATCH {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "pruning the audit log");
+                    break;
+                }
+            }
+        }
+        if removed > 0 {
+            info!(removed, "pruned the audit log");
         }
     }
 }

@@ -32,10 +32,16 @@ fn mac(link: &LinkMessage) -> Option<[u8; 6]> {
     })
 }
 
+/// Follows the host's interfaces for as long as the daemon runs. A daemon that can no
+/// longer follow them exits (its service manager starts it again, and the programs keep
+/// the traffic going meanwhile): running on would leave restarted VMs unattached.
 pub async fn follow(orchestrator: Arc<Orchestrator>) {
-    if let Err(e) = watch(&orchestrator).await {
-        warn!(error = %e, "following interfaces stopped: restarted VMs are not re-attached");
-    }
+    let why = match watch(&orchestrator).await {
+        Ok(()) => "the netlink socket closed".to_owned(),
+        Err(e) => e.to_string(),
+    };
+    tracing::error!(error = %why, "following interfaces stopped; exiting");
+    std::process::exit(1);
 }
 
 async fn watch(orchestrator: &Arc<Orchestrator>) -> anyhow::Result<()> {
@@ -91,6 +97,14 @@ async fn watch(orchestrator: &Arc<Orchestrator>) -> anyhow::Result<()> {
                 }
                 info!(device, interface, ifindex, "interface appeared: attaching");
                 let _ = orchestrator.settle_reported(&device, "daemon:links").await;
+            }
+            // The kernel dropped link messages (the socket's buffer overran): what they
+            // said is read back from the interfaces themselves.
+            NetlinkPayload::Overrun(_) => {
+                warn!("link messages lost; reconciling every device");
+                if let Err(e) = orchestrator.reconcile().await {
+                    warn!(error = %e, "reconciling after lost link messages");
+                }
             }
             _ => {}
         }

@@ -60,7 +60,10 @@ pub async fn scrape(
     let up: Vec<(OneDevice, u64)> = devices
         .iter()
         .map(|(name, iface, _)| {
-            let attached = state.orchestrator.interface_of(iface).is_some();
+            let attached = state
+                .orchestrator
+                .interface_of(iface)
+                .is_some_and(|i| crate::datapath::ifindex(iface).ok() == Some(i));
             (
                 OneDevice {
                     device: name.clone(),

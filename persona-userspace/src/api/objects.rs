@@ -158,6 +158,12 @@ async fn write(
     let spec = validate(kind, &body)?;
     let store = state.orchestrator.store();
     let name = body.metadata.name.clone();
+    // Two writes must not both pass the checks against other objects (an address, an
+    // interface) before either is stored.
+    let _guard = match kind {
+        Kind::Persona | Kind::Device => Some(state.orchestrator.serialized().await),
+        _ => None,
+    };
     if kind == Kind::Device {
         let device: DeviceSpec =
             serde_json::from_value(spec.clone()).map_err(|e| ApiError::internal(e.to_string()))?;
@@ -182,11 +188,6 @@ async fn write(
         }
         state.orchestrator.admit(&device).await?;
     }
-    // Two writes must not both pass the clash check before either is stored.
-    let _guard = match kind {
-        Kind::Persona => Some(state.orchestrator.serialized().await),
-        _ => None,
-    };
     if kind == Kind::Persona {
         let persona: PersonaSpec =
             serde_json::from_value(spec.clone()).map_err(|e| ApiError::internal(e.to_string()))?;
@@ -250,19 +251,20 @@ async fn place_device(
     let Err(e) = orchestrator.settle_reported(&r.name, &caller.actor()).await else {
         return Ok(());
     };
-    if previous.is_none() || moved {
-        remove_quietly(state, &r.name, &device).await;
-    }
     match previous {
         None => {
-            store.set_device_state(&r.name, None)?;
-            store.delete(Kind::Device, &r.name, Expect::Version(r.version))?;
+            orchestrator
+                .delete_device(&r.name, Expect::Version(r.version))
+                .await?;
         }
         Some(p) => {
+            if moved {
+                remove_quietly(state, &r.name, &device).await;
+            }
             store.put(Kind::Device, &r.name, p.spec, Expect::Version(r.version))?;
+            let _ = orchestrator.settle_reported(&r.name, &caller.actor()).await;
         }
     }
-    let _ = orchestrator.settle_reported(&r.name, &caller.actor()).await;
     Err(e.into())
 }
 
@@ -386,12 +388,7 @@ async fn delete(
             {
                 store.delete(kind, &id, expect)?;
             }
-            let device: DeviceSpec = serde_json::from_value(r.spec.clone())
-                .map_err(|e| ApiError::internal(e.to_string()))?;
-            state
-                .orchestrator
-                .delete_device(&id, &device, expect)
-                .await?;
+            state.orchestrator.delete_device(&id, expect).await?;
         }
     }
     state.orchestrator.record(event(
@@ -480,8 +477,12 @@ pub async fn status(
     let device: DeviceSpec =
         serde_json::from_value(r.spec.clone()).map_err(|e| ApiError::internal(e.to_string()))?;
     let device_state = store.device_state(&id)?;
-    // A device whose interface is gone (its VM stopped) has no datapath state to show.
-    let attached = state.orchestrator.interface_of(&device.interface);
+    // A device whose interface is gone (its VM stopped) has no datapath state to show,
+    // nor one whose interface was made again and is not attached yet.
+    let attached = state
+        .orchestrator
+        .interface_of(&device.interface)
+        .filter(|i| crate::datapath::ifindex(&device.interface).ok() == Some(*i));
     let counters = match attached {
         Some(ifindex) => {
             state

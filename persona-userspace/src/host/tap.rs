@@ -73,6 +73,7 @@ fn flags(spec: &TapSpec) -> libc::c_short {
 /// Makes `name` a persistent tap, up, owned as `spec` says; true when it made it,
 /// false when a tap of that name was there already.
 pub fn create(name: &str, spec: &TapSpec) -> Result<bool> {
+    crate::model::check_interface_name(name).map_err(DatapathError::Refused)?;
     if crate::datapath::ifindex(name).is_ok() {
         return Ok(false);
     }
@@ -87,8 +88,11 @@ pub fn create(name: &str, spec: &TapSpec) -> Result<bool> {
         ioctl(fd, TUNSETGROUP, group as libc::c_ulong).map_err(fail(name, "setting its group"))?;
     }
     ioctl(fd, TUNSETPERSIST, 1 as libc::c_ulong).map_err(fail(name, "making it persistent"))?;
-    drop(tun);
-    up(name)?;
+    if let Err(e) = up(name) {
+        // Not left behind down, where the next attempt would take it as made.
+        let _ = ioctl(fd, TUNSETPERSIST, 0 as libc::c_ulong);
+        return Err(e);
+    }
     Ok(true)
 }
 
@@ -115,6 +119,7 @@ fn up(name: &str) -> Result<()> {
 /// Deletes a tap made persistent by [`create`] (or `ip tuntap add`); a tap that is not
 /// there is success.
 pub fn delete(name: &str, spec: &TapSpec) -> Result<()> {
+    crate::model::check_interface_name(name).map_err(DatapathError::Refused)?;
     if crate::datapath::ifindex(name).is_err() {
         return Ok(());
     }

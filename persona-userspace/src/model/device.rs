@@ -49,6 +49,25 @@ pub struct DeviceSpec {
     pub tap: Option<TapSpec>,
 }
 
+/// What Linux accepts as an interface name, less `%`, which the kernel would fill in
+/// with a number (`pt%d` makes pt0, then pt1...).
+pub fn check_interface_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c.is_whitespace() || matches!(c, '/' | ':' | '%'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not an interface name (1-15 bytes, no whitespace, '/', ':' or '%')"
+        ))
+    }
+}
+
 /// A tap persona makes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -129,15 +148,8 @@ impl DeviceSpec {
     }
 
     pub fn validate(&self) -> Result<(), FieldError> {
-        if self.interface.is_empty()
-            || self.interface.len() > 15
-            || self.interface.contains(['/', ' '])
-        {
-            return Err(FieldError::new(
-                "spec.interface",
-                format!("{:?} is not a valid interface name", self.interface),
-            ));
-        }
+        check_interface_name(&self.interface)
+            .map_err(|why| FieldError::new("spec.interface", why))?;
         if self.tap.is_some() && self.interface.starts_with("vnet") {
             return Err(FieldError::new(
                 "spec.interface",

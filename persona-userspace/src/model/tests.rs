@@ -411,3 +411,24 @@ mod tls_and_vpn {
         );
     }
 }
+
+#[test]
+fn interface_names_are_what_linux_takes_without_its_templates() {
+    use crate::model::check_interface_name;
+    for ok in ["pvm1", "vnet0", "pt-lv1", "tap_a.b"] {
+        assert!(check_interface_name(ok).is_ok(), "{ok}");
+    }
+    for bad in [
+        "",
+        "pt%d",
+        "a b",
+        "a/b",
+        "a:b",
+        ".",
+        "..",
+        "sixteen-chars-xx",
+    ] {
+        let e = check_interface_name(bad).unwrap_err();
+        assert!(e.contains("is not an interface name"), "{bad}: {e}");
+    }
+}

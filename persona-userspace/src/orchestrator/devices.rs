@@ -10,7 +10,7 @@ use super::{Orchestrator, ShiftError};
 use crate::{
     datapath::DatapathError,
     model::{DeviceSpec, FieldError},
-    store::{EventBody, Kind},
+    store::{EventBody, Kind, StoreError},
 };
 
 impl Orchestrator {
@@ -18,11 +18,16 @@ impl Orchestrator {
     /// the store says, after detaching what earlier runs left of interfaces that went.
     /// A device that fails is reported and does not hold up the others.
     pub async fn reconcile(self: &Arc<Self>) -> Result<(), ShiftError> {
-        for ifindex in self.prune().await? {
-            warn!(
-                ifindex,
-                "detached what an earlier run left of a vanished interface"
-            );
+        match self.prune().await {
+            Ok(pruned) => {
+                for ifindex in pruned {
+                    warn!(
+                        ifindex,
+                        "detached what an earlier run left of a vanished interface"
+                    );
+                }
+            }
+            Err(e) => warn!(error = %e, "cleaning up after vanished interfaces"),
         }
         for d in self.store.list(Kind::Device)? {
             let _ = self.settle_reported(&d.name, "daemon:reconcile").await;
@@ -150,11 +155,30 @@ impl Orchestrator {
             }
             Err(e) => return Err(ShiftError::Failed(e.to_string())),
         };
-        if let Ok(mut m) = self.interfaces.lock() {
-            m.retain(|_, name| *name != spec.interface);
-            m.insert(ifindex, spec.interface.clone());
+        // The same name at another ifindex is a tap made again before its removal was
+        // heard of: what is left at the old one goes now.
+        let displaced: Vec<u32> = self
+            .interfaces
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .filter(|(i, n)| **n == spec.interface && **i != ifindex)
+                    .map(|(i, _)| *i)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for old in displaced {
+            self.detach_at(old).await?;
         }
+        self.attached_at(ifindex, &spec.interface);
         Ok(Some(ifindex))
+    }
+
+    /// Records that the device on `interface` is attached at `ifindex`.
+    pub(super) fn attached_at(&self, ifindex: u32, interface: &str) {
+        if let Ok(mut m) = self.interfaces.lock() {
+            m.insert(ifindex, interface.to_owned());
+        }
     }
 
     /// Detaches what the maps hold of interfaces that are gone, or that no stored
@@ -177,8 +201,10 @@ impl Orchestrator {
             .map_err(|e| ShiftError::Failed(e.to_string()))?;
         let mut pruned = Vec::new();
         for ifindex in attached.into_iter().filter(|i| !wanted.contains(i)) {
-            self.detach_at(ifindex).await?;
-            pruned.push(ifindex);
+            match self.detach_at(ifindex).await {
+                Ok(()) => pruned.push(ifindex),
+                Err(e) => warn!(ifindex, error = %e, "detaching a vanished interface's remains"),
+            }
         }
         Ok(pruned)
     }
@@ -194,17 +220,27 @@ impl Orchestrator {
     pub async fn delete_device(
         &self,
         name: &str,
-        spec: &DeviceSpec,
         expect: crate::store::Expect,
     ) -> Result<(), ShiftError> {
         let _guard = self.lock.lock().await;
+        let Some(record) = self.store.get(Kind::Device, name)? else {
+            return Err(StoreError::NotFound {
+                kind: "Device",
+                name: name.to_owned(),
+            }
+            .into());
+        };
+        let spec: DeviceSpec = super::parse(&record)?;
         // A device whose removal failed stays, to be deleted again: its record says
         // what is left.
-        self.remove_locked(spec).await?;
+        self.remove_locked(&spec).await?;
         self.store.set_device_state(name, None)?;
         self.store.delete(Kind::Device, name, expect)?;
         if let Ok(mut failing) = self.failing.lock() {
             failing.remove(name);
+        }
+        if let Ok(mut carried) = self.carried.lock() {
+            carried.remove(name);
         }
         Ok(())
     }
@@ -328,6 +364,17 @@ impl Orchestrator {
             .ok()
             .and_then(|m| m.get(&ifindex).cloned())
         else {
+            // Attached by no device this process knows of (an earlier run's): cleaned
+            // up all the same.
+            let _guard = self.lock.lock().await;
+            let attached = self
+                .datapath
+                .call(|dp| dp.attached())
+                .await
+                .map_err(|e| ShiftError::Failed(e.to_string()))?;
+            if attached.contains(&ifindex) {
+                self.detach_at(ifindex).await?;
+            }
             return Ok(None);
         };
         let device = self.device_on(&interface)?;

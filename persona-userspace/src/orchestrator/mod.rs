@@ -487,6 +487,7 @@ impl Orchestrator {
                 });
             }
         };
+        self.attached_at(applied.ifindex, &device_spec.interface);
         let generation = applied.flipped().map_or(0, |f| f.generation);
         let flip = applied.flipped().map(|f| f.flip).unwrap_or_default();
         let old_tls = old_spec.as_ref().and_then(|o| o.tls.as_ref());

@@ -302,13 +302,13 @@ impl Store for EmbeddedStore {
         Ok(out)
     }
 
-    fn prune_events(&self, before: jiff::Timestamp, keep: usize) -> Result<usize> {
+    fn prune_events(&self, before: jiff::Timestamp, keep: usize, at_most: usize) -> Result<usize> {
         let txn = self.db.begin_write().map_err(backend)?;
         let mut removed = 0;
         {
             let mut t = txn.open_table(EVENTS).map_err(backend)?;
             let mut left = t.len().map_err(backend)?;
-            while left > 1 {
+            while left > 1 && removed < at_most {
                 let at = match t.first().map_err(backend)? {
                     Some((_, v)) => decode::<Event>(v.value())?.at,
                     None => break,
@@ -458,13 +458,15 @@ mod tests {
             event(&s);
         }
         let long_ago = jiff::Timestamp::UNIX_EPOCH;
-        assert_eq!(s.prune_events(long_ago, 4).unwrap(), 6);
+        // In batches: two, then the rest.
+        assert_eq!(s.prune_events(long_ago, 4, 2).unwrap(), 2);
+        assert_eq!(s.prune_events(long_ago, 4, 100).unwrap(), 4);
         let seqs: Vec<u64> = s.events(0, 100).unwrap().iter().map(|e| e.seq).collect();
         assert_eq!(seqs, [7, 8, 9, 10]);
         // Everything is too old: the newest stays all the same.
         let future = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1);
-        assert_eq!(s.prune_events(future, 100).unwrap(), 3);
+        assert_eq!(s.prune_events(future, 100, 100).unwrap(), 3);
         assert_eq!(event(&s).seq, 11);
-        assert_eq!(s.prune_events(long_ago, 100).unwrap(), 0);
+        assert_eq!(s.prune_events(long_ago, 100, 100).unwrap(), 0);
     }
 }

@@ -179,8 +179,8 @@ pub trait Store: Send + Sync + 'static {
     fn signals(&self) -> Result<Vec<Value>>;
     /// Events with `seq > after`, oldest first, at most `limit`.
     fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>>;
-    /// Removes the oldest events while there are more than `keep` or they are older
-    /// than `before`; the newest always stays, so numbering goes on. Returns how many
-    /// went.
-    fn prune_events(&self, before: jiff::Timestamp, keep: usize) -> Result<usize>;
+    /// Removes the oldest events, at most `at_most` in one transaction, while there are
+    /// more than `keep` or they are older than `before`; the newest always stays, so
+    /// numbering goes on. Returns how many went.
+    fn prune_events(&self, before: jiff::Timestamp, keep: usize, at_most: usize) -> Result<usize>;
 }
