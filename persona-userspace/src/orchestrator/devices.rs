@@ -174,6 +174,14 @@ impl Orchestrator {
         Ok(Some(ifindex))
     }
 
+    /// Every ifindex the maps hold a device at.
+    async fn attached(&self) -> Result<Vec<u32>, ShiftError> {
+        self.datapath
+            .call(|dp| dp.attached())
+            .await
+            .map_err(|e| ShiftError::Failed(e.to_string()))
+    }
+
     /// Records that the device on `interface` is attached at `ifindex`.
     pub(super) fn attached_at(&self, ifindex: u32, interface: &str) {
         if let Ok(mut m) = self.interfaces.lock() {
@@ -194,11 +202,7 @@ impl Orchestrator {
             }
         }
         let _guard = self.lock.lock().await;
-        let attached = self
-            .datapath
-            .call(|dp| dp.attached())
-            .await
-            .map_err(|e| ShiftError::Failed(e.to_string()))?;
+        let attached = self.attached().await?;
         let mut pruned = Vec::new();
         for ifindex in attached.into_iter().filter(|i| !wanted.contains(i)) {
             match self.detach_at(ifindex).await {
@@ -367,12 +371,7 @@ impl Orchestrator {
             // Attached by no device this process knows of (an earlier run's): cleaned
             // up all the same.
             let _guard = self.lock.lock().await;
-            let attached = self
-                .datapath
-                .call(|dp| dp.attached())
-                .await
-                .map_err(|e| ShiftError::Failed(e.to_string()))?;
-            if attached.contains(&ifindex) {
+            if self.attached().await?.contains(&ifindex) {
                 self.detach_at(ifindex).await?;
             }
             return Ok(None);
