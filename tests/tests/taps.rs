@@ -180,3 +180,31 @@ fn the_libvirt_hook_holds_a_domain_until_its_devices_are_guarded() {
     let out = hook(&site, &d, "start", "begin", "<network/>");
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a <domain>"));
 }
+
+#[test]
+fn a_tap_a_running_vm_holds_is_not_deleted_from_under_it() {
+    let site = Site::new();
+    let d = Daemon::start(&site);
+    d.cli_ok("apply -f examples/personas.yaml");
+    d.apply_yaml(&device_yaml("vm9", MADE, true).replace("multiQueue: true", "multiQueue: false"));
+    // The VM: QEMU holding the tap's only queue.
+    let vm = persona_tests::tap::open_tap(&site.host.name, MADE);
+    let out = d.cli("delete device vm9");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("held by a running VM"), "{err}");
+    let (_, status) = d.admin(hyper::Method::GET, "/status/vm9", None);
+    assert_eq!(status["up"], true, "still guarded: {status}");
+    assert_eq!(tc_programs(&site, MADE).len(), 2);
+
+    // The VM stopped: the device and its tap go.
+    drop(vm);
+    d.cli_ok("delete device vm9");
+    assert!(
+        !site
+            .host
+            .try_exec(&format!("ip link show {MADE}"))
+            .status
+            .success()
+    );
+}

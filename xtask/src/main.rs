@@ -34,7 +34,8 @@ enum Task {
     /// nftables, shift latency against `nft -f`, scale, control plane. Writes
     /// BENCHMARKS.md and benchmarks.json.
     Bench {
-        /// Only these sections (packets, shifts, control, throughput, scale).
+        /// Only these sections (packets, shifts, flows, lifecycle, control, throughput,
+        /// scale).
         sections: Vec<String>,
     },
     /// Build the Debian package with cargo-deb: the binary, the systemd unit, the

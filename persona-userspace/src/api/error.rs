@@ -80,7 +80,9 @@ impl From<ShiftError> for ApiError {
             ShiftError::Store(s) => s.into(),
             ShiftError::Invalid(f) => f.into(),
             ShiftError::Corrupt { .. } => Self::internal(e.to_string()),
-            ShiftError::Held { .. } => Self::new(StatusCode::CONFLICT, e.to_string()),
+            ShiftError::Held { .. } | ShiftError::Busy(_) => {
+                Self::new(StatusCode::CONFLICT, e.to_string())
+            }
             ShiftError::RolledBack { .. } | ShiftError::Failed(_) => {
                 Self::new(StatusCode::BAD_GATEWAY, e.to_string())
             }

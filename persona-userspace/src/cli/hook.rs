@@ -98,7 +98,16 @@ pub async fn libvirt(
     if ours.is_empty() {
         return Ok(());
     }
-    let devices = client.ok(Method::GET, "/devices", None).await?;
+    let devices = client
+        .ok(Method::GET, "/devices", None)
+        .await
+        .with_context(|| {
+            format!(
+                "domain {domain}: asking the persona daemon which of its interfaces are \
+                 devices; not starting it unguarded (without persona on this host, remove \
+                 /etc/libvirt/hooks/qemu.d/persona)"
+            )
+        })?;
     let devices = devices["items"].as_array().cloned().unwrap_or_default();
     let wanted: Vec<String> = devices_of(&ours, &devices)
         .into_iter()

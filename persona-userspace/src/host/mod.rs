@@ -467,8 +467,13 @@ pub trait Wiring: Send {
     fn make_tap(&self, _name: &str, _spec: &TapSpec) -> Result<()> {
         Ok(())
     }
-    fn remove_tap(&self, _name: &str, _spec: &TapSpec) -> Result<()> {
-        Ok(())
+    /// Opens the tap persona made, to delete it: fails, changing nothing, when it
+    /// cannot be deleted; `None` when it is not there.
+    fn open_tap(&self, _name: &str, _spec: &TapSpec) -> Result<Option<tap::Removal>> {
+        Ok(None)
+    }
+    fn remove_tap(&self, removal: Option<tap::Removal>) -> Result<()> {
+        removal.map_or(Ok(()), tap::Removal::delete)
     }
     /// The VM finds its gateway through the tap.
     fn prepare_device(&self, ifindex: u32, device: &DeviceSpec) -> Result<()>;
@@ -507,8 +512,8 @@ impl Wiring for Host {
         Ok(())
     }
 
-    fn remove_tap(&self, name: &str, spec: &TapSpec) -> Result<()> {
-        tap::delete(name, spec)
+    fn open_tap(&self, name: &str, spec: &TapSpec) -> Result<Option<tap::Removal>> {
+        tap::open(name, spec)
     }
 
     /// The VM resolves its gateway through the tap: proxy ARP answers for any address

@@ -116,23 +116,54 @@ fn up(name: &str) -> Result<()> {
     result.map_err(fail(name, "setting it up"))
 }
 
+/// A tap opened to be deleted: it goes when this is dropped after [`Removal::delete`]
+/// (or once a VM still holding it lets go).
+pub struct Removal {
+    name: String,
+    tun: std::fs::File,
+}
+
+/// Opens a tap for deletion, `None` when it is not there. Refused, changing nothing,
+/// when it cannot be deleted: a running VM holds a single-queue tap.
+pub fn open(name: &str, spec: &TapSpec) -> Result<Option<Removal>> {
+    crate::model::check_interface_name(name).map_err(DatapathError::Refused)?;
+    if crate::datapath::ifindex(name).is_err() {
+        return Ok(None);
+    }
+    let tun = open_tun(name)?;
+    // Re-opening a tap needs its flags; one made elsewhere may differ in its queues.
+    let mut busy = false;
+    for f in [flags(spec), flags(spec) ^ IFF_MULTI_QUEUE] {
+        let mut req = IfReq::new(name, f);
+        match ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) {
+            Ok(()) => {
+                return Ok(Some(Removal {
+                    name: name.to_owned(),
+                    tun,
+                }));
+            }
+            Err(e) => busy |= e.raw_os_error() == Some(libc::EBUSY),
+        }
+    }
+    Err(DatapathError::Refused(if busy {
+        format!("tap {name:?} is held by a running VM (its only queue): stop the VM first")
+    } else {
+        format!("interface {name:?} is not a tap persona can delete")
+    }))
+}
+
+impl Removal {
+    pub fn delete(self) -> Result<()> {
+        ioctl(self.tun.as_raw_fd(), TUNSETPERSIST, 0 as libc::c_ulong)
+            .map_err(fail(&self.name, "ending its persistence"))
+    }
+}
+
 /// Deletes a tap made persistent by [`create`] (or `ip tuntap add`); a tap that is not
 /// there is success.
 pub fn delete(name: &str, spec: &TapSpec) -> Result<()> {
-    crate::model::check_interface_name(name).map_err(DatapathError::Refused)?;
-    if crate::datapath::ifindex(name).is_err() {
-        return Ok(());
+    match open(name, spec)? {
+        Some(r) => r.delete(),
+        None => Ok(()),
     }
-    let tun = open_tun(name)?;
-    let fd = tun.as_raw_fd();
-    // Re-opening a tap needs its flags; one made elsewhere may differ in its queues.
-    let opened = [flags(spec), flags(spec) ^ IFF_MULTI_QUEUE]
-        .into_iter()
-        .any(|f| ioctl(fd, TUNSETIFF, &mut IfReq::new(name, f) as *mut IfReq).is_ok());
-    if !opened {
-        return Err(DatapathError::Refused(format!(
-            "interface {name:?} is not a tap persona can delete"
-        )));
-    }
-    ioctl(fd, TUNSETPERSIST, 0 as libc::c_ulong).map_err(fail(name, "ending its persistence"))
 }

@@ -108,13 +108,12 @@ impl Orchestrator {
             .call(move |dp| dp.active(ifindex))
             .await
             .map_err(|e| ShiftError::Failed(e.to_string()))?;
-        let want = match self.store.device_state(name)? {
-            Some(s) if active.is_some_and(|a| a.generation == s.generation) => None,
-            Some(s) => Some(s.persona),
-            None => spec.persona.clone(),
+        let current = match self.store.device_state(name)? {
+            Some(s) => active.is_some_and(|a| a.generation == s.generation),
+            None => spec.persona.is_none(),
         };
-        if let Some(p) = want {
-            self.shift(name, &p, actor, false, None).await?;
+        if !current {
+            self.restore(name, actor).await?;
         }
         Ok(())
     }
@@ -250,13 +249,24 @@ impl Orchestrator {
     }
 
     async fn remove_locked(&self, spec: &DeviceSpec) -> Result<(), ShiftError> {
-        self.detach_locked(spec).await?;
         let Some(tap) = spec.tap.clone() else {
-            return Ok(());
+            return self.detach_locked(spec).await;
         };
         let name = spec.interface.clone();
+        // The tap is opened first: one a running VM holds and that cannot be deleted
+        // refuses the removal while the device is still guarded.
+        let removal = self
+            .datapath
+            .on_node(move |n| n.wiring.open_tap(&name, &tap))
+            .await
+            .and_then(|r| r)
+            .map_err(|e| match e {
+                DatapathError::Refused(why) => ShiftError::Busy(why),
+                e => ShiftError::Failed(e.to_string()),
+            })?;
+        self.detach_locked(spec).await?;
         self.datapath
-            .on_node(move |n| n.wiring.remove_tap(&name, &tap))
+            .on_node(move |n| n.wiring.remove_tap(removal))
             .await
             .and_then(|r| r)
             .map_err(|e| ShiftError::Failed(e.to_string()))

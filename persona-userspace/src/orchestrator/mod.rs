@@ -82,6 +82,9 @@ pub enum ShiftError {
     RolledBack { kept: String, reason: String },
     #[error("shift failed: {0}")]
     Failed(String),
+    /// Something on the host refuses it as things are (a VM holds the tap).
+    #[error("{0}")]
+    Busy(String),
 }
 
 fn lines(prefix: char, items: impl IntoIterator<Item = String>) -> impl Iterator<Item = String> {
@@ -354,13 +357,43 @@ impl Orchestrator {
         flows: Option<FlowMode>,
         cause: Option<(String, Value)>,
     ) -> Result<Outcome, ShiftError> {
+        self.run_shift(device, Some(persona), actor, dry_run, flows, cause)
+            .await
+    }
+
+    /// Applies again the persona the store says the device runs (its starting persona
+    /// when it has none), chosen under the lock: a shift that lands meanwhile is not
+    /// undone by a stale choice.
+    pub async fn restore(
+        self: &Arc<Self>,
+        device: &str,
+        actor: &str,
+    ) -> Result<Outcome, ShiftError> {
+        self.run_shift(device, None, actor, false, None, None).await
+    }
+
+    async fn run_shift(
+        self: &Arc<Self>,
+        device: &str,
+        persona: Option<&str>,
+        actor: &str,
+        dry_run: bool,
+        flows: Option<FlowMode>,
+        cause: Option<(String, Value)>,
+    ) -> Result<Outcome, ShiftError> {
         let start = Instant::now();
         let this = self.clone();
-        let (d, p, a) = (device.to_owned(), persona.to_owned(), actor.to_owned());
-        let result =
-            tokio::spawn(async move { this.shift_inner(&d, &p, &a, dry_run, flows, cause).await })
+        let (d, p, a) = (
+            device.to_owned(),
+            persona.map(str::to_owned),
+            actor.to_owned(),
+        );
+        let result = tokio::spawn(async move {
+            this.shift_inner(&d, p.as_deref(), &a, dry_run, flows, cause)
                 .await
-                .unwrap_or_else(|e| Err(ShiftError::Failed(format!("the shift task failed: {e}"))));
+        })
+        .await
+        .unwrap_or_else(|e| Err(ShiftError::Failed(format!("the shift task failed: {e}"))));
         let trigger = crate::metrics::trigger(actor).to_owned();
         let outcome = match &result {
             Ok(o) if o.dry_run => "dry_run",
@@ -388,7 +421,7 @@ impl Orchestrator {
     async fn shift_inner(
         &self,
         device: &str,
-        persona: &str,
+        persona: Option<&str>,
         actor: &str,
         dry_run: bool,
         flows: Option<FlowMode>,
@@ -401,6 +434,21 @@ impl Orchestrator {
             .get(Kind::Device, device)?
             .ok_or_else(|| not_found("Device", device))?;
         let device_spec: DeviceSpec = parse(&device_record)?;
+        let persona = match persona {
+            Some(p) => p.to_owned(),
+            None => self
+                .store
+                .device_state(device)?
+                .map(|s| s.persona)
+                .or_else(|| device_spec.persona.clone())
+                .ok_or_else(|| {
+                    ShiftError::Invalid(crate::model::FieldError::new(
+                        "spec.persona",
+                        format!("device {device:?} has no persona to run"),
+                    ))
+                })?,
+        };
+        let persona = persona.as_str();
         let persona_record = self
             .store
             .get(Kind::Persona, persona)?
