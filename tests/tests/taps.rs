@@ -41,6 +41,14 @@ fn tc_programs(site: &Site, interface: &str) -> Vec<String> {
         .collect()
 }
 
+fn gone(site: &Site, interface: &str) -> bool {
+    !site
+        .host
+        .try_exec(&format!("ip link show {interface}"))
+        .status
+        .success()
+}
+
 #[test]
 fn a_tap_persona_makes_is_guarded_before_any_vm_opens_it_and_goes_with_its_device() {
     let site = Site::new();
@@ -69,14 +77,7 @@ fn a_tap_persona_makes_is_guarded_before_any_vm_opens_it_and_goes_with_its_devic
     assert_eq!(status["persona"], "office", "{status}");
 
     d.cli_ok("delete device vm9");
-    assert!(
-        !site
-            .host
-            .try_exec(&format!("ip link show {MADE}"))
-            .status
-            .success(),
-        "the tap went with its device"
-    );
+    assert!(gone(&site, MADE), "the tap went with its device");
 }
 
 #[test]
@@ -95,7 +96,7 @@ fn persona_tap_makes_and_deletes_persistent_taps() {
             .contains("already there")
     );
     site.persona_ok("tap delete pt-cli1");
-    assert!(!site.host.try_exec("ip link show pt-cli1").status.success());
+    assert!(gone(&site, "pt-cli1"));
 }
 
 fn fixture(name: &str) -> String {
@@ -200,11 +201,5 @@ fn a_tap_a_running_vm_holds_is_not_deleted_from_under_it() {
     // The VM stopped: the device and its tap go.
     drop(vm);
     d.cli_ok("delete device vm9");
-    assert!(
-        !site
-            .host
-            .try_exec(&format!("ip link show {MADE}"))
-            .status
-            .success()
-    );
+    assert!(gone(&site, MADE));
 }
