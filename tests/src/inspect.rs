@@ -44,6 +44,13 @@ fn tables(lab: &Lab) -> Vec<String> {
         .collect()
 }
 
+/// The program a pinned link runs, by its id; `None` when the pin holds no live link.
+pub fn link_program(pin: &std::path::Path) -> Option<u64> {
+    let out = crate::netns::try_sh(&format!("bpftool -j link show pinned {}", pin.display()));
+    let info: Value = serde_json::from_slice(&out.stdout).ok()?;
+    info["prog_id"].as_u64()
+}
+
 pub fn snapshot(lab: &Lab) -> Vec<(String, Vec<String>)> {
     let mut out = vec![
         ("ACTIVE".into(), dump(lab, "ACTIVE", true)),

@@ -76,22 +76,19 @@ impl Libvirt {
         libvirt
     }
 
-    pub fn virsh(&self, args: &str) -> Output {
-        try_sh(&format!(
+    fn virsh_command(&self, args: &str) -> String {
+        format!(
             "virsh -q -c 'qemu:///system?socket={}/run/libvirt-sock' {args}",
             self.dir.display()
-        ))
+        )
+    }
+
+    pub fn virsh(&self, args: &str) -> Output {
+        try_sh(&self.virsh_command(args))
     }
 
     pub fn virsh_ok(&self, args: &str) -> String {
-        let out = self.virsh(args);
-        assert!(
-            out.status.success(),
-            "virsh {args}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        sh(&self.virsh_command(args))
     }
 
     /// Defines and starts a domain for the guest `spec` (software emulation, the test

@@ -19,12 +19,26 @@ fn announced(lab: &Lab) -> bool {
         .any(|l| l.split_whitespace().any(|w| w == OFFICE))
 }
 
+/// The daemon, with the examples' personas and devices applied.
+fn with_examples(lab: &Lab) -> Daemon {
+    let d = Daemon::start(lab);
+    d.cli_ok("apply -f examples/personas.yaml");
+    d.cli_ok("apply -f examples/devices.yaml");
+    d
+}
+
+/// The VM's interface deleted, and seen gone by the daemon.
+fn unlink(lab: &Lab, d: &Daemon) {
+    lab.unlink();
+    wait_until("vm1's interface is gone", || {
+        d.admin(Method::GET, "/status/vm1", None).1["up"] == false
+    });
+}
+
 #[test]
 fn a_restarted_vm_gets_its_persona_back() {
     let lab = Lab::new(VmLink::Veth);
-    let d = Daemon::start(&lab);
-    d.cli_ok("apply -f examples/personas.yaml");
-    d.cli_ok("apply -f examples/devices.yaml");
+    let d = with_examples(&lab);
     assert_eq!(lab.seen_from_outside().as_deref(), Some(OFFICE));
     d.cli_ok("shift vm1 travel");
     d.cli_ok("shift vm1 office");
@@ -115,10 +129,7 @@ fn deleted_devices_leave_nothing_behind_with_or_without_their_tap() {
         "forwarding on the interfaces persona uses, not host-wide"
     );
 
-    lab.unlink();
-    wait_until("vm1's interface is gone", || {
-        d.admin(Method::GET, "/status/vm1", None).1["up"] == false
-    });
+    unlink(&lab, &d);
     d.cli_ok("delete device vm1");
     // vm2's tap is still there: deleted with it.
     d.cli_ok("delete device vm2");
@@ -132,9 +143,7 @@ fn deleted_devices_leave_nothing_behind_with_or_without_their_tap() {
 fn a_device_whose_interface_is_not_there_yet_is_attached_when_it_appears() {
     let lab = Lab::new(VmLink::Veth);
     lab.unlink();
-    let d = Daemon::start(&lab);
-    d.cli_ok("apply -f examples/personas.yaml");
-    d.cli_ok("apply -f examples/devices.yaml");
+    let d = with_examples(&lab);
     let (_, status) = d.admin(Method::GET, "/status/vm1", None);
     assert_eq!(status["up"], false, "{status}");
     assert_eq!(status["error"], serde_json::Value::Null, "{status}");
@@ -164,9 +173,7 @@ fn a_device_whose_interface_is_not_there_yet_is_attached_when_it_appears() {
 #[test]
 fn a_daemon_started_after_a_tap_vanished_cleans_up_and_attaches_it_again() {
     let lab = Lab::new(VmLink::Veth);
-    let mut d = Daemon::start(&lab);
-    d.cli_ok("apply -f examples/personas.yaml");
-    d.cli_ok("apply -f examples/devices.yaml");
+    let mut d = with_examples(&lab);
     assert!(announced(&lab));
     d.kill();
     lab.unlink();
@@ -183,9 +190,7 @@ fn a_daemon_started_after_a_tap_vanished_cleans_up_and_attaches_it_again() {
 #[test]
 fn interfaces_that_must_not_carry_a_device_are_refused() {
     let lab = Lab::new(VmLink::Veth);
-    let d = Daemon::start(&lab);
-    d.cli_ok("apply -f examples/personas.yaml");
-    d.cli_ok("apply -f examples/devices.yaml");
+    let d = with_examples(&lab);
     lab.host
         .exec("ip link add pbr0 type bridge && ip tuntap add ptun0 mode tun");
     let before = snapshot(&lab);
@@ -218,13 +223,8 @@ fn interfaces_that_must_not_carry_a_device_are_refused() {
 #[test]
 fn a_device_follows_its_vm_to_a_tap_of_another_name_by_mac() {
     let lab = Lab::new(VmLink::Veth);
-    let d = Daemon::start(&lab);
-    d.cli_ok("apply -f examples/personas.yaml");
-    d.cli_ok("apply -f examples/devices.yaml");
-    lab.unlink();
-    wait_until("vm1's interface is gone", || {
-        d.admin(Method::GET, "/status/vm1", None).1["up"] == false
-    });
+    let d = with_examples(&lab);
+    unlink(&lab, &d);
     // libvirt's tap for the guest 52:54:00:00:00:02, under a name of its choosing.
     lab.relink_as("vnet7", Some("fe:54:00:00:00:02"));
     wait_until("vm1 is seen as office on vnet7", || {

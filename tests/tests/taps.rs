@@ -9,8 +9,8 @@ use std::{
 
 use persona_tests::{
     daemon::{Daemon, TAP},
+    inspect::link_program,
     lab::Site,
-    netns::try_sh,
 };
 use serde_json::Value;
 
@@ -34,9 +34,7 @@ fn tc_programs(site: &Site, interface: &str) -> Vec<String> {
         .iter()
         .filter_map(|hook| {
             let pin = site.pin_dir.join("links").join(format!("{ifindex}-{hook}"));
-            let out = try_sh(&format!("bpftool -j link show pinned {}", pin.display()));
-            let v: Value = serde_json::from_slice(&out.stdout).ok()?;
-            v["prog_id"].as_u64().map(|id| format!("{hook} prog {id}"))
+            link_program(&pin).map(|id| format!("{hook} prog {id}"))
         })
         .collect()
 }

@@ -3,10 +3,10 @@
 //! to do about them.
 use persona_tests::{
     daemon::Daemon,
+    inspect::link_program,
     lab::{Lab, Site, VmLink, finish_probe},
     netns::sh,
 };
-use serde_json::Value;
 
 const OFFICE: &str = "203.0.113.10";
 
@@ -16,13 +16,8 @@ fn link_programs(site: &Site) -> Vec<(String, u64)> {
         .expect("the link pins")
         .map(|e| e.expect("a pin").path())
         .map(|pin| {
-            let info: Value = serde_json::from_str(&sh(&format!(
-                "bpftool -j link show pinned {}",
-                pin.display()
-            )))
-            .expect("bpftool's JSON");
             let name = pin.file_name().unwrap().to_string_lossy().into_owned();
-            (name, info["prog_id"].as_u64().expect("a program id"))
+            (name, link_program(&pin).expect("a program id"))
         })
         .collect();
     out.sort();
