@@ -3,6 +3,13 @@
 //!
 //! Userspace folds the rules of every less specific prefix into each prefix's list
 //! (most specific first), so one trie lookup finds every rule that can apply.
+//!
+//! A persona's prefixes are written once under a ruleset id and stay resident: every
+//! table of a persona with the same firewall names the same ruleset
+//! (`PersonaTable::rules`), so a shift writes no prefix. Ruleset 0 is the empty one.
+
+/// Ruleset ids; 0, the empty ruleset, is never written.
+pub const MAX_RULESETS: u32 = 8192;
 
 pub const ACTION_ALLOW: u8 = 1;
 pub const ACTION_DROP: u8 = 2;
@@ -10,14 +17,14 @@ pub const ACTION_DROP: u8 = 2;
 pub const MAX_RULES_PER_PREFIX: usize = 16;
 pub const MAX_PREFIXES: u32 = 262_144;
 
-/// Bits of `table` and `direction` in front of the address in every trie key.
+/// Bits of `ruleset` and `direction` in front of the address in every trie key.
 pub const KEY_HEADER_BITS: u32 = 64;
 
 /// Data of an LPM-trie key; the trie's prefix length covers the header fully.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FwKeyV4 {
-    pub table: [u8; 4],
+    pub ruleset: [u8; 4],
     pub direction: [u8; 4],
     pub addr: [u8; 4],
 }
@@ -26,7 +33,7 @@ const _: () = assert!(core::mem::size_of::<FwKeyV4>() == 12);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FwKeyV6 {
-    pub table: [u8; 4],
+    pub ruleset: [u8; 4],
     pub direction: [u8; 4],
     pub addr: [u8; 16],
 }
@@ -34,8 +41,8 @@ const _: () = assert!(core::mem::size_of::<FwKeyV6>() == 24);
 
 /// Big-endian so that the trie's bit order matches the written order.
 #[inline(always)]
-pub const fn key_header(table: u32, direction: u8) -> ([u8; 4], [u8; 4]) {
-    (table.to_be_bytes(), (direction as u32).to_be_bytes())
+pub const fn key_header(ruleset: u32, direction: u8) -> ([u8; 4], [u8; 4]) {
+    (ruleset.to_be_bytes(), (direction as u32).to_be_bytes())
 }
 
 /// One rule: protocol (0 = any) and destination port range, inclusive.

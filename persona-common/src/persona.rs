@@ -1,8 +1,8 @@
 //! The active persona of a device and the persona tables it points at.
 //!
-//! A persona is staged completely into a free table slot (`PERSONAS[table]` plus its
-//! firewall prefixes keyed by `table`), then made active by replacing the device's
-//! `ACTIVE` entry: one map update. Programs read `ACTIVE` once per packet and use only
+//! A persona is staged into a free table slot (`PERSONAS[table]`, naming its resident
+//! firewall ruleset), then made active by replacing the device's `ACTIVE` entry: one
+//! map update. Programs read `ACTIVE` once per packet and use only
 //! that table for the rest of it.
 
 /// `ACTIVE[ifindex]`: which staged table a device uses, and the shift that made it so.
@@ -44,8 +44,12 @@ pub struct PersonaTable {
     /// it holds; 0 before any flip.
     pub owner_ifindex: u32,
     pub owner_persona: u32,
+    /// The resident firewall ruleset the persona's prefixes are keyed by
+    /// (`firewall::FwKeyV4::ruleset`), shared by every table of the same firewall.
+    pub rules: u32,
+    pub _pad2: u32,
 }
-const _: () = assert!(core::mem::size_of::<PersonaTable>() == 104);
+const _: () = assert!(core::mem::size_of::<PersonaTable>() == 112);
 
 pub const PERSONA_HAS_V4: u32 = 1 << 0;
 pub const PERSONA_HAS_V6: u32 = 1 << 1;

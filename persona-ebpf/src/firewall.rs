@@ -1,4 +1,5 @@
-//! Firewall verdicts for new flows: longest-prefix match on the remote address, then the
+//! Firewall verdicts for new flows: longest-prefix match on the remote address (in the
+//! persona's resident ruleset), then the
 //! first matching port rule of that prefix (its list already holds the rules of every
 //! covering prefix, most specific first), else the direction's default.
 use aya_ebpf::maps::lpm_trie::Key;
@@ -6,6 +7,7 @@ use persona_common::{
     FAMILY_V4,
     counters::Reason,
     firewall::{ACTION_ALLOW, FwKeyV4, FwKeyV6, KEY_HEADER_BITS, MAX_RULES_PER_PREFIX, key_header},
+    persona::PersonaTable,
 };
 
 use crate::{
@@ -15,20 +17,20 @@ use crate::{
 
 #[inline(always)]
 pub fn judge(
-    table: u32,
+    persona: &PersonaTable,
     direction: u8,
     family: u8,
     remote: &[u8; 16],
     proto: u8,
     port: u16,
-    default_action: u8,
 ) -> Reason {
-    let (table, direction) = key_header(table, direction);
+    let default_action = persona.default_action[direction as usize & 1];
+    let (ruleset, direction) = key_header(persona.rules, direction);
     let rules = if family == FAMILY_V4 {
         let key = Key::new(
             KEY_HEADER_BITS + 32,
             FwKeyV4 {
-                table,
+                ruleset,
                 direction,
                 addr: narrow(remote),
             },
@@ -38,7 +40,7 @@ pub fn judge(
         let key = Key::new(
             KEY_HEADER_BITS + 128,
             FwKeyV6 {
-                table,
+                ruleset,
                 direction,
                 addr: *remote,
             },

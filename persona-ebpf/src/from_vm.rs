@@ -65,15 +65,7 @@ fn try_icmp_error<P: Packet>(
         plan.src = binding;
         Reason::AllowTracked
     } else {
-        firewall::judge(
-            active.table,
-            DIR_EGRESS,
-            ip.family,
-            &ip.dst,
-            ip.proto,
-            0,
-            st.persona.default_action[DIR_EGRESS as usize],
-        )
+        firewall::judge(st.persona, DIR_EGRESS, ip.family, &ip.dst, ip.proto, 0)
     };
     plan.flags = OUTER_SRC | QUOTED_DST;
     Ok(reason)
@@ -120,13 +112,12 @@ fn try_flow(
         Reason::AllowDns
     } else {
         firewall::judge(
-            active.table,
+            st.persona,
             DIR_EGRESS,
             ip.family,
             remote,
             ip.proto,
             l4.rule_port(),
-            st.persona.default_action[DIR_EGRESS as usize],
         )
     };
     if reason.passes() {

@@ -94,13 +94,12 @@ fn judge(p: &XdpPacket) -> Option<Handled> {
         return None;
     }
     let reason = firewall::judge(
-        active.table,
+        st.persona,
         DIR_EGRESS,
         ip.family,
         &ip.dst,
         ip.proto,
         l4.rule_port(),
-        st.persona.default_action[DIR_EGRESS as usize],
     );
     (!reason.passes()).then_some(Handled::new(reason, active.table, active.persona))
 }

@@ -72,15 +72,7 @@ fn try_icmp_error<P: Packet>(
     let reason = if entry.is_some() {
         Reason::AllowTracked
     } else {
-        firewall::judge(
-            active.table,
-            DIR_INGRESS,
-            ip.family,
-            &ip.src,
-            ip.proto,
-            0,
-            st.persona.default_action[DIR_INGRESS as usize],
-        )
+        firewall::judge(st.persona, DIR_INGRESS, ip.family, &ip.src, ip.proto, 0)
     };
     plan.flags = OUTER_DST | QUOTED_SRC;
     Ok(reason)
@@ -122,13 +114,12 @@ fn try_flow(
         return Ok(Reason::AllowTracked);
     }
     let reason = firewall::judge(
-        active.table,
+        st.persona,
         DIR_INGRESS,
         ip.family,
         &ip.src,
         ip.proto,
         l4.rule_port(),
-        st.persona.default_action[DIR_INGRESS as usize],
     );
     if reason.passes() {
         if !conntrack::admit(ifindex) {

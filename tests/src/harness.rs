@@ -37,7 +37,7 @@ pub fn unique_pin_dir(tag: &str) -> PathBuf {
 
 pub struct Harness {
     pub dp: KernelDatapath,
-    pin_dir: PathBuf,
+    pub pin_dir: PathBuf,
 }
 
 pub fn device() -> DeviceSpec {

@@ -733,3 +733,69 @@ fn a_changed_inner_address_takes_effect_without_a_shift() {
     h.dp.reclaim().expect("reclaiming");
     assert_eq!(h.dp.tables_in_use(), 1, "the replaced table was freed");
 }
+
+/// What the datapath's own account says is in use, and what the pinned maps hold as a
+/// second process reads them back.
+fn resident(h: &Harness) -> [(u64, u64); 2] {
+    let used = |dp: &dyn persona::datapath::Datapath, map: &str| {
+        dp.usage()
+            .expect("usage")
+            .maps
+            .into_iter()
+            .find(|(m, _, _)| *m == map)
+            .map(|(_, used, _)| used)
+            .unwrap_or_else(|| panic!("no {map} in usage"))
+    };
+    let reader =
+        persona::datapath::kernel::KernelDatapath::open(persona::datapath::kernel::KernelConfig {
+            pin_dir: h.pin_dir.clone(),
+            wire_host: false,
+            exclusive: false,
+            ..Default::default()
+        })
+        .expect("reading the pinned maps back");
+    [
+        (used(&h.dp, "rulesets"), used(&h.dp, "fw_v4")),
+        (used(&reader, "rulesets"), used(&reader, "fw_v4")),
+    ]
+}
+
+#[test]
+fn a_firewall_is_written_once_and_shared_by_every_shift_to_it() {
+    let mut h = Harness::with_persona(PERSONA_A);
+    let first = resident(&h);
+    assert_eq!(first[0], first[1], "the account matches the maps");
+    assert_eq!(first[0].0, 1, "one ruleset for A");
+    assert!(first[0].1 > 0, "A's v4 prefixes");
+
+    h.shift(PERSONA_B, FlowMode::Keep);
+    h.shift(PERSONA_A, FlowMode::Keep);
+    h.dp.reclaim().expect("reclaiming");
+    assert_eq!(resident(&h), first, "back on A: nothing written again");
+    // Each probe a new flow: an admitted one would pass later as tracked.
+    let ssh = |sport| {
+        frame(
+            v4([198, 51, 100, 9]),
+            v4(PERSONA_A_V4),
+            &tcp(sport, 22, SYN),
+        )
+    };
+    assert_eq!(h.to_vm(&ssh(50001)).0, TC_ACT_OK, "A's rules apply again");
+
+    // A changed firewall is a ruleset of its own; the first stays resident beside it
+    // until the space is needed, and comes back unwritten.
+    let changed = PERSONA_A.replace("ports: \"22\"", "ports: \"2222\"");
+    h.shift(&changed, FlowMode::Keep);
+    assert_eq!(
+        h.to_vm(&ssh(50002)).0,
+        TC_ACT_SHOT,
+        "the changed rules apply"
+    );
+    h.dp.reclaim().expect("reclaiming");
+    let both = resident(&h);
+    assert_eq!(both[0], both[1]);
+    assert_eq!(both[0].0, 2);
+    h.shift(PERSONA_A, FlowMode::Keep);
+    assert_eq!(resident(&h), both, "A came back from residence");
+    assert_eq!(h.to_vm(&ssh(50003)).0, TC_ACT_OK);
+}

@@ -1,7 +1,9 @@
 //! A persona spec turned into the exact rows the kernel tables will hold.
 use std::{
     collections::HashMap,
+    hash::{Hash, Hasher},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
 };
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -20,6 +22,58 @@ pub struct Prefix<N> {
     pub rules: RuleSet,
 }
 
+/// A persona's firewall prefixes, in one canonical order (direction, then network), so
+/// that equal firewalls compare and fingerprint equal however their rules were written
+/// or read back from the kernel. The datapath keeps one resident ruleset per distinct
+/// firewall.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Firewall {
+    pub v4: Vec<Prefix<Ipv4Net>>,
+    pub v6: Vec<Prefix<Ipv6Net>>,
+    fingerprint: u64,
+}
+
+impl Firewall {
+    pub fn new(mut v4: Vec<Prefix<Ipv4Net>>, mut v6: Vec<Prefix<Ipv6Net>>) -> Self {
+        v4.sort_by_key(|p| (p.direction, p.net));
+        v6.sort_by_key(|p| (p.direction, p.net));
+        let mut h = std::hash::DefaultHasher::new();
+        for p in &v4 {
+            (p.direction, p.net).hash(&mut h);
+            hash_rules(&p.rules, &mut h);
+        }
+        for p in &v6 {
+            (p.direction, p.net).hash(&mut h);
+            hash_rules(&p.rules, &mut h);
+        }
+        Self {
+            v4,
+            v6,
+            fingerprint: h.finish(),
+        }
+    }
+
+    /// Equal firewalls have equal fingerprints; a match is confirmed by comparing them.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.v4.is_empty() && self.v6.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+}
+
+fn hash_rules(set: &RuleSet, h: &mut impl Hasher) {
+    set.count.hash(h);
+    for r in set.rules.iter().take(set.count as usize) {
+        (r.proto, r.action, r.port_lo, r.port_hi).hash(h);
+    }
+}
+
 /// Everything a shift writes for one persona. `table.generation` and `table.ct_floor`
 /// are filled in by the shift itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,8 +86,8 @@ pub struct CompiledPersona {
     pub gateways: Vec<IpAddr>,
     /// The persona's WireGuard peer: what its allowed IPs name goes through the tunnel.
     pub vpn: Option<crate::model::vpn::WireguardSpec>,
-    pub v4: Vec<Prefix<Ipv4Net>>,
-    pub v6: Vec<Prefix<Ipv6Net>>,
+    /// Shared: a compiled persona is cloned into every shift to it.
+    pub firewall: Arc<Firewall>,
 }
 
 impl CompiledPersona {
@@ -49,7 +103,7 @@ impl CompiledPersona {
     }
 
     pub fn prefix_count(&self) -> usize {
-        self.v4.len() + self.v6.len()
+        self.firewall.len()
     }
 }
 
@@ -109,8 +163,7 @@ pub fn compile(spec: &PersonaSpec) -> Result<CompiledPersona, FieldError> {
         table,
         gateways: spec.gateway.into_iter().collect(),
         vpn: spec.vpn.as_ref().map(|v| v.wireguard.clone()),
-        v4,
-        v6,
+        firewall: Arc::new(Firewall::new(v4, v6)),
     })
 }
 

@@ -49,6 +49,7 @@ impl Datapath for FakeDatapath {
         self.next_table += 1;
         self.staged.insert(self.next_table);
         Ok(Staged {
+            rules: 0,
             table: self.next_table,
             persona: _persona.clone(),
         })

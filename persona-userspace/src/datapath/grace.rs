@@ -99,3 +99,69 @@ impl GraceBarrier {
         bpf(BPF_MAP_UPDATE_ELEM, &attr).map(drop)
     }
 }
+
+/// Grace periods waited for on a thread of their own, so that the thread owning the
+/// maps hands over a batch of replaced tables and goes on shifting; it frees them when
+/// the batch comes back.
+pub struct GraceThread {
+    batches: std::sync::mpsc::Sender<Vec<u32>>,
+    done: std::sync::mpsc::Receiver<(Vec<u32>, io::Result<()>)>,
+    in_flight: usize,
+}
+
+impl GraceThread {
+    pub fn spawn() -> io::Result<Self> {
+        let barrier = GraceBarrier::new()?;
+        let (batches, rx) = std::sync::mpsc::channel::<Vec<u32>>();
+        let (tx, done) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("grace".into())
+            .spawn(move || {
+                for batch in rx {
+                    let waited = barrier.wait();
+                    if tx.send((batch, waited)).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Self {
+            batches,
+            done,
+            in_flight: 0,
+        })
+    }
+
+    /// Starts a grace period for `batch`; it comes back from [`finished`](Self::finished)
+    /// or [`wait_all`](Self::wait_all) once no program can still read it.
+    pub fn submit(&mut self, batch: Vec<u32>) -> io::Result<()> {
+        self.batches
+            .send(batch)
+            .map_err(|_| io::Error::other("the grace-period thread is gone"))?;
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// The batches whose grace period has ended, without waiting.
+    pub fn finished(&mut self) -> Vec<(Vec<u32>, io::Result<()>)> {
+        let out: Vec<_> = self.done.try_iter().collect();
+        self.in_flight -= out.len();
+        out
+    }
+
+    /// Every batch handed over, once its grace period has ended.
+    pub fn wait_all(&mut self) -> Vec<(Vec<u32>, io::Result<()>)> {
+        let mut out = Vec::with_capacity(self.in_flight);
+        while self.in_flight > 0 {
+            match self.done.recv() {
+                Ok(r) => out.push(r),
+                Err(_) => break,
+            }
+            self.in_flight -= 1;
+        }
+        out
+    }
+}

@@ -58,6 +58,8 @@ pub fn ifindex(interface: &str) -> Result<u32> {
 #[must_use = "a staged persona holds a table slot until it is shifted to or discarded"]
 pub struct Staged {
     pub(crate) table: u32,
+    /// The resident firewall ruleset the table names.
+    pub(crate) rules: u32,
     pub(crate) persona: CompiledPersona,
 }
 
@@ -252,6 +254,11 @@ pub trait Datapath {
     fn sweep(&mut self) -> Result<Sweep>;
     /// How full the tables are.
     fn usage(&self) -> Result<Usage>;
+    /// Housekeeping for when no job waits (freeing replaced tables whose grace period
+    /// ended): kept off the shifts' path.
+    fn tidy(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// TCP handshake round trips of a device: per log2 bucket of microseconds (below
     /// 2^b us), and their sum in microseconds.
     fn handshakes(&self, _ifindex: u32) -> Result<(Vec<u64>, u64)> {

@@ -1,40 +1,69 @@
-//! Which persona table slots are free, and which firewall prefixes each slot holds.
+//! Which persona table slots are free, and the resident firewall rulesets they name.
 //! Slot 0 is never a persona: its `generation` is the last generation handed out, so
 //! generations keep counting up across restarts.
-use std::collections::{BTreeSet, HashMap};
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
+};
 
 use persona_common::{
-    firewall::{FwKeyV4, FwKeyV6},
+    firewall::{FwKeyV4, FwKeyV6, MAX_RULESETS},
     persona::MAX_TABLES,
 };
 
-use super::{DatapathError, Result};
+use super::{DatapathError, Result, compile::Firewall};
 
 pub const META_TABLE: u32 = 0;
+/// The empty firewall: no prefix is ever written under it.
+pub const EMPTY_RULESET: u32 = 0;
 
+/// The trie keys written for one ruleset, so that it can be removed exactly.
 #[derive(Default)]
 pub struct Prefixes {
     pub v4: Vec<(u32, FwKeyV4)>,
     pub v6: Vec<(u32, FwKeyV6)>,
 }
 
+pub struct Ruleset {
+    pub firewall: Arc<Firewall>,
+    pub keys: Prefixes,
+    /// Tables naming it, freed or not. At zero it stays resident for the next persona
+    /// with the same firewall until the space is needed.
+    refs: u32,
+}
+
 pub struct Tables {
     free: BTreeSet<u32>,
-    prefixes: HashMap<u32, Prefixes>,
+    /// The ruleset each allocated table names.
+    rules_of: HashMap<u32, u32>,
+    rulesets: HashMap<u32, Ruleset>,
+    by_fingerprint: HashMap<u64, Vec<u32>>,
+    free_rulesets: BTreeSet<u32>,
 }
 
 impl Tables {
-    /// `in_use`: tables some device's `ACTIVE` points at. Everything else is free, and
-    /// prefixes found for free tables (a stage cut short by a crash) are cleared on reuse.
-    pub fn recover(in_use: impl IntoIterator<Item = u32>, found: HashMap<u32, Prefixes>) -> Self {
-        let mut free: BTreeSet<u32> = (META_TABLE + 1..MAX_TABLES).collect();
-        for t in in_use {
-            free.remove(&t);
+    /// `in_use`: tables some device's `ACTIVE` points at, with the ruleset each names.
+    /// Everything else is free. `found`: the rulesets the tries hold.
+    pub fn recover(
+        in_use: impl IntoIterator<Item = (u32, u32)>,
+        found: impl IntoIterator<Item = (u32, Firewall, Prefixes)>,
+    ) -> Self {
+        let mut tables = Self {
+            free: (META_TABLE + 1..MAX_TABLES).collect(),
+            rules_of: HashMap::new(),
+            rulesets: HashMap::new(),
+            by_fingerprint: HashMap::new(),
+            free_rulesets: (EMPTY_RULESET + 1..MAX_RULESETS).collect(),
+        };
+        for (id, firewall, keys) in found {
+            tables.free_rulesets.remove(&id);
+            tables.insert_ruleset(id, Arc::new(firewall), keys);
         }
-        Self {
-            free,
-            prefixes: found,
+        for (table, ruleset) in in_use {
+            tables.free.remove(&table);
+            tables.hold(table, ruleset);
         }
+        tables
     }
 
     pub fn alloc(&mut self) -> Result<u32> {
@@ -43,18 +72,11 @@ impl Tables {
             .ok_or(DatapathError::TablesExhausted(MAX_TABLES - 1))
     }
 
+    /// Returns the slot to the free list; its ruleset reference must be dropped first.
     pub fn release(&mut self, table: u32) {
         if table != META_TABLE {
             self.free.insert(table);
         }
-    }
-
-    pub fn take_prefixes(&mut self, table: u32) -> Prefixes {
-        self.prefixes.remove(&table).unwrap_or_default()
-    }
-
-    pub fn set_prefixes(&mut self, table: u32, p: Prefixes) {
-        self.prefixes.insert(table, p);
     }
 
     pub fn free(&self) -> impl Iterator<Item = u32> + '_ {
@@ -63,5 +85,148 @@ impl Tables {
 
     pub fn in_use(&self) -> usize {
         (MAX_TABLES - 1) as usize - self.free.len()
+    }
+
+    /// The resident ruleset holding exactly this firewall.
+    pub fn find_ruleset(&self, firewall: &Arc<Firewall>) -> Option<u32> {
+        if firewall.is_empty() {
+            return Some(EMPTY_RULESET);
+        }
+        self.by_fingerprint
+            .get(&firewall.fingerprint())?
+            .iter()
+            .copied()
+            .find(|id| {
+                let r = &self.rulesets[id].firewall;
+                Arc::ptr_eq(r, firewall) || **r == **firewall
+            })
+    }
+
+    pub fn alloc_ruleset(&mut self) -> Option<u32> {
+        self.free_rulesets.pop_first()
+    }
+
+    /// An id handed out by [`alloc_ruleset`](Self::alloc_ruleset) and never written.
+    pub fn unalloc_ruleset(&mut self, id: u32) {
+        if id != EMPTY_RULESET {
+            self.free_rulesets.insert(id);
+        }
+    }
+
+    pub fn insert_ruleset(&mut self, id: u32, firewall: Arc<Firewall>, keys: Prefixes) {
+        self.by_fingerprint
+            .entry(firewall.fingerprint())
+            .or_default()
+            .push(id);
+        self.rulesets.insert(
+            id,
+            Ruleset {
+                firewall,
+                keys,
+                refs: 0,
+            },
+        );
+    }
+
+    /// Records that `table` names `ruleset`.
+    pub fn hold(&mut self, table: u32, ruleset: u32) {
+        if let Some(old) = self.rules_of.insert(table, ruleset) {
+            self.unref(old);
+        }
+        if let Some(r) = self.rulesets.get_mut(&ruleset) {
+            r.refs += 1;
+        }
+    }
+
+    /// `table` names no ruleset any more (it is being cleared).
+    pub fn unhold(&mut self, table: u32) {
+        if let Some(old) = self.rules_of.remove(&table) {
+            self.unref(old);
+        }
+    }
+
+    fn unref(&mut self, ruleset: u32) {
+        if let Some(r) = self.rulesets.get_mut(&ruleset) {
+            r.refs = r.refs.saturating_sub(1);
+        }
+    }
+
+    /// Takes out every ruleset no table names, for its prefixes to be removed.
+    pub fn evict_unreferenced(&mut self) -> Vec<(u32, Ruleset)> {
+        let ids: Vec<u32> = self
+            .rulesets
+            .iter()
+            .filter(|(_, r)| r.refs == 0)
+            .map(|(&id, _)| id)
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| {
+                let r = self.rulesets.remove(&id)?;
+                if let Some(ids) = self.by_fingerprint.get_mut(&r.firewall.fingerprint()) {
+                    ids.retain(|&i| i != id);
+                    if ids.is_empty() {
+                        self.by_fingerprint.remove(&r.firewall.fingerprint());
+                    }
+                }
+                self.free_rulesets.insert(id);
+                Some((id, r))
+            })
+            .collect()
+    }
+
+    /// Resident rulesets, those no table names, and their prefixes (v4, v6).
+    pub fn ruleset_usage(&self) -> (usize, usize, usize, usize) {
+        let unreferenced = self.rulesets.values().filter(|r| r.refs == 0).count();
+        let (v4, v6) = self.rulesets.values().fold((0, 0), |(a, b), r| {
+            (a + r.keys.v4.len(), b + r.keys.v6.len())
+        });
+        (self.rulesets.len(), unreferenced, v4, v6)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn firewall(port: u16) -> Arc<Firewall> {
+        let mut rules = persona_common::firewall::RuleSet {
+            count: 1,
+            ..Default::default()
+        };
+        rules.rules[0].port_lo = port;
+        rules.rules[0].port_hi = port;
+        Arc::new(Firewall::new(
+            vec![super::super::compile::Prefix {
+                direction: 0,
+                net: "198.51.100.0/24".parse().unwrap(),
+                rules,
+            }],
+            Vec::new(),
+        ))
+    }
+
+    #[test]
+    fn equal_firewalls_share_a_ruleset_until_no_table_names_it() {
+        let mut t = Tables::recover([], []);
+        let a = firewall(22);
+        assert_eq!(t.find_ruleset(&a), None);
+        let id = t.alloc_ruleset().unwrap();
+        t.insert_ruleset(id, a.clone(), Prefixes::default());
+        let copy = Arc::new((*a).clone());
+        assert_eq!(t.find_ruleset(&copy), Some(id), "found by content");
+        assert_eq!(t.find_ruleset(&firewall(23)), None);
+        assert_eq!(
+            t.find_ruleset(&Arc::new(Firewall::default())),
+            Some(EMPTY_RULESET)
+        );
+        t.hold(1, id);
+        t.hold(2, id);
+        t.unhold(1);
+        assert!(t.evict_unreferenced().is_empty(), "table 2 still names it");
+        t.unhold(2);
+        let evicted = t.evict_unreferenced();
+        assert_eq!(evicted.len(), 1);
+        assert_eq!(t.find_ruleset(&a), None);
+        assert_eq!(t.alloc_ruleset(), Some(id), "its id is free again");
     }
 }

@@ -1,7 +1,7 @@
 //! One thread owns the node (the datapath and the host wiring); async code sends it
 //! jobs. The host drives netlink through a runtime of its own and must not be called
 //! from inside another, and a single owner also serialises shifts.
-use std::{sync::mpsc, thread};
+use std::{sync::mpsc, thread, time::Duration};
 
 use tokio::sync::oneshot;
 
@@ -9,6 +9,30 @@ use super::{Datapath, DatapathError, Result};
 use crate::node::Node;
 
 type Job = Box<dyn FnOnce(&mut Node) + Send>;
+
+/// How often housekeeping looks for finished grace periods while no job comes.
+const IDLE_TICK: Duration = Duration::from_millis(50);
+
+/// Runs jobs as they come; when none waits, tidies up.
+fn serve(node: &mut Node, rx: &mpsc::Receiver<Job>) {
+    loop {
+        let job = match rx.try_recv() {
+            Ok(job) => job,
+            Err(mpsc::TryRecvError::Disconnected) => return,
+            Err(mpsc::TryRecvError::Empty) => {
+                if let Err(e) = node.datapath.tidy() {
+                    tracing::warn!(error = %e, "freeing replaced tables");
+                }
+                match rx.recv_timeout(IDLE_TICK) {
+                    Ok(job) => job,
+                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            }
+        };
+        job(node);
+    }
+}
 
 #[derive(Clone)]
 pub struct DatapathHandle {
@@ -28,9 +52,7 @@ impl DatapathHandle {
             .spawn(move || match open() {
                 Ok(mut node) => {
                     let _ = ready_tx.send(Ok(()));
-                    for job in rx {
-                        job(&mut node);
-                    }
+                    serve(&mut node, &rx);
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));

@@ -31,8 +31,8 @@ fn a_good_manifest_parses_and_compiles() {
     };
     let c = compile(spec).expect("compiles");
     assert_eq!(c.table.addr_v4, [203, 0, 113, 10]);
-    assert_eq!(c.v4.len(), 1);
-    assert_eq!(c.v4[0].rules.count, 1);
+    assert_eq!(c.firewall.v4.len(), 1);
+    assert_eq!(c.firewall.v4[0].rules.count, 1);
 }
 
 #[test]
@@ -158,7 +158,12 @@ fn wider_prefixes_rules_are_folded_behind_the_narrower_ones() {
         panic!()
     };
     let c = compile(spec).expect("compiles");
-    let slash25 = c.v4.iter().find(|p| p.net.prefix_len() == 25).expect("/25");
+    let slash25 = c
+        .firewall
+        .v4
+        .iter()
+        .find(|p| p.net.prefix_len() == 25)
+        .expect("/25");
     let protos: Vec<u8> = slash25.rules.rules[..slash25.rules.count as usize]
         .iter()
         .map(|r| r.proto)

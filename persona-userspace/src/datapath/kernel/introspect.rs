@@ -54,10 +54,13 @@ impl KernelDatapath {
 
     pub(super) fn map_usage(&self) -> Result<crate::datapath::Usage> {
         use persona_common::{
-            conntrack::CT_MAX_ENTRIES, device::MAX_DEVICES, firewall::MAX_PREFIXES,
+            conntrack::CT_MAX_ENTRIES,
+            device::MAX_DEVICES,
+            firewall::{MAX_PREFIXES, MAX_RULESETS},
             persona::MAX_TABLES,
         };
         let count = |n: usize| n as u64;
+        let (rulesets, _, fw_v4, fw_v6) = self.tables.ruleset_usage();
         Ok(crate::datapath::Usage {
             maps: vec![
                 (
@@ -70,16 +73,9 @@ impl KernelDatapath {
                     count(self.tables.in_use()),
                     (MAX_TABLES - 1) as u64,
                 ),
-                (
-                    "fw_v4",
-                    count(self.maps.fw_v4.keys().count()),
-                    MAX_PREFIXES as u64,
-                ),
-                (
-                    "fw_v6",
-                    count(self.maps.fw_v6.keys().count()),
-                    MAX_PREFIXES as u64,
-                ),
+                ("rulesets", count(rulesets), (MAX_RULESETS - 1) as u64),
+                ("fw_v4", count(fw_v4), MAX_PREFIXES as u64),
+                ("fw_v6", count(fw_v6), MAX_PREFIXES as u64),
                 (
                     "conntrack",
                     count(self.maps.conntrack.keys().count()),
@@ -122,8 +118,7 @@ impl KernelDatapath {
             table: *table,
             gateways: vec![],
             vpn: None,
-            v4: vec![],
-            v6: vec![],
+            firewall: Default::default(),
         };
         compiled.addresses()
     }

@@ -3,6 +3,57 @@
 use std::collections::HashMap as StdHashMap;
 
 use super::*;
+use crate::datapath::compile::{Firewall, Prefix};
+
+/// The rulesets the pinned tries hold, read back with their keys: a ruleset a table
+/// still names must be known to be freed, and one equal to a persona's firewall is
+/// used again instead of written twice.
+fn resident_rulesets(maps: &Maps) -> Vec<(u32, Firewall, Prefixes)> {
+    type Found = (
+        Vec<Prefix<ipnet::Ipv4Net>>,
+        Vec<Prefix<ipnet::Ipv6Net>>,
+        Prefixes,
+    );
+    let mut found: StdHashMap<u32, Found> = StdHashMap::new();
+    for (key, rules) in maps.fw_v4.iter().flatten() {
+        let data = key.data();
+        let len = key.prefix_len();
+        let Ok(net) = ipnet::Ipv4Net::new(
+            data.addr.into(),
+            len.checked_sub(KEY_HEADER_BITS).unwrap_or(u32::MAX) as u8,
+        ) else {
+            continue;
+        };
+        let entry = found.entry(u32::from_be_bytes(data.ruleset)).or_default();
+        entry.0.push(Prefix {
+            direction: u32::from_be_bytes(data.direction) as u8,
+            net,
+            rules,
+        });
+        entry.2.v4.push((len, data));
+    }
+    for (key, rules) in maps.fw_v6.iter().flatten() {
+        let data = key.data();
+        let len = key.prefix_len();
+        let Ok(net) = ipnet::Ipv6Net::new(
+            data.addr.into(),
+            len.checked_sub(KEY_HEADER_BITS).unwrap_or(u32::MAX) as u8,
+        ) else {
+            continue;
+        };
+        let entry = found.entry(u32::from_be_bytes(data.ruleset)).or_default();
+        entry.1.push(Prefix {
+            direction: u32::from_be_bytes(data.direction) as u8,
+            net,
+            rules,
+        });
+        entry.2.v6.push((len, data));
+    }
+    found
+        .into_iter()
+        .map(|(id, (v4, v6, keys))| (id, Firewall::new(v4, v6), keys))
+        .collect()
+}
 
 impl KernelDatapath {
     /// Loads the programs and opens the maps, re-using pinned ones: after a restart the
@@ -22,28 +73,13 @@ impl KernelDatapath {
             .map_err(|e| DatapathError::Bpf(format!("loading the BPF object: {e}")))?;
         programs::load(&mut ebpf)?;
         let maps = Maps::take(&mut ebpf)?;
-        let in_use: Vec<u32> = maps
+        let in_use: Vec<(u32, u32)> = maps
             .active
             .iter()
             .filter_map(|r| r.ok().map(|(_, a)| a.table))
+            .map(|t| (t, maps.personas.get(&t, 0).map_or(0, |p| p.rules)))
             .collect();
-        let mut found: StdHashMap<u32, Prefixes> = StdHashMap::new();
-        for key in maps.fw_v4.keys().flatten() {
-            let table = u32::from_be_bytes(key.data().table);
-            found
-                .entry(table)
-                .or_default()
-                .v4
-                .push((key.prefix_len(), key.data()));
-        }
-        for key in maps.fw_v6.keys().flatten() {
-            let table = u32::from_be_bytes(key.data().table);
-            found
-                .entry(table)
-                .or_default()
-                .v6
-                .push((key.prefix_len(), key.data()));
-        }
+        let found = resident_rulesets(&maps);
         if !in_use.is_empty() {
             info!(devices = in_use.len(), pin_dir = %config.pin_dir.display(), "re-using pinned datapath");
         }
@@ -51,7 +87,7 @@ impl KernelDatapath {
             ebpf,
             maps,
             tables: Tables::recover(in_use, found),
-            grace: GraceBarrier::new().map_err(io_err("creating the grace-period map"))?,
+            grace: GraceThread::spawn().map_err(io_err("starting the grace-period thread"))?,
             config,
             retired: Vec::new(),
             cpus: nr_cpus().map_err(|(_, e)| io_err("counting CPUs")(e))?,

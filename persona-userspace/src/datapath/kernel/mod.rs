@@ -18,19 +18,21 @@ use persona_common::{
     conntrack::{DEFAULT_FLOW_BUDGET, FlowBudget},
     counters::{Counter, CounterKey, NO_PERSONA, Reason, tracked_slot},
     device::{DEVICE_HAS_V4, DEVICE_HAS_V6, DeviceConfig},
-    firewall::{FwKeyV4, FwKeyV6, KEY_HEADER_BITS, RuleSet, key_header},
+    firewall::{FwKeyV4, FwKeyV6, KEY_HEADER_BITS, MAX_RULESETS, key_header},
     guard::GuardState,
     host::{
         Drain, HostWiring, MAX_UPLINKS, ROUTE_IN_BPF, Routing, WIRED_GATEWAY_V4, WIRED_GATEWAY_V6,
     },
     persona::{Active, MAX_TABLES, PersonaTable},
 };
+use std::sync::Arc;
 use tracing::info;
 
 use super::{
     ActiveState, Committed, CompiledPersona, Counters, Datapath, DatapathError, DeviceWiring,
     Flipped, Result, Staged,
-    grace::GraceBarrier,
+    compile::Firewall,
+    grace::GraceThread,
     maps::Maps,
     programs::{self, Links, Program},
     tables::{META_TABLE, Prefixes, Tables},
@@ -55,8 +57,8 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/persona";
 
-/// Replaced tables freed per grace period: the wait (~10 ms) is paid once per batch,
-/// not once per shift.
+/// Replaced tables freed per grace period: the wait (~10 ms, on the grace thread) is
+/// paid once per batch, not once per shift.
 const RECLAIM_BATCH: usize = 64;
 
 #[derive(Debug, Clone)]
@@ -113,31 +115,11 @@ pub struct KernelDatapath {
     ebpf: Ebpf,
     maps: Maps,
     tables: Tables,
-    grace: GraceBarrier,
+    grace: GraceThread,
     config: KernelConfig,
     retired: Vec<u32>,
     cpus: usize,
     _lock: Option<nix::fcntl::Flock<std::fs::File>>,
-}
-
-/// Copies each prefix under the key `moved` gives it, recording each in `written` as it
-/// goes.
-fn copy_prefixes<K: aya::Pod>(
-    map: &mut aya::maps::LpmTrie<aya::maps::MapData, K, RuleSet>,
-    from: &[(u32, K)],
-    moved: impl Fn(K) -> K,
-    written: &mut Vec<(u32, K)>,
-) -> Result<()> {
-    for &(len, key) in from {
-        let rules = map
-            .get(&Key::new(len, key), 0)
-            .map_err(bpf_err("firewall prefix"))?;
-        let to = moved(key);
-        map.insert(&Key::new(len, to), rules, 0)
-            .map_err(bpf_err("firewall prefix"))?;
-        written.push((len, to));
-    }
-    Ok(())
 }
 
 fn add(a: Counter, b: &Counter) -> Counter {
@@ -283,5 +265,9 @@ impl Datapath for KernelDatapath {
 
     fn sweep(&mut self) -> Result<super::Sweep> {
         KernelDatapath::sweep(self)
+    }
+
+    fn tidy(&mut self) -> Result<()> {
+        KernelDatapath::tidy(self)
     }
 }

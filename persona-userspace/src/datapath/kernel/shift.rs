@@ -27,6 +27,7 @@ impl KernelDatapath {
             }
         };
         let mut table = staged.persona.table;
+        table.rules = staged.rules;
         table.generation = generation;
         table.inner_v4 = device.inner_v4;
         table.inner_v6 = device.inner_v6;

@@ -1,30 +1,25 @@
 //! Table slots: staging a persona into a free one, copying, clearing, and freeing
-//! replaced ones after a grace period.
+//! replaced ones after a grace period; the resident firewall rulesets they name.
 use super::*;
 
 impl KernelDatapath {
     pub(super) fn stage_persona(&mut self, persona: &CompiledPersona) -> Result<Staged> {
+        let ruleset = self.resident(&persona.firewall)?;
         let table = self.alloc_table()?;
         // A slot may hold leftovers of a stage a crash cut short.
         if let Err(e) = self.clear_table(table) {
             self.tables.release(table);
             return Err(e);
         }
-        let mut result = self.write_into(table, persona);
-        if result.is_err() && !self.retired.is_empty() {
-            // The firewall maps may be full of retired tables' prefixes: free them now
-            // rather than at the end of the batch, and try once more.
-            self.reclaim()?;
-            result = self.write_into(table, persona);
-        }
-        if let Err(e) = result {
-            self.tables.release(table);
-            return Err(e);
-        }
+        self.tables.hold(table, ruleset);
+        let written = PersonaTable {
+            rules: ruleset,
+            ..persona.table
+        };
         if let Err(e) = self
             .maps
             .personas
-            .set(table, persona.table, 0)
+            .set(table, written, 0)
             .map_err(bpf_err("PERSONAS"))
         {
             let _ = self.clear_table(table);
@@ -33,6 +28,7 @@ impl KernelDatapath {
         }
         Ok(Staged {
             table,
+            rules: ruleset,
             persona: persona.clone(),
         })
     }
@@ -61,7 +57,14 @@ impl KernelDatapath {
         table.inner_v6 = cfg.inner_v6;
         table.device_flags = cfg.flags;
         let slot = self.alloc_table()?;
-        if let Err(e) = self.copy_into(active.table, slot, table) {
+        let copied = self.clear_table(slot).and_then(|()| {
+            self.tables.hold(slot, table.rules);
+            self.maps
+                .personas
+                .set(slot, table, 0)
+                .map_err(bpf_err("PERSONAS"))
+        });
+        if let Err(e) = copied {
             let _ = self.clear_table(slot);
             self.tables.release(slot);
             return Err(e);
@@ -84,47 +87,69 @@ impl KernelDatapath {
         self.retire(active.table)
     }
 
-    /// `table` with `from`'s firewall prefixes, written into the free slot `to`.
-    pub(super) fn copy_into(&mut self, from: u32, to: u32, table: PersonaTable) -> Result<()> {
-        self.clear_table(to)?;
-        let old = self.tables.take_prefixes(from);
-        let (t, _) = key_header(to, 0);
-        let mut written = Prefixes::default();
-        let result = copy_prefixes(
-            &mut self.maps.fw_v4,
-            &old.v4,
-            |k| FwKeyV4 { table: t, ..k },
-            &mut written.v4,
-        )
-        .and_then(|()| {
-            copy_prefixes(
-                &mut self.maps.fw_v6,
-                &old.v6,
-                |k| FwKeyV6 { table: t, ..k },
-                &mut written.v6,
-            )
-        });
-        self.tables.set_prefixes(from, old);
-        self.tables.set_prefixes(to, written);
-        result?;
-        self.maps
-            .personas
-            .set(to, table, 0)
-            .map_err(bpf_err("PERSONAS"))
+    /// The resident ruleset holding this firewall, written now if none does. When the
+    /// tries or the ids are full, rulesets no table names are removed first.
+    pub(super) fn resident(&mut self, firewall: &Arc<Firewall>) -> Result<u32> {
+        if let Some(id) = self.tables.find_ruleset(firewall) {
+            return Ok(id);
+        }
+        let mut result = self.write_ruleset(firewall);
+        if result.is_err() {
+            // The maps may be full of rulesets no table needs, or of retired tables'.
+            self.reclaim()?;
+            self.evict_rulesets();
+            result = self.write_ruleset(firewall);
+        }
+        result
     }
 
-    /// Writes the persona's prefixes under `table`, recording each in `written` as it
-    /// goes, so that a failure part-way leaves a record of what to remove.
-    pub(super) fn write_prefixes(
+    fn write_ruleset(&mut self, firewall: &Arc<Firewall>) -> Result<u32> {
+        let id = self
+            .tables
+            .alloc_ruleset()
+            .ok_or(DatapathError::TablesExhausted(MAX_RULESETS - 1))?;
+        let mut written = Prefixes::default();
+        match self.write_prefixes(id, firewall, &mut written) {
+            Ok(()) => {
+                self.tables.insert_ruleset(id, firewall.clone(), written);
+                Ok(id)
+            }
+            Err(e) => {
+                self.remove_prefixes(written);
+                self.tables.unalloc_ruleset(id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes the prefixes of every ruleset no table names.
+    pub(super) fn evict_rulesets(&mut self) {
+        for (_, ruleset) in self.tables.evict_unreferenced() {
+            self.remove_prefixes(ruleset.keys);
+        }
+    }
+
+    fn remove_prefixes(&mut self, keys: Prefixes) {
+        for (len, data) in keys.v4 {
+            let _ = self.maps.fw_v4.remove(&Key::new(len, data));
+        }
+        for (len, data) in keys.v6 {
+            let _ = self.maps.fw_v6.remove(&Key::new(len, data));
+        }
+    }
+
+    /// Writes the firewall's prefixes under `ruleset`, recording each in `written` as
+    /// it goes, so that a failure part-way leaves a record of what to remove.
+    fn write_prefixes(
         &mut self,
-        table: u32,
-        persona: &CompiledPersona,
+        ruleset: u32,
+        firewall: &Firewall,
         written: &mut Prefixes,
     ) -> Result<()> {
-        for p in &persona.v4 {
-            let (t, d) = key_header(table, p.direction);
+        for p in &firewall.v4 {
+            let (r, d) = key_header(ruleset, p.direction);
             let data = FwKeyV4 {
-                table: t,
+                ruleset: r,
                 direction: d,
                 addr: p.net.network().octets(),
             };
@@ -135,10 +160,10 @@ impl KernelDatapath {
                 .map_err(bpf_err("FW_V4"))?;
             written.v4.push((len, data));
         }
-        for p in &persona.v6 {
-            let (t, d) = key_header(table, p.direction);
+        for p in &firewall.v6 {
+            let (r, d) = key_header(ruleset, p.direction);
             let data = FwKeyV6 {
-                table: t,
+                ruleset: r,
                 direction: d,
                 addr: p.net.network().octets(),
             };
@@ -152,26 +177,11 @@ impl KernelDatapath {
         Ok(())
     }
 
-    /// Writes the prefixes into `table`, or leaves it empty.
-    pub(super) fn write_into(&mut self, table: u32, persona: &CompiledPersona) -> Result<()> {
-        let mut written = Prefixes::default();
-        let result = self.write_prefixes(table, persona, &mut written);
-        self.tables.set_prefixes(table, written);
-        if result.is_err() {
-            let _ = self.clear_table(table);
-        }
-        result
-    }
-
+    /// Empties a table slot nothing reads: its tracked counts harvested, its ruleset
+    /// reference dropped (the ruleset stays resident).
     pub(super) fn clear_table(&mut self, table: u32) -> Result<()> {
         self.harvest(table)?;
-        let old = self.tables.take_prefixes(table);
-        for (len, data) in old.v4 {
-            let _ = self.maps.fw_v4.remove(&Key::new(len, data));
-        }
-        for (len, data) in old.v6 {
-            let _ = self.maps.fw_v6.remove(&Key::new(len, data));
-        }
+        self.tables.unhold(table);
         self.maps
             .personas
             .set(table, PersonaTable::default(), 0)
@@ -230,31 +240,68 @@ impl KernelDatapath {
             .map_err(|e| DatapathError::Bpf(format!("per-CPU counter: {e}")))
     }
 
-    /// Queues a table no device points at any more. It is freed by the next
-    /// [`reclaim`](Self::reclaim), which one grace period makes safe for the whole batch.
+    /// Queues a table no device points at any more. A full batch goes to the grace
+    /// thread at once; the tables are freed when it comes back, off the shift's path.
     pub(super) fn retire(&mut self, table: u32) -> Result<()> {
         self.retired.push(table);
         if self.retired.len() >= RECLAIM_BATCH {
-            self.reclaim()?;
+            let batch = std::mem::take(&mut self.retired);
+            self.grace
+                .submit(batch)
+                .map_err(io_err("handing tables to the grace-period thread"))?;
         }
         Ok(())
     }
 
-    /// Frees every retired table once no program run can still be reading any of them.
-    pub fn reclaim(&mut self) -> Result<()> {
-        if self.retired.is_empty() {
-            return Ok(());
-        }
-        self.grace
-            .wait()
-            .map_err(io_err("waiting for an RCU grace period"))?;
-        // One at a time: a failure leaves the rest listed, to be freed next time.
-        while let Some(&table) = self.retired.last() {
-            self.clear_table(table)?;
-            self.retired.pop();
-            self.tables.release(table);
+    /// Housekeeping while no job waits: frees the batches whose grace period ended,
+    /// and hands over a part batch when nothing else is in flight.
+    pub(super) fn tidy(&mut self) -> Result<()> {
+        let finished = self.grace.finished();
+        self.free_batches(finished)?;
+        if !self.retired.is_empty() && self.grace.in_flight() == 0 {
+            let batch = std::mem::take(&mut self.retired);
+            self.grace
+                .submit(batch)
+                .map_err(io_err("handing tables to the grace-period thread"))?;
         }
         Ok(())
+    }
+
+    /// Frees every retired table once no program run can still be reading any of them,
+    /// waiting for the grace periods under way.
+    pub fn reclaim(&mut self) -> Result<()> {
+        if !self.retired.is_empty() {
+            let batch = std::mem::take(&mut self.retired);
+            self.grace
+                .submit(batch)
+                .map_err(io_err("handing tables to the grace-period thread"))?;
+        }
+        let finished = self.grace.wait_all();
+        self.free_batches(finished)
+    }
+
+    fn free_batches(&mut self, batches: Vec<(Vec<u32>, std::io::Result<()>)>) -> Result<()> {
+        let mut failed = None;
+        for (batch, waited) in batches {
+            if let Err(e) = waited {
+                // Not known to be safe yet: they wait for the next grace period.
+                self.retired.extend(batch);
+                failed.get_or_insert(io_err("waiting for an RCU grace period")(e));
+                continue;
+            }
+            // One at a time: a failure leaves the rest listed, to be freed next time.
+            let mut rest = batch.into_iter();
+            for table in rest.by_ref() {
+                if let Err(e) = self.clear_table(table) {
+                    self.retired.push(table);
+                    failed.get_or_insert(e);
+                    break;
+                }
+                self.tables.release(table);
+            }
+            self.retired.extend(rest);
+        }
+        failed.map_or(Ok(()), Err)
     }
 
     pub(super) fn persona_table(&self, table: u32) -> Result<PersonaTable> {
