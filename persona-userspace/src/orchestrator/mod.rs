@@ -12,10 +12,11 @@ use serde::{Deserialize as _, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
+mod catalog;
 mod devices;
 
 use crate::{
-    datapath::{Sweep, compile, worker::DatapathHandle},
+    datapath::{Sweep, worker::DatapathHandle},
     model::{DeviceSpec, FlowMode, PersonaSpec},
     node::{Applied, Step as TxStep, StepFailed},
     store::{DeviceState, Event, EventBody, Kind, Record, Store, StoreError},
@@ -99,6 +100,24 @@ fn set_diff(what: &str, old: BTreeSet<String>, new: BTreeSet<String>) -> Vec<Str
         .collect()
 }
 
+/// Diff lines kept in a plan's firewall step: a plan is recorded with every shift, and
+/// two large personas can differ in every rule.
+const FIREWALL_DIFF_LINES: usize = 100;
+
+/// `set_diff` over borrowed sets, at most [`FIREWALL_DIFF_LINES`] lines and a count of
+/// the rest.
+fn set_diff_ref(what: &str, old: &BTreeSet<String>, new: &BTreeSet<String>) -> Vec<String> {
+    let gone = old.difference(new).map(|x| format!("- {what} {x}"));
+    let come = new.difference(old).map(|x| format!("+ {what} {x}"));
+    let mut all = gone.chain(come);
+    let mut out: Vec<String> = all.by_ref().take(FIREWALL_DIFF_LINES).collect();
+    let rest = all.count();
+    if rest > 0 {
+        out.push(format!("… {rest} more {what} lines"));
+    }
+    out
+}
+
 fn rule_lines(spec: &PersonaSpec) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for (dir, d) in [
@@ -125,6 +144,21 @@ pub fn plan(
     compiled: &crate::datapath::CompiledPersona,
     flows: FlowMode,
 ) -> Result<Plan, ShiftError> {
+    let old_rules = old.map(|o| rule_lines(o.1)).unwrap_or_default();
+    let fw = set_diff_ref("firewall", &old_rules, &rule_lines(new));
+    plan_with(device, old, to, new, compiled, flows, fw)
+}
+
+/// [`plan`] with the firewall's diff lines given (from the catalog).
+fn plan_with(
+    device: &str,
+    old: Option<(&str, &PersonaSpec, u64)>,
+    to: &str,
+    new: &PersonaSpec,
+    compiled: &crate::datapath::CompiledPersona,
+    flows: FlowMode,
+    fw: Vec<String>,
+) -> Result<Plan, ShiftError> {
     let addrs = |s: &PersonaSpec| {
         s.addresses
             .iter()
@@ -143,11 +177,6 @@ pub fn plan(
         old.map_or_else(empty, |o| dns(o.1)),
         dns(new),
     ));
-    let fw = set_diff(
-        "firewall",
-        old.map_or_else(empty, |o| rule_lines(o.1)),
-        rule_lines(new),
-    );
     diff.extend(fw.iter().cloned());
     Ok(Plan {
         device: device.into(),
@@ -186,6 +215,8 @@ pub fn plan(
 
 pub struct Orchestrator {
     store: Arc<dyn Store>,
+    /// Personas parsed and compiled once per stored version.
+    catalog: catalog::Catalog,
     tls: TlsApplier,
     metrics: Arc<crate::metrics::Metrics>,
     datapath: DatapathHandle,
@@ -230,6 +261,7 @@ impl Orchestrator {
     ) -> Self {
         Self {
             store,
+            catalog: Default::default(),
             tls,
             metrics,
             datapath,
@@ -449,33 +481,35 @@ impl Orchestrator {
                 })?,
         };
         let persona = persona.as_str();
-        let persona_record = self
-            .store
-            .get(Kind::Persona, persona)?
-            .ok_or_else(|| not_found("Persona", persona))?;
-        let declared: PersonaSpec = parse(&persona_record)?;
+        let entry = self.catalog.persona(&*self.store, persona)?;
+        let declared = &*entry.spec;
         let state = self.store.device_state(device)?;
         let leases = self
-            .lease(device, persona, &declared, state.as_ref())
+            .lease(device, persona, declared, state.as_ref())
             .await?;
-        let new = declared.leased(&leases);
-        let old_record = match &state {
-            Some(s) => self.store.get(Kind::Persona, &s.persona)?,
-            None => None,
-        };
-        let old_spec: Option<PersonaSpec> = old_record
+        let (new, compiled) = entry.leased(&leases)?;
+        // What the device runs now, when its persona still is there and compiles: its
+        // addresses for the plan, its wiring to put back on undo.
+        let old_entry = state
             .as_ref()
-            .map(parse::<PersonaSpec>)
-            .transpose()?
-            .zip(state.as_ref())
-            .map(|(p, s)| p.leased(&s.leases));
-        let old = match (&state, &old_spec) {
-            (Some(s), Some(spec)) => Some((s.persona.as_str(), spec, s.generation)),
+            .and_then(|s| self.catalog.persona(&*self.store, &s.persona).ok());
+        let old_run = match (&state, &old_entry) {
+            (Some(s), Some(e)) => e.leased(&s.leases).ok(),
+            _ => None,
+        };
+        let old = match (&state, &old_run) {
+            (Some(s), Some((spec, _))) => Some((s.persona.as_str(), spec, s.generation)),
             _ => None,
         };
         let flows = flows.or(declared.flows).unwrap_or_default();
-        let compiled = self.compile(persona, &new)?;
-        let plan = plan(device, old, persona, &new, &compiled, flows)?;
+        let fw = self.catalog.firewall_diff(
+            state
+                .as_ref()
+                .zip(old_entry.as_deref())
+                .map(|(s, e)| (s.persona.as_str(), e)),
+            (persona, &entry),
+        );
+        let plan = plan_with(device, old, persona, &new, &compiled, flows, (*fw).clone())?;
         let mut body = EventBody {
             kind: "shift".into(),
             actor: actor.into(),
@@ -512,17 +546,8 @@ impl Orchestrator {
             body.result = format!("rolled back at {}: {}", f.step, f.reason);
             body.detail["failed_step"] = json!(f.step);
         };
-        let previous = match (&state, &old_spec) {
-            // Only its wiring is put back on undo (addresses, gateway, tunnel), so its
-            // rules are left out; a previous persona that no longer compiles does not
-            // stop the shift away from it.
-            (Some(s), Some(spec)) => {
-                let mut wiring = spec.clone();
-                wiring.firewall = Default::default();
-                self.compile(&s.persona, &wiring).ok()
-            }
-            _ => None,
-        };
+        // Only its wiring is put back on undo (addresses, gateway, tunnel).
+        let previous = old_run.as_ref().map(|(_, c)| c.clone());
         let applied = self.apply(&device_spec, compiled, previous, flows).await;
         let applied = match applied {
             Ok(a) => a,
@@ -538,7 +563,7 @@ impl Orchestrator {
         self.attached_at(applied.ifindex, &device_spec.interface);
         let generation = applied.flipped().map_or(0, |f| f.generation);
         let flip = applied.flipped().map(|f| f.flip).unwrap_or_default();
-        let old_tls = old_spec.as_ref().and_then(|o| o.tls.as_ref());
+        let old_tls = old_run.as_ref().and_then(|(o, _)| o.tls.as_ref());
         let tls = match self.fault {
             Some(TxStep::Tls) => Err("injected fault".to_owned()),
             _ => self
@@ -546,10 +571,17 @@ impl Orchestrator {
                 .install(device, persona, generation, new.tls.as_ref()),
         }
         .map_err(|why| StepFailed::new(TxStep::Tls, why));
+        let mut done = body.clone();
+        let duration_us = start.elapsed().as_micros() as u64;
+        done.duration_us = Some(duration_us);
+        done.generation = Some(generation);
+        done.result = "ok".into();
+        done.detail["flip_us"] = json!(flip.as_secs_f64() * 1e6);
+        // The state and the audit record of it in one transaction.
         let stored = tls.and_then(|()| {
             let record = DeviceState {
                 persona: persona.into(),
-                persona_version: persona_record.version,
+                persona_version: entry.stamp.version,
                 generation,
                 since: jiff::Timestamp::now(),
                 rule: cause.as_ref().map(|c| c.0.clone()),
@@ -559,7 +591,7 @@ impl Orchestrator {
                 Some(TxStep::Store) => Err(StepFailed::new(TxStep::Store, "injected fault")),
                 _ => self
                     .store
-                    .set_device_state(device, Some(&record))
+                    .record_state(device, Some(&record), done)
                     .map_err(|e| StepFailed::new(TxStep::Store, e)),
             }
             .inspect_err(|_| {
@@ -573,36 +605,50 @@ impl Orchestrator {
                 }
             })
         });
-        if let Err(f) = stored {
-            let undone = self.datapath.on_node(move |n| n.undo(applied)).await;
-            let reason = match undone {
-                Ok(Ok(())) => f.reason.clone(),
-                Ok(Err(e)) => format!("{}; undoing the steps before it failed too: {e}", f.reason),
-                Err(e) => format!("{}; undoing the steps before it failed too: {e}", f.reason),
-            };
-            let f = StepFailed::new(f.step, reason);
-            failed(&mut body, &f);
-            self.record(body)?;
-            return Err(ShiftError::RolledBack {
-                kept: kept(),
-                reason: f.to_string(),
-            });
-        }
+        let event = match stored {
+            Ok(event) => event,
+            Err(f) => {
+                let undone = self.datapath.on_node(move |n| n.undo(applied)).await;
+                let reason = match undone {
+                    Ok(Ok(())) => f.reason.clone(),
+                    Ok(Err(e)) => {
+                        format!("{}; undoing the steps before it failed too: {e}", f.reason)
+                    }
+                    Err(e) => format!("{}; undoing the steps before it failed too: {e}", f.reason),
+                };
+                let f = StepFailed::new(f.step, reason);
+                failed(&mut body, &f);
+                self.record(body)?;
+                return Err(ShiftError::RolledBack {
+                    kept: kept(),
+                    reason: f.to_string(),
+                });
+            }
+        };
+        let _ = self.events.send(event.clone());
         // Past the point of no return: what is left only tidies up after the old persona.
-        match self.datapath.on_node(move |n| n.commit(applied)).await {
-            Ok(Ok(c)) if c.resets > 0 => body.detail["resets"] = json!(c.resets),
-            Ok(Ok(_)) => {}
+        // What it did beyond that is rare (a cut's resets, a failure) and recorded apart.
+        let tidied = match self.datapath.on_node(move |n| n.commit(applied)).await {
+            Ok(Ok(c)) if c.resets > 0 => Some(json!({ "resets": c.resets })),
+            Ok(Ok(_)) => None,
             Ok(Err(e)) | Err(e) => {
                 tracing::warn!(device, error = %e, "finishing the shift");
-                body.detail["commit_error"] = json!(e.to_string());
+                Some(json!({ "commit_error": e.to_string() }))
             }
+        };
+        if let Some(detail) = tidied {
+            self.record(EventBody {
+                kind: "commit".into(),
+                actor: body.actor,
+                device: Some(device.into()),
+                from: body.from,
+                to: body.to,
+                generation: Some(generation),
+                result: "ok".into(),
+                duration_us: None,
+                detail: json!({ "shift": event.seq, "commit": detail }),
+            })?;
         }
-        let duration_us = start.elapsed().as_micros() as u64;
-        body.duration_us = Some(duration_us);
-        body.generation = Some(generation);
-        body.result = "ok".into();
-        body.detail["flip_us"] = json!(flip.as_secs_f64() * 1e6);
-        let event = self.record(body)?;
         Ok(Outcome {
             plan,
             dry_run,
@@ -727,17 +773,6 @@ impl Orchestrator {
         Ok(leases)
     }
 
-    /// The persona compiled for the datapath, with the id its packets are counted by.
-    fn compile(
-        &self,
-        name: &str,
-        spec: &PersonaSpec,
-    ) -> Result<crate::datapath::CompiledPersona, ShiftError> {
-        let mut compiled = compile(spec)?;
-        compiled.id = self.store.persona_id(name)?;
-        Ok(compiled)
-    }
-
     /// The datapath's and the host's steps of a shift, up to the flip, as one job on
     /// the node: attached first if need be; on failure, undone.
     async fn apply(
@@ -767,6 +802,7 @@ impl Orchestrator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datapath::compile;
 
     fn spec(yaml: &str) -> PersonaSpec {
         serde_yaml::from_str(yaml).unwrap()

@@ -1,7 +1,10 @@
 //! The embedded store: one redb file. Every write is one ACID transaction committed with
 //! `Durability::Immediate` (redb's default), so whatever was acknowledged survives a
 //! SIGKILL or a power cut.
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::Path,
+};
 
 use redb::{
     Database, ReadableDatabase as _, ReadableTable as _, ReadableTableMetadata as _,
@@ -11,7 +14,8 @@ use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
 use super::{
-    DeviceState, Event, EventBody, Expect, Kind, Record, Result, Store, StoreError, TokenRecord,
+    DeviceState, Event, EventBody, Expect, Kind, Record, Result, Stamp, Store, StoreError,
+    TokenRecord,
 };
 
 const PERSONAS: TableDefinition<&str, &[u8]> = TableDefinition::new("personas");
@@ -57,6 +61,12 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
 
 pub struct EmbeddedStore {
     db: Database,
+    /// Every record's version, kept beside the file: this process is its only writer
+    /// (redb locks it), so the index is never stale.
+    versions: std::sync::RwLock<HashMap<(Kind, String), Stamp>>,
+    /// Held across a record's write transaction and its index update.
+    record_writes: std::sync::Mutex<()>,
+    persona_ids: std::sync::RwLock<HashMap<String, u32>>,
 }
 
 impl EmbeddedStore {
@@ -81,7 +91,30 @@ impl EmbeddedStore {
         txn.open_table(EVENTS).map_err(backend)?;
         txn.open_table(PERSONA_IDS).map_err(backend)?;
         txn.commit().map_err(backend)?;
-        Ok(Self { db })
+        let mut versions = HashMap::new();
+        let mut persona_ids = HashMap::new();
+        {
+            let txn = db.begin_read().map_err(backend)?;
+            for kind in [Kind::Persona, Kind::Device, Kind::Rule, Kind::Application] {
+                let t = txn.open_table(table(kind)).map_err(backend)?;
+                for row in t.iter().map_err(backend)? {
+                    let (k, v) = row.map_err(backend)?;
+                    let stamp: Stamp = decode(v.value())?;
+                    versions.insert((kind, k.value().to_owned()), stamp);
+                }
+            }
+            let t = txn.open_table(PERSONA_IDS).map_err(backend)?;
+            for row in t.iter().map_err(backend)? {
+                let (k, v) = row.map_err(backend)?;
+                persona_ids.insert(k.value().to_owned(), v.value());
+            }
+        }
+        Ok(Self {
+            db,
+            versions: versions.into(),
+            record_writes: Default::default(),
+            persona_ids: persona_ids.into(),
+        })
     }
 
     fn read<T: DeserializeOwned>(
@@ -130,6 +163,20 @@ impl EmbeddedStore {
     }
 }
 
+/// Appends an event numbered after the last, inside `txn`.
+fn append(txn: &redb::WriteTransaction, body: EventBody) -> Result<Event> {
+    let mut t = txn.open_table(EVENTS).map_err(backend)?;
+    let last = t.last().map_err(backend)?.map_or(0, |(k, _)| k.value());
+    let event = Event {
+        seq: last + 1,
+        at: jiff::Timestamp::now(),
+        body,
+    };
+    t.insert(event.seq, encode(&event)?.as_slice())
+        .map_err(backend)?;
+    Ok(event)
+}
+
 fn check(kind: Kind, name: &str, current: Option<&Record>, expect: Expect) -> Result<()> {
     match (expect, current) {
         (Expect::Absent, Some(_)) => Err(StoreError::Exists {
@@ -152,6 +199,10 @@ fn check(kind: Kind, name: &str, current: Option<&Record>, expect: Expect) -> Re
 
 impl Store for EmbeddedStore {
     fn persona_id(&self, name: &str) -> Result<u32> {
+        if let Some(&id) = self.persona_ids.read().expect("ids lock").get(name) {
+            return Ok(id);
+        }
+        let mut ids = self.persona_ids.write().expect("ids lock");
         let txn = self.db.begin_write().map_err(backend)?;
         let id = {
             let mut t = txn.open_table(PERSONA_IDS).map_err(backend)?;
@@ -166,6 +217,7 @@ impl Store for EmbeddedStore {
             next
         };
         txn.commit().map_err(backend)?;
+        ids.insert(name.to_owned(), id);
         Ok(id)
     }
 
@@ -188,7 +240,13 @@ impl Store for EmbeddedStore {
         self.read_all(table(kind))
     }
 
+    fn stamp(&self, kind: Kind, name: &str) -> Result<Option<Stamp>> {
+        let versions = self.versions.read().expect("versions lock");
+        Ok(versions.get(&(kind, name.to_owned())).copied())
+    }
+
     fn put(&self, kind: Kind, name: &str, spec: Value, expect: Expect) -> Result<Record> {
+        let _writing = self.record_writes.lock().expect("record writes lock");
         // Read, check and write in one write transaction: no other writer in between.
         let txn = self.db.begin_write().map_err(backend)?;
         let record = {
@@ -215,10 +273,18 @@ impl Store for EmbeddedStore {
             record
         };
         txn.commit().map_err(backend)?;
+        self.versions.write().expect("versions lock").insert(
+            (kind, name.to_owned()),
+            Stamp {
+                version: record.version,
+                updated: record.updated,
+            },
+        );
         Ok(record)
     }
 
     fn delete(&self, kind: Kind, name: &str, expect: Expect) -> Result<Record> {
+        let _writing = self.record_writes.lock().expect("record writes lock");
         let txn = self.db.begin_write().map_err(backend)?;
         let record = {
             let mut t = txn.open_table(table(kind)).map_err(backend)?;
@@ -237,6 +303,10 @@ impl Store for EmbeddedStore {
             current
         };
         txn.commit().map_err(backend)?;
+        self.versions
+            .write()
+            .expect("versions lock")
+            .remove(&(kind, name.to_owned()));
         Ok(record)
     }
 
@@ -263,18 +333,27 @@ impl Store for EmbeddedStore {
 
     fn append_event(&self, body: EventBody) -> Result<Event> {
         let txn = self.db.begin_write().map_err(backend)?;
-        let event = {
-            let mut t = txn.open_table(EVENTS).map_err(backend)?;
-            let last = t.last().map_err(backend)?.map_or(0, |(k, _)| k.value());
-            let event = Event {
-                seq: last + 1,
-                at: jiff::Timestamp::now(),
-                body,
+        let event = append(&txn, body)?;
+        txn.commit().map_err(backend)?;
+        Ok(event)
+    }
+
+    fn record_state(
+        &self,
+        device: &str,
+        state: Option<&DeviceState>,
+        body: EventBody,
+    ) -> Result<Event> {
+        let bytes = state.map(encode).transpose()?;
+        let txn = self.db.begin_write().map_err(backend)?;
+        {
+            let mut t = txn.open_table(DEVICE_STATE).map_err(backend)?;
+            match &bytes {
+                Some(v) => t.insert(device, v.as_slice()).map_err(backend)?,
+                None => t.remove(device).map_err(backend)?,
             };
-            t.insert(event.seq, encode(&event)?.as_slice())
-                .map_err(backend)?;
-            event
-        };
+        }
+        let event = append(&txn, body)?;
         txn.commit().map_err(backend)?;
         Ok(event)
     }

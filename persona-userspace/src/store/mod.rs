@@ -46,6 +46,13 @@ pub struct Record {
     pub spec: Value,
 }
 
+/// One write of a record. The version alone repeats when a deleted name is made again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+pub struct Stamp {
+    pub version: u64,
+    pub updated: jiff::Timestamp,
+}
+
 /// What a write expects to find, for optimistic concurrency.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expect {
@@ -155,6 +162,14 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 pub trait Store: Send + Sync + 'static {
     fn get(&self, kind: Kind, name: &str) -> Result<Option<Record>>;
+    /// Which write of the record is stored, without reading the spec: what caches of
+    /// parsed records check against.
+    fn stamp(&self, kind: Kind, name: &str) -> Result<Option<Stamp>> {
+        Ok(self.get(kind, name)?.map(|r| Stamp {
+            version: r.version,
+            updated: r.updated,
+        }))
+    }
     fn list(&self, kind: Kind) -> Result<Vec<Record>>;
     fn put(&self, kind: Kind, name: &str, spec: Value, expect: Expect) -> Result<Record>;
     fn delete(&self, kind: Kind, name: &str, expect: Expect) -> Result<Record>;
@@ -173,6 +188,16 @@ pub trait Store: Send + Sync + 'static {
     fn set_device_state(&self, device: &str, state: Option<&DeviceState>) -> Result<()>;
 
     fn append_event(&self, body: EventBody) -> Result<Event>;
+    /// A device's new state and the audit event that records it, in one transaction.
+    fn record_state(
+        &self,
+        device: &str,
+        state: Option<&DeviceState>,
+        body: EventBody,
+    ) -> Result<Event> {
+        self.set_device_state(device, state)?;
+        self.append_event(body)
+    }
 
     /// Context signals, as JSON, one per key; the rule engine owns their meaning.
     fn put_signal(&self, key: &str, signal: &Value) -> Result<()>;

@@ -1,0 +1,149 @@
+//! Personas as shifts use them: parsed, compiled and turned into diff lines once per
+//! stored version, then shared by every shift to them.
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, Mutex},
+};
+
+use super::{ShiftError, not_found, parse, rule_lines};
+use crate::{
+    datapath::{CompiledPersona, compile},
+    model::PersonaSpec,
+    store::{Kind, Stamp, Store},
+};
+
+/// One stored version of a persona, ready to shift to.
+pub struct Entry {
+    pub stamp: Stamp,
+    pub spec: Arc<PersonaSpec>,
+    /// Compiled as declared (a pooled persona without its lease), with its counter id.
+    pub compiled: CompiledPersona,
+    /// Its firewall as diff lines, for plans.
+    pub rules: Arc<BTreeSet<String>>,
+}
+
+impl Entry {
+    /// The persona as one device runs it: `leases` from its pools as its addresses.
+    pub fn leased(
+        &self,
+        leases: &[ipnet::IpNet],
+    ) -> Result<(PersonaSpec, CompiledPersona), ShiftError> {
+        if leases.is_empty() && self.spec.address_pool.is_empty() {
+            return Ok(((*self.spec).clone(), self.compiled.clone()));
+        }
+        let spec = self.spec.leased(leases);
+        let mut compiled = compile(&spec)?;
+        compiled.id = self.compiled.id;
+        Ok((spec, compiled))
+    }
+}
+
+/// Shifts between the same two versions plan the same firewall diff.
+type DiffKey = (Option<(String, Stamp)>, (String, Stamp));
+
+/// How many firewall diffs are kept; beyond it the cache starts over.
+const DIFFS_KEPT: usize = 256;
+
+#[derive(Default)]
+pub struct Catalog {
+    entries: Mutex<HashMap<String, Arc<Entry>>>,
+    diffs: Mutex<HashMap<DiffKey, Arc<Vec<String>>>>,
+}
+
+impl Catalog {
+    /// The persona's stored version, from the cache while the store says it is current.
+    pub fn persona(&self, store: &dyn Store, name: &str) -> Result<Arc<Entry>, ShiftError> {
+        let stamp = store
+            .stamp(Kind::Persona, name)?
+            .ok_or_else(|| not_found("Persona", name))?;
+        if let Some(e) = self.entries.lock().expect("catalog lock").get(name)
+            && e.stamp == stamp
+        {
+            return Ok(e.clone());
+        }
+        let record = store
+            .get(Kind::Persona, name)?
+            .ok_or_else(|| not_found("Persona", name))?;
+        let spec: PersonaSpec = parse(&record)?;
+        let mut compiled = compile(&spec)?;
+        compiled.id = store.persona_id(name)?;
+        let entry = Arc::new(Entry {
+            stamp: Stamp {
+                version: record.version,
+                updated: record.updated,
+            },
+            rules: Arc::new(rule_lines(&spec)),
+            spec: Arc::new(spec),
+            compiled,
+        });
+        self.entries
+            .lock()
+            .expect("catalog lock")
+            .insert(name.to_owned(), entry.clone());
+        Ok(entry)
+    }
+
+    /// The firewall lines that go and come between two versions.
+    pub fn firewall_diff(
+        &self,
+        from: Option<(&str, &Entry)>,
+        to: (&str, &Entry),
+    ) -> Arc<Vec<String>> {
+        let key = |(n, e): (&str, &Entry)| (n.to_owned(), e.stamp);
+        let k = (from.map(key), key(to));
+        if let Some(d) = self.diffs.lock().expect("diff lock").get(&k) {
+            return d.clone();
+        }
+        let empty = BTreeSet::new();
+        let old = from.map_or(&empty, |(_, e)| &*e.rules);
+        let diff = Arc::new(super::set_diff_ref("firewall", old, &to.1.rules));
+        let mut diffs = self.diffs.lock().expect("diff lock");
+        if diffs.len() >= DIFFS_KEPT {
+            diffs.clear();
+        }
+        diffs.insert(k, diff.clone());
+        diff
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Expect, embedded::EmbeddedStore};
+
+    fn put(store: &EmbeddedStore, addr: &str) {
+        let spec = serde_json::json!({ "addresses": [addr] });
+        store
+            .put(Kind::Persona, "office", spec, Expect::Any)
+            .expect("put");
+    }
+
+    #[test]
+    fn a_persona_is_compiled_once_per_write_and_again_after_each() {
+        let dir = std::env::temp_dir().join(format!("persona-catalog-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = EmbeddedStore::open(&dir.join("s.redb")).unwrap();
+        let catalog = Catalog::default();
+        put(&store, "203.0.113.10/24");
+        let first = catalog.persona(&store, "office").unwrap();
+        let again = catalog.persona(&store, "office").unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "unchanged: the same entry");
+
+        put(&store, "203.0.113.11/24");
+        let updated = catalog.persona(&store, "office").unwrap();
+        assert_eq!(updated.compiled.addresses()[0].to_string(), "203.0.113.11");
+
+        // Deleted and made again: version 1 once more, yet another write.
+        store.delete(Kind::Persona, "office", Expect::Any).unwrap();
+        assert!(catalog.persona(&store, "office").is_err(), "gone");
+        put(&store, "203.0.113.12/24");
+        let remade = catalog.persona(&store, "office").unwrap();
+        assert_eq!(remade.stamp.version, 1);
+        assert_eq!(remade.compiled.addresses()[0].to_string(), "203.0.113.12");
+        assert_eq!(
+            remade.compiled.id, first.compiled.id,
+            "the counter id stays"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
