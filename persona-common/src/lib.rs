@@ -37,6 +37,7 @@ pub mod map_names {
     pub const FW_V6: &str = "FW_V6";
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const FOLDED: &str = "FOLDED";
     pub const TRACKED: &str = "TRACKED";
     pub const HOST_WIRING: &str = "HOST_WIRING";
     pub const EVENTS: &str = "EVENTS";

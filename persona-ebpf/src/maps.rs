@@ -6,7 +6,10 @@ use aya_ebpf::{
 };
 use persona_common::{
     conntrack::{CT_MAX_ENTRIES, CtEntry, CtKey, FlowBudget},
-    counters::{Counter, CounterKey, HandshakeKey, MAX_COUNTER_KEYS, TRACKED_SLOTS},
+    counters::{
+        Counter, CounterKey, HandshakeKey, MAX_COUNTER_KEYS, MAX_FOLDED_KEYS, MAX_HANDSHAKE_KEYS,
+        TRACKED_SLOTS,
+    },
     device::{DeviceConfig, MAX_DEVICES},
     events::{RING_BYTES, RateWindow},
     firewall::{FwKeyV4, FwKeyV6, MAX_PREFIXES, RuleSet},
@@ -35,9 +38,16 @@ pub static FW_V6: LpmTrie<FwKeyV6, RuleSet> = LpmTrie::pinned(MAX_PREFIXES, 0);
 #[map]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(CT_MAX_ENTRIES, 0);
 
+/// Not preallocated: sized for every device's pairs, it costs only the live keys.
 #[map]
 pub static COUNTERS: PerCpuHashMap<CounterKey, Counter> =
-    PerCpuHashMap::pinned(MAX_COUNTER_KEYS, 0);
+    PerCpuHashMap::pinned(MAX_COUNTER_KEYS, BPF_F_NO_PREALLOC);
+
+/// Counts of pairs no table owns any more, moved out of `COUNTERS` by userspace; never
+/// read here, kept in the object so it is pinned beside the others.
+#[map]
+pub static FOLDED: HashMap<CounterKey, Counter> =
+    HashMap::pinned(MAX_FOLDED_KEYS, BPF_F_NO_PREALLOC);
 
 #[map]
 pub static TRACKED: PerCpuArray<Counter> = PerCpuArray::pinned(TRACKED_SLOTS, 0);
@@ -69,7 +79,7 @@ pub static EVENT_RATE: PerCpuArray<RateWindow> = PerCpuArray::with_max_entries(1
 
 #[map]
 pub static HANDSHAKES: PerCpuHashMap<HandshakeKey, u64> =
-    PerCpuHashMap::pinned(MAX_COUNTER_KEYS, 0);
+    PerCpuHashMap::pinned(MAX_HANDSHAKE_KEYS, BPF_F_NO_PREALLOC);
 
 /// Devices whose flood guard is on, and its rate window.
 #[map]

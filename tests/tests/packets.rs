@@ -799,3 +799,47 @@ fn a_firewall_is_written_once_and_shared_by_every_shift_to_it() {
     assert_eq!(resident(&h), both, "A came back from residence");
     assert_eq!(h.to_vm(&ssh(50003)).0, TC_ACT_OK);
 }
+
+#[test]
+fn counts_of_personas_a_device_left_are_folded_exactly_and_their_keys_freed() {
+    let mut h = Harness::new();
+    // Over what the old fixed map (65,536 keys, 38 per pair, never freed) could hold.
+    let rounds: u32 = 2_000;
+    for id in 1..=rounds {
+        h.shift_as(PERSONA_B, id, FlowMode::Keep);
+        let port = 10_000 + id as u16;
+        let (verdict, _) = h.from_vm(&frame(inner4(), v4(REMOTE), &udp(port, 9000)));
+        assert_eq!(verdict, TC_ACT_OK, "round {id}");
+        if id % 100 == 0 {
+            // What the daemon's datapath thread does while idle.
+            h.dp.reclaim().expect("reclaiming");
+        }
+    }
+    h.dp.reclaim().expect("reclaiming");
+    let by_persona = h.dp.persona_counters(LOOPBACK).expect("counters");
+    for id in 1..=rounds {
+        let sent = by_persona
+            .get(&id)
+            .and_then(|c| c.get(&(EGRESS, Reason::AllowDefault)))
+            .map_or(0, |c| c.packets);
+        assert_eq!(sent, 1, "persona {id} counted its one packet");
+    }
+    let all = h.dp.counts_all().expect("one pass over the maps");
+    assert_eq!(
+        all[&LOOPBACK].by_persona, by_persona,
+        "a scrape reads the same"
+    );
+    let live =
+        h.dp.usage()
+            .expect("usage")
+            .maps
+            .into_iter()
+            .find(|(m, _, _)| *m == "counters")
+            .map(|(_, n, _)| n)
+            .expect("counters in usage");
+    let per_pair = 2 * Reason::ALL.len() as u64;
+    assert!(
+        live <= 2 * per_pair,
+        "only the active pair's keys (and the empty device's) stay live: {live}"
+    );
+}

@@ -93,12 +93,14 @@ pub async fn scrape(
                 failing,
                 ..Snapshot::default()
             };
+            let mut counts = dp.counts_all()?;
             for (name, iface, persona) in devices {
                 let Ok(ifindex) = crate::datapath::ifindex(&iface) else {
                     continue;
                 };
-                for ((id, (dir, reason)), c) in dp
-                    .persona_counters(ifindex)?
+                let counted = counts.remove(&ifindex).unwrap_or_default();
+                for ((id, (dir, reason)), c) in counted
+                    .by_persona
                     .into_iter()
                     .flat_map(|(id, cs)| cs.into_iter().map(move |(k, c)| ((id, k), c)))
                 {
@@ -127,7 +129,8 @@ pub async fn scrape(
                         active.generation,
                     ));
                 }
-                let (buckets, sum) = dp.handshakes(ifindex)?;
+                let (mut buckets, sum) = counted.handshakes;
+                buckets.resize(persona_common::counters::HANDSHAKE_BUCKETS as usize, 0);
                 snap.handshakes.push((
                     OneDevice {
                         device: name.clone(),

@@ -30,6 +30,8 @@ pub struct Maps {
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
     /// `COUNTERS` (per-CPU hash).
     pub counters: PerCpuHashMap<MapData, CounterKey, Counter>,
+    /// `FOLDED`: counts of pairs no table owns any more; userspace only.
+    pub folded: HashMap<MapData, CounterKey, Counter>,
     /// `TRACKED` (per-CPU array): tracked-flow packets by table and direction.
     pub tracked: PerCpuArray<MapData, Counter>,
     /// `HOST_WIRING`: userspace only.
@@ -68,6 +70,7 @@ impl Maps {
             fw_v6: take(ebpf, map_names::FW_V6)?,
             conntrack: take(ebpf, map_names::CONNTRACK)?,
             counters: take(ebpf, map_names::COUNTERS)?,
+            folded: take(ebpf, map_names::FOLDED)?,
             tracked: take(ebpf, map_names::TRACKED)?,
             host_wiring: take(ebpf, map_names::HOST_WIRING)?,
             drains: take(ebpf, map_names::DRAINS)?,

@@ -2,6 +2,7 @@
 //!
 //! [`Datapath`] is what the control plane drives; [`kernel::KernelDatapath`] is the real
 //! one, [`fake::FakeDatapath`] stands in for it in unit tests of logic above it.
+pub mod batch;
 pub mod compile;
 pub mod fake;
 mod grace;
@@ -88,6 +89,13 @@ pub struct Shifted {
 
 /// Packets and bytes per direction and reason, summed over CPUs.
 pub type Counters = BTreeMap<(u8, Reason), Counter>;
+
+/// What a device counted: by persona id, and its TCP handshake histogram.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceCounts {
+    pub by_persona: BTreeMap<u32, Counters>,
+    pub handshakes: (Vec<u64>, u64),
+}
 
 /// A tracked flow of a device, seen from the VM: the remote end, the persona address
 /// the flow uses, and how long ago the last packet went either way.
@@ -223,6 +231,21 @@ pub trait Datapath {
     /// Adds counts a device had under another ifindex to its counters here.
     fn carry_counters(&mut self, _ifindex: u32, _carried: &BTreeMap<u32, Counters>) -> Result<()> {
         Ok(())
+    }
+    /// Every attached device's counts, by ifindex: what a scrape reads.
+    fn counts_all(&self) -> Result<BTreeMap<u32, DeviceCounts>> {
+        self.attached()?
+            .into_iter()
+            .map(|i| {
+                Ok((
+                    i,
+                    DeviceCounts {
+                        by_persona: self.persona_counters(i)?,
+                        handshakes: self.handshakes(i)?,
+                    },
+                ))
+            })
+            .collect()
     }
     /// The device's counters, whatever the persona.
     fn counters(&self, ifindex: u32) -> Result<Counters> {

@@ -32,8 +32,15 @@ pub struct Ruleset {
     refs: u32,
 }
 
+/// A device's counters for one persona: (ifindex, persona id).
+pub type Pair = (u32, u32);
+
 pub struct Tables {
     free: BTreeSet<u32>,
+    /// The (device, persona) each flipped-in table counts for, and how many tables
+    /// count for each pair: a pair no table owns is counted for no more.
+    owner_of: HashMap<u32, Pair>,
+    owned: HashMap<Pair, u32>,
     /// The ruleset each allocated table names.
     rules_of: HashMap<u32, u32>,
     rulesets: HashMap<u32, Ruleset>,
@@ -50,6 +57,8 @@ impl Tables {
     ) -> Self {
         let mut tables = Self {
             free: (META_TABLE + 1..MAX_TABLES).collect(),
+            owner_of: HashMap::new(),
+            owned: HashMap::new(),
             rules_of: HashMap::new(),
             rulesets: HashMap::new(),
             by_fingerprint: HashMap::new(),
@@ -85,6 +94,39 @@ impl Tables {
 
     pub fn in_use(&self) -> usize {
         (MAX_TABLES - 1) as usize - self.free.len()
+    }
+
+    /// Records that `table` counts for `pair` (flipped in for it).
+    pub fn set_owner(&mut self, table: u32, pair: Pair) {
+        if let Some(old) = self.owner_of.insert(table, pair) {
+            self.disown(old);
+        }
+        *self.owned.entry(pair).or_default() += 1;
+    }
+
+    /// `table` counts for nothing any more; returns its pair when no other table
+    /// counts for it.
+    pub fn take_owner(&mut self, table: u32) -> Option<Pair> {
+        let pair = self.owner_of.remove(&table)?;
+        self.disown(pair).then_some(pair)
+    }
+
+    /// True when no table counts for `pair` any more.
+    fn disown(&mut self, pair: Pair) -> bool {
+        match self.owned.get_mut(&pair) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            _ => {
+                self.owned.remove(&pair);
+                true
+            }
+        }
+    }
+
+    pub fn is_owned(&self, pair: Pair) -> bool {
+        self.owned.contains_key(&pair)
     }
 
     /// The resident ruleset holding exactly this firewall.

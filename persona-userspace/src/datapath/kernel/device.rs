@@ -26,16 +26,7 @@ impl KernelDatapath {
         let _ = self.maps.flow_budget.remove(&ifindex);
         let _ = self.maps.host_wiring.remove(&ifindex);
         let _ = self.maps.devices.remove(&ifindex);
-        let keys: Vec<CounterKey> = self
-            .maps
-            .counters
-            .keys()
-            .flatten()
-            .filter(|k| k.ifindex == ifindex)
-            .collect();
-        for k in keys {
-            let _ = self.maps.counters.remove(&k);
-        }
+        self.forget_counts(ifindex);
         let flows: Vec<_> = self
             .maps
             .conntrack
@@ -50,12 +41,16 @@ impl KernelDatapath {
             self.retire(a.table)?;
         }
         self.reclaim()?;
+        if self.maps.devices.keys().next().is_none() {
+            // Resident rulesets serve devices: with none left, the maps are left empty.
+            self.evict_rulesets();
+        }
         info!(ifindex, "detached");
         Ok(())
     }
 
     /// Every counter key of a device for a persona, the last one created last.
-    fn counter_keys(ifindex: u32, persona: u32) -> impl Iterator<Item = CounterKey> {
+    pub(super) fn counter_keys(ifindex: u32, persona: u32) -> impl Iterator<Item = CounterKey> {
         [DIR_EGRESS, DIR_INGRESS]
             .into_iter()
             .flat_map(move |direction| {
@@ -103,17 +98,16 @@ impl KernelDatapath {
     }
 
     /// Counts the device had under an earlier ifindex (its VM's previous tap), added to
-    /// its counters here: they go on from where they were.
+    /// its folded counts here: they go on from where they were.
     pub(super) fn carry_counters(
         &mut self,
         ifindex: u32,
         carried: &BTreeMap<u32, Counters>,
     ) -> Result<()> {
         for (&persona, counters) in carried {
-            self.create_counters(ifindex, persona)?;
             for (&(direction, reason), c) in counters {
                 let key = CounterKey::new(ifindex, persona, direction, reason);
-                self.add_to_counter(key, &[*c])?;
+                self.add_folded(key, *c)?;
             }
         }
         Ok(())

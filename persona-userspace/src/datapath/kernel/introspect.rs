@@ -28,10 +28,7 @@ impl KernelDatapath {
         // reads every slot (a freed one holds no counts).
         let tables: Vec<u32> = if self.config.exclusive {
             let active = self.maps.active.get(&ifindex, 0).ok().map(|a| a.table);
-            active
-                .into_iter()
-                .chain(self.retired.iter().copied())
-                .collect()
+            active.into_iter().chain(self.retiring()).collect()
         } else {
             (META_TABLE + 1..MAX_TABLES).collect()
         };
@@ -49,12 +46,14 @@ impl KernelDatapath {
                 *c = add(*c, &counted);
             }
         }
+        self.add_folded_into(ifindex, &mut out);
         Ok(out)
     }
 
     pub(super) fn map_usage(&self) -> Result<crate::datapath::Usage> {
         use persona_common::{
             conntrack::CT_MAX_ENTRIES,
+            counters::{MAX_COUNTER_KEYS, MAX_FOLDED_KEYS},
             device::MAX_DEVICES,
             firewall::{MAX_PREFIXES, MAX_RULESETS},
             persona::MAX_TABLES,
@@ -74,6 +73,18 @@ impl KernelDatapath {
                     (MAX_TABLES - 1) as u64,
                 ),
                 ("rulesets", count(rulesets), (MAX_RULESETS - 1) as u64),
+                ("counters", self.live_keys.get(), MAX_COUNTER_KEYS as u64),
+                (
+                    "folded",
+                    count(
+                        self.folded
+                            .values()
+                            .flat_map(|p| p.values())
+                            .map(|c| c.len())
+                            .sum(),
+                    ),
+                    MAX_FOLDED_KEYS as u64,
+                ),
                 ("fw_v4", count(fw_v4), MAX_PREFIXES as u64),
                 ("fw_v6", count(fw_v6), MAX_PREFIXES as u64),
                 (

@@ -80,6 +80,13 @@ impl KernelDatapath {
             .map(|t| (t, maps.personas.get(&t, 0).map_or(0, |p| p.rules)))
             .collect();
         let found = resident_rulesets(&maps);
+        let owners: Vec<(u32, Pair)> = in_use
+            .iter()
+            .filter_map(|&(t, _)| maps.personas.get(&t, 0).ok().map(|p| (t, p)))
+            .filter(|(_, p)| p.owner_ifindex != 0)
+            .map(|(t, p)| (t, (p.owner_ifindex, p.owner_persona)))
+            .collect();
+        let folded = Self::load_folded(&maps)?;
         if !in_use.is_empty() {
             info!(devices = in_use.len(), pin_dir = %config.pin_dir.display(), "re-using pinned datapath");
         }
@@ -90,9 +97,16 @@ impl KernelDatapath {
             grace: GraceThread::spawn().map_err(io_err("starting the grace-period thread"))?,
             config,
             retired: Vec::new(),
+            in_grace: Default::default(),
+            unowned: Vec::new(),
+            folded,
+            live_keys: Default::default(),
             cpus: nr_cpus().map_err(|(_, e)| io_err("counting CPUs")(e))?,
             _lock: lock,
         };
+        for (table, pair) in owners {
+            dp.tables.set_owner(table, pair);
+        }
         if dp.config.wire_host {
             dp.route()?;
         }
@@ -105,6 +119,8 @@ impl KernelDatapath {
                     dp.harvest(table)?;
                 }
             }
+            dp.unowned = dp.stray_pairs()?;
+            dp.fold_unowned()?;
         }
         Ok(dp)
     }

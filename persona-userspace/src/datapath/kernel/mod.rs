@@ -9,7 +9,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapError, PerCpuValues, lpm_trie::Key},
+    maps::{IterableMap as _, MapError, PerCpuValues, lpm_trie::Key},
     programs::TestRunOptions,
     util::nr_cpus,
 };
@@ -35,8 +35,9 @@ use super::{
     grace::GraceThread,
     maps::Maps,
     programs::{self, Links, Program},
-    tables::{META_TABLE, Prefixes, Tables},
+    tables::{META_TABLE, Pair, Prefixes, Tables},
 };
+mod counters;
 mod device;
 mod flows;
 mod introspect;
@@ -117,7 +118,16 @@ pub struct KernelDatapath {
     tables: Tables,
     grace: GraceThread,
     config: KernelConfig,
+    /// Replaced tables waiting to be handed to the grace thread.
     retired: Vec<u32>,
+    /// Handed over, waiting for their grace period to end.
+    in_grace: std::collections::HashSet<u32>,
+    /// (device, persona) pairs whose last table was freed, to be folded.
+    unowned: Vec<Pair>,
+    /// `FOLDED` as written, by device.
+    folded: counters::Folded,
+    /// `COUNTERS` keys at the last full read.
+    live_keys: std::cell::Cell<u64>,
     cpus: usize,
     _lock: Option<nix::fcntl::Flock<std::fs::File>>,
 }
@@ -269,5 +279,9 @@ impl Datapath for KernelDatapath {
 
     fn tidy(&mut self) -> Result<()> {
         KernelDatapath::tidy(self)
+    }
+
+    fn counts_all(&self) -> Result<BTreeMap<u32, super::DeviceCounts>> {
+        KernelDatapath::counts_all(self)
     }
 }

@@ -63,6 +63,8 @@ impl KernelDatapath {
             self.discard_staged(staged)?;
             return Err(e);
         }
+        self.tables
+            .set_owner(staged.table, (ifindex, staged.persona.id));
         Ok(Flipped {
             ifindex,
             generation,

@@ -59,6 +59,8 @@ impl KernelDatapath {
         let slot = self.alloc_table()?;
         let copied = self.clear_table(slot).and_then(|()| {
             self.tables.hold(slot, table.rules);
+            self.tables
+                .set_owner(slot, (table.owner_ifindex, table.owner_persona));
             self.maps
                 .personas
                 .set(slot, table, 0)
@@ -124,7 +126,9 @@ impl KernelDatapath {
 
     /// Removes the prefixes of every ruleset no table names.
     pub(super) fn evict_rulesets(&mut self) {
-        for (_, ruleset) in self.tables.evict_unreferenced() {
+        let evicted = self.tables.evict_unreferenced();
+        tracing::debug!(rulesets = evicted.len(), "evicting rulesets no table names");
+        for (_, ruleset) in evicted {
             self.remove_prefixes(ruleset.keys);
         }
     }
@@ -181,6 +185,9 @@ impl KernelDatapath {
     /// reference dropped (the ruleset stays resident).
     pub(super) fn clear_table(&mut self, table: u32) -> Result<()> {
         self.harvest(table)?;
+        if let Some(pair) = self.tables.take_owner(table) {
+            self.unowned.push(pair);
+        }
         self.tables.unhold(table);
         self.maps
             .personas
@@ -226,7 +233,9 @@ impl KernelDatapath {
     /// A free table slot, freeing the retired ones first when none is left.
     pub(super) fn alloc_table(&mut self) -> Result<u32> {
         match self.tables.alloc() {
-            Err(DatapathError::TablesExhausted(_)) if !self.retired.is_empty() => {
+            Err(DatapathError::TablesExhausted(_))
+                if !self.retired.is_empty() || !self.in_grace.is_empty() =>
+            {
                 self.reclaim()?;
                 self.tables.alloc()
             }
@@ -245,12 +254,23 @@ impl KernelDatapath {
     pub(super) fn retire(&mut self, table: u32) -> Result<()> {
         self.retired.push(table);
         if self.retired.len() >= RECLAIM_BATCH {
-            let batch = std::mem::take(&mut self.retired);
-            self.grace
-                .submit(batch)
-                .map_err(io_err("handing tables to the grace-period thread"))?;
+            self.hand_over()?;
         }
         Ok(())
+    }
+
+    /// Hands the retired tables to the grace thread.
+    fn hand_over(&mut self) -> Result<()> {
+        let batch = std::mem::take(&mut self.retired);
+        self.in_grace.extend(batch.iter().copied());
+        self.grace
+            .submit(batch)
+            .map_err(io_err("handing tables to the grace-period thread"))
+    }
+
+    /// Tables replaced but not yet freed: programs may still count in them.
+    pub(super) fn retiring(&self) -> impl Iterator<Item = u32> + '_ {
+        self.retired.iter().chain(self.in_grace.iter()).copied()
     }
 
     /// Housekeeping while no job waits: frees the batches whose grace period ended,
@@ -259,10 +279,7 @@ impl KernelDatapath {
         let finished = self.grace.finished();
         self.free_batches(finished)?;
         if !self.retired.is_empty() && self.grace.in_flight() == 0 {
-            let batch = std::mem::take(&mut self.retired);
-            self.grace
-                .submit(batch)
-                .map_err(io_err("handing tables to the grace-period thread"))?;
+            self.hand_over()?;
         }
         Ok(())
     }
@@ -271,10 +288,7 @@ impl KernelDatapath {
     /// waiting for the grace periods under way.
     pub fn reclaim(&mut self) -> Result<()> {
         if !self.retired.is_empty() {
-            let batch = std::mem::take(&mut self.retired);
-            self.grace
-                .submit(batch)
-                .map_err(io_err("handing tables to the grace-period thread"))?;
+            self.hand_over()?;
         }
         let finished = self.grace.wait_all();
         self.free_batches(finished)
@@ -283,6 +297,9 @@ impl KernelDatapath {
     fn free_batches(&mut self, batches: Vec<(Vec<u32>, std::io::Result<()>)>) -> Result<()> {
         let mut failed = None;
         for (batch, waited) in batches {
+            for t in &batch {
+                self.in_grace.remove(t);
+            }
             if let Err(e) = waited {
                 // Not known to be safe yet: they wait for the next grace period.
                 self.retired.extend(batch);
@@ -300,6 +317,9 @@ impl KernelDatapath {
                 self.tables.release(table);
             }
             self.retired.extend(rest);
+        }
+        if self.config.exclusive {
+            self.fold_unowned()?;
         }
         failed.map_or(Ok(()), Err)
     }
