@@ -134,6 +134,18 @@ impl Node {
         Self { datapath, wiring }
     }
 
+    /// The device's ifindex: `known` when the device is attached there and its interface
+    /// still has it (a shift's usual case: nothing to write), else attached now.
+    pub fn ensure_attached(&mut self, device: &DeviceSpec, known: Option<u32>) -> Result<u32> {
+        if let Some(i) = known
+            && crate::datapath::ifindex(&device.interface).ok() == Some(i)
+            && self.datapath.is_attached(i)?
+        {
+            return Ok(i);
+        }
+        self.attach(device)
+    }
+
     /// Attaches the device (idempotently) and lets the VM find its gateway.
     pub fn attach(&mut self, device: &DeviceSpec) -> Result<u32> {
         if let Some(tap) = &device.tap {

@@ -192,6 +192,9 @@ pub trait Datapath {
     /// The ifindexes of every attached device, as the maps record them (some may be of
     /// interfaces gone while no daemon watched).
     fn attached(&self) -> Result<Vec<u32>>;
+    fn is_attached(&self, ifindex: u32) -> Result<bool> {
+        Ok(self.attached()?.contains(&ifindex))
+    }
     /// The host wiring the device's state calls for.
     fn wiring(&self, ifindex: u32) -> Result<DeviceWiring>;
     fn stage(&mut self, persona: &CompiledPersona) -> Result<Staged>;

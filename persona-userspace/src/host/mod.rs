@@ -38,6 +38,19 @@ pub struct Host {
     settings: Mutex<Sysctls>,
     /// Whether this process set the host up for devices (see [`Wiring::put_back`]).
     set_up: AtomicBool,
+    /// What this process announced for each persona address, so that announcing it
+    /// again unchanged (a shift back while it drains) costs no netlink round trip.
+    announced: Mutex<std::collections::HashMap<IpAddr, Announced>>,
+}
+
+/// The wiring of one announced address: routed via `via` on the tap `ifindex`, leaving
+/// by `gateway` or through a tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Announced {
+    ifindex: u32,
+    via: IpAddr,
+    gateway: Option<IpAddr>,
+    tunnelled: bool,
 }
 
 /// Rules on persona addresses sit after this one, which sends every packet whose main
@@ -113,6 +126,10 @@ fn ifname(ifindex: u32) -> Result<String> {
 }
 
 impl Host {
+    fn announced(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<IpAddr, Announced>> {
+        self.announced.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// `record` is where the host settings persona changes are kept with their old
     /// values (see [`sysctl`]).
     pub fn new(uplinks: &[String], record: Option<std::path::PathBuf>) -> Result<Self> {
@@ -147,6 +164,7 @@ impl Host {
             uplinks,
             settings: Mutex::new(Sysctls::open(record)?),
             set_up: AtomicBool::new(false),
+            announced: Default::default(),
         })
     }
 
@@ -552,6 +570,7 @@ impl Wiring for Host {
     }
 
     fn put_back(&self) -> Result<()> {
+        self.announced().clear();
         for v6 in [false, true] {
             self.rule(v6, None, RULE_MAIN_SPECIFIC, false)?;
         }
@@ -573,6 +592,21 @@ impl Wiring for Host {
             let Some(&via) = inner.iter().find(|i| i.is_ipv4() == addr.is_ipv4()) else {
                 continue;
             };
+            let wanted = Announced {
+                ifindex,
+                via,
+                gateway: persona
+                    .gateways
+                    .iter()
+                    .copied()
+                    .find(|g| g.is_ipv4() == addr.is_ipv4()),
+                tunnelled: !tunnelled(persona, addr).is_empty(),
+            };
+            if self.announced().get(&addr) == Some(&wanted) {
+                continue;
+            }
+            // Forgotten first: a failure part-way leaves it to be announced in full.
+            self.announced().remove(&addr);
             self.route(ifindex, addr, Some(via))?;
             for &(_, uplink) in &self.uplinks {
                 self.proxy(uplink, addr, true)?;
@@ -584,12 +618,13 @@ impl Wiring for Host {
                 .find(|g| g.is_ipv4() == addr.is_ipv4());
             if gateway.is_none() && tunnelled(persona, addr).is_empty() {
                 self.unsteer(addr)?;
-                continue;
+            } else {
+                if let Some(gw) = gateway {
+                    self.default_route(addr, Some(gw))?;
+                }
+                self.rule(addr.is_ipv6(), Some(addr), RULE_PERSONA, true)?;
             }
-            if let Some(gw) = gateway {
-                self.default_route(addr, Some(gw))?;
-            }
-            self.rule(addr.is_ipv6(), Some(addr), RULE_PERSONA, true)?;
+            self.announced().insert(addr, wanted);
         }
         Ok(())
     }
@@ -597,6 +632,7 @@ impl Wiring for Host {
     /// After a flip: addresses the device no longer uses stop routing to it.
     fn withdraw(&self, ifindex: u32, addrs: &[IpAddr]) -> Result<()> {
         for &addr in addrs {
+            self.announced().remove(&addr);
             self.route(ifindex, addr, None)?;
             for &(_, uplink) in &self.uplinks {
                 self.proxy(uplink, addr, false)?;
@@ -632,6 +668,7 @@ impl Wiring for Host {
 
     fn untunnel(&self, addrs: &[IpAddr]) -> Result<()> {
         for &addr in addrs {
+            self.announced().remove(&addr);
             self.tunnel_down(addr)?;
         }
         Ok(())

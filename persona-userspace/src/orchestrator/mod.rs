@@ -784,13 +784,14 @@ impl Orchestrator {
     ) -> Result<Applied, StepFailed> {
         let device = device.clone();
         let fault = self.fault;
+        let known = self.interface_of(&device.interface);
         self.datapath
             .on_node(move |node| {
                 if fault == Some(TxStep::Attach) {
                     return Err(StepFailed::new(TxStep::Attach, "injected fault"));
                 }
                 let ifindex = node
-                    .attach(&device)
+                    .ensure_attached(&device, known)
                     .map_err(|e| StepFailed::new(TxStep::Attach, e))?;
                 node.apply(ifindex, persona, previous, flows, fault)
             })

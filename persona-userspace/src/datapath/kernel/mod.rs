@@ -197,6 +197,10 @@ impl Datapath for KernelDatapath {
         Ok(self.maps.devices.keys().flatten().collect())
     }
 
+    fn is_attached(&self, ifindex: u32) -> Result<bool> {
+        Ok(self.maps.devices.get(&ifindex, 0).is_ok())
+    }
+
     fn wiring(&self, ifindex: u32) -> Result<DeviceWiring> {
         self.device_wiring(ifindex)
     }
