@@ -14,8 +14,7 @@ use tokio::sync::{Mutex, Notify};
 use tracing::{info, warn};
 
 use super::{
-    RuleSpec,
-    engine::{Decision, DeviceView, History, Timing, decide},
+    engine::{CompiledRules, Decision, DeviceView, History, Timing, decide_with},
     signals::{Signal, SignalSet},
 };
 use crate::{
@@ -31,9 +30,12 @@ pub struct RuleEngine {
     dry_run: bool,
     state: Mutex<State>,
     wake: Notify,
-    /// The stored rules, parsed; dropped by `poke` whenever objects change through the
-    /// API (the daemon is the store's only writer).
-    rules: std::sync::Mutex<Option<Arc<BTreeMap<String, RuleSpec>>>>,
+    /// The stored rules, parsed and compiled; dropped by `poke` whenever objects change
+    /// through the API (the daemon is the store's only writer).
+    rules: std::sync::Mutex<Option<Arc<CompiledRules>>>,
+    /// When the loop wakes next by itself: a signal whose decision may change earlier
+    /// wakes it, any other does not.
+    next_wake: std::sync::Mutex<Option<Timestamp>>,
 }
 
 #[derive(Default)]
@@ -75,6 +77,7 @@ impl RuleEngine {
             state: Mutex::new(state),
             wake: Notify::new(),
             rules: Default::default(),
+            next_wake: Default::default(),
         }))
     }
 
@@ -84,7 +87,7 @@ impl RuleEngine {
         self.wake.notify_one();
     }
 
-    fn rules(&self) -> Result<Arc<BTreeMap<String, RuleSpec>>, StoreError> {
+    fn rules(&self) -> Result<Arc<CompiledRules>, StoreError> {
         if let Some(r) = &*self.rules.lock().unwrap_or_else(|e| e.into_inner()) {
             return Ok(r.clone());
         }
@@ -97,7 +100,7 @@ impl RuleEngine {
                 Err(e) => warn!(rule = %r.name, error = %e, "stored rule does not parse"),
             }
         }
-        let out = Arc::new(out);
+        let out = Arc::new(CompiledRules::new(&out));
         *self.rules.lock().unwrap_or_else(|e| e.into_inner()) = Some(out.clone());
         Ok(out)
     }
@@ -135,13 +138,15 @@ impl RuleEngine {
             return Ok(None);
         };
         let hist = self.history(&state, device)?;
-        Ok(Some(decide(
+        let rules = self.rules()?;
+        Ok(Some(decide_with(
             &view,
-            &*self.rules()?,
+            &rules,
             &state.signals,
             &hist,
             self.timing,
             Timestamp::now(),
+            true,
         )))
     }
 
@@ -150,6 +155,7 @@ impl RuleEngine {
         let mut state = self.state.lock().await;
         let now = Timestamp::now();
         let mut devices: Vec<String> = Vec::new();
+        let mut changed = Vec::new();
         for mut s in signals {
             s.at.get_or_insert(now);
             // An address without a country is looked up when a database was given.
@@ -170,24 +176,35 @@ impl RuleEngine {
                 devices.push(s.device.clone());
             }
             if state.signals.merge(s) {
-                self.orchestrator.store().put_signal(&key, &json)?;
+                changed.push((key, json));
             }
         }
+        // One transaction for the whole batch.
+        self.orchestrator.store().put_signals(&changed)?;
         let rules = self.rules()?;
         let mut out = Vec::new();
+        let mut soonest: Option<Timestamp> = None;
         for d in devices {
             if let Some(a) = self.evaluate(&mut state, &rules, &d, now).await? {
+                if let Some(t) = a.decision.next_check {
+                    soonest = Some(soonest.map_or(t, |s| s.min(t)));
+                }
                 out.push(a);
             }
         }
-        self.wake.notify_one();
+        // The devices concerned were just evaluated: the loop needs to hear only of an
+        // instant earlier than the one it sleeps until.
+        let wake = self.next_wake.lock().unwrap_or_else(|e| e.into_inner());
+        if soonest.is_some_and(|t| wake.is_none_or(|w| t < w)) {
+            self.wake.notify_one();
+        }
         Ok(out)
     }
 
     async fn evaluate(
         &self,
         state: &mut State,
-        rules: &BTreeMap<String, RuleSpec>,
+        rules: &CompiledRules,
         device: &str,
         now: Timestamp,
     ) -> Result<Option<Applied>, StoreError> {
@@ -196,7 +213,7 @@ impl RuleEngine {
         };
         let hist = self.history(state, device)?;
         self.orchestrator.metrics().rule_evaluations.inc();
-        let decision = decide(&view, rules, &state.signals, &hist, self.timing, now);
+        let decision = decide_with(&view, rules, &state.signals, &hist, self.timing, now, false);
         let mut outcome = None;
         if decision.shift
             && let Some(persona) = &decision.desired
@@ -288,6 +305,7 @@ impl RuleEngine {
                     Some(Timestamp::now() + jiff::SignedDuration::from_secs(5))
                 }
             };
+            *self.next_wake.lock().unwrap_or_else(|e| e.into_inner()) = next;
             let sleep = next.map(|t| {
                 let d = t.duration_since(Timestamp::now());
                 std::time::Duration::from_millis(d.as_millis().clamp(0, 86_400_000) as u64 + 1)

@@ -5,7 +5,7 @@ use proptest::prelude::*;
 
 use super::{
     RuleSpec,
-    engine::{DeviceView, History, Timing, decide},
+    engine::{CompiledRules, DeviceView, History, Timing, decide, decide_with},
     schedule::Schedule,
     signals::{Signal, SignalSet},
 };
@@ -515,6 +515,35 @@ proptest! {
                 hist = History { persona: Some(desired), rule: d.rule, since: Some(now), left: hist.left };
                 last_shift = Some(now);
             }
+        }
+    }
+
+    #[test]
+    fn the_engines_quick_evaluation_decides_as_the_explaining_one(
+        sigs in prop::collection::vec(arb_signal(), 0..12),
+        on in prop_oneof![Just("office"), Just("travel"), Just("hardened")],
+        minutes in 0..600i64,
+    ) {
+        let base = tuesday_10();
+        let signals: Vec<Signal> = sigs.iter().map(|(j, t)| signal(j, base + SignedDuration::from_secs(*t))).collect();
+        let now = base + SignedDuration::from_mins(minutes);
+        let hist = at_rest(on, base - SignedDuration::from_mins(minutes % 3));
+        let rs = rules();
+        let reference = decide(&device(), &rs, &set(&signals), &hist, TIMING, now);
+        let quick = decide_with(&device(), &CompiledRules::new(&rs), &set(&signals), &hist, TIMING, now, false);
+        prop_assert_eq!(
+            (&quick.desired, &quick.rule, quick.shift, quick.blocked_until, &quick.why),
+            (&reference.desired, &reference.rule, reference.shift, reference.blocked_until, &reference.why)
+        );
+        prop_assert!(quick.rules.is_empty(), "no explanation built");
+        // Rules below the winner are not looked at: their schedule edges cannot change
+        // the decision, so the quick one may wake later, never earlier.
+        match (quick.next_check, reference.next_check) {
+            (Some(q), Some(r)) => prop_assert!(q >= r),
+            (q, r) => prop_assert!(q.is_none() || r.is_some(), "{:?} vs {:?}", q, r),
+        }
+        if reference.rule.is_none() {
+            prop_assert_eq!(quick.next_check, reference.next_check);
         }
     }
 }

@@ -362,6 +362,21 @@ impl Store for EmbeddedStore {
         self.write(SIGNALS, key, Some(&encode(signal)?))
     }
 
+    fn put_signals(&self, signals: &[(String, Value)]) -> Result<()> {
+        if signals.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write().map_err(backend)?;
+        {
+            let mut t = txn.open_table(SIGNALS).map_err(backend)?;
+            for (key, signal) in signals {
+                t.insert(key.as_str(), encode(signal)?.as_slice())
+                    .map_err(backend)?;
+            }
+        }
+        txn.commit().map_err(backend)
+    }
+
     fn signals(&self) -> Result<Vec<Value>> {
         self.read_all(SIGNALS)
     }

@@ -201,6 +201,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Context signals, as JSON, one per key; the rule engine owns their meaning.
     fn put_signal(&self, key: &str, signal: &Value) -> Result<()>;
+    /// Several signals in one transaction.
+    fn put_signals(&self, signals: &[(String, Value)]) -> Result<()> {
+        for (key, signal) in signals {
+            self.put_signal(key, signal)?;
+        }
+        Ok(())
+    }
     fn signals(&self) -> Result<Vec<Value>>;
     /// Events with `seq > after`, oldest first, at most `limit`.
     fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>>;
