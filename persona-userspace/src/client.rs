@@ -44,6 +44,50 @@ pub struct ApiFailure {
     pub message: String,
 }
 
+/// One kept-alive HTTP/1.1 connection to the daemon: many calls, one handshake (a
+/// feed, a benchmark).
+pub struct Connection {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    token: Option<String>,
+}
+
+impl Connection {
+    pub async fn call(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(StatusCode, Value)> {
+        let req = request(self.token.as_deref(), method, path, body)?;
+        self.sender.ready().await?;
+        let response = self.sender.send_request(req).await?;
+        read(response).await
+    }
+}
+
+fn request(
+    token: Option<&str>,
+    method: Method,
+    path: &str,
+    body: Option<&Value>,
+) -> anyhow::Result<Request<Full<Bytes>>> {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "persona");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let bytes = match body {
+        Some(b) => {
+            req = req.header("content-type", "application/json");
+            Bytes::from(serde_json::to_vec(b)?)
+        }
+        None => Bytes::new(),
+    };
+    Ok(req.body(Full::new(bytes))?)
+}
+
 impl Client {
     pub async fn call(
         &self,
@@ -51,36 +95,24 @@ impl Client {
         path: &str,
         body: Option<&Value>,
     ) -> anyhow::Result<(StatusCode, Value)> {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "persona");
-        if let Some(t) = &self.token {
-            req = req.header("authorization", format!("Bearer {t}"));
-        }
-        let bytes = match body {
-            Some(b) => {
-                req = req.header("content-type", "application/json");
-                Bytes::from(serde_json::to_vec(b)?)
-            }
-            None => Bytes::new(),
-        };
-        let req = req.body(Full::new(bytes))?;
-        let response = match &self.target {
+        self.connect().await?.call(method, path, body).await
+    }
+
+    /// A connection for many calls.
+    pub async fn connect(&self) -> anyhow::Result<Connection> {
+        let unreachable =
+            |what: &str| format!("connecting to {what}: is `persona daemon` running?");
+        let sender = match &self.target {
             Target::Tcp(addr) => {
                 let stream = tokio::net::TcpStream::connect(addr)
                     .await
-                    .with_context(|| {
-                        format!("connecting to {addr}: is `persona daemon` running?")
-                    })?;
-                send(stream, req).await?
+                    .with_context(|| unreachable(addr))?;
+                handshake(stream).await?
             }
             Target::Https(addr) => {
                 let stream = tokio::net::TcpStream::connect(addr)
                     .await
-                    .with_context(|| {
-                        format!("connecting to {addr}: is `persona daemon` running?")
-                    })?;
+                    .with_context(|| unreachable(addr))?;
                 let host = addr
                     .rsplit_once(':')
                     .map_or(addr.as_str(), |(h, _)| h)
@@ -90,21 +122,19 @@ impl Client {
                     .connect(server_name(host)?, stream)
                     .await
                     .with_context(|| format!("TLS with {addr}"))?;
-                send(tls, req).await?
+                handshake(tls).await?
             }
             Target::Unix(path) => {
                 let stream = tokio::net::UnixStream::connect(path)
                     .await
-                    .with_context(|| {
-                        format!(
-                            "connecting to {}: is `persona daemon` running?",
-                            path.display()
-                        )
-                    })?;
-                send(stream, req).await?
+                    .with_context(|| unreachable(&path.display().to_string()))?;
+                handshake(stream).await?
             }
         };
-        Ok(response)
+        Ok(Connection {
+            sender,
+            token: self.token.clone(),
+        })
     }
 
     fn tls_connector(&self) -> anyhow::Result<tokio_rustls::TlsConnector> {
@@ -150,13 +180,20 @@ fn server_name(host: &str) -> anyhow::Result<rustls_pki_types::ServerName<'stati
     Ok(rustls_pki_types::ServerName::try_from(host.to_owned())?)
 }
 
-async fn send<S>(stream: S, req: Request<Full<Bytes>>) -> anyhow::Result<(StatusCode, Value)>
+async fn handshake<S>(
+    stream: S,
+) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let response = sender.send_request(req).await?;
+    Ok(sender)
+}
+
+async fn read(
+    response: hyper::Response<hyper::body::Incoming>,
+) -> anyhow::Result<(StatusCode, Value)> {
     let status = response.status();
     let body = response.into_body().collect().await?.to_bytes();
     if body.is_empty() {

@@ -197,6 +197,10 @@ pub trait Datapath {
     }
     /// The host wiring the device's state calls for.
     fn wiring(&self, ifindex: u32) -> Result<DeviceWiring>;
+    /// The addresses of the persona the device runs.
+    fn active_addresses(&self, ifindex: u32) -> Result<Vec<std::net::IpAddr>> {
+        Ok(self.wiring(ifindex)?.active)
+    }
     fn stage(&mut self, persona: &CompiledPersona) -> Result<Staged>;
     fn discard(&mut self, staged: Staged) -> Result<()>;
     /// Creates the device's counters for a persona; true when they did not exist.

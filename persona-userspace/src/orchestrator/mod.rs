@@ -8,7 +8,7 @@ use std::{
     time::Instant,
 };
 
-use serde::{Deserialize as _, Serialize};
+use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
@@ -485,7 +485,13 @@ impl Orchestrator {
         let declared = &*entry.spec;
         let state = self.store.device_state(device)?;
         let leases = self
-            .lease(device, persona, declared, state.as_ref())
+            .lease(
+                device,
+                persona,
+                declared,
+                state.as_ref(),
+                self.interface_of(&device_spec.interface),
+            )
             .await?;
         let (new, compiled) = entry.leased(&leases)?;
         // What the device runs now, when its persona still is there and compiles: its
@@ -658,68 +664,66 @@ impl Orchestrator {
         })
     }
 
-    /// Every address a device other than `device` holds, with who holds it: those of
-    /// the persona it runs (its leases for a pooled one), and those still draining for
-    /// its open flows.
-    async fn held(&self, device: &str) -> Result<HashMap<IpAddr, String>, ShiftError> {
+    /// Every address a device other than `device` (attached at `own`) holds, with who
+    /// holds it: those of the persona it runs (its leases for a pooled one), and those
+    /// still draining for its open flows. One read of the store's states and one job on
+    /// the datapath, whatever the number of devices.
+    async fn held(
+        &self,
+        device: &str,
+        own: Option<u32>,
+    ) -> Result<HashMap<IpAddr, String>, ShiftError> {
         let mut held = HashMap::new();
-        /// A persona's addresses alone: the rest of a large persona is not parsed.
-        #[derive(serde::Deserialize)]
-        struct Addresses {
-            #[serde(default)]
-            addresses: Vec<ipnet::IpNet>,
-        }
-        let mut specs: HashMap<String, Vec<ipnet::IpNet>> = HashMap::new();
-        let mut names = HashMap::new();
-        for d in self.store.list(Kind::Device)? {
-            let Ok(spec) = serde_json::from_value::<DeviceSpec>(d.spec) else {
-                continue;
-            };
-            if d.name == device {
+        for (name, s) in self.store.device_states()? {
+            if name == device {
                 continue;
             }
-            if let Ok(ifindex) = crate::datapath::ifindex(&spec.interface) {
-                names.insert(ifindex, d.name.clone());
-            }
-            let Some(s) = self.store.device_state(&d.name)? else {
-                continue;
-            };
-            if !specs.contains_key(&s.persona) {
-                let addrs = self
-                    .store
-                    .get(Kind::Persona, &s.persona)?
-                    .and_then(|r| Addresses::deserialize(&r.spec).ok())
-                    .map_or_else(Vec::new, |a| a.addresses);
-                specs.insert(s.persona.clone(), addrs);
-            }
-            for a in specs[&s.persona].iter().chain(&s.leases) {
-                held.insert(
-                    a.addr(),
-                    format!("device {} (persona {})", d.name, s.persona),
-                );
+            let fixed = self
+                .catalog
+                .persona(&*self.store, &s.persona)
+                .map(|e| e.spec.addresses.clone())
+                .unwrap_or_default();
+            for a in fixed.iter().chain(&s.leases) {
+                held.insert(a.addr(), format!("device {name} (persona {})", s.persona));
             }
         }
         // What the datapath runs too: a device's store record may lag behind (a
         // persona updated, its device's shift refused) and drains are only there.
-        let devices: Vec<(u32, String)> = names.into_iter().collect();
+        let interfaces = self
+            .interfaces
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default();
         let wired = self
             .datapath
             .call(move |dp| {
-                devices
+                let mut draining: HashMap<u32, Vec<IpAddr>> = HashMap::new();
+                for (i, d) in dp.drains_all()? {
+                    draining.entry(i).or_default().push(d.addr);
+                }
+                dp.attached()?
                     .into_iter()
-                    .map(|(ifindex, name)| Ok((name, dp.wiring(ifindex)?)))
+                    .filter(|&i| Some(i) != own)
+                    .map(|i| {
+                        let drains = draining.remove(&i).unwrap_or_default();
+                        Ok((i, dp.active_addresses(i)?, drains))
+                    })
                     .collect::<crate::datapath::Result<Vec<_>>>()
             })
             .await
             .map_err(|e| ShiftError::Failed(e.to_string()))?;
-        for (name, w) in wired {
-            for a in w.active {
+        for (ifindex, active, draining) in wired {
+            let on = interfaces.get(&ifindex).map_or_else(
+                || format!("interface {ifindex}"),
+                |i| format!("the device on {i}"),
+            );
+            for a in active {
                 held.entry(a)
-                    .or_insert_with(|| format!("device {name} (running it)"));
+                    .or_insert_with(|| format!("{on} (running it)"));
             }
-            for a in w.draining {
+            for a in draining {
                 held.entry(a)
-                    .or_insert_with(|| format!("device {name} (draining its open flows)"));
+                    .or_insert_with(|| format!("{on} (draining its open flows)"));
             }
         }
         Ok(held)
@@ -734,8 +738,9 @@ impl Orchestrator {
         persona: &str,
         declared: &PersonaSpec,
         state: Option<&DeviceState>,
+        own: Option<u32>,
     ) -> Result<Vec<ipnet::IpNet>, ShiftError> {
-        let held = self.held(device).await?;
+        let held = self.held(device, own).await?;
         for a in &declared.addresses {
             if let Some(holder) = held.get(&a.addr()) {
                 return Err(ShiftError::Held {

@@ -326,6 +326,17 @@ impl Store for EmbeddedStore {
         self.read(DEVICE_STATE, device)
     }
 
+    fn device_states(&self) -> Result<Vec<(String, DeviceState)>> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let t = txn.open_table(DEVICE_STATE).map_err(backend)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(backend)? {
+            let (k, v) = row.map_err(backend)?;
+            out.push((k.value().to_owned(), decode(v.value())?));
+        }
+        Ok(out)
+    }
+
     fn set_device_state(&self, device: &str, state: Option<&DeviceState>) -> Result<()> {
         let bytes = state.map(encode).transpose()?;
         self.write(DEVICE_STATE, device, bytes.as_deref())

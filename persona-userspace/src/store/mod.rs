@@ -185,6 +185,8 @@ pub trait Store: Send + Sync + 'static {
     fn tokens(&self) -> Result<Vec<TokenRecord>>;
 
     fn device_state(&self, device: &str) -> Result<Option<DeviceState>>;
+    /// Every device's state, by device name.
+    fn device_states(&self) -> Result<Vec<(String, DeviceState)>>;
     fn set_device_state(&self, device: &str, state: Option<&DeviceState>) -> Result<()>;
 
     fn append_event(&self, body: EventBody) -> Result<Event>;

@@ -98,6 +98,7 @@ impl KernelDatapath {
             config,
             retired: Vec::new(),
             in_grace: Default::default(),
+            safe: Vec::new(),
             unowned: Vec::new(),
             folded,
             live_keys: Default::default(),

@@ -58,6 +58,10 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/persona";
 
+/// Tables freed per round of housekeeping between jobs: a job arriving meanwhile waits
+/// for at most this many.
+const TIDY_TABLES: usize = 16;
+
 /// Replaced tables freed per grace period: the wait (~10 ms, on the grace thread) is
 /// paid once per batch, not once per shift.
 const RECLAIM_BATCH: usize = 64;
@@ -122,6 +126,8 @@ pub struct KernelDatapath {
     retired: Vec<u32>,
     /// Handed over, waiting for their grace period to end.
     in_grace: std::collections::HashSet<u32>,
+    /// Past their grace period, to be cleared and freed.
+    safe: Vec<u32>,
     /// (device, persona) pairs whose last table was freed, to be folded.
     unowned: Vec<Pair>,
     /// `FOLDED` as written, by device.
@@ -199,6 +205,10 @@ impl Datapath for KernelDatapath {
 
     fn is_attached(&self, ifindex: u32) -> Result<bool> {
         Ok(self.maps.devices.get(&ifindex, 0).is_ok())
+    }
+
+    fn active_addresses(&self, ifindex: u32) -> Result<Vec<IpAddr>> {
+        KernelDatapath::active_addresses(self, ifindex)
     }
 
     fn wiring(&self, ifindex: u32) -> Result<DeviceWiring> {

@@ -233,9 +233,7 @@ impl KernelDatapath {
     /// A free table slot, freeing the retired ones first when none is left.
     pub(super) fn alloc_table(&mut self) -> Result<u32> {
         match self.tables.alloc() {
-            Err(DatapathError::TablesExhausted(_))
-                if !self.retired.is_empty() || !self.in_grace.is_empty() =>
-            {
+            Err(DatapathError::TablesExhausted(_)) if self.retiring().next().is_some() => {
                 self.reclaim()?;
                 self.tables.alloc()
             }
@@ -270,14 +268,18 @@ impl KernelDatapath {
 
     /// Tables replaced but not yet freed: programs may still count in them.
     pub(super) fn retiring(&self) -> impl Iterator<Item = u32> + '_ {
-        self.retired.iter().chain(self.in_grace.iter()).copied()
+        self.retired
+            .iter()
+            .chain(self.in_grace.iter())
+            .chain(self.safe.iter())
+            .copied()
     }
 
     /// Housekeeping while no job waits: frees the batches whose grace period ended,
     /// and hands over a part batch when nothing else is in flight.
     pub(super) fn tidy(&mut self) -> Result<()> {
         let finished = self.grace.finished();
-        self.free_batches(finished)?;
+        self.free_batches(finished, Some(TIDY_TABLES))?;
         if !self.retired.is_empty() && self.grace.in_flight() == 0 {
             self.hand_over()?;
         }
@@ -291,32 +293,41 @@ impl KernelDatapath {
             self.hand_over()?;
         }
         let finished = self.grace.wait_all();
-        self.free_batches(finished)
+        self.free_batches(finished, None)
     }
 
-    fn free_batches(&mut self, batches: Vec<(Vec<u32>, std::io::Result<()>)>) -> Result<()> {
+    /// Takes in the batches whose grace period ended, then frees at most `limit` of the
+    /// tables known safe (all without a limit): housekeeping between jobs stays short.
+    fn free_batches(
+        &mut self,
+        batches: Vec<(Vec<u32>, std::io::Result<()>)>,
+        limit: Option<usize>,
+    ) -> Result<()> {
         let mut failed = None;
         for (batch, waited) in batches {
             for t in &batch {
                 self.in_grace.remove(t);
             }
-            if let Err(e) = waited {
-                // Not known to be safe yet: they wait for the next grace period.
-                self.retired.extend(batch);
-                failed.get_or_insert(io_err("waiting for an RCU grace period")(e));
-                continue;
-            }
-            // One at a time: a failure leaves the rest listed, to be freed next time.
-            let mut rest = batch.into_iter();
-            for table in rest.by_ref() {
-                if let Err(e) = self.clear_table(table) {
-                    self.retired.push(table);
-                    failed.get_or_insert(e);
-                    break;
+            match waited {
+                Ok(()) => self.safe.extend(batch),
+                Err(e) => {
+                    // Not known to be safe yet: they wait for the next grace period.
+                    self.retired.extend(batch);
+                    failed.get_or_insert(io_err("waiting for an RCU grace period")(e));
                 }
-                self.tables.release(table);
             }
-            self.retired.extend(rest);
+        }
+        for _ in 0..limit.unwrap_or(usize::MAX) {
+            let Some(table) = self.safe.pop() else {
+                break;
+            };
+            // One at a time: a failure leaves the rest listed, to be freed next time.
+            if let Err(e) = self.clear_table(table) {
+                self.safe.push(table);
+                failed.get_or_insert(e);
+                break;
+            }
+            self.tables.release(table);
         }
         if self.config.exclusive {
             self.fold_unowned()?;

@@ -224,20 +224,42 @@ The daemon following link events, {} rounds: the VM's veth deleted and made agai
         m.push('\n');
     }
     if let Some(c) = r.get("control") {
+        let fs = &c["fsync"];
         let _ = writeln!(
             m,
-            "## Control plane\n\n- Shifts through the API, one client, sequential: **{} shifts/s** ({} shifts).\n- Context signals through the rule engine with {} rules (one in ten a CEL expression; no rule matches, so every rule is evaluated and nothing shifts):",
-            f(&c["api_shifts_per_s"], 0),
-            c["api_shifts"],
-            c["rules"]
+            "## Control plane\n\nThrough the daemon's Unix socket, each client on one kept-alive connection. Every acknowledged shift and signal batch is on disk first: the disk's own fsync (4 KiB written, fdatasync) here is **{} / {} us** p50 / p99, the floor of a single client's latency.\n\nShifts (a device alternating between two personas; with more clients, each on a device of its own):\n\n| clients | shifts/s | p50 us | p99 us | p50 × fsync p50 |\n|---:|---:|---:|---:|---:|",
+            f(&fs["p50_us"], 0),
+            f(&fs["p99_us"], 0)
         );
-        for b in c["context"].as_array().into_iter().flatten() {
+        let fsync = fs["p50_us"].as_f64().unwrap_or(f64::NAN);
+        for row in c["shifts"].as_array().into_iter().flatten() {
+            let l = &row["latency"];
             let _ = writeln!(
                 m,
-                "  - batches of {}: **{} signals/s** ({} ms per POST /context)",
-                b["batch"],
-                f(&b["signals_per_s"], 0),
-                f(&b["ms_per_post"], 2)
+                "| {} | {} | {} | {} | {:.2}x |",
+                row["clients"],
+                f(&row["shifts_per_s"], 0),
+                f(&l["p50_us"], 0),
+                f(&l["p99_us"], 0),
+                l["p50_us"].as_f64().unwrap_or(f64::NAN) / fsync
+            );
+        }
+        let _ = writeln!(
+            m,
+            "\nContext signals through the rule engine (one rule in ten a CEL expression; none matches, so every rule is evaluated and nothing shifts), per POST /context:\n\n| rules | devices | clients | batch | signals/s | POST p50 us | POST p99 us |\n|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for row in c["context"].as_array().into_iter().flatten() {
+            let l = &row["post_latency"];
+            let _ = writeln!(
+                m,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                row["rules"],
+                row["devices"],
+                row["clients"],
+                row["batch"],
+                f(&row["signals_per_s"], 0),
+                f(&l["p50_us"], 0),
+                f(&l["p99_us"], 0)
             );
         }
         m.push('\n');
