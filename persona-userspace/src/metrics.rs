@@ -109,6 +109,10 @@ pub struct OneDevice {
     pub device: String,
 }
 
+/// A metric without labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NoLabels {}
+
 /// The datapath as one scrape saw it.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -122,6 +126,8 @@ pub struct Snapshot {
     pub maps: Vec<(MapLabels, u64, u64)>,
     /// Per device: handshake counts per log2 microsecond bucket, and their sum.
     pub handshakes: Vec<(OneDevice, Vec<u64>, u64)>,
+    /// Group commit: commits, writes, seconds in commits, the largest group.
+    pub store: Option<(u64, u64, f64, u64)>,
 }
 
 /// One gauge family, a value per label set.
@@ -213,6 +219,35 @@ impl Collector for Snapshot {
                     &bounds,
                     None,
                 )?;
+        }
+        if let Some((commits, writes, seconds, largest)) = self.store {
+            let mut c = encoder.encode_descriptor(
+                "persona_store_commits",
+                "Durable store transactions committed (each one fsync)",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(commits).encode(c.encode_family(&NoLabels {})?)?;
+            let mut w = encoder.encode_descriptor(
+                "persona_store_writes",
+                "Writes committed: writes / commits is the mean group size",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(writes).encode(w.encode_family(&NoLabels {})?)?;
+            let mut s = encoder.encode_descriptor(
+                "persona_store_commit_seconds",
+                "Time spent committing (mostly the disk's fsync)",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(seconds).encode(s.encode_family(&NoLabels {})?)?;
+            gauge(
+                &mut encoder,
+                "persona_store_largest_group",
+                "The most writes one commit has held",
+                &[(NoLabels {}, largest)],
+            )?;
         }
         let mut used = encoder.encode_descriptor(
             "persona_map_entries",

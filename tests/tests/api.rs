@@ -578,3 +578,139 @@ fn shell_completions_are_generated() {
         "bash completion script for persona"
     );
 }
+
+/// Many requests on one kept-alive connection, in a thread of their own, until `stop`:
+/// what `call(i)` got acknowledged (2xx), as `ack` makes of the answer.
+fn hammer<T: Send + 'static>(
+    d: &Daemon,
+    stop: &Arc<AtomicBool>,
+    call: impl Fn(usize) -> (&'static str, Value) + Send + 'static,
+    ack: impl Fn(usize, &Value) -> T + Send + 'static,
+) -> std::thread::JoinHandle<Vec<T>> {
+    let client = d.client(Some(&d.admin));
+    let stop = stop.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut acked = Vec::new();
+            let Ok(mut conn) = client.connect().await else {
+                return acked;
+            };
+            for i in 0.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let (path, body) = call(i);
+                match conn.call(Method::POST, path, Some(&body)).await {
+                    Ok((s, v)) if s.is_success() => acked.push(ack(i, &v)),
+                    _ => break,
+                }
+            }
+            acked
+        })
+    })
+}
+
+#[test]
+fn a_sigkill_during_concurrent_signals_and_shifts_loses_nothing_acknowledged() {
+    let (_lab, mut d) = setup();
+    let stop = Arc::new(AtomicBool::new(false));
+    let shifts = hammer(
+        &d,
+        &stop,
+        |i| {
+            let to = if i % 2 == 0 { "travel" } else { "office" };
+            (
+                "/trigger_shift",
+                json!({ "device_id": "vm1", "persona_id": to }),
+            )
+        },
+        |_, v| {
+            (
+                v["event"].as_u64().unwrap(),
+                v["generation"].as_u64().unwrap(),
+            )
+        },
+    );
+    // Applications no rule asks about: stored, and nothing shifts for them.
+    let feeds: Vec<_> = (0..3)
+        .map(|t| {
+            hammer(
+                &d,
+                &stop,
+                move |i| {
+                    let app = format!("probe-{t}-{i}");
+                    (
+                        "/context",
+                        json!([{ "device": "vm2", "kind": "app", "app": app, "active": true }]),
+                    )
+                },
+                move |i, _| format!("vm2/app/probe-{t}-{i}"),
+            )
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    d.kill();
+    stop.store(true, Ordering::Relaxed);
+    let shifted = shifts.join().unwrap();
+    let signalled: Vec<String> = feeds.into_iter().flat_map(|f| f.join().unwrap()).collect();
+    assert!(
+        shifted.len() > 10,
+        "only {} shifts before the kill",
+        shifted.len()
+    );
+    assert!(
+        signalled.len() > 30,
+        "only {} signals before the kill",
+        signalled.len()
+    );
+
+    // The file as the killed daemon left it.
+    let store = persona::store::embedded::EmbeddedStore::open(&d.data_dir.join("store.redb"))
+        .expect("opening the store the daemon left");
+    use persona::store::Store as _;
+    let stored: std::collections::HashSet<String> = store
+        .signals()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            format!(
+                "{}/app/{}",
+                s["device"].as_str().unwrap(),
+                s["app"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    for key in &signalled {
+        assert!(stored.contains(key), "acknowledged signal {key} lost");
+    }
+    let events: std::collections::HashMap<u64, persona::store::Event> = store
+        .events(0, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.seq, e))
+        .collect();
+    for (seq, generation) in &shifted {
+        let e = events
+            .get(seq)
+            .unwrap_or_else(|| panic!("acknowledged shift's audit record {seq} lost"));
+        assert_eq!(
+            (e.body.kind.as_str(), e.body.generation),
+            ("shift", Some(*generation))
+        );
+    }
+    let last = shifted.iter().map(|s| s.1).max().unwrap();
+    let state = store.device_state("vm1").unwrap().expect("vm1's state");
+    assert!(
+        state.generation >= last,
+        "vm1 at {} after acknowledging {last}",
+        state.generation
+    );
+    drop(store);
+    d.restart();
+    let (s, _) = d.admin(Method::GET, "/status/vm1", None);
+    assert_eq!(s, 200, "the daemon starts on what it left");
+}

@@ -159,6 +159,16 @@ pub async fn scrape(
         })
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
+    let mut snapshot = snapshot;
+    snapshot.store = store.commit_stats().map(|s| {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            s.commits.load(Relaxed),
+            s.writes.load(Relaxed),
+            s.commit_ns.load(Relaxed) as f64 / 1e9,
+            s.largest_group.load(Relaxed),
+        )
+    });
     // Prometheus asks for OpenMetrics; everything else gets the classic text format.
     let openmetrics = headers
         .get(axum::http::header::ACCEPT)

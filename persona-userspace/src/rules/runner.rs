@@ -152,8 +152,8 @@ impl RuleEngine {
 
     /// Takes in signals (all were validated) and acts on the devices they concern.
     pub async fn ingest(&self, signals: Vec<Signal>) -> Result<Vec<Applied>, StoreError> {
-        let mut state = self.state.lock().await;
         let now = Timestamp::now();
+        let mut state = self.state.lock().await;
         let mut devices: Vec<String> = Vec::new();
         let mut changed = Vec::new();
         for mut s in signals {
@@ -179,8 +179,14 @@ impl RuleEngine {
                 changed.push((key, json));
             }
         }
-        // One transaction for the whole batch.
-        self.orchestrator.store().put_signals(&changed)?;
+        drop(state);
+        // Stored (in one transaction, shared with whatever else is being written) before
+        // anything is decided or acknowledged; other requests go on meanwhile.
+        let store = self.orchestrator.store().clone();
+        tokio::task::spawn_blocking(move || store.put_signals(&changed))
+            .await
+            .map_err(|e| StoreError::Backend(format!("storing signals: {e}")))??;
+        let mut state = self.state.lock().await;
         let rules = self.rules()?;
         let mut out = Vec::new();
         let mut soonest: Option<Timestamp> = None;

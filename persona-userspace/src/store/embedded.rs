@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     path::Path,
+    sync::{Arc, RwLock},
 };
 
 use redb::{
@@ -13,6 +14,7 @@ use redb::{
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
+use super::writer::{After, Writer};
 use super::{
     DeviceState, Event, EventBody, Expect, Kind, Record, Result, Stamp, Store, StoreError,
     TokenRecord,
@@ -59,14 +61,16 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     serde_json::from_slice(bytes).map_err(backend)
 }
 
+type Index<K, V> = Arc<RwLock<HashMap<K, V>>>;
+
 pub struct EmbeddedStore {
-    db: Database,
-    /// Every record's version, kept beside the file: this process is its only writer
-    /// (redb locks it), so the index is never stale.
-    versions: std::sync::RwLock<HashMap<(Kind, String), Stamp>>,
-    /// Held across a record's write transaction and its index update.
-    record_writes: std::sync::Mutex<()>,
-    persona_ids: std::sync::RwLock<HashMap<String, u32>>,
+    db: Arc<Database>,
+    /// Every write goes through it, grouped into shared transactions.
+    writer: Writer,
+    /// Every record's stamp, kept beside the file: this process is its only writer
+    /// (redb locks it), and the writer updates it in commit order, so it is never stale.
+    versions: Index<(Kind, String), Stamp>,
+    persona_ids: Index<String, u32>,
 }
 
 impl EmbeddedStore {
@@ -109,11 +113,12 @@ impl EmbeddedStore {
                 persona_ids.insert(k.value().to_owned(), v.value());
             }
         }
+        let db = Arc::new(db);
         Ok(Self {
+            writer: Writer::spawn(db.clone())?,
             db,
-            versions: versions.into(),
-            record_writes: Default::default(),
-            persona_ids: persona_ids.into(),
+            versions: Arc::new(versions.into()),
+            persona_ids: Arc::new(persona_ids.into()),
         })
     }
 
@@ -141,25 +146,22 @@ impl EmbeddedStore {
         Ok(out)
     }
 
+    /// Sets or removes one value, in the next group's transaction.
     fn write(
         &self,
-        def: TableDefinition<&str, &[u8]>,
+        def: TableDefinition<'static, &'static str, &'static [u8]>,
         key: &str,
-        value: Option<&[u8]>,
+        value: Option<Vec<u8>>,
     ) -> Result<()> {
-        let txn = self.db.begin_write().map_err(backend)?;
-        {
+        let key = key.to_owned();
+        self.writer.write(move |txn| {
             let mut t = txn.open_table(def).map_err(backend)?;
             match value {
-                Some(v) => {
-                    t.insert(key, v).map_err(backend)?;
-                }
-                None => {
-                    t.remove(key).map_err(backend)?;
-                }
-            }
-        }
-        txn.commit().map_err(backend)
+                Some(v) => t.insert(key.as_str(), v.as_slice()).map_err(backend)?,
+                None => t.remove(key.as_str()).map_err(backend)?,
+            };
+            Ok(((), None))
+        })
     }
 }
 
@@ -202,23 +204,22 @@ impl Store for EmbeddedStore {
         if let Some(&id) = self.persona_ids.read().expect("ids lock").get(name) {
             return Ok(id);
         }
-        let mut ids = self.persona_ids.write().expect("ids lock");
-        let txn = self.db.begin_write().map_err(backend)?;
-        let id = {
+        let (name, ids) = (name.to_owned(), self.persona_ids.clone());
+        self.writer.write(move |txn| {
             let mut t = txn.open_table(PERSONA_IDS).map_err(backend)?;
-            if let Some(id) = t.get(name).map_err(backend)? {
-                return Ok(id.value());
+            if let Some(id) = t.get(name.as_str()).map_err(backend)? {
+                return Ok((id.value(), None));
             }
             let mut next = 1;
             for entry in t.iter().map_err(backend)? {
                 next = next.max(entry.map_err(backend)?.1.value() + 1);
             }
-            t.insert(name, next).map_err(backend)?;
-            next
-        };
-        txn.commit().map_err(backend)?;
-        ids.insert(name.to_owned(), id);
-        Ok(id)
+            t.insert(name.as_str(), next).map_err(backend)?;
+            let after: After = Box::new(move || {
+                ids.write().expect("ids lock").insert(name, next);
+            });
+            Ok((next, Some(after)))
+        })
     }
 
     fn persona_names(&self) -> Result<BTreeMap<u32, String>> {
@@ -246,72 +247,69 @@ impl Store for EmbeddedStore {
     }
 
     fn put(&self, kind: Kind, name: &str, spec: Value, expect: Expect) -> Result<Record> {
-        let _writing = self.record_writes.lock().expect("record writes lock");
-        // Read, check and write in one write transaction: no other writer in between.
-        let txn = self.db.begin_write().map_err(backend)?;
-        let record = {
+        let (name, versions) = (name.to_owned(), self.versions.clone());
+        // Read, check and write in one transaction, after the writes queued before it.
+        self.writer.write(move |txn| {
             let mut t = txn.open_table(table(kind)).map_err(backend)?;
-            let current: Option<Record> = match t.get(name).map_err(backend)? {
+            let current: Option<Record> = match t.get(name.as_str()).map_err(backend)? {
                 Some(v) => Some(decode(v.value())?),
                 None => None,
             };
-            check(kind, name, current.as_ref(), expect)?;
-            if let Some(cur) = &current
-                && cur.spec == spec
-            {
-                return Ok(cur.clone());
+            check(kind, &name, current.as_ref(), expect)?;
+            if let Some(cur) = current.as_ref().filter(|c| c.spec == spec) {
+                return Ok((cur.clone(), None));
             }
             let record = Record {
                 kind,
-                name: name.into(),
+                name: name.clone(),
                 version: current.map_or(1, |c| c.version + 1),
                 updated: jiff::Timestamp::now(),
                 spec,
             };
-            t.insert(name, encode(&record)?.as_slice())
+            t.insert(name.as_str(), encode(&record)?.as_slice())
                 .map_err(backend)?;
-            record
-        };
-        txn.commit().map_err(backend)?;
-        self.versions.write().expect("versions lock").insert(
-            (kind, name.to_owned()),
-            Stamp {
+            let stamp = Stamp {
                 version: record.version,
                 updated: record.updated,
-            },
-        );
-        Ok(record)
+            };
+            let after: After = Box::new(move || {
+                versions
+                    .write()
+                    .expect("versions lock")
+                    .insert((kind, name), stamp);
+            });
+            Ok((record, Some(after)))
+        })
     }
 
     fn delete(&self, kind: Kind, name: &str, expect: Expect) -> Result<Record> {
-        let _writing = self.record_writes.lock().expect("record writes lock");
-        let txn = self.db.begin_write().map_err(backend)?;
-        let record = {
+        let (name, versions) = (name.to_owned(), self.versions.clone());
+        self.writer.write(move |txn| {
             let mut t = txn.open_table(table(kind)).map_err(backend)?;
-            let current: Option<Record> = match t.get(name).map_err(backend)? {
+            let current: Option<Record> = match t.get(name.as_str()).map_err(backend)? {
                 Some(v) => Some(decode(v.value())?),
                 None => None,
             };
             let Some(current) = current else {
                 return Err(StoreError::NotFound {
                     kind: label(kind),
-                    name: name.into(),
+                    name,
                 });
             };
-            check(kind, name, Some(&current), expect)?;
-            t.remove(name).map_err(backend)?;
-            current
-        };
-        txn.commit().map_err(backend)?;
-        self.versions
-            .write()
-            .expect("versions lock")
-            .remove(&(kind, name.to_owned()));
-        Ok(record)
+            check(kind, &name, Some(&current), expect)?;
+            t.remove(name.as_str()).map_err(backend)?;
+            let after: After = Box::new(move || {
+                versions
+                    .write()
+                    .expect("versions lock")
+                    .remove(&(kind, name));
+            });
+            Ok((current, Some(after)))
+        })
     }
 
     fn put_token(&self, token: &TokenRecord) -> Result<()> {
-        self.write(TOKENS, &token.id, Some(&encode(token)?))
+        self.write(TOKENS, &token.id, Some(encode(token)?))
     }
 
     fn token(&self, id: &str) -> Result<Option<TokenRecord>> {
@@ -339,14 +337,15 @@ impl Store for EmbeddedStore {
 
     fn set_device_state(&self, device: &str, state: Option<&DeviceState>) -> Result<()> {
         let bytes = state.map(encode).transpose()?;
-        self.write(DEVICE_STATE, device, bytes.as_deref())
+        self.write(DEVICE_STATE, device, bytes)
+    }
+
+    fn commit_stats(&self) -> Option<&super::CommitStats> {
+        Some(self.writer.stats())
     }
 
     fn append_event(&self, body: EventBody) -> Result<Event> {
-        let txn = self.db.begin_write().map_err(backend)?;
-        let event = append(&txn, body)?;
-        txn.commit().map_err(backend)?;
-        Ok(event)
+        self.writer.write(move |txn| Ok((append(txn, body)?, None)))
     }
 
     fn record_state(
@@ -356,36 +355,51 @@ impl Store for EmbeddedStore {
         body: EventBody,
     ) -> Result<Event> {
         let bytes = state.map(encode).transpose()?;
-        let txn = self.db.begin_write().map_err(backend)?;
-        {
+        let device = device.to_owned();
+        self.writer.write(move |txn| {
+            // The event is numbered and encoded before anything is written.
+            let mut events = txn.open_table(EVENTS).map_err(backend)?;
+            let last = events
+                .last()
+                .map_err(backend)?
+                .map_or(0, |(k, _)| k.value());
+            let event = Event {
+                seq: last + 1,
+                at: jiff::Timestamp::now(),
+                body,
+            };
+            let encoded = encode(&event)?;
             let mut t = txn.open_table(DEVICE_STATE).map_err(backend)?;
             match &bytes {
-                Some(v) => t.insert(device, v.as_slice()).map_err(backend)?,
-                None => t.remove(device).map_err(backend)?,
+                Some(v) => t.insert(device.as_str(), v.as_slice()).map_err(backend)?,
+                None => t.remove(device.as_str()).map_err(backend)?,
             };
-        }
-        let event = append(&txn, body)?;
-        txn.commit().map_err(backend)?;
-        Ok(event)
+            events
+                .insert(event.seq, encoded.as_slice())
+                .map_err(backend)?;
+            Ok((event, None))
+        })
     }
 
     fn put_signal(&self, key: &str, signal: &Value) -> Result<()> {
-        self.write(SIGNALS, key, Some(&encode(signal)?))
+        self.write(SIGNALS, key, Some(encode(signal)?))
     }
 
     fn put_signals(&self, signals: &[(String, Value)]) -> Result<()> {
         if signals.is_empty() {
             return Ok(());
         }
-        let txn = self.db.begin_write().map_err(backend)?;
-        {
+        let rows = signals
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), encode(v)?)))
+            .collect::<Result<Vec<_>>>()?;
+        self.writer.write(move |txn| {
             let mut t = txn.open_table(SIGNALS).map_err(backend)?;
-            for (key, signal) in signals {
-                t.insert(key.as_str(), encode(signal)?.as_slice())
-                    .map_err(backend)?;
+            for (key, signal) in rows {
+                t.insert(key.as_str(), signal.as_slice()).map_err(backend)?;
             }
-        }
-        txn.commit().map_err(backend)
+            Ok(((), None))
+        })
     }
 
     fn signals(&self) -> Result<Vec<Value>> {
@@ -408,26 +422,26 @@ impl Store for EmbeddedStore {
     }
 
     fn prune_events(&self, before: jiff::Timestamp, keep: usize, at_most: usize) -> Result<usize> {
-        let txn = self.db.begin_write().map_err(backend)?;
-        let mut removed = 0;
-        {
-            let mut t = txn.open_table(EVENTS).map_err(backend)?;
-            let mut left = t.len().map_err(backend)?;
-            while left > 1 && removed < at_most {
-                let at = match t.first().map_err(backend)? {
-                    Some((_, v)) => decode::<Event>(v.value())?.at,
-                    None => break,
-                };
-                if left <= keep as u64 && at >= before {
-                    break;
+        self.writer.write(move |txn| {
+            let mut removed = 0;
+            {
+                let mut t = txn.open_table(EVENTS).map_err(backend)?;
+                let mut left = t.len().map_err(backend)?;
+                while left > 1 && removed < at_most {
+                    let at = match t.first().map_err(backend)? {
+                        Some((_, v)) => decode::<Event>(v.value())?.at,
+                        None => break,
+                    };
+                    if left <= keep as u64 && at >= before {
+                        break;
+                    }
+                    t.pop_first().map_err(backend)?;
+                    left -= 1;
+                    removed += 1;
                 }
-                t.pop_first().map_err(backend)?;
-                left -= 1;
-                removed += 1;
             }
-        }
-        txn.commit().map_err(backend)?;
-        Ok(removed)
+            Ok((removed, None))
+        })
     }
 }
 
@@ -457,6 +471,42 @@ mod tests {
             EmbeddedStore::open(&dir.join("store.redb")).expect("open"),
             Scratch(dir),
         )
+    }
+
+    #[test]
+    fn concurrent_writes_share_commits_and_each_is_answered_after_its_own() {
+        let (s, _dir) = store();
+        let s = std::sync::Arc::new(s);
+        let threads: Vec<_> = (0..16)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for i in 0..40 {
+                        let key = format!("t{t}/{i}");
+                        s.put_signal(&key, &serde_json::json!({ "n": i })).unwrap();
+                        // Answered only once committed: a read sees it at once.
+                        assert!(
+                            s.signals().unwrap().iter().any(|v| v["n"] == i),
+                            "{key} read back"
+                        );
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(s.signals().unwrap().len(), 16 * 40);
+        let stats = s.commit_stats().unwrap();
+        let (commits, writes) = (
+            stats.commits.load(std::sync::atomic::Ordering::Relaxed),
+            stats.writes.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        assert!(writes >= 16 * 40, "{writes} writes");
+        assert!(
+            commits < writes,
+            "{commits} commits for {writes} writes: none shared"
+        );
     }
 
     #[test]

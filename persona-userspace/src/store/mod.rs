@@ -3,6 +3,8 @@
 //! [`Store`] is the interface: [`embedded::EmbeddedStore`] (redb, one file, nothing to
 //! set up) is the implementation today; a fleet sharing etcd is meant to slot in here.
 pub mod embedded;
+mod writer;
+pub use writer::CommitStats;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -141,7 +143,7 @@ pub struct EventBody {
     pub detail: Value,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("{kind} {name:?} not found")]
     NotFound { kind: &'static str, name: String },
@@ -190,6 +192,10 @@ pub trait Store: Send + Sync + 'static {
     fn set_device_state(&self, device: &str, state: Option<&DeviceState>) -> Result<()>;
 
     fn append_event(&self, body: EventBody) -> Result<Event>;
+    /// How group commit has done, for a store that groups its writes.
+    fn commit_stats(&self) -> Option<&CommitStats> {
+        None
+    }
     /// A device's new state and the audit event that records it, in one transaction.
     fn record_state(
         &self,
