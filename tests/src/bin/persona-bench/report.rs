@@ -293,10 +293,29 @@ The daemon following link events, {} rounds: the VM's veth deleted and made agai
             d["devices"],
             (full - empty) / d["devices"].as_f64().unwrap_or(1.0)
         );
+        let after = d["map_memory_bytes_after_rounds"].as_f64().unwrap_or(0.0);
+        let pairs = d["round_shifts"].as_f64().unwrap_or(1.0);
+        let _ = writeln!(
+            m,
+            "Then every device through {} more personas of its own: {} shifts, {} device-persona pairs, in {} s, no map full (a pair's counter keys are folded and freed once no table counts for it). Memory after: {:.1} MiB, {:.0} bytes per further pair (its folded counts). A scrape's read of every device's counters (one batched pass over COUNTERS, TRACKED, PERSONAS and HANDSHAKES): **{} ms** at {} devices on one persona each, **{} ms** after the rounds. Map fill after the rounds:\n\n| map | used | capacity |\n|---|---:|---:|",
+            d["rounds"],
+            d["round_shifts"],
+            d["round_shifts"],
+            f(&d["rounds_s"], 1),
+            after / 1048576.0,
+            (after - full) / pairs,
+            f(&d["scrape_ms_one_persona"], 1),
+            d["devices"],
+            f(&d["scrape_ms_after_rounds"], 1),
+        );
+        for e in d["map_entries"].as_array().into_iter().flatten() {
+            let _ = writeln!(m, "| {} | {} | {} |", e["map"].as_str().unwrap_or(""), e["used"], e["capacity"]);
+        }
+        m.push('\n');
         let st = &s["store"];
         let _ = writeln!(
             m,
-            "Personas stored in the embedded store (redb, one durable transaction each):\n\n| personas | put us each | list all ms | file bytes |\n|---:|---:|---:|---:|"
+            "Personas stored in the embedded store (redb, one durable transaction each, one writer after another):\n\n| personas | put us each | list all ms | file bytes |\n|---:|---:|---:|---:|"
         );
         for row in st["steps"].as_array().into_iter().flatten() {
             let _ = writeln!(

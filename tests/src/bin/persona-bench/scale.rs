@@ -1,6 +1,8 @@
-//! Scale: 1,000 tap devices attached, each with its own persona, in one namespace; the
-//! cost of each attach and shift as the count grows; the maps' memory as the kernel
-//! accounts it; personas stored in the embedded store.
+//! Scale: 4,096 tap devices (the datapath's limit) attached, each with its own persona,
+//! in one namespace; the cost of each attach and shift as the count grows; then each
+//! device shifted through 16 personas of its own (65,536 device-persona pairs), with
+//! every map's fill; a scrape's one pass over the counters; the maps' memory as the
+//! kernel accounts it; personas stored in the embedded store.
 use std::time::{Duration, Instant};
 
 use persona::{
@@ -18,7 +20,9 @@ use persona_tests::{
 };
 use serde_json::{Value, json};
 
-pub const DEVICES: usize = 1_000;
+pub const DEVICES: usize = persona_common::device::MAX_DEVICES as usize;
+/// Personas each device goes through after its first.
+pub const ROUNDS: usize = 16;
 pub const STORED: usize = 10_000;
 
 fn device(i: usize) -> DeviceSpec {
@@ -36,13 +40,35 @@ fn device(i: usize) -> DeviceSpec {
     }
 }
 
-fn persona(i: usize) -> PersonaSpec {
+/// Persona `k` (0..65,536) has the address 198.19.k/256.k%256; all share one firewall.
+fn persona(k: usize) -> PersonaSpec {
     serde_yaml::from_str(&format!(
         "addresses: [\"198.19.{}.{}/16\"]\nfirewall:\n  egress: {{ default: allow }}\n  ingress:\n    default: drop\n    rules:\n      - {{ cidr: 198.51.100.0/24, protocol: tcp, ports: \"22\", action: allow }}\n",
-        i / 250,
-        i % 250 + 2
+        k / 256,
+        k % 256
     ))
     .expect("persona")
+}
+
+/// The persona of device `i` in round `r`, with its counter id.
+fn compiled(i: usize, r: usize) -> persona::datapath::CompiledPersona {
+    let k = i * ROUNDS + r;
+    let mut c = compile(&persona(k)).expect("compiles");
+    c.id = k as u32 + 1;
+    c
+}
+
+/// A scrape's read of every device's counters: p50 of five.
+fn scrape(dp: &KernelDatapath) -> (f64, usize) {
+    let mut times = Vec::new();
+    let mut n = 0;
+    for _ in 0..5 {
+        let t = Instant::now();
+        n = dp.counts_all().expect("counts").len();
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    (times[2], n)
 }
 
 /// Kernel-accounted memory (bytes_memlock) of every map pinned in `dir`.
@@ -95,11 +121,11 @@ fn devices() -> Value {
             let ifindex = dp.attach(&device(i)).expect("attach");
             attach += t.elapsed();
             let t = Instant::now();
-            let staged = dp.stage(&compile(&persona(i)).expect("compiles")).expect("stage");
+            let staged = dp.stage(&compiled(i, 0)).expect("stage");
             let shifted = dp.shift(ifindex, staged, ShiftOptions::default()).expect("shift");
             shift += t.elapsed();
             let n = i + 1;
-            if [1, 10, 100, 250, 500, 750, 1000].contains(&n) {
+            if [1, 10, 100, 1000, 2000, 3000, DEVICES].contains(&n) {
                 let k = (n - last) as u32;
                 steps.push(json!({
                     "devices": n,
@@ -112,7 +138,34 @@ fn devices() -> Value {
             }
         }
         let (full, maps) = map_memory(&dir);
+        let (scrape_one_ms, counted) = scrape(&dp);
+        eprintln!("  a scrape's pass over {counted} devices' counters: {scrape_one_ms:.1} ms");
+        // Every device through 16 more personas: 65,536 pairs, no map may fill up.
+        let t = Instant::now();
+        for r in 1..=ROUNDS {
+            for i in 0..DEVICES {
+                let ifindex = persona::datapath::ifindex(&format!("t{i}")).expect("ifindex");
+                let staged = dp.stage(&compiled(i, r % ROUNDS)).expect("stage");
+                dp.shift(ifindex, staged, ShiftOptions::default())
+                    .unwrap_or_else(|e| panic!("round {r}, device {i}: {e}"));
+            }
+            // What the daemon does each second: addresses no flow uses are released.
+            let swept = dp.sweep().expect("sweep");
+            for (ifindex, addr) in swept.released {
+                dp.forget_drains(ifindex, &[addr]).expect("forget drains");
+            }
+            dp.reclaim().expect("reclaim");
+        }
+        let rounds_s = t.elapsed().as_secs_f64();
+        let (after, _) = map_memory(&dir);
+        let (scrape_ms, _) = scrape(&dp);
         let active = dp.usage().expect("usage");
+        eprintln!(
+            "  {} shifts through {} pairs in {rounds_s:.1} s; scrape {scrape_ms:.1} ms; {:?}",
+            DEVICES * ROUNDS,
+            DEVICES * ROUNDS,
+            active.maps
+        );
         for i in 0..DEVICES {
             let ifindex = persona::datapath::ifindex(&format!("t{i}")).expect("ifindex");
             dp.detach(ifindex).expect("detach");
@@ -122,6 +175,12 @@ fn devices() -> Value {
             "steps": steps,
             "map_memory_bytes_empty": empty,
             "map_memory_bytes_full": full,
+            "rounds": ROUNDS,
+            "round_shifts": DEVICES * ROUNDS,
+            "rounds_s": rounds_s,
+            "map_memory_bytes_after_rounds": after,
+            "scrape_ms_one_persona": scrape_one_ms,
+            "scrape_ms_after_rounds": scrape_ms,
             "map_memory_by_map": maps.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
             "map_entries": active.maps.iter().map(|(m, used, cap)| json!({"map": m, "used": used, "capacity": cap})).collect::<Vec<_>>(),
         })
