@@ -40,20 +40,20 @@ pub struct Counter {
 }
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 
-/// Live keys: each device's active (device, persona) pair and one leaving it, both
-/// directions, every reason, with room to spare. A pair no table owns any more is folded
-/// into `FOLDED` and its keys freed, so the map never fills with the pairs a host has
-/// had over its lifetime.
-pub const MAX_COUNTER_KEYS: u32 = crate::device::MAX_DEVICES * 2 * 2 * 32;
+/// Live keys, created by the first packet of each (device, persona, direction, reason)
+/// that occurs: 32 per device, for its active pair and one leaving it. A pair no table
+/// owns any more is folded into `FOLDED` and its keys freed, so the map never fills with
+/// the pairs a host has had over its lifetime. Preallocated: a program's insert takes a
+/// free element and never waits on an allocator.
+pub const MAX_COUNTER_KEYS: u32 = crate::device::MAX_DEVICES * 32;
 
 /// `FOLDED`: the counts of (device, persona) pairs no table owns any more, one plain
 /// (not per-CPU) entry per direction and reason that counted anything; only userspace
 /// writes it. Not preallocated: it costs only what is folded.
 pub const MAX_FOLDED_KEYS: u32 = crate::device::MAX_DEVICES * 1024;
 
-/// `HANDSHAKES` keys: every bucket of each attached device, twice over (an interface
-/// made again under a new ifindex while the old one's keys are being removed).
-pub const MAX_HANDSHAKE_KEYS: u32 = crate::device::MAX_DEVICES * 2 * (HANDSHAKE_BUCKETS + 1);
+/// `HANDSHAKES` keys: every bucket of each attached device (a device's go with it).
+pub const MAX_HANDSHAKE_KEYS: u32 = crate::device::MAX_DEVICES * (HANDSHAKE_BUCKETS + 1);
 
 /// `TRACKED[table * 2 + direction]` (per CPU): packets of tracked flows, the bulk of all
 /// traffic, counted in an array slot of the table they were handled with instead of a

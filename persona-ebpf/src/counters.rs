@@ -41,8 +41,7 @@ pub fn count(ifindex: u32, handled: Handled, direction: u8, wire: Wire) {
         persona
     };
     let key = CounterKey::new(ifindex, persona, direction, reason);
-    // Userspace creates a device's keys for a persona before shifting to it. Otherwise
-    // the first packet creates it, and a CPU that loses that race adds to the winner's.
+    // The first packet creates the key; a CPU that loses that race adds to the winner's.
     for _ in 0..2 {
         if let Some(c) = COUNTERS.get_ptr_mut(key) {
             add_wire(c, wire);

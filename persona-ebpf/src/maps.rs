@@ -38,10 +38,9 @@ pub static FW_V6: LpmTrie<FwKeyV6, RuleSet> = LpmTrie::pinned(MAX_PREFIXES, 0);
 #[map]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::pinned(CT_MAX_ENTRIES, 0);
 
-/// Not preallocated: sized for every device's pairs, it costs only the live keys.
 #[map]
 pub static COUNTERS: PerCpuHashMap<CounterKey, Counter> =
-    PerCpuHashMap::pinned(MAX_COUNTER_KEYS, BPF_F_NO_PREALLOC);
+    PerCpuHashMap::pinned(MAX_COUNTER_KEYS, 0);
 
 /// Counts of pairs no table owns any more, moved out of `COUNTERS` by userspace; never
 /// read here, kept in the object so it is pinned beside the others.
@@ -79,7 +78,7 @@ pub static EVENT_RATE: PerCpuArray<RateWindow> = PerCpuArray::with_max_entries(1
 
 #[map]
 pub static HANDSHAKES: PerCpuHashMap<HandshakeKey, u64> =
-    PerCpuHashMap::pinned(MAX_HANDSHAKE_KEYS, BPF_F_NO_PREALLOC);
+    PerCpuHashMap::pinned(MAX_HANDSHAKE_KEYS, 0);
 
 /// Devices whose flood guard is on, and its rate window.
 #[map]

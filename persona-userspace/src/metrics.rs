@@ -43,6 +43,8 @@ pub struct Metrics {
     pub shifts: Family<ShiftLabels, Counter>,
     pub shift_latency: Family<TriggerLabels, Histogram, fn() -> Histogram>,
     pub rule_evaluations: Counter,
+    /// From a POST /context taken in to the flip of the shift it caused.
+    pub signal_to_flip: Histogram,
     pub api_requests: Family<RequestLabels, Counter>,
     pub security_events: Family<SecurityLabels, Counter>,
 }
@@ -59,6 +61,7 @@ impl Default for Metrics {
             shifts: Family::default(),
             shift_latency: Family::new_with_constructor(latency_histogram),
             rule_evaluations: Counter::default(),
+            signal_to_flip: latency_histogram(),
             api_requests: Family::default(),
             security_events: Family::default(),
         }
@@ -290,6 +293,11 @@ impl Metrics {
             "persona_rule_evaluations",
             "Device evaluations by the rule engine",
             self.rule_evaluations.clone(),
+        );
+        registry.register(
+            "persona_signal_to_flip_seconds",
+            "From context signals taken in to the flipped datapath of the shift they caused (stored, decided, shifted)",
+            self.signal_to_flip.clone(),
         );
         registry.register(
             "persona_api_requests",

@@ -583,34 +583,40 @@ impl Orchestrator {
         done.generation = Some(generation);
         done.result = "ok".into();
         done.detail["flip_us"] = json!(flip.as_secs_f64() * 1e6);
-        // The state and the audit record of it in one transaction.
-        let stored = tls.and_then(|()| {
-            let record = DeviceState {
-                persona: persona.into(),
-                persona_version: entry.stamp.version,
-                generation,
-                since: jiff::Timestamp::now(),
-                rule: cause.as_ref().map(|c| c.0.clone()),
-                leases,
-            };
-            match self.fault {
-                Some(TxStep::Store) => Err(StepFailed::new(TxStep::Store, "injected fault")),
-                _ => self
-                    .store
-                    .record_state(device, Some(&record), done)
-                    .map_err(|e| StepFailed::new(TxStep::Store, e)),
+        // The state and the audit record of it in one transaction, waited for off the
+        // async threads: other requests go on, and their writes join the same commit.
+        let record = DeviceState {
+            persona: persona.into(),
+            persona_version: entry.stamp.version,
+            generation,
+            since: jiff::Timestamp::now(),
+            rule: cause.as_ref().map(|c| c.0.clone()),
+            leases,
+        };
+        let stored = match (tls, self.fault) {
+            (Err(f), _) => Err(f),
+            (Ok(()), Some(TxStep::Store)) => Err(StepFailed::new(TxStep::Store, "injected fault")),
+            (Ok(()), _) => {
+                let (store, name) = (self.store.clone(), device.to_owned());
+                tokio::task::spawn_blocking(move || store.record_state(&name, Some(&record), done))
+                    .await
+                    .map_err(|e| StoreError::Backend(format!("storing the shift: {e}")))
+                    .and_then(|r| r)
+                    .map_err(|e| StepFailed::new(TxStep::Store, e))
             }
-            .inspect_err(|_| {
-                // The TLS step ran: the previous persona's identity goes back (none when
-                // the device had no persona).
-                let (p, g) = state
-                    .as_ref()
-                    .map_or((persona, 0), |s| (s.persona.as_str(), s.generation));
-                if let Err(e) = self.tls.install(device, p, g, old_tls) {
-                    tracing::error!(device, error = %e, "restoring the previous TLS identity");
-                }
-            })
-        });
+        };
+        if let Err(f) = &stored
+            && f.step == TxStep::Store
+        {
+            // The TLS step ran: the previous persona's identity goes back (none when
+            // the device had no persona).
+            let (p, g) = state
+                .as_ref()
+                .map_or((persona, 0), |s| (s.persona.as_str(), s.generation));
+            if let Err(e) = self.tls.install(device, p, g, old_tls) {
+                tracing::error!(device, error = %e, "restoring the previous TLS identity");
+            }
+        }
         let event = match stored {
             Ok(event) => event,
             Err(f) => {

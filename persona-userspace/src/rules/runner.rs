@@ -152,6 +152,7 @@ impl RuleEngine {
 
     /// Takes in signals (all were validated) and acts on the devices they concern.
     pub async fn ingest(&self, signals: Vec<Signal>) -> Result<Vec<Applied>, StoreError> {
+        let received = std::time::Instant::now();
         let now = Timestamp::now();
         let mut state = self.state.lock().await;
         let mut devices: Vec<String> = Vec::new();
@@ -191,7 +192,10 @@ impl RuleEngine {
         let mut out = Vec::new();
         let mut soonest: Option<Timestamp> = None;
         for d in devices {
-            if let Some(a) = self.evaluate(&mut state, &rules, &d, now).await? {
+            if let Some(a) = self
+                .evaluate(&mut state, &rules, &d, now, Some(received))
+                .await?
+            {
                 if let Some(t) = a.decision.next_check {
                     soonest = Some(soonest.map_or(t, |s| s.min(t)));
                 }
@@ -213,6 +217,7 @@ impl RuleEngine {
         rules: &CompiledRules,
         device: &str,
         now: Timestamp,
+        received: Option<std::time::Instant>,
     ) -> Result<Option<Applied>, StoreError> {
         let Some(view) = self.view(device)? else {
             return Ok(None);
@@ -268,6 +273,12 @@ impl RuleEngine {
                                 .or_default()
                                 .insert(old.clone(), now);
                         }
+                        if let Some(r) = received {
+                            self.orchestrator
+                                .metrics()
+                                .signal_to_flip
+                                .observe(r.elapsed().as_secs_f64());
+                        }
                         outcome = Some(json!({ "generation": o.generation }));
                     }
                     Err(ShiftError::Store(e)) => return Err(e),
@@ -292,7 +303,9 @@ impl RuleEngine {
         let mut next: Option<Timestamp> = None;
         let rules = self.rules()?;
         for d in self.orchestrator.store().list(Kind::Device)? {
-            if let Some(a) = self.evaluate(&mut state, &rules, &d.name, now).await?
+            if let Some(a) = self
+                .evaluate(&mut state, &rules, &d.name, now, None)
+                .await?
                 && let Some(t) = a.decision.next_check
             {
                 next = Some(next.map_or(t, |n| n.min(t)));

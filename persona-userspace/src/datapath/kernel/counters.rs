@@ -60,18 +60,20 @@ impl KernelDatapath {
     }
 
     /// Folds every pair queued as unowned that still is: no program can add to its keys
-    /// any more.
-    pub(super) fn fold_unowned(&mut self) -> Result<()> {
+    /// any more. A pair that fails to fold (FOLDED full, or out of memory for a moment)
+    /// keeps its keys and stays queued: nothing is lost, and no shift fails for it.
+    pub(super) fn fold_unowned(&mut self) {
+        let mut failed = Vec::new();
         while let Some(pair) = self.unowned.pop() {
             if self.tables.is_owned(pair) {
                 continue;
             }
             if let Err(e) = self.fold(pair) {
-                self.unowned.push(pair);
-                return Err(e);
+                tracing::warn!(ifindex = pair.0, persona = pair.1, error = %e, "folding counters");
+                failed.push(pair);
             }
         }
-        Ok(())
+        self.unowned = failed;
     }
 
     /// Adds a pair's counts into `FOLDED`, then frees its keys. (A crash between the

@@ -60,27 +60,11 @@ impl KernelDatapath {
             })
     }
 
-    /// Creates the device's counters for a persona, keeping those that exist; true when
-    /// none did. Every key exists before the first packet, so the kernel only ever
-    /// increments and no count is lost to two CPUs creating the same key at once.
-    pub(super) fn create_counters(&mut self, ifindex: u32, persona: u32) -> Result<bool> {
-        // Keys are created in order, the last one last: when it exists, all do, and a
-        // shift back to a persona costs one lookup here, not one insert per key.
-        let last = Self::counter_keys(ifindex, persona)
-            .last()
-            .expect("reasons");
-        if self.maps.counters.get(&last, 0).is_ok() {
-            return Ok(false);
-        }
-        for key in Self::counter_keys(ifindex, persona) {
-            match self.maps.counters.insert(key, self.zeroed()?, BPF_NOEXIST) {
-                Ok(()) => {}
-                Err(MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) => return Err(bpf_err("COUNTERS")(e)),
-            }
-        }
-        Ok(true)
+    /// Nothing to create: a key is made by the first packet that counts under it (a
+    /// CPU that loses the race to make it adds to the winner's), so a shift writes no
+    /// counter and a pair holds keys only for what it counted.
+    pub(super) fn create_counters(&mut self, _ifindex: u32, _persona: u32) -> Result<bool> {
+        Ok(false)
     }
 
     /// Removes the counters [`create_counters`](Self::create_counters) made, when a

@@ -121,7 +121,7 @@ impl KernelDatapath {
                 }
             }
             dp.unowned = dp.stray_pairs()?;
-            dp.fold_unowned()?;
+            dp.fold_unowned();
         }
         Ok(dp)
     }

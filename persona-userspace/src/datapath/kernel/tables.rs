@@ -330,7 +330,7 @@ impl KernelDatapath {
             self.tables.release(table);
         }
         if self.config.exclusive {
-            self.fold_unowned()?;
+            self.fold_unowned();
         }
         failed.map_or(Ok(()), Err)
     }

@@ -262,6 +262,16 @@ The daemon following link events, {} rounds: the VM's veth deleted and made agai
                 f(&l["p99_us"], 0)
             );
         }
+        let ss = &c["signal_shifts"];
+        let _ = writeln!(
+            m,
+            "\nSignals that shift (10,000 rules; d0's role alternates between one a rule asks for and one none does, so each signal moves it): the POST returns after the flip, **{} / {} us** p50 / p99 over {} signals; the daemon's own signal-to-flip histogram (`persona_signal_to_flip_seconds`) says **{} us** on average over {} flips.",
+            f(&ss["post_latency"]["p50_us"], 0),
+            f(&ss["post_latency"]["p99_us"], 0),
+            ss["posts"],
+            f(&ss["mean_signal_to_flip_us"], 0),
+            ss["flips"]
+        );
         m.push('\n');
     }
     if let Some(s) = r.get("scale") {
@@ -309,7 +319,13 @@ The daemon following link events, {} rounds: the VM's veth deleted and made agai
             f(&d["scrape_ms_after_rounds"], 1),
         );
         for e in d["map_entries"].as_array().into_iter().flatten() {
-            let _ = writeln!(m, "| {} | {} | {} |", e["map"].as_str().unwrap_or(""), e["used"], e["capacity"]);
+            let _ = writeln!(
+                m,
+                "| {} | {} | {} |",
+                e["map"].as_str().unwrap_or(""),
+                e["used"],
+                e["capacity"]
+            );
         }
         m.push('\n');
         let st = &s["store"];
