@@ -62,13 +62,12 @@ fn a_restarted_vm_gets_its_persona_back() {
     wait_until("office is withdrawn with the interface", || {
         !announced(&lab)
     });
-    let events = d.cli_ok("events -o json");
-    assert!(
-        events
+    // Audited once the whole of it is gone, a moment after the routes.
+    wait_until("the interface's going is audited", || {
+        d.cli_ok("events -o json")
             .lines()
-            .any(|l| l.contains("\"interface\"") && l.contains("\"gone\"") && l.contains("vm1")),
-        "{events}"
-    );
+            .any(|l| l.contains("\"interface\"") && l.contains("\"gone\"") && l.contains("vm1"))
+    });
 
     let (_, status) = d.admin(Method::GET, "/status/vm1", None);
     assert_eq!(status["up"], false, "{status}");

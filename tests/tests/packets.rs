@@ -843,3 +843,45 @@ fn counts_of_personas_a_device_left_are_folded_exactly_and_their_keys_freed() {
         "only the active pair's keys (and the empty device's) stay live: {live}"
     );
 }
+
+#[test]
+fn counts_of_the_active_persona_stay_live_across_a_restart() {
+    use persona::datapath::kernel::{KernelConfig, KernelDatapath};
+    let pin_dir = persona_tests::harness::unique_pin_dir("restart");
+    let open = || {
+        KernelDatapath::open(KernelConfig {
+            pin_dir: pin_dir.clone(),
+            wire_host: false,
+            ..KernelConfig::default()
+        })
+        .expect("datapath")
+    };
+    let mut dp = open();
+    dp.configure_device(LOOPBACK, &persona_tests::harness::device())
+        .expect("device");
+    let mut compiled =
+        persona::datapath::compile(&persona_tests::harness::persona(PERSONA_B)).expect("compiles");
+    compiled.id = 7;
+    let staged = dp.stage(&compiled).expect("stage");
+    dp.shift(LOOPBACK, staged, Default::default())
+        .expect("shift");
+    let out = frame(inner4(), v4(REMOTE), &udp(5000, 9000));
+    assert_eq!(
+        dp.test_run(Program::FromVm, &out).expect("run").0,
+        TC_ACT_OK
+    );
+    let before = dp.persona_counters(LOOPBACK).expect("counters");
+    drop(dp);
+    let dp = open();
+    assert_eq!(dp.persona_counters(LOOPBACK).expect("counters"), before);
+    let live = dp
+        .usage()
+        .expect("usage")
+        .maps
+        .into_iter()
+        .find(|(m, _, _)| *m == "folded")
+        .map(|(_, n, _)| n);
+    assert_eq!(live, Some(0), "the active persona's counts were not folded");
+    drop(dp);
+    let _ = std::fs::remove_dir_all(&pin_dir);
+}

@@ -79,6 +79,11 @@ impl KernelDatapath {
     /// Adds a pair's counts into `FOLDED`, then frees its keys. (A crash between the
     /// two counts them twice on the next fold; the other order could lose them.)
     fn fold(&mut self, (ifindex, persona): Pair) -> Result<()> {
+        tracing::debug!(
+            ifindex,
+            persona,
+            "folding the counts of a pair no table counts for"
+        );
         for key in Self::counter_keys(ifindex, persona) {
             let Ok(values) = self.maps.counters.get(&key, 0) else {
                 continue;
