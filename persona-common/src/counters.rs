@@ -49,8 +49,11 @@ pub const MAX_COUNTER_KEYS: u32 = crate::device::MAX_DEVICES * 32;
 
 /// `FOLDED`: the counts of (device, persona) pairs no table owns any more, one plain
 /// (not per-CPU) entry per direction and reason that counted anything; only userspace
-/// writes it. Not preallocated: it costs only what is folded.
-pub const MAX_FOLDED_KEYS: u32 = crate::device::MAX_DEVICES * 1024;
+/// writes it. Not preallocated: its elements cost only what is folded, but its buckets
+/// are allocated whole (16 bytes each), hence no more than 128 keys per device, e.g.
+/// every device through 16 personas with 8 kinds of packet each. When it is full, a
+/// pair's keys stay live and its fold is tried again.
+pub const MAX_FOLDED_KEYS: u32 = crate::device::MAX_DEVICES * 128;
 
 /// `HANDSHAKES` keys: every bucket of each attached device (a device's go with it).
 pub const MAX_HANDSHAKE_KEYS: u32 = crate::device::MAX_DEVICES * (HANDSHAKE_BUCKETS + 1);

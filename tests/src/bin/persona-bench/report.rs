@@ -307,7 +307,7 @@ The daemon following link events, {} rounds: the VM's veth deleted and made agai
         let pairs = d["round_shifts"].as_f64().unwrap_or(1.0);
         let _ = writeln!(
             m,
-            "Then every device through {} more personas of its own: {} shifts, {} device-persona pairs, in {} s, no map full (a pair's counter keys are folded and freed once no table counts for it). Memory after: {:.1} MiB, {:.0} bytes per further pair (its folded counts). A scrape's read of every device's counters (one batched pass over COUNTERS, TRACKED, PERSONAS and HANDSHAKES): **{} ms** at {} devices on one persona each, **{} ms** after the rounds. Map fill after the rounds:\n\n| map | used | capacity |\n|---|---:|---:|",
+            "Then every device through {} more personas of its own: {} shifts, {} device-persona pairs, in {} s, no map full (a pair's counter keys are folded and freed once no table counts for it). Memory after: {:.1} MiB, {:.0} bytes per further pair (no traffic ran here, so nothing was counted or folded: the packet test of one device through 2,000 personas covers folding). A scrape's read of every device's counters (one batched pass over COUNTERS, TRACKED, PERSONAS and HANDSHAKES): **{} ms** at {} devices on one persona each, **{} ms** after the rounds. Map fill after the rounds:\n\n| map | used | capacity |\n|---|---:|---:|",
             d["rounds"],
             d["round_shifts"],
             d["round_shifts"],
