@@ -216,13 +216,12 @@ impl Tables {
             .collect()
     }
 
-    /// Resident rulesets, those no table names, and their prefixes (v4, v6).
-    pub fn ruleset_usage(&self) -> (usize, usize, usize, usize) {
-        let unreferenced = self.rulesets.values().filter(|r| r.refs == 0).count();
+    /// Resident rulesets and their prefixes (v4, v6).
+    pub fn ruleset_usage(&self) -> (usize, usize, usize) {
         let (v4, v6) = self.rulesets.values().fold((0, 0), |(a, b), r| {
             (a + r.keys.v4.len(), b + r.keys.v6.len())
         });
-        (self.rulesets.len(), unreferenced, v4, v6)
+        (self.rulesets.len(), v4, v6)
     }
 }
 

@@ -154,15 +154,24 @@ impl EmbeddedStore {
         value: Option<Vec<u8>>,
     ) -> Result<()> {
         let key = key.to_owned();
-        self.writer.write(move |txn| {
-            let mut t = txn.open_table(def).map_err(backend)?;
-            match value {
-                Some(v) => t.insert(key.as_str(), v.as_slice()).map_err(backend)?,
-                None => t.remove(key.as_str()).map_err(backend)?,
-            };
-            Ok(((), None))
-        })
+        self.writer
+            .write(move |txn| Ok((set(txn, def, &key, value.as_deref())?, None)))
     }
+}
+
+/// Sets or removes `key`, inside `txn`.
+fn set(
+    txn: &redb::WriteTransaction,
+    def: TableDefinition<&str, &[u8]>,
+    key: &str,
+    value: Option<&[u8]>,
+) -> Result<()> {
+    let mut t = txn.open_table(def).map_err(backend)?;
+    match value {
+        Some(v) => t.insert(key, v).map_err(backend)?,
+        None => t.remove(key).map_err(backend)?,
+    };
+    Ok(())
 }
 
 /// Appends an event numbered after the last, inside `txn`.
@@ -357,26 +366,9 @@ impl Store for EmbeddedStore {
         let bytes = state.map(encode).transpose()?;
         let device = device.to_owned();
         self.writer.write(move |txn| {
-            // The event is numbered and encoded before anything is written.
-            let mut events = txn.open_table(EVENTS).map_err(backend)?;
-            let last = events
-                .last()
-                .map_err(backend)?
-                .map_or(0, |(k, _)| k.value());
-            let event = Event {
-                seq: last + 1,
-                at: jiff::Timestamp::now(),
-                body,
-            };
-            let encoded = encode(&event)?;
-            let mut t = txn.open_table(DEVICE_STATE).map_err(backend)?;
-            match &bytes {
-                Some(v) => t.insert(device.as_str(), v.as_slice()).map_err(backend)?,
-                None => t.remove(device.as_str()).map_err(backend)?,
-            };
-            events
-                .insert(event.seq, encoded.as_slice())
-                .map_err(backend)?;
+            // Both encoded before anything is written: a refused write changes nothing.
+            let event = append(txn, body)?;
+            set(txn, DEVICE_STATE, &device, bytes.as_deref())?;
             Ok((event, None))
         })
     }

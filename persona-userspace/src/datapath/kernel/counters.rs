@@ -10,8 +10,9 @@ use crate::datapath::{DeviceCounts, batch};
 /// Folded counts per device: persona → (direction, reason) → counts.
 pub(super) type Folded = BTreeMap<u32, BTreeMap<u32, Counters>>;
 
-fn sum(values: &PerCpuValues<Counter>) -> Counter {
-    values.iter().fold(Counter::default(), add)
+/// A per-CPU counter as a batch read returns it, summed over CPUs.
+fn summed_bytes(bytes: &[u8], cpus: usize) -> Counter {
+    batch::per_cpu::<Counter>(bytes, cpus).fold(Counter::default(), |a, b| add(a, &b))
 }
 
 impl KernelDatapath {
@@ -88,7 +89,7 @@ impl KernelDatapath {
             let Ok(values) = self.maps.counters.get(&key, 0) else {
                 continue;
             };
-            let counted = sum(&values);
+            let counted = summed(values.iter());
             if counted.packets > 0 || counted.bytes > 0 {
                 self.add_folded(key, counted)?;
             }
@@ -192,8 +193,7 @@ impl KernelDatapath {
             let Some(reason) = Reason::from_u8(key.reason) else {
                 continue;
             };
-            let c = batch::per_cpu::<Counter>(&bytes, self.cpus)
-                .fold(Counter::default(), |a, b| add(a, &b));
+            let c = summed_bytes(&bytes, self.cpus);
             count(key.ifindex, key.persona, (key.direction, reason), c);
         }
         let tables = batch::lookup_all::<u32>(self.maps.personas.map(), size_of::<PersonaTable>())
@@ -203,11 +203,7 @@ impl KernelDatapath {
                 .map_err(io_err("reading TRACKED"))?;
         let tracked: BTreeMap<u32, Counter> = tracked
             .into_iter()
-            .map(|(slot, bytes)| {
-                let c = batch::per_cpu::<Counter>(&bytes, self.cpus)
-                    .fold(Counter::default(), |a, b| add(a, &b));
-                (slot, c)
-            })
+            .map(|(slot, bytes)| (slot, summed_bytes(&bytes, self.cpus)))
             .collect();
         for (table, bytes) in tables {
             let Some(t) = batch::per_cpu::<PersonaTable>(&bytes, 1).next() else {

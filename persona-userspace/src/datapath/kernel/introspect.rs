@@ -18,10 +18,9 @@ impl KernelDatapath {
                 .counters
                 .get(&key, 0)
                 .map_err(bpf_err("COUNTERS"))?;
-            let sum = values.iter().fold(Counter::default(), add);
             out.entry(key.persona)
                 .or_default()
-                .insert((key.direction, reason), sum);
+                .insert((key.direction, reason), summed(values.iter()));
         }
         // Tracked flows of the tables still live: the active one, and those retired
         // but not yet freed, which only the process holding the lock knows of; any other
@@ -59,7 +58,7 @@ impl KernelDatapath {
             persona::MAX_TABLES,
         };
         let count = |n: usize| n as u64;
-        let (rulesets, _, fw_v4, fw_v6) = self.tables.ruleset_usage();
+        let (rulesets, fw_v4, fw_v6) = self.tables.ruleset_usage();
         Ok(crate::datapath::Usage {
             maps: vec![
                 (
@@ -118,7 +117,7 @@ impl KernelDatapath {
                 .tracked
                 .get(&tracked_slot(table, direction), 0)
                 .map_err(bpf_err("TRACKED"))?;
-            Ok((direction, values.iter().fold(Counter::default(), add)))
+            Ok((direction, summed(values.iter())))
         };
         Ok([read(DIR_EGRESS)?, read(DIR_INGRESS)?])
     }

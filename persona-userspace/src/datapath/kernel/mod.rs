@@ -4,6 +4,7 @@ use std::{
     collections::BTreeMap,
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Instant,
 };
 
@@ -25,7 +26,6 @@ use persona_common::{
     },
     persona::{Active, MAX_TABLES, PersonaTable},
 };
-use std::sync::Arc;
 use tracing::info;
 
 use super::{
@@ -136,6 +136,11 @@ pub struct KernelDatapath {
     live_keys: std::cell::Cell<u64>,
     cpus: usize,
     _lock: Option<nix::fcntl::Flock<std::fs::File>>,
+}
+
+/// A per-CPU counter summed over CPUs.
+fn summed<'a>(per_cpu: impl IntoIterator<Item = &'a Counter>) -> Counter {
+    per_cpu.into_iter().fold(Counter::default(), add)
 }
 
 fn add(a: Counter, b: &Counter) -> Counter {
