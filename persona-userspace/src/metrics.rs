@@ -38,6 +38,12 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 18))
 }
 
+/// Finer, for a figure with a target of a few milliseconds: 100 us to ~290 ms in steps
+/// of a half power of two.
+fn fine_latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, std::f64::consts::SQRT_2, 24))
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     pub shifts: Family<ShiftLabels, Counter>,
@@ -61,7 +67,7 @@ impl Default for Metrics {
             shifts: Family::default(),
             shift_latency: Family::new_with_constructor(latency_histogram),
             rule_evaluations: Counter::default(),
-            signal_to_flip: latency_histogram(),
+            signal_to_flip: fine_latency_histogram(),
             api_requests: Family::default(),
             security_events: Family::default(),
         }

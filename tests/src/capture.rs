@@ -54,7 +54,9 @@ impl Capture {
         Self::spawn(
             ns,
             &[
-                "-U", "-s", "0", "-Q", "out", "-w", &file, "-i", iface, filter,
+                // A 32 MiB ring: a 20 MiB upload's segments, written whole, outrun
+                // the default 2 MiB one on a busy machine.
+                "-U", "-s", "0", "-B", "32768", "-Q", "out", "-w", &file, "-i", iface, filter,
             ],
         )
     }

@@ -40,7 +40,7 @@ pub async fn push(
             .map_err(|e| ApiError::from(FieldError::new(format!("signals[{i}]"), e.to_string())))?;
         s.validate()
             .map_err(|e| ApiError::from(FieldError::new(at(&e.field), e.reason)))?;
-        if store.get(Kind::Device, &s.device)?.is_none() {
+        if store.stamp(Kind::Device, &s.device)?.is_none() {
             return Err(
                 FieldError::new(at("device"), format!("no Device named {:?}", s.device)).into(),
             );

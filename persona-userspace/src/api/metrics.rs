@@ -12,8 +12,7 @@ use crate::{
     metrics::{
         DeviceLabels, DrainLabels, InfoLabels, MapLabels, OneDevice, RequestLabels, Snapshot,
     },
-    model::DeviceSpec,
-    store::{Kind, Role},
+    store::Role,
 };
 
 /// Counts every request by its route pattern (not its path: ids would explode the
@@ -48,12 +47,9 @@ pub async fn scrape(
     caller.require(Role::Viewer)?;
     let store = state.orchestrator.store().clone();
     let mut devices = Vec::new();
-    for d in store.list(Kind::Device)? {
-        let Ok(spec) = serde_json::from_value::<DeviceSpec>(d.spec) else {
-            continue;
-        };
-        let persona = store.device_state(&d.name)?.map(|s| s.persona);
-        devices.push((d.name, spec.interface, persona));
+    for (name, spec) in state.orchestrator.devices()? {
+        let persona = store.device_state(&name)?.map(|s| s.persona);
+        devices.push((name, spec.interface.clone(), persona));
     }
     let names = store.persona_names()?;
     let swept = state.orchestrator.swept();

@@ -172,16 +172,17 @@ async fn write(
         {
             return Err(FieldError::new("spec.persona", format!("no Persona named {p:?}")).into());
         }
-        if let Some(other) = store
-            .list(Kind::Device)?
+        if let Some((other, _)) = state
+            .orchestrator
+            .devices()?
             .into_iter()
-            .find(|d| d.name != name && d.spec["interface"] == device.interface.as_str())
+            .find(|(n, d)| *n != name && d.interface == device.interface)
         {
             return Err(FieldError::new(
                 "spec.interface",
                 format!(
-                    "Device {:?} is on {:?}; an interface carries one device",
-                    other.name, device.interface
+                    "Device {other:?} is on {:?}; an interface carries one device",
+                    device.interface
                 ),
             )
             .into());
@@ -301,7 +302,7 @@ async fn create(
     if kind == Kind::Device {
         place_device(&state, &caller, &r, None).await?;
     }
-    state.engine.poke();
+    state.engine.poke(kind);
     Ok((StatusCode::CREATED, Json(view(&r))))
 }
 
@@ -327,7 +328,7 @@ async fn put(
         Kind::Persona => reapply_persona(&state, &caller, &r).await?,
         Kind::Rule | Kind::Application => {}
     }
-    state.engine.poke();
+    state.engine.poke(kind);
     Ok(Json(view(&r)))
 }
 
@@ -377,7 +378,7 @@ async fn delete(
         }
         Kind::Rule | Kind::Application => {
             store.delete(kind, &id, expect)?;
-            state.engine.poke();
+            state.engine.poke(kind);
         }
         Kind::Device => {
             let r = store.get(kind, &id)?.ok_or_else(|| {

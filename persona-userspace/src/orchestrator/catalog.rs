@@ -1,5 +1,6 @@
 //! Personas as shifts use them: parsed, compiled and turned into diff lines once per
-//! stored version, then shared by every shift to them.
+//! stored version, then shared by every shift to them. Devices, parsed once per stored
+//! version, for what looks through all of them.
 use std::{
     collections::{BTreeSet, HashMap},
     sync::{Arc, Mutex},
@@ -8,7 +9,7 @@ use std::{
 use super::{ShiftError, not_found, parse, rule_lines};
 use crate::{
     datapath::{CompiledPersona, compile},
-    model::PersonaSpec,
+    model::{DeviceSpec, PersonaSpec},
     store::{Kind, Stamp, Store},
 };
 
@@ -48,9 +49,42 @@ const DIFFS_KEPT: usize = 256;
 pub struct Catalog {
     entries: Mutex<HashMap<String, Arc<Entry>>>,
     diffs: Mutex<HashMap<DiffKey, Arc<Vec<String>>>>,
+    devices: Mutex<HashMap<String, (Stamp, Arc<DeviceSpec>)>>,
 }
 
 impl Catalog {
+    /// Every stored device that parses, by name; only those written since the last
+    /// call are read again.
+    pub fn devices(&self, store: &dyn Store) -> Result<Vec<(String, Arc<DeviceSpec>)>, ShiftError> {
+        let stamps = store.stamps(Kind::Device)?;
+        let mut known = self.devices.lock().expect("device catalog lock");
+        if known.len() != stamps.len() {
+            let names: std::collections::HashSet<&str> =
+                stamps.iter().map(|(n, _)| n.as_str()).collect();
+            known.retain(|n, _| names.contains(n.as_str()));
+        }
+        let mut out = Vec::with_capacity(stamps.len());
+        for (name, stamp) in stamps {
+            let current = known.get(&name).filter(|(s, _)| *s == stamp);
+            let spec = match current {
+                Some((_, spec)) => spec.clone(),
+                None => {
+                    let Some(record) = store.get(Kind::Device, &name)? else {
+                        continue;
+                    };
+                    let Ok(spec) = parse::<DeviceSpec>(&record) else {
+                        continue;
+                    };
+                    let spec = Arc::new(spec);
+                    known.insert(name.clone(), (stamp, spec.clone()));
+                    spec
+                }
+            };
+            out.push((name, spec));
+        }
+        Ok(out)
+    }
+
     /// The persona's stored version, from the cache while the store says it is current.
     pub fn persona(&self, store: &dyn Store, name: &str) -> Result<Arc<Entry>, ShiftError> {
         let stamp = store

@@ -81,7 +81,7 @@ impl Orchestrator {
     pub async fn settle(self: &Arc<Self>, name: &str, actor: &str) -> Result<(), ShiftError> {
         let ifindex = {
             // Read under the lock: a device deleted meanwhile is not attached again.
-            let _guard = self.lock.lock().await;
+            let _guard = self.lock.write().await;
             let Some(record) = self.store.get(Kind::Device, name)? else {
                 return Ok(());
             };
@@ -135,7 +135,7 @@ impl Orchestrator {
     /// Attaches a stored device (idempotently) and returns its ifindex; `None` when its
     /// interface is not there (yet).
     pub async fn attach(&self, spec: &DeviceSpec) -> Result<Option<u32>, ShiftError> {
-        let _guard = self.lock.lock().await;
+        let _guard = self.lock.write().await;
         self.attach_locked(spec).await
     }
 
@@ -200,7 +200,7 @@ impl Orchestrator {
                 wanted.insert(i);
             }
         }
-        let _guard = self.lock.lock().await;
+        let _guard = self.lock.write().await;
         let attached = self.attached().await?;
         let mut pruned = Vec::new();
         for ifindex in attached.into_iter().filter(|i| !wanted.contains(i)) {
@@ -214,7 +214,7 @@ impl Orchestrator {
 
     /// A device taken off the host: detached, and its tap deleted when persona made it.
     pub async fn remove(&self, spec: &DeviceSpec) -> Result<(), ShiftError> {
-        let _guard = self.lock.lock().await;
+        let _guard = self.lock.write().await;
         self.remove_locked(spec).await
     }
 
@@ -225,7 +225,7 @@ impl Orchestrator {
         name: &str,
         expect: crate::store::Expect,
     ) -> Result<(), ShiftError> {
-        let _guard = self.lock.lock().await;
+        let _guard = self.lock.write().await;
         let Some(record) = self.store.get(Kind::Device, name)? else {
             return Err(StoreError::NotFound {
                 kind: "Device",
@@ -275,7 +275,7 @@ impl Orchestrator {
     /// Detaches the device from the ifindex it was attached at, whether or not its
     /// interface is still there.
     pub async fn detach(&self, spec: &DeviceSpec) -> Result<(), ShiftError> {
-        let _guard = self.lock.lock().await;
+        let _guard = self.lock.write().await;
         self.detach_locked(spec).await
     }
 
@@ -311,10 +311,10 @@ impl Orchestrator {
 
     /// The stored device on `interface`, if any.
     pub fn device_on(&self, interface: &str) -> Result<Option<String>, ShiftError> {
-        Ok(self.store.list(Kind::Device)?.into_iter().find_map(|d| {
-            let spec: DeviceSpec = serde_json::from_value(d.spec).ok()?;
-            (spec.interface == interface).then_some(d.name)
-        }))
+        Ok(self
+            .devices()?
+            .into_iter()
+            .find_map(|(name, spec)| (spec.interface == interface).then_some(name)))
     }
 
     /// A tap named unlike any device's interface whose MAC says it is a device's VM
@@ -380,7 +380,7 @@ impl Orchestrator {
         else {
             // Attached by no device this process knows of (an earlier run's): cleaned
             // up all the same.
-            let _guard = self.lock.lock().await;
+            let _guard = self.lock.write().await;
             if self.attached().await?.contains(&ifindex) {
                 self.detach_at(ifindex).await?;
             }
@@ -388,7 +388,7 @@ impl Orchestrator {
         };
         let device = self.device_on(&interface)?;
         {
-            let _guard = self.lock.lock().await;
+            let _guard = self.lock.write().await;
             // Its counts go with the device, to go on under the ifindex it comes back at.
             let counts = self
                 .datapath
@@ -417,7 +417,7 @@ impl Orchestrator {
     /// Withdraws what the host routes to the device beyond what its state calls for
     /// (left by a shift a crash cut short); returns those addresses.
     pub async fn repair(&self, ifindex: u32) -> Result<Vec<IpAddr>, ShiftError> {
-        let _guard = self.lock.lock().await;
+        let _guard = self.lock.write().await;
         self.datapath
             .on_node(move |n| n.repair(ifindex))
             .await

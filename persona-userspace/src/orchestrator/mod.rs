@@ -213,6 +213,21 @@ fn plan_with(
     })
 }
 
+/// The addresses a shift in flight chose, held for it until it returns.
+struct Claim {
+    claims: Arc<std::sync::Mutex<HashMap<String, Vec<IpAddr>>>>,
+    device: String,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.claims
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.device);
+    }
+}
+
 pub struct Orchestrator {
     store: Arc<dyn Store>,
     /// Personas parsed and compiled once per stored version.
@@ -221,8 +236,16 @@ pub struct Orchestrator {
     metrics: Arc<crate::metrics::Metrics>,
     datapath: DatapathHandle,
     events: broadcast::Sender<Event>,
-    /// Shifts of one device never interleave.
-    lock: tokio::sync::Mutex<()>,
+    /// Shifts hold it shared (and their device's own lock besides); whatever changes
+    /// devices or personas, or sweeps, holds it alone.
+    lock: tokio::sync::RwLock<()>,
+    /// One per device: its shifts never interleave.
+    device_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Shifts choose their addresses one at a time...
+    leasing: tokio::sync::Mutex<()>,
+    /// ...and hold them here, by device, until their state is stored: two devices
+    /// shifting at once never take the same address.
+    claims: Arc<std::sync::Mutex<HashMap<String, Vec<IpAddr>>>>,
     /// What the last sweep of connection tracking found.
     swept: std::sync::Mutex<Sweep>,
     fault: Option<TxStep>,
@@ -266,7 +289,10 @@ impl Orchestrator {
             metrics,
             datapath,
             events,
-            lock: tokio::sync::Mutex::new(()),
+            lock: Default::default(),
+            device_locks: Default::default(),
+            leasing: Default::default(),
+            claims: Default::default(),
             swept: Default::default(),
             fault: None,
             interfaces: Default::default(),
@@ -286,7 +312,7 @@ impl Orchestrator {
     pub async fn sweep(&self) -> Result<Sweep, ShiftError> {
         // Never between a shift's flip and its commit: an address the shift just made
         // active again still has its drain record until the commit.
-        let _guard = self.lock.lock().await;
+        let _guard = self.lock.write().await;
         let sweep = self
             .datapath
             .on_node(|n| n.sweep())
@@ -318,14 +344,17 @@ impl Orchestrator {
     /// Stored devices by the ifindex of their interface now.
     pub fn device_names(&self) -> Result<std::collections::HashMap<u32, String>, ShiftError> {
         let mut out = std::collections::HashMap::new();
-        for d in self.store.list(Kind::Device)? {
-            if let Ok(spec) = serde_json::from_value::<DeviceSpec>(d.spec)
-                && let Ok(ifindex) = crate::datapath::ifindex(&spec.interface)
-            {
-                out.insert(ifindex, d.name);
+        for (name, spec) in self.devices()? {
+            if let Ok(ifindex) = crate::datapath::ifindex(&spec.interface) {
+                out.insert(ifindex, name);
             }
         }
         Ok(out)
+    }
+
+    /// Every stored device that parses, by name, each parsed once per version.
+    pub fn devices(&self) -> Result<Vec<(String, Arc<DeviceSpec>)>, ShiftError> {
+        self.catalog.devices(&*self.store)
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -352,8 +381,13 @@ impl Orchestrator {
 
     /// Holds off shifts, sweeps and device changes while the caller checks and writes
     /// something they depend on (a persona's addresses).
-    pub async fn serialized(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.lock.lock().await
+    pub async fn serialized(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.lock.write().await
+    }
+
+    fn device_lock(&self, device: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.device_locks.lock().unwrap_or_else(|e| e.into_inner());
+        locks.entry(device.to_owned()).or_default().clone()
     }
 
     /// Fails every shift at `step` (tests of the undo).
@@ -459,7 +493,9 @@ impl Orchestrator {
         flows: Option<FlowMode>,
         cause: Option<(String, Value)>,
     ) -> Result<Outcome, ShiftError> {
-        let _guard = self.lock.lock().await;
+        let _shared = self.lock.read().await;
+        let own = self.device_lock(device);
+        let _own = own.lock().await;
         let start = Instant::now();
         let device_record = self
             .store
@@ -484,7 +520,7 @@ impl Orchestrator {
         let entry = self.catalog.persona(&*self.store, persona)?;
         let declared = &*entry.spec;
         let state = self.store.device_state(device)?;
-        let leases = self
+        let (leases, _claim) = self
             .lease(
                 device,
                 persona,
@@ -596,14 +632,13 @@ impl Orchestrator {
         let stored = match (tls, self.fault) {
             (Err(f), _) => Err(f),
             (Ok(()), Some(TxStep::Store)) => Err(StepFailed::new(TxStep::Store, "injected fault")),
-            (Ok(()), _) => {
-                let (store, name) = (self.store.clone(), device.to_owned());
-                tokio::task::spawn_blocking(move || store.record_state(&name, Some(&record), done))
-                    .await
-                    .map_err(|e| StoreError::Backend(format!("storing the shift: {e}")))
-                    .and_then(|r| r)
-                    .map_err(|e| StepFailed::new(TxStep::Store, e))
-            }
+            (Ok(()), _) => self
+                .store
+                .submit_state(device, Some(record), done)
+                .await
+                .map_err(|_| StoreError::Backend("the store's writer dropped the shift".into()))
+                .and_then(|r| r)
+                .map_err(|e| StepFailed::new(TxStep::Store, e)),
         };
         if let Err(f) = &stored
             && f.step == TxStep::Store
@@ -745,8 +780,17 @@ impl Orchestrator {
         declared: &PersonaSpec,
         state: Option<&DeviceState>,
         own: Option<u32>,
-    ) -> Result<Vec<ipnet::IpNet>, ShiftError> {
-        let held = self.held(device, own).await?;
+    ) -> Result<(Vec<ipnet::IpNet>, Claim), ShiftError> {
+        let _one_at_a_time = self.leasing.lock().await;
+        let mut held = self.held(device, own).await?;
+        for (other, addrs) in self.claims.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if other != device {
+                for a in addrs {
+                    held.entry(*a)
+                        .or_insert_with(|| format!("device {other} (shifting to it)"));
+                }
+            }
+        }
         for a in &declared.addresses {
             if let Some(holder) = held.get(&a.addr()) {
                 return Err(ShiftError::Held {
@@ -781,7 +825,35 @@ impl Orchestrator {
                 }
             }
         }
-        Ok(leases)
+        // The old persona's too: until the shift has committed, its flows may still
+        // need them to drain.
+        let old: Vec<ipnet::IpNet> = state
+            .map(|s| {
+                let fixed = self
+                    .catalog
+                    .persona(&*self.store, &s.persona)
+                    .map(|e| e.spec.addresses.clone())
+                    .unwrap_or_default();
+                fixed.into_iter().chain(s.leases.iter().copied()).collect()
+            })
+            .unwrap_or_default();
+        let claimed = declared
+            .addresses
+            .iter()
+            .chain(&leases)
+            .chain(&old)
+            .map(|a| a.addr())
+            .collect();
+        let claim = Claim {
+            claims: self.claims.clone(),
+            device: device.to_owned(),
+        };
+        claim
+            .claims
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(claim.device.clone(), claimed);
+        Ok((leases, claim))
     }
 
     /// The datapath's and the host's steps of a shift, up to the flip, as one job on

@@ -7,8 +7,11 @@ use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize as _, Serialize};
 use serde_json::{Value, json};
 
+use fixedbitset::FixedBitSet;
+
 use super::{
     RuleSpec,
+    index::{Index, Part},
     signals::{AlertState, Signal, SignalBody, SignalSet},
 };
 
@@ -21,7 +24,7 @@ pub struct Timing {
 }
 
 /// What the engine needs of a device.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeviceView {
     pub name: String,
     pub labels: BTreeMap<String, String>,
@@ -133,7 +136,14 @@ pub struct CompiledRules {
     ordered: Vec<CompiledRule>,
     by_name: HashMap<String, usize>,
     expressions: bool,
+    index: Index,
+    /// Tells this compilation from any other: a device's memo is of one.
+    generation: u64,
+    /// The rules selecting each set of labels seen: devices mostly share a few.
+    selections: std::sync::Mutex<HashMap<BTreeMap<String, String>, std::sync::Arc<FixedBitSet>>>,
 }
+
+static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl CompiledRules {
     pub fn new(rules: &BTreeMap<String, RuleSpec>) -> Self {
@@ -161,11 +171,30 @@ impl CompiledRules {
             .map(|(i, r)| (r.name.clone(), i))
             .collect();
         let expressions = ordered.iter().any(|r| r.spec.when.expression.is_some());
+        let index = Index::new(ordered.iter().map(|r| &r.spec));
         Self {
             ordered,
             by_name,
             expressions,
+            index,
+            generation: GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            selections: Default::default(),
         }
+    }
+
+    /// The rules whose selector `labels` satisfy.
+    fn selecting(&self, labels: &BTreeMap<String, String>) -> std::sync::Arc<FixedBitSet> {
+        let mut seen = self.selections.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = seen.get(labels) {
+            return s.clone();
+        }
+        let mut selected = FixedBitSet::with_capacity(self.ordered.len());
+        for (i, r) in self.ordered.iter().enumerate() {
+            selected.set(i, selects(&r.spec, labels));
+        }
+        let selected = std::sync::Arc::new(selected);
+        seen.insert(labels.clone(), selected.clone());
+        selected
     }
 
     pub fn get(&self, name: &str) -> Option<&RuleSpec> {
@@ -386,15 +415,147 @@ pub fn decide_with(
 ) -> Decision {
     let live: Vec<&Signal> = signals.live(&device.name, now).collect();
     let sig = view(device, &live);
-    if !rules.expressions {
-        let eval = Eval {
+    with_eval(device, rules.expressions, sig, now, explain, |eval| {
+        decide_in(eval, rules, signals, history, timing)
+    })
+}
+
+/// What the engine knew of a device at its last evaluation, for the next to redo only
+/// what changed since.
+pub struct Memo {
+    generation: u64,
+    device: DeviceView,
+    parts: [Value; 4],
+    selected: std::sync::Arc<FixedBitSet>,
+    /// The selected rules whose conditions held.
+    holds: FixedBitSet,
+    /// When the schedules' next edges were taken, each scheduled rule's, and the first.
+    at: Timestamp,
+    edges: Vec<(usize, Timestamp)>,
+    until: Timestamp,
+}
+
+impl Memo {
+    fn new(rules: &CompiledRules, device: &DeviceView, now: Timestamp) -> Self {
+        Self {
+            generation: rules.generation,
+            device: device.clone(),
+            parts: Default::default(),
+            selected: rules.selecting(&device.labels),
+            holds: FixedBitSet::with_capacity(rules.ordered.len()),
+            at: now,
+            edges: Vec::new(),
+            // Taken at the first evaluation.
+            until: now,
+        }
+    }
+
+    /// Takes the schedules' edges at `now`; a schedule with none left is taken again
+    /// at every evaluation.
+    fn take_edges(&mut self, rules: &CompiledRules, now: Timestamp) {
+        self.edges.clear();
+        self.until = Timestamp::MAX;
+        for i in rules.index.scheduled().ones() {
+            if let Some(Ok(c)) = &rules.ordered[i].schedule {
+                match c.next_boundary(now) {
+                    Some(t) => {
+                        self.edges.push((i, t));
+                        self.until = self.until.min(t);
+                    }
+                    None => self.until = now,
+                }
+            }
+        }
+        self.at = now;
+    }
+}
+
+/// [`decide_with`] without an explanation, evaluating again only the rules whose
+/// verdict can have changed since `memo` was taken: those reading a part of the signals
+/// that changed, those on the clock, the scheduled ones past an edge; all of them when
+/// the device or the rules changed. The index leaves out those that cannot hold.
+pub fn decide_incremental(
+    device: &DeviceView,
+    rules: &CompiledRules,
+    signals: &SignalSet,
+    history: &History,
+    timing: Timing,
+    now: Timestamp,
+    memo: &mut Option<Memo>,
+) -> Decision {
+    let live: Vec<&Signal> = signals.live(&device.name, now).collect();
+    let sig = view(device, &live);
+    let parts = Part::ALL.map(|p| sig[p.field()].clone());
+    let index = &rules.index;
+    let (mut m, mut dirty) = match memo.take() {
+        Some(m) if m.generation == rules.generation && m.device == *device => {
+            let mut dirty = index.clocked().clone();
+            for p in Part::ALL {
+                if m.parts[p as usize] != parts[p as usize] {
+                    dirty.union_with(index.readers(p));
+                }
+            }
+            (m, dirty)
+        }
+        _ => {
+            let m = Memo::new(rules, device, now);
+            let all = (*m.selected).clone();
+            (m, all)
+        }
+    };
+    if now < m.at || now >= m.until {
+        m.take_edges(rules, now);
+        dirty.union_with(index.scheduled());
+    }
+    dirty.intersect_with(&m.selected);
+    m.holds.difference_with(&dirty);
+    let mut candidates = dirty;
+    candidates.intersect_with(&index.passing(&sig));
+    let cel = !candidates.is_disjoint(index.cel());
+    let decision = with_eval(device, cel, sig, now, false, |eval| {
+        for i in candidates.ones() {
+            if eval.conditions(&rules.ordered[i]).iter().all(|r| r.0) {
+                m.holds.insert(i);
+            }
+        }
+        let winner = m.holds.minimum();
+        let next_check = m
+            .edges
+            .iter()
+            .filter(|(i, _)| winner.is_none_or(|w| *i <= w))
+            .map(|(_, t)| *t)
+            .chain(signals.next_expiry(&device.name, now))
+            .min();
+        let found = Found {
+            winner: winner.map(|w| &rules.ordered[w]),
+            any_selected: !m.selected.is_clear(),
+            next_check,
+            rules: Vec::new(),
+        };
+        conclude(eval, rules, history, timing, found)
+    });
+    m.parts = parts;
+    *memo = Some(m);
+    decision
+}
+
+/// Runs `f` with the device's signals bound, and for CEL when `cel` says a rule needs it.
+fn with_eval<R>(
+    device: &DeviceView,
+    cel: bool,
+    sig: Value,
+    now: Timestamp,
+    explain: bool,
+    f: impl FnOnce(&Eval<'_>) -> R,
+) -> R {
+    if !cel {
+        return f(&Eval {
             device,
             sig,
             now,
             explain,
             cel: None,
-        };
-        return decide_in(&eval, rules, signals, history, timing);
+        });
     }
     CEL_ROOT.with(|root| {
         let mut scope = root.new_inner_scope();
@@ -402,15 +563,29 @@ pub fn decide_with(
         let bound = scope.add_variable("device", d).is_ok()
             && scope.add_variable("signals", sig.clone()).is_ok();
         scope.add_variable_from_value("now", now.to_string());
-        let eval = Eval {
+        f(&Eval {
             device,
             sig,
             now,
             explain,
             cel: bound.then_some(&scope),
-        };
-        decide_in(&eval, rules, signals, history, timing)
+        })
     })
+}
+
+fn selects(spec: &RuleSpec, labels: &BTreeMap<String, String>) -> bool {
+    spec.selector
+        .match_labels
+        .iter()
+        .all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// What evaluating the rules found, before holds, dwell and cool-down have their say.
+struct Found<'r> {
+    winner: Option<&'r CompiledRule>,
+    any_selected: bool,
+    next_check: Option<Timestamp>,
+    rules: Vec<RuleExplain>,
 }
 
 fn decide_in(
@@ -435,11 +610,7 @@ fn decide_in(
             break;
         }
         let spec = &rule.spec;
-        let selected = spec
-            .selector
-            .match_labels
-            .iter()
-            .all(|(k, v)| device.labels.get(k) == Some(v));
+        let selected = selects(spec, &device.labels);
         if let Some(Ok(c)) = &rule.schedule {
             earliest(c.next_boundary(now));
         }
@@ -479,7 +650,29 @@ fn decide_in(
             });
         }
     }
-    let explain = explained;
+    let found = Found {
+        winner,
+        any_selected,
+        next_check,
+        rules: explained,
+    };
+    conclude(eval, rules, history, timing, found)
+}
+
+fn conclude(
+    eval: &Eval<'_>,
+    rules: &CompiledRules,
+    history: &History,
+    timing: Timing,
+    found: Found<'_>,
+) -> Decision {
+    let (device, now) = (eval.device, eval.now);
+    let Found {
+        winner,
+        any_selected,
+        mut next_check,
+        rules: explain,
+    } = found;
     if !any_selected {
         return Decision {
             desired: None,
@@ -562,7 +755,9 @@ fn decide_in(
             }
         }
     }
-    earliest(blocked_until);
+    if let Some(t) = blocked_until {
+        next_check = Some(next_check.map_or(t, |n| n.min(t)));
+    }
     let shift = blocked_until.is_none();
     let why = match blocked_until {
         Some(t) => format!("{why}; waiting for dwell/cool-down until {t}"),

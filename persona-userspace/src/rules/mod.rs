@@ -3,6 +3,7 @@
 pub mod apps;
 pub mod engine;
 pub mod geoip;
+pub mod index;
 pub mod runner;
 pub mod schedule;
 pub mod signals;

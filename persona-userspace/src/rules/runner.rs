@@ -14,7 +14,9 @@ use tokio::sync::{Mutex, Notify};
 use tracing::{info, warn};
 
 use super::{
-    engine::{CompiledRules, Decision, DeviceView, History, Timing, decide_with},
+    engine::{
+        CompiledRules, Decision, DeviceView, History, Memo, Timing, decide_incremental, decide_with,
+    },
     signals::{Signal, SignalSet},
 };
 use crate::{
@@ -30,7 +32,7 @@ pub struct RuleEngine {
     dry_run: bool,
     state: Mutex<State>,
     wake: Notify,
-    /// The stored rules, parsed and compiled; dropped by `poke` whenever objects change
+    /// The stored rules, parsed and compiled; dropped by `poke` whenever a rule changes
     /// through the API (the daemon is the store's only writer).
     rules: std::sync::Mutex<Option<Arc<CompiledRules>>>,
     /// When the loop wakes next by itself: a signal whose decision may change earlier
@@ -42,6 +44,10 @@ pub struct RuleEngine {
 struct State {
     signals: SignalSet,
     left: HashMap<String, BTreeMap<String, Timestamp>>,
+    /// What each device's last evaluation found, for the next to redo only what changed.
+    memos: HashMap<String, Option<Memo>>,
+    /// Devices as the engine sees them, per stored version.
+    views: HashMap<String, (crate::store::Stamp, DeviceView)>,
 }
 
 /// What the engine did for one device.
@@ -81,9 +87,12 @@ impl RuleEngine {
         }))
     }
 
-    /// Something changed (rules, devices): evaluate everything soon.
-    pub fn poke(&self) {
-        *self.rules.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    /// An object of `kind` changed: evaluate everything soon, with the rules compiled
+    /// again when they were what changed.
+    pub fn poke(&self, kind: Kind) {
+        if kind == Kind::Rule {
+            *self.rules.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
         self.wake.notify_one();
     }
 
@@ -105,20 +114,34 @@ impl RuleEngine {
         Ok(out)
     }
 
-    fn view(&self, device: &str) -> Result<Option<DeviceView>, StoreError> {
-        let Some(r) = self.orchestrator.store().get(Kind::Device, device)? else {
+    /// The device as the engine sees it; parsed once per stored version.
+    fn view(&self, state: &mut State, device: &str) -> Result<Option<DeviceView>, StoreError> {
+        let store = self.orchestrator.store();
+        let Some(stamp) = store.stamp(Kind::Device, device)? else {
+            state.views.remove(device);
+            state.memos.remove(device);
+            return Ok(None);
+        };
+        if let Some((s, v)) = state.views.get(device)
+            && *s == stamp
+        {
+            return Ok(Some(v.clone()));
+        }
+        let Some(r) = store.get(Kind::Device, device)? else {
             return Ok(None);
         };
         let Ok(spec) = serde_json::from_value::<DeviceSpec>(r.spec) else {
             return Ok(None);
         };
-        Ok(Some(DeviceView {
+        let view = DeviceView {
             name: r.name,
             labels: spec.labels,
             owner: spec.owner,
             role: spec.role,
             default_persona: spec.persona,
-        }))
+        };
+        state.views.insert(device.into(), (stamp, view.clone()));
+        Ok(Some(view))
     }
 
     fn history(&self, state: &State, device: &str) -> Result<History, StoreError> {
@@ -133,8 +156,8 @@ impl RuleEngine {
 
     /// The decision for a device right now, with every rule's verdict, changing nothing.
     pub async fn explain(&self, device: &str) -> Result<Option<Decision>, StoreError> {
-        let state = self.state.lock().await;
-        let Some(view) = self.view(device)? else {
+        let mut state = self.state.lock().await;
+        let Some(view) = self.view(&mut state, device)? else {
             return Ok(None);
         };
         let hist = self.history(&state, device)?;
@@ -219,12 +242,14 @@ impl RuleEngine {
         now: Timestamp,
         received: Option<std::time::Instant>,
     ) -> Result<Option<Applied>, StoreError> {
-        let Some(view) = self.view(device)? else {
+        let Some(view) = self.view(state, device)? else {
             return Ok(None);
         };
         let hist = self.history(state, device)?;
         self.orchestrator.metrics().rule_evaluations.inc();
-        let decision = decide_with(&view, rules, &state.signals, &hist, self.timing, now, false);
+        let memo = state.memos.entry(device.into()).or_default();
+        let decision =
+            decide_incremental(&view, rules, &state.signals, &hist, self.timing, now, memo);
         let mut outcome = None;
         if decision.shift
             && let Some(persona) = &decision.desired
@@ -302,10 +327,13 @@ impl RuleEngine {
         let now = Timestamp::now();
         let mut next: Option<Timestamp> = None;
         let rules = self.rules()?;
-        for d in self.orchestrator.store().list(Kind::Device)? {
-            if let Some(a) = self
-                .evaluate(&mut state, &rules, &d.name, now, None)
-                .await?
+        let devices = self.orchestrator.store().stamps(Kind::Device)?;
+        let names: std::collections::HashSet<&str> =
+            devices.iter().map(|(name, _)| name.as_str()).collect();
+        state.memos.retain(|d, _| names.contains(d.as_str()));
+        state.views.retain(|d, _| names.contains(d.as_str()));
+        for (name, _) in &devices {
+            if let Some(a) = self.evaluate(&mut state, &rules, name, now, None).await?
                 && let Some(t) = a.decision.next_check
             {
                 next = Some(next.map_or(t, |n| n.min(t)));

@@ -139,8 +139,16 @@ impl Signal {
         }
     }
 
-    fn order_key(&self) -> (Option<jiff::Timestamp>, String) {
-        (self.at, serde_json::to_string(self).unwrap_or_default())
+    /// Later observations win; of two at one instant, the one whose text sorts last, so
+    /// that the order of arrival never matters.
+    fn sorts_after(&self, other: &Signal) -> bool {
+        match self.at.cmp(&other.at) {
+            std::cmp::Ordering::Equal => {
+                let text = |s: &Signal| serde_json::to_string(s).unwrap_or_default();
+                text(self) > text(other)
+            }
+            o => o.is_gt(),
+        }
     }
 }
 
@@ -156,7 +164,7 @@ impl SignalSet {
         let slot = self.by_device.entry(s.device.clone()).or_default();
         let key = s.key();
         match slot.get(&key) {
-            Some(old) if old.order_key() >= s.order_key() => false,
+            Some(old) if !s.sorts_after(old) => false,
             _ => {
                 slot.insert(key, s);
                 true

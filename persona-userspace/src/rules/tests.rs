@@ -5,7 +5,7 @@ use proptest::prelude::*;
 
 use super::{
     RuleSpec,
-    engine::{CompiledRules, DeviceView, History, Timing, decide, decide_with},
+    engine::{CompiledRules, DeviceView, History, Timing, decide, decide_incremental, decide_with},
     schedule::Schedule,
     signals::{Signal, SignalSet},
 };
@@ -544,6 +544,145 @@ proptest! {
         }
         if reference.rule.is_none() {
             prop_assert_eq!(quick.next_check, reference.next_check);
+        }
+    }
+}
+
+/// One random rule's `when`, from the conditions the index reads and the ones it cannot.
+fn arb_when() -> impl Strategy<Value = String> {
+    let alert = prop_oneof![
+        Just("alert: { minSeverity: high }"),
+        Just("alert: { kind: scan }"),
+        Just("alert: {}"),
+    ];
+    let country = prop_oneof![
+        Just("country: { in: [DE, FR] }"),
+        Just("country: { notIn: [DE] }")
+    ];
+    let schedule = prop_oneof![
+        Just("schedule: { timezone: Europe/Berlin, from: '10:05', to: '10:20' }"),
+        Just("schedule: { timezone: UTC, days: [tue], from: '09:10', to: '09:11' }"),
+        Just("schedule: { timezone: Nowhere/Else, from: '08:00', to: '09:00' }"),
+    ];
+    let apps = prop_oneof![Just("apps: { anyOf: [zoom] }"), Just("apps: { anyOf: [] }")];
+    let role = prop_oneof![
+        Just("role: { in: [admin] }"),
+        Just("role: { notIn: [admin] }")
+    ];
+    let expression = prop_oneof![
+        Just(r#"expression: 'signals.role == "analyst"'"#),
+        Just(r#"expression: '"FR" == signals.geo.country && signals.apps.size() > 0'"#),
+        Just(r#"expression: 'signals.alerts.exists(a, a.severity == "critical")'"#),
+        Just(r#"expression: 'now > "2026-11-24T09:00:40Z"'"#),
+        Just(
+            r#"expression: 'size(signals.apps) + size(signals.alerts) > 1 || device.labels.team == "research"'"#
+        ),
+        Just(r#"expression: 'signals.role =='"#),
+    ];
+    (
+        prop::option::of(alert),
+        prop::option::of(country),
+        prop::option::of(schedule),
+        prop::option::of(apps),
+        prop::option::of(role),
+        prop::option::of(expression),
+    )
+        .prop_map(|(a, c, s, p, r, e)| {
+            let parts: Vec<&str> = [a, c, s, p, r, e].into_iter().flatten().collect();
+            format!("{{ {} }}", parts.join(", "))
+        })
+}
+
+fn arb_rules() -> impl Strategy<Value = BTreeMap<String, RuleSpec>> {
+    let rule = (
+        0..4i32,
+        prop_oneof![
+            Just("office"),
+            Just("travel"),
+            Just("hardened"),
+            Just("media")
+        ],
+        prop_oneof![
+            Just(""),
+            Just("selector: { matchLabels: { team: finance } }")
+        ],
+        arb_when(),
+        any::<bool>(),
+        any::<bool>(),
+    );
+    prop::collection::vec(rule, 0..12).prop_map(|rules| {
+        rules
+            .into_iter()
+            .enumerate()
+            .map(|(i, (priority, persona, selector, when, hold, immediate))| {
+                let yaml = format!(
+                    "priority: {priority}\npersona: {persona}\n{selector}\nwhen: {when}\nholdUntilClear: {hold}\nimmediate: {immediate}\n"
+                );
+                let spec: RuleSpec =
+                    serde_yaml::from_str(&yaml).unwrap_or_else(|e| panic!("{yaml}: {e}"));
+                (format!("r{i}"), spec)
+            })
+            .collect()
+    })
+}
+
+/// What happens next to the device: a signal (which may expire), or a change of its
+/// labels; then time moves, forward mostly, sometimes back.
+fn arb_step() -> impl Strategy<Value = (Option<(String, Option<u64>)>, bool, i64)> {
+    let signal = prop_oneof![
+        arb_signal().prop_map(|(j, _)| j),
+        (0..3u8, any::<bool>()).prop_map(|(id, clear)| format!(
+            r#"{{"device":"vm1","kind":"alert","id":"s{id}","severity":"low","alertKind":"scan","state":"{}"}}"#,
+            if clear { "cleared" } else { "raised" }
+        )),
+    ];
+    (
+        prop::option::of((signal, prop::option::of(1..90u64))),
+        prop::bool::weighted(0.1),
+        prop_oneof![8 => 0..400i64, 1 => -300..0i64],
+    )
+}
+
+proptest! {
+    #[test]
+    fn incremental_evaluation_decides_as_the_reference(
+        rs in arb_rules(),
+        steps in prop::collection::vec(arb_step(), 1..30),
+    ) {
+        let compiled = CompiledRules::new(&rs);
+        let mut now = tuesday_10();
+        let mut signals = SignalSet::default();
+        let mut dev = device();
+        let mut hist = at_rest("office", now - SignedDuration::from_mins(5));
+        let mut memo = None;
+        for (signal_step, relabel, gap) in steps {
+            if let Some((json, ttl)) = signal_step {
+                let mut s = self::signal(&json, now);
+                s.ttl = ttl;
+                signals.merge(s);
+            }
+            if relabel {
+                let team = if dev.labels["team"] == "finance" { "research" } else { "finance" };
+                dev.labels.insert("team".into(), team.into());
+            }
+            let quick = decide_with(&dev, &compiled, &signals, &hist, TIMING, now, false);
+            let reference = decide(&dev, &rs, &signals, &hist, TIMING, now);
+            let inc = decide_incremental(&dev, &compiled, &signals, &hist, TIMING, now, &mut memo);
+            prop_assert_eq!(
+                (&inc.desired, &inc.rule, inc.shift, inc.blocked_until, &inc.why, inc.next_check),
+                (&quick.desired, &quick.rule, quick.shift, quick.blocked_until, &quick.why, quick.next_check)
+            );
+            prop_assert_eq!(
+                (&inc.desired, &inc.rule, inc.shift, inc.blocked_until),
+                (&reference.desired, &reference.rule, reference.shift, reference.blocked_until)
+            );
+            if inc.shift {
+                if let Some(old) = hist.persona.take() {
+                    hist.left.insert(old, now);
+                }
+                hist = History { persona: inc.desired, rule: inc.rule, since: Some(now), left: hist.left };
+            }
+            now += SignedDuration::from_secs(gap);
         }
     }
 }

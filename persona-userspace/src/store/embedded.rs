@@ -208,6 +208,23 @@ fn check(kind: Kind, name: &str, current: Option<&Record>, expect: Expect) -> Re
     }
 }
 
+/// A device's state and the event recording it, as one write; both encoded before
+/// anything is written, so that a refused write changes nothing.
+fn state_op(
+    device: &str,
+    state: Option<&DeviceState>,
+    body: EventBody,
+) -> Result<impl FnOnce(&redb::WriteTransaction) -> Result<(Event, Option<After>)> + Send + 'static>
+{
+    let bytes = state.map(encode).transpose()?;
+    let device = device.to_owned();
+    Ok(move |txn: &redb::WriteTransaction| {
+        let event = append(txn, body)?;
+        set(txn, DEVICE_STATE, &device, bytes.as_deref())?;
+        Ok((event, None))
+    })
+}
+
 impl Store for EmbeddedStore {
     fn persona_id(&self, name: &str) -> Result<u32> {
         if let Some(&id) = self.persona_ids.read().expect("ids lock").get(name) {
@@ -253,6 +270,15 @@ impl Store for EmbeddedStore {
     fn stamp(&self, kind: Kind, name: &str) -> Result<Option<Stamp>> {
         let versions = self.versions.read().expect("versions lock");
         Ok(versions.get(&(kind, name.to_owned())).copied())
+    }
+
+    fn stamps(&self, kind: Kind) -> Result<Vec<(String, Stamp)>> {
+        let versions = self.versions.read().expect("versions lock");
+        Ok(versions
+            .iter()
+            .filter(|((k, _), _)| *k == kind)
+            .map(|((_, name), stamp)| (name.clone(), *stamp))
+            .collect())
     }
 
     fn put(&self, kind: Kind, name: &str, spec: Value, expect: Expect) -> Result<Record> {
@@ -363,14 +389,23 @@ impl Store for EmbeddedStore {
         state: Option<&DeviceState>,
         body: EventBody,
     ) -> Result<Event> {
-        let bytes = state.map(encode).transpose()?;
-        let device = device.to_owned();
-        self.writer.write(move |txn| {
-            // Both encoded before anything is written: a refused write changes nothing.
-            let event = append(txn, body)?;
-            set(txn, DEVICE_STATE, &device, bytes.as_deref())?;
-            Ok((event, None))
-        })
+        self.writer.write(state_op(device, state, body)?)
+    }
+
+    fn submit_state(
+        &self,
+        device: &str,
+        state: Option<DeviceState>,
+        body: EventBody,
+    ) -> tokio::sync::oneshot::Receiver<Result<Event>> {
+        match state_op(device, state.as_ref(), body) {
+            Ok(op) => self.writer.submit(op),
+            Err(e) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let _ = tx.send(Err(e));
+                rx
+            }
+        }
     }
 
     fn put_signal(&self, key: &str, signal: &Value) -> Result<()> {

@@ -172,6 +172,20 @@ pub trait Store: Send + Sync + 'static {
             updated: r.updated,
         }))
     }
+    /// Every record's stamp, by name.
+    fn stamps(&self, kind: Kind) -> Result<Vec<(String, Stamp)>> {
+        Ok(self
+            .list(kind)?
+            .into_iter()
+            .map(|r| {
+                let stamp = Stamp {
+                    version: r.version,
+                    updated: r.updated,
+                };
+                (r.name, stamp)
+            })
+            .collect())
+    }
     fn list(&self, kind: Kind) -> Result<Vec<Record>>;
     fn put(&self, kind: Kind, name: &str, spec: Value, expect: Expect) -> Result<Record>;
     fn delete(&self, kind: Kind, name: &str, expect: Expect) -> Result<Record>;
@@ -205,6 +219,18 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Event> {
         self.set_device_state(device, state)?;
         self.append_event(body)
+    }
+    /// [`Store::record_state`] answered on a channel: an async caller waits without
+    /// holding a thread. A store that cannot queue writes answers before it returns.
+    fn submit_state(
+        &self,
+        device: &str,
+        state: Option<DeviceState>,
+        body: EventBody,
+    ) -> tokio::sync::oneshot::Receiver<Result<Event>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _ = tx.send(self.record_state(device, state.as_ref(), body));
+        rx
     }
 
     /// Context signals, as JSON, one per key; the rule engine owns their meaning.

@@ -39,9 +39,11 @@ trait Job: Send {
 
 type Op<T> = Box<dyn FnOnce(&WriteTransaction) -> Result<(T, Option<After>)> + Send>;
 
+type Reply<T> = Box<dyn FnOnce(Result<T>) + Send>;
+
 struct Pending<T> {
     op: Op<T>,
-    reply: mpsc::SyncSender<Result<T>>,
+    reply: Reply<T>,
 }
 
 impl<T: Send + 'static> Job for Pending<T> {
@@ -60,12 +62,12 @@ impl<T: Send + 'static> Job for Pending<T> {
                 (Ok(()), Err(e)) => Err(e),
                 (Err(e), _) => Err(e.clone()),
             };
-            let _ = reply.send(answer);
+            reply(answer);
         })
     }
 
     fn abort(self: Box<Self>, why: &StoreError) {
-        let _ = self.reply.send(Err(why.clone()));
+        (self.reply)(Err(why.clone()));
     }
 }
 
@@ -109,17 +111,41 @@ impl Writer {
         op: impl FnOnce(&WriteTransaction) -> Result<(T, Option<After>)> + Send + 'static,
     ) -> Result<T> {
         let (reply, answer) = mpsc::sync_channel(1);
-        self.jobs
-            .as_ref()
-            .ok_or_else(|| StoreError::Backend("the store is closed".into()))?
-            .send(Box::new(Pending {
-                op: Box::new(op),
-                reply,
-            }))
-            .map_err(|_| StoreError::Backend("the store's writer is gone".into()))?;
+        self.queue(
+            Box::new(op),
+            Box::new(move |r| {
+                let _ = reply.send(r);
+            }),
+        )?;
         answer
             .recv()
             .map_err(|_| StoreError::Backend("the store's writer dropped a write".into()))?
+    }
+
+    /// [`Writer::write`] for an async caller: the answer comes on the channel returned,
+    /// once committed, and no thread is kept waiting for it.
+    pub fn submit<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&WriteTransaction) -> Result<(T, Option<After>)> + Send + 'static,
+    ) -> tokio::sync::oneshot::Receiver<Result<T>> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        // Not queued (the store closed), the reply goes unsent and the caller hears
+        // that the channel closed.
+        let _ = self.queue(
+            Box::new(op),
+            Box::new(move |r| {
+                let _ = reply.send(r);
+            }),
+        );
+        answer
+    }
+
+    fn queue<T: Send + 'static>(&self, op: Op<T>, reply: Reply<T>) -> Result<()> {
+        self.jobs
+            .as_ref()
+            .ok_or_else(|| StoreError::Backend("the store is closed".into()))?
+            .send(Box::new(Pending { op, reply }))
+            .map_err(|_| StoreError::Backend("the store's writer is gone".into()))
     }
 
     pub fn stats(&self) -> &CommitStats {

@@ -21,7 +21,7 @@ impl KernelDatapath {
         let active = self.maps.active.get(&ifindex, 0).ok();
         let _ = self.maps.active.remove(&ifindex);
         for addr in self.draining(ifindex)? {
-            let _ = self.maps.drains.remove(&drain_key(ifindex, addr));
+            let _ = self.drop_drain(ifindex, addr);
         }
         let _ = self.maps.flow_budget.remove(&ifindex);
         let _ = self.maps.host_wiring.remove(&ifindex);

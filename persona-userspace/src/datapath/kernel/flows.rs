@@ -11,14 +11,41 @@ use persona_common::{
     FAMILY_V4, FAMILY_V6, PROTO_TCP,
     conntrack::{CT_DNS_REDIRECTED, CtEntry, CtKey, TCP_PICKED_UP, tcp_closed, timeout_ns},
     device::DeviceConfig,
-    host::DrainKey,
+    host::{Drain, DrainKey},
 };
 
-use super::{KernelDatapath, bpf_err};
+use aya::maps::{HashMap as BpfHash, MapData, MapError};
+
+use super::{BPF_NOEXIST, KernelDatapath, bpf_err};
+
+type DrainsMap = BpfHash<MapData, DrainKey, Drain>;
 use crate::datapath::{
     DatapathError, DrainInfo, FlowInfo, Result, Sweep,
     reset::{self, Reset},
 };
+
+/// DRAINS as written, kept by the process that alone writes it: a shift reads it
+/// without walking the map.
+pub(super) type Drains = BTreeMap<(u32, IpAddr), DrainInfo>;
+
+pub(super) fn read_drains(map: &DrainsMap) -> Result<Vec<(u32, DrainInfo)>> {
+    let mut out = Vec::new();
+    for item in map.iter() {
+        let (key, d) = item.map_err(bpf_err("DRAINS"))?;
+        out.push((key.ifindex, DrainInfo::of(addr(key.family, &key.addr), &d)));
+    }
+    Ok(out)
+}
+
+impl DrainInfo {
+    fn of(addr: IpAddr, d: &Drain) -> Self {
+        DrainInfo {
+            addr,
+            persona: d.persona,
+            generation: d.generation,
+        }
+    }
+}
 
 pub fn drain_key(ifindex: u32, addr: IpAddr) -> DrainKey {
     let (family, addr) = match addr {
@@ -110,19 +137,51 @@ impl KernelDatapath {
     }
 
     pub fn drains_all(&self) -> Result<Vec<(u32, DrainInfo)>> {
-        let mut out = Vec::new();
-        for item in self.maps.drains.iter() {
-            let (key, d) = item.map_err(bpf_err("DRAINS"))?;
-            out.push((
-                key.ifindex,
-                DrainInfo {
-                    addr: addr(key.family, &key.addr),
-                    persona: d.persona,
-                    generation: d.generation,
-                },
-            ));
+        match &self.drains {
+            Some(m) => Ok(m.iter().map(|(&(i, _), d)| (i, d.clone())).collect()),
+            None => read_drains(&self.maps.drains),
         }
-        Ok(out)
+    }
+
+    /// Keeps `addr` routed to the device for its open flows; an address draining already
+    /// keeps the shift it drains since.
+    pub(super) fn put_drain(&mut self, ifindex: u32, addr: IpAddr, drain: Drain) -> Result<()> {
+        if self
+            .drains
+            .as_ref()
+            .is_some_and(|m| m.contains_key(&(ifindex, addr)))
+        {
+            return Ok(());
+        }
+        match self
+            .maps
+            .drains
+            .insert(drain_key(ifindex, addr), drain, BPF_NOEXIST)
+        {
+            Ok(()) => {}
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(bpf_err("DRAINS")(e)),
+        }
+        if let Some(m) = &mut self.drains {
+            m.insert((ifindex, addr), DrainInfo::of(addr, &drain));
+        }
+        Ok(())
+    }
+
+    /// Stops routing `addr` to the device; not draining is not an error.
+    pub(super) fn drop_drain(&mut self, ifindex: u32, addr: IpAddr) -> Result<()> {
+        if let Some(m) = &mut self.drains
+            && m.remove(&(ifindex, addr)).is_none()
+        {
+            return Ok(());
+        }
+        match self.maps.drains.remove(&drain_key(ifindex, addr)) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            Err(e) => Err(bpf_err("DRAINS")(e)),
+        }
     }
 
     pub fn sweep(&mut self) -> Result<Sweep> {

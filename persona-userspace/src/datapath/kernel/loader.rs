@@ -87,6 +87,15 @@ impl KernelDatapath {
             .map(|(t, p)| (t, (p.owner_ifindex, p.owner_persona)))
             .collect();
         let folded = Self::load_folded(&maps)?;
+        let drains = match config.exclusive {
+            true => Some(
+                flows::read_drains(&maps.drains)?
+                    .into_iter()
+                    .map(|(i, d)| ((i, d.addr), d))
+                    .collect(),
+            ),
+            false => None,
+        };
         if !in_use.is_empty() {
             info!(devices = in_use.len(), pin_dir = %config.pin_dir.display(), "re-using pinned datapath");
         }
@@ -101,6 +110,7 @@ impl KernelDatapath {
             safe: Vec::new(),
             unowned: Vec::new(),
             folded,
+            drains,
             live_keys: Default::default(),
             cpus: nr_cpus().map_err(|(_, e)| io_err("counting CPUs")(e))?,
             _lock: lock,

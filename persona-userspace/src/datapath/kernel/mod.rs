@@ -46,7 +46,6 @@ mod loader;
 mod shift;
 mod tables;
 
-use flows::drain_key;
 pub use layout::remove_pins;
 
 use crate::model::{DeviceSpec, FlowMode};
@@ -132,6 +131,8 @@ pub struct KernelDatapath {
     unowned: Vec<Pair>,
     /// `FOLDED` as written, by device.
     folded: counters::Folded,
+    /// `DRAINS` as written, when this process holds the pin directory's lock.
+    drains: Option<flows::Drains>,
     /// `COUNTERS` keys at the last full read.
     live_keys: std::cell::Cell<u64>,
     cpus: usize,

@@ -117,7 +117,7 @@ impl KernelDatapath {
         let new_addrs = Self::host_addresses(&self.persona_table(f.table)?);
         // The new persona's addresses are its own again, draining no more.
         for &addr in &new_addrs {
-            let _ = self.maps.drains.remove(&drain_key(f.ifindex, addr));
+            self.drop_drain(f.ifindex, addr)?;
         }
         let mut committed = Committed::default();
         let Some(prev) = f.previous else {
@@ -133,16 +133,7 @@ impl KernelDatapath {
             if new_addrs.contains(&addr) {
                 continue;
             }
-            match self
-                .maps
-                .drains
-                .insert(drain_key(f.ifindex, addr), drain, BPF_NOEXIST)
-            {
-                Ok(()) => {}
-                Err(MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(e) => return Err(bpf_err("DRAINS")(e)),
-            }
+            self.put_drain(f.ifindex, addr, drain)?;
         }
         self.retire(prev.table)?;
         if f.flows == FlowMode::Cut {
@@ -164,12 +155,7 @@ impl KernelDatapath {
 
     pub(super) fn forget(&mut self, ifindex: u32, addrs: &[IpAddr]) -> Result<()> {
         for &a in addrs {
-            match self.maps.drains.remove(&drain_key(ifindex, a)) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(e) => return Err(bpf_err("DRAINS")(e)),
-            }
+            self.drop_drain(ifindex, a)?;
         }
         Ok(())
     }

@@ -19,7 +19,7 @@ use crate::shifts::percentiles;
 /// Devices with a tap each, shifted concurrently.
 const TAPS: usize = 8;
 const RULE_COUNTS: [usize; 2] = [1_000, 10_000];
-const DEVICE_COUNTS: [usize; 2] = [1, 100];
+const DEVICE_COUNTS: [usize; 3] = [1, 100, 10_000];
 
 fn tap(i: usize) -> String {
     format!("pb{i}")
@@ -205,11 +205,36 @@ fn signal_shifts(d: &Daemon) -> Value {
         read("persona_signal_to_flip_seconds_sum"),
         read("persona_signal_to_flip_seconds_count"),
     );
+    let (p50, p99) = (
+        bucket_quantile(&text, "persona_signal_to_flip_seconds", 0.5),
+        bucket_quantile(&text, "persona_signal_to_flip_seconds", 0.99),
+    );
     eprintln!(
-        "  {per_s:.0} shifting signals/s, {count} flips, mean {:.0} us",
+        "  {per_s:.0} shifting signals/s, {count} flips, mean {:.0} us, p50 <= {p50:.0} us, p99 <= {p99:.0} us",
         sum / count * 1e6
     );
-    json!({ "posts": lats.len(), "post_latency": percentiles(lats), "flips": count, "mean_signal_to_flip_us": sum / count * 1e6 })
+    json!({
+        "posts": lats.len(), "post_latency": percentiles(lats), "flips": count,
+        "mean_signal_to_flip_us": sum / count * 1e6,
+        "signal_to_flip_p50_at_most_us": p50, "signal_to_flip_p99_at_most_us": p99,
+    })
+}
+
+/// The upper bound, in microseconds, of the histogram bucket holding quantile `q`.
+fn bucket_quantile(metrics: &str, name: &str, q: f64) -> f64 {
+    let prefix = format!("{name}_bucket{{le=\"");
+    let buckets: Vec<(f64, f64)> = metrics
+        .lines()
+        .filter_map(|l| {
+            let (le, n) = l.strip_prefix(&prefix)?.split_once("\"}")?;
+            Some((le.parse().ok()?, n.trim().parse().ok()?))
+        })
+        .collect();
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    buckets
+        .iter()
+        .find(|(_, n)| *n >= q * total)
+        .map_or(f64::NAN, |(le, _)| le * 1e6)
 }
 
 pub fn run() -> Value {

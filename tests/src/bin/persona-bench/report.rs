@@ -265,12 +265,14 @@ The daemon following link events, {} rounds: the VM's veth deleted and made agai
         let ss = &c["signal_shifts"];
         let _ = writeln!(
             m,
-            "\nSignals that shift (10,000 rules; d0's role alternates between one a rule asks for and one none does, so each signal moves it): the POST returns after the flip, **{} / {} us** p50 / p99 over {} signals; the daemon's own signal-to-flip histogram (`persona_signal_to_flip_seconds`) says **{} us** on average over {} flips.",
+            "\nSignals that shift (10,000 rules; d0's role alternates between one a rule asks for and one none does, so each signal moves it): the POST returns after the flip, **{} / {} us** p50 / p99 over {} signals; the daemon's own signal-to-flip histogram (`persona_signal_to_flip_seconds`, buckets a half power of two apart) says **{} us** on average over {} flips, p50 at most **{} us** and p99 at most **{} us**.",
             f(&ss["post_latency"]["p50_us"], 0),
             f(&ss["post_latency"]["p99_us"], 0),
             ss["posts"],
             f(&ss["mean_signal_to_flip_us"], 0),
-            ss["flips"]
+            ss["flips"],
+            f(&ss["signal_to_flip_p50_at_most_us"], 0),
+            f(&ss["signal_to_flip_p99_at_most_us"], 0)
         );
         m.push('\n');
     }
