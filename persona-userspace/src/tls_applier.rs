@@ -12,6 +12,9 @@ use crate::model::tls::{TlsSpec, check_key};
 pub struct TlsApplier {
     dir: PathBuf,
     hook: Option<String>,
+    /// Devices this process left with no TLS files at all: removing them again is a
+    /// no-op, and shifts between personas without TLS make no syscall here.
+    bare: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// What `current` pointed at before an install.
@@ -32,7 +35,11 @@ fn write_private(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
 
 impl TlsApplier {
     pub fn new(dir: PathBuf, hook: Option<String>) -> Self {
-        Self { dir, hook }
+        Self {
+            dir,
+            hook,
+            bare: Default::default(),
+        }
     }
 
     fn current(&self, device: &str) -> PathBuf {
@@ -63,6 +70,12 @@ impl TlsApplier {
         generation: u64,
         tls: Option<&TlsSpec>,
     ) -> Result<(), String> {
+        let mut bare = self.bare.lock().unwrap_or_else(|e| e.into_inner());
+        if tls.is_none() && self.hook.is_none() && bare.contains(device) {
+            return Ok(());
+        }
+        bare.remove(device);
+        drop(bare);
         let device_dir = self.dir.join(device);
         std::fs::create_dir_all(&device_dir)
             .map_err(|e| format!("{}: {e}", device_dir.display()))?;
@@ -115,6 +128,12 @@ impl TlsApplier {
             }
         }
         self.prune(device, target.as_deref(), previous.0.as_deref());
+        if target.is_none() && previous.0.is_none() {
+            self.bare
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(device.to_owned());
+        }
         Ok(())
     }
 

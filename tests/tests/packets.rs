@@ -3,7 +3,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use persona::{
-    datapath::{Datapath as _, programs::Program},
+    datapath::{Datapath as _, held_by_lookup, programs::Program},
     model::FlowMode,
 };
 use persona_common::{DIR_EGRESS as EGRESS, DIR_INGRESS as INGRESS, counters::Reason};
@@ -438,6 +438,12 @@ fn a_kept_flow_keeps_its_address_and_a_new_flow_takes_the_new_one() {
     let (verdict, _) = h.to_vm(&frame(v4(REMOTE), v4(PERSONA_A_V4), &udp(9004, 5005)));
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(h.count(INGRESS, Reason::DropNotPersona), 2);
+    // What a shift of another device is checked against, from the datapath's own
+    // account, is what the maps hold: B active, A draining for the kept flow.
+    let held = h.dp.held_addresses(None).expect("held addresses");
+    assert_eq!(held, held_by_lookup(&h.dp, None).expect("held, map by map"));
+    assert!(held[0].active.contains(&v4(PERSONA_B_V4)), "{held:?}");
+    assert!(held[0].draining.contains(&v4(PERSONA_A_V4)), "{held:?}");
 }
 
 #[test]

@@ -111,6 +111,36 @@ pub struct FlowInfo {
     pub idle: std::time::Duration,
 }
 
+/// [`Datapath::held_addresses`] asked of each device in turn.
+pub fn held_by_lookup<D: Datapath + ?Sized>(
+    dp: &D,
+    except: Option<u32>,
+) -> Result<Vec<HeldAddresses>> {
+    let mut draining: std::collections::HashMap<u32, Vec<std::net::IpAddr>> = Default::default();
+    for (i, d) in dp.drains_all()? {
+        draining.entry(i).or_default().push(d.addr);
+    }
+    dp.attached()?
+        .into_iter()
+        .filter(|&i| Some(i) != except)
+        .map(|ifindex| {
+            Ok(HeldAddresses {
+                ifindex,
+                active: dp.active_addresses(ifindex)?,
+                draining: draining.remove(&ifindex).unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+/// The addresses one device holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldAddresses {
+    pub ifindex: u32,
+    pub active: Vec<std::net::IpAddr>,
+    pub draining: Vec<std::net::IpAddr>,
+}
+
 /// An address of an earlier persona still routed to a device for the flows using it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DrainInfo {
@@ -270,6 +300,11 @@ pub trait Datapath {
     fn flows(&self, ifindex: u32) -> Result<Vec<FlowInfo>>;
     /// Addresses of earlier personas that devices' flows still use, by ifindex.
     fn drains_all(&self) -> Result<Vec<(u32, DrainInfo)>>;
+    /// Every attached device but `except`, with the addresses it holds: its persona's,
+    /// and those draining for its open flows.
+    fn held_addresses(&self, except: Option<u32>) -> Result<Vec<HeldAddresses>> {
+        held_by_lookup(self, except)
+    }
     /// Those of one device.
     fn drains(&self, ifindex: u32) -> Result<Vec<DrainInfo>> {
         Ok(self

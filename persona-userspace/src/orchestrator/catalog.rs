@@ -65,24 +65,43 @@ impl Catalog {
         }
         let mut out = Vec::with_capacity(stamps.len());
         for (name, stamp) in stamps {
-            let current = known.get(&name).filter(|(s, _)| *s == stamp);
-            let spec = match current {
-                Some((_, spec)) => spec.clone(),
-                None => {
-                    let Some(record) = store.get(Kind::Device, &name)? else {
-                        continue;
-                    };
-                    let Ok(spec) = parse::<DeviceSpec>(&record) else {
-                        continue;
-                    };
-                    let spec = Arc::new(spec);
-                    known.insert(name.clone(), (stamp, spec.clone()));
-                    spec
-                }
-            };
-            out.push((name, spec));
+            if let Ok(Some(spec)) = Self::parsed(&mut known, store, &name, stamp) {
+                out.push((name, spec));
+            }
         }
         Ok(out)
+    }
+
+    /// One stored device; `None` when there is none.
+    pub fn device(
+        &self,
+        store: &dyn Store,
+        name: &str,
+    ) -> Result<Option<Arc<DeviceSpec>>, ShiftError> {
+        let Some(stamp) = store.stamp(Kind::Device, name)? else {
+            return Ok(None);
+        };
+        let mut known = self.devices.lock().expect("device catalog lock");
+        Self::parsed(&mut known, store, name, stamp)
+    }
+
+    fn parsed(
+        known: &mut HashMap<String, (Stamp, Arc<DeviceSpec>)>,
+        store: &dyn Store,
+        name: &str,
+        stamp: Stamp,
+    ) -> Result<Option<Arc<DeviceSpec>>, ShiftError> {
+        if let Some((s, spec)) = known.get(name)
+            && *s == stamp
+        {
+            return Ok(Some(spec.clone()));
+        }
+        let Some(record) = store.get(Kind::Device, name)? else {
+            return Ok(None);
+        };
+        let spec = Arc::new(parse::<DeviceSpec>(&record)?);
+        known.insert(name.to_owned(), (stamp, spec.clone()));
+        Ok(Some(spec))
     }
 
     /// The persona's stored version, from the cache while the store says it is current.

@@ -19,7 +19,7 @@ use crate::{
     datapath::{Sweep, worker::DatapathHandle},
     model::{DeviceSpec, FlowMode, PersonaSpec},
     node::{Applied, Step as TxStep, StepFailed},
-    store::{DeviceState, Event, EventBody, Kind, Record, Store, StoreError},
+    store::{DeviceState, Event, EventBody, Record, Store, StoreError},
     tls_applier::TlsApplier,
 };
 
@@ -497,11 +497,10 @@ impl Orchestrator {
         let own = self.device_lock(device);
         let _own = own.lock().await;
         let start = Instant::now();
-        let device_record = self
-            .store
-            .get(Kind::Device, device)?
+        let device_spec = self
+            .catalog
+            .device(&*self.store, device)?
             .ok_or_else(|| not_found("Device", device))?;
-        let device_spec: DeviceSpec = parse(&device_record)?;
         let persona = match persona {
             Some(p) => p.to_owned(),
             None => self
@@ -737,23 +736,15 @@ impl Orchestrator {
             .unwrap_or_default();
         let wired = self
             .datapath
-            .call(move |dp| {
-                let mut draining: HashMap<u32, Vec<IpAddr>> = HashMap::new();
-                for (i, d) in dp.drains_all()? {
-                    draining.entry(i).or_default().push(d.addr);
-                }
-                dp.attached()?
-                    .into_iter()
-                    .filter(|&i| Some(i) != own)
-                    .map(|i| {
-                        let drains = draining.remove(&i).unwrap_or_default();
-                        Ok((i, dp.active_addresses(i)?, drains))
-                    })
-                    .collect::<crate::datapath::Result<Vec<_>>>()
-            })
+            .call(move |dp| dp.held_addresses(own))
             .await
             .map_err(|e| ShiftError::Failed(e.to_string()))?;
-        for (ifindex, active, draining) in wired {
+        for crate::datapath::HeldAddresses {
+            ifindex,
+            active,
+            draining,
+        } in wired
+        {
             let on = interfaces.get(&ifindex).map_or_else(
                 || format!("interface {ifindex}"),
                 |i| format!("the device on {i}"),
@@ -886,7 +877,7 @@ impl Orchestrator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datapath::compile;
+    use crate::{datapath::compile, store::Kind};
 
     fn spec(yaml: &str) -> PersonaSpec {
         serde_yaml::from_str(yaml).unwrap()

@@ -321,18 +321,23 @@ impl RuleEngine {
         }))
     }
 
-    /// Evaluates every device; returns when the next one may change by itself.
+    /// Evaluates every device; returns when the next one may change by itself. The
+    /// engine's state is taken one device at a time: signals arriving meanwhile wait for
+    /// one evaluation, not for all of them.
     async fn evaluate_all(&self) -> Result<Option<Timestamp>, StoreError> {
-        let mut state = self.state.lock().await;
         let now = Timestamp::now();
         let mut next: Option<Timestamp> = None;
         let rules = self.rules()?;
         let devices = self.orchestrator.store().stamps(Kind::Device)?;
         let names: std::collections::HashSet<&str> =
             devices.iter().map(|(name, _)| name.as_str()).collect();
-        state.memos.retain(|d, _| names.contains(d.as_str()));
-        state.views.retain(|d, _| names.contains(d.as_str()));
+        {
+            let mut state = self.state.lock().await;
+            state.memos.retain(|d, _| names.contains(d.as_str()));
+            state.views.retain(|d, _| names.contains(d.as_str()));
+        }
         for (name, _) in &devices {
+            let mut state = self.state.lock().await;
             if let Some(a) = self.evaluate(&mut state, &rules, name, now, None).await?
                 && let Some(t) = a.decision.next_check
             {

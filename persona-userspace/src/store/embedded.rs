@@ -71,6 +71,9 @@ pub struct EmbeddedStore {
     /// (redb locks it), and the writer updates it in commit order, so it is never stale.
     versions: Index<(Kind, String), Stamp>,
     persona_ids: Index<String, u32>,
+    /// Every device's state, kept the same way: shifts and the rule engine read them
+    /// far more often than they change.
+    states: Index<String, DeviceState>,
 }
 
 impl EmbeddedStore {
@@ -97,6 +100,7 @@ impl EmbeddedStore {
         txn.commit().map_err(backend)?;
         let mut versions = HashMap::new();
         let mut persona_ids = HashMap::new();
+        let mut states = HashMap::new();
         {
             let txn = db.begin_read().map_err(backend)?;
             for kind in [Kind::Persona, Kind::Device, Kind::Rule, Kind::Application] {
@@ -112,6 +116,11 @@ impl EmbeddedStore {
                 let (k, v) = row.map_err(backend)?;
                 persona_ids.insert(k.value().to_owned(), v.value());
             }
+            let t = txn.open_table(DEVICE_STATE).map_err(backend)?;
+            for row in t.iter().map_err(backend)? {
+                let (k, v) = row.map_err(backend)?;
+                states.insert(k.value().to_owned(), decode(v.value())?);
+            }
         }
         let db = Arc::new(db);
         Ok(Self {
@@ -119,6 +128,7 @@ impl EmbeddedStore {
             db,
             versions: Arc::new(versions.into()),
             persona_ids: Arc::new(persona_ids.into()),
+            states: Arc::new(states.into()),
         })
     }
 
@@ -208,20 +218,40 @@ fn check(kind: Kind, name: &str, current: Option<&Record>, expect: Expect) -> Re
     }
 }
 
-/// A device's state and the event recording it, as one write; both encoded before
-/// anything is written, so that a refused write changes nothing.
-fn state_op(
+/// Writes a device's state inside a transaction; the copy in memory follows once it is
+/// committed. Encoded before anything is written: a refused write changes nothing.
+fn state_write(
+    states: &Index<String, DeviceState>,
+    device: &str,
+    state: Option<&DeviceState>,
+) -> Result<impl FnOnce(&redb::WriteTransaction) -> Result<After> + Send + 'static> {
+    let bytes = state.map(encode).transpose()?;
+    let (device, state, states) = (device.to_owned(), state.cloned(), states.clone());
+    Ok(move |txn: &redb::WriteTransaction| {
+        set(txn, DEVICE_STATE, &device, bytes.as_deref())?;
+        let after: After = Box::new(move || {
+            let mut states = states.write().expect("states lock");
+            match state {
+                Some(s) => states.insert(device, s),
+                None => states.remove(&device),
+            };
+        });
+        Ok(after)
+    })
+}
+
+/// A device's state and the audit event recording it, as one write.
+fn state_recorded(
+    states: &Index<String, DeviceState>,
     device: &str,
     state: Option<&DeviceState>,
     body: EventBody,
 ) -> Result<impl FnOnce(&redb::WriteTransaction) -> Result<(Event, Option<After>)> + Send + 'static>
 {
-    let bytes = state.map(encode).transpose()?;
-    let device = device.to_owned();
+    let write = state_write(states, device, state)?;
     Ok(move |txn: &redb::WriteTransaction| {
         let event = append(txn, body)?;
-        set(txn, DEVICE_STATE, &device, bytes.as_deref())?;
-        Ok((event, None))
+        Ok((event, Some(write(txn)?)))
     })
 }
 
@@ -356,23 +386,24 @@ impl Store for EmbeddedStore {
     }
 
     fn device_state(&self, device: &str) -> Result<Option<DeviceState>> {
-        self.read(DEVICE_STATE, device)
+        Ok(self
+            .states
+            .read()
+            .expect("states lock")
+            .get(device)
+            .cloned())
     }
 
     fn device_states(&self) -> Result<Vec<(String, DeviceState)>> {
-        let txn = self.db.begin_read().map_err(backend)?;
-        let t = txn.open_table(DEVICE_STATE).map_err(backend)?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(backend)? {
-            let (k, v) = row.map_err(backend)?;
-            out.push((k.value().to_owned(), decode(v.value())?));
-        }
+        let states = self.states.read().expect("states lock");
+        let mut out: Vec<_> = states.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }
 
     fn set_device_state(&self, device: &str, state: Option<&DeviceState>) -> Result<()> {
-        let bytes = state.map(encode).transpose()?;
-        self.write(DEVICE_STATE, device, bytes)
+        let write = state_write(&self.states, device, state)?;
+        self.writer.write(move |txn| Ok(((), Some(write(txn)?))))
     }
 
     fn commit_stats(&self) -> Option<&super::CommitStats> {
@@ -389,7 +420,8 @@ impl Store for EmbeddedStore {
         state: Option<&DeviceState>,
         body: EventBody,
     ) -> Result<Event> {
-        self.writer.write(state_op(device, state, body)?)
+        self.writer
+            .write(state_recorded(&self.states, device, state, body)?)
     }
 
     fn submit_state(
@@ -398,7 +430,7 @@ impl Store for EmbeddedStore {
         state: Option<DeviceState>,
         body: EventBody,
     ) -> tokio::sync::oneshot::Receiver<Result<Event>> {
-        match state_op(device, state.as_ref(), body) {
+        match state_recorded(&self.states, device, state.as_ref(), body) {
             Ok(op) => self.writer.submit(op),
             Err(e) => {
                 let (tx, rx) = tokio::sync::oneshot::channel();

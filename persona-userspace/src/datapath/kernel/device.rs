@@ -20,6 +20,9 @@ impl KernelDatapath {
         let _ = self.maps.guard.remove(&ifindex);
         let active = self.maps.active.get(&ifindex, 0).ok();
         let _ = self.maps.active.remove(&ifindex);
+        if let Some(h) = &mut self.hosts {
+            h.remove(&ifindex);
+        }
         for addr in self.draining(ifindex)? {
             let _ = self.drop_drain(ifindex, addr);
         }
@@ -149,6 +152,9 @@ impl KernelDatapath {
             .devices
             .insert(ifindex, cfg, 0)
             .map_err(bpf_err("DEVICES"))?;
+        if let Some(h) = &mut self.hosts {
+            h.entry(ifindex).or_default();
+        }
         self.restamp(ifindex, &cfg)?;
         self.create_counters(ifindex, NO_PERSONA)?;
         match device.flood_guard_rate() {

@@ -87,6 +87,23 @@ impl KernelDatapath {
             .map(|(t, p)| (t, (p.owner_ifindex, p.owner_persona)))
             .collect();
         let folded = Self::load_folded(&maps)?;
+        let hosts = match config.exclusive {
+            true => Some(
+                maps.devices
+                    .keys()
+                    .flatten()
+                    .map(|i| {
+                        let active = maps.active.get(&i, 0).ok();
+                        let table = active.and_then(|a| maps.personas.get(&a.table, 0).ok());
+                        (
+                            i,
+                            table.map(|t| Self::host_addresses(&t)).unwrap_or_default(),
+                        )
+                    })
+                    .collect(),
+            ),
+            false => None,
+        };
         let drains = match config.exclusive {
             true => Some(
                 flows::read_drains(&maps.drains)?
@@ -111,6 +128,7 @@ impl KernelDatapath {
             unowned: Vec::new(),
             folded,
             drains,
+            hosts,
             live_keys: Default::default(),
             cpus: nr_cpus().map_err(|(_, e)| io_err("counting CPUs")(e))?,
             _lock: lock,

@@ -133,6 +133,9 @@ pub struct KernelDatapath {
     folded: counters::Folded,
     /// `DRAINS` as written, when this process holds the pin directory's lock.
     drains: Option<flows::Drains>,
+    /// Each attached device's active addresses, likewise: a shift checks what other
+    /// devices hold without a syscall per device.
+    hosts: Option<BTreeMap<u32, Vec<IpAddr>>>,
     /// `COUNTERS` keys at the last full read.
     live_keys: std::cell::Cell<u64>,
     cpus: usize,
@@ -291,6 +294,30 @@ impl Datapath for KernelDatapath {
 
     fn drains_all(&self) -> Result<Vec<(u32, super::DrainInfo)>> {
         KernelDatapath::drains_all(self)
+    }
+
+    fn held_addresses(&self, except: Option<u32>) -> Result<Vec<super::HeldAddresses>> {
+        let (Some(hosts), Some(drains)) = (&self.hosts, &self.drains) else {
+            return super::held_by_lookup(self, except);
+        };
+        let mut held: BTreeMap<u32, super::HeldAddresses> = hosts
+            .iter()
+            .filter(|(i, _)| Some(**i) != except)
+            .map(|(&ifindex, active)| {
+                let h = super::HeldAddresses {
+                    ifindex,
+                    active: active.clone(),
+                    draining: Vec::new(),
+                };
+                (ifindex, h)
+            })
+            .collect();
+        for &(ifindex, addr) in drains.keys() {
+            if let Some(h) = held.get_mut(&ifindex) {
+                h.draining.push(addr);
+            }
+        }
+        Ok(held.into_values().collect())
     }
 
     fn sweep(&mut self) -> Result<super::Sweep> {

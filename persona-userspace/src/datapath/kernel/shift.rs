@@ -45,6 +45,7 @@ impl KernelDatapath {
             persona: staged.persona.id,
             generation,
         };
+        let addresses = Self::host_addresses(&table);
         let start = Instant::now();
         let written = self
             .maps
@@ -65,6 +66,9 @@ impl KernelDatapath {
         }
         self.tables
             .set_owner(staged.table, (ifindex, staged.persona.id));
+        if let Some(h) = &mut self.hosts {
+            h.insert(ifindex, addresses);
+        }
         Ok(Flipped {
             ifindex,
             generation,
@@ -86,6 +90,9 @@ impl KernelDatapath {
             Some(p) => Self::host_addresses(&self.persona_table(p.table)?),
             None => Vec::new(),
         };
+        if let Some(h) = &mut self.hosts {
+            h.insert(f.ifindex, restored.clone());
+        }
         restored.extend(self.draining(f.ifindex)?);
         match f.previous {
             Some(p) => self
