@@ -121,6 +121,30 @@ fn every_endpoint_for_every_caller() {
                 201,
             ),
             (Method::DELETE, format!("/tokens/{throwaway}"), None, 3, 204),
+            // Malformed input: who may not call the route hears so before anything
+            // about the input; who may gets a JSON error naming what is wrong.
+            (
+                Method::POST,
+                "/personas".into(),
+                Some(json!({"metadata": {"name": "x"}, "spec": {"addresses": 5}})),
+                3,
+                422,
+            ),
+            (
+                Method::POST,
+                "/context".into(),
+                Some(json!({"device": 5})),
+                2,
+                422,
+            ),
+            (
+                Method::POST,
+                "/trigger_shift".into(),
+                Some(json!({})),
+                2,
+                422,
+            ),
+            (Method::GET, "/events?after=soon".into(), None, 1, 400),
         ];
         for (method, path, body, need, allowed) in cases {
             let (status, v) = d.call(tok, method.clone(), &path, body.as_ref());
@@ -141,6 +165,62 @@ fn every_endpoint_for_every_caller() {
                 );
             }
         }
+    }
+}
+
+/// Status, content type and body of a raw request an admin makes over the socket.
+fn raw(d: &Daemon, args: &[&str]) -> (u16, String, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--unix-socket"])
+        .arg(&d.socket)
+        .args(["-H", &format!("Authorization: Bearer {}", d.admin)])
+        .args(["-w", "\n%{http_code} %{content_type}"])
+        .args(args)
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, tail) = text.rsplit_once('\n').expect("curl's write-out");
+    let (code, ctype) = tail.split_once(' ').unwrap_or((tail, ""));
+    (code.parse().unwrap_or(0), ctype.to_owned(), body.to_owned())
+}
+
+#[test]
+fn framework_rejections_are_json_errors_too() {
+    let (_lab, d) = setup();
+    for (args, want) in [
+        (
+            vec![
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                "{",
+                "http://persona/personas",
+            ],
+            400,
+        ),
+        (
+            vec![
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: text/plain",
+                "-d",
+                "{}",
+                "http://persona/personas",
+            ],
+            415,
+        ),
+        (vec!["http://persona/events?after=soon"], 400),
+        (vec!["http://persona/events?wait=-3"], 400),
+    ] {
+        let (status, ctype, body) = raw(&d, &args);
+        assert_eq!(status, want, "{args:?}: {body}");
+        assert_eq!(ctype, "application/json", "{args:?}: {body}");
+        let v: Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{args:?}: {e}: {body}"));
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
     }
 }
 
@@ -194,6 +274,20 @@ fn versions_conflicts_and_bad_input() {
         v["error"].as_str().unwrap().contains("70000 is not a port"),
         "{v}"
     );
+    let (s, v) = d.admin(Method::POST, "/personas", Some(&json!({"metadata": {"name": "bad"}, "spec": {"addresses": ["203.0.113.40/24", "203.0.113.300/24"]}})));
+    assert_eq!(
+        (s, v["field"].as_str()),
+        (422, Some("spec.addresses[1]")),
+        "{v}"
+    );
+    let (s, v) = d.admin(
+        Method::POST,
+        "/trigger_shift",
+        Some(&json!({"device_id": "vm1", "persona_id": "travel", "flows": "sideways"})),
+    );
+    assert_eq!((s, v["field"].as_str()), (422, Some("flows")), "{v}");
+    let (s, v) = d.admin(Method::GET, "/events?limit=-1", None);
+    assert_eq!((s, v["field"].as_str()), (400, Some("limit")), "{v}");
     let (s, v) = d.admin(Method::POST, "/personas", Some(&json!({"metadata": {"name": "bad"}, "spec": {"addresses": ["203.0.113.40/24"], "gateway": "192.0.2.1"}})));
     assert_eq!((s, v["field"].as_str()), (422, Some("spec.gateway")), "{v}");
     let (s, _) = d.admin(Method::GET, "/personas/bad", None);

@@ -1,9 +1,12 @@
 //! Context signals in, and the engine's reasons out.
-use axum::{Json, extract::Path, http::StatusCode};
+use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, State};
+use super::{
+    ApiError, State,
+    extract::{Json, Path},
+};
 use crate::{
     auth::Caller,
     model::FieldError,

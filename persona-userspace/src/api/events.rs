@@ -1,10 +1,12 @@
 use std::time::Duration;
 
-use axum::{Json, extract::Query};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, State};
+use super::{
+    ApiError, State,
+    extract::{Json, Query},
+};
 use crate::{auth::Caller, store::Role};
 
 #[derive(Debug, Deserialize)]

@@ -2,6 +2,7 @@
 mod context;
 mod error;
 mod events;
+mod extract;
 mod metrics;
 mod objects;
 mod openapi;
@@ -12,8 +13,10 @@ use std::sync::Arc;
 
 use axum::{
     Router,
-    extract::FromRequestParts,
-    http::{header::AUTHORIZATION, request::Parts},
+    extract::{FromRequestParts, MatchedPath, Request},
+    http::{Method, header::AUTHORIZATION, request::Parts},
+    middleware::Next,
+    response::{IntoResponse as _, Response},
     routing::{get, post},
 };
 pub use error::ApiError;
@@ -21,6 +24,7 @@ pub use error::ApiError;
 use crate::{
     auth::{Auth, AuthError, Caller},
     orchestrator::Orchestrator,
+    store::Role,
 };
 
 pub struct AppState {
@@ -38,6 +42,9 @@ impl FromRequestParts<Arc<AppState>> for Caller {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, ApiError> {
+        if let Some(caller) = parts.extensions.get::<Caller>() {
+            return Ok(caller.clone());
+        }
         let header = parts
             .headers
             .get(AUTHORIZATION)
@@ -55,6 +62,38 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             .map_err(|e| ApiError::internal(e.to_string()))??;
         Ok(caller)
     }
+}
+
+/// The role a route needs, `None` for the open ones: checked before anything reads the
+/// request's body or query.
+fn needed(method: &Method, route: &str) -> Option<Role> {
+    match (method, route) {
+        (_, "/healthz") => None,
+        (&Method::GET, "/tokens") => Some(Role::Admin),
+        (&Method::GET, _) => Some(Role::Viewer),
+        (&Method::POST, "/context" | "/trigger_shift") => Some(Role::Operator),
+        _ => Some(Role::Admin),
+    }
+}
+
+/// Authenticates and authorizes every request by its route, before its handler's
+/// extractors run: who may not call a route learns nothing about what its input
+/// should have been.
+async fn authorize(state: State, route: Option<MatchedPath>, req: Request, next: Next) -> Response {
+    let route = route.as_ref().map_or("", |r| r.as_str());
+    let Some(role) = needed(req.method(), route) else {
+        return next.run(req).await;
+    };
+    let (mut parts, body) = req.into_parts();
+    let caller = match Caller::from_request_parts(&mut parts, &state.0).await {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    if let Err(e) = caller.require(role) {
+        return ApiError::from(e).into_response();
+    }
+    parts.extensions.insert(caller);
+    next.run(Request::from_parts(parts, body)).await
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -112,6 +151,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/events", get(events::list))
         .route("/tokens", get(tokens::list).post(tokens::create))
         .route("/tokens/{id}", axum::routing::delete(tokens::revoke))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authorize,
+        ))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::count_requests,

@@ -1,13 +1,12 @@
 //! Personas and devices: create, read, update (with version checks), delete.
-use axum::{
-    Json,
-    extract::{Path, Query},
-    http::StatusCode,
-};
+use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, State};
+use super::{
+    ApiError, State,
+    extract::{Json, Path, Query},
+};
 use crate::{
     auth::Caller,
     datapath::compile,
@@ -79,30 +78,42 @@ fn validate(kind: Kind, body: &Body) -> Result<Value, ApiError> {
         return Err(FieldError::new("apiVersion", format!("{v:?} is not supported")).into());
     }
     crate::model::validate_name(&body.metadata.name)?;
-    let bad = |e: serde_json::Error| ApiError::from(FieldError::new("spec", e.to_string()));
     match kind {
         Kind::Persona => {
-            let spec: PersonaSpec = serde_json::from_value(body.spec.clone()).map_err(bad)?;
+            let spec: PersonaSpec = spec_of(&body.spec)?;
             compile(&spec)?;
             spec.validate_secrets()?;
             serde_json::to_value(spec).map_err(|e| ApiError::internal(e.to_string()))
         }
         Kind::Device => {
-            let spec: DeviceSpec = serde_json::from_value(body.spec.clone()).map_err(bad)?;
+            let spec: DeviceSpec = spec_of(&body.spec)?;
             spec.validate()?;
             serde_json::to_value(spec).map_err(|e| ApiError::internal(e.to_string()))
         }
         Kind::Rule => {
-            let spec: RuleSpec = serde_json::from_value(body.spec.clone()).map_err(bad)?;
+            let spec: RuleSpec = spec_of(&body.spec)?;
             spec.validate()?;
             serde_json::to_value(spec).map_err(|e| ApiError::internal(e.to_string()))
         }
         Kind::Application => {
-            let spec: ApplicationSpec = serde_json::from_value(body.spec.clone()).map_err(bad)?;
+            let spec: ApplicationSpec = spec_of(&body.spec)?;
             spec.validate()?;
             serde_json::to_value(spec).map_err(|e| ApiError::internal(e.to_string()))
         }
     }
+}
+
+/// The spec as its type, or the field it got wrong: `spec.addresses[0]`.
+fn spec_of<T: serde::de::DeserializeOwned>(spec: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(spec).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." {
+            "spec".to_owned()
+        } else {
+            format!("spec.{path}")
+        };
+        ApiError::from(FieldError::new(field, e.into_inner().to_string()))
+    })
 }
 
 fn event(kind: &str, caller: &Caller, what: &str, result: &str) -> EventBody {

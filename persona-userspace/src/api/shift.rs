@@ -1,9 +1,8 @@
-use axum::Json;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use utoipa::ToSchema;
 
-use super::{ApiError, State};
+use super::{ApiError, State, extract::Json};
 use crate::{auth::Caller, model::FlowMode, store::Role};
 
 #[derive(Debug, Deserialize, ToSchema)]
