@@ -1,12 +1,19 @@
-//! Bearer tokens: `persona_<id>_<secret>`. Only a salted argon2 hash of the secret is
-//! stored. Verification is deliberately slow, so tokens that verified are remembered in
+//! Bearer tokens: `persona_<id>_<secret>`. Only a SHA-256 digest of the secret is
+//! stored, compared in constant time: the secret is 192 random bits, so a password
+//! hash's cost would buy nothing, and would let anyone who knows a token's id (they
+//! appear in the audit log) make the daemon burn a CPU per request. Tokens made by
+//! earlier versions keep their argon2 hash. Tokens that verified are remembered in
 //! memory until revoked.
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
-use argon2::{Argon2, PasswordHasher as _, PasswordVerifier as _};
+use argon2::{Argon2, PasswordVerifier as _};
+use subtle::ConstantTimeEq as _;
 
 use crate::store::{Role, Store, StoreError, TokenRecord};
 
@@ -50,6 +57,27 @@ pub enum AuthError {
 pub struct Auth {
     store: Arc<dyn Store>,
     verified: Mutex<HashMap<String, Caller>>,
+    /// Counts revocations: a verification that read its token before one is not
+    /// remembered, so that a revoke landing meanwhile wins.
+    revocations: AtomicU64,
+}
+
+fn digest(secret: &str) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes());
+    let hex: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+/// Whether `secret` is the one `stored` was made from.
+fn matches(secret: &str, stored: &str) -> bool {
+    if stored.starts_with("sha256:") {
+        return digest(secret).as_bytes().ct_eq(stored.as_bytes()).into();
+    }
+    argon2::PasswordHash::new(stored).is_ok_and(|h| {
+        Argon2::default()
+            .verify_password(secret.as_bytes(), &h)
+            .is_ok()
+    })
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -63,6 +91,7 @@ impl Auth {
         Self {
             store,
             verified: Mutex::new(HashMap::new()),
+            revocations: AtomicU64::new(0),
         }
     }
 
@@ -74,10 +103,7 @@ impl Auth {
     ) -> Result<(TokenRecord, String), AuthError> {
         let id = random_hex(4);
         let secret = random_hex(24);
-        let hash = Argon2::default()
-            .hash_password(secret.as_bytes())
-            .map_err(|e| StoreError::Backend(format!("hashing a token: {e}")))?
-            .to_string();
+        let hash = digest(&secret);
         let record = TokenRecord {
             id: id.clone(),
             role,
@@ -98,10 +124,11 @@ impl Auth {
             .strip_prefix("persona_")
             .and_then(|rest| rest.split_once('_'))
             .ok_or(AuthError::Invalid)?;
+        let revocations = self.revocations.load(Ordering::SeqCst);
         let record = self.store.token(id)?.ok_or(AuthError::Invalid)?;
-        Argon2::default()
-            .verify_password(secret.as_bytes(), record.hash.as_str())
-            .map_err(|_| AuthError::Invalid)?;
+        if !matches(secret, &record.hash) {
+            return Err(AuthError::Invalid);
+        }
         if record.revoked {
             return Err(AuthError::Revoked);
         }
@@ -109,10 +136,10 @@ impl Auth {
             token_id: record.id,
             role: record.role,
         };
-        self.verified
-            .lock()
-            .expect("auth cache")
-            .insert(token.to_owned(), caller.clone());
+        let mut verified = self.verified.lock().expect("auth cache");
+        if self.revocations.load(Ordering::SeqCst) == revocations {
+            verified.insert(token.to_owned(), caller.clone());
+        }
         Ok(caller)
     }
 
@@ -123,10 +150,9 @@ impl Auth {
         })?;
         record.revoked = true;
         self.store.put_token(&record)?;
-        self.verified
-            .lock()
-            .expect("auth cache")
-            .retain(|_, c| c.token_id != id);
+        let mut verified = self.verified.lock().expect("auth cache");
+        self.revocations.fetch_add(1, Ordering::SeqCst);
+        verified.retain(|_, c| c.token_id != id);
         Ok(record)
     }
 
@@ -151,7 +177,7 @@ mod tests {
             !record.hash.contains(token.rsplit('_').next().unwrap()),
             "the secret is not stored"
         );
-        assert!(record.hash.starts_with("$argon2id$"));
+        assert!(record.hash.starts_with("sha256:"), "{}", record.hash);
         let caller = auth.verify(&token).unwrap();
         assert_eq!(caller.role, Role::Operator);
         assert!(caller.require(Role::Viewer).is_ok());
@@ -172,8 +198,30 @@ mod tests {
         assert!(matches!(auth.verify(&token), Err(AuthError::Revoked)));
         // A fresh process (no cache) refuses it too.
         assert!(matches!(
-            Auth::new(store).verify(&token),
+            Auth::new(store.clone()).verify(&token),
             Err(AuthError::Revoked)
+        ));
+        // A token an earlier version made, with an argon2 hash, still verifies.
+        use argon2::PasswordHasher as _;
+        let legacy = TokenRecord {
+            id: "0ld0ld00".into(),
+            role: Role::Viewer,
+            description: "made by 0.1".into(),
+            created: jiff::Timestamp::now(),
+            revoked: false,
+            hash: Argon2::default()
+                .hash_password(b"s3cret")
+                .unwrap()
+                .to_string(),
+        };
+        store.put_token(&legacy).unwrap();
+        assert_eq!(
+            auth.verify("persona_0ld0ld00_s3cret").unwrap().role,
+            Role::Viewer
+        );
+        assert!(matches!(
+            auth.verify("persona_0ld0ld00_s3cre7"),
+            Err(AuthError::Invalid)
         ));
     }
 }

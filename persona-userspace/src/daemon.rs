@@ -1,7 +1,7 @@
 //! `persona daemon`: the store, the datapath, the orchestrator and the API, together.
 use std::{
     net::SocketAddr,
-    os::unix::fs::PermissionsExt as _,
+    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -79,9 +79,17 @@ fn bootstrap_admin(auth: &Auth, data_dir: &Path) -> anyhow::Result<()> {
     }
     let (record, token) = auth.create(Role::Admin, "bootstrap admin (created on first start)")?;
     let path = admin_token_path(data_dir);
-    std::fs::write(&path, format!("{token}\n"))
+    // Made with its mode, never readable by others for an instant; one left by an
+    // earlier store goes first.
+    let _ = std::fs::remove_file(&path);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    std::io::Write::write_all(&mut file, format!("{token}\n").as_bytes())
         .with_context(|| format!("writing {}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     info!(id = %record.id, path = %path.display(), "created the bootstrap admin token");
     Ok(())
 }
@@ -187,8 +195,16 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         (None, _) => {}
     }
     if let Some(path) = &config.socket {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+        // A directory made here is 0750: the socket is bound before its own mode is
+        // set, and nobody outside the group reaches it meanwhile.
+        if let Some(dir) = path.parent()
+            && !dir.exists()
+        {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(dir)
+                .with_context(|| format!("creating {}", dir.display()))?;
         }
         let _ = std::fs::remove_file(path);
         let listener = tokio::net::UnixListener::bind(path)

@@ -93,6 +93,10 @@ pub enum Command {
         /// ...and this PEM private key.
         #[arg(long, env = "PERSONA_TLS_KEY", requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// Serve --listen as plain HTTP on an address other hosts reach (tokens then
+        /// cross the network in the clear); refused without it.
+        #[arg(long, env = "PERSONA_INSECURE_LISTEN")]
+        insecure_listen: bool,
         /// Seconds a device stays in a persona before the rule engine moves it again.
         #[arg(long, env = "PERSONA_MIN_DWELL", default_value_t = 30)]
         min_dwell: u64,
@@ -410,6 +414,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             tls_hook,
             tls_cert,
             tls_key,
+            insecure_listen,
             min_dwell,
             cooldown,
             rules_dry_run,
@@ -420,6 +425,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             audit_max_events,
             fault_at,
         } => {
+            if let Some(addr) = listen
+                && tls_cert.is_none()
+                && !addr.ip().is_loopback()
+                && !insecure_listen
+            {
+                anyhow::bail!(
+                    "--listen {addr}: plain HTTP on an address other hosts reach sends tokens in the clear; give --tls-cert and --tls-key, a loopback address, or --insecure-listen"
+                );
+            }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;

@@ -416,10 +416,36 @@ fn context_signals(
     Ok(out)
 }
 
+/// Whether a token may go to `target` in the clear: only over the Unix socket, or to
+/// this host itself.
+fn safe_in_the_clear(target: &crate::client::Target) -> bool {
+    use crate::client::Target;
+    match target {
+        Target::Unix(_) | Target::Https(_) => true,
+        Target::Tcp(authority) => {
+            let host = authority
+                .rsplit_once(':')
+                .map_or(authority.as_str(), |(h, _)| h)
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            host.eq_ignore_ascii_case("localhost")
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|a| a.is_loopback())
+        }
+    }
+}
+
 pub(super) async fn run(cli: &Cli) -> anyhow::Result<()> {
+    let token = token(cli);
+    if token.is_some() && !safe_in_the_clear(&cli.server) {
+        bail!(
+            "refusing to send a token over plain HTTP to another host; use https:// (with --cacert) or the Unix socket"
+        );
+    }
     let client = Client {
         target: cli.server.clone(),
-        token: token(cli),
+        token,
         cacert: cli.cacert.clone(),
     };
     match &cli.command {
@@ -732,4 +758,29 @@ pub(super) async fn run(cli: &Cli) -> anyhow::Result<()> {
         other => bail!("{other:?} does not go through the daemon"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::safe_in_the_clear;
+
+    #[test]
+    fn tokens_go_in_the_clear_only_to_this_host() {
+        for (server, safe) in [
+            ("unix:/run/persona/persona.sock", true),
+            ("https://persona.example:7443", true),
+            ("http://127.0.0.1:7443", true),
+            ("http://[::1]:7443", true),
+            ("http://localhost:7443", true),
+            ("http://192.0.2.10:7443", false),
+            ("http://[2001:db8::1]:7443", false),
+            ("http://persona.example:7443", false),
+        ] {
+            assert_eq!(
+                safe_in_the_clear(&server.parse().unwrap()),
+                safe,
+                "{server}"
+            );
+        }
+    }
 }

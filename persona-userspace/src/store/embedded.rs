@@ -14,10 +14,13 @@ use redb::{
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
-use super::writer::{After, Writer};
 use super::{
     DeviceState, Event, EventBody, Expect, Kind, Record, Result, Stamp, Store, StoreError,
     TokenRecord,
+};
+use super::{
+    wal::Wal,
+    writer::{After, Done, META, Writer, next_epoch},
 };
 
 const PERSONAS: TableDefinition<&str, &[u8]> = TableDefinition::new("personas");
@@ -97,7 +100,14 @@ impl EmbeddedStore {
         }
         txn.open_table(EVENTS).map_err(backend)?;
         txn.open_table(PERSONA_IDS).map_err(backend)?;
+        let epoch = {
+            let meta = txn.open_table(META).map_err(backend)?;
+            meta.get("durable")
+                .map_err(backend)?
+                .map_or(0, |v| v.value())
+        };
         txn.commit().map_err(backend)?;
+        let wal = replay(&db, &path.with_extension("wal"), epoch)?;
         let mut versions = HashMap::new();
         let mut persona_ids = HashMap::new();
         let mut states = HashMap::new();
@@ -124,7 +134,7 @@ impl EmbeddedStore {
         }
         let db = Arc::new(db);
         Ok(Self {
-            writer: Writer::spawn(db.clone())?,
+            writer: Writer::spawn(db.clone(), Some(wal))?,
             db,
             versions: Arc::new(versions.into()),
             persona_ids: Arc::new(persona_ids.into()),
@@ -218,6 +228,61 @@ fn check(kind: Kind, name: &str, current: Option<&Record>, expect: Expect) -> Re
     }
 }
 
+/// A write as the log holds it, to be done again when the store opens after a crash.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Logged {
+    State {
+        device: String,
+        state: Option<Box<DeviceState>>,
+        event: Box<Event>,
+    },
+    Signals {
+        rows: Vec<(String, Value)>,
+    },
+}
+
+/// Opens the store's log, and does again, durably, what it holds that the file does
+/// not: the writes acknowledged after the last durable commit.
+fn replay(db: &Database, path: &Path, epoch: u64) -> Result<Wal> {
+    let io = |e: std::io::Error| backend(format!("{}: {e}", path.display()));
+    let (mut wal, records) = Wal::open(path, epoch).map_err(io)?;
+    if records.is_empty() {
+        return Ok(wal);
+    }
+    let txn = db.begin_write().map_err(backend)?;
+    for r in &records {
+        match decode::<Logged>(r)? {
+            Logged::State {
+                device,
+                state,
+                event,
+            } => {
+                let mut events = txn.open_table(EVENTS).map_err(backend)?;
+                if events.get(event.seq).map_err(backend)?.is_some() {
+                    continue;
+                }
+                events
+                    .insert(event.seq, encode(&event)?.as_slice())
+                    .map_err(backend)?;
+                drop(events);
+                let bytes = state.as_ref().map(encode).transpose()?;
+                set(&txn, DEVICE_STATE, &device, bytes.as_deref())?;
+            }
+            Logged::Signals { rows } => {
+                for (key, signal) in rows {
+                    set(&txn, SIGNALS, &key, Some(&encode(&signal)?))?;
+                }
+            }
+        }
+    }
+    let epoch = next_epoch(&txn)?;
+    txn.commit().map_err(backend)?;
+    tracing::info!(writes = records.len(), "replayed the store's log");
+    wal.reset(epoch).map_err(io)?;
+    Ok(wal)
+}
+
 /// Writes a device's state inside a transaction; the copy in memory follows once it is
 /// committed. Encoded before anything is written: a refused write changes nothing.
 fn state_write(
@@ -240,18 +305,28 @@ fn state_write(
     })
 }
 
-/// A device's state and the audit event recording it, as one write.
+/// A device's state and the audit event recording it, as one logged write.
 fn state_recorded(
     states: &Index<String, DeviceState>,
     device: &str,
     state: Option<&DeviceState>,
     body: EventBody,
-) -> Result<impl FnOnce(&redb::WriteTransaction) -> Result<(Event, Option<After>)> + Send + 'static>
-{
+) -> Result<impl FnOnce(&redb::WriteTransaction) -> Result<Done<Event>> + Send + 'static> {
     let write = state_write(states, device, state)?;
+    let (device, state) = (device.to_owned(), state.cloned());
     Ok(move |txn: &redb::WriteTransaction| {
         let event = append(txn, body)?;
-        Ok((event, Some(write(txn)?)))
+        let after = write(txn)?;
+        let log = encode(&Logged::State {
+            device,
+            state: state.map(Box::new),
+            event: Box::new(event.clone()),
+        })?;
+        Ok(Done {
+            value: event,
+            after: Some(after),
+            log: Some(log),
+        })
     })
 }
 
@@ -421,7 +496,7 @@ impl Store for EmbeddedStore {
         body: EventBody,
     ) -> Result<Event> {
         self.writer
-            .write(state_recorded(&self.states, device, state, body)?)
+            .write_logged(state_recorded(&self.states, device, state, body)?)
     }
 
     fn submit_state(
@@ -431,7 +506,7 @@ impl Store for EmbeddedStore {
         body: EventBody,
     ) -> tokio::sync::oneshot::Receiver<Result<Event>> {
         match state_recorded(&self.states, device, state.as_ref(), body) {
-            Ok(op) => self.writer.submit(op),
+            Ok(op) => self.writer.submit_logged(op),
             Err(e) => {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 let _ = tx.send(Err(e));
@@ -452,12 +527,19 @@ impl Store for EmbeddedStore {
             .iter()
             .map(|(k, v)| Ok((k.clone(), encode(v)?)))
             .collect::<Result<Vec<_>>>()?;
-        self.writer.write(move |txn| {
+        let log = encode(&Logged::Signals {
+            rows: signals.to_vec(),
+        })?;
+        self.writer.write_logged(move |txn| {
             let mut t = txn.open_table(SIGNALS).map_err(backend)?;
             for (key, signal) in rows {
                 t.insert(key.as_str(), signal.as_slice()).map_err(backend)?;
             }
-            Ok(((), None))
+            Ok(Done {
+                value: (),
+                after: None,
+                log: Some(log),
+            })
         })
     }
 
@@ -530,6 +612,80 @@ mod tests {
             EmbeddedStore::open(&dir.join("store.redb")).expect("open"),
             Scratch(dir),
         )
+    }
+
+    /// Run in a child process: logs shift records and signals, reports each one
+    /// acknowledged, and dies without closing anything.
+    #[test]
+    fn crashing_child() {
+        let Some(path) = std::env::var_os("PERSONA_CRASH_STORE") else {
+            return;
+        };
+        let s = EmbeddedStore::open(std::path::Path::new(&path)).expect("open");
+        for i in 0..50u64 {
+            let state = DeviceState {
+                persona: format!("p{i}"),
+                persona_version: 1,
+                generation: i,
+                since: jiff::Timestamp::now(),
+                rule: None,
+                leases: Vec::new(),
+            };
+            let body = EventBody {
+                kind: "shift".into(),
+                actor: "test".into(),
+                device: Some("vm1".into()),
+                from: None,
+                to: Some(format!("p{i}")),
+                generation: Some(i),
+                result: "ok".into(),
+                duration_us: None,
+                detail: json!(null),
+            };
+            let event = s.record_state("vm1", Some(&state), body).expect("record");
+            s.put_signals(&[(format!("vm1/n{i}"), json!({ "n": i }))])
+                .expect("signal");
+            println!("acknowledged {i} {}", event.seq);
+        }
+        std::process::abort();
+    }
+
+    #[test]
+    fn acknowledged_logged_writes_survive_a_crash() {
+        let (_, dir) = store();
+        let path = dir.0.join("crash.redb");
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "store::embedded::tests::crashing_child",
+                "--nocapture",
+            ])
+            .env("PERSONA_CRASH_STORE", &path)
+            .output()
+            .expect("the child");
+        assert!(!out.status.success(), "the child was to die");
+        let acked: Vec<(u64, u64)> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.strip_prefix("acknowledged ")?.split(' ');
+                Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
+            })
+            .collect();
+        assert_eq!(acked.len(), 50, "{}", String::from_utf8_lossy(&out.stderr));
+        let s = EmbeddedStore::open(&path).expect("reopen after the crash");
+        let (last, seq) = *acked.last().unwrap();
+        assert_eq!(
+            s.device_state("vm1").unwrap().map(|st| st.generation),
+            Some(last),
+            "the last acknowledged state"
+        );
+        let events = s.events(0, 1000).unwrap();
+        for (i, seq) in &acked {
+            let e = events.iter().find(|e| e.seq == *seq);
+            assert_eq!(e.and_then(|e| e.body.generation), Some(*i), "event {seq}");
+        }
+        assert_eq!(events.last().map(|e| e.seq), Some(seq));
+        assert_eq!(s.signals().unwrap().len(), 50);
     }
 
     #[test]

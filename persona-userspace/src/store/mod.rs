@@ -3,6 +3,7 @@
 //! [`Store`] is the interface: [`embedded::EmbeddedStore`] (redb, one file, nothing to
 //! set up) is the implementation today; a fleet sharing etcd is meant to slot in here.
 pub mod embedded;
+mod wal;
 mod writer;
 pub use writer::CommitStats;
 
