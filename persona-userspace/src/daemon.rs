@@ -157,6 +157,7 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         auth,
         orchestrator: orchestrator.clone(),
         engine,
+        waiting: tokio::sync::Semaphore::new(api::LONG_POLLS),
     }));
 
     let mut servers = tokio::task::JoinSet::new();

@@ -37,7 +37,10 @@ pub async fn list(
     let mut rx = state.orchestrator.subscribe();
     let store = state.orchestrator.store();
     let mut events = store.events(q.after, limit)?;
-    if events.is_empty() && q.wait > 0 {
+    // Past the cap, a long poll is answered at once with what there is: the client
+    // polls again, and the daemon holds no more connections than it chose to.
+    let slot = state.waiting.try_acquire();
+    if events.is_empty() && q.wait > 0 && slot.is_ok() {
         let wait = Duration::from_secs(q.wait.min(60));
         let _ = tokio::time::timeout(wait, async {
             while let Ok(e) = rx.recv().await {

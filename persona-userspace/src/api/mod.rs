@@ -31,7 +31,12 @@ pub struct AppState {
     pub auth: Auth,
     pub orchestrator: Arc<Orchestrator>,
     pub engine: Arc<crate::rules::runner::RuleEngine>,
+    /// Long polls of /events waiting at once: each holds a connection and a task.
+    pub waiting: tokio::sync::Semaphore,
 }
+
+/// Long polls allowed to wait at once; more are answered at once, with what there is.
+pub const LONG_POLLS: usize = 256;
 
 pub type State = axum::extract::State<Arc<AppState>>;
 

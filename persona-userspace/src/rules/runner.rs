@@ -331,10 +331,18 @@ impl RuleEngine {
         let devices = self.orchestrator.store().stamps(Kind::Device)?;
         let names: std::collections::HashSet<&str> =
             devices.iter().map(|(name, _)| name.as_str()).collect();
-        {
+        let expired = {
             let mut state = self.state.lock().await;
             state.memos.retain(|d, _| names.contains(d.as_str()));
             state.views.retain(|d, _| names.contains(d.as_str()));
+            state.signals.prune(now)
+        };
+        // Expired signals count for nothing; kept, they would only grow.
+        if !expired.is_empty() {
+            let store = self.orchestrator.store().clone();
+            tokio::task::spawn_blocking(move || store.delete_signals(&expired))
+                .await
+                .map_err(|e| StoreError::Backend(format!("forgetting signals: {e}")))??;
         }
         for (name, _) in &devices {
             let mut state = self.state.lock().await;

@@ -194,6 +194,22 @@ impl SignalSet {
             .min()
     }
 
+    /// Drops the signals expired at `now`; returns their store keys (`device/key`).
+    pub fn prune(&mut self, now: jiff::Timestamp) -> Vec<String> {
+        let mut gone = Vec::new();
+        for (device, slot) in &mut self.by_device {
+            slot.retain(|key, s| {
+                let live = s.live(now);
+                if !live {
+                    gone.push(format!("{device}/{key}"));
+                }
+                live
+            });
+        }
+        self.by_device.retain(|_, slot| !slot.is_empty());
+        gone
+    }
+
     pub fn all(&self) -> impl Iterator<Item = &Signal> {
         self.by_device.values().flat_map(|m| m.values())
     }

@@ -686,3 +686,31 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn expired_signals_are_pruned_and_decisions_do_not_change() {
+    let now = tuesday_10();
+    let mut signals = SignalSet::default();
+    let mut geo = signal(r#"{"device":"vm1","kind":"geo","country":"FR"}"#, now);
+    geo.ttl = Some(60);
+    signals.merge(geo);
+    signals.merge(signal(
+        r#"{"device":"vm1","kind":"role","role":"admin"}"#,
+        now,
+    ));
+    let later = now + SignedDuration::from_secs(61);
+    let hist = at_rest("office", now - SignedDuration::from_hours(1));
+    let before = decide(&device(), &rules(), &signals, &hist, TIMING, later);
+    assert_eq!(
+        signals.prune(now),
+        Vec::<String>::new(),
+        "nothing expired yet"
+    );
+    assert_eq!(signals.prune(later), vec!["vm1/geo".to_owned()]);
+    assert_eq!(signals.all().count(), 1, "the role stays");
+    let after = decide(&device(), &rules(), &signals, &hist, TIMING, later);
+    assert_eq!(
+        (before.desired, before.rule, before.shift),
+        (after.desired, after.rule, after.shift)
+    );
+}

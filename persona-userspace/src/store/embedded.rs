@@ -547,6 +547,20 @@ impl Store for EmbeddedStore {
         self.read_all(SIGNALS)
     }
 
+    fn delete_signals(&self, keys: &[String]) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let keys = keys.to_vec();
+        self.writer.write(move |txn| {
+            let mut t = txn.open_table(SIGNALS).map_err(backend)?;
+            for key in keys {
+                t.remove(key.as_str()).map_err(backend)?;
+            }
+            Ok(((), None))
+        })
+    }
+
     fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>> {
         let txn = self.db.begin_read().map_err(backend)?;
         let t = txn.open_table(EVENTS).map_err(backend)?;

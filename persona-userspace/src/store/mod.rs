@@ -244,6 +244,8 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
     fn signals(&self) -> Result<Vec<Value>>;
+    /// Forgets signals by key (those expired).
+    fn delete_signals(&self, keys: &[String]) -> Result<()>;
     /// Events with `seq > after`, oldest first, at most `limit`.
     fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>>;
     /// Removes the oldest events, at most `at_most` in one transaction, while there are
