@@ -218,6 +218,8 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
                 .into_future(),
         );
     }
+    // Pruned before the daemon says it is ready: what it serves is within retention.
+    prune_audit_once(&store, config.audit).await;
     println!("ready");
     crate::service::ready(store.list(crate::store::Kind::Device)?.len());
     tokio::spawn(crate::service::watchdog(orchestrator.clone()));
@@ -233,38 +235,44 @@ const PRUNE_BATCH: usize = 10_000;
 /// The audit log is pruned at start and then hourly.
 async fn prune_audit(store: Arc<dyn Store>, keep: Retention) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
+    // The first tick is now: the start's pruning is done.
+    tick.tick().await;
     loop {
         tick.tick().await;
-        let age = jiff::SignedDuration::try_from(keep.max_age).unwrap_or(jiff::SignedDuration::MAX);
-        let before = jiff::Timestamp::now()
-            .checked_sub(age)
-            .unwrap_or(jiff::Timestamp::MIN);
-        // In batches, off the async threads: writes (shifts among them) go on between.
-        let mut removed = 0;
-        loop {
-            let store = store.clone();
-            let batch = tokio::task::spawn_blocking(move || {
-                store.prune_events(before, keep.max_events, PRUNE_BATCH)
-            })
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
-            match batch {
-                Ok(n) => {
-                    removed += n;
-                    if n < PRUNE_BATCH {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    warn!(error = %e, "pruning the audit log");
+        prune_audit_once(&store, keep).await;
+    }
+}
+
+async fn prune_audit_once(store: &Arc<dyn Store>, keep: Retention) {
+    let age = jiff::SignedDuration::try_from(keep.max_age).unwrap_or(jiff::SignedDuration::MAX);
+    let before = jiff::Timestamp::now()
+        .checked_sub(age)
+        .unwrap_or(jiff::Timestamp::MIN);
+    // In batches, off the async threads: writes (shifts among them) go on between.
+    let mut removed = 0;
+    loop {
+        let store = store.clone();
+        let batch = tokio::task::spawn_blocking(move || {
+            store.prune_events(before, keep.max_events, PRUNE_BATCH)
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+        match batch {
+            Ok(n) => {
+                removed += n;
+                if n < PRUNE_BATCH {
                     break;
                 }
             }
+            Err(e) => {
+                warn!(error = %e, "pruning the audit log");
+                break;
+            }
         }
-        if removed > 0 {
-            info!(removed, "pruned the audit log");
-        }
+    }
+    if removed > 0 {
+        info!(removed, "pruned the audit log");
     }
 }
 

@@ -116,17 +116,95 @@ pub fn validate_name(name: &str) -> Result<(), FieldError> {
     }
 }
 
+/// A document read as its kind's type: its errors know their line and field path.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Typed<S> {
+    #[serde(rename = "apiVersion")]
+    api_version: String,
+    #[serde(rename = "kind")]
+    _kind: String,
+    metadata: Metadata,
+    spec: S,
+}
+
+fn typed<S: serde::de::DeserializeOwned>(
+    doc: serde_yaml::Deserializer<'_>,
+) -> Result<(String, Metadata, S), FieldError> {
+    let t: Typed<S> = serde_path_to_error::deserialize(doc).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let text = inner.to_string();
+        // The location goes first, not at the end of the reason; the YAML parser's own
+        // path, as coarse or as fine as the field path, goes.
+        let reason = text.rfind(" at line ").map_or(&*text, |i| &text[..i]);
+        let cuts = path.match_indices(['.', '[']).map(|(i, _)| i);
+        let reason = cuts
+            .chain([path.len()])
+            .find_map(|i| reason.strip_prefix(&format!("{}: ", &path[..i])))
+            .unwrap_or(reason);
+        let at = inner
+            .location()
+            .map(|l| format!("line {}, column {}", l.line(), l.column()));
+        let field = match (at, path.as_str()) {
+            (Some(at), ".") => at,
+            (Some(at), p) => format!("{at}: {p}"),
+            (None, p) => p.to_owned(),
+        };
+        FieldError::new(field, reason)
+    })?;
+    Ok((t.api_version, t.metadata, t.spec))
+}
+
 /// Parses every document of a YAML stream; the first bad one fails the whole stream.
+/// A document is read twice: for its kind, then as that kind's type.
 pub fn parse_manifests(text: &str) -> Result<Vec<Manifest>, FieldError> {
     let mut out = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    let docs = serde_yaml::Deserializer::from_str(text);
+    for (i, (doc, again)) in docs
+        .zip(serde_yaml::Deserializer::from_str(text))
+        .enumerate()
+    {
+        let document = || format!("document {}", i + 1);
         let value = serde_yaml::Value::deserialize(doc)
-            .map_err(|e| FieldError::new(format!("document {}", i + 1), e.to_string()))?;
+            .map_err(|e| FieldError::new(document(), e.to_string()))?;
         if value.is_null() {
             continue;
         }
-        let manifest: Manifest = serde_yaml::from_value(value)
-            .map_err(|e| FieldError::new(format!("document {}", i + 1), e.to_string()))?;
+        let manifest = match value.get("kind").and_then(|k| k.as_str()) {
+            Some("Persona") => typed(again).map(|(api_version, metadata, spec)| {
+                Manifest::Persona {
+                    api_version,
+                    metadata,
+                    spec,
+                }
+            }),
+            Some("Device") => typed(again).map(|(api_version, metadata, spec)| Manifest::Device {
+                api_version,
+                metadata,
+                spec,
+            }),
+            Some("Rule") => typed(again).map(|(api_version, metadata, spec)| Manifest::Rule {
+                api_version,
+                metadata,
+                spec,
+            }),
+            Some("Application") => {
+                typed(again).map(|(api_version, metadata, spec)| Manifest::Application {
+                    api_version,
+                    metadata,
+                    spec,
+                })
+            }
+            Some(other) => Err(FieldError::new(
+                "kind",
+                format!(
+                    "unknown variant `{other}`, expected one of `Persona`, `Device`, `Rule`, `Application`"
+                ),
+            )),
+            None => Err(FieldError::new("kind", "missing: Persona, Device, Rule or Application")),
+        }
+        .map_err(|e| FieldError::new(format!("{}, {}", document(), e.field), e.reason))?;
         manifest.validate().map_err(|e| FieldError {
             field: format!(
                 "{} {:?}: {}",
@@ -162,7 +240,7 @@ pub fn load_manifests(path: &Path) -> anyhow::Result<Vec<Manifest>> {
     for f in files {
         let text =
             std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
-        out.extend(parse_manifests(&text).with_context(|| format!("in {}", f.display()))?);
+        out.extend(parse_manifests(&text).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?);
     }
     Ok(out)
 }

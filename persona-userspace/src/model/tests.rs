@@ -40,7 +40,7 @@ fn bad_manifests_name_the_field_and_the_reason() {
     let cases = [
         (
             GOOD.replace("ports: \"22\"", "ports: 70000"),
-            "70000 is not a port",
+            "document 1, line 13, column 11: spec.firewall.ingress.rules[0].ports: 70000 is not a port",
         ),
         (
             GOOD.replace("ports: \"22\"", "ports: \"30-20\""),
@@ -52,7 +52,11 @@ fn bad_manifests_name_the_field_and_the_reason() {
         ),
         (
             GOOD.replace("198.51.100.0/24", "198.51.300.0/24"),
-            "invalid IP address syntax",
+            "line 13, column 19: spec.firewall.ingress.rules[0].cidr: invalid IP address syntax",
+        ),
+        (
+            GOOD.replace("[\"203.0.113.10/24\"]", "[\"203.0.113.10/24\", \"203.0.113.300/24\"]"),
+            "line 6, column 34: spec.addresses[1]: invalid IP address syntax",
         ),
         (
             GOOD.replace("gateway: 203.0.113.1", "gateway: 192.0.2.1"),

@@ -137,17 +137,7 @@ impl Writer {
         &self,
         op: impl FnOnce(&WriteTransaction) -> Result<(T, Option<After>)> + Send + 'static,
     ) -> Result<T> {
-        let (reply, answer) = mpsc::sync_channel(1);
-        self.queue(
-            unlogged(op),
-            false,
-            Box::new(move |r| {
-                let _ = reply.send(r);
-            }),
-        )?;
-        answer
-            .recv()
-            .map_err(|_| StoreError::Backend("the store's writer dropped a write".into()))?
+        self.wait(unlogged(op), false)
     }
 
     /// A write whose record `op` gives for the log, which makes it durable, answered
@@ -174,10 +164,14 @@ impl Writer {
         &self,
         op: impl FnOnce(&WriteTransaction) -> Result<Done<T>> + Send + 'static,
     ) -> Result<T> {
+        self.wait(Box::new(op), true)
+    }
+
+    fn wait<T: Send + 'static>(&self, op: Op<T>, logged: bool) -> Result<T> {
         let (reply, answer) = mpsc::sync_channel(1);
         self.queue(
-            Box::new(op),
-            true,
+            op,
+            logged,
             Box::new(move |r| {
                 let _ = reply.send(r);
             }),
