@@ -342,6 +342,31 @@ fn the_openapi_document_describes_the_api() {
         doc["components"]["securitySchemes"]["bearer"]["scheme"],
         "bearer"
     );
+    // Every operation declares the errors it can answer, each in the one error shape.
+    assert_eq!(
+        doc["components"]["schemas"]["Error"]["required"],
+        json!(["error"])
+    );
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let with_body = method == "post" || method == "put";
+            let mut want = vec!["400", "401", "403", "500"];
+            if with_body {
+                want.extend(["413", "415", "422"]);
+            }
+            if path.contains('{') {
+                want.push("404");
+            }
+            for code in want {
+                let r = &op["responses"][code];
+                assert_eq!(
+                    r["content"]["application/json"]["schema"]["$ref"],
+                    "#/components/schemas/Error",
+                    "{method} {path} {code}: {r}"
+                );
+            }
+        }
+    }
 }
 
 /// SIGKILL the daemon in the middle of a stream of writes: everything it acknowledged

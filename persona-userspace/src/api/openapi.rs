@@ -20,6 +20,82 @@ impl Modify for BearerAuth {
     }
 }
 
+/// Every operation's error statuses, in the one error shape: what authorization, the
+/// extractors and the handler can answer, each declared with the `Error` schema.
+struct ErrorResponses;
+
+impl Modify for ErrorResponses {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{
+            ContentBuilder, Ref, RefOr, ResponseBuilder,
+            schema::{ObjectBuilder, Schema, Type},
+        };
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.schemas.insert(
+            "Error".into(),
+            RefOr::T(Schema::Object(
+                ObjectBuilder::new()
+                    .property("error", ObjectBuilder::new().schema_type(Type::String))
+                    .required("error")
+                    .property(
+                        "field",
+                        ObjectBuilder::new()
+                            .schema_type(Type::String)
+                            .description(Some("Where the input is wrong: spec.addresses[1]")),
+                    )
+                    .build(),
+            )),
+        );
+        let content = || {
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("Error")))
+                .build()
+        };
+        for (path, item) in doc.paths.paths.iter_mut() {
+            let named = path.contains('{');
+            for (op, body) in [
+                (&mut item.get, false),
+                (&mut item.put, true),
+                (&mut item.post, true),
+                (&mut item.delete, false),
+            ] {
+                let Some(op) = op else { continue };
+                let mut statuses = vec![
+                    ("400", "A query string or path that does not parse"),
+                    ("401", "No valid token"),
+                    ("403", "The token's role is not enough"),
+                    ("500", "The daemon failed"),
+                ];
+                if body {
+                    statuses.extend([
+                        ("413", "The body is too large"),
+                        ("415", "The body is not JSON"),
+                        ("422", "The body does not fit: `field` says where"),
+                    ]);
+                }
+                if named {
+                    statuses.push(("404", "No such object"));
+                }
+                let responses = &mut op.responses.responses;
+                for (code, why) in statuses {
+                    responses.entry(code.into()).or_insert_with(|| {
+                        RefOr::T(ResponseBuilder::new().description(why).build())
+                    });
+                }
+                for (code, r) in responses.iter_mut() {
+                    if let RefOr::T(r) = r
+                        && !code.starts_with('2')
+                        && r.content.is_empty()
+                    {
+                        r.content
+                            .insert("application/json".into(), RefOr::T(content()));
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "persona", description = "Switchable network personas for virtual machines"),
@@ -41,7 +117,7 @@ impl Modify for BearerAuth {
         context::explain, shift::trigger_shift, events::list, tokens::create, tokens::list, tokens::revoke,
     ),
     components(schemas(shift::ShiftRequest, tokens::CreateToken)),
-    modifiers(&BearerAuth)
+    modifiers(&BearerAuth, &ErrorResponses)
 )]
 struct Doc;
 
