@@ -21,13 +21,12 @@ use tokio::io::unix::AsyncFd;
 use tracing::warn;
 
 use crate::{
-    model::DeviceSpec,
     orchestrator::Orchestrator,
     rules::{
         runner::RuleEngine,
         signals::{AlertState, Severity, Signal, SignalBody},
     },
-    store::{EventBody, Kind},
+    store::EventBody,
 };
 
 /// Distinct ports one source must hit within `SCAN_WINDOW` to count as a scan.
@@ -145,17 +144,7 @@ impl Watcher {
     }
 
     fn refresh_names(&mut self) {
-        self.names.clear();
-        let Ok(devices) = self.orchestrator.store().list(Kind::Device) else {
-            return;
-        };
-        for d in devices {
-            if let Ok(spec) = serde_json::from_value::<DeviceSpec>(d.spec)
-                && let Ok(ifindex) = crate::datapath::ifindex(&spec.interface)
-            {
-                self.names.insert(ifindex, d.name);
-            }
-        }
+        self.names = self.orchestrator.device_names().unwrap_or_default();
     }
 
     fn take(&mut self, e: DropEvent) {

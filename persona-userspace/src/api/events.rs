@@ -39,8 +39,8 @@ pub async fn list(
     let mut events = store.events(q.after, limit)?;
     // Past the cap, a long poll is answered at once with what there is: the client
     // polls again, and the daemon holds no more connections than it chose to.
-    let slot = state.waiting.try_acquire();
-    if events.is_empty() && q.wait > 0 && slot.is_ok() {
+    let waits = events.is_empty() && q.wait > 0;
+    if let Some(Ok(_slot)) = waits.then(|| state.waiting.try_acquire()) {
         let wait = Duration::from_secs(q.wait.min(60));
         let _ = tokio::time::timeout(wait, async {
             while let Ok(e) = rx.recv().await {

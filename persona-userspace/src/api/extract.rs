@@ -9,6 +9,7 @@ use axum::{
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::ApiError;
+use crate::model::field_path;
 
 /// A JSON body in, or a JSON document out.
 pub struct Json<T>(pub T);
@@ -27,12 +28,6 @@ fn is_json(req: &Request) -> bool {
         || essence
             .strip_prefix("application/")
             .is_some_and(|s| s.ends_with("+json"))
-}
-
-/// A deserialization error's place: `spec.addresses[0]`, or none at the top.
-fn place(path: &serde_path_to_error::Path) -> Option<String> {
-    let p = path.to_string();
-    (p != ".").then_some(p)
 }
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
@@ -56,7 +51,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Json<T> {
             )
         };
         let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-            let field = place(e.path());
+            let field = field_path(e.path());
             let inner = e.into_inner();
             if inner.is_syntax() || inner.is_eof() {
                 return not_json(inner);
@@ -94,7 +89,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
         serde_path_to_error::deserialize(de)
             .map(Query)
             .map_err(|e| {
-                let field = place(e.path());
+                let field = field_path(e.path());
                 let message = match &field {
                     Some(f) => format!("query {f}: {}", e.inner()),
                     None => format!("query: {}", e.inner()),

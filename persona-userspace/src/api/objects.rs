@@ -106,12 +106,8 @@ fn validate(kind: Kind, body: &Body) -> Result<Value, ApiError> {
 /// The spec as its type, or the field it got wrong: `spec.addresses[0]`.
 fn spec_of<T: serde::de::DeserializeOwned>(spec: &Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(spec).map_err(|e| {
-        let path = e.path().to_string();
-        let field = if path == "." {
-            "spec".to_owned()
-        } else {
-            format!("spec.{path}")
-        };
+        let field = crate::model::field_path(e.path())
+            .map_or_else(|| "spec".to_owned(), |p| format!("spec.{p}"));
         ApiError::from(FieldError::new(field, e.into_inner().to_string()))
     })
 }

@@ -13,6 +13,13 @@ pub use persona::{
     Action, DirectionSpec, FirewallSpec, PersonaSpec, PortRange, Protocol, RuleSpec,
 };
 
+/// Where a value failed to deserialize, as a field path (`spec.addresses[1]`); `None`
+/// at the top.
+pub fn field_path(path: &serde_path_to_error::Path) -> Option<String> {
+    let p = path.to_string();
+    (p != ".").then_some(p)
+}
+
 /// A bad input, naming the field path and the reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {reason}")]

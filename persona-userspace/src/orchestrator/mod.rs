@@ -219,6 +219,23 @@ struct Claim {
     device: String,
 }
 
+impl Claim {
+    fn new(
+        claims: &Arc<std::sync::Mutex<HashMap<String, Vec<IpAddr>>>>,
+        device: &str,
+        addresses: Vec<IpAddr>,
+    ) -> Self {
+        claims
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(device.to_owned(), addresses);
+        Self {
+            claims: claims.clone(),
+            device: device.to_owned(),
+        }
+    }
+}
+
 impl Drop for Claim {
     fn drop(&mut self) {
         self.claims
@@ -355,6 +372,11 @@ impl Orchestrator {
     /// Every stored device that parses, by name, each parsed once per version.
     pub fn devices(&self) -> Result<Vec<(String, Arc<DeviceSpec>)>, ShiftError> {
         self.catalog.devices(&*self.store)
+    }
+
+    /// One stored device, parsed once per version; `None` when there is none.
+    pub fn device(&self, name: &str) -> Result<Option<Arc<DeviceSpec>>, ShiftError> {
+        self.catalog.device(&*self.store, name)
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -498,8 +520,7 @@ impl Orchestrator {
         let _own = own.lock().await;
         let start = Instant::now();
         let device_spec = self
-            .catalog
-            .device(&*self.store, device)?
+            .device(device)?
             .ok_or_else(|| not_found("Device", device))?;
         let persona = match persona {
             Some(p) => p.to_owned(),
@@ -718,13 +739,8 @@ impl Orchestrator {
             if name == device {
                 continue;
             }
-            let fixed = self
-                .catalog
-                .persona(&*self.store, &s.persona)
-                .map(|e| e.spec.addresses.clone())
-                .unwrap_or_default();
-            for a in fixed.iter().chain(&s.leases) {
-                held.insert(a.addr(), format!("device {name} (persona {})", s.persona));
+            for a in self.state_addresses(&s) {
+                held.insert(a, format!("device {name} (persona {})", s.persona));
             }
         }
         // What the datapath runs too: a device's store record may lag behind (a
@@ -818,33 +834,25 @@ impl Orchestrator {
         }
         // The old persona's too: until the shift has committed, its flows may still
         // need them to drain.
-        let old: Vec<ipnet::IpNet> = state
-            .map(|s| {
-                let fixed = self
-                    .catalog
-                    .persona(&*self.store, &s.persona)
-                    .map(|e| e.spec.addresses.clone())
-                    .unwrap_or_default();
-                fixed.into_iter().chain(s.leases.iter().copied()).collect()
-            })
-            .unwrap_or_default();
         let claimed = declared
             .addresses
             .iter()
             .chain(&leases)
-            .chain(&old)
             .map(|a| a.addr())
+            .chain(state.map(|s| self.state_addresses(s)).unwrap_or_default())
             .collect();
-        let claim = Claim {
-            claims: self.claims.clone(),
-            device: device.to_owned(),
-        };
-        claim
-            .claims
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(claim.device.clone(), claimed);
-        Ok((leases, claim))
+        Ok((leases, Claim::new(&self.claims, device, claimed)))
+    }
+
+    /// The addresses a device's stored state holds: its persona's fixed ones (as the
+    /// persona is stored now) and its leases.
+    fn state_addresses(&self, s: &DeviceState) -> Vec<IpAddr> {
+        let fixed = self
+            .catalog
+            .persona(&*self.store, &s.persona)
+            .map(|e| e.spec.addresses.clone())
+            .unwrap_or_default();
+        fixed.iter().chain(&s.leases).map(|a| a.addr()).collect()
     }
 
     /// The datapath's and the host's steps of a shift, up to the flip, as one job on

@@ -46,8 +46,6 @@ struct State {
     left: HashMap<String, BTreeMap<String, Timestamp>>,
     /// What each device's last evaluation found, for the next to redo only what changed.
     memos: HashMap<String, Option<Memo>>,
-    /// Devices as the engine sees them, per stored version.
-    views: HashMap<String, (crate::store::Stamp, DeviceView)>,
 }
 
 /// What the engine did for one device.
@@ -114,34 +112,25 @@ impl RuleEngine {
         Ok(out)
     }
 
-    /// The device as the engine sees it; parsed once per stored version.
+    /// The device as the engine sees it (from the orchestrator's catalog: parsed once
+    /// per stored version); `None`, and its memo gone, when it is not there or does not
+    /// parse.
     fn view(&self, state: &mut State, device: &str) -> Result<Option<DeviceView>, StoreError> {
-        let store = self.orchestrator.store();
-        let Some(stamp) = store.stamp(Kind::Device, device)? else {
-            state.views.remove(device);
-            state.memos.remove(device);
-            return Ok(None);
+        let spec = match self.orchestrator.device(device) {
+            Ok(Some(spec)) => spec,
+            Err(ShiftError::Store(e)) => return Err(e),
+            Ok(None) | Err(_) => {
+                state.memos.remove(device);
+                return Ok(None);
+            }
         };
-        if let Some((s, v)) = state.views.get(device)
-            && *s == stamp
-        {
-            return Ok(Some(v.clone()));
-        }
-        let Some(r) = store.get(Kind::Device, device)? else {
-            return Ok(None);
-        };
-        let Ok(spec) = serde_json::from_value::<DeviceSpec>(r.spec) else {
-            return Ok(None);
-        };
-        let view = DeviceView {
-            name: r.name,
-            labels: spec.labels,
-            owner: spec.owner,
-            role: spec.role,
-            default_persona: spec.persona,
-        };
-        state.views.insert(device.into(), (stamp, view.clone()));
-        Ok(Some(view))
+        Ok(Some(DeviceView {
+            name: device.to_owned(),
+            labels: spec.labels.clone(),
+            owner: spec.owner.clone(),
+            role: spec.role.clone(),
+            default_persona: spec.persona.clone(),
+        }))
     }
 
     fn history(&self, state: &State, device: &str) -> Result<History, StoreError> {
@@ -334,7 +323,6 @@ impl RuleEngine {
         let expired = {
             let mut state = self.state.lock().await;
             state.memos.retain(|d, _| names.contains(d.as_str()));
-            state.views.retain(|d, _| names.contains(d.as_str()));
             state.signals.prune(now)
         };
         // Expired signals count for nothing; kept, they would only grow.

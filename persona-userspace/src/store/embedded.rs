@@ -20,7 +20,7 @@ use super::{
 };
 use super::{
     wal::Wal,
-    writer::{After, Done, META, Writer, next_epoch},
+    writer::{After, Done, Writer, epoch, next_epoch},
 };
 
 const PERSONAS: TableDefinition<&str, &[u8]> = TableDefinition::new("personas");
@@ -100,12 +100,7 @@ impl EmbeddedStore {
         }
         txn.open_table(EVENTS).map_err(backend)?;
         txn.open_table(PERSONA_IDS).map_err(backend)?;
-        let epoch = {
-            let meta = txn.open_table(META).map_err(backend)?;
-            meta.get("durable")
-                .map_err(backend)?
-                .map_or(0, |v| v.value())
-        };
+        let epoch = epoch(&txn)?;
         txn.commit().map_err(backend)?;
         let wal = replay(&db, &path.with_extension("wal"), epoch)?;
         let mut versions = HashMap::new();

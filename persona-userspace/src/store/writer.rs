@@ -15,7 +15,7 @@ use redb::{Database, Durability, ReadableTable as _, TableDefinition, WriteTrans
 use super::{Result, StoreError, wal::Wal};
 
 /// The store's own bookkeeping: `durable` counts its durable commits, the log's epoch.
-pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const DURABLE: &str = "durable";
 
 /// A checkpoint at the latest this long after the first write it would make durable.
@@ -207,16 +207,22 @@ fn unlogged<T: Send + 'static>(
     })
 }
 
+/// The durable commits counted so far: the log's epoch.
+pub fn epoch(txn: &WriteTransaction) -> Result<u64> {
+    let backend = |e: redb::Error| StoreError::Backend(e.to_string());
+    let t = txn.open_table(META).map_err(|e| backend(e.into()))?;
+    let epoch = t.get(DURABLE).map_err(|e| backend(e.into()))?;
+    Ok(epoch.map_or(0, |v| v.value()))
+}
+
 /// Counts a durable commit inside it: the log's epoch from then on.
 pub fn next_epoch(txn: &WriteTransaction) -> Result<u64> {
-    let backend = |e: redb::Error| StoreError::Backend(e.to_string());
-    let mut t = txn.open_table(META).map_err(|e| backend(e.into()))?;
-    let epoch = t
-        .get(DURABLE)
-        .map_err(|e| backend(e.into()))?
-        .map_or(0, |v| v.value())
-        + 1;
-    t.insert(DURABLE, epoch).map_err(|e| backend(e.into()))?;
+    let epoch = epoch(txn)? + 1;
+    let mut t = txn
+        .open_table(META)
+        .map_err(|e| StoreError::Backend(e.to_string()))?;
+    t.insert(DURABLE, epoch)
+        .map_err(|e| StoreError::Backend(e.to_string()))?;
     Ok(epoch)
 }
 
