@@ -183,7 +183,7 @@ fn context_to_flipped_datapath_latency() {
         assert_eq!(s, 200, "{v}");
         let g = v["devices"][0]["outcome"]["generation"]
             .as_u64()
-            .expect("every alert change shifts");
+            .unwrap_or_else(|| panic!("every alert change shifts: {v}"));
         assert!(g > generation, "generations increase");
         generation = g;
     }

@@ -46,6 +46,13 @@ struct State {
     left: HashMap<String, BTreeMap<String, Timestamp>>,
     /// What each device's last evaluation found, for the next to redo only what changed.
     memos: HashMap<String, Option<Memo>>,
+    /// Devices with signals taken in but not yet stored: the request that brought them
+    /// evaluates them once they are, so a pass leaves them alone (it would act on a
+    /// signal not yet durable, and leave that request to report that nothing changed).
+    storing: HashMap<String, usize>,
+    /// The soonest instant a request's evaluation asked for since the last pass ended:
+    /// a pass that left its device alone must still wake for it.
+    asked: Option<Timestamp>,
 }
 
 /// What the engine did for one device.
@@ -192,14 +199,26 @@ impl RuleEngine {
                 changed.push((key, json));
             }
         }
+        for d in &devices {
+            *state.storing.entry(d.clone()).or_default() += 1;
+        }
         drop(state);
         // Stored (in one transaction, shared with whatever else is being written) before
         // anything is decided or acknowledged; other requests go on meanwhile.
         let store = self.orchestrator.store().clone();
-        tokio::task::spawn_blocking(move || store.put_signals(&changed))
+        let stored = tokio::task::spawn_blocking(move || store.put_signals(&changed))
             .await
-            .map_err(|e| StoreError::Backend(format!("storing signals: {e}")))??;
+            .map_err(|e| StoreError::Backend(format!("storing signals: {e}")));
         let mut state = self.state.lock().await;
+        for d in &devices {
+            if let Some(n) = state.storing.get_mut(d) {
+                *n -= 1;
+                if *n == 0 {
+                    state.storing.remove(d);
+                }
+            }
+        }
+        stored??;
         let rules = self.rules()?;
         let mut out = Vec::new();
         let mut soonest: Option<Timestamp> = None;
@@ -216,9 +235,12 @@ impl RuleEngine {
         }
         // The devices concerned were just evaluated: the loop needs to hear only of an
         // instant earlier than the one it sleeps until.
-        let wake = self.next_wake.lock().unwrap_or_else(|e| e.into_inner());
-        if soonest.is_some_and(|t| wake.is_none_or(|w| t < w)) {
-            self.wake.notify_one();
+        if let Some(t) = soonest {
+            state.asked = Some(state.asked.map_or(t, |a| a.min(t)));
+            let wake = self.next_wake.lock().unwrap_or_else(|e| e.into_inner());
+            if wake.is_none_or(|w| t < w) {
+                self.wake.notify_one();
+            }
         }
         Ok(out)
     }
@@ -334,6 +356,9 @@ impl RuleEngine {
         }
         for (name, _) in &devices {
             let mut state = self.state.lock().await;
+            if state.storing.contains_key(name) {
+                continue;
+            }
             if let Some(a) = self.evaluate(&mut state, &rules, name, now, None).await?
                 && let Some(t) = a.decision.next_check
             {
@@ -353,7 +378,15 @@ impl RuleEngine {
                     Some(Timestamp::now() + jiff::SignedDuration::from_secs(5))
                 }
             };
-            *self.next_wake.lock().unwrap_or_else(|e| e.into_inner()) = next;
+            let next = {
+                let mut state = self.state.lock().await;
+                let next = match (next, state.asked.take()) {
+                    (Some(n), Some(a)) => Some(n.min(a)),
+                    (n, a) => n.or(a),
+                };
+                *self.next_wake.lock().unwrap_or_else(|e| e.into_inner()) = next;
+                next
+            };
             let sleep = next.map(|t| {
                 let d = t.duration_since(Timestamp::now());
                 std::time::Duration::from_millis(d.as_millis().clamp(0, 86_400_000) as u64 + 1)
