@@ -231,6 +231,14 @@ pub fn stdout_of_success(args: &str, out: std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Schemathesis, installed by `cargo xtask setup`.
+pub fn schemathesis() -> String {
+    format!(
+        "{}/../target/tools/schemathesis/bin/st",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
 pub fn script(name: &str) -> String {
     format!("{}/scripts/{name}", env!("CARGO_MANIFEST_DIR"))
 }

@@ -286,8 +286,15 @@ fn versions_conflicts_and_bad_input() {
         Some(&json!({"device_id": "vm1", "persona_id": "travel", "flows": "sideways"})),
     );
     assert_eq!((s, v["field"].as_str()), (422, Some("flows")), "{v}");
-    let (s, v) = d.admin(Method::GET, "/events?limit=-1", None);
-    assert_eq!((s, v["field"].as_str()), (400, Some("limit")), "{v}");
+    for (query, field) in [
+        ("limit=-1", "limit"),
+        ("limit=1001", "limit"),
+        ("wait=61", "wait"),
+        ("after=9223372036854775808", "after"),
+    ] {
+        let (s, v) = d.admin(Method::GET, &format!("/events?{query}"), None);
+        assert_eq!((s, v["field"].as_str()), (400, Some(field)), "{query}: {v}");
+    }
     let (s, v) = d.admin(Method::POST, "/personas", Some(&json!({"metadata": {"name": "bad"}, "spec": {"addresses": ["203.0.113.40/24"], "gateway": "192.0.2.1"}})));
     assert_eq!((s, v["field"].as_str()), (422, Some("spec.gateway")), "{v}");
     let (s, _) = d.admin(Method::GET, "/personas/bad", None);
@@ -832,4 +839,29 @@ fn a_sigkill_during_concurrent_signals_and_shifts_loses_nothing_acknowledged() {
     d.restart();
     let (s, _) = d.admin(Method::GET, "/status/vm1", None);
     assert_eq!(s, 200, "the daemon starts on what it left");
+}
+
+/// Schemathesis, an OpenAPI fuzzer, reads the served document and sends what it derives
+/// from it (boundary values, then random and malformed input) to every operation: every
+/// answer must be one the document declares, in its shape, no server error, no request
+/// outside the document accepted, none accepted without a token. Not checked: that every
+/// schema-valid body is accepted, since a spec's meaning (a certificate that parses, a
+/// persona that exists) is more than its JSON Schema says.
+#[test]
+fn an_openapi_fuzzer_finds_nothing_wrong() {
+    let lab = Lab::new(VmLink::Veth);
+    let d = Daemon::start_with(&lab, &["--listen", "127.0.0.1:7070"]);
+    d.cli_ok("apply -f examples/");
+    let out = lab.host.try_exec(&format!(
+        "{} --config-file {}/fuzz/schemathesis.toml run http://127.0.0.1:7070/openapi.json \
+         -H 'Authorization: Bearer {}' --checks all --exclude-checks positive_data_acceptance \
+         --max-examples 10 --workers 4 --seed 7 --request-timeout 65 --max-response-time 65 \
+         --no-color 2>&1",
+        persona_tests::lab::schemathesis(),
+        env!("CARGO_MANIFEST_DIR"),
+        d.admin
+    ));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{report}");
+    assert!(report.contains(" passed, "), "{report}");
 }

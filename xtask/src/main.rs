@@ -69,6 +69,7 @@ const APT_PACKAGES: &[&str] = &[
     "iputils-ping",
     "bpftool",
     "python3",
+    "python3-venv",
     // Writes the small GeoIP database the rule-engine tests look countries up in.
     "libmaxmind-db-writer-perl",
     // promtool checks the daemon's /metrics output in the tests.
@@ -97,6 +98,10 @@ const APT_PACKAGES: &[&str] = &[
     "wireguard-go",
     "wireguard-tools",
 ];
+
+/// The OpenAPI fuzzer the API tests run (`tests/src/lab.rs` knows this place too).
+const SCHEMATHESIS: &str = "target/tools/schemathesis";
+const SCHEMATHESIS_VERSION: &str = "4.32.5";
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
@@ -152,6 +157,17 @@ fn setup() -> anyhow::Result<()> {
     if !answers("cargo-deb", "--version") {
         eprintln!("xtask: installing cargo-deb (about a minute, once per machine)");
         run(Command::new("cargo").args(["install", "cargo-deb@3.8.0", "--locked"]))?;
+    }
+    if !answers(&format!("{SCHEMATHESIS}/bin/st"), "--version") {
+        eprintln!(
+            "xtask: installing schemathesis {SCHEMATHESIS_VERSION} from PyPI into {SCHEMATHESIS}"
+        );
+        run(Command::new("python3").args(["-m", "venv", SCHEMATHESIS]))?;
+        run(Command::new(format!("{SCHEMATHESIS}/bin/pip")).args([
+            "install",
+            "-q",
+            &format!("schemathesis=={SCHEMATHESIS_VERSION}"),
+        ]))?;
     }
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     if !mounts

@@ -1,5 +1,6 @@
 use std::time::Duration;
 
+use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -25,15 +26,44 @@ fn default_limit() -> usize {
     100
 }
 
+impl EventsQuery {
+    /// What the document declares, enforced: a value outside it is refused, not clamped.
+    fn check(&self) -> Result<(), ApiError> {
+        let refuse = |field: &str, reason: &str| {
+            Err(ApiError {
+                field: Some(field.into()),
+                ..ApiError::new(StatusCode::BAD_REQUEST, format!("{field}: {reason}"))
+            })
+        };
+        if self.after > i64::MAX as u64 {
+            return refuse("after", "no sequence number is above 2^63-1");
+        }
+        if !(1..=1000).contains(&self.limit) {
+            return refuse("limit", "from 1 to 1000 events");
+        }
+        if self.wait > MAX_WAIT {
+            return refuse("wait", "a long poll waits at most 60 seconds");
+        }
+        Ok(())
+    }
+}
+
+const MAX_WAIT: u64 = 60;
+
 /// The audit log (viewer); with `wait`, a long poll for what comes next.
-#[utoipa::path(get, path = "/events", params(("after" = Option<u64>, Query), ("limit" = Option<usize>, Query), ("wait" = Option<u64>, Query)), responses((status = 200)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/events", params(
+    ("after" = Option<i64>, Query, minimum = 0, description = "Only events after this sequence number"),
+    ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "At most this many events (100)"),
+    ("wait" = Option<u32>, Query, minimum = 0, maximum = 60, description = "Seconds to wait for an event when there is none yet"),
+), responses((status = 200)), security(("bearer" = [])))]
 pub async fn list(
     state: State,
     caller: Caller,
     Query(q): Query<EventsQuery>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require(Role::Viewer)?;
-    let limit = q.limit.clamp(1, 1000);
+    q.check()?;
+    let limit = q.limit;
     let mut rx = state.orchestrator.subscribe();
     let store = state.orchestrator.store();
     let mut events = store.events(q.after, limit)?;
@@ -41,7 +71,7 @@ pub async fn list(
     // polls again, and the daemon holds no more connections than it chose to.
     let waits = events.is_empty() && q.wait > 0;
     if let Some(Ok(_slot)) = waits.then(|| state.waiting.try_acquire()) {
-        let wait = Duration::from_secs(q.wait.min(60));
+        let wait = Duration::from_secs(q.wait);
         let _ = tokio::time::timeout(wait, async {
             while let Ok(e) = rx.recv().await {
                 if e.seq > q.after {

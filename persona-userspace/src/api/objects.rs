@@ -16,7 +16,7 @@ use crate::{
 };
 
 /// A manifest as JSON: `kind` and `apiVersion` are optional here, the path says which.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Body {
     #[serde(default)]
@@ -24,12 +24,15 @@ pub struct Body {
     #[serde(default)]
     kind: Option<String>,
     metadata: Metadata,
+    /// The kind's spec, as in its YAML manifest.
+    #[schema(value_type = Object)]
     spec: Value,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Metadata {
+    #[schema(pattern = "^[a-z0-9-]{1,63}$")]
     name: String,
     /// For updates: the version read; a stale one is refused with 409.
     #[serde(default)]
@@ -414,7 +417,7 @@ macro_rules! handlers {
         pub async fn $list(state: State, caller: Caller) -> Result<Json<Value>, ApiError> {
             list(&state, &caller, $kind).await
         }
-        #[utoipa::path(post, path = $path, request_body = Object, responses((status = 201), (status = 409), (status = 422)), security(("bearer" = [])))]
+        #[utoipa::path(post, path = $path, request_body = Body, responses((status = 201), (status = 409), (status = 422)), security(("bearer" = [])))]
         pub async fn $create(state: State, caller: Caller, Json(body): Json<Body>) -> Result<(StatusCode, Json<Value>), ApiError> {
             create(state, caller, $kind, body).await
         }
@@ -422,7 +425,7 @@ macro_rules! handlers {
         pub async fn $get(state: State, caller: Caller, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
             get_one(&state, &caller, $kind, &id).await
         }
-        #[utoipa::path(put, path = concat!($path, "/{id}"), params(("id" = String, Path)), request_body = Object, responses((status = 200), (status = 409), (status = 422)), security(("bearer" = [])))]
+        #[utoipa::path(put, path = concat!($path, "/{id}"), params(("id" = String, Path)), request_body = Body, responses((status = 200), (status = 409), (status = 422)), security(("bearer" = [])))]
         pub async fn $put(state: State, caller: Caller, Path(id): Path<String>, Json(body): Json<Body>) -> Result<Json<Value>, ApiError> {
             put(state, caller, $kind, id, body).await
         }

@@ -116,7 +116,7 @@ impl Modify for ErrorResponses {
         context::push,
         context::explain, shift::trigger_shift, events::list, tokens::create, tokens::list, tokens::revoke,
     ),
-    components(schemas(shift::ShiftRequest, tokens::CreateToken)),
+    components(schemas(shift::ShiftRequest, tokens::CreateToken, objects::Body)),
     modifiers(&BearerAuth, &ErrorResponses)
 )]
 struct Doc;

@@ -16,6 +16,7 @@ use crate::{
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
     /// viewer, operator or admin.
+    #[schema(pattern = "^(viewer|operator|admin)$")]
     pub role: String,
     #[serde(default)]
     pub description: String,
