@@ -37,6 +37,8 @@ pub struct DaemonConfig {
     /// Run after a device's TLS files changed, with PERSONA_DEVICE, PERSONA_PERSONA,
     /// PERSONA_GENERATION and PERSONA_TLS_DIR set; failing rolls the shift back.
     pub tls_hook: Option<String>,
+    /// The only directory personas' private keys are read from.
+    pub keys: crate::keys::KeyDir,
     /// Serve the TCP listener over TLS with this certificate chain and key (PEM).
     pub api_tls: Option<(PathBuf, PathBuf)>,
     pub timing: Timing,
@@ -97,11 +99,17 @@ fn bootstrap_admin(auth: &Auth, data_dir: &Path) -> anyhow::Result<()> {
 pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(config.keys.path())
+        .with_context(|| format!("creating {}", config.keys.path().display()))?;
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&config.data_dir.join("store.redb"))?);
     let kernel = config.kernel.clone();
+    let keys = config.keys.clone();
     let host_record = crate::host::sysctl::record_for(&kernel.pin_dir);
     let datapath = DatapathHandle::spawn(move || {
-        let host = Host::new(&kernel.uplinks, Some(host_record))?;
+        let host = Host::new(&kernel.uplinks, Some(host_record))?.with_keys(keys);
         Ok(Node::new(
             Box::new(KernelDatapath::open(kernel)?),
             Box::new(host),
@@ -110,7 +118,11 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let (events, _) = broadcast::channel(1024);
     let auth = Auth::new(store.clone());
     bootstrap_admin(&auth, &config.data_dir)?;
-    let tls = TlsApplier::new(config.data_dir.join("tls"), config.tls_hook.clone());
+    let tls = TlsApplier::new(
+        config.data_dir.join("tls"),
+        config.tls_hook.clone(),
+        config.keys.clone(),
+    );
     let orchestrator = Orchestrator::new(
         store.clone(),
         datapath,

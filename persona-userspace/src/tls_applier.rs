@@ -7,11 +7,15 @@ use std::{
     process::Command,
 };
 
-use crate::model::tls::{TlsSpec, check_key};
+use crate::{
+    keys::KeyDir,
+    model::tls::{TlsSpec, check_key},
+};
 
 pub struct TlsApplier {
     dir: PathBuf,
     hook: Option<String>,
+    keys: KeyDir,
     /// Devices this process left with no TLS files at all: removing them again is a
     /// no-op, and shifts between personas without TLS make no syscall here.
     bare: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -34,12 +38,18 @@ fn write_private(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
 }
 
 impl TlsApplier {
-    pub fn new(dir: PathBuf, hook: Option<String>) -> Self {
+    pub fn new(dir: PathBuf, hook: Option<String>, keys: KeyDir) -> Self {
         Self {
             dir,
             hook,
+            keys,
             bare: Default::default(),
         }
+    }
+
+    /// Where the personas' TLS keys are read from.
+    pub fn keys(&self) -> &KeyDir {
+        &self.keys
     }
 
     fn current(&self, device: &str) -> PathBuf {
@@ -84,7 +94,7 @@ impl TlsApplier {
         let previous = Previous(std::fs::read_link(self.current(device)).ok());
         let target = match tls {
             Some(tls) => {
-                let key = check_key(tls).map_err(|e| e.to_string())?;
+                let key = check_key(tls, &self.keys).map_err(|e| e.to_string())?;
                 let gen_dir = device_dir.join(format!("g{generation}"));
                 std::fs::create_dir_all(&gen_dir)
                     .map_err(|e| format!("{}: {e}", gen_dir.display()))?;

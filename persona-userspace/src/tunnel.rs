@@ -1,14 +1,17 @@
 //! WireGuard tunnels of VPN personas. The kernel's module makes the interface when the
 //! kernel has one; otherwise wireguard-go does, over a tun device. Both are configured
-//! the standard way, with `wg set`, which reads the private key from its file itself:
-//! the key never passes through this process, its logs or its errors.
+//! the standard way, with `wg set`. The private key is read from the key directory and
+//! handed to wg on its standard input; it never reaches the logs or an error.
 use std::{
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
+use base64::Engine as _;
+
 use crate::{
     datapath::{DatapathError, Result},
+    keys::KeyDir,
     model::vpn::WireguardSpec,
 };
 
@@ -21,6 +24,23 @@ fn run(what: &str, cmd: &mut Command) -> Result<()> {
         .stdin(Stdio::null())
         .output()
         .map_err(|e| fail(what, e))?;
+    if !out.status.success() {
+        return Err(fail(what, String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(())
+}
+
+fn run_with_input(what: &str, cmd: &mut Command, input: &[u8]) -> Result<()> {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(what, e))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        std::io::Write::write_all(&mut stdin, input).map_err(|e| fail(what, e))?;
+    }
+    let out = child.wait_with_output().map_err(|e| fail(what, e))?;
     if !out.status.success() {
         return Err(fail(what, String::from_utf8_lossy(&out.stderr).trim()));
     }
@@ -61,20 +81,24 @@ fn create(name: &str) -> Result<()> {
 }
 
 /// The tunnel `name` for `spec`, up and configured (made when missing); its ifindex.
-pub fn up(name: &str, spec: &WireguardSpec) -> Result<u32> {
+pub fn up(name: &str, spec: &WireguardSpec, keys: &KeyDir) -> Result<u32> {
+    let key = spec
+        .key(keys)
+        .map_err(|e| fail(&format!("the key of {name}"), e))?;
     if ifindex(name).is_none() {
         create(name)?;
     }
     let allowed: Vec<String> = spec.allowed_ips.iter().map(|n| n.to_string()).collect();
+    // The key goes to wg on its standard input: wg never opens a path a persona named.
     let mut wg = Command::new("wg");
-    wg.args(["set", name, "private-key"])
-        .arg(&spec.private_key_file)
+    wg.args(["set", name, "private-key", "/dev/stdin"])
         .args(["peer", &spec.peer_public_key, "endpoint", &spec.endpoint])
         .args(["allowed-ips", &allowed.join(",")]);
     if let Some(k) = spec.persistent_keepalive {
         wg.args(["persistent-keepalive", &k.to_string()]);
     }
-    run(&format!("configuring {name}"), &mut wg)?;
+    let key = base64::engine::general_purpose::STANDARD.encode(key);
+    run_with_input(&format!("configuring {name}"), &mut wg, key.as_bytes())?;
     run(
         &format!("bringing {name} up"),
         Command::new("ip").args(["link", "set", name, "up"]),

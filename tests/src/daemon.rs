@@ -80,6 +80,7 @@ impl Daemon {
                 UPLINK,
             ])
             .args(["--data-dir", self.data_dir.to_str().unwrap()])
+            .args(["--key-dir", self.key_dir().to_str().unwrap()])
             .args(["daemon", "--socket", self.socket.to_str().unwrap()])
             .args(&self.extra)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
@@ -98,6 +99,28 @@ impl Daemon {
         );
         std::thread::spawn(move || for _ in lines {});
         self.child = child;
+    }
+
+    /// The daemon's key directory: the only place personas' keys are read from.
+    pub fn key_dir(&self) -> PathBuf {
+        self.data_dir.join("keys")
+    }
+
+    /// Writes a private key into the key directory as an operator would (root's, 0600);
+    /// its path, for a persona's `keyFile`.
+    pub fn put_key(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+        std::fs::create_dir_all(self.key_dir()).expect("the key directory");
+        let path = self.key_dir().join(name);
+        let _ = std::fs::remove_file(&path);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(bytes))
+            .expect("writing a key");
+        path
     }
 
     fn log(&self) -> std::fs::File {

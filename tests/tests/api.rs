@@ -498,8 +498,7 @@ fn tls_is_installed_and_a_failing_step_rolls_back() {
         .unwrap()
         .self_signed(&key)
         .unwrap();
-    let key_file = d.data_dir.join("office.key");
-    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let key_file = d.put_key("office.key", key.serialize_pem().as_bytes());
     for (name, addr) in [("secure", "203.0.113.31/24"), ("broken", "203.0.113.41/24")] {
         let body = json!({"metadata": {"name": name}, "spec": {
             "addresses": [addr],
@@ -551,18 +550,54 @@ fn tls_is_installed_and_a_failing_step_rolls_back() {
 
     // A key that does not belong to the certificate is refused at apply time.
     let other = rcgen::KeyPair::generate().unwrap();
-    let other_file = d.data_dir.join("other.key");
-    std::fs::write(&other_file, other.serialize_pem()).unwrap();
-    let body = json!({"metadata": {"name": "mismatch"}, "spec": {
-        "addresses": ["203.0.113.50/24"],
-        "tls": {"certificate": cert.pem(), "keyFile": other_file, "names": ["office.example"]},
-    }});
-    let (s, v) = d.admin(Method::POST, "/personas", Some(&body));
-    assert_eq!(
-        (s, v["field"].as_str()),
-        (422, Some("spec.tls.keyFile")),
-        "{v}"
-    );
+    let other_file = d.put_key("other.key", other.serialize_pem().as_bytes());
+    let refused = |key_file: &std::path::Path| {
+        let body = json!({"metadata": {"name": "mismatch"}, "spec": {
+            "addresses": ["203.0.113.50/24"],
+            "tls": {"certificate": cert.pem(), "keyFile": key_file, "names": ["office.example"]},
+        }});
+        let (s, v) = d.admin(Method::POST, "/personas", Some(&body));
+        assert_eq!(
+            (s, v["field"].as_str()),
+            (422, Some("spec.tls.keyFile")),
+            "{v}"
+        );
+        v["error"].as_str().unwrap().to_owned()
+    };
+    assert!(refused(&other_file).ends_with("does not match the certificate's public key"));
+
+    // Keys only from the key directory: a host file elsewhere (the API's own TLS key, a
+    // link to it, one with a loose mode) is refused, and the error says nothing of it.
+    let host_key = d.data_dir.join("host-service.key");
+    std::fs::write(&host_key, key.serialize_pem()).unwrap();
+    let link = d.key_dir().join("link.key");
+    std::os::unix::fs::symlink(&host_key, &link).unwrap();
+    let loose = d.put_key("loose.key", key.serialize_pem().as_bytes());
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+    for (file, want) in [
+        (host_key.clone(), "must name a file in the key directory"),
+        (
+            "/etc/shadow".into(),
+            "must name a file in the key directory",
+        ),
+        (
+            "../host-service.key".into(),
+            "must name a file in the key directory",
+        ),
+        (link, "a link that leads out of the key directory"),
+        (loose, "has mode 0644"),
+    ] {
+        let e = refused(&file);
+        assert!(
+            e.starts_with(&format!("spec.tls.keyFile: {want}")),
+            "{}: {e}",
+            file.display()
+        );
+        assert!(
+            !e.contains("PRIVATE KEY") && !e.contains("host-service"),
+            "{e}"
+        );
+    }
 }
 
 #[test]

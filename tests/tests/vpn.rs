@@ -105,6 +105,7 @@ fn a_vpn_persona_goes_through_a_real_wireguard_tunnel() {
     ));
 
     let d = Daemon::start(&lab);
+    let host_key = d.put_key("persona.key", &std::fs::read(&host_key).unwrap());
     let file = dir.join("manifests.yaml");
     std::fs::write(&file, manifests(host_key.to_str().unwrap(), &peer_public)).unwrap();
     d.cli_ok(&format!("apply -f {}", file.display()));

@@ -10,6 +10,7 @@ use super::{
 use crate::{
     auth::Caller,
     datapath::compile,
+    keys::KeyDir,
     model::{DeviceSpec, FieldError, PersonaSpec},
     rules::{RuleSpec, apps::ApplicationSpec},
     store::{EventBody, Expect, Kind, Record, Role},
@@ -66,7 +67,7 @@ fn view_in(store: &dyn crate::store::Store, r: &Record) -> Result<Value, ApiErro
 }
 
 /// Checks a body against its kind; returns the normalised spec.
-fn validate(kind: Kind, body: &Body) -> Result<Value, ApiError> {
+fn validate(kind: Kind, body: &Body, keys: &KeyDir) -> Result<Value, ApiError> {
     let kind_name = kind.label();
     if let Some(k) = &body.kind
         && k != kind_name
@@ -85,7 +86,7 @@ fn validate(kind: Kind, body: &Body) -> Result<Value, ApiError> {
         Kind::Persona => {
             let spec: PersonaSpec = spec_of(&body.spec)?;
             compile(&spec)?;
-            spec.validate_secrets()?;
+            spec.validate_secrets(keys)?;
             serde_json::to_value(spec).map_err(|e| ApiError::internal(e.to_string()))
         }
         Kind::Device => {
@@ -165,7 +166,7 @@ async fn write(
     expect: Expect,
 ) -> Result<Record, ApiError> {
     caller.require(Role::Admin)?;
-    let spec = validate(kind, &body)?;
+    let spec = validate(kind, &body, state.orchestrator.keys())?;
     let store = state.orchestrator.store();
     let name = body.metadata.name.clone();
     // Two writes must not both pass the checks against other objects (an address, an

@@ -65,7 +65,8 @@ fn node(cli: &Cli) -> anyhow::Result<Node> {
     let host = Host::new(
         &cli.uplink,
         Some(crate::host::sysctl::record_for(&cli.pin_dir)),
-    )?;
+    )?
+    .with_keys(crate::keys::KeyDir::new(&cli.key_dir));
     Ok(Node::new(Box::new(datapath(cli, true)?), Box::new(host)))
 }
 

@@ -55,6 +55,10 @@ pub struct Cli {
     /// Where the daemon keeps its store and the bootstrap admin token.
     #[arg(long, global = true, env = "PERSONA_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
+    /// The only directory personas' private keys (tls.keyFile,
+    /// vpn.wireguard.privateKeyFile) are read from: root's, each key 0600 or stricter.
+    #[arg(long, global = true, env = "PERSONA_KEY_DIR", default_value = crate::keys::DEFAULT_KEY_DIR)]
+    pub key_dir: PathBuf,
     /// Settings file: each key a flag's long name, overridden by flags and their
     /// environment variables. /etc/persona/persona.yaml when it exists.
     #[arg(long, global = true, env = "PERSONA_CONFIG")]
@@ -449,6 +453,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     routing: cli.host_routing,
                 },
                 tls_hook: tls_hook.clone(),
+                keys: crate::keys::KeyDir::new(&cli.key_dir),
                 api_tls: tls_cert.clone().zip(tls_key.clone()),
                 timing: crate::rules::engine::Timing {
                     dwell: jiff::SignedDuration::from_secs(*min_dwell as i64),

@@ -41,6 +41,8 @@ pub struct Host {
     /// What this process announced for each persona address, so that announcing it
     /// again unchanged (a shift back while it drains) costs no netlink round trip.
     announced: Mutex<std::collections::HashMap<IpAddr, Announced>>,
+    /// Where VPN personas' private keys are read from.
+    keys: crate::keys::KeyDir,
 }
 
 /// The wiring of one announced address: routed via `via` on the tap `ifindex`, leaving
@@ -165,7 +167,12 @@ impl Host {
             settings: Mutex::new(Sysctls::open(record)?),
             set_up: AtomicBool::new(false),
             announced: Default::default(),
+            keys: Default::default(),
         })
+    }
+
+    pub fn with_keys(self, keys: crate::keys::KeyDir) -> Self {
+        Self { keys, ..self }
     }
 
     fn settings(&self) -> std::sync::MutexGuard<'_, Sysctls> {
@@ -656,7 +663,7 @@ impl Wiring for Host {
             if nix::net::if_::if_nametoindex(name.as_str()).is_err() {
                 made.push(addr);
             }
-            let tunnel = crate::tunnel::up(&name, vpn)?;
+            let tunnel = crate::tunnel::up(&name, vpn, &self.keys)?;
             // What comes back out of the tunnel is forwarded to the VM.
             forward_through(&mut self.settings(), &name)?;
             for net in nets {

@@ -364,12 +364,12 @@ impl PersonaSpec {
     }
 
     /// Checks the files the persona refers to (keys): where the daemon runs.
-    pub fn validate_secrets(&self) -> Result<(), FieldError> {
+    pub fn validate_secrets(&self, keys: &crate::keys::KeyDir) -> Result<(), FieldError> {
         if let Some(vpn) = &self.vpn {
-            vpn.wireguard.check_key()?;
+            vpn.wireguard.key(keys)?;
         }
         if let Some(tls) = &self.tls {
-            super::tls::check_key(tls)?;
+            super::tls::check_key(tls, keys)?;
         }
         Ok(())
     }

@@ -245,6 +245,7 @@ mod tls_and_vpn {
     use rcgen::{CertificateParams, KeyPair, SanType, date_time_ymd};
 
     use super::*;
+    use crate::keys::KeyDir;
 
     struct Cert {
         pem: String,
@@ -266,14 +267,30 @@ mod tls_and_vpn {
             params.not_after = date_time_ymd(2020, 1, 1);
         }
         let c = params.self_signed(&key).expect("self-signed");
-        let dir = std::env::temp_dir().join(format!("persona-tls-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let key_file = dir.join(format!("{tag}.key"));
-        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        let key_file = key_dir().path().join(format!("{tag}.key"));
+        write_key(&key_file, key.serialize_pem().as_bytes());
         Cert {
             pem: c.pem(),
             key_file,
         }
+    }
+
+    fn key_dir() -> KeyDir {
+        let dir = std::env::temp_dir().join(format!("persona-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        KeyDir::new(dir)
+    }
+
+    fn write_key(path: &std::path::Path, bytes: &[u8]) {
+        use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+        let _ = std::fs::remove_file(path);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .and_then(|mut f| f.write_all(bytes))
+            .unwrap();
     }
 
     fn persona_with_tls(c: &Cert, key_file: &std::path::Path, names: &[&str]) -> PersonaSpec {
@@ -290,7 +307,11 @@ mod tls_and_vpn {
         let c = cert(&["office.example"], &["203.0.113.10"], false, "good");
         let p = persona_with_tls(&c, &c.key_file, &["office.example"]);
         p.validate().expect("valid");
-        p.validate_secrets().expect("key matches");
+        p.validate_secrets(&key_dir()).expect("key matches");
+        let relative = persona_with_tls(&c, std::path::Path::new("good.key"), &[]);
+        relative
+            .validate_secrets(&key_dir())
+            .expect("a name relative to the key directory");
         let by_address = persona_with_tls(&c, &c.key_file, &[]);
         by_address.validate().expect("covers the address");
     }
@@ -335,25 +356,73 @@ mod tls_and_vpn {
             .validate()
             .expect("the certificate itself is fine");
         let e = mismatched
-            .validate_secrets()
+            .validate_secrets(&key_dir())
             .expect_err("wrong key")
             .to_string();
         assert!(
             e.contains("spec.tls.keyFile: does not match the certificate"),
             "{e}"
         );
-        let missing = persona_with_tls(
-            &good,
-            std::path::Path::new("/nonexistent/key.pem"),
-            &["office.example"],
-        );
-        assert!(
+        let missing = persona_with_tls(&good, std::path::Path::new("gone.pem"), &[]);
+        assert_eq!(
             missing
-                .validate_secrets()
+                .validate_secrets(&key_dir())
                 .unwrap_err()
-                .to_string()
-                .starts_with("spec.tls.keyFile: /nonexistent/key.pem")
+                .to_string(),
+            "spec.tls.keyFile: no such file in the key directory"
         );
+    }
+
+    /// A chain leaf-first: each certificate must be signed by the next one's key.
+    #[test]
+    fn the_chain_signatures_are_verified() {
+        use rcgen::{BasicConstraints, DnType, IsCa, Issuer};
+        let ca = |name: &str| {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, name);
+            let cert = params.self_signed(&key).unwrap();
+            (cert.pem(), Issuer::new(params, key))
+        };
+        let (ca_pem, ca_issuer) = ca("persona test ca");
+        // Same name, another key: what a forged intermediate looks like.
+        let (forged_pem, _) = ca("persona test ca");
+        let (other_pem, _) = ca("another ca");
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["office.example".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &ca_issuer)
+            .unwrap();
+        let key_file = key_dir().path().join("chained.key");
+        write_key(&key_file, leaf_key.serialize_pem().as_bytes());
+        let with = |chain: String| Cert {
+            pem: chain,
+            key_file: key_file.clone(),
+        };
+        let good = with(format!("{}{ca_pem}", leaf.pem()));
+        let p = persona_with_tls(&good, &good.key_file, &["office.example"]);
+        p.validate().expect("a chain signed link by link");
+        p.validate_secrets(&key_dir()).expect("the leaf's key");
+        persona_with_tls(&with(leaf.pem()), &key_file, &["office.example"])
+            .validate()
+            .expect("a leaf without its issuer");
+        for (chain, want) in [
+            (
+                format!("{}{forged_pem}", leaf.pem()),
+                "spec.tls.certificate: certificate 1's signature does not verify",
+            ),
+            (
+                format!("{}{other_pem}", leaf.pem()),
+                "spec.tls.certificate: certificate 1 was not issued by the next one",
+            ),
+        ] {
+            let e = persona_with_tls(&with(chain), &key_file, &["office.example"])
+                .validate()
+                .expect_err(want)
+                .to_string();
+            assert!(e.starts_with(want), "{e:?} should start with {want:?}");
+        }
     }
 
     #[test]
@@ -392,21 +461,32 @@ mod tls_and_vpn {
                 serde_json::json!({"allowedIps": []}),
                 "spec.vpn.wireguard.allowedIps: at least one prefix",
             ),
-            (
-                serde_json::json!({"privateKeyFile": "wg.key"}),
-                "spec.vpn.wireguard.privateKeyFile: wg.key is not an absolute path",
-            ),
         ] {
             let e = vpn(over).validate().expect_err(want).to_string();
             assert!(e.contains(want), "{e:?} should contain {want:?}");
         }
-        let missing = vpn(serde_json::json!({}))
-            .validate_secrets()
+        let keys = key_dir();
+        let at = |name: &str| serde_json::json!({"privateKeyFile": keys.path().join(name)});
+        let e = vpn(at("wg-missing.key"))
+            .validate_secrets(&keys)
             .unwrap_err()
             .to_string();
-        assert!(
-            missing.starts_with("spec.vpn.wireguard.privateKeyFile: /etc/persona/wg.key"),
-            "{missing}"
+        assert_eq!(
+            e,
+            "spec.vpn.wireguard.privateKeyFile: no such file in the key directory"
+        );
+        write_key(&keys.path().join("wg.key"), key.as_bytes());
+        vpn(at("wg.key"))
+            .validate_secrets(&keys)
+            .expect("a key in the key directory");
+        write_key(&keys.path().join("wg-bad.key"), b"not a key");
+        let e = vpn(at("wg-bad.key"))
+            .validate_secrets(&keys)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "spec.vpn.wireguard.privateKeyFile: holds no WireGuard key"
         );
         let missing_field = serde_json::from_value::<PersonaSpec>(serde_json::json!({
             "addresses": ["203.0.113.10/24"],

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use x509_parser::{extensions::GeneralName, prelude::FromDer as _};
 
 use super::FieldError;
+use crate::keys::KeyDir;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -53,11 +54,41 @@ pub fn check_certificate(
     now: jiff::Timestamp,
 ) -> Result<(), FieldError> {
     let certs = chain(&tls.certificate)?;
-    for (i, der) in certs.iter().enumerate() {
-        x509_parser::certificate::X509Certificate::from_der(der).map_err(|e| {
+    let parsed = certs
+        .iter()
+        .enumerate()
+        .map(|(i, der)| {
+            x509_parser::certificate::X509Certificate::from_der(der)
+                .map(|(_, c)| c)
+                .map_err(|e| {
+                    err(
+                        "certificate",
+                        format!("certificate {} does not parse: {e}", i + 1),
+                    )
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // Each certificate is signed by the next one's key; a trust anchor is the client's
+    // to hold, so the last one is checked only when it says it signed itself.
+    for (i, cert) in parsed.iter().enumerate() {
+        let issuer = match parsed.get(i + 1) {
+            Some(next) => next.public_key(),
+            None if cert.subject() == cert.issuer() => cert.public_key(),
+            None => break,
+        };
+        if cert.issuer() != parsed.get(i + 1).unwrap_or(cert).subject() {
+            return Err(err(
+                "certificate",
+                format!("certificate {} was not issued by the next one", i + 1),
+            ));
+        }
+        cert.verify_signature(Some(issuer)).map_err(|_| {
             err(
                 "certificate",
-                format!("certificate {} does not parse: {e}", i + 1),
+                format!(
+                    "certificate {}'s signature does not verify with its issuer's key",
+                    i + 1
+                ),
             )
         })?;
     }
@@ -115,15 +146,12 @@ pub fn check_certificate(
 
 /// Checks that the key file exists, parses and belongs to the certificate. Runs where
 /// the key is: on the daemon's host.
-pub fn check_key(tls: &TlsSpec) -> Result<Vec<u8>, FieldError> {
-    let bytes = std::fs::read(&tls.key_file)
-        .map_err(|e| err("keyFile", format!("{}: {e}", tls.key_file.display())))?;
-    let key = PrivateKeyDer::from_pem_slice(&bytes).map_err(|_| {
-        err(
-            "keyFile",
-            format!("{} holds no PEM private key", tls.key_file.display()),
-        )
-    })?;
+pub fn check_key(tls: &TlsSpec, keys: &KeyDir) -> Result<Vec<u8>, FieldError> {
+    let bytes = keys
+        .read(&tls.key_file)
+        .map_err(|reason| err("keyFile", reason))?;
+    let key = PrivateKeyDer::from_pem_slice(&bytes)
+        .map_err(|_| err("keyFile", "holds no PEM private key"))?;
     let signer = rustls::crypto::ring::sign::any_supported_type(&key)
         .map_err(|e| err("keyFile", format!("unsupported key: {e}")))?;
     let spki = signer

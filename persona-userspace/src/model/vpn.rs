@@ -7,6 +7,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use super::FieldError;
+use crate::keys::KeyDir;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -39,15 +40,6 @@ pub fn decode_key(text: &str) -> Option<[u8; 32]> {
 
 impl WireguardSpec {
     pub fn validate(&self) -> Result<(), FieldError> {
-        if !self.private_key_file.is_absolute() {
-            return Err(err(
-                "privateKeyFile",
-                format!(
-                    "{} is not an absolute path",
-                    self.private_key_file.display()
-                ),
-            ));
-        }
         if decode_key(&self.peer_public_key).is_none() {
             return Err(err(
                 "peerPublicKey",
@@ -71,19 +63,14 @@ impl WireguardSpec {
         Ok(())
     }
 
-    /// The private key file exists and holds a key: checked on the daemon's host.
-    pub fn check_key(&self) -> Result<(), FieldError> {
-        let text = std::fs::read_to_string(&self.private_key_file).map_err(|e| {
-            err(
-                "privateKeyFile",
-                format!("{}: {e}", self.private_key_file.display()),
-            )
-        })?;
-        decode_key(&text).map(|_| ()).ok_or_else(|| {
-            err(
-                "privateKeyFile",
-                format!("{} holds no WireGuard key", self.private_key_file.display()),
-            )
-        })
+    /// The private key, from its file in the key directory: where the daemon runs.
+    pub fn key(&self, keys: &KeyDir) -> Result<[u8; 32], FieldError> {
+        let bytes = keys
+            .read(&self.private_key_file)
+            .map_err(|reason| err("privateKeyFile", reason))?;
+        std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(decode_key)
+            .ok_or_else(|| err("privateKeyFile", "holds no WireGuard key"))
     }
 }

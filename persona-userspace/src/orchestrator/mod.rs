@@ -383,6 +383,11 @@ impl Orchestrator {
         &self.store
     }
 
+    /// Where personas' private keys are read from.
+    pub fn keys(&self) -> &crate::keys::KeyDir {
+        self.tls.keys()
+    }
+
     pub fn record(&self, body: EventBody) -> Result<Event, StoreError> {
         let event = self.store.append_event(body)?;
         let _ = self.events.send(event.clone());
@@ -950,7 +955,7 @@ mod tests {
                 store,
                 datapath,
                 events,
-                TlsApplier::new(dir.join("tls"), None),
+                TlsApplier::new(dir.join("tls"), None, Default::default()),
                 Arc::new(crate::metrics::Metrics::default()),
             )
             .with_fault(fault),
