@@ -891,3 +891,136 @@ fn counts_of_the_active_persona_stay_live_across_a_restart() {
     drop(dp);
     let _ = std::fs::remove_dir_all(&pin_dir);
 }
+
+/// Frames that a hostile VM or outsider might send, made by mutating real ones (bytes
+/// overwritten, cut short, extended) and by chance: all three programs run each to a
+/// verdict; no frame leaves towards the uplink with the VM's inner address as its
+/// source; none reaches the VM addressed to anything but its inner address, save
+/// link-scoped IPv6 (neighbour discovery) and what is not IP.
+#[test]
+fn random_frames_never_leak_the_inner_address_nor_reach_the_vm_unaddressed() {
+    use proptest::{
+        collection::vec,
+        prelude::*,
+        test_runner::{Config, TestRunner},
+    };
+    let h = std::cell::RefCell::new(Harness::with_persona(PERSONA_A));
+    // A flow open both ways, so that replies are judged as tracked ones too.
+    h.borrow_mut()
+        .from_vm(&frame(inner4(), v4(REMOTE), &tcp(40000, 22, SYN)));
+    let remote6 = v6("2001:db8:b::7");
+    let persona6 = v6("2001:db8:a::10");
+    let out_of_vm = [
+        frame(inner4(), v4(REMOTE), &udp(5000, 9000)),
+        frame(inner4(), v4(REMOTE), &tcp(40000, 22, ACK)),
+        frame(inner6(), remote6, &udp(5000, 9000)),
+        frame(inner6(), remote6, &tcp(40001, 443, SYN)),
+        frame(inner4(), v4([198, 51, 100, 53]), &udp(5353, 53)),
+        ethernet(0x0806, &[0u8; 28]),
+    ];
+    let into_vm = [
+        frame(v4(REMOTE), v4(PERSONA_A_V4), &tcp(22, 40000, SYN | ACK)),
+        frame(v4([198, 51, 100, 9]), v4(PERSONA_A_V4), &tcp(5555, 22, SYN)),
+        frame(remote6, persona6, &tcp(443, 40001, SYN | ACK)),
+        frame(v4(REMOTE), v4(PERSONA_A_V4), &udp(9000, 5000)),
+        frame(v4([198, 51, 100, 53]), v4(PERSONA_A_V4), &udp(53, 5353)),
+    ];
+    let mutated = |templates: &'static [Vec<u8>]| {
+        (
+            0..templates.len(),
+            vec((0usize..96, any::<u8>()), 0..6),
+            proptest::option::of(0usize..120),
+            vec(any::<u8>(), 0..8),
+        )
+            .prop_map(move |(t, writes, cut, tail)| {
+                let mut f = templates[t].clone();
+                for (at, byte) in writes {
+                    let at = at % f.len();
+                    f[at] = byte;
+                }
+                if let Some(cut) = cut {
+                    f.truncate(cut.max(14));
+                }
+                f.extend(tail);
+                f
+            })
+            .boxed()
+    };
+    let out_of_vm: &'static [Vec<u8>] = Box::leak(out_of_vm.to_vec().into_boxed_slice());
+    let into_vm: &'static [Vec<u8>] = Box::leak(into_vm.to_vec().into_boxed_slice());
+    let chance = vec(any::<u8>(), 14..128).boxed();
+    let strategy = (
+        prop_oneof![mutated(out_of_vm), chance.clone()],
+        prop_oneof![mutated(into_vm), chance],
+    );
+    let ether = |f: &[u8]| u16::from_be_bytes([f[12], f[13]]);
+    let passed = std::cell::Cell::new((0u32, 0u32));
+    let mut runner = TestRunner::new(Config {
+        cases: 4000,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(&strategy, |(from, to)| {
+            let mut h = h.borrow_mut();
+            let guard = h.guard(&from);
+            prop_assert!(
+                guard == XDP_PASS || guard == XDP_DROP,
+                "guard verdict {guard}"
+            );
+            if let Ok((verdict, out)) = h.dp.test_run(Program::FromVm, &from)
+                && verdict != TC_ACT_SHOT
+                && out.len() >= 14
+            {
+                passed.set((passed.get().0 + 1, passed.get().1));
+                match ether(&out) {
+                    0x0800 if out.len() >= 34 => prop_assert_ne!(
+                        &out[26..30],
+                        &INNER_V4.octets()[..],
+                        "left with the inner address: {:02x?}",
+                        out
+                    ),
+                    0x86dd if out.len() >= 54 => prop_assert_ne!(
+                        &out[22..38],
+                        &INNER_V6.octets()[..],
+                        "left with the inner address: {:02x?}",
+                        out
+                    ),
+                    _ => {}
+                }
+            }
+            if let Ok((verdict, out)) = h.dp.test_run(Program::ToVm, &to)
+                && verdict != TC_ACT_SHOT
+                && out.len() >= 14
+            {
+                passed.set((passed.get().0, passed.get().1 + 1));
+                match ether(&out) {
+                    0x0800 => prop_assert!(
+                        out.len() >= 34 && out[30..34] == INNER_V4.octets(),
+                        "reached the VM not addressed to it: {:02x?}",
+                        out
+                    ),
+                    0x86dd => {
+                        let dst = (out.len() >= 54)
+                            .then(|| Ipv6Addr::from(<[u8; 16]>::try_from(&out[38..54]).unwrap()));
+                        prop_assert!(
+                            dst.is_some_and(|d| d == INNER_V6
+                                || d.is_multicast()
+                                || d.is_unicast_link_local()),
+                            "reached the VM not addressed to it: {:02x?}",
+                            out
+                        )
+                    }
+                    _ => {}
+                }
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The properties were put to the test: many frames got through each way.
+    let (out, into) = passed.get();
+    assert!(
+        out > 400 && into > 400,
+        "passed out {out}, in {into} of 4000"
+    );
+}
