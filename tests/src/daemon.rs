@@ -101,6 +101,24 @@ impl Daemon {
         self.child = child;
     }
 
+    /// The daemon's resident memory, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("the daemon's status")
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// What the daemon's store takes on disk: its database and its log.
+    pub fn store_bytes(&self) -> u64 {
+        ["store.redb", "store.wal"]
+            .iter()
+            .map(|f| std::fs::metadata(self.data_dir.join(f)).map_or(0, |m| m.len()))
+            .sum()
+    }
+
     /// The daemon's key directory: the only place personas' keys are read from.
     pub fn key_dir(&self) -> PathBuf {
         self.data_dir.join("keys")

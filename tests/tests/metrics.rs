@@ -248,3 +248,57 @@ fn a_blocked_port_scan_is_counted_logged_and_raises_an_alert() {
         "{hardening}"
     );
 }
+
+/// A scan from 10,000 spoofed, rotating sources: what the daemon keeps of it is
+/// bounded (audit records per device and second, one alert, memory and store size),
+/// and the device shifts at most once.
+#[test]
+fn a_spoofed_scan_from_rotating_sources_is_bounded() {
+    let lab = Lab::new(VmLink::Veth);
+    let d = Daemon::start_with(&lab, &["--min-dwell", "0", "--cooldown", "0"]);
+    d.cli_ok("apply -f examples/");
+    d.cli_ok("apply -f examples/rules/");
+    // Settled first: what follows is what the scan adds.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let (rss, disk) = (d.rss_kib(), d.store_bytes());
+    let seq = |d: &Daemon| {
+        let (_, v) = d.admin(Method::GET, "/events?after=0&limit=1000", None);
+        v["items"].as_array().unwrap().len()
+    };
+    let before = seq(&d);
+    let started = std::time::Instant::now();
+    let sent = lab.out.exec(&format!(
+        "python3 {} 203.0.113.10 10000",
+        persona_tests::lab::script("syn_scan.py")
+    ));
+    assert_eq!(sent.trim(), "10000");
+    let seconds = started.elapsed().as_secs() + 3;
+    std::thread::sleep(std::time::Duration::from_secs(3));
+
+    let (_, v) = d.admin(Method::GET, "/events?after=0&limit=1000", None);
+    let events: Vec<&serde_json::Value> = v["items"].as_array().unwrap()[before..].iter().collect();
+    let security = events.iter().filter(|e| e["kind"] == "security").count();
+    // Per device, reason and second: 16 sources one by one and one record for the rest.
+    assert!(
+        security as u64 <= 17 * 2 * (seconds + 1),
+        "{security} security records in {seconds} s"
+    );
+    assert!(security > 0, "the scan was reported");
+    let shifts = events
+        .iter()
+        .filter(|e| e["kind"] == "shift" && e["actor"] == "rule:lockdown")
+        .count();
+    assert!(shifts <= 1, "{shifts} shifts: {events:?}");
+    let (rss_after, disk_after) = (d.rss_kib(), d.store_bytes());
+    eprintln!(
+        "10,000 spoofed SYNs: {security} security records, {shifts} shift, memory {rss} -> {rss_after} KiB, store {disk} -> {disk_after} bytes"
+    );
+    assert!(
+        rss_after < rss + 32 * 1024,
+        "memory {rss} KiB -> {rss_after} KiB"
+    );
+    assert!(
+        disk_after < disk + (8 << 20),
+        "store {disk} -> {disk_after} bytes"
+    );
+}
