@@ -224,4 +224,48 @@ mod tests {
             Err(AuthError::Invalid)
         ));
     }
+
+    /// Verifications race a revoke from 8 threads: every one of the 1,000 that began
+    /// after the revoke returned is refused, the cache notwithstanding.
+    #[test]
+    fn a_revoke_wins_the_race_with_concurrent_verifications() {
+        use std::sync::atomic::AtomicBool;
+        let dir = std::env::temp_dir().join(format!("persona-auth-race-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = Arc::new(EmbeddedStore::open(&dir.join("s.redb")).unwrap());
+        let auth = Arc::new(Auth::new(store));
+        let (record, token) = auth.create(Role::Admin, "raced").unwrap();
+        let revoked = Arc::new(AtomicBool::new(false));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (auth, token, revoked) = (auth.clone(), token.clone(), revoked.clone());
+                std::thread::spawn(move || {
+                    let (mut before, mut after) = (0, 0);
+                    // 125 each after the revoke: 1,000 in all.
+                    while after < 125 {
+                        let after_revoke = revoked.load(Ordering::SeqCst);
+                        let ok = auth.verify(&token).is_ok();
+                        if after_revoke {
+                            after += 1;
+                            assert!(!ok, "verified after the revoke returned");
+                        } else if ok {
+                            before += 1;
+                        }
+                    }
+                    (before, after)
+                })
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        auth.revoke(&record.id).unwrap();
+        revoked.store(true, Ordering::SeqCst);
+        let (mut before, mut after) = (0, 0);
+        for t in threads {
+            let (b, a) = t.join().unwrap();
+            before += b;
+            after += a;
+        }
+        assert!(before > 0 && after > 0, "{before} before, {after} after");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
