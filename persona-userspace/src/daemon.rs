@@ -33,6 +33,8 @@ pub struct DaemonConfig {
     pub data_dir: PathBuf,
     pub listen: Option<SocketAddr>,
     pub socket: Option<PathBuf>,
+    /// The group the socket and its directory belong to (root's when `None`).
+    pub socket_group: Option<String>,
     pub kernel: KernelConfig,
     /// Run after a device's TLS files changed, with PERSONA_DEVICE, PERSONA_PERSONA,
     /// PERSONA_GENERATION and PERSONA_TLS_DIR set; failing rolls the shift back.
@@ -207,6 +209,15 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         }
         (None, _) => {}
     }
+    let socket_gid = match &config.socket_group {
+        Some(name) => Some(
+            nix::unistd::Group::from_name(name)
+                .with_context(|| format!("looking up the group {name}"))?
+                .with_context(|| format!("--socket-group: no group named {name:?}"))?
+                .gid,
+        ),
+        None => None,
+    };
     if let Some(path) = &config.socket {
         // A directory made here is 0750: the socket is bound before its own mode is
         // set, and nobody outside the group reaches it meanwhile.
@@ -218,10 +229,16 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
                 .mode(0o750)
                 .create(dir)
                 .with_context(|| format!("creating {}", dir.display()))?;
+            if socket_gid.is_some() {
+                nix::unistd::chown(dir, None, socket_gid)
+                    .with_context(|| format!("giving {} to the socket's group", dir.display()))?;
+            }
         }
         let _ = std::fs::remove_file(path);
         let listener = tokio::net::UnixListener::bind(path)
             .with_context(|| format!("listening on {}", path.display()))?;
+        nix::unistd::chown(path, None, socket_gid)
+            .with_context(|| format!("giving {} to the socket's group", path.display()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
         info!(path = %path.display(), "serving on the Unix socket");
         servers.spawn(

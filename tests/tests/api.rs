@@ -900,3 +900,16 @@ fn an_openapi_fuzzer_finds_nothing_wrong() {
     assert!(out.status.success(), "{report}");
     assert!(report.contains(" passed, "), "{report}");
 }
+
+/// `--socket-group`: the socket is its group's to use (0660), and nobody else's.
+#[test]
+fn the_socket_belongs_to_the_group_given() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let lab = Lab::new(VmLink::Veth);
+    let d = Daemon::start_with(&lab, &["--socket-group", "nogroup"]);
+    let meta = std::fs::metadata(&d.socket).unwrap();
+    let nogroup = nix::unistd::Group::from_name("nogroup").unwrap().unwrap();
+    assert_eq!(meta.gid(), nogroup.gid.as_raw());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    d.cli_ok("get personas"); // and root still reaches it
+}

@@ -88,6 +88,10 @@ pub enum Command {
         listen: Option<std::net::SocketAddr>,
         #[arg(long, env = "PERSONA_SOCKET", default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
+        /// The group that may use the socket (its directory 0750 and the socket 0660
+        /// belong to it); root's group when not given.
+        #[arg(long, env = "PERSONA_SOCKET_GROUP")]
+        socket_group: Option<String>,
         /// Command run after a device's TLS files change; its failure rolls back.
         #[arg(long, env = "PERSONA_TLS_HOOK")]
         tls_hook: Option<String>,
@@ -415,6 +419,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Daemon {
             listen,
             socket,
+            socket_group,
             tls_hook,
             tls_cert,
             tls_key,
@@ -445,6 +450,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 data_dir: cli.data_dir.clone(),
                 listen: *listen,
                 socket: Some(socket.clone()),
+                socket_group: socket_group.clone(),
                 kernel: KernelConfig {
                     pin_dir: cli.pin_dir.clone(),
                     uplinks: cli.uplink.clone(),
