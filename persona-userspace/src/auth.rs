@@ -236,9 +236,11 @@ mod tests {
         let auth = Arc::new(Auth::new(store));
         let (record, token) = auth.create(Role::Admin, "raced").unwrap();
         let revoked = Arc::new(AtomicBool::new(false));
+        let ready = Arc::new(AtomicU64::new(0));
         let threads: Vec<_> = (0..8)
             .map(|_| {
                 let (auth, token, revoked) = (auth.clone(), token.clone(), revoked.clone());
+                let ready = ready.clone();
                 std::thread::spawn(move || {
                     let (mut before, mut after) = (0, 0);
                     // 125 each after the revoke: 1,000 in all.
@@ -250,13 +252,19 @@ mod tests {
                             assert!(!ok, "verified after the revoke returned");
                         } else if ok {
                             before += 1;
+                            if before == 1 {
+                                ready.fetch_add(1, Ordering::SeqCst);
+                            }
                         }
                     }
                     (before, after)
                 })
             })
             .collect();
-        std::thread::sleep(std::time::Duration::from_millis(5));
+        // Every thread verifying (and the token cached) before the revoke.
+        while ready.load(Ordering::SeqCst) < 8 {
+            std::thread::yield_now();
+        }
         auth.revoke(&record.id).unwrap();
         revoked.store(true, Ordering::SeqCst);
         let (mut before, mut after) = (0, 0);

@@ -59,6 +59,15 @@ impl KeyDir {
             Mode::empty(),
         )
         .map_err(|e| format!("the key directory {}: {e}", self.0.display()))?;
+        // Whoever may write in it could link root's other files in.
+        let held = nix::sys::stat::fstat(&dir)
+            .map_err(|e| format!("the key directory {}: {e}", self.0.display()))?;
+        if held.st_uid != 0 || held.st_mode & 0o022 != 0 {
+            return Err(format!(
+                "the key directory {} must be root's and writable by root alone",
+                self.0.display()
+            ));
+        }
         let how = OpenHow::new()
             .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK)
             .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
@@ -67,7 +76,7 @@ impl KeyDir {
             Errno::EXDEV | Errno::ELOOP => "a link that leads out of the key directory".to_owned(),
             e => format!("cannot be opened: {}", e.desc()),
         })?;
-        let mut file = std::fs::File::from(fd);
+        let file = std::fs::File::from(fd);
         let meta = file
             .metadata()
             .map_err(|e| format!("cannot be read: {e}"))?;
@@ -87,8 +96,12 @@ impl KeyDir {
             return Err("is larger than a key".into());
         }
         let mut bytes = Vec::with_capacity(meta.len() as usize);
-        file.read_to_end(&mut bytes)
+        file.take(MAX_KEY_BYTES + 1)
+            .read_to_end(&mut bytes)
             .map_err(|e| format!("cannot be read: {e}"))?;
+        if bytes.len() as u64 > MAX_KEY_BYTES {
+            return Err("is larger than a key".into());
+        }
         Ok(bytes)
     }
 }

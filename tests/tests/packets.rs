@@ -893,8 +893,8 @@ fn counts_of_the_active_persona_stay_live_across_a_restart() {
 }
 
 /// Frames that a hostile VM or outsider might send, made by mutating real ones (bytes
-/// overwritten, cut short, extended) and by chance: all three programs run each to a
-/// verdict; no frame leaves towards the uplink with the VM's inner address as its
+/// overwritten, cut short, extended) and by chance, through all three programs (what
+/// the kernel's test runner refuses to run, too short for tc, is left out): no frame leaves towards the uplink with the VM's inner address as its
 /// source; none reaches the VM addressed to anything but its inner address, save
 /// link-scoped IPv6 (neighbour discovery) and what is not IP.
 #[test]
@@ -955,11 +955,17 @@ fn random_frames_never_leak_the_inner_address_nor_reach_the_vm_unaddressed() {
     );
     let ether = |f: &[u8]| u16::from_be_bytes([f[12], f[13]]);
     let passed = std::cell::Cell::new((0u32, 0u32));
-    let mut runner = TestRunner::new(Config {
-        cases: 4000,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    // A fixed seed: a failure is replayed by running the test again.
+    let mut runner = TestRunner::new_with_rng(
+        Config {
+            cases: 4000,
+            failure_persistence: None,
+            ..Config::default()
+        },
+        proptest::test_runner::TestRng::deterministic_rng(
+            proptest::test_runner::RngAlgorithm::ChaCha,
+        ),
+    );
     runner
         .run(&strategy, |(from, to)| {
             let mut h = h.borrow_mut();
@@ -972,15 +978,18 @@ fn random_frames_never_leak_the_inner_address_nor_reach_the_vm_unaddressed() {
                 && verdict != TC_ACT_SHOT
                 && out.len() >= 14
             {
-                passed.set((passed.get().0 + 1, passed.get().1));
                 match ether(&out) {
-                    0x0800 if out.len() >= 34 => prop_assert_ne!(
+                    0x0800 | 0x86dd => passed.set((passed.get().0 + 1, passed.get().1)),
+                    _ => {}
+                }
+                match ether(&out) {
+                    0x0800 if out.len() >= 30 => prop_assert_ne!(
                         &out[26..30],
                         &INNER_V4.octets()[..],
                         "left with the inner address: {:02x?}",
                         out
                     ),
-                    0x86dd if out.len() >= 54 => prop_assert_ne!(
+                    0x86dd if out.len() >= 38 => prop_assert_ne!(
                         &out[22..38],
                         &INNER_V6.octets()[..],
                         "left with the inner address: {:02x?}",
@@ -993,7 +1002,10 @@ fn random_frames_never_leak_the_inner_address_nor_reach_the_vm_unaddressed() {
                 && verdict != TC_ACT_SHOT
                 && out.len() >= 14
             {
-                passed.set((passed.get().0, passed.get().1 + 1));
+                match ether(&out) {
+                    0x0800 | 0x86dd => passed.set((passed.get().0, passed.get().1 + 1)),
+                    _ => {}
+                }
                 match ether(&out) {
                     0x0800 => prop_assert!(
                         out.len() >= 34 && out[30..34] == INNER_V4.octets(),
@@ -1017,10 +1029,10 @@ fn random_frames_never_leak_the_inner_address_nor_reach_the_vm_unaddressed() {
             Ok(())
         })
         .unwrap_or_else(|e| panic!("{e}"));
-    // The properties were put to the test: many frames got through each way.
+    // The properties were put to the test: many IP frames got through each way.
     let (out, into) = passed.get();
     assert!(
         out > 400 && into > 400,
-        "passed out {out}, in {into} of 4000"
+        "IP frames passed out {out}, in {into} of 4000"
     );
 }

@@ -407,6 +407,40 @@ mod tls_and_vpn {
         persona_with_tls(&with(leaf.pem()), &key_file, &["office.example"])
             .validate()
             .expect("a leaf without its issuer");
+        // Root, intermediate, leaf: whole, or without the root.
+        let inter_key = KeyPair::generate().unwrap();
+        let mut inter_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        inter_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        inter_params
+            .distinguished_name
+            .push(DnType::CommonName, "persona test intermediate");
+        let inter = inter_params
+            .clone()
+            .signed_by(&inter_key, &ca_issuer)
+            .unwrap();
+        let inter_issuer = Issuer::new(inter_params, inter_key);
+        let leaf_key = KeyPair::generate().unwrap();
+        let deep_leaf = CertificateParams::new(vec!["office.example".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &inter_issuer)
+            .unwrap();
+        let deep_key = key_dir().path().join("deep.key");
+        write_key(&deep_key, leaf_key.serialize_pem().as_bytes());
+        for chain in [
+            format!("{}{}{ca_pem}", deep_leaf.pem(), inter.pem()),
+            format!("{}{}", deep_leaf.pem(), inter.pem()),
+        ] {
+            let p = persona_with_tls(
+                &Cert {
+                    pem: chain,
+                    key_file: deep_key.clone(),
+                },
+                &deep_key,
+                &["office.example"],
+            );
+            p.validate().expect("a three-link chain");
+            p.validate_secrets(&key_dir()).expect("its leaf's key");
+        }
         for (chain, want) in [
             (
                 format!("{}{forged_pem}", leaf.pem()),

@@ -68,15 +68,11 @@ pub fn check_certificate(
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    // Each certificate is signed by the next one's key; a trust anchor is the client's
-    // to hold, so the last one is checked only when it says it signed itself.
-    for (i, cert) in parsed.iter().enumerate() {
-        let issuer = match parsed.get(i + 1) {
-            Some(next) => next.public_key(),
-            None if cert.subject() == cert.issuer() => cert.public_key(),
-            None => break,
-        };
-        if cert.issuer() != parsed.get(i + 1).unwrap_or(cert).subject() {
+    // Each certificate is signed by the next one's key. The last one's issuer is a trust
+    // anchor, the client's to hold: a root sent along is not checked against itself.
+    for (i, pair) in parsed.windows(2).enumerate() {
+        let (cert, issuer) = (&pair[0], pair[1].public_key());
+        if cert.issuer() != pair[1].subject() {
             return Err(err(
                 "certificate",
                 format!("certificate {} was not issued by the next one", i + 1),

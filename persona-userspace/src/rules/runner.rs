@@ -38,6 +38,55 @@ pub struct RuleEngine {
     /// When the loop wakes next by itself: a signal whose decision may change earlier
     /// wakes it, any other does not.
     next_wake: std::sync::Mutex<Option<Timestamp>>,
+    /// Devices with signals taken in but not yet stored: the request that brought them
+    /// evaluates them once they are, so a pass leaves them alone (it would act on a
+    /// signal not yet durable, and leave that request to report that nothing changed).
+    /// Outside `state`: a request dropped midway (its client gone) unmarks them in `Drop`.
+    storing: std::sync::Mutex<HashMap<String, usize>>,
+}
+
+/// The mark [`RuleEngine::ingest`] puts on its devices until it has evaluated them.
+/// Dropped unsettled (an error, or the request dropped with its client), it wakes the
+/// loop, which evaluates them in its stead.
+struct Storing<'a> {
+    engine: &'a RuleEngine,
+    devices: &'a [String],
+    settled: bool,
+}
+
+impl<'a> Storing<'a> {
+    fn mark(engine: &'a RuleEngine, devices: &'a [String]) -> Self {
+        let mut m = engine.storing.lock().unwrap_or_else(|e| e.into_inner());
+        for d in devices {
+            *m.entry(d.clone()).or_default() += 1;
+        }
+        Self {
+            engine,
+            devices,
+            settled: false,
+        }
+    }
+}
+
+impl Drop for Storing<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.engine.wake.notify_one();
+        }
+        let mut m = self
+            .engine
+            .storing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for d in self.devices {
+            if let Some(n) = m.get_mut(d) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(d);
+                }
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -46,10 +95,6 @@ struct State {
     left: HashMap<String, BTreeMap<String, Timestamp>>,
     /// What each device's last evaluation found, for the next to redo only what changed.
     memos: HashMap<String, Option<Memo>>,
-    /// Devices with signals taken in but not yet stored: the request that brought them
-    /// evaluates them once they are, so a pass leaves them alone (it would act on a
-    /// signal not yet durable, and leave that request to report that nothing changed).
-    storing: HashMap<String, usize>,
     /// The soonest instant a request's evaluation asked for since the last pass ended:
     /// a pass that left its device alone must still wake for it.
     asked: Option<Timestamp>,
@@ -89,6 +134,7 @@ impl RuleEngine {
             wake: Notify::new(),
             rules: Default::default(),
             next_wake: Default::default(),
+            storing: Default::default(),
         }))
     }
 
@@ -199,9 +245,7 @@ impl RuleEngine {
                 changed.push((key, json));
             }
         }
-        for d in &devices {
-            *state.storing.entry(d.clone()).or_default() += 1;
-        }
+        let mut storing = Storing::mark(self, &devices);
         drop(state);
         // Stored (in one transaction, shared with whatever else is being written) before
         // anything is decided or acknowledged; other requests go on meanwhile.
@@ -210,21 +254,13 @@ impl RuleEngine {
             .await
             .map_err(|e| StoreError::Backend(format!("storing signals: {e}")));
         let mut state = self.state.lock().await;
-        for d in &devices {
-            if let Some(n) = state.storing.get_mut(d) {
-                *n -= 1;
-                if *n == 0 {
-                    state.storing.remove(d);
-                }
-            }
-        }
         stored??;
         let rules = self.rules()?;
         let mut out = Vec::new();
         let mut soonest: Option<Timestamp> = None;
-        for d in devices {
+        for d in &devices {
             if let Some(a) = self
-                .evaluate(&mut state, &rules, &d, now, Some(received))
+                .evaluate(&mut state, &rules, d, now, Some(received))
                 .await?
             {
                 if let Some(t) = a.decision.next_check {
@@ -242,6 +278,10 @@ impl RuleEngine {
                 self.wake.notify_one();
             }
         }
+        // Unmarked under the engine's lock, held since they were stored: no pass came
+        // between.
+        storing.settled = true;
+        drop(storing);
         Ok(out)
     }
 
@@ -356,7 +396,12 @@ impl RuleEngine {
         }
         for (name, _) in &devices {
             let mut state = self.state.lock().await;
-            if state.storing.contains_key(name) {
+            if self
+                .storing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(name)
+            {
                 continue;
             }
             if let Some(a) = self.evaluate(&mut state, &rules, name, now, None).await?
