@@ -99,6 +99,16 @@ fn bootstrap_admin(auth: &Auth, data_dir: &Path) -> anyhow::Result<()> {
 }
 
 pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
+    // Settings that can be wrong are checked before anything is set up.
+    let socket_gid = match &config.socket_group {
+        Some(name) => Some(
+            nix::unistd::Group::from_name(name)
+                .with_context(|| format!("looking up the group {name}"))?
+                .with_context(|| format!("--socket-group: no group named {name:?}"))?
+                .gid,
+        ),
+        None => None,
+    };
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
     std::fs::DirBuilder::new()
@@ -209,15 +219,6 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         }
         (None, _) => {}
     }
-    let socket_gid = match &config.socket_group {
-        Some(name) => Some(
-            nix::unistd::Group::from_name(name)
-                .with_context(|| format!("looking up the group {name}"))?
-                .with_context(|| format!("--socket-group: no group named {name:?}"))?
-                .gid,
-        ),
-        None => None,
-    };
     if let Some(path) = &config.socket {
         // A directory made here is 0750: the socket is bound before its own mode is
         // set, and nobody outside the group reaches it meanwhile.
