@@ -92,10 +92,7 @@ impl KeyDir {
                 meta.mode() & 0o7777
             ));
         }
-        if meta.len() > MAX_KEY_BYTES {
-            return Err("is larger than a key".into());
-        }
-        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        let mut bytes = Vec::with_capacity(meta.len().min(MAX_KEY_BYTES) as usize);
         file.take(MAX_KEY_BYTES + 1)
             .read_to_end(&mut bytes)
             .map_err(|e| format!("cannot be read: {e}"))?;
@@ -107,12 +104,13 @@ impl KeyDir {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _, symlink};
 
     use super::*;
 
-    fn put(path: &Path, mode: u32) {
+    /// A key file as the tests need it: `bytes`, made anew with exactly `mode`.
+    pub(crate) fn put_key(path: &Path, bytes: &[u8], mode: u32) {
         let _ = std::fs::remove_file(path);
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -120,8 +118,12 @@ mod tests {
             .mode(mode)
             .open(path)
             .unwrap();
-        std::io::Write::write_all(&mut f, b"secret").unwrap();
+        std::io::Write::write_all(&mut f, bytes).unwrap();
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    fn put(path: &Path, mode: u32) {
+        put_key(path, b"secret", mode);
     }
 
     #[test]

@@ -20,14 +20,7 @@ fn fail(what: &str, detail: impl std::fmt::Display) -> DatapathError {
 }
 
 fn run(what: &str, cmd: &mut Command) -> Result<()> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| fail(what, e))?;
-    if !out.status.success() {
-        return Err(fail(what, String::from_utf8_lossy(&out.stderr).trim()));
-    }
-    Ok(())
+    run_with_input(what, cmd, &[])
 }
 
 fn run_with_input(what: &str, cmd: &mut Command, input: &[u8]) -> Result<()> {

@@ -282,15 +282,7 @@ mod tls_and_vpn {
     }
 
     fn write_key(path: &std::path::Path, bytes: &[u8]) {
-        use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
-        let _ = std::fs::remove_file(path);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .and_then(|mut f| f.write_all(bytes))
-            .unwrap();
+        crate::keys::tests::put_key(path, bytes, 0o600);
     }
 
     fn persona_with_tls(c: &Cert, key_file: &std::path::Path, names: &[&str]) -> PersonaSpec {
@@ -377,11 +369,15 @@ mod tls_and_vpn {
     #[test]
     fn the_chain_signatures_are_verified() {
         use rcgen::{BasicConstraints, DnType, IsCa, Issuer};
-        let ca = |name: &str| {
-            let key = KeyPair::generate().unwrap();
+        let ca_params = |name: &str| {
             let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
             params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
             params.distinguished_name.push(DnType::CommonName, name);
+            params
+        };
+        let ca = |name: &str| {
+            let key = KeyPair::generate().unwrap();
+            let params = ca_params(name);
             let cert = params.self_signed(&key).unwrap();
             (cert.pem(), Issuer::new(params, key))
         };
@@ -409,11 +405,7 @@ mod tls_and_vpn {
             .expect("a leaf without its issuer");
         // Root, intermediate, leaf: whole, or without the root.
         let inter_key = KeyPair::generate().unwrap();
-        let mut inter_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        inter_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        inter_params
-            .distinguished_name
-            .push(DnType::CommonName, "persona test intermediate");
+        let inter_params = ca_params("persona test intermediate");
         let inter = inter_params
             .clone()
             .signed_by(&inter_key, &ca_issuer)
