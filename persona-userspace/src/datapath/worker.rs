@@ -83,13 +83,24 @@ impl DatapathHandle {
         T: Send + 'static,
         F: FnOnce(&mut Node) -> T + Send + 'static,
     {
+        self.queue_on_node(f)?
+            .await
+            .map_err(|_| DatapathError::Bpf("the datapath thread dropped a job".into()))
+    }
+
+    /// Queues `f` now, ahead of any job sent after this returns; its result comes on
+    /// the channel returned.
+    pub fn queue_on_node<T, F>(&self, f: F) -> Result<oneshot::Receiver<T>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Node) -> T + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel();
         self.jobs
             .send(Box::new(move |node| {
                 let _ = tx.send(f(node));
             }))
             .map_err(|_| DatapathError::Bpf("the datapath thread is gone".into()))?;
-        rx.await
-            .map_err(|_| DatapathError::Bpf("the datapath thread dropped a job".into()))
+        Ok(rx)
     }
 }

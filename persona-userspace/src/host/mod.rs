@@ -41,6 +41,9 @@ pub struct Host {
     /// What this process announced for each persona address, so that announcing it
     /// again unchanged (a shift back while it drains) costs no netlink round trip.
     announced: Mutex<std::collections::HashMap<IpAddr, Announced>>,
+    /// Addresses this process left with no rule, default route or tunnel of their own:
+    /// unsteering them again costs nothing.
+    unsteered: Mutex<std::collections::HashSet<IpAddr>>,
     /// Where VPN personas' private keys are read from.
     keys: crate::keys::KeyDir,
 }
@@ -167,6 +170,7 @@ impl Host {
             settings: Mutex::new(Sysctls::open(record)?),
             set_up: AtomicBool::new(false),
             announced: Default::default(),
+            unsteered: Default::default(),
             keys: Default::default(),
         })
     }
@@ -257,9 +261,18 @@ impl Host {
     /// The address's rule and table go, and its tunnel with them (the kernel drops the
     /// routes through a deleted link).
     fn unsteer(&self, addr: IpAddr) -> Result<()> {
+        if self.unsteered().contains(&addr) {
+            return Ok(());
+        }
         self.rule(addr.is_ipv6(), Some(addr), RULE_PERSONA, false)?;
         self.default_route(addr, None)?;
-        self.tunnel_down(addr)
+        self.tunnel_down(addr)?;
+        self.unsteered().insert(addr);
+        Ok(())
+    }
+
+    fn unsteered(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<IpAddr>> {
+        self.unsteered.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The tunnel goes, and what was set for it is forgotten with it.
@@ -578,6 +591,7 @@ impl Wiring for Host {
 
     fn put_back(&self) -> Result<()> {
         self.announced().clear();
+        self.unsteered().clear();
         for v6 in [false, true] {
             self.rule(v6, None, RULE_MAIN_SPECIFIC, false)?;
         }
@@ -626,6 +640,7 @@ impl Wiring for Host {
             if gateway.is_none() && tunnelled(persona, addr).is_empty() {
                 self.unsteer(addr)?;
             } else {
+                self.unsteered().remove(&addr);
                 if let Some(gw) = gateway {
                     self.default_route(addr, Some(gw))?;
                 }
@@ -660,6 +675,7 @@ impl Wiring for Host {
                 continue;
             }
             let name = tunnel_name(addr);
+            self.unsteered().remove(&addr);
             if nix::net::if_::if_nametoindex(name.as_str()).is_err() {
                 made.push(addr);
             }

@@ -101,6 +101,9 @@ impl Sysctls {
     /// gone went with it.
     pub fn restore(&mut self, which: impl Fn(&str) -> bool) -> Result<()> {
         let keys: Vec<String> = self.saved.keys().filter(|k| which(k)).cloned().collect();
+        if keys.is_empty() {
+            return Ok(());
+        }
         let mut first_error = None;
         for key in keys {
             let value = self.saved[&key].clone();

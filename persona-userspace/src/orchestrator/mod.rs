@@ -10,7 +10,7 @@ use std::{
 
 use serde::Serialize;
 use serde_json::{Value, json};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, oneshot};
 
 mod catalog;
 mod devices;
@@ -56,13 +56,23 @@ pub struct Plan {
     pub diff: Vec<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
     pub plan: Plan,
     pub dry_run: bool,
     pub generation: Option<u64>,
     pub duration_us: u64,
     pub event: u64,
+}
+
+/// A shift as asked for; no persona asks for the one the store says the device runs.
+struct Asked<'a> {
+    device: &'a str,
+    persona: Option<&'a str>,
+    actor: &'a str,
+    dry_run: bool,
+    flows: Option<FlowMode>,
+    cause: Option<(String, Value)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -481,12 +491,25 @@ impl Orchestrator {
             persona.map(str::to_owned),
             actor.to_owned(),
         );
-        let result = tokio::spawn(async move {
-            this.shift_inner(&d, p.as_deref(), &a, dry_run, flows, cause)
-                .await
-        })
-        .await
-        .unwrap_or_else(|e| Err(ShiftError::Failed(format!("the shift task failed: {e}"))));
+        let (answer, answered) = oneshot::channel();
+        tokio::spawn(async move {
+            let mut answer = Some(answer);
+            let asked = Asked {
+                device: &d,
+                persona: p.as_deref(),
+                actor: &a,
+                dry_run,
+                flows,
+                cause,
+            };
+            let result = this.shift_inner(asked, &mut answer).await;
+            if let Some(answer) = answer {
+                let _ = answer.send(result);
+            }
+        });
+        let result = answered
+            .await
+            .unwrap_or_else(|_| Err(ShiftError::Failed("the shift task failed".into())));
         let trigger = crate::metrics::trigger(actor).to_owned();
         let outcome = match &result {
             Ok(o) if o.dry_run => "dry_run",
@@ -511,15 +534,21 @@ impl Orchestrator {
         result
     }
 
+    /// The shift, its caller answered through `answer` once it is durable: what is left
+    /// then only tidies up.
     async fn shift_inner(
         &self,
-        device: &str,
-        persona: Option<&str>,
-        actor: &str,
-        dry_run: bool,
-        flows: Option<FlowMode>,
-        cause: Option<(String, Value)>,
+        asked: Asked<'_>,
+        answer: &mut Option<oneshot::Sender<Result<Outcome, ShiftError>>>,
     ) -> Result<Outcome, ShiftError> {
+        let Asked {
+            device,
+            persona,
+            actor,
+            dry_run,
+            flows,
+            cause,
+        } = asked;
         let _shared = self.lock.read().await;
         let own = self.device_lock(device);
         let _own = own.lock().await;
@@ -698,9 +727,30 @@ impl Orchestrator {
             }
         };
         let _ = self.events.send(event.clone());
-        // Past the point of no return: what is left only tidies up after the old persona.
+        let outcome = Outcome {
+            plan,
+            dry_run,
+            generation: Some(generation),
+            duration_us,
+            event: event.seq,
+        };
+        // Past the point of no return: what is left only tidies up after the old persona,
+        // queued on the node before the caller hears, so that whatever the caller asks of
+        // the datapath next finds it done. A cut's caller hears once its resets are sent.
         // What it did beyond that is rare (a cut's resets, a failure) and recorded apart.
-        let tidied = match self.datapath.on_node(move |n| n.commit(applied)).await {
+        let committed = self.datapath.queue_on_node(move |n| n.commit(applied));
+        if flows != FlowMode::Cut
+            && let Some(answer) = answer.take()
+        {
+            let _ = answer.send(Ok(outcome.clone()));
+        }
+        let committed = match committed {
+            Ok(c) => c.await.map_err(|_| {
+                crate::datapath::DatapathError::Bpf("the datapath thread dropped a job".into())
+            }),
+            Err(e) => Err(e),
+        };
+        let tidied = match committed {
             Ok(Ok(c)) if c.resets > 0 => Some(json!({ "resets": c.resets })),
             Ok(Ok(_)) => None,
             Ok(Err(e)) | Err(e) => {
@@ -721,13 +771,7 @@ impl Orchestrator {
                 detail: json!({ "shift": event.seq, "commit": detail }),
             })?;
         }
-        Ok(Outcome {
-            plan,
-            dry_run,
-            generation: Some(generation),
-            duration_us,
-            event: event.seq,
-        })
+        Ok(outcome)
     }
 
     /// Every address a device other than `device` (attached at `own`) holds, with who
