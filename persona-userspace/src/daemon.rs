@@ -21,7 +21,7 @@ use crate::{
     node::Node,
     orchestrator::Orchestrator,
     rules::{engine::Timing, runner::RuleEngine},
-    store::{Role, Store, embedded::EmbeddedStore},
+    store::{Role, Store, embedded::EmbeddedStore, etcd::EtcdStore},
     tls_applier::TlsApplier,
 };
 
@@ -53,6 +53,8 @@ pub struct DaemonConfig {
     pub audit: Retention,
     /// Fail every shift at this step (tests of the undo).
     pub fault_at: Option<crate::node::Step>,
+    /// etcd, for a fleet; the embedded store under `data_dir` when `None`.
+    pub store: Option<crate::store::etcd::EtcdConfig>,
 }
 
 /// How long audit events are kept: those older than `max_age` go, and the oldest
@@ -116,7 +118,15 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         .mode(0o700)
         .create(config.keys.path())
         .with_context(|| format!("creating {}", config.keys.path().display()))?;
-    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&config.data_dir.join("store.redb"))?);
+    let store: Arc<dyn Store> = match &config.store {
+        Some(etcd) => {
+            let etcd = etcd.clone();
+            let store = tokio::task::spawn_blocking(move || EtcdStore::connect(&etcd)).await??;
+            tracing::info!(endpoints = ?store.endpoints(), prefix = store.prefix(), "the store is etcd");
+            Arc::new(store)
+        }
+        None => Arc::new(EmbeddedStore::open(&config.data_dir.join("store.redb"))?),
+    };
     let kernel = config.kernel.clone();
     let keys = config.keys.clone();
     let host_record = crate::host::sysctl::record_for(&kernel.pin_dir);

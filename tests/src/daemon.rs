@@ -37,9 +37,38 @@ impl Daemon {
 
     /// With extra arguments and environment variables.
     pub fn start_with_env(lab: &Site, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut d = Self::prepare(lab, extra, env);
+        d.restart();
+        d.admin = std::fs::read_to_string(d.data_dir.join("admin.token"))
+            .expect("bootstrap admin token")
+            .trim()
+            .to_owned();
+        d
+    }
+
+    /// A host of a fleet whose store is `store` (`etcd://...`). The first host makes
+    /// the fleet's admin token; the others are given it (`admin`), as an operator
+    /// copies it.
+    pub fn start_in_fleet(lab: &Site, store: &str, admin: Option<&str>, extra: &[&str]) -> Self {
+        let mut args = vec!["--store", store];
+        args.extend_from_slice(extra);
+        let mut d = Self::prepare(lab, &args, &[]);
+        if let Some(token) = admin {
+            std::fs::create_dir_all(&d.data_dir).expect("data dir");
+            std::fs::write(d.data_dir.join("admin.token"), token).expect("admin token");
+        }
+        d.restart();
+        d.admin = std::fs::read_to_string(d.data_dir.join("admin.token"))
+            .expect("the fleet's admin token")
+            .trim()
+            .to_owned();
+        d
+    }
+
+    fn prepare(lab: &Site, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let data_dir = PathBuf::from(format!("/tmp/persona-test-data-{}", lab.host.name));
         let _ = std::fs::remove_dir_all(&data_dir);
-        let mut d = Self {
+        Self {
             child: Command::new("true").spawn().expect("placeholder"),
             socket: data_dir.join("persona.sock"),
             data_dir,
@@ -51,13 +80,7 @@ impl Daemon {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             admin: String::new(),
-        };
-        d.restart();
-        d.admin = std::fs::read_to_string(d.data_dir.join("admin.token"))
-            .expect("bootstrap admin token")
-            .trim()
-            .to_owned();
-        d
+        }
     }
 
     /// Restarts it with other extra `persona daemon` arguments.

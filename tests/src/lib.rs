@@ -2,6 +2,7 @@
 //! computed from scratch, a datapath on its own pin directory, and network namespaces.
 pub mod capture;
 pub mod daemon;
+pub mod etcd;
 pub mod frames;
 pub mod guest;
 pub mod harness;

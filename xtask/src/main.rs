@@ -97,6 +97,12 @@ const APT_PACKAGES: &[&str] = &[
     // device; wg configures either.
     "wireguard-go",
     "wireguard-tools",
+    // Fleet mode: etcd members in the tests, and what the etcd-client crate's build
+    // needs (protoc and the well-known protos).
+    "etcd-server",
+    "etcd-client",
+    "protobuf-compiler",
+    "libprotobuf-dev",
 ];
 
 /// The OpenAPI fuzzer the API tests run (`tests/src/lab.rs` knows this place too).

@@ -57,6 +57,7 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
             StoreError::Exists { .. } | StoreError::Conflict { .. } => StatusCode::CONFLICT,
             StoreError::Backend(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            StoreError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         Self::new(status, e.to_string())
     }

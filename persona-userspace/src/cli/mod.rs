@@ -79,6 +79,66 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where the daemon keeps its state: the embedded file under --data-dir, or etcd.
+#[derive(clap::Args, Debug)]
+pub struct StoreArgs {
+    /// Keep personas, devices, tokens, state and the audit log in etcd, shared by every
+    /// host of a fleet: etcd://HOST:PORT[,HOST:PORT...][/PREFIX], or etcds:// for TLS.
+    #[arg(long, env = "PERSONA_STORE")]
+    store: Option<String>,
+    /// The CA (PEM) that signed the etcd members' certificates (etcds://).
+    #[arg(long, env = "PERSONA_STORE_CA", requires = "store")]
+    store_ca: Option<PathBuf>,
+    /// This host's client certificate (PEM) for etcd, with --store-key.
+    #[arg(long, env = "PERSONA_STORE_CERT", requires_all = ["store_key", "store_ca"])]
+    store_cert: Option<PathBuf>,
+    #[arg(long, env = "PERSONA_STORE_KEY", requires = "store_cert")]
+    store_key: Option<PathBuf>,
+    /// The etcd user, for etcd with authentication on; its password is read from
+    /// --store-password-file.
+    #[arg(long, env = "PERSONA_STORE_USER", requires_all = ["store", "store_password_file"])]
+    store_user: Option<String>,
+    #[arg(long, env = "PERSONA_STORE_PASSWORD_FILE", requires = "store_user")]
+    store_password_file: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    fn config(&self) -> anyhow::Result<Option<crate::store::etcd::EtcdConfig>> {
+        let Some(url) = &self.store else {
+            return Ok(None);
+        };
+        let mut config = crate::store::etcd::EtcdConfig::parse(url)
+            .map_err(|e| anyhow::anyhow!("--store: {e}"))?;
+        let read = |flag: &str, p: &PathBuf| {
+            std::fs::read(p).with_context(|| format!("{flag}: reading {}", p.display()))
+        };
+        let tls = url.starts_with("etcds://");
+        match (&self.store_ca, tls) {
+            (Some(ca), true) => {
+                let cert_key = match (&self.store_cert, &self.store_key) {
+                    (Some(c), Some(k)) => Some((read("--store-cert", c)?, read("--store-key", k)?)),
+                    _ => None,
+                };
+                config.tls = Some(crate::store::etcd::EtcdTls {
+                    ca: read("--store-ca", ca)?,
+                    cert_key,
+                });
+            }
+            (None, true) => anyhow::bail!("--store {url}: etcds:// needs --store-ca"),
+            (Some(_), false) => {
+                anyhow::bail!("--store-ca is for etcds:// (TLS); --store {url} is plain")
+            }
+            (None, false) => {}
+        }
+        if let (Some(user), Some(file)) = (&self.store_user, &self.store_password_file) {
+            let password = String::from_utf8(read("--store-password-file", file)?)
+                .context("--store-password-file: not UTF-8")?;
+            config.user = Some((user.clone(), password.trim_end_matches('\n').to_owned()));
+        }
+        Ok(Some(config))
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the daemon: store, datapath, API on a Unix socket (and TCP with --listen).
@@ -133,6 +193,8 @@ pub enum Command {
         /// Fail every shift at this step, to test that it is undone (tests only).
         #[arg(long, value_enum, hide = true)]
         fault_at: Option<crate::node::Step>,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Create or update every object in a file or directory of manifests.
     Apply {
@@ -433,7 +495,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             audit_max_age_days,
             audit_max_events,
             fault_at,
+            store,
         } => {
+            let store = store.config()?;
             if let Some(addr) = listen
                 && tls_cert.is_none()
                 && !addr.ip().is_loopback()
@@ -476,6 +540,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     max_events: *audit_max_events,
                 },
                 fault_at: *fault_at,
+                store,
             }))
         }
         _ => {

@@ -1,8 +1,9 @@
 //! Where personas, devices, tokens, device state and the audit log live.
 //!
 //! [`Store`] is the interface: [`embedded::EmbeddedStore`] (redb, one file, nothing to
-//! set up) is the implementation today; a fleet sharing etcd is meant to slot in here.
+//! set up) for one host, [`etcd::EtcdStore`] for a fleet sharing etcd.
 pub mod embedded;
+pub mod etcd;
 mod wal;
 mod writer;
 pub use writer::CommitStats;
@@ -159,6 +160,10 @@ pub enum StoreError {
     },
     #[error("store: {0}")]
     Backend(String),
+    /// The store cannot be reached: nothing was written; reads answer from what was
+    /// last seen.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -1,0 +1,828 @@
+//! The store on etcd v3, shared by the hosts of a fleet.
+//!
+//! Everything lives under one prefix. What hosts read on every request (objects, device
+//! states, tokens, persona numbers, signals) sits under `data/` and is mirrored in
+//! memory: listed once, then kept current by a watch from the listed revision, so that
+//! reads cost no round trip and go on while etcd cannot be reached. The audit log sits
+//! under `log/`, read from etcd when asked for.
+//!
+//! Every conditional write is a transaction comparing `mod_revision` with the revision
+//! the write was decided on; when another host got there first, the transaction reads
+//! the key back in its `else` branch and the write is decided again on what it found.
+//! An audit event takes the next number by the same kind of comparison on the counter,
+//! in the transaction of the change it records.
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
+};
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::Value;
+
+use super::{
+    DeviceState, Event, EventBody, Expect, Kind, Record, Result, Stamp, Store, StoreError,
+    TokenRecord,
+};
+
+/// How long one call may wait on etcd before the caller hears that it is unreachable.
+const DEADLINE: Duration = Duration::from_secs(3);
+/// How often a conditional write is decided again after losing a race.
+const ATTEMPTS: usize = 16;
+/// Keys per transaction; etcd refuses more than 128 operations in one.
+const OPS_PER_TXN: usize = 100;
+
+/// Where the store is and how to reach it.
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    pub tls: Option<EtcdTls>,
+    /// User and password, for etcd with authentication on.
+    pub user: Option<(String, String)>,
+}
+
+/// Client TLS: the CA that signed the members' certificates, and this host's own.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca: Vec<u8>,
+    pub cert_key: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl EtcdConfig {
+    /// `etcd://h1:2379,h2:2379` (plain) or `etcds://...` (TLS, which [`EtcdConfig::tls`]
+    /// must then describe).
+    pub fn parse(url: &str) -> std::result::Result<Self, String> {
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| format!("{url:?}: a store is etcd://HOST:PORT[,HOST:PORT...]"))?;
+        let http = match scheme {
+            "etcd" => "http",
+            "etcds" => "https",
+            other => return Err(format!("{other:?} is not a store (etcd, etcds)")),
+        };
+        let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let endpoints: Vec<String> = hosts
+            .split(',')
+            .map(|h| {
+                if h.is_empty() || h.contains(['/', '@', '?', '#', ' ']) {
+                    Err(format!("{h:?} is not a HOST:PORT"))
+                } else if h
+                    .rsplit_once(':')
+                    .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+                {
+                    Err(format!("{h:?} names no port"))
+                } else {
+                    Ok(format!("{http}://{h}"))
+                }
+            })
+            .collect::<std::result::Result<_, _>>()?;
+        let path = path.trim_matches('/');
+        let prefix = if path.is_empty() {
+            "/persona/v1/".to_owned()
+        } else {
+            format!("/{path}/")
+        };
+        Ok(Self {
+            endpoints,
+            prefix,
+            tls: None,
+            user: None,
+        })
+    }
+}
+
+/// A key's last known value (`None`: deleted) and the revision that wrote it.
+#[derive(Debug, Clone)]
+struct Entry {
+    value: Option<Vec<u8>>,
+    rev: i64,
+}
+
+/// The mirror of `data/`: a key changes only to what a later revision wrote, whichever
+/// of the watch and this host's own writes brings it first. A deletion is kept until
+/// the watch has passed it, so that no older write seen late brings the key back.
+#[derive(Debug, Default)]
+struct Mirror {
+    entries: BTreeMap<String, Entry>,
+    /// The revision the watch has delivered everything up to.
+    watched: i64,
+}
+
+impl Mirror {
+    fn apply(&mut self, key: String, value: Option<Vec<u8>>, rev: i64) {
+        match self.entries.get(&key) {
+            Some(e) if e.rev >= rev => {}
+            _ => {
+                self.entries.insert(key, Entry { value, rev });
+            }
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<(&[u8], i64)> {
+        let e = self.entries.get(key)?;
+        e.value.as_deref().map(|v| (v, e.rev))
+    }
+
+    /// The revision to compare with: 0 for a key that is not there.
+    fn rev(&self, key: &str) -> i64 {
+        self.get(key).map_or(0, |(_, r)| r)
+    }
+
+    fn under<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (&'a str, &'a [u8])> + 'a {
+        self.entries
+            .range(prefix.to_owned()..)
+            .take_while(move |(k, _)| k.starts_with(prefix))
+            .filter_map(|(k, e)| e.value.as_deref().map(|v| (k.as_str(), v)))
+    }
+
+    fn watched_to(&mut self, rev: i64) {
+        self.watched = self.watched.max(rev);
+        let watched = self.watched;
+        self.entries
+            .retain(|_, e| e.value.is_some() || e.rev > watched);
+    }
+
+    /// Everything as a listing at `rev` says: what it lacks was deleted.
+    fn relist(&mut self, kvs: Vec<(String, Vec<u8>, i64)>, rev: i64) {
+        let mut fresh: BTreeMap<String, Entry> = kvs
+            .into_iter()
+            .map(|(k, v, r)| {
+                (
+                    k,
+                    Entry {
+                        value: Some(v),
+                        rev: r,
+                    },
+                )
+            })
+            .collect();
+        // Own writes newer than the listing stay.
+        for (k, e) in &self.entries {
+            if e.rev > rev {
+                fresh.insert(k.clone(), e.clone());
+            }
+        }
+        self.entries = fresh;
+        self.watched = rev;
+    }
+}
+
+pub struct EtcdStore {
+    rt: tokio::runtime::Runtime,
+    client: Client,
+    endpoints: Vec<String>,
+    prefix: String,
+    mirror: Arc<RwLock<Mirror>>,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+/// An error of etcd's: a refusal (too large, not permitted) names what etcd said; no
+/// answer (no member reachable, no leader, out of time) is [`StoreError::Unavailable`].
+fn unreachable(e: etcd_client::Error) -> StoreError {
+    // gRPC's UNAVAILABLE and DEADLINE_EXCEEDED.
+    const NO_ANSWER: [i32; 2] = [14, 4];
+    match e {
+        etcd_client::Error::GRpcStatus(s) if !NO_ANSWER.contains(&i32::from(s.code())) => {
+            StoreError::Backend(format!("etcd: {}", s.message()))
+        }
+        other => StoreError::Unavailable(format!("etcd: {other}")),
+    }
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(backend)
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| backend(format!("a stored value: {e}")))
+}
+
+fn kind_key(kind: Kind) -> &'static str {
+    kind.plural()
+}
+
+/// A label as [`StoreError`] wants it.
+fn label(kind: Kind) -> &'static str {
+    kind.label()
+}
+
+fn check(kind: Kind, name: &str, current: Option<&Record>, expect: Expect) -> Result<()> {
+    match (expect, current) {
+        (Expect::Absent, Some(_)) => Err(StoreError::Exists {
+            kind: label(kind),
+            name: name.into(),
+        }),
+        (Expect::Version(_), None) => Err(StoreError::NotFound {
+            kind: label(kind),
+            name: name.into(),
+        }),
+        (Expect::Version(v), Some(r)) if r.version != v => Err(StoreError::Conflict {
+            kind: label(kind),
+            name: name.into(),
+            expected: v,
+            actual: r.version,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// What a write decided on the mirror does: the comparisons it rests on, the keys it
+/// writes (`None`: deletes), the keys to read back should a comparison fail, and what
+/// the caller hears once it has committed.
+struct Plan<T> {
+    when: Vec<Compare>,
+    writes: Vec<(String, Option<Vec<u8>>)>,
+    reread: Vec<String>,
+    value: T,
+}
+
+enum Decision<T> {
+    /// Nothing to write: the answer as it stands.
+    Done(T),
+    Write(Plan<T>),
+}
+
+impl EtcdStore {
+    /// Connects, lists `data/` and starts the watch that keeps the mirror current.
+    pub fn connect(config: &EtcdConfig) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("etcd")
+            .enable_all()
+            .build()
+            .map_err(|e| backend(format!("starting the etcd client: {e}")))?;
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(DEADLINE)
+            .with_timeout(DEADLINE)
+            // A connection that stops answering (a member gone, a link down) is given
+            // up within seconds, not at TCP's pace; a member without a leader is left
+            // for one that has one.
+            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true);
+        if let Some(tls) = &config.tls {
+            use etcd_client::{Certificate, Identity, TlsOptions};
+            let mut t = TlsOptions::new().ca_certificate(Certificate::from_pem(&tls.ca));
+            if let Some((cert, key)) = &tls.cert_key {
+                t = t.identity(Identity::from_pem(cert, key));
+            }
+            options = options.with_tls(t);
+        }
+        if let Some((user, password)) = &config.user {
+            options = options.with_user(user, password);
+        }
+        let endpoints = config.endpoints.clone();
+        let client = on(&rt, async move {
+            Client::connect(endpoints, Some(options))
+                .await
+                .map_err(unreachable)
+        })?;
+        let store = Self {
+            rt,
+            client,
+            endpoints: config.endpoints.clone(),
+            prefix: config.prefix.clone(),
+            mirror: Default::default(),
+        };
+        let rev = store.relist()?;
+        store.rt.spawn(watch(
+            store.client.clone(),
+            store.data(""),
+            store.mirror.clone(),
+            rev,
+        ));
+        Ok(store)
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn data(&self, rest: &str) -> String {
+        format!("{}data/{rest}", self.prefix)
+    }
+
+    fn log(&self, seq: u64) -> String {
+        format!("{}log/{seq:020}", self.prefix)
+    }
+
+    fn object(&self, kind: Kind, name: &str) -> String {
+        self.data(&format!("objects/{}/{name}", kind_key(kind)))
+    }
+
+    fn seq_key(&self) -> String {
+        self.data("meta/event-seq")
+    }
+
+    /// Lists `data/` into the mirror; returns the revision listed at.
+    fn relist(&self) -> Result<i64> {
+        let (kvs, rev) = self.run(list(self.client.clone(), self.data("")))?;
+        self.mirror.write().expect("mirror lock").relist(kvs, rev);
+        Ok(rev)
+    }
+
+    fn run<T: Send + 'static>(
+        &self,
+        f: impl Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
+        on(&self.rt, f)
+    }
+
+    fn read<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        let mirror = self.mirror.read().expect("mirror lock");
+        mirror.get(key).map(|(v, _)| decode(v)).transpose()
+    }
+
+    fn read_under<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>> {
+        let mirror = self.mirror.read().expect("mirror lock");
+        mirror.under(prefix).map(|(_, v)| decode(v)).collect()
+    }
+
+    /// Decides a write on what the mirror holds and commits it; decided again, on what
+    /// etcd read back, each time another writer got there first.
+    fn decide<T: Send + 'static>(
+        &self,
+        mut decide: impl FnMut(&Mirror) -> Result<Decision<T>>,
+    ) -> Result<T> {
+        for _ in 0..ATTEMPTS {
+            let plan = match decide(&self.mirror.read().expect("mirror lock"))? {
+                Decision::Done(value) => return Ok(value),
+                Decision::Write(plan) => plan,
+            };
+            let ops: Vec<TxnOp> = plan
+                .writes
+                .iter()
+                .map(|(k, v)| match v {
+                    Some(v) => TxnOp::put(k.as_str(), v.clone(), None),
+                    None => TxnOp::delete(k.as_str(), None),
+                })
+                .collect();
+            let reads: Vec<TxnOp> = plan
+                .reread
+                .iter()
+                .map(|k| TxnOp::get(k.as_str(), None))
+                .collect();
+            let txn = Txn::new().when(plan.when).and_then(ops).or_else(reads);
+            let mut kv = self.client.kv_client();
+            let resp = self.run(async move { kv.txn(txn).await.map_err(unreachable) })?;
+            let rev = resp.header().map_or(0, |h| h.revision());
+            let data = self.data("");
+            let mut mirror = self.mirror.write().expect("mirror lock");
+            if resp.succeeded() {
+                for (key, value) in plan.writes {
+                    if key.starts_with(&data) {
+                        mirror.apply(key, value, rev);
+                    }
+                }
+                return Ok(plan.value);
+            }
+            for (key, r) in plan.reread.into_iter().zip(resp.op_responses()) {
+                if let TxnOpResponse::Get(g) = r {
+                    match g.kvs().first() {
+                        Some(kv) => mirror.apply(key, Some(kv.value().to_vec()), kv.mod_revision()),
+                        None => mirror.apply(key, None, rev),
+                    }
+                }
+            }
+        }
+        Err(backend(format!(
+            "gave up a write after {ATTEMPTS} attempts, each raced by another writer"
+        )))
+    }
+
+    /// Unconditional writes, in one transaction.
+    fn write_all(&self, writes: Vec<(String, Option<Vec<u8>>)>) -> Result<()> {
+        let mut plan = Some(Plan {
+            when: Vec::new(),
+            writes,
+            reread: Vec::new(),
+            value: (),
+        });
+        self.decide(|_| {
+            plan.take()
+                .map(Decision::Write)
+                .ok_or_else(|| backend("an unconditional write failed its comparison"))
+        })
+    }
+
+    /// `writes` in the transaction that appends `body` as the next event; the event.
+    fn with_event(&self, body: EventBody, writes: Vec<(String, Option<Vec<u8>>)>) -> Result<Event> {
+        let at = jiff::Timestamp::now();
+        let seq_key = self.seq_key();
+        self.decide(|mirror| {
+            let last: u64 = match mirror.get(&seq_key) {
+                Some((v, _)) => decode(v)?,
+                None => 0,
+            };
+            let event = Event {
+                seq: last + 1,
+                at,
+                body: body.clone(),
+            };
+            let mut w = writes.clone();
+            w.push((seq_key.clone(), Some(encode(&event.seq)?)));
+            w.push((self.log(event.seq), Some(encode(&event)?)));
+            Ok(Decision::Write(Plan {
+                when: vec![Compare::mod_revision(
+                    seq_key.as_str(),
+                    CompareOp::Equal,
+                    mirror.rev(&seq_key),
+                )],
+                writes: w,
+                reread: vec![seq_key.clone()],
+                value: event,
+            }))
+        })
+    }
+}
+
+/// Runs `f` on the store's runtime and waits for it on this thread, whichever runtime
+/// (if any) this thread belongs to.
+fn on<T: Send + 'static>(
+    rt: &tokio::runtime::Runtime,
+    f: impl Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    rt.spawn(async move {
+        let r = match tokio::time::timeout(DEADLINE, f).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "etcd did not answer within {} s",
+                DEADLINE.as_secs()
+            ))),
+        };
+        let _ = tx.send(r);
+    });
+    rx.recv().map_err(|_| backend("the etcd client stopped"))?
+}
+
+async fn list(mut client: Client, prefix: String) -> Result<(Vec<(String, Vec<u8>, i64)>, i64)> {
+    let resp = client
+        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(unreachable)?;
+    let rev = resp.header().map_or(0, |h| h.revision());
+    let kvs = resp
+        .kvs()
+        .iter()
+        .filter_map(|kv| {
+            Some((
+                kv.key_str().ok()?.to_owned(),
+                kv.value().to_vec(),
+                kv.mod_revision(),
+            ))
+        })
+        .collect();
+    Ok((kvs, rev))
+}
+
+/// Keeps the mirror current from revision `rev` on: re-established after a broken
+/// stream with jittered backoff, re-listed when etcd compacted past where it stood.
+async fn watch(client: Client, prefix: String, mirror: Arc<RwLock<Mirror>>, mut rev: i64) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match watch_once(client.clone(), &prefix, &mirror, &mut rev).await {
+            Ok(Relist::Needed) => match list(client.clone(), prefix.clone()).await {
+                Ok((kvs, at)) => {
+                    mirror.write().expect("mirror lock").relist(kvs, at);
+                    tracing::warn!(
+                        revision = at,
+                        "the etcd watch fell behind compaction: listed again"
+                    );
+                    rev = at;
+                    backoff = Duration::from_millis(100);
+                    continue;
+                }
+                Err(e) => tracing::warn!(error = %e, "listing etcd again"),
+            },
+            Ok(Relist::No) => backoff = Duration::from_millis(100),
+            Err(e) => tracing::warn!(error = %e, revision = rev, "the etcd watch broke"),
+        }
+        // Hosts that lost etcd together do not all come back at the same instant.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let jitter = backoff.mul_f64(f64::from(nanos % 1000) / 1000.0);
+        tokio::time::sleep(backoff / 2 + jitter / 2).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+enum Relist {
+    Needed,
+    No,
+}
+
+async fn watch_once(
+    mut client: Client,
+    prefix: &str,
+    mirror: &RwLock<Mirror>,
+    rev: &mut i64,
+) -> std::result::Result<Relist, etcd_client::Error> {
+    let options = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(*rev + 1)
+        .with_progress_notify();
+    let mut stream = client.watch(prefix, Some(options)).await?;
+    while let Some(resp) = stream.message().await? {
+        if resp.canceled() {
+            if resp.compact_revision() > 0 {
+                return Ok(Relist::Needed);
+            }
+            return Ok(Relist::No);
+        }
+        let mut m = mirror.write().expect("mirror lock");
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let Ok(key) = kv.key_str() else { continue };
+            match ev.event_type() {
+                EventType::Put => {
+                    m.apply(key.to_owned(), Some(kv.value().to_vec()), kv.mod_revision())
+                }
+                EventType::Delete => m.apply(key.to_owned(), None, kv.mod_revision()),
+            }
+        }
+        if let Some(h) = resp.header() {
+            *rev = (*rev).max(h.revision());
+            m.watched_to(*rev);
+        }
+    }
+    Ok(Relist::No)
+}
+
+impl Store for EtcdStore {
+    fn get(&self, kind: Kind, name: &str) -> Result<Option<Record>> {
+        self.read(&self.object(kind, name))
+    }
+
+    fn list(&self, kind: Kind) -> Result<Vec<Record>> {
+        self.read_under(&self.data(&format!("objects/{}/", kind_key(kind))))
+    }
+
+    fn stamp(&self, kind: Kind, name: &str) -> Result<Option<Stamp>> {
+        self.read(&self.object(kind, name))
+    }
+
+    fn stamps(&self, kind: Kind) -> Result<Vec<(String, Stamp)>> {
+        Ok(self
+            .list(kind)?
+            .into_iter()
+            .map(|r| {
+                let stamp = Stamp {
+                    version: r.version,
+                    updated: r.updated,
+                };
+                (r.name, stamp)
+            })
+            .collect())
+    }
+
+    fn put(&self, kind: Kind, name: &str, spec: Value, expect: Expect) -> Result<Record> {
+        let key = self.object(kind, name);
+        self.decide(|mirror| {
+            let current: Option<Record> = mirror.get(&key).map(|(v, _)| decode(v)).transpose()?;
+            check(kind, name, current.as_ref(), expect)?;
+            if let Some(cur) = current.as_ref().filter(|c| c.spec == spec) {
+                return Ok(Decision::Done(cur.clone()));
+            }
+            let record = Record {
+                kind,
+                name: name.to_owned(),
+                version: current.as_ref().map_or(1, |c| c.version + 1),
+                updated: jiff::Timestamp::now(),
+                spec: spec.clone(),
+            };
+            Ok(Decision::Write(Plan {
+                when: vec![unchanged(mirror, &key)],
+                writes: vec![(key.clone(), Some(encode(&record)?))],
+                reread: vec![key.clone()],
+                value: record,
+            }))
+        })
+    }
+
+    fn delete(&self, kind: Kind, name: &str, expect: Expect) -> Result<Record> {
+        let key = self.object(kind, name);
+        self.decide(|mirror| {
+            let current: Option<Record> = mirror.get(&key).map(|(v, _)| decode(v)).transpose()?;
+            let Some(current) = current else {
+                return Err(StoreError::NotFound {
+                    kind: label(kind),
+                    name: name.to_owned(),
+                });
+            };
+            check(kind, name, Some(&current), expect)?;
+            Ok(Decision::Write(Plan {
+                when: vec![unchanged(mirror, &key)],
+                writes: vec![(key.clone(), None)],
+                reread: vec![key.clone()],
+                value: current,
+            }))
+        })
+    }
+
+    fn persona_id(&self, name: &str) -> Result<u32> {
+        let key = self.data(&format!("persona-ids/{name}"));
+        let last_key = self.data("meta/persona-id");
+        self.decide(|mirror| {
+            if let Some((v, _)) = mirror.get(&key) {
+                return Ok(Decision::Done(decode::<u32>(v)?));
+            }
+            let last: u32 = mirror
+                .get(&last_key)
+                .map(|(v, _)| decode(v))
+                .transpose()?
+                .unwrap_or(0);
+            let next = last + 1;
+            Ok(Decision::Write(Plan {
+                when: vec![unchanged(mirror, &key), unchanged(mirror, &last_key)],
+                writes: vec![
+                    (key.clone(), Some(encode(&next)?)),
+                    (last_key.clone(), Some(encode(&next)?)),
+                ],
+                reread: vec![key.clone(), last_key.clone()],
+                value: next,
+            }))
+        })
+    }
+
+    fn persona_names(&self) -> Result<BTreeMap<u32, String>> {
+        let prefix = self.data("persona-ids/");
+        let mirror = self.mirror.read().expect("mirror lock");
+        mirror
+            .under(&prefix)
+            .map(|(k, v)| Ok((decode(v)?, k[prefix.len()..].to_owned())))
+            .collect()
+    }
+
+    fn put_token(&self, token: &TokenRecord) -> Result<()> {
+        let key = self.data(&format!("tokens/{}", token.id));
+        self.write_all(vec![(key, Some(encode(token)?))])
+    }
+
+    fn token(&self, id: &str) -> Result<Option<TokenRecord>> {
+        self.read(&self.data(&format!("tokens/{id}")))
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        self.read_under(&self.data("tokens/"))
+    }
+
+    fn device_state(&self, device: &str) -> Result<Option<DeviceState>> {
+        self.read(&self.data(&format!("states/{device}")))
+    }
+
+    fn device_states(&self) -> Result<Vec<(String, DeviceState)>> {
+        let prefix = self.data("states/");
+        let mirror = self.mirror.read().expect("mirror lock");
+        mirror
+            .under(&prefix)
+            .map(|(k, v)| Ok((k[prefix.len()..].to_owned(), decode(v)?)))
+            .collect()
+    }
+
+    fn set_device_state(&self, device: &str, state: Option<&DeviceState>) -> Result<()> {
+        self.write_all(vec![self.state_write(device, state)?])
+    }
+
+    fn append_event(&self, body: EventBody) -> Result<Event> {
+        self.with_event(body, Vec::new())
+    }
+
+    fn record_state(
+        &self,
+        device: &str,
+        state: Option<&DeviceState>,
+        body: EventBody,
+    ) -> Result<Event> {
+        self.with_event(body, vec![self.state_write(device, state)?])
+    }
+
+    fn put_signal(&self, key: &str, signal: &Value) -> Result<()> {
+        self.put_signals(&[(key.to_owned(), signal.clone())])
+    }
+
+    fn put_signals(&self, signals: &[(String, Value)]) -> Result<()> {
+        for chunk in signals.chunks(OPS_PER_TXN) {
+            let writes = chunk
+                .iter()
+                .map(|(k, v)| Ok((self.data(&format!("signals/{k}")), Some(encode(v)?))))
+                .collect::<Result<Vec<_>>>()?;
+            self.write_all(writes)?;
+        }
+        Ok(())
+    }
+
+    fn delete_signals(&self, keys: &[String]) -> Result<()> {
+        for chunk in keys.chunks(OPS_PER_TXN) {
+            let writes = chunk
+                .iter()
+                .map(|k| (self.data(&format!("signals/{k}")), None))
+                .collect();
+            self.write_all(writes)?;
+        }
+        Ok(())
+    }
+
+    fn signals(&self) -> Result<Vec<Value>> {
+        self.read_under(&self.data("signals/"))
+    }
+
+    fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>> {
+        let from = self.log(after.saturating_add(1));
+        let end = format!("{}log0", self.prefix);
+        let mut client = self.client.clone();
+        let resp = self.run(async move {
+            client
+                .get(
+                    from,
+                    Some(GetOptions::new().with_range(end).with_limit(limit as i64)),
+                )
+                .await
+                .map_err(unreachable)
+        })?;
+        resp.kvs().iter().map(|kv| decode(kv.value())).collect()
+    }
+
+    fn prune_events(&self, before: jiff::Timestamp, keep: usize, at_most: usize) -> Result<usize> {
+        let start = format!("{}log/", self.prefix);
+        let end = format!("{}log0", self.prefix);
+        let mut client = self.client.clone();
+        let (count, oldest) = {
+            let (s, e) = (start.clone(), end.clone());
+            self.run(async move {
+                let count = client
+                    .get(
+                        s.as_str(),
+                        Some(GetOptions::new().with_range(e.as_str()).with_count_only()),
+                    )
+                    .await
+                    .map_err(unreachable)?
+                    .count();
+                let oldest = client
+                    .get(
+                        s,
+                        Some(GetOptions::new().with_range(e).with_limit(at_most as i64)),
+                    )
+                    .await
+                    .map_err(unreachable)?;
+                Ok((count, oldest.kvs().to_vec()))
+            })?
+        };
+        let mut left = count.max(0) as usize;
+        let mut cut: Option<u64> = None;
+        let mut removed = 0;
+        for kv in &oldest {
+            if left <= 1 || removed >= at_most {
+                break;
+            }
+            let event: Event = decode(kv.value())?;
+            if left <= keep && event.at >= before {
+                break;
+            }
+            cut = Some(event.seq);
+            left -= 1;
+            removed += 1;
+        }
+        if let Some(last) = cut {
+            let (from, to) = (start, self.log(last + 1));
+            let mut kv = self.client.kv_client();
+            self.run(async move {
+                kv.delete(from, Some(DeleteOptions::new().with_range(to)))
+                    .await
+                    .map_err(unreachable)
+            })?;
+        }
+        Ok(removed)
+    }
+}
+
+impl EtcdStore {
+    fn state_write(
+        &self,
+        device: &str,
+        state: Option<&DeviceState>,
+    ) -> Result<(String, Option<Vec<u8>>)> {
+        let key = self.data(&format!("states/{device}"));
+        Ok((key, state.map(encode).transpose()?))
+    }
+}
+
+/// The comparison that `key` is as the mirror last saw it (absent: never written since
+/// it was last deleted).
+fn unchanged(mirror: &Mirror, key: &str) -> Compare {
+    Compare::mod_revision(key, CompareOp::Equal, mirror.rev(key))
+}

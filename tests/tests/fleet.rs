@@ -1,0 +1,162 @@
+//! Fleet mode: hosts that share one etcd cluster (three real members) as their store.
+use hyper::Method;
+use persona_tests::{
+    daemon::Daemon,
+    etcd::{Etcd, STORE_LINK},
+    lab::{Site, wait_until},
+};
+use serde_json::{Value, json};
+
+fn persona(name: &str, addr: &str, version: Option<u64>) -> Value {
+    json!({ "metadata": { "name": name, "version": version }, "spec": { "addresses": [addr] } })
+}
+
+/// Three members, and two hosts on them: A, which made the fleet's admin token, and B.
+fn fleet() -> (Etcd, [Site; 2], Daemon, Daemon) {
+    let mut etcd = Etcd::start(3);
+    let sites = [Site::new(), Site::new()];
+    for s in &sites {
+        etcd.join(s);
+    }
+    let a = Daemon::start_in_fleet(&sites[0], &etcd.url(), None, &[]);
+    let b = Daemon::start_in_fleet(&sites[1], &etcd.url(), Some(&a.admin), &[]);
+    (etcd, sites, a, b)
+}
+
+#[test]
+fn what_one_host_defines_every_host_sees_and_guards() {
+    let (etcd, _sites, a, b) = fleet();
+
+    let (s, v) = a.admin(
+        Method::POST,
+        "/personas",
+        Some(&persona("office", "203.0.113.10/24", None)),
+    );
+    assert_eq!(s, 201, "{v}");
+    wait_until("host B sees the persona host A created", || {
+        b.admin(Method::GET, "/personas/office", None).0 == 200
+    });
+    let (_, v) = b.admin(Method::GET, "/personas/office", None);
+    assert_eq!(v["spec"]["addresses"][0], "203.0.113.10/24", "{v}");
+    assert_eq!(v["metadata"]["version"], 1, "{v}");
+
+    // B updates what it read; A's write of the version it read before is stale.
+    let (s, v) = b.admin(
+        Method::PUT,
+        "/personas/office",
+        Some(&persona("office", "203.0.113.11/24", Some(1))),
+    );
+    assert_eq!(
+        (s, v["metadata"]["version"].as_u64()),
+        (200, Some(2)),
+        "{v}"
+    );
+    let (s, v) = a.admin(
+        Method::PUT,
+        "/personas/office",
+        Some(&persona("office", "203.0.113.12/24", Some(1))),
+    );
+    assert_eq!(s, 409, "a stale version is refused on any host: {v}");
+    let (s, _) = a.admin(
+        Method::POST,
+        "/personas",
+        Some(&persona("office", "203.0.113.13/24", None)),
+    );
+    assert_eq!(s, 409, "a name another host created exists on every host");
+    wait_until("host A sees B's update", || {
+        a.admin(Method::GET, "/personas/office", None).1["spec"]["addresses"][0]
+            == "203.0.113.11/24"
+    });
+
+    // What etcd holds is what the hosts say, under persona's own prefix.
+    let stored = etcd.ctl("get /persona/v1/data/objects/personas/office --print-value-only");
+    let stored: Value = serde_json::from_str(stored.trim()).expect("a JSON record");
+    assert_eq!(
+        stored["spec"]["addresses"][0], "203.0.113.11/24",
+        "{stored}"
+    );
+
+    // The audit log is one: B reads the record of A's creation, in order.
+    let (_, events) = b.admin(Method::GET, "/events?after=0&limit=1000", None);
+    let kinds: Vec<(&str, &str)> = events["items"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["to"] == "personas/office")
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap_or(""),
+                e["result"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [("apply", "version 1"), ("apply", "version 2")],
+        "A's create and B's update, read on B: {events}"
+    );
+    let seqs: Vec<u64> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "one numbering for the fleet, without gaps: {seqs:?}"
+    );
+
+    let (s, _) = b.admin(Method::DELETE, "/personas/office", None);
+    assert_eq!(s, 204);
+    wait_until("host A sees the deletion", || {
+        a.admin(Method::GET, "/personas/office", None).0 == 404
+    });
+}
+
+#[test]
+fn without_etcd_reads_answer_from_the_last_state_and_writes_are_refused() {
+    let (mut etcd, sites, a, _b) = fleet();
+    let (s, v) = a.admin(
+        Method::POST,
+        "/personas",
+        Some(&persona("home", "203.0.113.20/24", None)),
+    );
+    assert_eq!(s, 201, "{v}");
+
+    // Host A is cut off from etcd.
+    sites[0]
+        .host
+        .exec(&format!("ip link set {STORE_LINK} down"));
+    let (s, v) = a.admin(Method::GET, "/personas/home", None);
+    assert_eq!(s, 200, "a read answers from what A last saw: {v}");
+    let (s, v) = a.admin(
+        Method::POST,
+        "/personas",
+        Some(&persona("away", "203.0.113.21/24", None)),
+    );
+    assert_eq!(
+        s, 503,
+        "a write without etcd is refused as unavailable: {v}"
+    );
+    assert!(v["error"].as_str().unwrap_or("").contains("etcd"), "{v}");
+
+    // Back: writes go through, and what others wrote meanwhile arrives.
+    sites[0].host.exec(&format!("ip link set {STORE_LINK} up"));
+    wait_until("A writes again once etcd is back", || {
+        a.admin(
+            Method::POST,
+            "/personas",
+            Some(&persona("away", "203.0.113.21/24", None)),
+        )
+        .0 == 201
+    });
+
+    // Every member gone: the same, then a restart of the members on their data.
+    etcd.kill_all();
+    let (s, _) = a.admin(Method::GET, "/personas/away", None);
+    assert_eq!(s, 200, "reads go on with no member up");
+    etcd.restart_stopped();
+    wait_until("A writes again once the members are back", || {
+        a.admin(Method::DELETE, "/personas/away", None).0 == 204
+    });
+}
