@@ -53,8 +53,9 @@ pub struct DaemonConfig {
     pub audit: Retention,
     /// Fail every shift at this step (tests of the undo).
     pub fault_at: Option<crate::node::Step>,
-    /// etcd, for a fleet; the embedded store under `data_dir` when `None`.
-    pub store: Option<crate::store::etcd::EtcdConfig>,
+    /// etcd and this host's name there, for a fleet; the embedded store under
+    /// `data_dir` when `None`.
+    pub fleet: Option<crate::fleet::FleetConfig>,
 }
 
 /// How long audit events are kept: those older than `max_age` go, and the oldest
@@ -118,14 +119,21 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         .mode(0o700)
         .create(config.keys.path())
         .with_context(|| format!("creating {}", config.keys.path().display()))?;
-    let store: Arc<dyn Store> = match &config.store {
-        Some(etcd) => {
-            let etcd = etcd.clone();
-            let store = tokio::task::spawn_blocking(move || EtcdStore::connect(&etcd)).await??;
-            tracing::info!(endpoints = ?store.endpoints(), prefix = store.prefix(), "the store is etcd");
-            Arc::new(store)
+    let (store, fleet): (Arc<dyn Store>, _) = match &config.fleet {
+        Some(f) => {
+            let etcd = f.etcd.clone();
+            let store =
+                Arc::new(tokio::task::spawn_blocking(move || EtcdStore::connect(&etcd)).await??);
+            tracing::info!(endpoints = ?store.endpoints(), prefix = store.prefix(), host = f.host, "the store is etcd");
+            let fleet = Arc::new(crate::fleet::Fleet::new(f.host.clone(), store.clone()));
+            let announced = fleet.clone();
+            tokio::task::spawn_blocking(move || announced.announce()).await??;
+            (store as Arc<dyn Store>, Some(fleet))
         }
-        None => Arc::new(EmbeddedStore::open(&config.data_dir.join("store.redb"))?),
+        None => (
+            Arc::new(EmbeddedStore::open(&config.data_dir.join("store.redb"))?),
+            None,
+        ),
     };
     let kernel = config.kernel.clone();
     let keys = config.keys.clone();
@@ -153,7 +161,10 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         Arc::new(crate::metrics::Metrics::default()),
     )
     .with_fault(config.fault_at);
-    let orchestrator = Arc::new(orchestrator);
+    let orchestrator = Arc::new(match &fleet {
+        Some(f) => orchestrator.with_fleet(f.clone()),
+        None => orchestrator,
+    });
     // Following interfaces before reconciling: a VM that starts or stops meanwhile is
     // not missed.
     tokio::spawn(crate::links::follow(orchestrator.clone()));
@@ -161,6 +172,9 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         .reconcile()
         .await
         .context("reconciling stored devices")?;
+    if let Some(f) = fleet {
+        f.serve(orchestrator.clone());
+    }
     let geoip = config
         .geoip_db
         .as_deref()

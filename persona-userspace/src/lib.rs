@@ -10,6 +10,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod datapath;
+pub mod fleet;
 pub mod host;
 pub mod keys;
 pub mod links;

@@ -42,6 +42,7 @@ pub struct Harness {
 
 pub fn device() -> DeviceSpec {
     DeviceSpec {
+        host: None,
         interface: "lo".into(),
         inner_v4: Some(INNER_V4),
         inner_v6: Some(INNER_V6),

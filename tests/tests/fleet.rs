@@ -3,7 +3,7 @@ use hyper::Method;
 use persona_tests::{
     daemon::Daemon,
     etcd::{Etcd, STORE_LINK},
-    lab::{Site, wait_until},
+    lab::{Lab, Site, VM_IFACE, VmLink, wait_until},
 };
 use serde_json::{Value, json};
 
@@ -159,4 +159,68 @@ fn without_etcd_reads_answer_from_the_last_state_and_writes_are_refused() {
     wait_until("A writes again once the members are back", || {
         a.admin(Method::DELETE, "/personas/away", None).0 == 204
     });
+}
+
+/// A's devices and B's hosts: B defines the personas and A's device, and shifts it.
+#[test]
+fn a_shift_asked_of_any_host_is_made_by_the_host_that_runs_the_device() {
+    let mut etcd = Etcd::start(3);
+    let lab = Lab::new(VmLink::Veth);
+    let b_site = Site::new();
+    etcd.join(&lab.site);
+    etcd.join(&b_site);
+    let a = Daemon::start_in_fleet(&lab.site, &etcd.url(), None, &["--host", "a"]);
+    let b = Daemon::start_in_fleet(&b_site, &etcd.url(), Some(&a.admin), &["--host", "b"]);
+
+    // Everything is defined once, through B.
+    b.cli_ok("apply -f examples/personas.yaml");
+    b.apply_yaml(&format!(
+        "apiVersion: persona.dev/v1\nkind: Device\nmetadata: {{ name: vm1 }}\nspec:\n  host: a\n  interface: {VM_IFACE}\n  innerV4: 198.18.0.2\n  gatewayV4: 198.18.0.1\n  persona: office\n"
+    ));
+    wait_until("host A runs the device B defined for it", || {
+        lab.seen_from_outside().as_deref() == Some("203.0.113.10")
+    });
+
+    let out = b.cli_ok("shift vm1 travel");
+    assert!(out.contains("vm1: travel (generation"), "{out}");
+    assert_eq!(
+        lab.seen_from_outside().as_deref(),
+        Some("203.0.113.20"),
+        "the shift asked of B is made on A, before B answers"
+    );
+    let (_, state) = b.admin(Method::GET, "/devices/vm1", None);
+    assert_eq!(
+        state["status"]["persona"], "travel",
+        "B reads what A applied: {state}"
+    );
+
+    let refused = b.cli("shift vm1 nowhere");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("nowhere"),
+        "A's refusal reaches B's caller: {}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    // A persona changed on B reaches the device on A.
+    let travel = b.admin(Method::GET, "/personas/travel", None).1;
+    let mut spec = travel["spec"].clone();
+    spec["addresses"] = json!(["203.0.113.21/24"]);
+    let body = json!({ "metadata": { "name": "travel", "version": travel["metadata"]["version"] }, "spec": spec });
+    let (s, v) = b.admin(Method::PUT, "/personas/travel", Some(&body));
+    assert_eq!(s, 200, "{v}");
+    wait_until("A runs the persona's new version", || {
+        lab.seen_from_outside().as_deref() == Some("203.0.113.21")
+    });
+
+    // A gone: its device is left as it is, and B says why it cannot shift it.
+    drop(a);
+    wait_until("A's liveness lapses", || {
+        !etcd
+            .ctl("get --prefix /persona/v1/data/hosts/ --keys-only")
+            .contains("hosts/a")
+    });
+    let out = b.cli("shift vm1 office");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("not alive"), "{err}");
 }

@@ -87,6 +87,10 @@ impl From<ShiftError> for ApiError {
             ShiftError::RolledBack { .. } | ShiftError::Failed(_) => {
                 Self::new(StatusCode::BAD_GATEWAY, e.to_string())
             }
+            ShiftError::Remote { status, message } => Self::new(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                message,
+            ),
         }
     }
 }

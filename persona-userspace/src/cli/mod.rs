@@ -100,10 +100,14 @@ pub struct StoreArgs {
     store_user: Option<String>,
     #[arg(long, env = "PERSONA_STORE_PASSWORD_FILE", requires = "store_user")]
     store_password_file: Option<PathBuf>,
+    /// This host's name in the fleet: it runs the devices whose `host` is this name.
+    /// The system's host name when not given.
+    #[arg(long, env = "PERSONA_HOST", requires = "store")]
+    host: Option<String>,
 }
 
 impl StoreArgs {
-    fn config(&self) -> anyhow::Result<Option<crate::store::etcd::EtcdConfig>> {
+    fn config(&self) -> anyhow::Result<Option<crate::fleet::FleetConfig>> {
         let Some(url) = &self.store else {
             return Ok(None);
         };
@@ -135,7 +139,14 @@ impl StoreArgs {
                 .context("--store-password-file: not UTF-8")?;
             config.user = Some((user.clone(), password.trim_end_matches('\n').to_owned()));
         }
-        Ok(Some(config))
+        let host = match &self.host {
+            Some(h) => h.clone(),
+            None => nix::unistd::gethostname()
+                .context("reading the host name for --host")?
+                .to_string_lossy()
+                .into_owned(),
+        };
+        Ok(Some(crate::fleet::FleetConfig { etcd: config, host }))
     }
 }
 
@@ -497,7 +508,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             fault_at,
             store,
         } => {
-            let store = store.config()?;
+            let fleet = store.config()?;
             if let Some(addr) = listen
                 && tls_cert.is_none()
                 && !addr.ip().is_loopback()
@@ -540,7 +551,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     max_events: *audit_max_events,
                 },
                 fault_at: *fault_at,
-                store,
+                fleet,
             }))
         }
         _ => {

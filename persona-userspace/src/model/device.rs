@@ -10,6 +10,9 @@ use super::FieldError;
 pub struct DeviceSpec {
     /// The tap (or veth) interface on the host.
     pub interface: String,
+    /// In a fleet, the host that runs the device (its `--host`); others leave it be.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inner_v4: Option<Ipv4Addr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -119,6 +122,7 @@ impl DeviceSpec {
         let m = cfg.mac;
         Self {
             interface,
+            host: None,
             inner_v4: (cfg.flags & DEVICE_HAS_V4 != 0).then(|| Ipv4Addr::from(cfg.inner_v4)),
             inner_v6: (cfg.flags & DEVICE_HAS_V6 != 0).then(|| Ipv6Addr::from(cfg.inner_v6)),
             mac: (m != [0; 6]).then(|| {
@@ -150,6 +154,20 @@ impl DeviceSpec {
     pub fn validate(&self) -> Result<(), FieldError> {
         check_interface_name(&self.interface)
             .map_err(|why| FieldError::new("spec.interface", why))?;
+        if let Some(host) = &self.host
+            && (host.is_empty()
+                || host.len() > 253
+                || !host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')))
+        {
+            return Err(FieldError::new(
+                "spec.host",
+                format!(
+                    "{host:?} is not a host name (letters, digits, '-', '.', '_'; at most 253)"
+                ),
+            ));
+        }
         if self.tap.is_some() && self.interface.starts_with("vnet") {
             return Err(FieldError::new(
                 "spec.interface",

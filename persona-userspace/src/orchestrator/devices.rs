@@ -86,6 +86,9 @@ impl Orchestrator {
                 return Ok(());
             };
             let spec: DeviceSpec = super::parse(&record)?;
+            if !self.runs_here(&spec) {
+                return Ok(());
+            }
             let Some(i) = self.attach_locked(&spec).await? else {
                 return Ok(());
             };

@@ -23,7 +23,7 @@ use crate::{
     tls_applier::TlsApplier,
 };
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 #[serde(tag = "step", rename_all = "snake_case")]
 pub enum Step {
     /// Write the persona's tables into a free slot, invisible to packets.
@@ -46,7 +46,7 @@ pub enum Step {
     Vpn { endpoint: Option<String> },
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Plan {
     pub device: String,
     pub from: Option<String>,
@@ -56,7 +56,7 @@ pub struct Plan {
     pub diff: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Outcome {
     pub plan: Plan,
     pub dry_run: bool,
@@ -96,6 +96,25 @@ pub enum ShiftError {
     /// Something on the host refuses it as things are (a VM holds the tap).
     #[error("{0}")]
     Busy(String),
+    /// What the host that runs the device answered (fleet mode), with its HTTP status.
+    #[error("{message}")]
+    Remote { status: u16, message: String },
+}
+
+impl ShiftError {
+    /// The HTTP status the API answers it with.
+    pub fn status(&self) -> u16 {
+        match self {
+            ShiftError::Store(StoreError::NotFound { .. }) => 404,
+            ShiftError::Store(StoreError::Exists { .. } | StoreError::Conflict { .. }) => 409,
+            ShiftError::Store(StoreError::Unavailable(_)) => 503,
+            ShiftError::Store(StoreError::Backend(_)) | ShiftError::Corrupt { .. } => 500,
+            ShiftError::Invalid(_) => 422,
+            ShiftError::Held { .. } | ShiftError::Busy(_) => 409,
+            ShiftError::RolledBack { .. } | ShiftError::Failed(_) => 502,
+            ShiftError::Remote { status, .. } => *status,
+        }
+    }
 }
 
 fn lines(prefix: char, items: impl IntoIterator<Item = String>) -> impl Iterator<Item = String> {
@@ -284,6 +303,8 @@ pub struct Orchestrator {
     carried: std::sync::Mutex<
         HashMap<String, std::collections::BTreeMap<u32, crate::datapath::Counters>>,
     >,
+    /// The fleet this host belongs to, in fleet mode: it runs only its own devices.
+    fleet: Option<Arc<crate::fleet::Fleet>>,
 }
 
 fn parse<T: serde::de::DeserializeOwned>(r: &Record) -> Result<T, ShiftError> {
@@ -325,7 +346,28 @@ impl Orchestrator {
             interfaces: Default::default(),
             failing: Default::default(),
             carried: Default::default(),
+            fleet: None,
         }
+    }
+
+    /// A host of a fleet: it programs only the devices that name it.
+    pub fn with_fleet(mut self, fleet: Arc<crate::fleet::Fleet>) -> Self {
+        self.fleet = Some(fleet);
+        self
+    }
+
+    pub fn fleet(&self) -> Option<&Arc<crate::fleet::Fleet>> {
+        self.fleet.as_ref()
+    }
+
+    /// Whether this host runs the device: every device on its own, its own in a fleet.
+    pub fn runs_here(&self, spec: &DeviceSpec) -> bool {
+        self.fleet.as_ref().is_none_or(|f| f.runs(spec))
+    }
+
+    /// [`Orchestrator::runs_here`] of a stored device; false when there is none.
+    pub fn runs_here_named(&self, device: &str) -> bool {
+        matches!(self.device(device), Ok(Some(spec)) if self.runs_here(&spec))
     }
 
     /// The last sweep's findings: open flows and draining addresses per ifindex.
@@ -484,6 +526,22 @@ impl Orchestrator {
         flows: Option<FlowMode>,
         cause: Option<(String, Value)>,
     ) -> Result<Outcome, ShiftError> {
+        if let (Some(fleet), Some(persona)) = (&self.fleet, persona) {
+            let spec = self
+                .device(device)?
+                .ok_or_else(|| not_found("Device", device))?;
+            if !fleet.runs(&spec) {
+                let Some(host) = spec.host.as_deref() else {
+                    return Err(ShiftError::Invalid(crate::model::FieldError::new(
+                        "spec.host",
+                        format!("device {device:?} names no host to run on"),
+                    )));
+                };
+                return fleet
+                    .shift_on(host, device, persona, actor, dry_run, flows, cause)
+                    .await;
+            }
+        }
         let start = Instant::now();
         let this = self.clone();
         let (d, p, a) = (

@@ -170,9 +170,9 @@ impl RuleEngine {
     /// parse.
     fn view(&self, state: &mut State, device: &str) -> Result<Option<DeviceView>, StoreError> {
         let spec = match self.orchestrator.device(device) {
-            Ok(Some(spec)) => spec,
+            Ok(Some(spec)) if self.orchestrator.runs_here(&spec) => spec,
             Err(ShiftError::Store(e)) => return Err(e),
-            Ok(None) | Err(_) => {
+            Ok(_) | Err(_) => {
                 state.memos.remove(device);
                 return Ok(None);
             }

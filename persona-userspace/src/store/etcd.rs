@@ -107,18 +107,35 @@ struct Entry {
 /// The mirror of `data/`: a key changes only to what a later revision wrote, whichever
 /// of the watch and this host's own writes brings it first. A deletion is kept until
 /// the watch has passed it, so that no older write seen late brings the key back.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Mirror {
     entries: BTreeMap<String, Entry>,
     /// The revision the watch has delivered everything up to.
     watched: i64,
+    /// Whether the watch is running: when not, reads may be stale.
+    live: bool,
+    /// Each key whose value changed, as it changes.
+    changes: tokio::sync::broadcast::Sender<String>,
 }
 
 impl Mirror {
+    fn new() -> Self {
+        Self {
+            entries: BTreeMap::new(),
+            watched: 0,
+            live: false,
+            changes: tokio::sync::broadcast::channel(4096).0,
+        }
+    }
+
     fn apply(&mut self, key: String, value: Option<Vec<u8>>, rev: i64) {
         match self.entries.get(&key) {
             Some(e) if e.rev >= rev => {}
-            _ => {
+            old => {
+                let changed = old.is_none_or(|e| e.value != value);
+                if changed && (old.is_some() || value.is_some()) {
+                    let _ = self.changes.send(key.clone());
+                }
                 self.entries.insert(key, Entry { value, rev });
             }
         }
@@ -150,26 +167,21 @@ impl Mirror {
 
     /// Everything as a listing at `rev` says: what it lacks was deleted.
     fn relist(&mut self, kvs: Vec<(String, Vec<u8>, i64)>, rev: i64) {
-        let mut fresh: BTreeMap<String, Entry> = kvs
-            .into_iter()
-            .map(|(k, v, r)| {
-                (
-                    k,
-                    Entry {
-                        value: Some(v),
-                        rev: r,
-                    },
-                )
-            })
-            .collect();
-        // Own writes newer than the listing stay.
-        for (k, e) in &self.entries {
-            if e.rev > rev {
-                fresh.insert(k.clone(), e.clone());
-            }
+        let listed: std::collections::HashSet<String> =
+            kvs.iter().map(|(k, _, _)| k.clone()).collect();
+        for (k, v, r) in kvs {
+            self.apply(k, Some(v), r);
         }
-        self.entries = fresh;
-        self.watched = rev;
+        let gone: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(k, e)| e.value.is_some() && e.rev <= rev && !listed.contains(*k))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            self.apply(k, None, rev);
+        }
+        self.watched_to(rev);
     }
 }
 
@@ -291,7 +303,7 @@ impl EtcdStore {
             client,
             endpoints: config.endpoints.clone(),
             prefix: config.prefix.clone(),
-            mirror: Default::default(),
+            mirror: Arc::new(RwLock::new(Mirror::new())),
         };
         let rev = store.relist()?;
         store.rt.spawn(watch(
@@ -309,6 +321,56 @@ impl EtcdStore {
 
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// Every key of `data/` whose value changes from now on, as it changes.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.mirror.read().expect("mirror lock").changes.subscribe()
+    }
+
+    /// Whether the watch follows etcd now; when not, reads answer from what it last
+    /// saw, which may be stale.
+    pub fn is_live(&self) -> bool {
+        self.mirror.read().expect("mirror lock").live
+    }
+
+    /// The key of `rest` under `data/`: what [`EtcdStore::subscribe`] gives.
+    pub fn key(&self, rest: &str) -> String {
+        self.data(rest)
+    }
+
+    pub fn read_json(&self, rest: &str) -> Result<Option<Value>> {
+        self.read(&self.data(rest))
+    }
+
+    /// Every value under `data/<prefix>`, by the rest of its key.
+    pub fn read_json_under(&self, prefix: &str) -> Result<Vec<(String, Value)>> {
+        let prefix = self.data(prefix);
+        let mirror = self.mirror.read().expect("mirror lock");
+        mirror
+            .under(&prefix)
+            .map(|(k, v)| Ok((k[prefix.len()..].to_owned(), decode(v)?)))
+            .collect()
+    }
+
+    /// Writes (or, with `None`, deletes) a key under `data/`.
+    pub fn write_json(&self, rest: &str, value: Option<&Value>) -> Result<()> {
+        self.write_all(vec![(self.data(rest), value.map(encode).transpose()?)])
+    }
+
+    /// `value` under `data/<rest>` with a lease of `ttl`, kept alive for as long as this
+    /// store lives and made again whenever it lapses (etcd lost for longer than `ttl`).
+    pub fn hold(&self, rest: &str, value: &Value, ttl: Duration) -> Result<()> {
+        let (key, value) = (self.data(rest), encode(value)?);
+        let client = self.client.clone();
+        let first = self.run(grant_and_put(
+            client.clone(),
+            key.clone(),
+            value.clone(),
+            ttl,
+        ))?;
+        self.rt.spawn(keep_alive(client, key, value, ttl, first));
+        Ok(())
     }
 
     fn data(&self, rest: &str) -> String {
@@ -449,6 +511,61 @@ impl EtcdStore {
     }
 }
 
+async fn grant_and_put(
+    mut client: Client,
+    key: String,
+    value: Vec<u8>,
+    ttl: Duration,
+) -> Result<i64> {
+    let lease = client
+        .lease_grant(ttl.as_secs().max(1) as i64, None)
+        .await
+        .map_err(unreachable)?
+        .id();
+    client
+        .put(
+            key,
+            value,
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .map_err(unreachable)?;
+    Ok(lease)
+}
+
+/// Renews the lease a third of its time before it would lapse; once it has lapsed or
+/// the renewals fail, puts the key again under a new one.
+async fn keep_alive(client: Client, key: String, value: Vec<u8>, ttl: Duration, mut lease: i64) {
+    loop {
+        let mut c = client.clone();
+        let kept = async {
+            let (mut keeper, mut answers) = c.lease_keep_alive(lease).await?;
+            loop {
+                keeper.keep_alive().await?;
+                match answers.message().await? {
+                    Some(a) if a.ttl() > 0 => {}
+                    _ => return Ok::<(), etcd_client::Error>(()),
+                }
+                tokio::time::sleep(ttl / 3).await;
+            }
+        }
+        .await;
+        if let Err(e) = kept {
+            tracing::warn!(key, error = %e, "keeping the lease alive");
+        }
+        loop {
+            tokio::time::sleep(ttl / 3).await;
+            match grant_and_put(client.clone(), key.clone(), value.clone(), ttl).await {
+                Ok(l) => {
+                    lease = l;
+                    break;
+                }
+                Err(e) => tracing::warn!(key, error = %e, "putting the leased key again"),
+            }
+        }
+    }
+}
+
 /// Runs `f` on the store's runtime and waits for it on this thread, whichever runtime
 /// (if any) this thread belongs to.
 fn on<T: Send + 'static>(
@@ -537,6 +654,17 @@ async fn watch_once(
         .with_start_revision(*rev + 1)
         .with_progress_notify();
     let mut stream = client.watch(prefix, Some(options)).await?;
+    mirror.write().expect("mirror lock").live = true;
+    let watched = follow(&mut stream, mirror, rev).await;
+    mirror.write().expect("mirror lock").live = false;
+    watched
+}
+
+async fn follow(
+    stream: &mut etcd_client::WatchStream,
+    mirror: &RwLock<Mirror>,
+    rev: &mut i64,
+) -> std::result::Result<Relist, etcd_client::Error> {
     while let Some(resp) = stream.message().await? {
         if resp.canceled() {
             if resp.compact_revision() > 0 {

@@ -1,0 +1,355 @@
+//! Fleet mode: hosts sharing one etcd store. A device runs on the host its spec names
+//! (`host`), and only that host programs it. A shift asked of another host reaches it as
+//! a request under `requests/<device>`; its answer comes back under `results/<device>`,
+//! both through the watch every host keeps. Each host holds `hosts/<name>` under a
+//! lease while it lives: a device whose host holds none is orphaned, and stays where
+//! it is until someone moves it.
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::{
+    model::{DeviceSpec, FlowMode},
+    orchestrator::{Orchestrator, Outcome, ShiftError},
+    store::{Kind, StoreError, etcd::EtcdStore},
+};
+
+/// How long a host waits for the device's host to answer a shift.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+/// A host that stops renewing its lease is taken for dead after this long.
+const LIVENESS_TTL: Duration = Duration::from_secs(5);
+
+/// A shift asked of the device's host by another.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Request {
+    id: String,
+    persona: String,
+    actor: String,
+    dry_run: bool,
+    flows: Option<FlowMode>,
+    cause: Option<(String, Value)>,
+    asked: Timestamp,
+    by: String,
+}
+
+/// The device's host's answer to the request `id`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Answer {
+    id: String,
+    by: String,
+    outcome: Option<Outcome>,
+    error: Option<Refusal>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Refusal {
+    status: u16,
+    message: String,
+}
+
+/// A host of a fleet: the store it shares, and its own name there.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    pub etcd: crate::store::etcd::EtcdConfig,
+    pub host: String,
+}
+
+pub struct Fleet {
+    host: String,
+    store: Arc<EtcdStore>,
+    /// Requests this host is carrying out, by id.
+    running: Mutex<HashSet<String>>,
+}
+
+fn store_error(e: StoreError) -> ShiftError {
+    ShiftError::Store(e)
+}
+
+impl Fleet {
+    pub fn new(host: String, store: Arc<EtcdStore>) -> Self {
+        Self {
+            host,
+            store,
+            running: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Whether this host runs the device.
+    pub fn runs(&self, spec: &DeviceSpec) -> bool {
+        spec.host.as_deref() == Some(self.host.as_str())
+    }
+
+    /// Announces this host as alive for as long as it runs.
+    pub fn announce(&self) -> Result<(), StoreError> {
+        self.store.hold(
+            &format!("hosts/{}", self.host),
+            &json!({ "since": Timestamp::now() }),
+            LIVENESS_TTL,
+        )
+    }
+
+    /// The hosts alive now, as the last state seen says.
+    pub fn live_hosts(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .store
+            .read_json_under("hosts/")?
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect())
+    }
+
+    /// Asks `host` to shift the device and waits for its answer.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn shift_on(
+        &self,
+        host: &str,
+        device: &str,
+        persona: &str,
+        actor: &str,
+        dry_run: bool,
+        flows: Option<FlowMode>,
+        cause: Option<(String, Value)>,
+    ) -> Result<Outcome, ShiftError> {
+        if !self
+            .live_hosts()
+            .map_err(store_error)?
+            .iter()
+            .any(|h| h == host)
+        {
+            return Err(ShiftError::Remote {
+                status: 503,
+                message: format!(
+                    "device {device:?} runs on host {host:?}, which is not alive: it stays as it is until its host comes back or it is moved"
+                ),
+            });
+        }
+        let mut id = [0u8; 8];
+        getrandom::fill(&mut id).map_err(|e| ShiftError::Failed(e.to_string()))?;
+        let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let request = Request {
+            id: id.clone(),
+            persona: persona.to_owned(),
+            actor: actor.to_owned(),
+            dry_run,
+            flows,
+            cause,
+            asked: Timestamp::now(),
+            by: self.host.clone(),
+        };
+        let answer_key = self.store.key(&format!("results/{device}"));
+        let mut changes = self.store.subscribe();
+        let (store, rest) = (self.store.clone(), format!("requests/{device}"));
+        let value = serde_json::to_value(&request).expect("a request serialises");
+        tokio::task::spawn_blocking(move || store.write_json(&rest, Some(&value)))
+            .await
+            .map_err(|e| ShiftError::Failed(e.to_string()))?
+            .map_err(store_error)?;
+        let waited = tokio::time::timeout(ANSWER_WITHIN, async {
+            loop {
+                if let Some(a) = self.answer(device)?
+                    && a.id == id
+                {
+                    return Ok(a);
+                }
+                match changes.recv().await {
+                    Ok(k) if k != answer_key => continue,
+                    Ok(_) | Err(RecvError::Lagged(_)) => continue,
+                    Err(RecvError::Closed) => {
+                        return Err(ShiftError::Failed("the store closed".into()));
+                    }
+                }
+            }
+        })
+        .await;
+        match waited {
+            Err(_) => Err(ShiftError::Remote {
+                status: 504,
+                message: format!(
+                    "host {host:?}, which runs device {device:?}, did not answer within {} s",
+                    ANSWER_WITHIN.as_secs()
+                ),
+            }),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(Answer {
+                outcome: Some(o), ..
+            })) => Ok(o),
+            Ok(Ok(Answer { error, by, .. })) => {
+                let r = error.unwrap_or(Refusal {
+                    status: 502,
+                    message: "an answer with neither outcome nor error".into(),
+                });
+                Err(ShiftError::Remote {
+                    status: r.status,
+                    message: format!("host {by:?}: {}", r.message),
+                })
+            }
+        }
+    }
+
+    fn answer(&self, device: &str) -> Result<Option<Answer>, ShiftError> {
+        self.store
+            .read_json(&format!("results/{device}"))
+            .map_err(store_error)?
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| ShiftError::Failed(format!("an answer in the store: {e}")))
+    }
+
+    /// Follows the store for what this host must do: requests for its devices, and
+    /// devices and personas another host changed.
+    pub fn serve(self: Arc<Self>, orchestrator: Arc<Orchestrator>) {
+        let mut changes = self.store.subscribe();
+        tokio::spawn(async move {
+            self.pending(&orchestrator);
+            loop {
+                let key = match changes.recv().await {
+                    Ok(k) => k,
+                    Err(RecvError::Lagged(_)) => {
+                        self.pending(&orchestrator);
+                        continue;
+                    }
+                    Err(RecvError::Closed) => return,
+                };
+                let requests = self.store.key("requests/");
+                let devices = self.store.key("objects/devices/");
+                let personas = self.store.key("objects/personas/");
+                if let Some(device) = key.strip_prefix(&requests) {
+                    self.clone().take(&orchestrator, device);
+                } else if let Some(device) = key.strip_prefix(&devices) {
+                    let (o, d) = (orchestrator.clone(), device.to_owned());
+                    tokio::spawn(async move {
+                        let _ = o.settle_reported(&d, "fleet").await;
+                    });
+                } else if let Some(persona) = key.strip_prefix(&personas) {
+                    let (o, p) = (orchestrator.clone(), persona.to_owned());
+                    tokio::spawn(async move { reapply(&o, &p).await });
+                }
+            }
+        });
+    }
+
+    /// Takes every request not answered yet.
+    fn pending(self: &Arc<Self>, orchestrator: &Arc<Orchestrator>) {
+        match self.store.read_json_under("requests/") {
+            Ok(requests) => {
+                for (device, _) in requests {
+                    self.clone().take(orchestrator, &device);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading shift requests"),
+        }
+    }
+
+    /// Carries out the request for `device` when the device runs here and the request
+    /// is neither answered nor being carried out.
+    fn take(self: Arc<Self>, orchestrator: &Arc<Orchestrator>, device: &str) {
+        let request: Option<Request> = self
+            .store
+            .read_json(&format!("requests/{device}"))
+            .ok()
+            .flatten()
+            .and_then(|v| serde_json::from_value(v).ok());
+        let Some(request) = request else { return };
+        let runs_here = matches!(orchestrator.device(device), Ok(Some(spec)) if self.runs(&spec));
+        if !runs_here
+            || self
+                .answer(device)
+                .ok()
+                .flatten()
+                .is_some_and(|a| a.id == request.id)
+        {
+            return;
+        }
+        if !self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(request.id.clone())
+        {
+            return;
+        }
+        let (o, device) = (orchestrator.clone(), device.to_owned());
+        tokio::spawn(async move {
+            let late = Timestamp::now()
+                .duration_since(request.asked)
+                .unsigned_abs()
+                > ANSWER_WITHIN;
+            let result = if late {
+                Err(ShiftError::Remote {
+                    status: 504,
+                    message: format!(
+                        "the request came after the {} s its asker waits",
+                        ANSWER_WITHIN.as_secs()
+                    ),
+                })
+            } else {
+                o.shift_for(
+                    &device,
+                    &request.persona,
+                    &request.actor,
+                    request.dry_run,
+                    request.flows,
+                    request.cause.clone(),
+                )
+                .await
+            };
+            let answer = Answer {
+                id: request.id.clone(),
+                by: self.host.clone(),
+                error: result.as_ref().err().map(|e| Refusal {
+                    status: e.status(),
+                    message: e.to_string(),
+                }),
+                outcome: result.ok(),
+            };
+            let value = serde_json::to_value(&answer).expect("an answer serialises");
+            let (store, rest) = (self.store.clone(), format!("results/{device}"));
+            let written =
+                tokio::task::spawn_blocking(move || store.write_json(&rest, Some(&value))).await;
+            if let Ok(Err(e)) | Err(e) = written.map_err(|e| StoreError::Backend(e.to_string())) {
+                tracing::warn!(device, error = %e, "answering a shift request");
+            }
+            self.running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&request.id);
+        });
+    }
+}
+
+/// After another host changed a persona: this host's devices on it take the new
+/// version.
+async fn reapply(orchestrator: &Arc<Orchestrator>, persona: &str) {
+    let store = orchestrator.store();
+    let Ok(Some(record)) = store.get(Kind::Persona, persona) else {
+        return;
+    };
+    let Ok(devices) = store.list(Kind::Device) else {
+        return;
+    };
+    for d in devices {
+        let runs_here = matches!(orchestrator.device(&d.name), Ok(Some(_)))
+            && orchestrator.runs_here_named(&d.name);
+        if let Ok(Some(s)) = store.device_state(&d.name)
+            && runs_here
+            && s.persona == persona
+            && s.persona_version != record.version
+            && let Err(e) = orchestrator
+                .shift(&d.name, persona, "fleet:persona-update", false, None)
+                .await
+        {
+            tracing::warn!(device = %d.name, persona, error = %e, "taking the persona's new version");
+        }
+    }
+}
