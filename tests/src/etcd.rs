@@ -144,6 +144,27 @@ impl Etcd {
         ));
     }
 
+    /// SIGKILLs the member that leads now; returns its index.
+    pub fn kill_leader(&mut self) -> usize {
+        let status = self.ctl("endpoint status -w json");
+        let status: serde_json::Value = serde_json::from_str(&status).expect("endpoint status");
+        let leader = status
+            .as_array()
+            .expect("a status per member")
+            .iter()
+            .find(|s| s["Status"]["header"]["member_id"] == s["Status"]["leader"])
+            .expect("a member that leads");
+        let endpoint = leader["Endpoint"].as_str().expect("its endpoint");
+        let i = (0..self.dirs.len())
+            .find(|&i| endpoint.contains(&format!("//{}:", member_ip(i))))
+            .expect("a member of ours");
+        if let Some(mut c) = self.members[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        i
+    }
+
     /// Stops every member at once (SIGKILL): etcd is gone for every host.
     pub fn kill_all(&mut self) {
         for m in self.members.iter_mut() {

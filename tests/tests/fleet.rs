@@ -224,3 +224,94 @@ fn a_shift_asked_of_any_host_is_made_by_the_host_that_runs_the_device() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("not alive"), "{err}");
 }
+
+/// 300 shifts through the API while the etcd leader is SIGKILLed: every shift that was
+/// acknowledged is in etcd with its audit record, and shifts go on after the election.
+#[test]
+fn a_leader_killed_during_shifts_loses_no_acknowledged_shift() {
+    let mut etcd = Etcd::start(3);
+    let lab = Lab::new(VmLink::Veth);
+    etcd.join(&lab.site);
+    let a = Daemon::start_in_fleet(&lab.site, &etcd.url(), None, &["--host", "a"]);
+    a.cli_ok("apply -f examples/personas.yaml");
+    a.apply_yaml(&format!(
+        "apiVersion: persona.dev/v1\nkind: Device\nmetadata: {{ name: vm1 }}\nspec:\n  host: a\n  interface: {VM_IFACE}\n  innerV4: 198.18.0.2\n  gatewayV4: 198.18.0.1\n  persona: office\n"
+    ));
+
+    let mut acknowledged: Vec<(u64, u64, &str)> = Vec::new();
+    let mut refused = Vec::new();
+    let mut killed = None;
+    for i in 0..300 {
+        if i == 100 {
+            killed = Some(etcd.kill_leader());
+        }
+        let to = if i % 2 == 0 { "travel" } else { "office" };
+        let body = json!({ "device_id": "vm1", "persona_id": to });
+        let (s, v) = a.admin(Method::POST, "/trigger_shift", Some(&body));
+        match s {
+            200 => acknowledged.push((
+                v["event"].as_u64().expect("its audit record"),
+                v["generation"].as_u64().expect("its generation"),
+                to,
+            )),
+            _ => refused.push((i, s, v)),
+        }
+    }
+    assert!(killed.is_some());
+    eprintln!(
+        "{} acknowledged, refused: {:?}",
+        acknowledged.len(),
+        refused.iter().map(|(i, s, _)| (i, s)).collect::<Vec<_>>()
+    );
+    assert!(
+        refused
+            .iter()
+            .all(|(i, s, _)| (100..200).contains(i) && [502, 503].contains(s)),
+        "only shifts around the election fail, each as unavailable or undone: {refused:?}"
+    );
+    assert!(
+        acknowledged.len() >= 250,
+        "shifts resume after the election: {} refused",
+        refused.len()
+    );
+
+    // Every acknowledged shift's record, as etcd holds it.
+    let (_, events) = a.admin(Method::GET, "/events?after=0&limit=1000", None);
+    let stored: std::collections::HashMap<u64, &Value> = events["items"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| (e["seq"].as_u64().unwrap(), e))
+        .collect();
+    for (seq, generation, to) in &acknowledged {
+        let e = stored
+            .get(seq)
+            .unwrap_or_else(|| panic!("the acknowledged shift's record {seq} is lost"));
+        assert_eq!(
+            (
+                e["kind"].as_str(),
+                e["to"].as_str(),
+                e["generation"].as_u64(),
+                e["result"].as_str()
+            ),
+            (Some("shift"), Some(*to), Some(*generation), Some("ok")),
+            "{e}"
+        );
+    }
+    let last = acknowledged.last().expect("an acknowledged shift");
+    let (_, device) = a.admin(Method::GET, "/devices/vm1", None);
+    assert_eq!(
+        (
+            device["status"]["persona"].as_str(),
+            device["status"]["generation"].as_u64()
+        ),
+        (Some(last.2), Some(last.1)),
+        "the stored state is the last acknowledged shift's: {device}"
+    );
+    let seen = if last.2 == "travel" {
+        "203.0.113.20"
+    } else {
+        "203.0.113.10"
+    };
+    assert_eq!(lab.seen_from_outside().as_deref(), Some(seen));
+}

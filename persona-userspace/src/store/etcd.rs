@@ -200,13 +200,40 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
 /// An error of etcd's: a refusal (too large, not permitted) names what etcd said; no
 /// answer (no member reachable, no leader, out of time) is [`StoreError::Unavailable`].
 fn unreachable(e: etcd_client::Error) -> StoreError {
-    // gRPC's UNAVAILABLE and DEADLINE_EXCEEDED.
-    const NO_ANSWER: [i32; 2] = [14, 4];
+    // gRPC's CANCELLED (a client-side timeout), DEADLINE_EXCEEDED and UNAVAILABLE.
+    const NO_ANSWER: [i32; 3] = [1, 4, 14];
     match e {
         etcd_client::Error::GRpcStatus(s) if !NO_ANSWER.contains(&i32::from(s.code())) => {
             StoreError::Backend(format!("etcd: {}", s.message()))
         }
         other => StoreError::Unavailable(format!("etcd: {other}")),
+    }
+}
+
+/// Whether the request never left: no connection to the member it was sent to (one
+/// that is down, while the client still counts it among its endpoints). Sending it
+/// again cannot apply it twice.
+fn never_sent(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => {
+            i32::from(s.code()) == 14 && s.message().contains("connect error")
+        }
+        _ => false,
+    }
+}
+
+/// Runs `call` until it is sent: a member that cannot be connected to is passed over
+/// for another (the deadline around it bounds the tries).
+async fn sent<T, F>(mut call: impl FnMut() -> F) -> Result<T>
+where
+    F: Future<Output = std::result::Result<T, etcd_client::Error>>,
+{
+    loop {
+        match call().await {
+            Err(e) if never_sent(&e) => tokio::time::sleep(Duration::from_millis(20)).await,
+            other => return other.map_err(unreachable),
+        }
     }
 }
 
@@ -385,10 +412,6 @@ impl EtcdStore {
         self.data(&format!("objects/{}/{name}", kind_key(kind)))
     }
 
-    fn seq_key(&self) -> String {
-        self.data("meta/event-seq")
-    }
-
     /// Lists `data/` into the mirror; returns the revision listed at.
     fn relist(&self) -> Result<i64> {
         let (kvs, rev) = self.run(list(self.client.clone(), self.data("")))?;
@@ -413,56 +436,21 @@ impl EtcdStore {
         mirror.under(prefix).map(|(_, v)| decode(v)).collect()
     }
 
-    /// Decides a write on what the mirror holds and commits it; decided again, on what
-    /// etcd read back, each time another writer got there first.
+    /// What a write needs, to run on the store's runtime.
+    fn core(&self) -> Core {
+        Core {
+            client: self.client.clone(),
+            prefix: self.prefix.clone(),
+            mirror: self.mirror.clone(),
+        }
+    }
+
+    /// [`decide`], waited for.
     fn decide<T: Send + 'static>(
         &self,
-        mut decide: impl FnMut(&Mirror) -> Result<Decision<T>>,
+        f: impl FnMut(&Mirror) -> Result<Decision<T>> + Send + 'static,
     ) -> Result<T> {
-        for _ in 0..ATTEMPTS {
-            let plan = match decide(&self.mirror.read().expect("mirror lock"))? {
-                Decision::Done(value) => return Ok(value),
-                Decision::Write(plan) => plan,
-            };
-            let ops: Vec<TxnOp> = plan
-                .writes
-                .iter()
-                .map(|(k, v)| match v {
-                    Some(v) => TxnOp::put(k.as_str(), v.clone(), None),
-                    None => TxnOp::delete(k.as_str(), None),
-                })
-                .collect();
-            let reads: Vec<TxnOp> = plan
-                .reread
-                .iter()
-                .map(|k| TxnOp::get(k.as_str(), None))
-                .collect();
-            let txn = Txn::new().when(plan.when).and_then(ops).or_else(reads);
-            let mut kv = self.client.kv_client();
-            let resp = self.run(async move { kv.txn(txn).await.map_err(unreachable) })?;
-            let rev = resp.header().map_or(0, |h| h.revision());
-            let data = self.data("");
-            let mut mirror = self.mirror.write().expect("mirror lock");
-            if resp.succeeded() {
-                for (key, value) in plan.writes {
-                    if key.starts_with(&data) {
-                        mirror.apply(key, value, rev);
-                    }
-                }
-                return Ok(plan.value);
-            }
-            for (key, r) in plan.reread.into_iter().zip(resp.op_responses()) {
-                if let TxnOpResponse::Get(g) = r {
-                    match g.kvs().first() {
-                        Some(kv) => mirror.apply(key, Some(kv.value().to_vec()), kv.mod_revision()),
-                        None => mirror.apply(key, None, rev),
-                    }
-                }
-            }
-        }
-        Err(backend(format!(
-            "gave up a write after {ATTEMPTS} attempts, each raced by another writer"
-        )))
+        self.run(decide(self.core(), f))
     }
 
     /// Unconditional writes, in one transaction.
@@ -473,42 +461,107 @@ impl EtcdStore {
             reread: Vec::new(),
             value: (),
         });
-        self.decide(|_| {
+        self.decide(move |_| {
             plan.take()
                 .map(Decision::Write)
                 .ok_or_else(|| backend("an unconditional write failed its comparison"))
         })
     }
+}
 
-    /// `writes` in the transaction that appends `body` as the next event; the event.
-    fn with_event(&self, body: EventBody, writes: Vec<(String, Option<Vec<u8>>)>) -> Result<Event> {
-        let at = jiff::Timestamp::now();
-        let seq_key = self.seq_key();
-        self.decide(|mirror| {
-            let last: u64 = match mirror.get(&seq_key) {
-                Some((v, _)) => decode(v)?,
-                None => 0,
-            };
-            let event = Event {
-                seq: last + 1,
-                at,
-                body: body.clone(),
-            };
-            let mut w = writes.clone();
-            w.push((seq_key.clone(), Some(encode(&event.seq)?)));
-            w.push((self.log(event.seq), Some(encode(&event)?)));
-            Ok(Decision::Write(Plan {
-                when: vec![Compare::mod_revision(
-                    seq_key.as_str(),
-                    CompareOp::Equal,
-                    mirror.rev(&seq_key),
-                )],
-                writes: w,
-                reread: vec![seq_key.clone()],
-                value: event,
-            }))
+#[derive(Clone)]
+struct Core {
+    client: Client,
+    prefix: String,
+    mirror: Arc<RwLock<Mirror>>,
+}
+
+/// Decides a write on what the mirror holds and commits it; decided again, on what etcd
+/// read back, each time another writer got there first.
+async fn decide<T: Send + 'static>(
+    core: Core,
+    mut decide: impl FnMut(&Mirror) -> Result<Decision<T>> + Send + 'static,
+) -> Result<T> {
+    let data = format!("{}data/", core.prefix);
+    for _ in 0..ATTEMPTS {
+        let plan = match decide(&core.mirror.read().expect("mirror lock"))? {
+            Decision::Done(value) => return Ok(value),
+            Decision::Write(plan) => plan,
+        };
+        let ops: Vec<TxnOp> = plan
+            .writes
+            .iter()
+            .map(|(k, v)| match v {
+                Some(v) => TxnOp::put(k.as_str(), v.clone(), None),
+                None => TxnOp::delete(k.as_str(), None),
+            })
+            .collect();
+        let reads: Vec<TxnOp> = plan
+            .reread
+            .iter()
+            .map(|k| TxnOp::get(k.as_str(), None))
+            .collect();
+        let txn = Txn::new().when(plan.when).and_then(ops).or_else(reads);
+        let kv = core.client.kv_client();
+        let resp = sent(|| {
+            let (mut kv, txn) = (kv.clone(), txn.clone());
+            async move { kv.txn(txn).await }
         })
+        .await?;
+        let rev = resp.header().map_or(0, |h| h.revision());
+        let mut mirror = core.mirror.write().expect("mirror lock");
+        if resp.succeeded() {
+            for (key, value) in plan.writes {
+                if key.starts_with(&data) {
+                    mirror.apply(key, value, rev);
+                }
+            }
+            return Ok(plan.value);
+        }
+        for (key, r) in plan.reread.into_iter().zip(resp.op_responses()) {
+            if let TxnOpResponse::Get(g) = r {
+                match g.kvs().first() {
+                    Some(kv) => mirror.apply(key, Some(kv.value().to_vec()), kv.mod_revision()),
+                    None => mirror.apply(key, None, rev),
+                }
+            }
+        }
     }
+    Err(backend(format!(
+        "gave up a write after {ATTEMPTS} attempts, each raced by another writer"
+    )))
+}
+
+/// `writes` in the transaction that appends `body` as the next event; the event.
+async fn with_event(
+    core: Core,
+    body: EventBody,
+    writes: Vec<(String, Option<Vec<u8>>)>,
+) -> Result<Event> {
+    let at = jiff::Timestamp::now();
+    let seq_key = format!("{}data/meta/event-seq", core.prefix);
+    let log = format!("{}log/", core.prefix);
+    decide(core, move |mirror| {
+        let last: u64 = match mirror.get(&seq_key) {
+            Some((v, _)) => decode(v)?,
+            None => 0,
+        };
+        let event = Event {
+            seq: last + 1,
+            at,
+            body: body.clone(),
+        };
+        let mut w = writes.clone();
+        w.push((seq_key.clone(), Some(encode(&event.seq)?)));
+        w.push((format!("{log}{:020}", event.seq), Some(encode(&event)?)));
+        Ok(Decision::Write(Plan {
+            when: vec![unchanged(mirror, &seq_key)],
+            writes: w,
+            reread: vec![seq_key.clone()],
+            value: event,
+        }))
+    })
+    .await
 }
 
 async fn grant_and_put(
@@ -574,23 +627,31 @@ fn on<T: Send + 'static>(
 ) -> Result<T> {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     rt.spawn(async move {
-        let r = match tokio::time::timeout(DEADLINE, f).await {
-            Ok(r) => r,
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "etcd did not answer within {} s",
-                DEADLINE.as_secs()
-            ))),
-        };
-        let _ = tx.send(r);
+        let _ = tx.send(within_deadline(f).await);
     });
     rx.recv().map_err(|_| backend("the etcd client stopped"))?
 }
 
-async fn list(mut client: Client, prefix: String) -> Result<(Vec<(String, Vec<u8>, i64)>, i64)> {
-    let resp = client
-        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(unreachable)?;
+async fn within_deadline<T>(f: impl Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(DEADLINE, f).await.unwrap_or_else(|_| {
+        Err(StoreError::Unavailable(format!(
+            "etcd did not answer within {} s",
+            DEADLINE.as_secs()
+        )))
+    })
+}
+
+/// A range read, sent to a member that answers.
+async fn get(client: &Client, key: &str, options: GetOptions) -> Result<etcd_client::GetResponse> {
+    sent(|| {
+        let (mut c, key, options) = (client.clone(), key.to_owned(), options.clone());
+        async move { c.get(key, Some(options)).await }
+    })
+    .await
+}
+
+async fn list(client: Client, prefix: String) -> Result<(Vec<(String, Vec<u8>, i64)>, i64)> {
+    let resp = get(&client, &prefix, GetOptions::new().with_prefix()).await?;
     let rev = resp.header().map_or(0, |h| h.revision());
     let kvs = resp
         .kvs()
@@ -720,9 +781,10 @@ impl Store for EtcdStore {
 
     fn put(&self, kind: Kind, name: &str, spec: Value, expect: Expect) -> Result<Record> {
         let key = self.object(kind, name);
-        self.decide(|mirror| {
+        let name = name.to_owned();
+        self.decide(move |mirror| {
             let current: Option<Record> = mirror.get(&key).map(|(v, _)| decode(v)).transpose()?;
-            check(kind, name, current.as_ref(), expect)?;
+            check(kind, &name, current.as_ref(), expect)?;
             if let Some(cur) = current.as_ref().filter(|c| c.spec == spec) {
                 return Ok(Decision::Done(cur.clone()));
             }
@@ -744,7 +806,8 @@ impl Store for EtcdStore {
 
     fn delete(&self, kind: Kind, name: &str, expect: Expect) -> Result<Record> {
         let key = self.object(kind, name);
-        self.decide(|mirror| {
+        let name = name.to_owned();
+        self.decide(move |mirror| {
             let current: Option<Record> = mirror.get(&key).map(|(v, _)| decode(v)).transpose()?;
             let Some(current) = current else {
                 return Err(StoreError::NotFound {
@@ -752,7 +815,7 @@ impl Store for EtcdStore {
                     name: name.to_owned(),
                 });
             };
-            check(kind, name, Some(&current), expect)?;
+            check(kind, &name, Some(&current), expect)?;
             Ok(Decision::Write(Plan {
                 when: vec![unchanged(mirror, &key)],
                 writes: vec![(key.clone(), None)],
@@ -765,7 +828,7 @@ impl Store for EtcdStore {
     fn persona_id(&self, name: &str) -> Result<u32> {
         let key = self.data(&format!("persona-ids/{name}"));
         let last_key = self.data("meta/persona-id");
-        self.decide(|mirror| {
+        self.decide(move |mirror| {
             if let Some((v, _)) = mirror.get(&key) {
                 return Ok(Decision::Done(decode::<u32>(v)?));
             }
@@ -827,7 +890,7 @@ impl Store for EtcdStore {
     }
 
     fn append_event(&self, body: EventBody) -> Result<Event> {
-        self.with_event(body, Vec::new())
+        self.run(with_event(self.core(), body, Vec::new()))
     }
 
     fn record_state(
@@ -836,7 +899,32 @@ impl Store for EtcdStore {
         state: Option<&DeviceState>,
         body: EventBody,
     ) -> Result<Event> {
-        self.with_event(body, vec![self.state_write(device, state)?])
+        self.run(with_event(
+            self.core(),
+            body,
+            vec![self.state_write(device, state)?],
+        ))
+    }
+
+    fn submit_state(
+        &self,
+        device: &str,
+        state: Option<DeviceState>,
+        body: EventBody,
+    ) -> tokio::sync::oneshot::Receiver<Result<Event>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        match self.state_write(device, state.as_ref()) {
+            Ok(write) => {
+                let written = with_event(self.core(), body, vec![write]);
+                self.rt.spawn(async move {
+                    let _ = tx.send(within_deadline(written).await);
+                });
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+            }
+        }
+        rx
     }
 
     fn put_signal(&self, key: &str, signal: &Value) -> Result<()> {
@@ -872,15 +960,14 @@ impl Store for EtcdStore {
     fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>> {
         let from = self.log(after.saturating_add(1));
         let end = format!("{}log0", self.prefix);
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let resp = self.run(async move {
-            client
-                .get(
-                    from,
-                    Some(GetOptions::new().with_range(end).with_limit(limit as i64)),
-                )
-                .await
-                .map_err(unreachable)
+            get(
+                &client,
+                &from,
+                GetOptions::new().with_range(end).with_limit(limit as i64),
+            )
+            .await
         })?;
         resp.kvs().iter().map(|kv| decode(kv.value())).collect()
     }
@@ -888,25 +975,23 @@ impl Store for EtcdStore {
     fn prune_events(&self, before: jiff::Timestamp, keep: usize, at_most: usize) -> Result<usize> {
         let start = format!("{}log/", self.prefix);
         let end = format!("{}log0", self.prefix);
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let (count, oldest) = {
             let (s, e) = (start.clone(), end.clone());
             self.run(async move {
-                let count = client
-                    .get(
-                        s.as_str(),
-                        Some(GetOptions::new().with_range(e.as_str()).with_count_only()),
-                    )
-                    .await
-                    .map_err(unreachable)?
-                    .count();
-                let oldest = client
-                    .get(
-                        s,
-                        Some(GetOptions::new().with_range(e).with_limit(at_most as i64)),
-                    )
-                    .await
-                    .map_err(unreachable)?;
+                let count = get(
+                    &client,
+                    &s,
+                    GetOptions::new().with_range(e.as_str()).with_count_only(),
+                )
+                .await?
+                .count();
+                let oldest = get(
+                    &client,
+                    &s,
+                    GetOptions::new().with_range(e).with_limit(at_most as i64),
+                )
+                .await?;
                 Ok((count, oldest.kvs().to_vec()))
             })?
         };
@@ -927,11 +1012,16 @@ impl Store for EtcdStore {
         }
         if let Some(last) = cut {
             let (from, to) = (start, self.log(last + 1));
-            let mut kv = self.client.kv_client();
+            let kv = self.client.kv_client();
             self.run(async move {
-                kv.delete(from, Some(DeleteOptions::new().with_range(to)))
-                    .await
-                    .map_err(unreachable)
+                sent(|| {
+                    let (mut kv, from, to) = (kv.clone(), from.clone(), to.clone());
+                    async move {
+                        kv.delete(from, Some(DeleteOptions::new().with_range(to)))
+                            .await
+                    }
+                })
+                .await
             })?;
         }
         Ok(removed)
