@@ -172,8 +172,8 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         .reconcile()
         .await
         .context("reconciling stored devices")?;
-    if let Some(f) = fleet {
-        f.serve(orchestrator.clone());
+    if let Some(f) = &fleet {
+        f.clone().serve(orchestrator.clone());
     }
     let geoip = config
         .geoip_db
@@ -187,6 +187,9 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         geoip,
     )?;
     tokio::spawn(engine.clone().run());
+    if let Some(f) = &fleet {
+        f.feed(engine.clone());
+    }
     if let Some(ring) = orchestrator
         .datapath()
         .call(|dp| Ok(dp.take_events()))

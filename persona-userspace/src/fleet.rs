@@ -239,6 +239,49 @@ impl Fleet {
         });
     }
 
+    /// What any host stored goes to this host's rule engine: signals, which it acts on
+    /// for its own devices, and rules, applications and devices, which it reads again.
+    /// Signals come through etcd: one is acknowledged once it is there, so it outlives
+    /// the host that took it in, and every host hears of it on the watch it keeps
+    /// anyway.
+    pub fn feed(self: &Arc<Self>, engine: Arc<crate::rules::runner::RuleEngine>) {
+        let mut changes = self.store.subscribe();
+        let store = self.store.clone();
+        let signals = store.key("signals/");
+        let objects = [Kind::Rule, Kind::Application, Kind::Device]
+            .map(|k| (store.key(&format!("objects/{}/", k.plural())), k));
+        tokio::spawn(async move {
+            loop {
+                let mut keys = match changes.recv().await {
+                    Ok(k) => vec![k],
+                    Err(RecvError::Lagged(_)) => {
+                        for (_, kind) in &objects {
+                            engine.poke(*kind);
+                        }
+                        // Every stored signal again: those known change nothing.
+                        let all = store.read_json_under("signals/").unwrap_or_default();
+                        learn(&engine, all.into_iter().map(|(_, v)| v)).await;
+                        continue;
+                    }
+                    Err(RecvError::Closed) => return,
+                };
+                while let Ok(k) = changes.try_recv() {
+                    keys.push(k);
+                }
+                for (prefix, kind) in &objects {
+                    if keys.iter().any(|k| k.starts_with(prefix.as_str())) {
+                        engine.poke(*kind);
+                    }
+                }
+                let values = keys.iter().filter_map(|k| {
+                    let rest = k.strip_prefix(&signals)?;
+                    store.read_json(&format!("signals/{rest}")).ok().flatten()
+                });
+                learn(&engine, values).await;
+            }
+        });
+    }
+
     /// Takes every request not answered yet.
     fn pending(self: &Arc<Self>, orchestrator: &Arc<Orchestrator>) {
         match self.store.read_json_under("requests/") {
@@ -325,6 +368,15 @@ impl Fleet {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&request.id);
         });
+    }
+}
+
+async fn learn(engine: &crate::rules::runner::RuleEngine, values: impl Iterator<Item = Value>) {
+    let signals: Vec<crate::rules::signals::Signal> = values
+        .filter_map(|v| serde_json::from_value(v).ok())
+        .collect();
+    if let Err(e) = engine.learn(signals).await {
+        tracing::warn!(error = %e, "taking in signals another host stored");
     }
 }
 

@@ -315,3 +315,62 @@ fn a_leader_killed_during_shifts_loses_no_acknowledged_shift() {
     };
     assert_eq!(lab.seen_from_outside().as_deref(), Some(seen));
 }
+
+/// An alert posted to B for A's device hardens it on A, survives A's restart, and its
+/// clearing, posted to B again, brings the device back.
+#[test]
+fn a_signal_posted_to_any_host_counts_where_the_device_runs() {
+    let mut etcd = Etcd::start(3);
+    let lab = Lab::new(VmLink::Veth);
+    let b_site = Site::new();
+    etcd.join(&lab.site);
+    etcd.join(&b_site);
+    let quick = ["--min-dwell", "0", "--cooldown", "0"];
+    let mut a = Daemon::start_in_fleet(
+        &lab.site,
+        &etcd.url(),
+        None,
+        &[&["--host", "a"][..], &quick].concat(),
+    );
+    let b = Daemon::start_in_fleet(
+        &b_site,
+        &etcd.url(),
+        Some(&a.admin),
+        &[&["--host", "b"][..], &quick].concat(),
+    );
+    b.cli_ok("apply -f examples/personas.yaml");
+    b.cli_ok("apply -f examples/rules/");
+    b.apply_yaml(&format!(
+        "apiVersion: persona.dev/v1\nkind: Device\nmetadata: {{ name: vm1 }}\nspec:\n  host: a\n  interface: {VM_IFACE}\n  innerV4: 198.18.0.2\n  gatewayV4: 198.18.0.1\n  persona: office\n  labels: {{ site: berlin }}\n"
+    ));
+    wait_until("A runs vm1 on office", || {
+        lab.seen_from_outside().as_deref() == Some("203.0.113.10")
+    });
+
+    let alert = |state: &str| json!([{ "device": "vm1", "kind": "alert", "id": "ids-7", "severity": "critical", "alertKind": "malware", "state": state, "source": "ids" }]);
+    let (s, v) = b.admin(Method::POST, "/context", Some(&alert("raised")));
+    assert_eq!(s, 200, "{v}");
+    let hardened =
+        || b.admin(Method::GET, "/devices/vm1", None).1["status"]["persona"] == "hardened";
+    wait_until("A hardens vm1 on the alert B took in", hardened);
+    let seen = lab.seen_from_outside().unwrap_or_default();
+    assert!(
+        seen.starts_with("203.0.113.6"),
+        "a lease of hardened's pool: {seen}"
+    );
+
+    // The alert B acknowledged is A's after A restarts: vm1 stays hardened.
+    a.restart();
+    let (_, why) = a.admin(Method::GET, "/explain/vm1", None);
+    assert!(
+        why.to_string().contains("lockdown"),
+        "A still knows the alert after its restart: {why}"
+    );
+    assert!(hardened());
+
+    let (s, v) = b.admin(Method::POST, "/context", Some(&alert("cleared")));
+    assert_eq!(s, 200, "{v}");
+    wait_until("A brings vm1 back once B hears the alert cleared", || {
+        lab.seen_from_outside().as_deref() == Some("203.0.113.10")
+    });
+}

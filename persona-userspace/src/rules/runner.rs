@@ -215,6 +215,30 @@ impl RuleEngine {
         )))
     }
 
+    /// Takes in signals another host of the fleet stored, for devices that run here;
+    /// those already known change nothing.
+    pub async fn learn(&self, signals: Vec<Signal>) -> Result<(), StoreError> {
+        let now = Timestamp::now();
+        let mut state = self.state.lock().await;
+        let mut devices: Vec<String> = Vec::new();
+        for s in signals {
+            let device = s.device.clone();
+            if state.signals.merge(s) && !devices.contains(&device) {
+                devices.push(device);
+            }
+        }
+        if devices.is_empty() {
+            return Ok(());
+        }
+        let rules = self.rules()?;
+        for d in &devices {
+            self.evaluate(&mut state, &rules, d, now, None).await?;
+        }
+        // What they decided may have a time of its own (a dwell, an expiry).
+        self.wake.notify_one();
+        Ok(())
+    }
+
     /// Takes in signals (all were validated) and acts on the devices they concern.
     pub async fn ingest(&self, signals: Vec<Signal>) -> Result<Vec<Applied>, StoreError> {
         let received = std::time::Instant::now();
