@@ -99,6 +99,17 @@ impl Fleet {
         )
     }
 
+    /// Whether this host follows etcd now: when not, what it reads may be stale.
+    pub fn connected(&self) -> bool {
+        self.store.is_live()
+    }
+
+    /// Whether the device's host is not alive (a device that names none is nobody's).
+    pub fn orphaned(&self, spec: &DeviceSpec) -> Result<bool, StoreError> {
+        let alive = self.live_hosts()?;
+        Ok(spec.host.as_ref().is_none_or(|h| !alive.contains(h)))
+    }
+
     /// The hosts alive now, as the last state seen says.
     pub fn live_hosts(&self) -> Result<Vec<String>, StoreError> {
         Ok(self

@@ -137,6 +137,9 @@ pub struct Snapshot {
     pub handshakes: Vec<(OneDevice, Vec<u64>, u64)>,
     /// Group commit: commits, writes, seconds in commits, the largest group.
     pub store: Option<(u64, u64, f64, u64)>,
+    /// Fleet mode: 1 per device whose host is not alive; and whether etcd is followed.
+    pub orphaned: Vec<(OneDevice, u64)>,
+    pub fleet_connected: Option<u64>,
 }
 
 /// One gauge family, a value per label set.
@@ -190,6 +193,20 @@ impl Collector for Snapshot {
             "Live flows in connection tracking, by device, as of the last sweep (each second)",
             &self.flows,
         )?;
+        if let Some(connected) = self.fleet_connected {
+            gauge(
+                &mut encoder,
+                "persona_device_orphaned",
+                "Fleet mode: 1 while the host the device names is not alive (its liveness lease lapsed); nobody moves it by itself",
+                &self.orphaned,
+            )?;
+            gauge(
+                &mut encoder,
+                "persona_fleet_store_connected",
+                "Fleet mode: 1 while this host follows etcd; 0 while it answers from what it last saw",
+                &[(NoLabels {}, connected)],
+            )?;
+        }
         gauge(
             &mut encoder,
             "persona_device_up",

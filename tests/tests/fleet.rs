@@ -7,6 +7,20 @@ use persona_tests::{
 };
 use serde_json::{Value, json};
 
+/// The `persona-stale` header of a GET, which a host cut off from etcd sets.
+fn stale(d: &Daemon, path: &str) -> Option<String> {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-D", "-", "-o", "/dev/null", "--unix-socket"])
+        .arg(&d.socket)
+        .args(["-H", &format!("Authorization: Bearer {}", d.admin)])
+        .arg(format!("http://persona{path}"))
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("persona-stale: ").map(str::to_owned))
+}
+
 fn persona(name: &str, addr: &str, version: Option<u64>) -> Value {
     json!({ "metadata": { "name": name, "version": version }, "spec": { "addresses": [addr] } })
 }
@@ -139,6 +153,10 @@ fn without_etcd_reads_answer_from_the_last_state_and_writes_are_refused() {
         "a write without etcd is refused as unavailable: {v}"
     );
     assert!(v["error"].as_str().unwrap_or("").contains("etcd"), "{v}");
+    wait_until("A says its answers may be stale", || {
+        stale(&a, "/personas/home").is_some()
+    });
+    assert!(a.metrics().contains("persona_fleet_store_connected{} 0"));
 
     // Back: writes go through, and what others wrote meanwhile arrives.
     sites[0].host.exec(&format!("ip link set {STORE_LINK} up"));
@@ -149,6 +167,10 @@ fn without_etcd_reads_answer_from_the_last_state_and_writes_are_refused() {
             Some(&persona("away", "203.0.113.21/24", None)),
         )
         .0 == 201
+    });
+
+    wait_until("A follows etcd again", || {
+        stale(&a, "/personas/home").is_none()
     });
 
     // Every member gone: the same, then a restart of the members on their data.
@@ -223,6 +245,18 @@ fn a_shift_asked_of_any_host_is_made_by_the_host_that_runs_the_device() {
     let out = b.cli("shift vm1 office");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("not alive"), "{err}");
+    let (_, status) = b.admin(Method::GET, "/status/vm1", None);
+    assert_eq!(
+        (&status["host"], &status["orphaned"]),
+        (&json!("a"), &json!(true)),
+        "{status}"
+    );
+    assert!(
+        b.metrics()
+            .contains("persona_device_orphaned{device=\"vm1\"} 1"),
+        "{}",
+        b.metrics()
+    );
 }
 
 /// 300 shifts through the API while the etcd leader is SIGKILLed: every shift that was
@@ -373,4 +407,74 @@ fn a_signal_posted_to_any_host_counts_where_the_device_runs() {
     wait_until("A brings vm1 back once B hears the alert cleared", || {
         lab.seen_from_outside().as_deref() == Some("203.0.113.10")
     });
+}
+
+/// B is cut off while A writes and etcd compacts its history past where B's watch
+/// stood: back, B lists again and converges on etcd's state.
+#[test]
+fn a_watch_gap_past_compaction_still_converges() {
+    let (etcd, sites, a, b) = fleet();
+    let (s, _) = a.admin(
+        Method::POST,
+        "/personas",
+        Some(&persona("gone", "203.0.113.30/24", None)),
+    );
+    assert_eq!(s, 201);
+    wait_until("B sees it", || {
+        b.admin(Method::GET, "/personas/gone", None).0 == 200
+    });
+
+    sites[1]
+        .host
+        .exec(&format!("ip link set {STORE_LINK} down"));
+    // Until B's watch has given up, etcd would keep its events for it.
+    wait_until("B's watch gives up", || {
+        stale(&b, "/personas/gone").is_some()
+    });
+    let (s, _) = a.admin(Method::DELETE, "/personas/gone", None);
+    assert_eq!(s, 204);
+    for i in 0..20 {
+        let (s, v) = a.admin(
+            Method::POST,
+            "/personas",
+            Some(&persona(
+                &format!("p{i}"),
+                &format!("203.0.113.{}/24", 100 + i),
+                None,
+            )),
+        );
+        assert_eq!(s, 201, "{v}");
+    }
+    let status: Value = serde_json::from_str(&etcd.ctl("endpoint status -w json")).expect("status");
+    let revision = status[0]["Status"]["header"]["revision"]
+        .as_u64()
+        .expect("a revision");
+    etcd.ctl(&format!("compact {revision}"));
+    assert_eq!(
+        b.admin(Method::GET, "/personas/gone", None).0,
+        200,
+        "cut off, B still shows what it last saw"
+    );
+
+    sites[1].host.exec(&format!("ip link set {STORE_LINK} up"));
+    wait_until("B drops what was deleted while it was away", || {
+        b.admin(Method::GET, "/personas/gone", None).0 == 404
+    });
+    let (_, list) = b.admin(Method::GET, "/personas", None);
+    let names: Vec<&str> = list["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|p| p["metadata"]["name"].as_str())
+        .collect();
+    assert_eq!(
+        names.len(),
+        20,
+        "B has every persona made while it was away: {names:?}"
+    );
+    let log = std::fs::read_to_string(b.data_dir.join("daemon.log")).expect("B's log");
+    assert!(
+        log.contains("fell behind compaction"),
+        "B came back through a listing, not the events etcd no longer has"
+    );
 }

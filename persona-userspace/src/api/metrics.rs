@@ -156,6 +156,16 @@ pub async fn scrape(
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
     let mut snapshot = snapshot;
+    if let Some(fleet) = state.orchestrator.fleet() {
+        let alive = fleet.live_hosts()?;
+        for (name, spec) in state.orchestrator.devices()? {
+            let orphaned = spec.host.as_ref().is_some_and(|h| !alive.contains(h));
+            snapshot
+                .orphaned
+                .push((OneDevice { device: name }, u64::from(orphaned)));
+        }
+        snapshot.fleet_connected = Some(u64::from(fleet.connected()));
+    }
     snapshot.store = store.commit_stats().map(|s| {
         use std::sync::atomic::Ordering::Relaxed;
         (

@@ -101,6 +101,20 @@ async fn authorize(state: State, route: Option<MatchedPath>, req: Request, next:
     next.run(Request::from_parts(parts, body)).await
 }
 
+/// A fleet host that does not follow etcd now answers from what it last saw, and says
+/// so on every answer.
+async fn mark_stale(state: State, req: Request, next: Next) -> axum::response::Response {
+    let stale = state.orchestrator.fleet().is_some_and(|f| !f.connected());
+    let mut response = next.run(req).await;
+    if stale {
+        response.headers_mut().insert(
+            "persona-stale",
+            axum::http::HeaderValue::from_static("etcd unreachable: as last seen"),
+        );
+    }
+    response
+}
+
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route(
@@ -163,6 +177,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::count_requests,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            mark_stale,
         ))
         .with_state(state)
 }

@@ -537,8 +537,14 @@ pub async fn status(
             })
         })
         .collect();
+    let orphaned = match state.orchestrator.fleet() {
+        Some(f) => Some(f.orphaned(&device)?),
+        None => None,
+    };
     Ok(Json(json!({
         "device": id,
+        "host": device.host,
+        "orphaned": orphaned,
         "interface": device.interface,
         "up": attached.is_some(),
         "error": state.orchestrator.failure(&id),
