@@ -5,7 +5,7 @@
 //! lease while it lives: a device whose host holds none is orphaned, and stays where
 //! it is until someone moves it.
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -66,6 +66,9 @@ pub struct Fleet {
     store: Arc<EtcdStore>,
     /// Requests this host is carrying out, by id.
     running: Mutex<HashSet<String>>,
+    /// The devices this host runs, as it last settled them: what to take away when one
+    /// is deleted or moved to another host elsewhere.
+    mine: Mutex<HashMap<String, DeviceSpec>>,
 }
 
 fn store_error(e: StoreError) -> ShiftError {
@@ -78,6 +81,7 @@ impl Fleet {
             host,
             store,
             running: Mutex::new(HashSet::new()),
+            mine: Mutex::new(HashMap::new()),
         }
     }
 
@@ -222,6 +226,14 @@ impl Fleet {
     pub fn serve(self: Arc<Self>, orchestrator: Arc<Orchestrator>) {
         let mut changes = self.store.subscribe();
         tokio::spawn(async move {
+            if let Ok(devices) = orchestrator.devices() {
+                let mut mine = self.mine.lock().unwrap_or_else(|e| e.into_inner());
+                for (name, spec) in devices {
+                    if self.runs(&spec) {
+                        mine.insert(name, (*spec).clone());
+                    }
+                }
+            }
             self.pending(&orchestrator);
             loop {
                 let key = match changes.recv().await {
@@ -238,10 +250,8 @@ impl Fleet {
                 if let Some(device) = key.strip_prefix(&requests) {
                     self.clone().take(&orchestrator, device);
                 } else if let Some(device) = key.strip_prefix(&devices) {
-                    let (o, d) = (orchestrator.clone(), device.to_owned());
-                    tokio::spawn(async move {
-                        let _ = o.settle_reported(&d, "fleet").await;
-                    });
+                    let (me, o, d) = (self.clone(), orchestrator.clone(), device.to_owned());
+                    tokio::spawn(async move { me.follow_device(&o, &d).await });
                 } else if let Some(persona) = key.strip_prefix(&personas) {
                     let (o, p) = (orchestrator.clone(), persona.to_owned());
                     tokio::spawn(async move { reapply(&o, &p).await });
@@ -291,6 +301,43 @@ impl Fleet {
                 learn(&engine, values).await;
             }
         });
+    }
+
+    /// After another host wrote or deleted a device: settled here when it runs here;
+    /// every trace of it taken away when it ran here and no longer does (deleted, moved
+    /// to another host, or onto another interface).
+    async fn follow_device(&self, orchestrator: &Arc<Orchestrator>, name: &str) {
+        let now = match orchestrator.device(name) {
+            Ok(spec) => spec.filter(|s| self.runs(s)),
+            Err(e) => {
+                tracing::warn!(device = name, error = %e, "reading a device another host wrote");
+                return;
+            }
+        };
+        let before = {
+            let mut mine = self.mine.lock().unwrap_or_else(|e| e.into_inner());
+            match &now {
+                Some(spec) => mine.insert(name.to_owned(), (**spec).clone()),
+                None => mine.remove(name),
+            }
+        };
+        if let Some(old) =
+            before.filter(|o| now.as_ref().is_none_or(|n| n.interface != o.interface))
+        {
+            match orchestrator.remove(&old).await {
+                Ok(()) => tracing::info!(
+                    device = name,
+                    interface = old.interface,
+                    "took away a device that no longer runs here"
+                ),
+                Err(e) => {
+                    tracing::warn!(device = name, error = %e, "taking away a device that no longer runs here")
+                }
+            }
+        }
+        if now.is_some() {
+            let _ = orchestrator.settle_reported(name, "fleet").await;
+        }
     }
 
     /// Takes every request not answered yet.

@@ -3,7 +3,7 @@ use hyper::Method;
 use persona_tests::{
     daemon::Daemon,
     etcd::{Etcd, STORE_LINK},
-    lab::{Lab, Site, VM_IFACE, VmLink, wait_until},
+    lab::{Lab, Site, VM_IFACE, VM2_IFACE, VmLink, wait_until},
 };
 use serde_json::{Value, json};
 
@@ -234,6 +234,15 @@ fn a_shift_asked_of_any_host_is_made_by_the_host_that_runs_the_device() {
     wait_until("A runs the persona's new version", || {
         lab.seen_from_outside().as_deref() == Some("203.0.113.21")
     });
+
+    // A device of A's deleted through B: A takes every trace of it away.
+    b.apply_yaml(&format!(
+        "apiVersion: persona.dev/v1\nkind: Device\nmetadata: {{ name: vm2 }}\nspec:\n  host: a\n  interface: {VM2_IFACE}\n  innerV4: 198.18.0.3\n"
+    ));
+    let attached = || persona_tests::inspect::dump(&lab, "DEVICES", false).len();
+    wait_until("A attaches vm2", || attached() == 2);
+    b.cli_ok("delete device vm2");
+    wait_until("A detaches the device B deleted", || attached() == 1);
 
     // A gone: its device is left as it is, and B says why it cannot shift it.
     drop(a);

@@ -281,7 +281,7 @@ async fn place_device(
 }
 
 async fn remove_quietly(state: &State, name: &str, device: &DeviceSpec) {
-    if let Err(e) = state.orchestrator.remove(device).await {
+    if let Err(e) = state.orchestrator.remove_if_here(device).await {
         tracing::debug!(device = %name, error = %e, "nothing to remove");
     }
 }

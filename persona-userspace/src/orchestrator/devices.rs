@@ -221,6 +221,15 @@ impl Orchestrator {
         self.remove_locked(spec).await
     }
 
+    /// [`Orchestrator::remove`] where the device runs; elsewhere in a fleet, its host
+    /// takes it away when it sees it go.
+    pub async fn remove_if_here(&self, spec: &DeviceSpec) -> Result<(), ShiftError> {
+        if !self.runs_here(spec) {
+            return Ok(());
+        }
+        self.remove(spec).await
+    }
+
     /// Deletes a stored device and every trace of it. Nothing attaches it meanwhile: a
     /// settle that raced the delete finds it gone.
     pub async fn delete_device(
@@ -239,7 +248,9 @@ impl Orchestrator {
         let spec: DeviceSpec = super::parse(&record)?;
         // A device whose removal failed stays, to be deleted again: its record says
         // what is left.
-        self.remove_locked(&spec).await?;
+        if self.runs_here(&spec) {
+            self.remove_locked(&spec).await?;
+        }
         self.store.set_device_state(name, None)?;
         self.store.delete(Kind::Device, name, expect)?;
         if let Ok(mut failing) = self.failing.lock() {
