@@ -17,7 +17,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::{
     model::{DeviceSpec, FlowMode},
-    orchestrator::{Orchestrator, Outcome, ShiftError},
+    orchestrator::{Asked, Orchestrator, Outcome, ShiftError},
     store::{Kind, StoreError, etcd::EtcdStore},
 };
 
@@ -30,7 +30,8 @@ const LIVENESS_TTL: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Request {
     id: String,
-    persona: String,
+    /// None: the persona the store says the device runs, applied again.
+    persona: Option<String>,
     actor: String,
     dry_run: bool,
     flows: Option<FlowMode>,
@@ -125,17 +126,8 @@ impl Fleet {
     }
 
     /// Asks `host` to shift the device and waits for its answer.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn shift_on(
-        &self,
-        host: &str,
-        device: &str,
-        persona: &str,
-        actor: &str,
-        dry_run: bool,
-        flows: Option<FlowMode>,
-        cause: Option<(String, Value)>,
-    ) -> Result<Outcome, ShiftError> {
+    pub async fn shift_on(&self, host: &str, asked: Asked<'_>) -> Result<Outcome, ShiftError> {
+        let device = asked.device;
         if !self
             .live_hosts()
             .map_err(store_error)?
@@ -154,11 +146,11 @@ impl Fleet {
         let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
         let request = Request {
             id: id.clone(),
-            persona: persona.to_owned(),
-            actor: actor.to_owned(),
-            dry_run,
-            flows,
-            cause,
+            persona: asked.persona.map(str::to_owned),
+            actor: asked.actor.to_owned(),
+            dry_run: asked.dry_run,
+            flows: asked.flows,
+            cause: asked.cause,
             asked: Timestamp::now(),
             by: self.host.clone(),
         };
@@ -395,15 +387,20 @@ impl Fleet {
                     ),
                 })
             } else {
-                o.shift_for(
-                    &device,
-                    &request.persona,
-                    &request.actor,
-                    request.dry_run,
-                    request.flows,
-                    request.cause.clone(),
-                )
-                .await
+                match &request.persona {
+                    Some(p) => {
+                        o.shift_for(
+                            &device,
+                            p,
+                            &request.actor,
+                            request.dry_run,
+                            request.flows,
+                            request.cause.clone(),
+                        )
+                        .await
+                    }
+                    None => o.restore(&device, &request.actor).await,
+                }
             };
             let answer = Answer {
                 id: request.id.clone(),

@@ -66,13 +66,13 @@ pub struct Outcome {
 }
 
 /// A shift as asked for; no persona asks for the one the store says the device runs.
-struct Asked<'a> {
-    device: &'a str,
-    persona: Option<&'a str>,
-    actor: &'a str,
-    dry_run: bool,
-    flows: Option<FlowMode>,
-    cause: Option<(String, Value)>,
+pub struct Asked<'a> {
+    pub device: &'a str,
+    pub persona: Option<&'a str>,
+    pub actor: &'a str,
+    pub dry_run: bool,
+    pub flows: Option<FlowMode>,
+    pub cause: Option<(String, Value)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -537,9 +537,15 @@ impl Orchestrator {
                         format!("device {device:?} names no host to run on"),
                     )));
                 };
-                return fleet
-                    .shift_on(host, device, persona, actor, dry_run, flows, cause)
-                    .await;
+                let asked = Asked {
+                    device,
+                    persona: Some(persona),
+                    actor,
+                    dry_run,
+                    flows,
+                    cause,
+                };
+                return fleet.shift_on(host, asked).await;
             }
         }
         let start = Instant::now();

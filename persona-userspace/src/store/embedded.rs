@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use super::{
     DeviceState, Event, EventBody, Expect, Kind, Record, Result, Stamp, Store, StoreError,
-    TokenRecord,
+    TokenRecord, check,
 };
 use super::{
     wal::Wal,
@@ -40,15 +40,6 @@ fn table(kind: Kind) -> TableDefinition<'static, &'static str, &'static [u8]> {
         Kind::Device => DEVICES,
         Kind::Rule => RULES,
         Kind::Application => APPLICATIONS,
-    }
-}
-
-fn label(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Persona => "Persona",
-        Kind::Device => "Device",
-        Kind::Rule => "Rule",
-        Kind::Application => "Application",
     }
 }
 
@@ -201,26 +192,6 @@ fn append(txn: &redb::WriteTransaction, body: EventBody) -> Result<Event> {
     t.insert(event.seq, encode(&event)?.as_slice())
         .map_err(backend)?;
     Ok(event)
-}
-
-fn check(kind: Kind, name: &str, current: Option<&Record>, expect: Expect) -> Result<()> {
-    match (expect, current) {
-        (Expect::Absent, Some(_)) => Err(StoreError::Exists {
-            kind: label(kind),
-            name: name.into(),
-        }),
-        (Expect::Version(_), None) => Err(StoreError::NotFound {
-            kind: label(kind),
-            name: name.into(),
-        }),
-        (Expect::Version(v), Some(r)) if r.version != v => Err(StoreError::Conflict {
-            kind: label(kind),
-            name: name.into(),
-            expected: v,
-            actual: r.version,
-        }),
-        _ => Ok(()),
-    }
 }
 
 /// A write as the log holds it, to be done again when the store opens after a crash.
@@ -427,7 +398,7 @@ impl Store for EmbeddedStore {
             };
             let Some(current) = current else {
                 return Err(StoreError::NotFound {
-                    kind: label(kind),
+                    kind: kind.label(),
                     name,
                 });
             };

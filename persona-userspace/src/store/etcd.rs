@@ -27,7 +27,7 @@ use serde_json::Value;
 
 use super::{
     DeviceState, Event, EventBody, Expect, Kind, Record, Result, Stamp, Store, StoreError,
-    TokenRecord,
+    TokenRecord, check,
 };
 
 /// How long one call may wait on etcd before the caller hears that it is unreachable.
@@ -247,31 +247,6 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
 
 fn kind_key(kind: Kind) -> &'static str {
     kind.plural()
-}
-
-/// A label as [`StoreError`] wants it.
-fn label(kind: Kind) -> &'static str {
-    kind.label()
-}
-
-fn check(kind: Kind, name: &str, current: Option<&Record>, expect: Expect) -> Result<()> {
-    match (expect, current) {
-        (Expect::Absent, Some(_)) => Err(StoreError::Exists {
-            kind: label(kind),
-            name: name.into(),
-        }),
-        (Expect::Version(_), None) => Err(StoreError::NotFound {
-            kind: label(kind),
-            name: name.into(),
-        }),
-        (Expect::Version(v), Some(r)) if r.version != v => Err(StoreError::Conflict {
-            kind: label(kind),
-            name: name.into(),
-            expected: v,
-            actual: r.version,
-        }),
-        _ => Ok(()),
-    }
 }
 
 /// What a write decided on the mirror does: the comparisons it rests on, the keys it
@@ -765,20 +740,6 @@ impl Store for EtcdStore {
         self.read(&self.object(kind, name))
     }
 
-    fn stamps(&self, kind: Kind) -> Result<Vec<(String, Stamp)>> {
-        Ok(self
-            .list(kind)?
-            .into_iter()
-            .map(|r| {
-                let stamp = Stamp {
-                    version: r.version,
-                    updated: r.updated,
-                };
-                (r.name, stamp)
-            })
-            .collect())
-    }
-
     fn put(&self, kind: Kind, name: &str, spec: Value, expect: Expect) -> Result<Record> {
         let key = self.object(kind, name);
         let name = name.to_owned();
@@ -811,7 +772,7 @@ impl Store for EtcdStore {
             let current: Option<Record> = mirror.get(&key).map(|(v, _)| decode(v)).transpose()?;
             let Some(current) = current else {
                 return Err(StoreError::NotFound {
-                    kind: label(kind),
+                    kind: kind.label(),
                     name: name.to_owned(),
                 });
             };

@@ -168,6 +168,27 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// Refuses a write whose expectation the stored record (`current`) does not meet.
+fn check(kind: Kind, name: &str, current: Option<&Record>, expect: Expect) -> Result<()> {
+    match (expect, current) {
+        (Expect::Absent, Some(_)) => Err(StoreError::Exists {
+            kind: kind.label(),
+            name: name.into(),
+        }),
+        (Expect::Version(_), None) => Err(StoreError::NotFound {
+            kind: kind.label(),
+            name: name.into(),
+        }),
+        (Expect::Version(v), Some(r)) if r.version != v => Err(StoreError::Conflict {
+            kind: kind.label(),
+            name: name.into(),
+            expected: v,
+            actual: r.version,
+        }),
+        _ => Ok(()),
+    }
+}
+
 pub trait Store: Send + Sync + 'static {
     fn get(&self, kind: Kind, name: &str) -> Result<Option<Record>>;
     /// Which write of the record is stored, without reading the spec: what caches of
