@@ -28,14 +28,14 @@ impl Entry {
     pub fn leased(
         &self,
         leases: &[ipnet::IpNet],
-    ) -> Result<(PersonaSpec, CompiledPersona), ShiftError> {
+    ) -> Result<(Arc<PersonaSpec>, CompiledPersona), ShiftError> {
         if leases.is_empty() && self.spec.address_pool.is_empty() {
-            return Ok(((*self.spec).clone(), self.compiled.clone()));
+            return Ok((self.spec.clone(), self.compiled.clone()));
         }
         let spec = self.spec.leased(leases);
         let mut compiled = compile(&spec)?;
         compiled.id = self.compiled.id;
-        Ok((spec, compiled))
+        Ok((Arc::new(spec), compiled))
     }
 }
 

@@ -658,7 +658,7 @@ impl Orchestrator {
             _ => None,
         };
         let old = match (&state, &old_run) {
-            (Some(s), Some((spec, _))) => Some((s.persona.as_str(), spec, s.generation)),
+            (Some(s), Some((spec, _))) => Some((s.persona.as_str(), &**spec, s.generation)),
             _ => None,
         };
         let flows = flows.or(declared.flows).unwrap_or_default();
