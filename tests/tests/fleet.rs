@@ -21,6 +21,19 @@ fn stale(d: &Daemon, path: &str) -> Option<String> {
         .find_map(|l| l.strip_prefix("persona-stale: ").map(str::to_owned))
 }
 
+/// Polls `ok` until it holds, for at most 30 s: a host reconnects to etcd at gRPC's
+/// pace (a write in flight may wait out its 3 s deadline), not at once.
+fn converges(what: &str, mut ok: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !ok() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 fn persona(name: &str, addr: &str, version: Option<u64>) -> Value {
     json!({ "metadata": { "name": name, "version": version }, "spec": { "addresses": [addr] } })
 }
@@ -153,14 +166,14 @@ fn without_etcd_reads_answer_from_the_last_state_and_writes_are_refused() {
         "a write without etcd is refused as unavailable: {v}"
     );
     assert!(v["error"].as_str().unwrap_or("").contains("etcd"), "{v}");
-    wait_until("A says its answers may be stale", || {
+    converges("A says its answers may be stale", || {
         stale(&a, "/personas/home").is_some()
     });
     assert!(a.metrics().contains("persona_fleet_store_connected{} 0"));
 
     // Back: writes go through, and what others wrote meanwhile arrives.
     sites[0].host.exec(&format!("ip link set {STORE_LINK} up"));
-    wait_until("A writes again once etcd is back", || {
+    converges("A writes again once etcd is back", || {
         a.admin(
             Method::POST,
             "/personas",
@@ -169,7 +182,7 @@ fn without_etcd_reads_answer_from_the_last_state_and_writes_are_refused() {
         .0 == 201
     });
 
-    wait_until("A follows etcd again", || {
+    converges("A follows etcd again", || {
         stale(&a, "/personas/home").is_none()
     });
 
@@ -178,7 +191,7 @@ fn without_etcd_reads_answer_from_the_last_state_and_writes_are_refused() {
     let (s, _) = a.admin(Method::GET, "/personas/away", None);
     assert_eq!(s, 200, "reads go on with no member up");
     etcd.restart_stopped();
-    wait_until("A writes again once the members are back", || {
+    converges("A writes again once the members are back", || {
         a.admin(Method::DELETE, "/personas/away", None).0 == 204
     });
 }
@@ -437,7 +450,7 @@ fn a_watch_gap_past_compaction_still_converges() {
         .host
         .exec(&format!("ip link set {STORE_LINK} down"));
     // Until B's watch has given up, etcd would keep its events for it.
-    wait_until("B's watch gives up", || {
+    converges("B's watch gives up", || {
         stale(&b, "/personas/gone").is_some()
     });
     let (s, _) = a.admin(Method::DELETE, "/personas/gone", None);
@@ -466,7 +479,7 @@ fn a_watch_gap_past_compaction_still_converges() {
     );
 
     sites[1].host.exec(&format!("ip link set {STORE_LINK} up"));
-    wait_until("B drops what was deleted while it was away", || {
+    converges("B drops what was deleted while it was away", || {
         b.admin(Method::GET, "/personas/gone", None).0 == 404
     });
     let (_, list) = b.admin(Method::GET, "/personas", None);
