@@ -217,6 +217,9 @@ impl Fleet {
     /// devices and personas another host changed.
     pub fn serve(self: Arc<Self>, orchestrator: Arc<Orchestrator>) {
         let mut changes = self.store.subscribe();
+        let requests = self.store.key("requests/");
+        let devices = self.store.key("objects/devices/");
+        let personas = self.store.key("objects/personas/");
         tokio::spawn(async move {
             if let Ok(devices) = orchestrator.devices() {
                 let mut mine = self.mine.lock().unwrap_or_else(|e| e.into_inner());
@@ -236,9 +239,6 @@ impl Fleet {
                     }
                     Err(RecvError::Closed) => return,
                 };
-                let requests = self.store.key("requests/");
-                let devices = self.store.key("objects/devices/");
-                let personas = self.store.key("objects/personas/");
                 if let Some(device) = key.strip_prefix(&requests) {
                     self.clone().take(&orchestrator, device);
                 } else if let Some(device) = key.strip_prefix(&devices) {
@@ -246,7 +246,16 @@ impl Fleet {
                     tokio::spawn(async move { me.follow_device(&o, &d).await });
                 } else if let Some(persona) = key.strip_prefix(&personas) {
                     let (o, p) = (orchestrator.clone(), persona.to_owned());
-                    tokio::spawn(async move { reapply(&o, &p).await });
+                    tokio::spawn(async move {
+                        let version = o.store().stamp(Kind::Persona, &p).ok().flatten();
+                        if let Some(v) = version
+                            && let Err(e) = o
+                                .reapply_persona(&p, v.version, "fleet:persona-update")
+                                .await
+                        {
+                            tracing::warn!(persona = p, error = %e, "taking the persona's new version");
+                        }
+                    });
                 }
             }
         });
@@ -432,31 +441,5 @@ async fn learn(engine: &crate::rules::runner::RuleEngine, values: impl Iterator<
         .collect();
     if let Err(e) = engine.learn(signals).await {
         tracing::warn!(error = %e, "taking in signals another host stored");
-    }
-}
-
-/// After another host changed a persona: this host's devices on it take the new
-/// version.
-async fn reapply(orchestrator: &Arc<Orchestrator>, persona: &str) {
-    let store = orchestrator.store();
-    let Ok(Some(record)) = store.get(Kind::Persona, persona) else {
-        return;
-    };
-    let Ok(devices) = store.list(Kind::Device) else {
-        return;
-    };
-    for d in devices {
-        let runs_here = matches!(orchestrator.device(&d.name), Ok(Some(_)))
-            && orchestrator.runs_here_named(&d.name);
-        if let Ok(Some(s)) = store.device_state(&d.name)
-            && runs_here
-            && s.persona == persona
-            && s.persona_version != record.version
-            && let Err(e) = orchestrator
-                .shift(&d.name, persona, "fleet:persona-update", false, None)
-                .await
-        {
-            tracing::warn!(device = %d.name, persona, error = %e, "taking the persona's new version");
-        }
     }
 }

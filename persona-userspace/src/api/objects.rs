@@ -286,23 +286,6 @@ async fn remove_quietly(state: &State, name: &str, device: &DeviceSpec) {
     }
 }
 
-/// After a persona changed: devices running it get the new version.
-async fn reapply_persona(state: &State, caller: &Caller, r: &Record) -> Result<(), ApiError> {
-    let store = state.orchestrator.store();
-    for d in store.list(Kind::Device)? {
-        if let Some(s) = store.device_state(&d.name)?
-            && s.persona == r.name
-            && s.persona_version != r.version
-        {
-            state
-                .orchestrator
-                .shift(&d.name, &r.name, &caller.actor(), false, None)
-                .await?;
-        }
-    }
-    Ok(())
-}
-
 async fn create(
     state: State,
     caller: Caller,
@@ -336,7 +319,12 @@ async fn put(
     let r = write(&state, &caller, kind, body, expect).await?;
     match kind {
         Kind::Device => place_device(&state, &caller, &r, previous).await?,
-        Kind::Persona => reapply_persona(&state, &caller, &r).await?,
+        Kind::Persona => {
+            state
+                .orchestrator
+                .reapply_persona(&r.name, r.version, &caller.actor())
+                .await?
+        }
         Kind::Rule | Kind::Application => {}
     }
     state.engine.poke(kind);

@@ -360,14 +360,29 @@ impl Orchestrator {
         self.fleet.as_ref()
     }
 
+    /// After a persona changed: the devices here running an older version of it take
+    /// `version` (a fleet's other hosts do the same for theirs, from their watch).
+    pub async fn reapply_persona(
+        self: &Arc<Self>,
+        persona: &str,
+        version: u64,
+        actor: &str,
+    ) -> Result<(), ShiftError> {
+        for (name, spec) in self.devices()? {
+            if self.runs_here(&spec)
+                && let Some(s) = self.store.device_state(&name)?
+                && s.persona == persona
+                && s.persona_version != version
+            {
+                self.shift(&name, persona, actor, false, None).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Whether this host runs the device: every device on its own, its own in a fleet.
     pub fn runs_here(&self, spec: &DeviceSpec) -> bool {
         self.fleet.as_ref().is_none_or(|f| f.runs(spec))
-    }
-
-    /// [`Orchestrator::runs_here`] of a stored device; false when there is none.
-    pub fn runs_here_named(&self, device: &str) -> bool {
-        matches!(self.device(device), Ok(Some(spec)) if self.runs_here(&spec))
     }
 
     /// The last sweep's findings: open flows and draining addresses per ifindex.
