@@ -1,6 +1,6 @@
 //! Context signals in, and the engine's reasons out.
 use axum::http::StatusCode;
-use serde::Deserialize;
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::{
@@ -10,16 +10,16 @@ use super::{
 use crate::{
     auth::Caller,
     model::FieldError,
-    rules::signals::Signal,
+    rules::{runner::Applied, signals::Signal},
     store::{Kind, Role},
 };
 
-/// One signal or a batch.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum ContextBody {
-    Many(Vec<Value>),
-    One(Value),
+/// What POST /context answers: the decision for each device the signals concern (without
+/// every rule's verdict, which is /explain's to give), serialized as it stands.
+#[derive(Serialize)]
+struct Pushed {
+    accepted: usize,
+    devices: Vec<Applied>,
 }
 
 /// Push context signals (operator): all are checked first, then taken in together, and
@@ -28,12 +28,12 @@ pub enum ContextBody {
 pub async fn push(
     state: State,
     caller: Caller,
-    Json(body): Json<ContextBody>,
-) -> Result<Json<Value>, ApiError> {
+    Json(body): Json<Value>,
+) -> Result<Json<impl Serialize>, ApiError> {
     caller.require(Role::Operator)?;
     let raw = match body {
-        ContextBody::Many(v) => v,
-        ContextBody::One(v) => vec![v],
+        Value::Array(v) => v,
+        one => vec![one],
     };
     let store = state.orchestrator.store();
     let mut signals = Vec::with_capacity(raw.len());
@@ -51,12 +51,11 @@ pub async fn push(
         signals.push(s);
     }
     let accepted = signals.len();
-    let mut applied = state.engine.ingest(signals).await?;
-    // Every rule's verdict is /explain's to give; here, only what was decided.
-    for a in &mut applied {
+    let mut devices = state.engine.ingest(signals).await?;
+    for a in &mut devices {
         a.decision.rules.clear();
     }
-    Ok(Json(json!({ "accepted": accepted, "devices": applied })))
+    Ok(Json(Pushed { accepted, devices }))
 }
 
 /// Every rule, whether it selects and matches the device, and why (viewer).

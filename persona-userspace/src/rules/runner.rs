@@ -245,6 +245,7 @@ impl RuleEngine {
         let now = Timestamp::now();
         let mut state = self.state.lock().await;
         let mut devices: Vec<String> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         let mut changed = Vec::new();
         for mut s in signals {
             s.at.get_or_insert(now);
@@ -262,7 +263,7 @@ impl RuleEngine {
             }
             let key = format!("{}/{}", s.device, s.key());
             let json = serde_json::to_value(&s).map_err(|e| StoreError::Backend(e.to_string()))?;
-            if !devices.contains(&s.device) {
+            if seen.insert(s.device.clone()) {
                 devices.push(s.device.clone());
             }
             if state.signals.merge(s) {
@@ -270,23 +271,39 @@ impl RuleEngine {
             }
         }
         let mut storing = Storing::mark(self, &devices);
-        drop(state);
         // Stored (in one transaction, shared with whatever else is being written) before
-        // anything is decided or acknowledged; other requests go on meanwhile.
+        // anything is acted on or acknowledged; the devices are decided for meanwhile.
         let store = self.orchestrator.store().clone();
-        let stored = tokio::task::spawn_blocking(move || store.put_signals(&changed))
+        let storing_signals = tokio::task::spawn_blocking(move || store.put_signals(&changed));
+        let rules = self.rules()?;
+        let mut decided = Vec::with_capacity(devices.len());
+        for d in &devices {
+            if let Some((_, decision)) = self.decide(&mut state, &rules, d, now)? {
+                decided.push((d, decision));
+            }
+        }
+        drop(state);
+        let stored = storing_signals
             .await
             .map_err(|e| StoreError::Backend(format!("storing signals: {e}")));
         let mut state = self.state.lock().await;
         stored??;
-        let rules = self.rules()?;
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(decided.len());
         let mut soonest: Option<Timestamp> = None;
-        for d in &devices {
-            if let Some(a) = self
-                .evaluate(&mut state, &rules, d, now, Some(received))
-                .await?
-            {
+        for (d, decision) in decided {
+            // One that would shift is decided again: other requests may have moved it
+            // since, or changed its signals.
+            let applied = if decision.shift {
+                self.evaluate(&mut state, &rules, d, now, Some(received))
+                    .await?
+            } else {
+                Some(Applied {
+                    device: d.clone(),
+                    decision,
+                    outcome: None,
+                })
+            };
+            if let Some(a) = applied {
                 if let Some(t) = a.decision.next_check {
                     soonest = Some(soonest.map_or(t, |s| s.min(t)));
                 }
@@ -309,14 +326,14 @@ impl RuleEngine {
         Ok(out)
     }
 
-    async fn evaluate(
+    /// What the rules want for a device now, acting on nothing.
+    fn decide(
         &self,
         state: &mut State,
         rules: &CompiledRules,
         device: &str,
         now: Timestamp,
-        received: Option<std::time::Instant>,
-    ) -> Result<Option<Applied>, StoreError> {
+    ) -> Result<Option<(History, Decision)>, StoreError> {
         let Some(view) = self.view(state, device)? else {
             return Ok(None);
         };
@@ -325,6 +342,20 @@ impl RuleEngine {
         let memo = state.memos.entry(device.into()).or_default();
         let decision =
             decide_incremental(&view, rules, &state.signals, &hist, self.timing, now, memo);
+        Ok(Some((hist, decision)))
+    }
+
+    async fn evaluate(
+        &self,
+        state: &mut State,
+        rules: &CompiledRules,
+        device: &str,
+        now: Timestamp,
+        received: Option<std::time::Instant>,
+    ) -> Result<Option<Applied>, StoreError> {
+        let Some((hist, decision)) = self.decide(state, rules, device, now)? else {
+            return Ok(None);
+        };
         let mut outcome = None;
         if decision.shift
             && let Some(persona) = &decision.desired
