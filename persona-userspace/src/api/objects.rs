@@ -293,8 +293,15 @@ async fn create(
     body: Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let r = write(&state, &caller, kind, body, Expect::Absent).await?;
-    if kind == Kind::Device {
-        place_device(&state, &caller, &r, None).await?;
+    match kind {
+        Kind::Device => place_device(&state, &caller, &r, None).await?,
+        Kind::Persona => {
+            state
+                .orchestrator
+                .reapply_persona(&r.name, r.version, &caller.actor())
+                .await?
+        }
+        _ => {}
     }
     state.engine.poke(kind);
     Ok((StatusCode::CREATED, Json(view(&r))))

@@ -133,6 +133,9 @@ pub fn held_by_lookup<D: Datapath + ?Sized>(
         .collect()
 }
 
+/// [`Datapath::held_addresses`] answered outside the datapath's thread.
+pub type HeldView = std::sync::Arc<dyn Fn(Option<u32>) -> Vec<HeldAddresses> + Send + Sync>;
+
 /// The addresses one device holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeldAddresses {
@@ -232,6 +235,11 @@ pub trait Datapath {
         Ok(self.wiring(ifindex)?.active)
     }
     fn stage(&mut self, persona: &CompiledPersona) -> Result<Staged>;
+    /// Writes ahead what every device's stage of this persona shares (its firewall), so
+    /// that a shift to it stages a table, not its rules.
+    fn prepare(&mut self, _persona: &CompiledPersona) -> Result<()> {
+        Ok(())
+    }
     fn discard(&mut self, staged: Staged) -> Result<()>;
     /// Creates the device's counters for a persona; true when they did not exist.
     fn create_counters(&mut self, ifindex: u32, persona: u32) -> Result<bool>;
@@ -304,6 +312,10 @@ pub trait Datapath {
     /// and those draining for its open flows.
     fn held_addresses(&self, except: Option<u32>) -> Result<Vec<HeldAddresses>> {
         held_by_lookup(self, except)
+    }
+    /// The same answer read from any thread, when the datapath keeps one to share.
+    fn held_view(&self) -> Option<HeldView> {
+        None
     }
     /// Those of one device.
     fn drains(&self, ifindex: u32) -> Result<Vec<DrainInfo>> {

@@ -37,6 +37,7 @@ fn serve(node: &mut Node, rx: &mpsc::Receiver<Job>) {
 #[derive(Clone)]
 pub struct DatapathHandle {
     jobs: mpsc::Sender<Job>,
+    held: Option<super::HeldView>,
 }
 
 impl DatapathHandle {
@@ -51,7 +52,7 @@ impl DatapathHandle {
             .name("datapath".into())
             .spawn(move || match open() {
                 Ok(mut node) => {
-                    let _ = ready_tx.send(Ok(()));
+                    let _ = ready_tx.send(Ok(node.datapath.held_view()));
                     serve(&mut node, &rx);
                 }
                 Err(e) => {
@@ -62,10 +63,10 @@ impl DatapathHandle {
                 context: "starting the datapath thread".into(),
                 source,
             })?;
-        ready_rx
+        let held = ready_rx
             .recv()
             .map_err(|_| DatapathError::Bpf("the datapath thread died while opening".into()))??;
-        Ok(Self { jobs })
+        Ok(Self { jobs, held })
     }
 
     /// Runs `f` on the datapath alone.
@@ -75,6 +76,15 @@ impl DatapathHandle {
         F: FnOnce(&mut dyn Datapath) -> Result<T> + Send + 'static,
     {
         self.on_node(move |node| f(node.datapath.as_mut())).await?
+    }
+
+    /// Every attached device but `except`, with the addresses it holds: read where the
+    /// datapath shares them, else asked of its thread.
+    pub async fn held_addresses(&self, except: Option<u32>) -> Result<Vec<super::HeldAddresses>> {
+        match &self.held {
+            Some(view) => Ok(view(except)),
+            None => self.call(move |dp| dp.held_addresses(except)).await,
+        }
     }
 
     /// Runs `f` on the whole node, as one job: nothing else runs in between.

@@ -368,6 +368,21 @@ impl Orchestrator {
         version: u64,
         actor: &str,
     ) -> Result<(), ShiftError> {
+        // Its rules are written once, now, not by the first shift to it. A failure here
+        // only leaves that to the shift.
+        let prepared = match self.catalog.persona(&*self.store, persona) {
+            Ok(entry) => {
+                let compiled = entry.compiled.clone();
+                self.datapath
+                    .call(move |dp| dp.prepare(&compiled))
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = prepared {
+            tracing::warn!(persona, error = %e, "writing the persona's rules ahead");
+        }
         for (name, spec) in self.devices()? {
             if self.runs_here(&spec)
                 && let Some(s) = self.store.device_state(&name)?
@@ -880,7 +895,7 @@ impl Orchestrator {
             .unwrap_or_default();
         let wired = self
             .datapath
-            .call(move |dp| dp.held_addresses(own))
+            .held_addresses(own)
             .await
             .map_err(|e| ShiftError::Failed(e.to_string()))?;
         for crate::datapath::HeldAddresses {

@@ -20,8 +20,8 @@ impl KernelDatapath {
         let _ = self.maps.guard.remove(&ifindex);
         let active = self.maps.active.get(&ifindex, 0).ok();
         let _ = self.maps.active.remove(&ifindex);
-        if let Some(h) = &mut self.hosts {
-            h.remove(&ifindex);
+        if let Some(h) = &self.held {
+            super::write(h).hosts.remove(&ifindex);
         }
         for addr in self.draining(ifindex)? {
             let _ = self.drop_drain(ifindex, addr);
@@ -152,8 +152,8 @@ impl KernelDatapath {
             .devices
             .insert(ifindex, cfg, 0)
             .map_err(bpf_err("DEVICES"))?;
-        if let Some(h) = &mut self.hosts {
-            h.entry(ifindex).or_default();
+        if let Some(h) = &self.held {
+            super::write(h).hosts.entry(ifindex).or_default();
         }
         self.restamp(ifindex, &cfg)?;
         self.create_counters(ifindex, NO_PERSONA)?;

@@ -137,8 +137,12 @@ impl KernelDatapath {
     }
 
     pub fn drains_all(&self) -> Result<Vec<(u32, DrainInfo)>> {
-        match &self.drains {
-            Some(m) => Ok(m.iter().map(|(&(i, _), d)| (i, d.clone())).collect()),
+        match &self.held {
+            Some(h) => Ok(super::read(h)
+                .drains
+                .iter()
+                .map(|(&(i, _), d)| (i, d.clone()))
+                .collect()),
             None => read_drains(&self.maps.drains),
         }
     }
@@ -147,9 +151,9 @@ impl KernelDatapath {
     /// keeps the shift it drains since.
     pub(super) fn put_drain(&mut self, ifindex: u32, addr: IpAddr, drain: Drain) -> Result<()> {
         if self
-            .drains
+            .held
             .as_ref()
-            .is_some_and(|m| m.contains_key(&(ifindex, addr)))
+            .is_some_and(|h| super::read(h).drains.contains_key(&(ifindex, addr)))
         {
             return Ok(());
         }
@@ -162,16 +166,18 @@ impl KernelDatapath {
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
             Err(e) => return Err(bpf_err("DRAINS")(e)),
         }
-        if let Some(m) = &mut self.drains {
-            m.insert((ifindex, addr), DrainInfo::of(addr, &drain));
+        if let Some(h) = &self.held {
+            super::write(h)
+                .drains
+                .insert((ifindex, addr), DrainInfo::of(addr, &drain));
         }
         Ok(())
     }
 
     /// Stops routing `addr` to the device; not draining is not an error.
     pub(super) fn drop_drain(&mut self, ifindex: u32, addr: IpAddr) -> Result<()> {
-        if let Some(m) = &mut self.drains
-            && m.remove(&(ifindex, addr)).is_none()
+        if let Some(h) = &self.held
+            && super::write(h).drains.remove(&(ifindex, addr)).is_none()
         {
             return Ok(());
         }

@@ -104,14 +104,15 @@ impl KernelDatapath {
             ),
             false => None,
         };
-        let drains = match config.exclusive {
-            true => Some(
-                flows::read_drains(&maps.drains)?
+        let held = match (hosts, config.exclusive) {
+            (Some(hosts), true) => {
+                let drains = flows::read_drains(&maps.drains)?
                     .into_iter()
                     .map(|(i, d)| ((i, d.addr), d))
-                    .collect(),
-            ),
-            false => None,
+                    .collect();
+                Some(Arc::new(RwLock::new(Held { hosts, drains })))
+            }
+            _ => None,
         };
         if !in_use.is_empty() {
             info!(devices = in_use.len(), pin_dir = %config.pin_dir.display(), "re-using pinned datapath");
@@ -127,8 +128,7 @@ impl KernelDatapath {
             safe: Vec::new(),
             unowned: Vec::new(),
             folded,
-            drains,
-            hosts,
+            held,
             live_keys: Default::default(),
             cpus: nr_cpus().map_err(|(_, e)| io_err("counting CPUs")(e))?,
             _lock: lock,

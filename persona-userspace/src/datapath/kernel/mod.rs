@@ -4,7 +4,7 @@ use std::{
     collections::BTreeMap,
     net::IpAddr,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, RwLock},
     time::Instant,
 };
 
@@ -131,15 +131,54 @@ pub struct KernelDatapath {
     unowned: Vec<Pair>,
     /// `FOLDED` as written, by device.
     folded: counters::Folded,
-    /// `DRAINS` as written, when this process holds the pin directory's lock.
-    drains: Option<flows::Drains>,
-    /// Each attached device's active addresses, likewise: a shift checks what other
-    /// devices hold without a syscall per device.
-    hosts: Option<BTreeMap<u32, Vec<IpAddr>>>,
+    /// What each device holds, when this process holds the pin directory's lock: read
+    /// by shifts outside this thread, without a job or a syscall per device.
+    held: Option<Arc<RwLock<Held>>>,
     /// `COUNTERS` keys at the last full read.
     live_keys: std::cell::Cell<u64>,
     cpus: usize,
     _lock: Option<nix::fcntl::Flock<std::fs::File>>,
+}
+
+/// `DRAINS` as written, and each attached device's active addresses. A flip adds
+/// the new addresses to the old until the commit has put the old ones draining, so no
+/// reader ever sees an address of a shifting device as free.
+#[derive(Default)]
+pub(super) struct Held {
+    pub(super) hosts: BTreeMap<u32, Vec<IpAddr>>,
+    pub(super) drains: flows::Drains,
+}
+
+impl Held {
+    fn of_all(&self, except: Option<u32>) -> Vec<super::HeldAddresses> {
+        let mut held: BTreeMap<u32, super::HeldAddresses> = self
+            .hosts
+            .iter()
+            .filter(|(i, _)| Some(**i) != except)
+            .map(|(&ifindex, active)| {
+                let h = super::HeldAddresses {
+                    ifindex,
+                    active: active.clone(),
+                    draining: Vec::new(),
+                };
+                (ifindex, h)
+            })
+            .collect();
+        for &(ifindex, addr) in self.drains.keys() {
+            if let Some(h) = held.get_mut(&ifindex) {
+                h.draining.push(addr);
+            }
+        }
+        held.into_values().collect()
+    }
+}
+
+pub(super) fn read(held: &RwLock<Held>) -> std::sync::RwLockReadGuard<'_, Held> {
+    held.read().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(super) fn write(held: &RwLock<Held>) -> std::sync::RwLockWriteGuard<'_, Held> {
+    held.write().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A per-CPU counter summed over CPUs.
@@ -228,6 +267,10 @@ impl Datapath for KernelDatapath {
         self.stage_persona(persona)
     }
 
+    fn prepare(&mut self, persona: &CompiledPersona) -> Result<()> {
+        self.resident(&persona.firewall).map(|_| ())
+    }
+
     fn discard(&mut self, staged: Staged) -> Result<()> {
         self.discard_staged(staged)
     }
@@ -297,27 +340,15 @@ impl Datapath for KernelDatapath {
     }
 
     fn held_addresses(&self, except: Option<u32>) -> Result<Vec<super::HeldAddresses>> {
-        let (Some(hosts), Some(drains)) = (&self.hosts, &self.drains) else {
-            return super::held_by_lookup(self, except);
-        };
-        let mut held: BTreeMap<u32, super::HeldAddresses> = hosts
-            .iter()
-            .filter(|(i, _)| Some(**i) != except)
-            .map(|(&ifindex, active)| {
-                let h = super::HeldAddresses {
-                    ifindex,
-                    active: active.clone(),
-                    draining: Vec::new(),
-                };
-                (ifindex, h)
-            })
-            .collect();
-        for &(ifindex, addr) in drains.keys() {
-            if let Some(h) = held.get_mut(&ifindex) {
-                h.draining.push(addr);
-            }
+        match &self.held {
+            Some(held) => Ok(read(held).of_all(except)),
+            None => super::held_by_lookup(self, except),
         }
-        Ok(held.into_values().collect())
+    }
+
+    fn held_view(&self) -> Option<super::HeldView> {
+        let held = self.held.clone()?;
+        Some(Arc::new(move |except| read(&held).of_all(except)))
     }
 
     fn sweep(&mut self) -> Result<super::Sweep> {

@@ -66,8 +66,15 @@ impl KernelDatapath {
         }
         self.tables
             .set_owner(staged.table, (ifindex, staged.persona.id));
-        if let Some(h) = &mut self.hosts {
-            h.insert(ifindex, addresses);
+        if let Some(h) = &self.held {
+            // Its old addresses too, until the commit has put those it keeps draining.
+            let mut held = super::write(h);
+            let now = held.hosts.entry(ifindex).or_default();
+            for a in addresses {
+                if !now.contains(&a) {
+                    now.push(a);
+                }
+            }
         }
         Ok(Flipped {
             ifindex,
@@ -90,8 +97,8 @@ impl KernelDatapath {
             Some(p) => Self::host_addresses(&self.persona_table(p.table)?),
             None => Vec::new(),
         };
-        if let Some(h) = &mut self.hosts {
-            h.insert(f.ifindex, restored.clone());
+        if let Some(h) = &self.held {
+            super::write(h).hosts.insert(f.ifindex, restored.clone());
         }
         restored.extend(self.draining(f.ifindex)?);
         match f.previous {
@@ -120,6 +127,13 @@ impl KernelDatapath {
         self.unbind(f.ifindex, f.generation, &restored)
     }
 
+    /// The device's addresses held as active are `addrs` from now on.
+    fn hold_only(&self, ifindex: u32, addrs: &[IpAddr]) {
+        if let Some(h) = &self.held {
+            super::write(h).hosts.insert(ifindex, addrs.to_vec());
+        }
+    }
+
     pub(super) fn commit_flip(&mut self, f: &Flipped) -> Result<Committed> {
         let new_addrs = Self::host_addresses(&self.persona_table(f.table)?);
         // The new persona's addresses are its own again, draining no more.
@@ -128,6 +142,7 @@ impl KernelDatapath {
         }
         let mut committed = Committed::default();
         let Some(prev) = f.previous else {
+            self.hold_only(f.ifindex, &new_addrs);
             return Ok(committed);
         };
         let prev_table = self.persona_table(prev.table)?;
@@ -142,6 +157,7 @@ impl KernelDatapath {
             }
             self.put_drain(f.ifindex, addr, drain)?;
         }
+        self.hold_only(f.ifindex, &new_addrs);
         self.retire(prev.table)?;
         if f.flows == FlowMode::Cut {
             // Best effort: the connections are forgotten whether or not the VM hears.
