@@ -220,6 +220,7 @@ impl Fleet {
         let requests = self.store.key("requests/");
         let devices = self.store.key("objects/devices/");
         let personas = self.store.key("objects/personas/");
+        let hosts = self.store.key("hosts/");
         tokio::spawn(async move {
             if let Ok(devices) = orchestrator.devices() {
                 let mut mine = self.mine.lock().unwrap_or_else(|e| e.into_inner());
@@ -230,6 +231,7 @@ impl Fleet {
                 }
             }
             self.pending(&orchestrator);
+            self.report_hosts(&orchestrator, None).await;
             loop {
                 let key = match changes.recv().await {
                     Ok(k) => k,
@@ -239,7 +241,9 @@ impl Fleet {
                     }
                     Err(RecvError::Closed) => return,
                 };
-                if let Some(device) = key.strip_prefix(&requests) {
+                if let Some(host) = key.strip_prefix(&hosts) {
+                    self.report_hosts(&orchestrator, Some(host)).await;
+                } else if let Some(device) = key.strip_prefix(&requests) {
                     self.clone().take(&orchestrator, device);
                 } else if let Some(device) = key.strip_prefix(&devices) {
                     let (me, o, d) = (self.clone(), orchestrator.clone(), device.to_owned());
@@ -338,6 +342,63 @@ impl Fleet {
         }
         if now.is_some() {
             let _ = orchestrator.settle_reported(name, "fleet").await;
+        }
+    }
+
+    /// Records in the audit log, once for the fleet, each device whose host stopped
+    /// renewing its liveness, and each whose host is back: of `host`, or of every host.
+    async fn report_hosts(self: &Arc<Self>, orchestrator: &Arc<Orchestrator>, host: Option<&str>) {
+        let (me, o, host) = (self.clone(), orchestrator.clone(), host.map(str::to_owned));
+        let reported = tokio::task::spawn_blocking(move || -> Result<(), ShiftError> {
+            let alive = me.live_hosts().map_err(store_error)?;
+            for (device, spec) in o.devices()? {
+                let Some(h) = spec.host.as_deref() else {
+                    continue;
+                };
+                if host.as_deref().is_some_and(|only| only != h) {
+                    continue;
+                }
+                let gone = !alive.iter().any(|a| a == h);
+                let runs = o
+                    .store()
+                    .device_state(&device)
+                    .map_err(store_error)?
+                    .map(|s| s.persona);
+                let (kind, result) = match gone {
+                    true => ("orphaned", format!("host {h} stopped renewing its liveness: the device stays as it was until it is moved")),
+                    false => ("returned", format!("host {h} is alive again")),
+                };
+                let since = json!({ "since": Timestamp::now() });
+                let event = me
+                    .store
+                    .record_marked(
+                        &format!("orphans/{h}/{device}"),
+                        gone.then_some(&since),
+                        crate::store::EventBody {
+                            kind: kind.into(),
+                            actor: format!("fleet:{}", me.host),
+                            device: Some(device.clone()),
+                            from: runs.clone(),
+                            to: runs,
+                            generation: None,
+                            result,
+                            duration_us: None,
+                            detail: json!({ "host": h }),
+                        },
+                    )
+                    .map_err(store_error)?;
+                if let Some(e) = event {
+                    tracing::info!(device, host = h, kind, "recorded");
+                    o.recorded(e);
+                }
+            }
+            Ok(())
+        })
+        .await;
+        match reported {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "recording hosts gone or back"),
+            Err(e) => tracing::warn!(error = %e, "recording hosts gone or back"),
         }
     }
 

@@ -292,6 +292,34 @@ fn a_shift_asked_of_any_host_is_made_by_the_host_that_runs_the_device() {
         "{}",
         b.metrics()
     );
+    let recorded = |kind: &str| {
+        let (_, v) = b.admin(Method::GET, "/events?limit=1000", None);
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == kind && e["device"] == "vm1")
+            .map(|e| (e["actor"].clone(), e["detail"]["host"].clone()))
+            .collect::<Vec<_>>()
+    };
+    wait_until("the audit log says vm1 is orphaned", || {
+        !recorded("orphaned").is_empty()
+    });
+    assert_eq!(
+        recorded("orphaned"),
+        [(json!("fleet:b"), json!("a"))],
+        "recorded once, by the host that saw it"
+    );
+
+    // A back: it says so itself, and the device is nobody's orphan any more.
+    let _a = Daemon::start_in_fleet(&lab.site, &etcd.url(), Some(&b.admin), &["--host", "a"]);
+    wait_until("the audit log says A is back", || {
+        !recorded("returned").is_empty()
+    });
+    assert_eq!(recorded("returned").len(), 1);
+    assert_eq!(recorded("orphaned").len(), 1);
+    let (_, status) = b.admin(Method::GET, "/status/vm1", None);
+    assert_eq!(status["orphaned"], json!(false), "{status}");
 }
 
 /// 300 shifts through the API while the etcd leader is SIGKILLed: every shift that was

@@ -476,6 +476,11 @@ impl Orchestrator {
         Ok(event)
     }
 
+    /// An event the store recorded by other means, for those following the log.
+    pub fn recorded(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
     }

@@ -428,6 +428,20 @@ impl EtcdStore {
         self.run(decide(self.core(), f))
     }
 
+    /// Writes (`Some`) or deletes `marker` with `body` appended to the audit log in the
+    /// same transaction, unless the marker is that way already: of hosts that all see
+    /// the same thing happen, one records it. The event, when this one did.
+    pub fn record_marked(
+        &self,
+        marker: &str,
+        value: Option<&Value>,
+        body: EventBody,
+    ) -> Result<Option<Event>> {
+        let key = self.data(marker);
+        let write = (key.clone(), value.map(encode).transpose()?);
+        self.run(with_event_unless(self.core(), body, vec![write], Some(key)))
+    }
+
     /// Unconditional writes, in one transaction.
     fn write_all(&self, writes: Vec<(String, Option<Vec<u8>>)>) -> Result<()> {
         let mut plan = Some(Plan {
@@ -513,10 +527,29 @@ async fn with_event(
     body: EventBody,
     writes: Vec<(String, Option<Vec<u8>>)>,
 ) -> Result<Event> {
+    with_event_unless(core, body, writes, None)
+        .await?
+        .ok_or_else(|| backend("an unconditional event was not written"))
+}
+
+/// [`with_event`], unless the key `done` already holds what its write would leave
+/// there (present or absent): then nothing, and `None`.
+async fn with_event_unless(
+    core: Core,
+    body: EventBody,
+    writes: Vec<(String, Option<Vec<u8>>)>,
+    done: Option<String>,
+) -> Result<Option<Event>> {
     let at = jiff::Timestamp::now();
     let seq_key = format!("{}data/meta/event-seq", core.prefix);
     let log = format!("{}log/", core.prefix);
     decide(core, move |mirror| {
+        let wanted = |key: &str| writes.iter().find(|(k, _)| k == key).map(|(_, v)| v);
+        if let Some(key) = &done
+            && wanted(key).is_some_and(|v| v.is_some() == mirror.get(key).is_some())
+        {
+            return Ok(Decision::Done(None));
+        }
         let last: u64 = match mirror.get(&seq_key) {
             Some((v, _)) => decode(v)?,
             None => 0,
@@ -529,11 +562,17 @@ async fn with_event(
         let mut w = writes.clone();
         w.push((seq_key.clone(), Some(encode(&event.seq)?)));
         w.push((format!("{log}{:020}", event.seq), Some(encode(&event)?)));
+        let mut when = vec![unchanged(mirror, &seq_key)];
+        let mut reread = vec![seq_key.clone()];
+        if let Some(key) = &done {
+            when.push(unchanged(mirror, key));
+            reread.push(key.clone());
+        }
         Ok(Decision::Write(Plan {
-            when: vec![unchanged(mirror, &seq_key)],
+            when,
             writes: w,
-            reread: vec![seq_key.clone()],
-            value: event,
+            reread,
+            value: Some(event),
         }))
     })
     .await
