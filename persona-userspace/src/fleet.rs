@@ -281,9 +281,8 @@ impl Fleet {
                 let mut keys = match changes.recv().await {
                     Ok(k) => vec![k],
                     Err(RecvError::Lagged(_)) => {
-                        for (_, kind) in &objects {
-                            engine.poke(*kind);
-                        }
+                        // Rules read again, and so every device.
+                        engine.poke(Kind::Rule, "");
                         // Every stored signal again: those known change nothing.
                         let all = store.read_json_under("signals/").unwrap_or_default();
                         learn(&engine, all.into_iter().map(|(_, v)| v)).await;
@@ -295,8 +294,8 @@ impl Fleet {
                     keys.push(k);
                 }
                 for (prefix, kind) in &objects {
-                    if keys.iter().any(|k| k.starts_with(prefix.as_str())) {
-                        engine.poke(*kind);
+                    for name in keys.iter().filter_map(|k| k.strip_prefix(prefix.as_str())) {
+                        engine.poke(*kind, name);
                     }
                 }
                 let values = keys.iter().filter_map(|k| {

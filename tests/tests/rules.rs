@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use hyper::Method;
 use persona_tests::{
     daemon::Daemon,
-    lab::{Lab, VmLink},
+    lab::{Lab, VmLink, wait_until},
 };
 use serde_json::{Value, json};
 
@@ -137,6 +137,41 @@ fn bad_context_changes_nothing_and_names_the_field() {
     );
     let (s, _) = d.call(None, Method::POST, "/context", Some(&alert("raised")));
     assert_eq!(s, 401);
+}
+
+/// A device's own fields count as much as its signals: an edit of the device alone (its
+/// role), with no signal after it, moves it once a rule matches.
+#[test]
+fn a_device_edited_is_decided_for_again() {
+    let (lab, d) = start(&["--min-dwell", "0", "--cooldown", "0"]);
+    let abroad = json!({"device": "vm1", "kind": "geo", "country": "FR"});
+    let (s, v) = d.admin(Method::POST, "/context", Some(&abroad));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        lab.seen_from_outside().as_deref(),
+        Some("203.0.113.10"),
+        "an analyst abroad stays on office"
+    );
+    let (_, device) = d.admin(Method::GET, "/devices/vm1", None);
+    let mut spec = device["spec"].clone();
+    spec["role"] = json!("admin");
+    let body = json!({ "metadata": { "name": "vm1", "version": device["metadata"]["version"] }, "spec": spec });
+    let (s, v) = d.admin(Method::PUT, "/devices/vm1", Some(&body));
+    assert_eq!(s, 200, "{v}");
+    wait_until("the engine moves the admin abroad to travel", || {
+        lab.seen_from_outside().as_deref() == Some("203.0.113.20")
+    });
+    let (_, events) = d.admin(Method::GET, "/events?limit=1000", None);
+    assert!(
+        events["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "shift"
+                && e["actor"] == "rule:admins-abroad"
+                && e["to"] == "travel"),
+        "{events}"
+    );
 }
 
 #[test]

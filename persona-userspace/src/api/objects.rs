@@ -303,7 +303,7 @@ async fn create(
         }
         _ => {}
     }
-    state.engine.poke(kind);
+    state.engine.poke(kind, &r.name);
     Ok((StatusCode::CREATED, Json(view(&r))))
 }
 
@@ -334,7 +334,7 @@ async fn put(
         }
         Kind::Rule | Kind::Application => {}
     }
-    state.engine.poke(kind);
+    state.engine.poke(kind, &r.name);
     Ok(Json(view(&r)))
 }
 
@@ -384,7 +384,7 @@ async fn delete(
         }
         Kind::Rule | Kind::Application => {
             store.delete(kind, &id, expect)?;
-            state.engine.poke(kind);
+            state.engine.poke(kind, &id);
         }
         Kind::Device => {
             let r = store.get(kind, &id)?.ok_or_else(|| {
@@ -396,6 +396,7 @@ async fn delete(
                 store.delete(kind, &id, expect)?;
             }
             state.orchestrator.delete_device(&id, expect).await?;
+            state.engine.poke(kind, &id);
         }
     }
     state.orchestrator.record(event(

@@ -58,16 +58,17 @@ impl Catalog {
     pub fn devices(&self, store: &dyn Store) -> Result<Vec<(String, Arc<DeviceSpec>)>, ShiftError> {
         let stamps = store.stamps(Kind::Device)?;
         let mut known = self.devices.lock().expect("device catalog lock");
-        if known.len() != stamps.len() {
-            let names: std::collections::HashSet<&str> =
-                stamps.iter().map(|(n, _)| n.as_str()).collect();
-            known.retain(|n, _| names.contains(n.as_str()));
-        }
         let mut out = Vec::with_capacity(stamps.len());
         for (name, stamp) in stamps {
             if let Ok(Some(spec)) = Self::parsed(&mut known, store, &name, stamp) {
                 out.push((name, spec));
             }
+        }
+        // Only a device deleted, or no longer parsing, leaves one known beyond these.
+        if known.len() > out.len() {
+            let names: std::collections::HashSet<&str> =
+                out.iter().map(|(n, _)| n.as_str()).collect();
+            known.retain(|n, _| names.contains(n.as_str()));
         }
         Ok(out)
     }

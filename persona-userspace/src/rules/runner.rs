@@ -43,6 +43,7 @@ pub struct RuleEngine {
     /// signal not yet durable, and leave that request to report that nothing changed).
     /// Outside `state`: a request dropped midway (its client gone) unmarks them in `Drop`.
     storing: std::sync::Mutex<HashMap<String, usize>>,
+    due: std::sync::Mutex<Due>,
 }
 
 /// The mark [`RuleEngine::ingest`] puts on its devices until it has evaluated them.
@@ -70,23 +71,34 @@ impl<'a> Storing<'a> {
 
 impl Drop for Storing<'_> {
     fn drop(&mut self) {
-        if !self.settled {
-            self.engine.wake.notify_one();
-        }
-        let mut m = self
-            .engine
-            .storing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        for d in self.devices {
-            if let Some(n) = m.get_mut(d) {
-                *n -= 1;
-                if *n == 0 {
-                    m.remove(d);
+        {
+            let mut m = self
+                .engine
+                .storing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for d in self.devices {
+                if let Some(n) = m.get_mut(d) {
+                    *n -= 1;
+                    if *n == 0 {
+                        m.remove(d);
+                    }
                 }
             }
         }
+        // Unmarked first: the pass this asks for must not skip them.
+        if !self.settled {
+            self.engine.due(self.devices.iter().cloned());
+        }
     }
+}
+
+/// What the loop's next pass covers beyond what its clock asks for: every device, or
+/// those written or left undecided since the last pass.
+#[derive(Default)]
+struct Due {
+    all: bool,
+    devices: std::collections::HashSet<String>,
 }
 
 #[derive(Default)]
@@ -135,15 +147,30 @@ impl RuleEngine {
             rules: Default::default(),
             next_wake: Default::default(),
             storing: Default::default(),
+            due: Default::default(),
         }))
     }
 
-    /// An object of `kind` changed: evaluate everything soon, with the rules compiled
-    /// again when they were what changed.
-    pub fn poke(&self, kind: Kind) {
-        if kind == Kind::Rule {
-            *self.rules.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    /// The object `name` of `kind` changed: a device is evaluated again soon, and for
+    /// anything else every device, with the rules compiled again when they were what
+    /// changed.
+    pub fn poke(&self, kind: Kind, name: &str) {
+        match kind {
+            Kind::Device => return self.due([name.to_owned()]),
+            Kind::Rule => *self.rules.lock().unwrap_or_else(|e| e.into_inner()) = None,
+            _ => {}
         }
+        self.due_lock().all = true;
+        self.wake.notify_one();
+    }
+
+    fn due_lock(&self) -> std::sync::MutexGuard<'_, Due> {
+        self.due.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The loop evaluates `devices` soon.
+    fn due(&self, devices: impl IntoIterator<Item = String>) {
+        self.due_lock().devices.extend(devices);
         self.wake.notify_one();
     }
 
@@ -468,10 +495,45 @@ impl RuleEngine {
         Ok(next)
     }
 
+    /// Evaluates `devices` only; returns when the next one may change by itself, the
+    /// other devices' next instant included.
+    async fn evaluate_some(
+        &self,
+        devices: std::collections::HashSet<String>,
+    ) -> Result<Option<Timestamp>, StoreError> {
+        let now = Timestamp::now();
+        let mut next = *self.next_wake.lock().unwrap_or_else(|e| e.into_inner());
+        let rules = self.rules()?;
+        for name in &devices {
+            let mut state = self.state.lock().await;
+            if self
+                .storing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(name)
+            {
+                continue;
+            }
+            if let Some(a) = self.evaluate(&mut state, &rules, name, now, None).await?
+                && let Some(t) = a.decision.next_check
+            {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        }
+        Ok(next)
+    }
+
     /// The engine's loop: evaluate, then sleep until the next boundary or a poke.
     pub async fn run(self: Arc<Self>) {
+        // The first pass, and each at a time the clock set, takes every device.
+        let mut clocked = true;
         loop {
-            let next = match self.evaluate_all().await {
+            let due = std::mem::take(&mut *self.due_lock());
+            let pass = match clocked || due.all {
+                true => self.evaluate_all().await,
+                false => self.evaluate_some(due.devices).await,
+            };
+            let next = match pass {
                 Ok(n) => n,
                 Err(e) => {
                     warn!(error = %e, "rule evaluation failed");
@@ -493,12 +555,15 @@ impl RuleEngine {
             });
             match sleep {
                 Some(d) => {
-                    tokio::select! {
-                        _ = tokio::time::sleep(d) => {}
-                        _ = self.wake.notified() => {}
+                    clocked = tokio::select! {
+                        _ = tokio::time::sleep(d) => true,
+                        _ = self.wake.notified() => false,
                     }
                 }
-                None => self.wake.notified().await,
+                None => {
+                    self.wake.notified().await;
+                    clocked = false;
+                }
             }
         }
     }
