@@ -293,18 +293,31 @@ async fn create(
     body: Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let r = write(&state, &caller, kind, body, Expect::Absent).await?;
-    match kind {
-        Kind::Device => place_device(&state, &caller, &r, None).await?,
+    take_effect(&state, &caller, &r, None).await?;
+    Ok((StatusCode::CREATED, Json(view(&r))))
+}
+
+/// What an object written (created or replaced `previous`) changes beyond the store: a
+/// device placed, the devices on a persona moved to its new version, and the rule
+/// engine told.
+async fn take_effect(
+    state: &State,
+    caller: &Caller,
+    r: &Record,
+    previous: Option<Record>,
+) -> Result<(), ApiError> {
+    match r.kind {
+        Kind::Device => place_device(state, caller, r, previous).await?,
         Kind::Persona => {
             state
                 .orchestrator
                 .reapply_persona(&r.name, r.version, &caller.actor())
                 .await?
         }
-        _ => {}
+        Kind::Rule | Kind::Application => {}
     }
-    state.engine.poke(kind, &r.name);
-    Ok((StatusCode::CREATED, Json(view(&r))))
+    state.engine.poke(r.kind, &r.name);
+    Ok(())
 }
 
 async fn put(
@@ -324,17 +337,7 @@ async fn put(
     let expect = body.metadata.version.map_or(Expect::Any, Expect::Version);
     let previous = state.orchestrator.store().get(kind, &id)?;
     let r = write(&state, &caller, kind, body, expect).await?;
-    match kind {
-        Kind::Device => place_device(&state, &caller, &r, previous).await?,
-        Kind::Persona => {
-            state
-                .orchestrator
-                .reapply_persona(&r.name, r.version, &caller.actor())
-                .await?
-        }
-        Kind::Rule | Kind::Application => {}
-    }
-    state.engine.poke(kind, &r.name);
+    take_effect(&state, &caller, &r, previous).await?;
     Ok(Json(view(&r)))
 }
 

@@ -454,12 +454,9 @@ impl RuleEngine {
         }))
     }
 
-    /// Evaluates every device; returns when the next one may change by itself. The
-    /// engine's state is taken one device at a time: signals arriving meanwhile wait for
-    /// one evaluation, not for all of them.
+    /// Evaluates every device; returns when the next one may change by itself.
     async fn evaluate_all(&self) -> Result<Option<Timestamp>, StoreError> {
         let now = Timestamp::now();
-        let mut next: Option<Timestamp> = None;
         let rules = self.rules()?;
         let devices = self.orchestrator.store().stamps(Kind::Device)?;
         let names: std::collections::HashSet<&str> =
@@ -476,23 +473,8 @@ impl RuleEngine {
                 .await
                 .map_err(|e| StoreError::Backend(format!("forgetting signals: {e}")))??;
         }
-        for (name, _) in &devices {
-            let mut state = self.state.lock().await;
-            if self
-                .storing
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains_key(name)
-            {
-                continue;
-            }
-            if let Some(a) = self.evaluate(&mut state, &rules, name, now, None).await?
-                && let Some(t) = a.decision.next_check
-            {
-                next = Some(next.map_or(t, |n| n.min(t)));
-            }
-        }
-        Ok(next)
+        let names: Vec<&String> = devices.iter().map(|(name, _)| name).collect();
+        self.evaluate_each(names, &rules, now, None).await
     }
 
     /// Evaluates `devices` only; returns when the next one may change by itself, the
@@ -501,10 +483,23 @@ impl RuleEngine {
         &self,
         devices: std::collections::HashSet<String>,
     ) -> Result<Option<Timestamp>, StoreError> {
-        let now = Timestamp::now();
-        let mut next = *self.next_wake.lock().unwrap_or_else(|e| e.into_inner());
+        let next = *self.next_wake.lock().unwrap_or_else(|e| e.into_inner());
         let rules = self.rules()?;
-        for name in &devices {
+        self.evaluate_each(&devices, &rules, Timestamp::now(), next)
+            .await
+    }
+
+    /// Evaluates each of `names` that no request is storing signals for, taking the
+    /// engine's state one device at a time: signals arriving meanwhile wait for one
+    /// evaluation, not for all of them. The earliest of `next` and their next instants.
+    async fn evaluate_each<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a String>,
+        rules: &CompiledRules,
+        now: Timestamp,
+        mut next: Option<Timestamp>,
+    ) -> Result<Option<Timestamp>, StoreError> {
+        for name in names {
             let mut state = self.state.lock().await;
             if self
                 .storing
@@ -514,7 +509,7 @@ impl RuleEngine {
             {
                 continue;
             }
-            if let Some(a) = self.evaluate(&mut state, &rules, name, now, None).await?
+            if let Some(a) = self.evaluate(&mut state, rules, name, now, None).await?
                 && let Some(t) = a.decision.next_check
             {
                 next = Some(next.map_or(t, |n| n.min(t)));
