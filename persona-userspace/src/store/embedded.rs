@@ -63,7 +63,7 @@ pub struct EmbeddedStore {
     writer: Writer,
     /// Every record's stamp, kept beside the file: this process is its only writer
     /// (redb locks it), and the writer updates it in commit order, so it is never stale.
-    versions: Index<(Kind, String), Stamp>,
+    versions: Index<Kind, HashMap<String, Stamp>>,
     persona_ids: Index<String, u32>,
     /// Every device's state, kept the same way: shifts and the rule engine read them
     /// far more often than they change.
@@ -94,7 +94,7 @@ impl EmbeddedStore {
         let epoch = epoch(&txn)?;
         txn.commit().map_err(backend)?;
         let wal = replay(&db, &path.with_extension("wal"), epoch)?;
-        let mut versions = HashMap::new();
+        let mut versions: HashMap<Kind, HashMap<String, Stamp>> = HashMap::new();
         let mut persona_ids = HashMap::new();
         let mut states = HashMap::new();
         {
@@ -104,7 +104,10 @@ impl EmbeddedStore {
                 for row in t.iter().map_err(backend)? {
                     let (k, v) = row.map_err(backend)?;
                     let stamp: Stamp = decode(v.value())?;
-                    versions.insert((kind, k.value().to_owned()), stamp);
+                    versions
+                        .entry(kind)
+                        .or_default()
+                        .insert(k.value().to_owned(), stamp);
                 }
             }
             let t = txn.open_table(PERSONA_IDS).map_err(backend)?;
@@ -340,16 +343,16 @@ impl Store for EmbeddedStore {
 
     fn stamp(&self, kind: Kind, name: &str) -> Result<Option<Stamp>> {
         let versions = self.versions.read().expect("versions lock");
-        Ok(versions.get(&(kind, name.to_owned())).copied())
+        Ok(versions.get(&kind).and_then(|v| v.get(name)).copied())
     }
 
     fn stamps(&self, kind: Kind) -> Result<Vec<(String, Stamp)>> {
         let versions = self.versions.read().expect("versions lock");
-        Ok(versions
-            .iter()
-            .filter(|((k, _), _)| *k == kind)
-            .map(|((_, name), stamp)| (name.clone(), *stamp))
-            .collect())
+        Ok(versions.get(&kind).map_or_else(Vec::new, |v| {
+            v.iter()
+                .map(|(name, stamp)| (name.clone(), *stamp))
+                .collect()
+        }))
     }
 
     fn put(&self, kind: Kind, name: &str, spec: Value, expect: Expect) -> Result<Record> {
@@ -382,7 +385,9 @@ impl Store for EmbeddedStore {
                 versions
                     .write()
                     .expect("versions lock")
-                    .insert((kind, name), stamp);
+                    .entry(kind)
+                    .or_default()
+                    .insert(name, stamp);
             });
             Ok((record, Some(after)))
         })
@@ -408,7 +413,8 @@ impl Store for EmbeddedStore {
                 versions
                     .write()
                     .expect("versions lock")
-                    .remove(&(kind, name));
+                    .get_mut(&kind)
+                    .and_then(|v| v.remove(&name));
             });
             Ok((current, Some(after)))
         })

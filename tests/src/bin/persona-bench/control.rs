@@ -20,6 +20,8 @@ use crate::shifts::percentiles;
 const TAPS: usize = 8;
 const RULE_COUNTS: [usize; 2] = [1_000, 10_000];
 const DEVICE_COUNTS: [usize; 3] = [1, 100, 10_000];
+/// POSTs per client measured apart, before a case's steady rate.
+const FIRST_POSTS: usize = 5;
 
 fn tap(i: usize) -> String {
     format!("pb{i}")
@@ -165,12 +167,19 @@ fn signals(d: &Daemon, rules: usize, devices: usize) -> Vec<Value> {
     let role = |c: usize, i: usize, j: usize| json!({ "device": format!("d{}", (c * 7919 + i * 31 + j) % devices), "kind": "role", "role": format!("nobody-{}", (i + j) % 2) });
     let mut rows = Vec::new();
     // Single signals, one client and eight; then batches of 1,000 over distinct devices.
-    let cases: [(usize, usize, usize); 3] = [(1, 1, 1000), (8, 1, 250), (1, 1000, 20)];
+    // Each case's first POSTs meet devices the engine has not decided for since they were
+    // written: measured apart as first contact, then the steady rate.
+    let cases: [(usize, usize, usize); 3] = [(1, 1, 1000), (8, 1, 250), (1, 1000, 100)];
     for (clients, batch, posts) in cases {
-        let (per_post, lats) = drive(d, clients, posts, |c, i| {
-            let body: Vec<Value> = (0..batch).map(|j| role(c, i, j)).collect();
-            (Method::POST, "/context".to_owned(), json!(body))
-        });
+        let post = |offset: usize| {
+            move |c: usize, i: usize| {
+                let body: Vec<Value> = (0..batch).map(|j| role(c, i + offset, j)).collect();
+                (Method::POST, "/context".to_owned(), json!(body))
+            }
+        };
+        let first = FIRST_POSTS.min(posts);
+        let (_, first_lats) = drive(d, clients, first, post(0));
+        let (per_post, lats) = drive(d, clients, posts, post(first));
         let per_s = per_post * batch as f64;
         eprintln!(
             "  {per_s:.0} signals/s, {rules} rules, {devices} devices, {clients} client(s), batches of {batch}"
@@ -178,6 +187,7 @@ fn signals(d: &Daemon, rules: usize, devices: usize) -> Vec<Value> {
         rows.push(json!({
             "rules": rules, "devices": devices, "clients": clients, "batch": batch,
             "signals": clients * posts * batch, "signals_per_s": per_s, "post_latency": percentiles(lats),
+            "first_posts": clients * first, "first_post_latency": percentiles(first_lats),
         }));
     }
     rows
