@@ -4,6 +4,7 @@ mod error;
 mod events;
 mod extract;
 mod metrics;
+mod migrate;
 mod objects;
 mod openapi;
 mod shift;
@@ -162,6 +163,9 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .put(objects::put_application)
                 .delete(objects::delete_application),
         )
+        .route("/devices/{id}/migrate", post(migrate::migrate))
+        .route("/devices/{id}/cutover", post(migrate::cut_over))
+        .route("/devices/{id}/migration", get(migrate::show))
         .route("/metrics", get(metrics::scrape))
         .route("/context", post(context::push))
         .route("/explain/{id}", get(context::explain))

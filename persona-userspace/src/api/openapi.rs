@@ -5,7 +5,7 @@ use utoipa::{
     openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
 };
 
-use super::{ApiError, State, context, events, objects, shift, tokens};
+use super::{ApiError, State, context, events, migrate, objects, shift, tokens};
 use crate::{auth::Caller, store::Role};
 
 struct BearerAuth;
@@ -114,9 +114,9 @@ impl Modify for ErrorResponses {
         objects::put_application,
         objects::delete_application,
         context::push,
-        context::explain, shift::trigger_shift, events::list, tokens::create, tokens::list, tokens::revoke,
+        context::explain, shift::trigger_shift, migrate::migrate, migrate::cut_over, migrate::show, events::list, tokens::create, tokens::list, tokens::revoke,
     ),
-    components(schemas(shift::ShiftRequest, tokens::CreateToken, objects::Body)),
+    components(schemas(shift::ShiftRequest, migrate::MigrateRequest, tokens::CreateToken, objects::Body)),
     modifiers(&BearerAuth, &ErrorResponses)
 )]
 struct Doc;

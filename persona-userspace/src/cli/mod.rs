@@ -2,6 +2,7 @@
 //! `persona datapath ...` for the pinned datapath without a daemon.
 mod direct;
 pub mod hook;
+mod migrate;
 mod remote;
 
 use std::path::PathBuf;
@@ -242,6 +243,26 @@ pub enum Command {
         /// one, or be cut (TCP reset). The persona's `flows` (or keep) when not given.
         #[arg(long, value_enum)]
         flows: Option<crate::model::FlowMode>,
+    },
+    /// Move DEVICE to another host of the fleet without a gap: the target runs its
+    /// persona, gated, and takes over at the VM's first frame there (or --cutover).
+    Migrate {
+        device: String,
+        /// The host to move it to.
+        #[arg(long, required_unless_present = "cutover")]
+        to: Option<String>,
+        /// The device's interface on that host (its interface now when not given).
+        #[arg(long)]
+        interface: Option<String>,
+        /// Take over only when asked with --cutover, not at the first frame.
+        #[arg(long)]
+        manual: bool,
+        /// Cut the device's manual migration over now.
+        #[arg(long, conflicts_with_all = ["to", "interface", "manual"])]
+        cutover: bool,
+        /// Return once asked, without waiting for the migration to end.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Persona, generation and counters of a device, or a line per device.
     Status {

@@ -522,6 +522,25 @@ pub(super) async fn run(cli: &Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Migrate {
+            device,
+            to,
+            interface,
+            manual,
+            cutover,
+            no_wait,
+        } => {
+            super::migrate::migrate(
+                &client,
+                device,
+                to.as_deref(),
+                interface.as_deref(),
+                *manual,
+                *cutover,
+                *no_wait,
+            )
+            .await?
+        }
         Command::Status { device, output } => {
             let names: Vec<String> = match device {
                 Some(d) => vec![d.clone()],

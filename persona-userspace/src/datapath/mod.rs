@@ -9,7 +9,7 @@ mod grace;
 pub mod kernel;
 pub mod maps;
 pub mod programs;
-mod reset;
+pub(crate) mod reset;
 mod tables;
 pub mod worker;
 
@@ -52,6 +52,22 @@ pub type Result<T, E = DatapathError> = std::result::Result<T, E>;
 pub fn ifindex(interface: &str) -> Result<u32> {
     nix::net::if_::if_nametoindex(interface)
         .map_err(|_| DatapathError::NoSuchInterface(interface.to_owned()))
+}
+
+/// Frames the interface has taken in from its VM since it was made, as the kernel
+/// counts them (`/proc/net/dev` is of this process's namespace, whatever sysfs shows).
+pub fn received_frames(ifindex: u32) -> Result<u64> {
+    let gone = || DatapathError::NoSuchInterface(ifindex.to_string());
+    let name = nix::net::if_::if_indextoname(ifindex).map_err(|_| gone())?;
+    let name = name.to_string_lossy();
+    let table = std::fs::read_to_string("/proc/net/dev").map_err(|_| gone())?;
+    table
+        .lines()
+        .find_map(|l| {
+            let (iface, counts) = l.split_once(':')?;
+            (iface.trim() == name).then(|| counts.split_whitespace().nth(1)?.parse().ok())?
+        })
+        .ok_or_else(gone)
 }
 
 /// A persona written into a free table slot, not yet visible to any packet.

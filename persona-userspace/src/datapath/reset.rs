@@ -22,14 +22,14 @@ pub struct Reset {
     pub seq: u32,
 }
 
-fn fold(mut sum: u32) -> u16 {
+pub(crate) fn fold(mut sum: u32) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
 }
 
-fn sum16(bytes: &[u8]) -> u32 {
+pub(crate) fn sum16(bytes: &[u8]) -> u32 {
     bytes
         .chunks(2)
         .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))

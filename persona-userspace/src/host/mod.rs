@@ -41,6 +41,8 @@ pub struct Host {
     /// What this process announced for each persona address, so that announcing it
     /// again unchanged (a shift back while it drains) costs no netlink round trip.
     announced: Mutex<std::collections::HashMap<IpAddr, Announced>>,
+    /// Devices whose addresses are not announced on the uplinks (see [`Wiring::gate`]).
+    gated: Mutex<std::collections::HashSet<u32>>,
     /// Addresses this process left with no rule, default route or tunnel of their own:
     /// unsteering them again costs nothing.
     unsteered: Mutex<std::collections::HashSet<IpAddr>>,
@@ -131,6 +133,13 @@ fn ifname(ifindex: u32) -> Result<String> {
 }
 
 impl Host {
+    fn is_gated(&self, ifindex: u32) -> bool {
+        self.gated
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&ifindex)
+    }
+
     fn announced(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<IpAddr, Announced>> {
         self.announced.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -170,6 +179,7 @@ impl Host {
             settings: Mutex::new(Sysctls::open(record)?),
             set_up: AtomicBool::new(false),
             announced: Default::default(),
+            gated: Default::default(),
             unsteered: Default::default(),
             keys: Default::default(),
         })
@@ -526,6 +536,12 @@ pub trait Wiring: Send {
         persona: &CompiledPersona,
     ) -> Result<()>;
     fn withdraw(&self, ifindex: u32, addrs: &[IpAddr]) -> Result<()>;
+    /// Gated, the device's addresses are routed to it but not announced on the uplinks:
+    /// a VM arriving by live migration, whose addresses another host answers for until
+    /// it runs here. Ungated, they are announced, and neighbours told at once.
+    fn gate(&self, _ifindex: u32, _gated: bool) -> Result<()> {
+        Ok(())
+    }
     /// The tunnel of each address the persona sends through its VPN, with the routes
     /// into it; returns the addresses whose tunnel was made now.
     fn tunnel(&self, addrs: &[IpAddr], persona: &CompiledPersona) -> Result<Vec<IpAddr>>;
@@ -629,8 +645,10 @@ impl Wiring for Host {
             // Forgotten first: a failure part-way leaves it to be announced in full.
             self.announced().remove(&addr);
             self.route(ifindex, addr, Some(via))?;
-            for &(_, uplink) in &self.uplinks {
-                self.proxy(uplink, addr, true)?;
+            if !self.is_gated(ifindex) {
+                for &(_, uplink) in &self.uplinks {
+                    self.proxy(uplink, addr, true)?;
+                }
             }
             let gateway = persona
                 .gateways
@@ -660,6 +678,33 @@ impl Wiring for Host {
                 self.proxy(uplink, addr, false)?;
             }
             self.unsteer(addr)?;
+        }
+        Ok(())
+    }
+
+    fn gate(&self, ifindex: u32, gated: bool) -> Result<()> {
+        let mut set = self.gated.lock().unwrap_or_else(|e| e.into_inner());
+        if gated {
+            set.insert(ifindex);
+            return Ok(());
+        }
+        if !set.remove(&ifindex) {
+            return Ok(());
+        }
+        drop(set);
+        let addrs: Vec<IpAddr> = self
+            .announced()
+            .iter()
+            .filter(|(_, a)| a.ifindex == ifindex)
+            .map(|(addr, _)| *addr)
+            .collect();
+        for &(ref name, uplink) in &self.uplinks {
+            for &addr in &addrs {
+                self.proxy(uplink, addr, true)?;
+            }
+            if let Err(e) = announce::tell_neighbours(name, uplink, &addrs) {
+                tracing::warn!(uplink = name, error = %e, "telling neighbours where the addresses moved");
+            }
         }
         Ok(())
     }
@@ -745,6 +790,7 @@ fn refused(interface: &str, why: &str) -> DatapathError {
     DatapathError::Refused(format!("interface {interface:?}: {why}"))
 }
 
+mod announce;
 pub mod fake;
 pub mod sysctl;
 pub mod tap;

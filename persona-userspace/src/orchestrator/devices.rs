@@ -439,3 +439,68 @@ impl Orchestrator {
             .map_err(|e| ShiftError::Failed(e.to_string()))
     }
 }
+
+/// A device arriving by live migration, before it is this host's.
+impl Orchestrator {
+    /// Attaches the device on `interface` here and gives it the persona it runs on its
+    /// host now, with the same leases, its addresses routed to it but not announced
+    /// (gated): its host answers for them until the VM runs here. Nothing is stored.
+    /// Returns the ifindex.
+    pub async fn take_in(&self, name: &str, interface: &str) -> Result<u32, ShiftError> {
+        let mut spec = (*self
+            .device(name)?
+            .ok_or_else(|| super::not_found("Device", name))?)
+        .clone();
+        spec.interface = interface.to_owned();
+        let state = self.store.device_state(name)?;
+        let persona = state
+            .as_ref()
+            .map(|s| s.persona.clone())
+            .or_else(|| spec.persona.clone());
+        let ifindex = {
+            let _guard = self.lock.write().await;
+            self.attach_locked(&spec).await?.ok_or_else(|| {
+                ShiftError::Invalid(FieldError::new(
+                    "interface",
+                    format!("there is no interface {interface:?} on this host"),
+                ))
+            })?
+        };
+        self.gate(ifindex, true).await?;
+        let Some(persona) = persona else {
+            return Ok(ifindex);
+        };
+        let entry = self.catalog.persona(&*self.store, &persona)?;
+        let leases = state
+            .filter(|s| s.persona == persona)
+            .map(|s| s.leases)
+            .unwrap_or_default();
+        let (_, compiled) = entry.leased(&leases)?;
+        let applied = self
+            .apply(&spec, compiled, None, crate::model::FlowMode::default())
+            .await
+            .map_err(|f| ShiftError::Failed(f.to_string()))?;
+        self.datapath
+            .on_node(move |n| n.commit(applied))
+            .await
+            .and_then(|r| r)
+            .map_err(|e| ShiftError::Failed(e.to_string()))?;
+        Ok(ifindex)
+    }
+
+    /// Announces (or stops announcing) a taken-in device's addresses on the uplinks.
+    pub async fn gate(&self, ifindex: u32, gated: bool) -> Result<(), ShiftError> {
+        self.datapath
+            .on_node(move |n| n.wiring.gate(ifindex, gated))
+            .await
+            .and_then(|r| r)
+            .map_err(|e| ShiftError::Failed(e.to_string()))
+    }
+
+    /// Lets a taken-in device go when its migration fails: detached, nothing announced.
+    pub async fn let_go(&self, ifindex: u32) -> Result<(), ShiftError> {
+        let _guard = self.lock.write().await;
+        self.detach_at(ifindex).await?;
+        self.gate(ifindex, false).await
+    }
+}

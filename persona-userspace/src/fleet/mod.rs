@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
+pub mod migration;
+
 use crate::{
     model::{DeviceSpec, FlowMode},
     orchestrator::{Asked, Orchestrator, Outcome, ShiftError},
@@ -221,6 +223,7 @@ impl Fleet {
         let devices = self.store.key("objects/devices/");
         let personas = self.store.key("objects/personas/");
         let hosts = self.store.key("hosts/");
+        let migrating = self.store.key("migrating/");
         tokio::spawn(async move {
             if let Ok(devices) = orchestrator.devices() {
                 let mut mine = self.mine.lock().unwrap_or_else(|e| e.into_inner());
@@ -231,6 +234,9 @@ impl Fleet {
                 }
             }
             self.pending(&orchestrator);
+            for (device, _) in self.store.read_json_under("migrating/").unwrap_or_default() {
+                self.follow_migration(&orchestrator, &device);
+            }
             self.report_hosts(&orchestrator, None).await;
             loop {
                 let key = match changes.recv().await {
@@ -241,7 +247,9 @@ impl Fleet {
                     }
                     Err(RecvError::Closed) => return,
                 };
-                if let Some(host) = key.strip_prefix(&hosts) {
+                if let Some(device) = key.strip_prefix(&migrating) {
+                    self.follow_migration(&orchestrator, device);
+                } else if let Some(host) = key.strip_prefix(&hosts) {
                     self.report_hosts(&orchestrator, Some(host)).await;
                 } else if let Some(device) = key.strip_prefix(&requests) {
                     self.clone().take(&orchestrator, device);

@@ -1,0 +1,365 @@
+//! Live migration of a device from its host to another (`persona migrate`). The marker
+//! `migrating/<device>` says one is under way; asking writes it (with a `migrate` audit
+//! record, in one transaction), and only if none is. The target host then:
+//! 1. takes the device in on its own interface with the persona it runs, gated: its
+//!    addresses routed to it but not announced, because the source answers for them
+//!    until the VM runs here;
+//! 2. waits for the VM's first frame on that interface (or an explicit cut-over);
+//! 3. moves ownership, the device's `host` and `interface`, in one conditional write;
+//! 4. announces the addresses, telling the neighbours at once.
+//!
+//! The source takes its own copy away only once it sees that write, as for any device
+//! moved off it. The outside sees the persona's addresses throughout, answered by
+//! one host at a time, and never the inner address: both hosts translate.
+use std::{sync::Arc, time::Duration};
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::{Fleet, store_error};
+use crate::{
+    model::DeviceSpec,
+    orchestrator::{Orchestrator, ShiftError},
+    store::{EventBody, Expect, Kind},
+};
+
+/// How often the target looks for the VM's first frame.
+const POLL: Duration = Duration::from_millis(2);
+/// A migration whose VM never shows up on the target is given up after this long.
+pub const ARRIVE_WITHIN: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Cutover {
+    /// When the VM's first frame reaches the target's interface.
+    FirstFrame,
+    /// When asked (`persona migrate DEVICE --cutover`).
+    Manual,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    Asked,
+    /// The target runs the persona, gated, and waits for the VM.
+    Ready,
+    /// A manual cut-over was asked for.
+    CutOver,
+    Done,
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Migration {
+    pub id: String,
+    pub device: String,
+    pub from: String,
+    pub to: String,
+    pub interface: String,
+    pub cutover: Cutover,
+    pub phase: Phase,
+    pub actor: String,
+    pub asked: Timestamp,
+    /// The device's version when asked: ownership moves only if it is unchanged.
+    pub version: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// From the target being ready to the cut-over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waited_ms: Option<u64>,
+}
+
+fn marker(device: &str) -> String {
+    format!("migrating/{device}")
+}
+
+fn last(device: &str) -> String {
+    format!("migrations/{device}")
+}
+
+fn busy(device: &str, m: &Migration) -> ShiftError {
+    ShiftError::Busy(format!(
+        "device {device:?} is migrating to {:?} already ({:?})",
+        m.to, m.phase
+    ))
+}
+
+impl Fleet {
+    /// The migration under way for the device, or else the last one.
+    pub fn migration(&self, device: &str) -> Result<Option<Migration>, ShiftError> {
+        for key in [marker(device), last(device)] {
+            if let Some(v) = self.store.read_json(&key).map_err(store_error)? {
+                return serde_json::from_value(v)
+                    .map(Some)
+                    .map_err(|e| ShiftError::Failed(format!("a migration in the store: {e}")));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Asks for the device to move to `to`, onto its `interface` there (the same name
+    /// when not given).
+    pub fn migrate(
+        &self,
+        (device, spec, version): (&str, &DeviceSpec, u64),
+        to: &str,
+        interface: Option<&str>,
+        cutover: Cutover,
+        actor: &str,
+    ) -> Result<Migration, ShiftError> {
+        let invalid = |field: &str, why: String| {
+            ShiftError::Invalid(crate::model::FieldError::new(field, why))
+        };
+        let Some(from) = spec.host.clone() else {
+            return Err(invalid(
+                "spec.host",
+                format!("device {device:?} names no host to move from"),
+            ));
+        };
+        if from == to {
+            return Err(invalid(
+                "to",
+                format!("device {device:?} runs on {to:?} already"),
+            ));
+        }
+        if !self
+            .live_hosts()
+            .map_err(store_error)?
+            .iter()
+            .any(|h| h == to)
+        {
+            return Err(ShiftError::Remote {
+                status: 503,
+                message: format!("host {to:?} is not alive: it cannot take device {device:?}"),
+            });
+        }
+        let mut id = [0u8; 8];
+        getrandom::fill(&mut id).map_err(|e| ShiftError::Failed(e.to_string()))?;
+        let m = Migration {
+            id: id.iter().map(|b| format!("{b:02x}")).collect(),
+            device: device.to_owned(),
+            from: from.clone(),
+            to: to.to_owned(),
+            interface: interface.unwrap_or(&spec.interface).to_owned(),
+            cutover,
+            phase: Phase::Asked,
+            actor: actor.to_owned(),
+            asked: Timestamp::now(),
+            version,
+            error: None,
+            waited_ms: None,
+        };
+        let value = serde_json::to_value(&m).expect("a migration serialises");
+        let event = self
+            .store
+            .record_marked(
+                &marker(device),
+                Some(&value),
+                event(&m, "migrate", "asked".into()),
+            )
+            .map_err(store_error)?;
+        match event {
+            Some(_) => Ok(m),
+            None => Err(match self.migration(device)? {
+                Some(now) => busy(device, &now),
+                None => ShiftError::Busy(format!("device {device:?} is migrating already")),
+            }),
+        }
+    }
+
+    /// Asks the target of the device's manual migration to cut over now.
+    pub fn cut_over(&self, device: &str) -> Result<Migration, ShiftError> {
+        let mut m: Migration = self
+            .store
+            .read_json(&marker(device))
+            .map_err(store_error)?
+            .and_then(|v| serde_json::from_value(v).ok())
+            .ok_or_else(|| {
+                ShiftError::Store(crate::store::StoreError::NotFound {
+                    kind: "Migration",
+                    name: device.to_owned(),
+                })
+            })?;
+        if m.phase != Phase::Ready {
+            return Err(busy(device, &m));
+        }
+        m.phase = Phase::CutOver;
+        self.put_marker(&m)?;
+        Ok(m)
+    }
+
+    fn put_marker(&self, m: &Migration) -> Result<(), ShiftError> {
+        let value = serde_json::to_value(m).expect("a migration serialises");
+        self.store
+            .write_json(&marker(&m.device), Some(&value))
+            .map_err(store_error)
+    }
+
+    /// After `migrating/<device>` changed: carried out here when this host is its target.
+    pub(super) fn follow_migration(
+        self: &Arc<Self>,
+        orchestrator: &Arc<Orchestrator>,
+        device: &str,
+    ) {
+        let Ok(Some(m)) = self
+            .store
+            .read_json(&marker(device))
+            .map(|v| v.and_then(|v| serde_json::from_value::<Migration>(v).ok()))
+        else {
+            return;
+        };
+        if m.to != self.host
+            || m.phase != Phase::Asked
+            || !self
+                .running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(m.id.clone())
+        {
+            return;
+        }
+        let (me, o) = (self.clone(), orchestrator.clone());
+        tokio::spawn(async move {
+            let id = m.id.clone();
+            me.carry_out(&o, m).await;
+            me.running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+        });
+    }
+
+    async fn carry_out(self: &Arc<Self>, o: &Arc<Orchestrator>, mut m: Migration) {
+        let device = m.device.clone();
+        let ifindex = match o.take_in(&device, &m.interface).await {
+            Ok(i) => i,
+            Err(e) => {
+                return self
+                    .finish(m, Err(format!("taking the device in: {e}")))
+                    .await;
+            }
+        };
+        m.phase = Phase::Ready;
+        if let Err(e) = self.put_marker(&m) {
+            tracing::warn!(device, error = %e, "saying the migration's target is ready");
+        }
+        let ready = std::time::Instant::now();
+        let arrived = self.arrival(&m, ifindex).await;
+        m.waited_ms = Some(ready.elapsed().as_millis() as u64);
+        let owned = match arrived {
+            Ok(()) => self.take_ownership(o, &m).await,
+            Err(e) => Err(e),
+        };
+        let owned = match owned {
+            Ok(()) => o.gate(ifindex, false).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        if owned.is_err()
+            && let Err(e) = o.let_go(ifindex).await
+        {
+            tracing::warn!(device, error = %e, "letting go of a device whose migration failed");
+        }
+        self.finish(m, owned).await;
+    }
+
+    /// Waits for the VM's first frame on the interface, or the cut-over asked for.
+    async fn arrival(&self, m: &Migration, ifindex: u32) -> Result<(), String> {
+        let frames = |i| crate::datapath::received_frames(i).unwrap_or(0);
+        let before = frames(ifindex);
+        let deadline = std::time::Instant::now() + ARRIVE_WITHIN;
+        loop {
+            let arrived = match m.cutover {
+                Cutover::FirstFrame => frames(ifindex) > before,
+                Cutover::Manual => self
+                    .migration(&m.device)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|now| now.id == m.id && now.phase == Phase::CutOver),
+            };
+            if arrived {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!(
+                    "the VM did not arrive within {} s",
+                    ARRIVE_WITHIN.as_secs()
+                ));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// The device's `host` and `interface` set to this host's, if the device is as it
+    /// was when the migration was asked for.
+    async fn take_ownership(&self, o: &Arc<Orchestrator>, m: &Migration) -> Result<(), String> {
+        let record = o
+            .store()
+            .get(Kind::Device, &m.device)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "the device was deleted".to_owned())?;
+        let mut spec = record.spec.clone();
+        spec["host"] = json!(m.to);
+        spec["interface"] = json!(m.interface);
+        let (store, name, version) = (o.store().clone(), m.device.clone(), m.version);
+        tokio::task::spawn_blocking(move || {
+            store.put(Kind::Device, &name, spec, Expect::Version(version))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map(|_| ())
+        .map_err(|e| format!("moving ownership: {e}"))
+    }
+
+    /// Records the outcome and clears the marker, in one transaction.
+    async fn finish(self: &Arc<Self>, mut m: Migration, outcome: Result<(), String>) {
+        let (kind, result) = match &outcome {
+            Ok(()) => ("migrated", "ok".to_owned()),
+            Err(e) => ("migrate", format!("failed: {e}")),
+        };
+        m.phase = if outcome.is_ok() {
+            Phase::Done
+        } else {
+            Phase::Failed
+        };
+        m.error = outcome.err();
+        tracing::info!(device = m.device, to = m.to, result, "migration");
+        let value = serde_json::to_value(&m).expect("a migration serialises");
+        let me = self.clone();
+        let written = tokio::task::spawn_blocking(move || -> Result<(), ShiftError> {
+            me.store
+                .write_json(&last(&m.device), Some(&value))
+                .map_err(store_error)?;
+            me.store
+                .record_marked(&marker(&m.device), None, event(&m, kind, result))
+                .map_err(store_error)?;
+            Ok(())
+        })
+        .await;
+        if let Ok(Err(e)) | Err(e) = written.map_err(|e| ShiftError::Failed(e.to_string())) {
+            tracing::warn!(error = %e, "recording a migration's outcome");
+        }
+    }
+}
+
+fn event(m: &Migration, kind: &str, result: String) -> EventBody {
+    EventBody {
+        kind: kind.into(),
+        actor: m.actor.clone(),
+        device: Some(m.device.clone()),
+        from: None,
+        to: None,
+        generation: None,
+        result,
+        duration_us: None,
+        detail: json!({
+            "id": m.id, "from": m.from, "to": m.to, "interface": m.interface,
+            "cutover": m.cutover, "waited_ms": m.waited_ms,
+        }),
+    }
+}
+
+pub fn describe(m: &Migration) -> Value {
+    serde_json::to_value(m).expect("a migration serialises")
+}
