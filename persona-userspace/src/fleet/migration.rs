@@ -210,8 +210,10 @@ impl Fleet {
         else {
             return;
         };
+        // Not only one just asked: a target restarted part-way takes its migration up
+        // again (taking the device in again changes nothing).
         if m.to != self.host
-            || m.phase != Phase::Asked
+            || matches!(m.phase, Phase::Done | Phase::Failed)
             || !self
                 .running
                 .lock()
