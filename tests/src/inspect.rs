@@ -7,7 +7,7 @@ use crate::{lab::Lab, netns::sh};
 
 /// `bpftool map dump` of a pinned map as (key, value) pairs, values left out for
 /// maps that traffic keeps changing.
-pub fn dump(lab: &Lab, map: &str, values: bool) -> Vec<String> {
+pub fn dump(lab: &crate::lab::Site, map: &str, values: bool) -> Vec<String> {
     let path = lab.pin_dir.join(map);
     // Not through `ip netns exec`, which remounts /sys and hides the pins.
     let out = sh(&format!("bpftool -j map dump pinned {}", path.display()));

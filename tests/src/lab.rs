@@ -254,7 +254,7 @@ pub struct Probe {
 }
 
 /// The VM's own configuration of its side of the link.
-const VM_CONFIG: &str = "ip link set eth0 address 52:54:00:00:00:02 && ip addr add 198.18.0.2/24 dev eth0 && ip -6 addr add 2001:db8:1::2/64 dev eth0 nodad && ip link set eth0 up && ip route add default via 198.18.0.1 && ip -6 route add default via fe80::1 dev eth0";
+pub const VM_CONFIG: &str = "ip link set eth0 address 52:54:00:00:00:02 && ip addr add 198.18.0.2/24 dev eth0 && ip -6 addr add 2001:db8:1::2/64 dev eth0 nodad && ip link set eth0 up && ip route add default via 198.18.0.1 && ip -6 route add default via fe80::1 dev eth0";
 
 impl Lab {
     /// What a VM restart does to a veth lab: the link is deleted (both ends) and made

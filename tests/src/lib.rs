@@ -3,6 +3,7 @@
 pub mod capture;
 pub mod daemon;
 pub mod etcd;
+pub mod fleet;
 pub mod frames;
 pub mod guest;
 pub mod harness;

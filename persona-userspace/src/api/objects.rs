@@ -183,16 +183,21 @@ async fn write(
         {
             return Err(FieldError::new("spec.persona", format!("no Persona named {p:?}")).into());
         }
-        if let Some((other, _)) = state
-            .orchestrator
-            .devices()?
-            .into_iter()
-            .find(|(n, d)| *n != name && d.interface == device.interface)
+        if let Some((other, _)) =
+            state.orchestrator.devices()?.into_iter().find(|(n, d)| {
+                *n != name && d.interface == device.interface && d.host == device.host
+            })
         {
+            // Interfaces are a host's own: in a fleet, each host has its own names.
+            let on = device
+                .host
+                .as_deref()
+                .map(|h| format!(" of host {h:?}"))
+                .unwrap_or_default();
             return Err(FieldError::new(
                 "spec.interface",
                 format!(
-                    "Device {other:?} is on {:?}; an interface carries one device",
+                    "Device {other:?} is on {:?}{on}; an interface carries one device",
                     device.interface
                 ),
             )
