@@ -26,7 +26,12 @@ enum Task {
         args: Vec<String>,
     },
     /// Set up, then play the demo: namespaces as VMs, two personas, a shift, counters.
-    Demo,
+    Demo {
+        /// Three hosts on one etcd cluster instead: personas defined once, a VM on one
+        /// host shifted from another's CLI, a VM migrated between hosts.
+        #[arg(long)]
+        fleet: bool,
+    },
     /// Build the QEMU guest (kernel and busybox initramfs from Debian packages) into
     /// target/guest.
     Guest,
@@ -204,9 +209,11 @@ fn main() -> anyhow::Result<()> {
             println!("{}", dir.canonicalize()?.display());
             Ok(())
         }
-        Task::Demo => {
+        Task::Demo { fleet } => {
             setup()?;
-            guest::build()?;
+            if !fleet {
+                guest::build()?;
+            }
             run(Command::new("cargo").args([
                 "build",
                 "--release",
@@ -219,6 +226,7 @@ fn main() -> anyhow::Result<()> {
             // Ctrl-C goes to the demo too, which cleans up before it exits: wait for it.
             ctrlc::set_handler(|| {})?;
             run(Command::new("target/release/persona-demo")
+                .args(fleet.then_some("--fleet"))
                 .env("PERSONA_BIN", "target/release/persona"))
         }
         Task::Package { dev } => {

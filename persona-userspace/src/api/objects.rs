@@ -494,11 +494,13 @@ pub async fn status(
         serde_json::from_value(r.spec.clone()).map_err(|e| ApiError::internal(e.to_string()))?;
     let device_state = store.device_state(&id)?;
     // A device whose interface is gone (its VM stopped) has no datapath state to show,
-    // nor one whose interface was made again and is not attached yet.
+    // nor one whose interface was made again and is not attached yet. One of another
+    // host of a fleet has none here: what its host recorded is what there is.
+    let here = state.orchestrator.runs_here(&device);
     let attached = state
         .orchestrator
         .interface_of(&device.interface)
-        .filter(|i| crate::datapath::ifindex(&device.interface).ok() == Some(*i));
+        .filter(|i| here && crate::datapath::ifindex(&device.interface).ok() == Some(*i));
     let counters = match attached {
         Some(ifindex) => {
             state
@@ -550,10 +552,10 @@ pub async fn status(
         "host": device.host,
         "orphaned": orphaned,
         "interface": device.interface,
-        "up": attached.is_some(),
+        "up": here.then_some(attached.is_some()),
         "error": state.orchestrator.failure(&id),
         "persona": device_state.as_ref().map(|s| &s.persona),
-        "generation": active,
+        "generation": if here { active } else { device_state.as_ref().map(|s| s.generation) },
         "since": device_state.as_ref().map(|s| s.since),
         "leases": device_state.as_ref().map(|s| &s.leases),
         "counters": rows,

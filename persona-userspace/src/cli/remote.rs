@@ -559,10 +559,10 @@ pub(super) async fn run(cli: &Cli) -> anyhow::Result<()> {
                     print(*output, &s)?;
                     continue;
                 }
-                let gone = if s["up"] == false {
-                    " (interface gone)"
-                } else {
-                    ""
+                let gone = match (&s["up"], s["host"].as_str()) {
+                    (Value::Bool(false), _) => " (interface gone)".to_owned(),
+                    (Value::Null, Some(host)) => format!(" of host {host}"),
+                    _ => String::new(),
                 };
                 println!(
                     "{name}: {} on {}{gone}, generation {}, since {}",

@@ -2,7 +2,10 @@
 //! taps (namespaces when no guest can boot), the example personas, devices and rules,
 //! then a short scenario: a time-of-day change, an application starting, a security
 //! alert. Each step shows the shift, what the outside sees, and the counters. Everything
-//! it creates is removed when it ends, also on Ctrl-C.
+//! it creates is removed when it ends, also on Ctrl-C. With `--fleet`, three hosts on
+//! etcd instead ([`fleet`]).
+mod fleet;
+
 use std::time::{Duration, Instant};
 
 use persona_tests::{
@@ -213,7 +216,8 @@ fn main() {
         std::process::exit(130);
     })
     .expect("installing the Ctrl-C handler");
-    let result = std::panic::catch_unwind(run);
+    let fleet = std::env::args().any(|a| a == "--fleet");
+    let result = std::panic::catch_unwind(if fleet { fleet::run } else { run });
     clean_up();
     if result.is_err() {
         std::process::exit(1);
