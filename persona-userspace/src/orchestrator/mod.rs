@@ -383,11 +383,13 @@ impl Orchestrator {
         if let Err(e) = prepared {
             tracing::warn!(persona, error = %e, "writing the persona's rules ahead");
         }
-        for (name, spec) in self.devices()? {
-            if self.runs_here(&spec)
-                && let Some(s) = self.store.device_state(&name)?
-                && s.persona == persona
+        // Through the devices that run a persona, not every device defined.
+        for (name, s) in self.store.device_states()? {
+            if s.persona == persona
                 && s.persona_version != version
+                && self
+                    .device(&name)?
+                    .is_some_and(|spec| self.runs_here(&spec))
             {
                 self.shift(&name, persona, actor, false, None).await?;
             }

@@ -102,6 +102,17 @@ impl EtcdConfig {
 struct Entry {
     value: Option<Vec<u8>>,
     rev: i64,
+    /// An object's stamp, read from the value once: caches of parsed objects ask for
+    /// every one on each write.
+    stamp: std::sync::OnceLock<Option<Stamp>>,
+}
+
+impl Entry {
+    fn stamp(&self) -> Option<Stamp> {
+        *self
+            .stamp
+            .get_or_init(|| self.value.as_deref().and_then(|v| decode(v).ok()))
+    }
 }
 
 /// The mirror of `data/`: a key changes only to what a later revision wrote, whichever
@@ -136,7 +147,14 @@ impl Mirror {
                 if changed && (old.is_some() || value.is_some()) {
                     let _ = self.changes.send(key.clone());
                 }
-                self.entries.insert(key, Entry { value, rev });
+                self.entries.insert(
+                    key,
+                    Entry {
+                        value,
+                        rev,
+                        stamp: Default::default(),
+                    },
+                );
             }
         }
     }
@@ -664,21 +682,40 @@ async fn get(client: &Client, key: &str, options: GetOptions) -> Result<etcd_cli
     .await
 }
 
+/// Keys per page of a listing: a whole fleet's data in one answer would pass gRPC's
+/// 4 MiB limit on a message from a few thousand devices on.
+const PAGE: i64 = 1_000;
+
+/// Everything under `prefix`, in pages all read at the revision of the first.
 async fn list(client: Client, prefix: String) -> Result<(Vec<(String, Vec<u8>, i64)>, i64)> {
-    let resp = get(&client, &prefix, GetOptions::new().with_prefix()).await?;
-    let rev = resp.header().map_or(0, |h| h.revision());
-    let kvs = resp
-        .kvs()
-        .iter()
-        .filter_map(|kv| {
-            Some((
-                kv.key_str().ok()?.to_owned(),
-                kv.value().to_vec(),
-                kv.mod_revision(),
-            ))
-        })
-        .collect();
-    Ok((kvs, rev))
+    let mut end = prefix.clone().into_bytes();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    let (mut kvs, mut rev, mut from) = (Vec::new(), 0, prefix);
+    loop {
+        let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+        if rev != 0 {
+            options = options.with_revision(rev);
+        }
+        let resp = get(&client, &from, options).await?;
+        if rev == 0 {
+            rev = resp.header().map_or(0, |h| h.revision());
+        }
+        for kv in resp.kvs() {
+            if let Ok(key) = kv.key_str() {
+                kvs.push((key.to_owned(), kv.value().to_vec(), kv.mod_revision()));
+            }
+        }
+        match (resp.more(), resp.kvs().last()) {
+            (true, Some(last)) => {
+                let mut next = last.key().to_vec();
+                next.push(0);
+                from = String::from_utf8(next).map_err(|e| backend(e.to_string()))?;
+            }
+            _ => return Ok((kvs, rev)),
+        }
+    }
 }
 
 /// Keeps the mirror current from revision `rev` on: re-established after a broken
@@ -776,7 +813,22 @@ impl Store for EtcdStore {
     }
 
     fn stamp(&self, kind: Kind, name: &str) -> Result<Option<Stamp>> {
-        self.read(&self.object(kind, name))
+        let mirror = self.mirror.read().expect("mirror lock");
+        Ok(mirror
+            .entries
+            .get(&self.object(kind, name))
+            .and_then(Entry::stamp))
+    }
+
+    fn stamps(&self, kind: Kind) -> Result<Vec<(String, Stamp)>> {
+        let prefix = self.data(&format!("objects/{}/", kind_key(kind)));
+        let mirror = self.mirror.read().expect("mirror lock");
+        Ok(mirror
+            .entries
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .filter_map(|(k, e)| Some((k[prefix.len()..].to_owned(), e.stamp()?)))
+            .collect())
     }
 
     fn put(&self, kind: Kind, name: &str, spec: Value, expect: Expect) -> Result<Record> {

@@ -98,7 +98,7 @@ fn fsync(dir: &std::path::Path) -> Value {
 
 /// `clients` connections at once, each making `calls` calls that `call(client, i)`
 /// describes; total calls per second and each call's latency.
-fn drive(
+pub fn drive(
     d: &Daemon,
     clients: usize,
     calls: usize,

@@ -4,6 +4,7 @@
 //! names.
 mod api;
 mod control;
+mod fleet;
 mod flows;
 mod lifecycle;
 mod packets;
@@ -21,7 +22,7 @@ fn main() {
     let wanted = |s: &str| only.is_empty() || only.iter().any(|o| o == s);
     let mut results =
         json!({ "machine": report::machine(), "date": jiff::Timestamp::now().to_string() });
-    let sections: [(&str, Section); 7] = [
+    let sections: [(&str, Section); 8] = [
         ("packets", packets::run),
         ("shifts", shifts::run),
         ("flows", flows::run),
@@ -29,6 +30,7 @@ fn main() {
         ("control", control::run),
         ("throughput", throughput::run),
         ("scale", scale::run),
+        ("fleet", fleet::run),
     ];
     for (name, run) in sections {
         if wanted(name) {

@@ -347,5 +347,65 @@ The daemon following link events, {} rounds: the VM's veth deleted and made agai
             );
         }
     }
+    if let Some(fl) = r.get("fleet") {
+        fleet(&mut m, fl);
+    }
     m
+}
+
+fn fleet(m: &mut String, fl: &Value) {
+    let lat = |v: &Value| format!("{} / {}", f(&v["p50_us"], 0), f(&v["p99_us"], 0));
+    let (local, remote) = (&fl["shift_local"], &fl["shift_remote"]);
+    let ratio = remote["latency"]["p50_us"].as_f64().unwrap_or(f64::NAN)
+        / local["latency"]["p50_us"].as_f64().unwrap_or(f64::NAN);
+    let _ = writeln!(
+        m,
+        "## Fleet on etcd\n\nThree hosts (daemons) on three etcd 3.4 members in namespaces of this machine, etcd's data on tmpfs (as in the tests). Shifts of the device on host B through the API, one client, {} each way; p50 / p99 us:\n\n| asked of | latency | shifts/s |\n|---|---|---:|\n| B, its own host | {} | {} |\n| A, another host (request and answer through etcd) | {} | {} |\n\nThrough another host: **{:.1}×** the p50 of a shift asked of its own host.\n",
+        local["latency"]["n"],
+        lat(&local["latency"]),
+        f(&local["shifts_per_s"], 0),
+        lat(&remote["latency"]),
+        f(&remote["shifts_per_s"], 0),
+        ratio
+    );
+    let p = &fl["personas"];
+    let _ = writeln!(
+        m,
+        "etcd's database grows **{} bytes per persona** ({} personas, each with a firewall rule, applied in {} s; in use: {} bytes each).\n",
+        f(&p["db_bytes"], 0),
+        p["personas"],
+        f(&p["apply_s"], 1),
+        f(&p["db_in_use_bytes"], 0)
+    );
+    let _ = writeln!(
+        m,
+        "A persona updated through A (PUT), until B and C both read the new version, 50 times; with 3 × N devices defined (none running, so no shift follows), p50 / p99 us. *Sync*: host C restarted, from its start to ready (etcd listed in pages of 1,000 keys, every device read). Devices are created through each host's own API, the three hosts at once.\n\n| devices | PUT | seen everywhere | sync s | creates/s | db bytes per device | db MiB | C's RSS MiB |\n|---|---|---|---:|---:|---:|---:|---:|"
+    );
+    let few = &fl["fan_out"];
+    let _ = writeln!(
+        m,
+        "| 1 | {} | {} | - | - | - | - | - |",
+        lat(&few["put"]),
+        lat(&few["seen_everywhere"])
+    );
+    for row in fl["scale"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            m,
+            "| 3 × {} | {} | {} | {} | {} | {} | {} | {} |",
+            row["devices_per_host"],
+            lat(&row["fan_out"]["put"]),
+            lat(&row["fan_out"]["seen_everywhere"]),
+            f(&row["sync_s"], 2),
+            f(&row["creates_per_s"], 0),
+            f(&row["db_bytes_per_device"], 0),
+            f(
+                &(row["db_bytes"].as_f64().unwrap_or(f64::NAN) / 1048576.0).into(),
+                1
+            ),
+            f(
+                &(row["rss_kib"].as_f64().unwrap_or(f64::NAN) / 1024.0).into(),
+                0
+            )
+        );
+    }
 }
