@@ -108,3 +108,16 @@ impl FleetLab {
         self.vms[vm].exec("ip link set eth0 down && ip link set eth1 address 52:54:00:00:00:02 && ip addr add 198.18.0.2/24 dev eth1 && ip link set eth1 up && ip route add default via 198.18.0.1");
     }
 }
+
+/// Polls `ok` until it holds, for at most 30 s: a host reconnects to etcd at gRPC's
+/// pace (a write in flight may wait out its 3 s deadline), not at once.
+pub fn converges(what: &str, mut ok: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !ok() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

@@ -3,7 +3,7 @@ use hyper::Method;
 use persona_tests::{
     daemon::Daemon,
     etcd::{Etcd, STORE_LINK},
-    fleet::FleetLab,
+    fleet::{FleetLab, converges},
     lab::{Lab, OUTSIDE, Site, VM_IFACE, VM2_IFACE, VmLink, wait_until},
 };
 use serde_json::{Value, json};
@@ -20,19 +20,6 @@ fn stale(d: &Daemon, path: &str) -> Option<String> {
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .find_map(|l| l.strip_prefix("persona-stale: ").map(str::to_owned))
-}
-
-/// Polls `ok` until it holds, for at most 30 s: a host reconnects to etcd at gRPC's
-/// pace (a write in flight may wait out its 3 s deadline), not at once.
-fn converges(what: &str, mut ok: impl FnMut() -> bool) {
-    let start = std::time::Instant::now();
-    while !ok() {
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(30),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
 }
 
 fn persona(name: &str, addr: &str, version: Option<u64>) -> Value {

@@ -17,7 +17,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::{Fleet, store_error};
+use super::{Fleet, new_id, store_error};
 use crate::{
     model::DeviceSpec,
     orchestrator::{Orchestrator, ShiftError},
@@ -89,14 +89,24 @@ fn busy(device: &str, m: &Migration) -> ShiftError {
 impl Fleet {
     /// The migration under way for the device, or else the last one.
     pub fn migration(&self, device: &str) -> Result<Option<Migration>, ShiftError> {
-        for key in [marker(device), last(device)] {
-            if let Some(v) = self.store.read_json(&key).map_err(store_error)? {
-                return serde_json::from_value(v)
-                    .map(Some)
-                    .map_err(|e| ShiftError::Failed(format!("a migration in the store: {e}")));
-            }
+        match self.under_way(device)? {
+            Some(m) => Ok(Some(m)),
+            None => self.read_migration(&last(device)),
         }
-        Ok(None)
+    }
+
+    /// The migration under way for the device, if any.
+    fn under_way(&self, device: &str) -> Result<Option<Migration>, ShiftError> {
+        self.read_migration(&marker(device))
+    }
+
+    fn read_migration(&self, key: &str) -> Result<Option<Migration>, ShiftError> {
+        self.store
+            .read_json(key)
+            .map_err(store_error)?
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| ShiftError::Failed(format!("a migration in the store: {e}")))
     }
 
     /// Asks for the device to move to `to`, onto its `interface` there (the same name
@@ -124,21 +134,14 @@ impl Fleet {
                 format!("device {device:?} runs on {to:?} already"),
             ));
         }
-        if !self
-            .live_hosts()
-            .map_err(store_error)?
-            .iter()
-            .any(|h| h == to)
-        {
+        if !self.is_alive(to).map_err(store_error)? {
             return Err(ShiftError::Remote {
                 status: 503,
                 message: format!("host {to:?} is not alive: it cannot take device {device:?}"),
             });
         }
-        let mut id = [0u8; 8];
-        getrandom::fill(&mut id).map_err(|e| ShiftError::Failed(e.to_string()))?;
         let m = Migration {
-            id: id.iter().map(|b| format!("{b:02x}")).collect(),
+            id: new_id()?,
             device: device.to_owned(),
             from: from.clone(),
             to: to.to_owned(),
@@ -151,12 +154,11 @@ impl Fleet {
             error: None,
             waited_ms: None,
         };
-        let value = serde_json::to_value(&m).expect("a migration serialises");
         let event = self
             .store
             .record_marked(
                 &marker(device),
-                Some(&value),
+                Some(&describe(&m)),
                 event(&m, "migrate", "asked".into()),
             )
             .map_err(store_error)?;
@@ -171,17 +173,12 @@ impl Fleet {
 
     /// Asks the target of the device's manual migration to cut over now.
     pub fn cut_over(&self, device: &str) -> Result<Migration, ShiftError> {
-        let mut m: Migration = self
-            .store
-            .read_json(&marker(device))
-            .map_err(store_error)?
-            .and_then(|v| serde_json::from_value(v).ok())
-            .ok_or_else(|| {
-                ShiftError::Store(crate::store::StoreError::NotFound {
-                    kind: "Migration",
-                    name: device.to_owned(),
-                })
-            })?;
+        let mut m = self.under_way(device)?.ok_or_else(|| {
+            ShiftError::Store(crate::store::StoreError::NotFound {
+                kind: "Migration",
+                name: device.to_owned(),
+            })
+        })?;
         if m.phase != Phase::Ready {
             return Err(busy(device, &m));
         }
@@ -191,9 +188,8 @@ impl Fleet {
     }
 
     fn put_marker(&self, m: &Migration) -> Result<(), ShiftError> {
-        let value = serde_json::to_value(m).expect("a migration serialises");
         self.store
-            .write_json(&marker(&m.device), Some(&value))
+            .write_json(&marker(&m.device), Some(&describe(m)))
             .map_err(store_error)
     }
 
@@ -203,11 +199,7 @@ impl Fleet {
         orchestrator: &Arc<Orchestrator>,
         device: &str,
     ) {
-        let Ok(Some(m)) = self
-            .store
-            .read_json(&marker(device))
-            .map(|v| v.and_then(|v| serde_json::from_value::<Migration>(v).ok()))
-        else {
+        let Ok(Some(m)) = self.under_way(device) else {
             return;
         };
         // Not only one just asked: a target restarted part-way takes its migration up
@@ -327,7 +319,7 @@ impl Fleet {
         };
         m.error = outcome.err();
         tracing::info!(device = m.device, to = m.to, result, "migration");
-        let value = serde_json::to_value(&m).expect("a migration serialises");
+        let value = describe(&m);
         let me = self.clone();
         let written = tokio::task::spawn_blocking(move || -> Result<(), ShiftError> {
             me.store

@@ -78,6 +78,13 @@ fn store_error(e: StoreError) -> ShiftError {
     ShiftError::Store(e)
 }
 
+/// A fresh id for a request or a migration: 16 hex digits.
+fn new_id() -> Result<String, ShiftError> {
+    let mut id = [0u8; 8];
+    getrandom::fill(&mut id).map_err(|e| ShiftError::Failed(e.to_string()))?;
+    Ok(id.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 impl Fleet {
     pub fn new(host: String, store: Arc<EtcdStore>) -> Self {
         Self {
@@ -113,8 +120,15 @@ impl Fleet {
 
     /// Whether the device's host is not alive (a device that names none is nobody's).
     pub fn orphaned(&self, spec: &DeviceSpec) -> Result<bool, StoreError> {
-        let alive = self.live_hosts()?;
-        Ok(spec.host.as_ref().is_none_or(|h| !alive.contains(h)))
+        match &spec.host {
+            Some(h) => Ok(!self.is_alive(h)?),
+            None => Ok(true),
+        }
+    }
+
+    /// Whether `host` holds its liveness key, as the last state seen says.
+    pub fn is_alive(&self, host: &str) -> Result<bool, StoreError> {
+        Ok(self.live_hosts()?.iter().any(|h| h == host))
     }
 
     /// The hosts alive now, as the last state seen says.
@@ -130,12 +144,7 @@ impl Fleet {
     /// Asks `host` to shift the device and waits for its answer.
     pub async fn shift_on(&self, host: &str, asked: Asked<'_>) -> Result<Outcome, ShiftError> {
         let device = asked.device;
-        if !self
-            .live_hosts()
-            .map_err(store_error)?
-            .iter()
-            .any(|h| h == host)
-        {
+        if !self.is_alive(host).map_err(store_error)? {
             return Err(ShiftError::Remote {
                 status: 503,
                 message: format!(
@@ -143,9 +152,7 @@ impl Fleet {
                 ),
             });
         }
-        let mut id = [0u8; 8];
-        getrandom::fill(&mut id).map_err(|e| ShiftError::Failed(e.to_string()))?;
-        let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let id = new_id()?;
         let request = Request {
             id: id.clone(),
             persona: asked.persona.map(str::to_owned),

@@ -170,10 +170,19 @@ impl Mirror {
     }
 
     fn under<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (&'a str, &'a [u8])> + 'a {
+        self.entries_under(prefix)
+            .filter_map(|(k, e)| e.value.as_deref().map(|v| (k, v)))
+    }
+
+    /// Every entry under `prefix`, deleted ones too.
+    fn entries_under<'a>(
+        &'a self,
+        prefix: &'a str,
+    ) -> impl Iterator<Item = (&'a str, &'a Entry)> + 'a {
         self.entries
             .range(prefix.to_owned()..)
             .take_while(move |(k, _)| k.starts_with(prefix))
-            .filter_map(|(k, e)| e.value.as_deref().map(|v| (k.as_str(), v)))
+            .map(|(k, e)| (k.as_str(), e))
     }
 
     fn watched_to(&mut self, rev: i64) {
@@ -824,9 +833,7 @@ impl Store for EtcdStore {
         let prefix = self.data(&format!("objects/{}/", kind_key(kind)));
         let mirror = self.mirror.read().expect("mirror lock");
         Ok(mirror
-            .entries
-            .range(prefix.clone()..)
-            .take_while(|(k, _)| k.starts_with(&prefix))
+            .entries_under(&prefix)
             .filter_map(|(k, e)| Some((k[prefix.len()..].to_owned(), e.stamp()?)))
             .collect())
     }

@@ -4,20 +4,12 @@
 //! while it pings the outside.
 use std::time::Duration;
 
-use persona_tests::{fleet::FleetLab, lab::OUTSIDE};
+use persona_tests::{
+    fleet::{FleetLab, converges},
+    lab::OUTSIDE,
+};
 
 use super::step;
-
-fn wait(what: &str, mut ok: impl FnMut() -> bool) {
-    let start = std::time::Instant::now();
-    while !ok() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "timed out: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn show(fleet: &FleetLab, vms: &[usize]) {
     for &i in vms {
@@ -44,7 +36,7 @@ pub fn run() {
     a.apply_yaml(&fleet.device(0, "office"));
     a.apply_yaml(&fleet.device(2, "lab"));
     print!("{}", c.cli_ok("get personas"));
-    wait("the VMs on their personas", || {
+    converges("the VMs on their personas", || {
         fleet.seen_from_outside(0).as_deref() == Some("203.0.113.10")
             && fleet.seen_from_outside(2).as_deref() == Some("203.0.113.30")
     });
@@ -67,7 +59,7 @@ pub fn run() {
         .expect("ping");
     std::thread::sleep(Duration::from_secs(1));
     print!("{}", a.cli_ok("migrate vm-a --to b --no-wait"));
-    wait("host b ready", || {
+    converges("host b ready", || {
         b.admin(hyper::Method::GET, "/devices/vm-a/migration", None)
             .1["phase"]
             == "ready"
@@ -76,7 +68,7 @@ pub fn run() {
     std::thread::sleep(Duration::from_secs(1));
     println!("  the hypervisor moves the VM: its link to a goes quiet, it comes up on b");
     fleet.move_over(0);
-    wait("the migration done", || {
+    converges("the migration done", || {
         b.admin(hyper::Method::GET, "/devices/vm-a/migration", None)
             .1["phase"]
             == "done"
