@@ -698,6 +698,10 @@ impl Wiring for Host {
             .filter(|(_, a)| a.ifindex == ifindex)
             .map(|(addr, _)| *addr)
             .collect();
+        // A device let go was withdrawn first: nothing to announce, nobody to tell.
+        if addrs.is_empty() {
+            return Ok(());
+        }
         for &(ref name, uplink) in &self.uplinks {
             for &addr in &addrs {
                 self.proxy(uplink, addr, true)?;

@@ -466,26 +466,38 @@ impl Orchestrator {
                 ))
             })?
         };
-        self.gate(ifindex, true).await?;
-        let Some(persona) = persona else {
-            return Ok(ifindex);
+        let given = async {
+            self.gate(ifindex, true).await?;
+            let Some(persona) = persona else {
+                return Ok(());
+            };
+            let entry = self.catalog.persona(&*self.store, &persona)?;
+            let leases = state
+                .filter(|s| s.persona == persona)
+                .map(|s| s.leases)
+                .unwrap_or_default();
+            let (_, compiled) = entry.leased(&leases)?;
+            let applied = self
+                .apply(&spec, compiled, None, crate::model::FlowMode::default())
+                .await
+                .map_err(|f| ShiftError::Failed(f.to_string()))?;
+            self.datapath
+                .on_node(move |n| n.commit(applied))
+                .await
+                .and_then(|r| r)
+                .map(|_| ())
+                .map_err(|e| ShiftError::Failed(e.to_string()))
         };
-        let entry = self.catalog.persona(&*self.store, &persona)?;
-        let leases = state
-            .filter(|s| s.persona == persona)
-            .map(|s| s.leases)
-            .unwrap_or_default();
-        let (_, compiled) = entry.leased(&leases)?;
-        let applied = self
-            .apply(&spec, compiled, None, crate::model::FlowMode::default())
-            .await
-            .map_err(|f| ShiftError::Failed(f.to_string()))?;
-        self.datapath
-            .on_node(move |n| n.commit(applied))
-            .await
-            .and_then(|r| r)
-            .map_err(|e| ShiftError::Failed(e.to_string()))?;
-        Ok(ifindex)
+        match given.await {
+            Ok(()) => Ok(ifindex),
+            // Not left attached and gated here: the caller only hears of the failure.
+            Err(e) => {
+                if let Err(undo) = self.let_go(ifindex).await {
+                    warn!(device = name, error = %undo, "letting go of a device not taken in");
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Announces (or stops announcing) a taken-in device's addresses on the uplinks.
