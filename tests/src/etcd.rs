@@ -76,6 +76,9 @@ impl Etcd {
             .args(["--initial-cluster", &cluster.join(",")])
             .args(["--initial-cluster-state", state])
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            // With authentication on, a token idle for 3 s lapses: a client that does not
+            // ask for another fails every call after a pause (etcd's default is 300 s).
+            .args(["--auth-token-ttl", "3"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -91,15 +94,55 @@ impl Etcd {
         format!("etcd://{}", hosts.join(","))
     }
 
-    /// `etcdctl` against every member, in the etcd namespace.
-    pub fn ctl(&self, args: &str) -> String {
+    fn endpoints(&self) -> String {
         let endpoints: Vec<String> = (0..self.dirs.len())
             .map(|i| format!("http://{}:2379", member_ip(i)))
             .collect();
+        endpoints.join(",")
+    }
+
+    /// `etcdctl` against every member, in the etcd namespace.
+    pub fn ctl(&self, args: &str) -> String {
         self.ns.exec(&format!(
             "ETCDCTL_API=3 etcdctl --endpoints={} {args}",
-            endpoints.join(",")
+            self.endpoints()
         ))
+    }
+
+    /// `etcdctl` as etcd user `user` (its password from [`Etcd::password_file`]); what
+    /// it printed, and whether etcd allowed it.
+    pub fn ctl_as(&self, user: &str, args: &str) -> (bool, String) {
+        let password = std::fs::read_to_string(self.password_file(user)).expect("password");
+        let out = self.ns.try_exec(&format!(
+            "ETCDCTL_API=3 etcdctl --endpoints={} --user {user}:{password} {args}",
+            self.endpoints()
+        ));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    /// Users and roles for `hosts`, and authentication on: what an operator runs,
+    /// `packaging/etcd-rbac.sh`, with passwords kept in [`Etcd::password_dir`].
+    pub fn set_up_users(&self, hosts: &[&str]) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/etcd-rbac.sh");
+        self.ns.exec(&format!(
+            "ETCDCTL_ENDPOINTS={} sh {script} -d {} {}",
+            self.endpoints(),
+            self.password_dir().display(),
+            hosts.join(" ")
+        ));
+    }
+
+    pub fn password_dir(&self) -> PathBuf {
+        PathBuf::from(format!("/tmp/persona-etcd-users-{}", self.ns.name))
+    }
+
+    pub fn password_file(&self, user: &str) -> PathBuf {
+        self.password_dir().join(user)
     }
 
     fn wait_healthy(&self) {
@@ -192,5 +235,6 @@ impl Drop for Etcd {
         for dir in &self.dirs {
             let _ = std::fs::remove_dir_all(dir);
         }
+        let _ = std::fs::remove_dir_all(self.password_dir());
     }
 }

@@ -22,6 +22,17 @@ pub struct FleetLab {
 impl FleetLab {
     /// A host per name, each with its daemon (`--host NAME`) and one VM.
     pub fn new(hosts: &[&str]) -> Self {
+        Self::build(hosts, false)
+    }
+
+    /// As [`FleetLab::new`], on etcd with authentication on as `packaging/etcd-rbac.sh`
+    /// sets it up: the first host's daemon is the fleet's admin user
+    /// (`persona-admin`), every other one its own `persona-host-NAME`.
+    pub fn with_etcd_users(hosts: &[&str]) -> Self {
+        Self::build(hosts, true)
+    }
+
+    fn build(hosts: &[&str], users: bool) -> Self {
         let mut etcd = Etcd::start(3);
         let sites: Vec<Site> = hosts.iter().map(|_| Site::new()).collect();
         let out = &sites[0].out;
@@ -54,14 +65,32 @@ impl FleetLab {
             vm.exec(VM_CONFIG);
             vms.push(vm);
         }
+        if users {
+            etcd.set_up_users(hosts);
+        }
         let mut daemons: Vec<Daemon> = Vec::new();
-        for (site, host) in sites.iter().zip(hosts) {
+        for (i, (site, host)) in sites.iter().zip(hosts).enumerate() {
             let admin = daemons.first().map(|d| d.admin.clone());
+            let mut args = vec!["--host".to_owned(), host.to_string()];
+            if users {
+                let user = match i {
+                    0 => "persona-admin".to_owned(),
+                    _ => format!("persona-host-{host}"),
+                };
+                let password = etcd.password_file(&user);
+                args.extend([
+                    "--store-user".to_owned(),
+                    user,
+                    "--store-password-file".to_owned(),
+                    password.display().to_string(),
+                ]);
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
             daemons.push(Daemon::start_in_fleet(
                 site,
                 &etcd.url(),
                 admin.as_deref(),
-                &["--host", host],
+                &args,
             ));
         }
         Self {

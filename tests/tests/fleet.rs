@@ -534,7 +534,7 @@ fn a_watch_gap_past_compaction_still_converges() {
 /// the VM on C is made by C, and the outside sees C's VM as the persona.
 #[test]
 fn three_hosts_share_definitions_and_a_shift_reaches_the_host_of_the_device() {
-    let fleet = FleetLab::new(&["a", "b", "c"]);
+    let mut fleet = FleetLab::new(&["a", "b", "c"]);
     let [a, b, c] = [&fleet.daemons[0], &fleet.daemons[1], &fleet.daemons[2]];
     a.cli_ok("apply -f examples/personas.yaml");
     a.apply_yaml(&fleet.device(0, "office"));
@@ -567,6 +567,31 @@ fn three_hosts_share_definitions_and_a_shift_reaches_the_host_of_the_device() {
         .filter(|e| e["kind"] == "shift" && e["device"] == "vm-c" && e["to"] == "travel")
         .collect();
     assert_eq!(shifts.len(), 1, "one audit record, seen from B: {events}");
+
+    // A migration whose target dies blocks the next one until it is called off, which
+    // then ends it at once: nobody is left to let the device go.
+    b.cli_ok("migrate vm-c --to b --manual --no-wait");
+    wait_until("B is ready", || {
+        a.admin(Method::GET, "/devices/vm-c/migration", None).1["phase"] == "ready"
+    });
+    fleet.daemons[1].kill();
+    let a = &fleet.daemons[0];
+    converges("B's lease to lapse", || {
+        let again = a.cli("migrate vm-c --to b --no-wait");
+        String::from_utf8_lossy(&again.stderr).contains("which is not alive")
+    });
+    let out = a.cli_ok("migrate vm-c --cancel");
+    assert!(out.contains("called off by"), "{out}");
+    let (_, m) = a.admin(Method::GET, "/devices/vm-c/migration", None);
+    assert_eq!(m["phase"], "cancelled", "{m}");
+    assert!(
+        m["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not alive"),
+        "{m}"
+    );
+    assert_eq!(fleet.seen_from_outside(2).as_deref(), Some("203.0.113.20"));
 }
 
 /// A VM moves from host A to host B while it pings the outside: B runs the persona,
@@ -593,6 +618,27 @@ fn a_vm_migrates_to_another_host_behind_the_same_persona_address() {
         String::from_utf8_lossy(&refused.stderr).contains("not alive"),
         "{}",
         String::from_utf8_lossy(&refused.stderr)
+    );
+
+    // Called off while B waits: B lets the device go, and A keeps it.
+    let devices_on = |i: usize| persona_tests::inspect::dump(&fleet.sites[i], "DEVICES", false);
+    b.cli_ok("migrate vm-a --to b --manual --no-wait");
+    wait_until("B is ready for the migration to be called off", || {
+        b.admin(Method::GET, "/devices/vm-a/migration", None).1["phase"] == "ready"
+    });
+    assert!(!devices_on(1).is_empty(), "B took vm-a in");
+    let out = a.cli_ok("migrate vm-a --cancel");
+    assert!(out.contains("called off by"), "{out}");
+    let (_, m) = b.admin(Method::GET, "/devices/vm-a/migration", None);
+    assert_eq!(m["phase"], "cancelled", "{m}");
+    wait_until("B let vm-a go", || devices_on(1).is_empty());
+    let (_, device) = b.admin(Method::GET, "/devices/vm-a", None);
+    assert_eq!(device["spec"]["host"], "a", "{device}");
+    assert_eq!(fleet.seen_from_outside(0).as_deref(), Some("203.0.113.10"));
+    let too_late = a.cli("migrate vm-a --cancel");
+    assert!(
+        !too_late.status.success(),
+        "nothing is under way to call off"
     );
 
     let outside = &fleet.sites[0].out.name;
@@ -675,4 +721,86 @@ fn a_vm_migrates_to_another_host_behind_the_same_persona_address() {
         .collect();
     assert_eq!(migrated.len(), 1, "{events}");
     assert_eq!(migrated[0]["result"], "ok");
+    let called_off = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "migrate" && e["result"] == "cancelled")
+        .count();
+    assert_eq!(called_off, 1, "{events}");
+}
+
+/// etcd with authentication on, its users and roles made by `packaging/etcd-rbac.sh`:
+/// host A runs as the fleet's admin user, host B as its own. B runs and shifts its VM;
+/// a persona defined through B is refused with the reason and nothing is written; B's
+/// user may not touch A's liveness key nor a definition; B's etcd token lapsing while
+/// it idles does not stop it.
+#[test]
+fn a_host_on_its_own_etcd_user_runs_its_vms_but_defines_nothing() {
+    let fleet = FleetLab::with_etcd_users(&["a", "b"]);
+    let (a, b) = (&fleet.daemons[0], &fleet.daemons[1]);
+    a.cli_ok("apply -f examples/personas.yaml");
+    a.apply_yaml(&fleet.device(1, "office"));
+    wait_until("B runs vm-b as office", || {
+        fleet.seen_from_outside(1).as_deref() == Some("203.0.113.10")
+    });
+
+    let (s, v) = b.admin(
+        Method::POST,
+        "/personas",
+        Some(&persona("rogue", "203.0.113.99/24", None)),
+    );
+    assert_eq!(s, 403, "{v}");
+    let error = v["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("permission denied") && error.contains("admin user"),
+        "{v}"
+    );
+    assert_eq!(a.admin(Method::GET, "/personas/rogue", None).0, 404);
+    let file = std::env::temp_dir().join(format!("rogue-{}.yaml", std::process::id()));
+    std::fs::write(
+        &file,
+        "apiVersion: persona.dev/v1\nkind: Persona\nmetadata: { name: rogue }\nspec: { addresses: [203.0.113.99/24] }\n",
+    )
+    .unwrap();
+    let refused = b.cli(&format!("apply -f {}", file.display()));
+    let _ = std::fs::remove_file(&file);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("permission denied"),
+        "{said}"
+    );
+    assert_eq!(a.admin(Method::GET, "/personas/rogue", None).0, 404);
+
+    // etcd's tokens lapse after 3 s idle here; B asks for another.
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let out = b.cli_ok("shift vm-b travel");
+    assert!(out.contains("vm-b: travel (generation"), "{out}");
+    assert_eq!(fleet.seen_from_outside(1).as_deref(), Some("203.0.113.20"));
+    let out = a.cli_ok("shift vm-b office");
+    assert!(out.contains("vm-b: office (generation"), "{out}");
+    assert_eq!(fleet.seen_from_outside(1).as_deref(), Some("203.0.113.10"));
+
+    let b_user = "persona-host-b";
+    for key in [
+        "/persona/v1/data/hosts/a",
+        "/persona/v1/data/objects/personas/office",
+        "/persona/v1/data/tokens/forged",
+        "/persona/v1/data/objects/rules/forged",
+    ] {
+        let (ok, said) = fleet.etcd.ctl_as(b_user, &format!("put {key} x"));
+        assert!(
+            !ok && said.contains("permission denied"),
+            "{b_user} wrote {key}: {said}"
+        );
+    }
+    let (ok, said) = fleet.etcd.ctl_as(
+        b_user,
+        "get /persona/v1/data/objects/personas/office --print-value-only",
+    );
+    assert!(ok && said.contains("203.0.113.10"), "{said}");
+    let (ok, said) = fleet
+        .etcd
+        .ctl_as("persona-admin", "put /persona/v1/probe x");
+    assert!(ok, "the admin user writes anything of the fleet's: {said}");
 }

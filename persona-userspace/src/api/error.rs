@@ -58,6 +58,7 @@ impl From<StoreError> for ApiError {
             StoreError::Exists { .. } | StoreError::Conflict { .. } => StatusCode::CONFLICT,
             StoreError::Backend(_) => StatusCode::INTERNAL_SERVER_ERROR,
             StoreError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            StoreError::Forbidden(_) => StatusCode::FORBIDDEN,
         };
         Self::new(status, e.to_string())
     }

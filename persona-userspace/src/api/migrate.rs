@@ -81,6 +81,19 @@ pub async fn cut_over(
     Ok(Json(describe(&m)))
 }
 
+/// Call the device's migration off before its cut-over: the target lets the device go
+/// and it stays where it runs (operator).
+#[utoipa::path(delete, path = "/devices/{id}/migration", responses((status = 202, description = "Asked: the target lets the device go"), (status = 404, description = "No migration under way"), (status = 409, description = "Cutting over already")), security(("bearer" = [])))]
+pub async fn cancel(
+    state: State,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    caller.require(Role::Operator)?;
+    let m = fleet(&state)?.cancel(&id, &caller.actor())?;
+    Ok((StatusCode::ACCEPTED, Json(describe(&m))))
+}
+
 /// The device's migration under way, or else its last one.
 #[utoipa::path(get, path = "/devices/{id}/migration", responses((status = 200), (status = 404)), security(("bearer" = [])))]
 pub async fn show(

@@ -165,7 +165,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/devices/{id}/migrate", post(migrate::migrate))
         .route("/devices/{id}/cutover", post(migrate::cut_over))
-        .route("/devices/{id}/migration", get(migrate::show))
+        .route(
+            "/devices/{id}/migration",
+            get(migrate::show).delete(migrate::cancel),
+        )
         .route("/metrics", get(metrics::scrape))
         .route("/context", post(context::push))
         .route("/explain/{id}", get(context::explain))

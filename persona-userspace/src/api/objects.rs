@@ -232,13 +232,10 @@ async fn write(
             }
         }
     }
-    let record = store.put(kind, &name, spec, expect)?;
-    state.orchestrator.record(event(
-        "apply",
-        caller,
-        &format!("{}/{name}", kind.plural()),
-        &format!("version {}", record.version),
-    ))?;
+    let what = format!("{}/{name}", kind.plural());
+    let (record, recorded) =
+        store.put_recorded(kind, &name, spec, expect, event("apply", caller, &what, ""))?;
+    state.orchestrator.recorded(recorded);
     Ok(record)
 }
 
@@ -270,8 +267,10 @@ async fn place_device(
     };
     match previous {
         None => {
+            let what = format!("devices/{}", r.name);
+            let body = event("delete", caller, &what, &format!("rolled back: {e}"));
             orchestrator
-                .delete_device(&r.name, Expect::Version(r.version))
+                .delete_device(&r.name, Expect::Version(r.version), body)
                 .await?;
         }
         Some(p) => {
@@ -364,6 +363,7 @@ async fn delete(
     caller.require(Role::Admin)?;
     let store = state.orchestrator.store();
     let expect = q.version.map_or(Expect::Any, Expect::Version);
+    let body = event("delete", &caller, &format!("{}/{id}", kind.plural()), "ok");
     match kind {
         Kind::Persona => {
             let users: Vec<String> = store
@@ -388,10 +388,12 @@ async fn delete(
                     ),
                 ));
             }
-            store.delete(kind, &id, expect)?;
+            let (_, recorded) = store.delete_recorded(kind, &id, expect, body)?;
+            state.orchestrator.recorded(recorded);
         }
         Kind::Rule | Kind::Application => {
-            store.delete(kind, &id, expect)?;
+            let (_, recorded) = store.delete_recorded(kind, &id, expect, body)?;
+            state.orchestrator.recorded(recorded);
             state.engine.poke(kind, &id);
         }
         Kind::Device => {
@@ -403,16 +405,10 @@ async fn delete(
             {
                 store.delete(kind, &id, expect)?;
             }
-            state.orchestrator.delete_device(&id, expect).await?;
+            state.orchestrator.delete_device(&id, expect, body).await?;
             state.engine.poke(kind, &id);
         }
     }
-    state.orchestrator.record(event(
-        "delete",
-        &caller,
-        &format!("{}/{id}", kind.plural()),
-        "ok",
-    ))?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -114,7 +114,7 @@ impl Modify for ErrorResponses {
         objects::put_application,
         objects::delete_application,
         context::push,
-        context::explain, shift::trigger_shift, migrate::migrate, migrate::cut_over, migrate::show, events::list, tokens::create, tokens::list, tokens::revoke,
+        context::explain, shift::trigger_shift, migrate::migrate, migrate::cut_over, migrate::cancel, migrate::show, events::list, tokens::create, tokens::list, tokens::revoke,
     ),
     components(schemas(shift::ShiftRequest, migrate::MigrateRequest, tokens::CreateToken, objects::Body)),
     modifiers(&BearerAuth, &ErrorResponses)

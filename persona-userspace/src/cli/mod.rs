@@ -249,7 +249,7 @@ pub enum Command {
     Migrate {
         device: String,
         /// The host to move it to.
-        #[arg(long, required_unless_present = "cutover")]
+        #[arg(long, required_unless_present_any = ["cutover", "cancel"])]
         to: Option<String>,
         /// The device's interface on that host (its interface now when not given).
         #[arg(long)]
@@ -260,6 +260,10 @@ pub enum Command {
         /// Cut the device's manual migration over now.
         #[arg(long, conflicts_with_all = ["to", "interface", "manual"])]
         cutover: bool,
+        /// Call the device's migration off before its cut-over: the target lets it go
+        /// and it stays where it runs.
+        #[arg(long, conflicts_with_all = ["to", "interface", "manual", "cutover"])]
+        cancel: bool,
         /// Return once asked, without waiting for the migration to end.
         #[arg(long)]
         no_wait: bool,

@@ -528,18 +528,21 @@ pub(super) async fn run(cli: &Cli) -> anyhow::Result<()> {
             interface,
             manual,
             cutover,
+            cancel,
             no_wait,
         } => {
-            super::migrate::migrate(
-                &client,
-                device,
-                to.as_deref(),
-                interface.as_deref(),
-                *manual,
-                *cutover,
-                *no_wait,
-            )
-            .await?
+            use super::migrate::Ask;
+            let ask = match (to, cutover, cancel) {
+                (_, true, _) => Ask::CutOver,
+                (_, _, true) => Ask::Cancel,
+                (Some(to), ..) => Ask::Move {
+                    to,
+                    interface: interface.as_deref(),
+                    manual: *manual,
+                },
+                (None, ..) => anyhow::bail!("--to: which host to move {device} to"),
+            };
+            super::migrate::migrate(&client, device, ask, *no_wait).await?
         }
         Command::Status { device, output } => {
             let names: Vec<String> = match device {

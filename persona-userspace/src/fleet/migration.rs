@@ -46,8 +46,12 @@ pub enum Phase {
     Ready,
     /// A manual cut-over was asked for.
     CutOver,
+    /// Asked to be called off: the target lets the device go.
+    Cancel,
     Done,
     Failed,
+    /// Called off before the cut-over: the device stays where it ran.
+    Cancelled,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,6 +73,16 @@ pub struct Migration {
     /// From the target being ready to the cut-over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waited_ms: Option<u64>,
+    /// Who asked for it to be called off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancelled_by: Option<String>,
+}
+
+/// How a migration ended.
+enum Outcome {
+    Done,
+    Failed(String),
+    Cancelled,
 }
 
 fn marker(device: &str) -> String {
@@ -134,6 +148,9 @@ impl Fleet {
                 format!("device {device:?} runs on {to:?} already"),
             ));
         }
+        if let Some(now) = self.under_way(device)? {
+            return Err(self.taken(device, &now)?);
+        }
         if !self.is_alive(to).map_err(store_error)? {
             return Err(ShiftError::Remote {
                 status: 503,
@@ -153,6 +170,7 @@ impl Fleet {
             version,
             error: None,
             waited_ms: None,
+            cancelled_by: None,
         };
         let event = self
             .store
@@ -164,26 +182,54 @@ impl Fleet {
             .map_err(store_error)?;
         match event {
             Some(_) => Ok(m),
-            None => Err(match self.migration(device)? {
-                Some(now) => busy(device, &now),
+            None => Err(match self.under_way(device)? {
+                Some(now) => self.taken(device, &now)?,
                 None => ShiftError::Busy(format!("device {device:?} is migrating already")),
             }),
         }
     }
 
+    /// Why the device cannot be asked to migrate while `now` is under way.
+    fn taken(&self, device: &str, now: &Migration) -> Result<ShiftError, ShiftError> {
+        Ok(match self.is_alive(&now.to).map_err(store_error)? {
+            true => busy(device, now),
+            false => ShiftError::Busy(format!(
+                "device {device:?} is migrating to {:?}, which is not alive: call it off with `persona migrate {device} --cancel`",
+                now.to
+            )),
+        })
+    }
+
     /// Asks the target of the device's manual migration to cut over now.
     pub fn cut_over(&self, device: &str) -> Result<Migration, ShiftError> {
-        let mut m = self.under_way(device)?.ok_or_else(|| {
-            ShiftError::Store(crate::store::StoreError::NotFound {
-                kind: "Migration",
-                name: device.to_owned(),
-            })
-        })?;
+        let mut m = self
+            .under_way(device)?
+            .ok_or_else(|| not_under_way(device))?;
         if m.phase != Phase::Ready {
             return Err(busy(device, &m));
         }
         m.phase = Phase::CutOver;
         self.put_marker(&m)?;
+        Ok(m)
+    }
+
+    /// Calls the device's migration off before its cut-over. The target lets the device
+    /// go; a target that is not alive will not, so the migration ends here.
+    pub fn cancel(&self, device: &str, actor: &str) -> Result<Migration, ShiftError> {
+        let mut m = self
+            .under_way(device)?
+            .ok_or_else(|| not_under_way(device))?;
+        if !matches!(m.phase, Phase::Asked | Phase::Ready) {
+            return Err(busy(device, &m));
+        }
+        m.cancelled_by = Some(actor.to_owned());
+        if self.is_alive(&m.to).map_err(store_error)? {
+            m.phase = Phase::Cancel;
+            self.put_marker(&m)?;
+        } else {
+            m.error = Some(format!("host {:?} was not alive", m.to));
+            self.end(&mut m, Outcome::Cancelled)?;
+        }
         Ok(m)
     }
 
@@ -205,7 +251,7 @@ impl Fleet {
         // Not only one just asked: a target restarted part-way takes its migration up
         // again (taking the device in again changes nothing).
         if m.to != self.host
-            || matches!(m.phase, Phase::Done | Phase::Failed)
+            || matches!(m.phase, Phase::Done | Phase::Failed | Phase::Cancelled)
             || !self
                 .running
                 .lock()
@@ -217,7 +263,12 @@ impl Fleet {
         let (me, o) = (self.clone(), orchestrator.clone());
         tokio::spawn(async move {
             let id = m.id.clone();
-            me.carry_out(&o, m).await;
+            if m.phase == Phase::Cancel {
+                // Called off while this host was not running it: nothing was taken in.
+                me.finish(m, Outcome::Cancelled).await;
+            } else {
+                me.carry_out(&o, m).await;
+            }
             me.running
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -231,7 +282,7 @@ impl Fleet {
             Ok(i) => i,
             Err(e) => {
                 return self
-                    .finish(m, Err(format!("taking the device in: {e}")))
+                    .finish(m, Outcome::Failed(format!("taking the device in: {e}")))
                     .await;
             }
         };
@@ -242,44 +293,51 @@ impl Fleet {
         let ready = std::time::Instant::now();
         let arrived = self.arrival(&m, ifindex).await;
         m.waited_ms = Some(ready.elapsed().as_millis() as u64);
-        let owned = match arrived {
-            Ok(()) => self.take_ownership(o, &m).await,
-            Err(e) => Err(e),
+        let outcome = match arrived {
+            Ok(()) => match self.take_ownership(o, &m).await {
+                Ok(()) => match o.gate(ifindex, false).await {
+                    Ok(()) => Outcome::Done,
+                    Err(e) => Outcome::Failed(e.to_string()),
+                },
+                Err(e) => Outcome::Failed(e),
+            },
+            Err(ended) => ended,
         };
-        let owned = match owned {
-            Ok(()) => o.gate(ifindex, false).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e),
-        };
-        if owned.is_err()
+        if !matches!(outcome, Outcome::Done)
             && let Err(e) = o.let_go(ifindex).await
         {
-            tracing::warn!(device, error = %e, "letting go of a device whose migration failed");
+            tracing::warn!(device, error = %e, "letting go of a device whose migration ended");
         }
-        self.finish(m, owned).await;
+        self.finish(m, outcome).await;
     }
 
-    /// Waits for the VM's first frame on the interface, or the cut-over asked for.
-    async fn arrival(&self, m: &Migration, ifindex: u32) -> Result<(), String> {
+    /// Waits for the VM's first frame on the interface, or the cut-over asked for;
+    /// a migration called off, or one whose marker is gone, ends the wait.
+    async fn arrival(&self, m: &Migration, ifindex: u32) -> Result<(), Outcome> {
         let frames = |i| crate::datapath::received_frames(i).unwrap_or(0);
         let before = frames(ifindex);
         let deadline = std::time::Instant::now() + ARRIVE_WITHIN;
         loop {
+            let now = match self.under_way(&m.device) {
+                Ok(Some(now)) if now.id == m.id => now,
+                Ok(_) => return Err(Outcome::Failed("its record is gone".into())),
+                Err(_) => m.clone(),
+            };
+            if now.phase == Phase::Cancel {
+                return Err(Outcome::Cancelled);
+            }
             let arrived = match m.cutover {
                 Cutover::FirstFrame => frames(ifindex) > before,
-                Cutover::Manual => self
-                    .migration(&m.device)
-                    .ok()
-                    .flatten()
-                    .is_some_and(|now| now.id == m.id && now.phase == Phase::CutOver),
+                Cutover::Manual => now.phase == Phase::CutOver,
             };
             if arrived {
                 return Ok(());
             }
             if std::time::Instant::now() > deadline {
-                return Err(format!(
+                return Err(Outcome::Failed(format!(
                     "the VM did not arrive within {} s",
                     ARRIVE_WITHIN.as_secs()
-                ));
+                )));
             }
             tokio::time::sleep(POLL).await;
         }
@@ -306,35 +364,57 @@ impl Fleet {
         .map_err(|e| format!("moving ownership: {e}"))
     }
 
-    /// Records the outcome and clears the marker, in one transaction.
-    async fn finish(self: &Arc<Self>, mut m: Migration, outcome: Result<(), String>) {
-        let (kind, result) = match &outcome {
-            Ok(()) => ("migrated", "ok".to_owned()),
-            Err(e) => ("migrate", format!("failed: {e}")),
-        };
-        m.phase = if outcome.is_ok() {
-            Phase::Done
-        } else {
-            Phase::Failed
-        };
-        m.error = outcome.err();
-        tracing::info!(device = m.device, to = m.to, result, "migration");
-        let value = describe(&m);
+    async fn finish(self: &Arc<Self>, mut m: Migration, outcome: Outcome) {
+        if let Some(by) = self
+            .under_way(&m.device)
+            .ok()
+            .flatten()
+            .and_then(|now| now.cancelled_by)
+        {
+            m.cancelled_by = Some(by);
+        }
         let me = self.clone();
-        let written = tokio::task::spawn_blocking(move || -> Result<(), ShiftError> {
-            me.store
-                .write_json(&last(&m.device), Some(&value))
-                .map_err(store_error)?;
-            me.store
-                .record_marked(&marker(&m.device), None, event(&m, kind, result))
-                .map_err(store_error)?;
-            Ok(())
-        })
-        .await;
+        let written = tokio::task::spawn_blocking(move || me.end(&mut m, outcome)).await;
         if let Ok(Err(e)) | Err(e) = written.map_err(|e| ShiftError::Failed(e.to_string())) {
             tracing::warn!(error = %e, "recording a migration's outcome");
         }
     }
+
+    /// Keeps the outcome as the device's last migration and clears the marker, with
+    /// its audit record in the same transaction.
+    fn end(&self, m: &mut Migration, outcome: Outcome) -> Result<(), ShiftError> {
+        let (kind, result) = match outcome {
+            Outcome::Done => {
+                m.phase = Phase::Done;
+                ("migrated", "ok".to_owned())
+            }
+            Outcome::Failed(e) => {
+                m.phase = Phase::Failed;
+                let result = format!("failed: {e}");
+                m.error = Some(e);
+                ("migrate", result)
+            }
+            Outcome::Cancelled => {
+                m.phase = Phase::Cancelled;
+                ("migrate", "cancelled".to_owned())
+            }
+        };
+        tracing::info!(device = m.device, to = m.to, result, "migration");
+        self.store
+            .write_json(&last(&m.device), Some(&describe(m)))
+            .map_err(store_error)?;
+        self.store
+            .record_marked(&marker(&m.device), None, event(m, kind, result))
+            .map_err(store_error)?;
+        Ok(())
+    }
+}
+
+fn not_under_way(device: &str) -> ShiftError {
+    ShiftError::Store(crate::store::StoreError::NotFound {
+        kind: "Migration",
+        name: device.to_owned(),
+    })
 }
 
 fn event(m: &Migration, kind: &str, result: String) -> EventBody {
@@ -349,7 +429,7 @@ fn event(m: &Migration, kind: &str, result: String) -> EventBody {
         duration_us: None,
         detail: json!({
             "id": m.id, "from": m.from, "to": m.to, "interface": m.interface,
-            "cutover": m.cutover, "waited_ms": m.waited_ms,
+            "cutover": m.cutover, "waited_ms": m.waited_ms, "cancelled_by": m.cancelled_by,
         }),
     }
 }

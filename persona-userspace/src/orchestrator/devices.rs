@@ -236,6 +236,7 @@ impl Orchestrator {
         &self,
         name: &str,
         expect: crate::store::Expect,
+        body: EventBody,
     ) -> Result<(), ShiftError> {
         let _guard = self.lock.write().await;
         let Some(record) = self.store.get(Kind::Device, name)? else {
@@ -252,7 +253,10 @@ impl Orchestrator {
             self.remove_locked(&spec).await?;
         }
         self.store.set_device_state(name, None)?;
-        self.store.delete(Kind::Device, name, expect)?;
+        let (_, recorded) = self
+            .store
+            .delete_recorded(Kind::Device, name, expect, body)?;
+        self.recorded(recorded);
         if let Ok(mut failing) = self.failing.lock() {
             failing.remove(name);
         }

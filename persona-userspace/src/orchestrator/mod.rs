@@ -108,6 +108,7 @@ impl ShiftError {
             ShiftError::Store(StoreError::NotFound { .. }) => 404,
             ShiftError::Store(StoreError::Exists { .. } | StoreError::Conflict { .. }) => 409,
             ShiftError::Store(StoreError::Unavailable(_)) => 503,
+            ShiftError::Store(StoreError::Forbidden(_)) => 403,
             ShiftError::Store(StoreError::Backend(_)) | ShiftError::Corrupt { .. } => 500,
             ShiftError::Invalid(_) => 422,
             ShiftError::Held { .. } | ShiftError::Busy(_) => 409,

@@ -183,6 +183,76 @@ fn set(
     Ok(())
 }
 
+/// Stores `spec` as object `name` inside `txn`, unless it holds that already.
+fn put_in(
+    txn: &redb::WriteTransaction,
+    (kind, name): (Kind, String),
+    spec: Value,
+    expect: Expect,
+    versions: Index<Kind, HashMap<String, Stamp>>,
+) -> Result<(Record, Option<After>)> {
+    let mut t = txn.open_table(table(kind)).map_err(backend)?;
+    let current: Option<Record> = match t.get(name.as_str()).map_err(backend)? {
+        Some(v) => Some(decode(v.value())?),
+        None => None,
+    };
+    check(kind, &name, current.as_ref(), expect)?;
+    if let Some(cur) = current.as_ref().filter(|c| c.spec == spec) {
+        return Ok((cur.clone(), None));
+    }
+    let record = Record {
+        kind,
+        name: name.clone(),
+        version: current.map_or(1, |c| c.version + 1),
+        updated: jiff::Timestamp::now(),
+        spec,
+    };
+    t.insert(name.as_str(), encode(&record)?.as_slice())
+        .map_err(backend)?;
+    let stamp = Stamp {
+        version: record.version,
+        updated: record.updated,
+    };
+    let after: After = Box::new(move || {
+        versions
+            .write()
+            .expect("versions lock")
+            .entry(kind)
+            .or_default()
+            .insert(name, stamp);
+    });
+    Ok((record, Some(after)))
+}
+
+fn delete_in(
+    txn: &redb::WriteTransaction,
+    (kind, name): (Kind, String),
+    expect: Expect,
+    versions: Index<Kind, HashMap<String, Stamp>>,
+) -> Result<(Record, Option<After>)> {
+    let mut t = txn.open_table(table(kind)).map_err(backend)?;
+    let current: Option<Record> = match t.get(name.as_str()).map_err(backend)? {
+        Some(v) => Some(decode(v.value())?),
+        None => None,
+    };
+    let Some(current) = current else {
+        return Err(StoreError::NotFound {
+            kind: kind.label(),
+            name,
+        });
+    };
+    check(kind, &name, Some(&current), expect)?;
+    t.remove(name.as_str()).map_err(backend)?;
+    let after: After = Box::new(move || {
+        versions
+            .write()
+            .expect("versions lock")
+            .get_mut(&kind)
+            .and_then(|v| v.remove(&name));
+    });
+    Ok((current, Some(after)))
+}
+
 /// Appends an event numbered after the last, inside `txn`.
 fn append(txn: &redb::WriteTransaction, body: EventBody) -> Result<Event> {
     let mut t = txn.open_table(EVENTS).map_err(backend)?;
@@ -358,65 +428,43 @@ impl Store for EmbeddedStore {
     fn put(&self, kind: Kind, name: &str, spec: Value, expect: Expect) -> Result<Record> {
         let (name, versions) = (name.to_owned(), self.versions.clone());
         // Read, check and write in one transaction, after the writes queued before it.
+        self.writer
+            .write(move |txn| put_in(txn, (kind, name), spec, expect, versions))
+    }
+
+    fn put_recorded(
+        &self,
+        kind: Kind,
+        name: &str,
+        spec: Value,
+        expect: Expect,
+        mut body: EventBody,
+    ) -> Result<(Record, Event)> {
+        let (name, versions) = (name.to_owned(), self.versions.clone());
         self.writer.write(move |txn| {
-            let mut t = txn.open_table(table(kind)).map_err(backend)?;
-            let current: Option<Record> = match t.get(name.as_str()).map_err(backend)? {
-                Some(v) => Some(decode(v.value())?),
-                None => None,
-            };
-            check(kind, &name, current.as_ref(), expect)?;
-            if let Some(cur) = current.as_ref().filter(|c| c.spec == spec) {
-                return Ok((cur.clone(), None));
-            }
-            let record = Record {
-                kind,
-                name: name.clone(),
-                version: current.map_or(1, |c| c.version + 1),
-                updated: jiff::Timestamp::now(),
-                spec,
-            };
-            t.insert(name.as_str(), encode(&record)?.as_slice())
-                .map_err(backend)?;
-            let stamp = Stamp {
-                version: record.version,
-                updated: record.updated,
-            };
-            let after: After = Box::new(move || {
-                versions
-                    .write()
-                    .expect("versions lock")
-                    .entry(kind)
-                    .or_default()
-                    .insert(name, stamp);
-            });
-            Ok((record, Some(after)))
+            let (record, after) = put_in(txn, (kind, name), spec, expect, versions)?;
+            body.result = format!("version {}", record.version);
+            Ok(((record, append(txn, body)?), after))
         })
     }
 
     fn delete(&self, kind: Kind, name: &str, expect: Expect) -> Result<Record> {
         let (name, versions) = (name.to_owned(), self.versions.clone());
+        self.writer
+            .write(move |txn| delete_in(txn, (kind, name), expect, versions))
+    }
+
+    fn delete_recorded(
+        &self,
+        kind: Kind,
+        name: &str,
+        expect: Expect,
+        body: EventBody,
+    ) -> Result<(Record, Event)> {
+        let (name, versions) = (name.to_owned(), self.versions.clone());
         self.writer.write(move |txn| {
-            let mut t = txn.open_table(table(kind)).map_err(backend)?;
-            let current: Option<Record> = match t.get(name.as_str()).map_err(backend)? {
-                Some(v) => Some(decode(v.value())?),
-                None => None,
-            };
-            let Some(current) = current else {
-                return Err(StoreError::NotFound {
-                    kind: kind.label(),
-                    name,
-                });
-            };
-            check(kind, &name, Some(&current), expect)?;
-            t.remove(name.as_str()).map_err(backend)?;
-            let after: After = Box::new(move || {
-                versions
-                    .write()
-                    .expect("versions lock")
-                    .get_mut(&kind)
-                    .and_then(|v| v.remove(&name));
-            });
-            Ok((current, Some(after)))
+            let (record, after) = delete_in(txn, (kind, name), expect, versions)?;
+            Ok(((record, append(txn, body)?), after))
         })
     }
 
@@ -790,6 +838,52 @@ mod tests {
         let tail: Vec<u64> = s.events(2, 10).unwrap().iter().map(|e| e.seq).collect();
         assert_eq!(tail, [3, 4, 5]);
         assert_eq!(s.events(0, 2).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn an_object_and_its_audit_record_are_written_together_or_not_at_all() {
+        let (s, _dir) = store();
+        let apply = || EventBody {
+            kind: "apply".into(),
+            actor: "test".into(),
+            device: None,
+            from: None,
+            to: Some("personas/office".into()),
+            generation: None,
+            result: String::new(),
+            duration_us: None,
+            detail: Value::Null,
+        };
+        let spec = json!({ "addresses": ["203.0.113.10/24"] });
+        let (record, recorded) = s
+            .put_recorded(
+                Kind::Persona,
+                "office",
+                spec.clone(),
+                Expect::Absent,
+                apply(),
+            )
+            .unwrap();
+        assert_eq!(recorded.body.result, format!("version {}", record.version));
+        let last = s.events(0, 100).unwrap().pop().unwrap();
+        assert_eq!(last.seq, recorded.seq);
+
+        let refused = s.put_recorded(Kind::Persona, "office", spec, Expect::Version(7), apply());
+        assert!(
+            matches!(refused, Err(StoreError::Conflict { .. })),
+            "{refused:?}"
+        );
+        assert_eq!(s.events(0, 100).unwrap().pop().unwrap().seq, last.seq);
+        let refused = s.delete_recorded(Kind::Persona, "nothing", Expect::Any, apply());
+        assert!(
+            matches!(refused, Err(StoreError::NotFound { .. })),
+            "{refused:?}"
+        );
+        let (_, deleted) = s
+            .delete_recorded(Kind::Persona, "office", Expect::Any, apply())
+            .unwrap();
+        assert!(s.get(Kind::Persona, "office").unwrap().is_none());
+        assert_eq!(s.events(0, 100).unwrap().pop().unwrap().seq, deleted.seq);
     }
 
     fn event(s: &EmbeddedStore) -> Event {

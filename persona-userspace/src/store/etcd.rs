@@ -229,7 +229,14 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
 fn unreachable(e: etcd_client::Error) -> StoreError {
     // gRPC's CANCELLED (a client-side timeout), DEADLINE_EXCEEDED and UNAVAILABLE.
     const NO_ANSWER: [i32; 3] = [1, 4, 14];
+    const PERMISSION_DENIED: i32 = 7;
     match e {
+        etcd_client::Error::GRpcStatus(s) if i32::from(s.code()) == PERMISSION_DENIED => {
+            StoreError::Forbidden(format!(
+                "etcd: {}: this host's etcd user may not write it (definitions need the fleet's admin user)",
+                s.message()
+            ))
+        }
         etcd_client::Error::GRpcStatus(s) if !NO_ANSWER.contains(&i32::from(s.code())) => {
             StoreError::Backend(format!("etcd: {}", s.message()))
         }
@@ -319,7 +326,11 @@ impl EtcdStore {
             options = options.with_tls(t);
         }
         if let Some((user, password)) = &config.user {
-            options = options.with_user(user, password);
+            // etcd's tokens lapse (5 minutes idle by default, or at any change to its
+            // users under JWT): ask for another and retry, not fail every later call.
+            options = options
+                .with_user(user, password)
+                .with_auto_token_refresh(true);
         }
         let endpoints = config.endpoints.clone();
         let client = on(&rt, async move {
@@ -567,9 +578,7 @@ async fn with_event_unless(
     writes: Vec<(String, Option<Vec<u8>>)>,
     done: Option<String>,
 ) -> Result<Option<Event>> {
-    let at = jiff::Timestamp::now();
-    let seq_key = format!("{}data/meta/event-seq", core.prefix);
-    let log = format!("{}log/", core.prefix);
+    let prefix = core.prefix.clone();
     decide(core, move |mirror| {
         let wanted = |key: &str| writes.iter().find(|(k, _)| k == key).map(|(_, v)| v);
         if let Some(key) = &done
@@ -577,32 +586,55 @@ async fn with_event_unless(
         {
             return Ok(Decision::Done(None));
         }
-        let last: u64 = match mirror.get(&seq_key) {
-            Some((v, _)) => decode(v)?,
-            None => 0,
+        let plan = Plan {
+            when: done.iter().map(|key| unchanged(mirror, key)).collect(),
+            writes: writes.clone(),
+            reread: done.iter().cloned().collect(),
+            value: (),
         };
-        let event = Event {
-            seq: last + 1,
-            at,
-            body: body.clone(),
-        };
-        let mut w = writes.clone();
-        w.push((seq_key.clone(), Some(encode(&event.seq)?)));
-        w.push((format!("{log}{:020}", event.seq), Some(encode(&event)?)));
-        let mut when = vec![unchanged(mirror, &seq_key)];
-        let mut reread = vec![seq_key.clone()];
-        if let Some(key) = &done {
-            when.push(unchanged(mirror, key));
-            reread.push(key.clone());
-        }
+        let plan = logged(mirror, &prefix, plan, body.clone())?;
         Ok(Decision::Write(Plan {
-            when,
-            writes: w,
-            reread,
-            value: Some(event),
+            when: plan.when,
+            writes: plan.writes,
+            reread: plan.reread,
+            value: Some(plan.value.1),
         }))
     })
     .await
+}
+
+/// `plan`, with `body` appended to the audit log as the next event in the same
+/// transaction.
+fn logged<T>(
+    mirror: &Mirror,
+    prefix: &str,
+    mut plan: Plan<T>,
+    body: EventBody,
+) -> Result<Plan<(T, Event)>> {
+    let seq_key = format!("{prefix}data/meta/event-seq");
+    let last: u64 = match mirror.get(&seq_key) {
+        Some((v, _)) => decode(v)?,
+        None => 0,
+    };
+    let event = Event {
+        seq: last + 1,
+        at: jiff::Timestamp::now(),
+        body,
+    };
+    plan.writes
+        .push((seq_key.clone(), Some(encode(&event.seq)?)));
+    plan.writes.push((
+        format!("{prefix}log/{:020}", event.seq),
+        Some(encode(&event)?),
+    ));
+    plan.when.push(unchanged(mirror, &seq_key));
+    plan.reread.push(seq_key);
+    Ok(Plan {
+        when: plan.when,
+        writes: plan.writes,
+        reread: plan.reread,
+        value: (plan.value, event),
+    })
 }
 
 async fn grant_and_put(
@@ -839,48 +871,68 @@ impl Store for EtcdStore {
     }
 
     fn put(&self, kind: Kind, name: &str, spec: Value, expect: Expect) -> Result<Record> {
-        let key = self.object(kind, name);
-        let name = name.to_owned();
+        let (key, name) = (self.object(kind, name), name.to_owned());
         self.decide(move |mirror| {
-            let current: Option<Record> = mirror.get(&key).map(|(v, _)| decode(v)).transpose()?;
-            check(kind, &name, current.as_ref(), expect)?;
-            if let Some(cur) = current.as_ref().filter(|c| c.spec == spec) {
-                return Ok(Decision::Done(cur.clone()));
-            }
-            let record = Record {
-                kind,
-                name: name.to_owned(),
-                version: current.as_ref().map_or(1, |c| c.version + 1),
-                updated: jiff::Timestamp::now(),
-                spec: spec.clone(),
-            };
-            Ok(Decision::Write(Plan {
-                when: vec![unchanged(mirror, &key)],
-                writes: vec![(key.clone(), Some(encode(&record)?))],
-                reread: vec![key.clone()],
-                value: record,
-            }))
+            let plan = put_plan(mirror, (kind, &name, &key), &spec, expect)?;
+            Ok(match plan.writes.is_empty() {
+                true => Decision::Done(plan.value),
+                false => Decision::Write(plan),
+            })
+        })
+    }
+
+    fn put_recorded(
+        &self,
+        kind: Kind,
+        name: &str,
+        spec: Value,
+        expect: Expect,
+        body: EventBody,
+    ) -> Result<(Record, Event)> {
+        let (key, name, prefix) = (
+            self.object(kind, name),
+            name.to_owned(),
+            self.prefix.clone(),
+        );
+        self.decide(move |mirror| {
+            let plan = put_plan(mirror, (kind, &name, &key), &spec, expect)?;
+            let mut body = body.clone();
+            body.result = format!("version {}", plan.value.version);
+            Ok(Decision::Write(logged(mirror, &prefix, plan, body)?))
         })
     }
 
     fn delete(&self, kind: Kind, name: &str, expect: Expect) -> Result<Record> {
-        let key = self.object(kind, name);
-        let name = name.to_owned();
+        let (key, name) = (self.object(kind, name), name.to_owned());
         self.decide(move |mirror| {
-            let current: Option<Record> = mirror.get(&key).map(|(v, _)| decode(v)).transpose()?;
-            let Some(current) = current else {
-                return Err(StoreError::NotFound {
-                    kind: kind.label(),
-                    name: name.to_owned(),
-                });
-            };
-            check(kind, &name, Some(&current), expect)?;
-            Ok(Decision::Write(Plan {
-                when: vec![unchanged(mirror, &key)],
-                writes: vec![(key.clone(), None)],
-                reread: vec![key.clone()],
-                value: current,
-            }))
+            Ok(Decision::Write(delete_plan(
+                mirror,
+                (kind, &name, &key),
+                expect,
+            )?))
+        })
+    }
+
+    fn delete_recorded(
+        &self,
+        kind: Kind,
+        name: &str,
+        expect: Expect,
+        body: EventBody,
+    ) -> Result<(Record, Event)> {
+        let (key, name, prefix) = (
+            self.object(kind, name),
+            name.to_owned(),
+            self.prefix.clone(),
+        );
+        self.decide(move |mirror| {
+            let plan = delete_plan(mirror, (kind, &name, &key), expect)?;
+            Ok(Decision::Write(logged(
+                mirror,
+                &prefix,
+                plan,
+                body.clone(),
+            )?))
         })
     }
 
@@ -1100,6 +1152,59 @@ impl EtcdStore {
 
 /// The comparison that `key` is as the mirror last saw it (absent: never written since
 /// it was last deleted).
+/// The write of object `name` (at `key`) that stores `spec`: none when it holds that
+/// already.
+fn put_plan(
+    mirror: &Mirror,
+    (kind, name, key): (Kind, &str, &str),
+    spec: &Value,
+    expect: Expect,
+) -> Result<Plan<Record>> {
+    let current: Option<Record> = mirror.get(key).map(|(v, _)| decode(v)).transpose()?;
+    check(kind, name, current.as_ref(), expect)?;
+    let (record, writes) = match current.as_ref().filter(|c| &c.spec == spec) {
+        Some(cur) => (cur.clone(), Vec::new()),
+        None => {
+            let record = Record {
+                kind,
+                name: name.to_owned(),
+                version: current.as_ref().map_or(1, |c| c.version + 1),
+                updated: jiff::Timestamp::now(),
+                spec: spec.clone(),
+            };
+            let write = (key.to_owned(), Some(encode(&record)?));
+            (record, vec![write])
+        }
+    };
+    Ok(Plan {
+        when: vec![unchanged(mirror, key)],
+        writes,
+        reread: vec![key.to_owned()],
+        value: record,
+    })
+}
+
+fn delete_plan(
+    mirror: &Mirror,
+    (kind, name, key): (Kind, &str, &str),
+    expect: Expect,
+) -> Result<Plan<Record>> {
+    let current: Option<Record> = mirror.get(key).map(|(v, _)| decode(v)).transpose()?;
+    let Some(current) = current else {
+        return Err(StoreError::NotFound {
+            kind: kind.label(),
+            name: name.to_owned(),
+        });
+    };
+    check(kind, name, Some(&current), expect)?;
+    Ok(Plan {
+        when: vec![unchanged(mirror, key)],
+        writes: vec![(key.to_owned(), None)],
+        reread: vec![key.to_owned()],
+        value: current,
+    })
+}
+
 fn unchanged(mirror: &Mirror, key: &str) -> Compare {
     Compare::mod_revision(key, CompareOp::Equal, mirror.rev(key))
 }

@@ -164,6 +164,9 @@ pub enum StoreError {
     /// last seen.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The store refused this host's credentials the write (etcd's RBAC).
+    #[error("store refused: {0}")]
+    Forbidden(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -216,6 +219,24 @@ pub trait Store: Send + Sync + 'static {
     fn list(&self, kind: Kind) -> Result<Vec<Record>>;
     fn put(&self, kind: Kind, name: &str, spec: Value, expect: Expect) -> Result<Record>;
     fn delete(&self, kind: Kind, name: &str, expect: Expect) -> Result<Record>;
+    /// [`Store::put`] with `body` appended to the audit log in the same transaction, its
+    /// result the version stored (`version N`); recorded also when nothing changed.
+    fn put_recorded(
+        &self,
+        kind: Kind,
+        name: &str,
+        spec: Value,
+        expect: Expect,
+        body: EventBody,
+    ) -> Result<(Record, Event)>;
+    /// [`Store::delete`] with `body` appended to the audit log in the same transaction.
+    fn delete_recorded(
+        &self,
+        kind: Kind,
+        name: &str,
+        expect: Expect,
+        body: EventBody,
+    ) -> Result<(Record, Event)>;
 
     /// The persona's number in the datapath's counters: given on first use, kept for
     /// good (a deleted persona's counts stay attributable), never given to another.
