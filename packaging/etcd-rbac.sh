@@ -10,7 +10,7 @@
 #
 # persona-admin may write everything under PREFIX: definitions (personas, rules,
 # tokens, devices) go through a daemon started with this user. persona-host-HOST reads
-# everything and writes only what an agent must: its own liveness key, device state,
+# everything and writes only what an agent must: its own liveness key and device state,
 # shift requests and answers, signals, orphan and migration records, the audit log and
 # persona ids. Device definitions are writable to agents because a migration's target
 # moves ownership in the device's own record.
@@ -71,7 +71,8 @@ for host in "$@"; do
     account "$role"
     ctl role grant-permission --prefix=true "$role" read "$prefix" >/dev/null
     ctl role grant-permission "$role" readwrite "${data}hosts/$host" >/dev/null
-    for shared in states/ requests/ results/ signals/ orphans/ migrating/ migrations/ \
+    ctl role grant-permission --prefix=true "$role" readwrite "${data}states/$host/" >/dev/null
+    for shared in requests/ results/ signals/ orphans/ migrating/ migrations/ \
         persona-ids/ objects/devices/; do
         ctl role grant-permission --prefix=true "$role" readwrite "$data$shared" >/dev/null
     done

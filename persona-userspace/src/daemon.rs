@@ -121,9 +121,10 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", config.keys.path().display()))?;
     let (store, fleet): (Arc<dyn Store>, _) = match &config.fleet {
         Some(f) => {
-            let etcd = f.etcd.clone();
-            let store =
-                Arc::new(tokio::task::spawn_blocking(move || EtcdStore::connect(&etcd)).await??);
+            let (etcd, host) = (f.etcd.clone(), f.host.clone());
+            let store = Arc::new(
+                tokio::task::spawn_blocking(move || EtcdStore::connect(&etcd, &host)).await??,
+            );
             tracing::info!(endpoints = ?store.endpoints(), prefix = store.prefix(), host = f.host, "the store is etcd");
             let fleet = Arc::new(crate::fleet::Fleet::new(f.host.clone(), store.clone()));
             let announced = fleet.clone();

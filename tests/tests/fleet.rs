@@ -680,6 +680,12 @@ fn a_vm_migrates_to_another_host_behind_the_same_persona_address() {
     wait_until("A let vm-a go", || {
         persona_tests::inspect::dump(&fleet.sites[0], "DEVICES", false).is_empty()
     });
+    converges("vm-a's state recorded by B alone", || {
+        let keys = fleet
+            .etcd
+            .ctl("get --prefix /persona/v1/data/states/ --keys-only");
+        keys.contains("states/b/vm-a") && !keys.contains("states/a/vm-a")
+    });
 
     let ping = ping.wait_with_output().expect("ping");
     let out = String::from_utf8_lossy(&ping.stdout);
@@ -784,6 +790,7 @@ fn a_host_on_its_own_etcd_user_runs_its_vms_but_defines_nothing() {
     let b_user = "persona-host-b";
     for key in [
         "/persona/v1/data/hosts/a",
+        "/persona/v1/data/states/a/vm-a",
         "/persona/v1/data/objects/personas/office",
         "/persona/v1/data/tokens/forged",
         "/persona/v1/data/objects/rules/forged",

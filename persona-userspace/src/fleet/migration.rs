@@ -355,8 +355,16 @@ impl Fleet {
         spec["host"] = json!(m.to);
         spec["interface"] = json!(m.interface);
         let (store, name, version) = (o.store().clone(), m.device.clone(), m.version);
+        // The state this host runs the device on, recorded as its own first: the source
+        // forgets its record once it sees the device gone.
         tokio::task::spawn_blocking(move || {
-            store.put(Kind::Device, &name, spec, Expect::Version(version))
+            let state = store.device_state(&name)?;
+            store.set_device_state(&name, state.as_ref())?;
+            let moved = store.put(Kind::Device, &name, spec, Expect::Version(version));
+            if moved.is_err() {
+                store.set_device_state(&name, None)?;
+            }
+            moved
         })
         .await
         .map_err(|e| e.to_string())?

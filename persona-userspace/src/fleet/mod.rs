@@ -20,7 +20,7 @@ pub mod migration;
 use crate::{
     model::{DeviceSpec, FlowMode},
     orchestrator::{Asked, Orchestrator, Outcome, ShiftError},
-    store::{Kind, StoreError, etcd::EtcdStore},
+    store::{Kind, Store as _, StoreError, etcd::EtcdStore},
 };
 
 /// How long a host waits for the device's host to answer a shift.
@@ -351,6 +351,17 @@ impl Fleet {
                 ),
                 Err(e) => {
                     tracing::warn!(device = name, error = %e, "taking away a device that no longer runs here")
+                }
+            }
+            // What this host recorded of it would be read as the device's state were it
+            // to come back here.
+            if now.is_none() {
+                let (store, device) = (self.store.clone(), name.to_owned());
+                let forgot =
+                    tokio::task::spawn_blocking(move || store.set_device_state(&device, None))
+                        .await;
+                if let Ok(Err(e)) = forgot {
+                    tracing::warn!(device = name, error = %e, "forgetting a device's state");
                 }
             }
         }

@@ -218,6 +218,8 @@ pub struct EtcdStore {
     endpoints: Vec<String>,
     prefix: String,
     mirror: Arc<RwLock<Mirror>>,
+    /// This host: the device state it records is kept under its name.
+    host: String,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -301,7 +303,7 @@ enum Decision<T> {
 
 impl EtcdStore {
     /// Connects, lists `data/` and starts the watch that keeps the mirror current.
-    pub fn connect(config: &EtcdConfig) -> Result<Self> {
+    pub fn connect(config: &EtcdConfig, host: &str) -> Result<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("etcd")
@@ -344,6 +346,7 @@ impl EtcdStore {
             endpoints: config.endpoints.clone(),
             prefix: config.prefix.clone(),
             mirror: Arc::new(RwLock::new(Mirror::new())),
+            host: host.to_owned(),
         };
         let rev = store.relist()?;
         store.rt.spawn(watch(
@@ -984,16 +987,36 @@ impl Store for EtcdStore {
     }
 
     fn device_state(&self, device: &str) -> Result<Option<DeviceState>> {
-        self.read(&self.data(&format!("states/{device}")))
+        let mirror = self.mirror.read().expect("mirror lock");
+        let owner = self.owner(&mirror, device);
+        if let Some((v, _)) = mirror.get(&self.data(&format!("states/{owner}/{device}"))) {
+            return decode(v).map(Some);
+        }
+        Ok(self
+            .states(&mirror)?
+            .into_iter()
+            .filter(|(_, d, _)| d == device)
+            .map(|(_, _, s)| s)
+            .max_by_key(|s| s.since))
     }
 
     fn device_states(&self) -> Result<Vec<(String, DeviceState)>> {
-        let prefix = self.data("states/");
         let mirror = self.mirror.read().expect("mirror lock");
-        mirror
-            .under(&prefix)
-            .map(|(k, v)| Ok((k[prefix.len()..].to_owned(), decode(v)?)))
-            .collect()
+        let mut by_device: BTreeMap<String, (bool, DeviceState)> = BTreeMap::new();
+        for (host, device, state) in self.states(&mirror)? {
+            let owned = host == self.owner(&mirror, &device);
+            match by_device.get(&device) {
+                Some((true, _)) => {}
+                Some((false, kept)) if !owned && kept.since >= state.since => {}
+                _ => {
+                    by_device.insert(device, (owned, state));
+                }
+            }
+        }
+        Ok(by_device
+            .into_iter()
+            .map(|(device, (_, state))| (device, state))
+            .collect())
     }
 
     fn set_device_state(&self, device: &str, state: Option<&DeviceState>) -> Result<()> {
@@ -1139,19 +1162,42 @@ impl Store for EtcdStore {
     }
 }
 
+/// A device's state is kept under the host that recorded it, `states/HOST/DEVICE`, so
+/// that etcd's RBAC can let each host write its own only. The one that counts is its
+/// owner's (the host its spec names); until the owner has one (just after a migration)
+/// the latest any host recorded.
 impl EtcdStore {
     fn state_write(
         &self,
         device: &str,
         state: Option<&DeviceState>,
     ) -> Result<(String, Option<Vec<u8>>)> {
-        let key = self.data(&format!("states/{device}"));
+        let key = self.data(&format!("states/{}/{device}", self.host));
         Ok((key, state.map(encode).transpose()?))
+    }
+
+    /// The host that runs `device`, as its spec says; this one when it names none.
+    fn owner(&self, mirror: &Mirror, device: &str) -> String {
+        mirror
+            .get(&self.object(Kind::Device, device))
+            .and_then(|(v, _)| decode::<Record>(v).ok())
+            .and_then(|r| r.spec.get("host")?.as_str().map(str::to_owned))
+            .unwrap_or_else(|| self.host.clone())
+    }
+
+    /// Every state recorded, as (host, device, state).
+    fn states(&self, mirror: &Mirror) -> Result<Vec<(String, String, DeviceState)>> {
+        let prefix = self.data("states/");
+        mirror
+            .under(&prefix)
+            .filter_map(|(k, v)| {
+                let (host, device) = k[prefix.len()..].split_once('/')?;
+                Some(decode(v).map(|s| (host.to_owned(), device.to_owned(), s)))
+            })
+            .collect()
     }
 }
 
-/// The comparison that `key` is as the mirror last saw it (absent: never written since
-/// it was last deleted).
 /// The write of object `name` (at `key`) that stores `spec`: none when it holds that
 /// already.
 fn put_plan(
@@ -1205,6 +1251,8 @@ fn delete_plan(
     })
 }
 
+/// The comparison that `key` is as the mirror last saw it (absent: never written since
+/// it was last deleted).
 fn unchanged(mirror: &Mirror, key: &str) -> Compare {
     Compare::mod_revision(key, CompareOp::Equal, mirror.rev(key))
 }
