@@ -140,6 +140,8 @@ reasons! {
     DropRateLimited = 28, "drop_rate_limited", false;
     /// A new flow over the device's flow budget.
     DropFlowBudget = 29, "drop_flow_budget", false;
+    /// DHCPv4 from the VM: the daemon answers it on the tap, and it goes no further.
+    HostDhcp = 30, "host_dhcp", false;
 }
 
 /// `HANDSHAKES`: TCP handshake round trips seen on the tap (SYN out to SYN-ACK in), per

@@ -72,7 +72,7 @@ fn judge(p: &XdpPacket) -> Option<Handled> {
     if ip.family == FAMILY_V6 && (l4.kind == Kind::Ndp || parse::is_link_local_v6(&ip.src)) {
         return None;
     }
-    if l4.kind == Kind::IcmpError {
+    if l4.kind == Kind::IcmpError || parse::is_dhcp_client(&ip, &l4) {
         return None;
     }
     let active = state::active(p.ifindex).ok()?;

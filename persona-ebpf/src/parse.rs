@@ -144,6 +144,12 @@ pub enum Kind {
     Other,
 }
 
+/// A DHCPv4 client's message (port 68 to 67), which the daemon answers on the tap.
+#[inline(always)]
+pub fn is_dhcp_client(ip: &Ip, l4: &L4) -> bool {
+    ip.family == FAMILY_V4 && ip.proto == PROTO_UDP && l4.sport == 68 && l4.dport == 67
+}
+
 pub struct L4 {
     pub kind: Kind,
     pub sport: u16,

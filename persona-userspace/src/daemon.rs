@@ -169,6 +169,12 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     // Following interfaces before reconciling: a VM that starts or stops meanwhile is
     // not missed.
     tokio::spawn(crate::links::follow(orchestrator.clone()));
+    let dhcp = orchestrator.clone();
+    tokio::spawn(async move {
+        if let Err(e) = crate::guest::responder::serve(dhcp).await {
+            tracing::error!(error = %e, "the DHCP responder stopped: VMs get no DHCP answers");
+        }
+    });
     orchestrator
         .reconcile()
         .await

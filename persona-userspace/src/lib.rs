@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod datapath;
 pub mod fleet;
+pub mod guest;
 pub mod host;
 pub mod keys;
 pub mod links;

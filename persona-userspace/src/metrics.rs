@@ -53,6 +53,16 @@ pub struct Metrics {
     pub signal_to_flip: Histogram,
     pub api_requests: Family<RequestLabels, Counter>,
     pub security_events: Family<SecurityLabels, Counter>,
+    pub dhcp: Family<DhcpLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DhcpLabels {
+    pub device: String,
+    /// What the VM sent: discover, request, inform...
+    pub message: String,
+    /// offer, ack, nak, or none.
+    pub answer: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -70,6 +80,7 @@ impl Default for Metrics {
             signal_to_flip: fine_latency_histogram(),
             api_requests: Family::default(),
             security_events: Family::default(),
+            dhcp: Family::default(),
         }
     }
 }
@@ -331,6 +342,11 @@ impl Metrics {
             "persona_security_events",
             "Firewall drops reported to userspace (rate limited in the kernel), by device and reason",
             self.security_events.clone(),
+        );
+        registry.register(
+            "persona_dhcp_messages",
+            "DHCP messages from VMs answered on their taps, by device, message and answer",
+            self.dhcp.clone(),
         );
         registry.register_collector(Box::new(snapshot));
         let mut out = String::new();

@@ -54,6 +54,7 @@ pub fn device() -> DeviceSpec {
         owner: None,
         role: None,
         flood_guard: None,
+        dhcp: None,
         flow_budget: None,
         tap: None,
     }

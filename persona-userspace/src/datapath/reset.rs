@@ -82,7 +82,7 @@ pub fn frame(vm_mac: [u8; 6], src_mac: [u8; 6], r: &Reset) -> Vec<u8> {
     out
 }
 
-fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+pub(crate) fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {

@@ -27,7 +27,7 @@ pub fn tell_neighbours(name: &str, uplink: u32, addrs: &[IpAddr]) -> io::Result<
 
 /// The interface's Ethernet address, as this process's namespace has it (sysfs may
 /// show another's).
-fn mac_of(name: &str) -> io::Result<[u8; 6]> {
+pub(crate) fn mac_of(name: &str) -> io::Result<[u8; 6]> {
     nix::ifaddrs::getifaddrs()?
         .filter(|a| a.interface_name == name)
         .find_map(|a| a.address?.as_link_addr()?.addr())

@@ -794,7 +794,7 @@ fn refused(interface: &str, why: &str) -> DatapathError {
     DatapathError::Refused(format!("interface {interface:?}: {why}"))
 }
 
-mod announce;
+pub(crate) mod announce;
 pub mod fake;
 pub mod sysctl;
 pub mod tap;

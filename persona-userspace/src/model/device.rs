@@ -50,6 +50,50 @@ pub struct DeviceSpec {
     /// managed='no'/>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tap: Option<TapSpec>,
+    /// What the daemon's DHCP answers on the tap tell the VM besides its inner address
+    /// and gateway, which it answers with whenever the device has both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhcp: Option<DhcpSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DhcpSpec {
+    /// `false`: the VM is configured by other means, and its DHCP goes unanswered.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The inner network's prefix length; 24 when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<u8>,
+    /// 3600 when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_seconds: Option<u32>,
+    /// 1500 when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
+}
+
+impl DeviceSpec {
+    /// The lease the device's DHCP answers give, when it has an inner IPv4 address and
+    /// gateway and its DHCP is not turned off.
+    pub fn dhcp_lease(&self, server_mac: [u8; 6]) -> Option<crate::guest::dhcp::Lease> {
+        let d = self.dhcp.clone().unwrap_or(DhcpSpec {
+            enabled: true,
+            prefix: None,
+            lease_seconds: None,
+            mtu: None,
+        });
+        let (address, gateway) = (self.inner_v4?, self.gateway_v4?);
+        d.enabled.then(|| crate::guest::dhcp::Lease {
+            address,
+            prefix: d.prefix.unwrap_or(24),
+            gateway,
+            dns: gateway,
+            mtu: d.mtu.unwrap_or(1500),
+            seconds: d.lease_seconds.unwrap_or(3600),
+            server_mac,
+        })
+    }
 }
 
 /// What Linux accepts as an interface name, less `%`, which the kernel would fill in
@@ -140,6 +184,7 @@ impl DeviceSpec {
             flood_guard: None,
             flow_budget: None,
             tap: None,
+            dhcp: None,
         }
     }
 
@@ -190,6 +235,34 @@ impl DeviceSpec {
                 "spec.floodGuard.maxPacketsPerSecond",
                 "0 would drop everything; leave it out for no cap",
             ));
+        }
+        if let Some(d) = &self.dhcp {
+            if d.prefix.is_some_and(|p| !(1..=30).contains(&p)) {
+                return Err(FieldError::new(
+                    "spec.dhcp.prefix",
+                    "a prefix length from 1 to 30, which leaves room for the VM and its gateway",
+                ));
+            }
+            if d.lease_seconds.is_some_and(|s| s < 10) {
+                return Err(FieldError::new(
+                    "spec.dhcp.leaseSeconds",
+                    "at least 10: a VM renews at half its lease",
+                ));
+            }
+            if d.mtu.is_some_and(|m| m < 576) {
+                return Err(FieldError::new(
+                    "spec.dhcp.mtu",
+                    "at least 576, the least an IPv4 host must take",
+                ));
+            }
+            if let (Some(p), Some(a), Some(g)) = (d.prefix, self.inner_v4, self.gateway_v4)
+                && ipnet::Ipv4Net::new(a, p).is_ok_and(|n| !n.contains(&g))
+            {
+                return Err(FieldError::new(
+                    "spec.dhcp.prefix",
+                    format!("{a}/{p} does not hold the gateway {g}"),
+                ));
+            }
         }
         if self.flow_budget == Some(0) {
             return Err(FieldError::new(

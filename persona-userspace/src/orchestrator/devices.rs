@@ -380,6 +380,15 @@ impl Orchestrator {
         m.iter().find(|(_, n)| **n == interface).map(|(i, _)| *i)
     }
 
+    /// The device attached at `ifindex` on this host.
+    pub fn device_at(&self, ifindex: u32) -> Option<(String, Arc<DeviceSpec>)> {
+        let interface = self.interfaces.lock().ok()?.get(&ifindex)?.clone();
+        self.devices()
+            .ok()?
+            .into_iter()
+            .find(|(_, d)| d.interface == interface && self.runs_here(d))
+    }
+
     pub fn is_attached(&self, ifindex: u32) -> bool {
         self.interfaces
             .lock()

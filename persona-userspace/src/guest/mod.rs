@@ -1,0 +1,3 @@
+//! The guest's side of a persona: what a VM is told about itself on its own tap.
+pub mod dhcp;
+pub mod responder;

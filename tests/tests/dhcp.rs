@@ -1,0 +1,118 @@
+//! The guest's side: a VM with no configuration of its own asks DHCP on its tap, as
+//! busybox's udhcpc does in a real guest image, and the daemon answers.
+use std::process::{Command, Stdio};
+
+use persona_tests::{
+    capture::Capture,
+    daemon::{Daemon, metric_sum},
+    lab::{Lab, UPLINK, VmLink, wait_until},
+};
+
+/// udhcpc's event script: the lease goes on the interface, and every event is logged.
+const SCRIPT: &str = r#"#!/bin/sh
+echo "$1 ip=$ip mask=$subnet router=$router dns=$dns mtu=$mtu lease=$lease" >> "$LOG"
+if [ "$1" = bound ]; then
+    ip addr flush dev "$interface"
+    ip addr add "$ip/$mask" dev "$interface"
+    ip route replace default via "$router"
+fi
+"#;
+
+const DEVICE: &str = "apiVersion: persona.dev/v1
+kind: Device
+metadata: { name: vm1 }
+spec:
+  interface: pvm1
+  innerV4: 198.18.0.2
+  mac: \"52:54:00:00:00:02\"
+  gatewayV4: 198.18.0.1
+  persona: office
+  dhcp: { prefix: 24, leaseSeconds: 10, mtu: 1400 }
+";
+
+/// Its address, prefix, gateway, resolver and MTU come from the daemon; its renewal is
+/// answered; it is then seen outside as its persona; nothing of its DHCP reaches
+/// the uplink; and a lease that would not hold the gateway is refused by field.
+#[test]
+fn a_vm_without_configuration_gets_its_inner_address_by_dhcp_and_renews_it() {
+    let lab = Lab::new(VmLink::Tap);
+    lab.vm
+        .exec("ip addr flush dev eth0 && ip route flush table main");
+    let d = Daemon::start(&lab);
+    d.cli_ok("apply -f examples/personas.yaml");
+    d.apply_yaml(DEVICE);
+    let uplink = Capture::start(&lab.host.name, UPLINK, "udp port 67 or udp port 68");
+
+    let dir = d.data_dir.join("udhcpc");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (script, log) = (dir.join("event.sh"), dir.join("events.log"));
+    std::fs::write(&script, SCRIPT).unwrap();
+    Command::new("chmod")
+        .arg("+x")
+        .arg(&script)
+        .status()
+        .unwrap();
+    let mut client = Command::new("ip")
+        .args(["netns", "exec", &lab.vm.name, "busybox", "udhcpc", "-f"])
+        .args(["-i", "eth0", "-t", "5", "-T", "1", "-s"])
+        .arg(&script)
+        .env("LOG", &log)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("udhcpc");
+    let events = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_until("the VM is bound", || events().contains("bound"));
+    assert!(
+        events().contains(
+            "bound ip=198.18.0.2 mask=255.255.255.0 router=198.18.0.1 dns=198.18.0.1 mtu=1400 lease=10"
+        ),
+        "{}",
+        events()
+    );
+    let configured = lab.vm.exec("ip -4 addr show dev eth0");
+    assert!(configured.contains("198.18.0.2/24"), "{configured}");
+    assert_eq!(
+        lab.seen_from_outside().as_deref(),
+        Some("203.0.113.10"),
+        "configured by DHCP, the VM is seen as its persona"
+    );
+    // busybox renews at half the lease but never before a minute; SIGUSR1 renews now,
+    // by a request sent from the VM's address to the daemon's, as a renewal is.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(client.id() as i32),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .unwrap();
+    wait_until("the lease is renewed", || {
+        events().contains("renew ip=198.18.0.2")
+    });
+    let _ = client.kill();
+    let _ = client.wait();
+
+    let metrics = d.metrics();
+    let answered = |message: &str, answer: &str| {
+        metric_sum(
+            &metrics,
+            "persona_dhcp_messages_total",
+            &[("device", "vm1"), ("message", message), ("answer", answer)],
+        )
+    };
+    assert!(answered("discover", "offer") >= 1, "{metrics}");
+    assert!(
+        answered("request", "ack") >= 2,
+        "the first request and the renewal: {metrics}"
+    );
+    let leaked = uplink.stop();
+    assert!(leaked.is_empty(), "DHCP reached the uplink: {leaked:?}");
+
+    let bad = DEVICE.replace("prefix: 24", "prefix: 31");
+    let path = d.data_dir.join("bad.yaml");
+    std::fs::write(&path, bad).unwrap();
+    let refused = d.cli(&format!("apply -f {}", path.display()));
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("spec.dhcp.prefix"),
+        "{said}"
+    );
+}
