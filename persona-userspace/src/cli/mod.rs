@@ -147,6 +147,9 @@ impl StoreArgs {
                 .to_string_lossy()
                 .into_owned(),
         };
+        // The rule a device's spec.host follows, which must be able to name it; a '/'
+        // would also split the keys kept under the host's name.
+        crate::model::check_host_name(&host).map_err(|why| anyhow::anyhow!("--host: {why}"))?;
         Ok(Some(crate::fleet::FleetConfig { etcd: config, host }))
     }
 }

@@ -202,41 +202,54 @@ impl Fleet {
 
     /// Asks the target of the device's manual migration to cut over now.
     pub fn cut_over(&self, device: &str) -> Result<Migration, ShiftError> {
-        let mut m = self
+        let m = self
             .under_way(device)?
             .ok_or_else(|| not_under_way(device))?;
         if m.phase != Phase::Ready {
             return Err(busy(device, &m));
         }
-        m.phase = Phase::CutOver;
-        self.put_marker(&m)?;
-        Ok(m)
+        let mut next = m.clone();
+        next.phase = Phase::CutOver;
+        self.swap_marker(&m, &next)?;
+        Ok(next)
     }
 
     /// Calls the device's migration off before its cut-over. The target lets the device
-    /// go; a target that is not alive will not, so the migration ends here.
+    /// go; a target that is not alive will not, so the migration ends here, whatever
+    /// was last asked of it.
     pub fn cancel(&self, device: &str, actor: &str) -> Result<Migration, ShiftError> {
-        let mut m = self
+        let m = self
             .under_way(device)?
             .ok_or_else(|| not_under_way(device))?;
+        let mut next = m.clone();
+        next.cancelled_by = Some(actor.to_owned());
+        if !self.is_alive(&m.to).map_err(store_error)? {
+            next.error = Some(format!("host {:?} was not alive", m.to));
+            self.end(&mut next, Outcome::Cancelled)?;
+            return Ok(next);
+        }
         if !matches!(m.phase, Phase::Asked | Phase::Ready) {
             return Err(busy(device, &m));
         }
-        m.cancelled_by = Some(actor.to_owned());
-        if self.is_alive(&m.to).map_err(store_error)? {
-            m.phase = Phase::Cancel;
-            self.put_marker(&m)?;
-        } else {
-            m.error = Some(format!("host {:?} was not alive", m.to));
-            self.end(&mut m, Outcome::Cancelled)?;
-        }
-        Ok(m)
+        next.phase = Phase::Cancel;
+        self.swap_marker(&m, &next)?;
+        Ok(next)
     }
 
-    fn put_marker(&self, m: &Migration) -> Result<(), ShiftError> {
-        self.store
-            .write_json(&marker(&m.device), Some(&describe(m)))
-            .map_err(store_error)
+    /// `next` in place of `now`, only if the marker still is `now`: a cancel, a
+    /// cut-over and the target's own progress never overwrite one another.
+    fn swap_marker(&self, now: &Migration, next: &Migration) -> Result<(), ShiftError> {
+        let swapped = self
+            .store
+            .replace_json(&marker(&now.device), &describe(now), &describe(next))
+            .map_err(store_error)?;
+        if swapped {
+            return Ok(());
+        }
+        Err(match self.under_way(&now.device)? {
+            Some(changed) => busy(&now.device, &changed),
+            None => not_under_way(&now.device),
+        })
     }
 
     /// After `migrating/<device>` changed: carried out here when this host is its target.
@@ -286,9 +299,13 @@ impl Fleet {
                     .await;
             }
         };
-        m.phase = Phase::Ready;
-        if let Err(e) = self.put_marker(&m) {
-            tracing::warn!(device, error = %e, "saying the migration's target is ready");
+        if m.phase == Phase::Asked {
+            let asked = m.clone();
+            m.phase = Phase::Ready;
+            // Not over a cancel that came meanwhile: the wait below sees it.
+            if let Err(e) = self.swap_marker(&asked, &m) {
+                tracing::info!(device, error = %e, "the migration changed before its target was ready");
+            }
         }
         let ready = std::time::Instant::now();
         let arrived = self.arrival(&m, ifindex).await;

@@ -106,6 +106,13 @@ impl Fleet {
 
     /// Announces this host as alive for as long as it runs.
     pub fn announce(&self) -> Result<(), StoreError> {
+        let forgot = self.store.forget_unowned_states()?;
+        if forgot > 0 {
+            tracing::info!(
+                forgot,
+                "forgot the state of devices that moved away or were deleted while this host was down"
+            );
+        }
         self.store.hold(
             &format!("hosts/{}", self.host),
             &json!({ "since": Timestamp::now() }),

@@ -76,6 +76,8 @@ pub struct Message {
     pub xid: [u8; 4],
     pub flags: u16,
     pub ciaddr: Ipv4Addr,
+    /// A relay's address: none on a tap, where the client is on the link.
+    pub giaddr: Ipv4Addr,
     pub chaddr: [u8; 6],
     pub requested: Option<Ipv4Addr>,
     pub server_id: Option<Ipv4Addr>,
@@ -144,6 +146,7 @@ pub fn parse(frame: &[u8]) -> Result<Message, &'static str> {
         xid: b[4..8].try_into().expect("4 bytes"),
         flags: u16::from_be_bytes([b[10], b[11]]),
         ciaddr: Ipv4Addr::from(<[u8; 4]>::try_from(&b[12..16]).expect("4 bytes")),
+        giaddr: Ipv4Addr::from(<[u8; 4]>::try_from(&b[24..28]).expect("4 bytes")),
         chaddr: b[28..34].try_into().expect("6 bytes"),
         requested,
         server_id,
@@ -153,7 +156,11 @@ pub fn parse(frame: &[u8]) -> Result<Message, &'static str> {
 /// The kind of answer `m` gets under `lease`, if any: an offer to a discover; an ack to
 /// a request for the lease's address (selecting this server, rebooting, renewing or
 /// rebinding), a nak to one for any other; an ack without an address to an inform.
+/// Nothing through a relay: a VM's tap has none.
 pub fn decide(m: &Message, lease: &Lease) -> Option<Kind> {
+    if !m.giaddr.is_unspecified() {
+        return None;
+    }
     match m.kind {
         Kind::Discover => Some(Kind::Offer),
         Kind::Request => {
@@ -185,7 +192,10 @@ pub fn answer(m: &Message, kind: Kind, lease: &Lease) -> Vec<u8> {
     b[2] = 6;
     b[4..8].copy_from_slice(&m.xid);
     b[10..12].copy_from_slice(&m.flags.to_be_bytes());
-    b[12..16].copy_from_slice(&m.ciaddr.octets());
+    // A nak leaves ciaddr empty (RFC 2131, table 3).
+    if kind != Kind::Nak {
+        b[12..16].copy_from_slice(&m.ciaddr.octets());
+    }
     b[16..20].copy_from_slice(&yiaddr.octets());
     b[28..34].copy_from_slice(&m.chaddr);
     b.extend_from_slice(&MAGIC);
@@ -211,11 +221,16 @@ pub fn answer(m: &Message, kind: Kind, lease: &Lease) -> Vec<u8> {
         }
     }
     b.push(END);
-    // RFC 2131 4.1: to the client's address when it has one, else to its hardware
-    // address and the offered address, or broadcast when it asked for that or is told no.
-    let (dst_mac, dst_ip) = if !m.ciaddr.is_unspecified() {
+    // Some clients take no message shorter than BOOTP's 300 bytes.
+    b.resize(b.len().max(300), PAD);
+    // RFC 2131 4.1: a nak is broadcast; else to the client's address when it has one,
+    // else broadcast when it asked for that or there is no address to send to, else to
+    // its hardware address and the offered address.
+    let (dst_mac, dst_ip) = if kind == Kind::Nak {
+        ([0xff; 6], Ipv4Addr::BROADCAST)
+    } else if !m.ciaddr.is_unspecified() {
         (m.chaddr, m.ciaddr)
-    } else if m.flags & BROADCAST_FLAG != 0 || kind == Kind::Nak {
+    } else if m.flags & BROADCAST_FLAG != 0 || yiaddr.is_unspecified() {
         ([0xff; 6], Ipv4Addr::BROADCAST)
     } else {
         (m.chaddr, yiaddr)
@@ -280,6 +295,7 @@ mod tests {
             xid: [1, 2, 3, 4],
             flags: 0,
             ciaddr,
+            giaddr: Ipv4Addr::UNSPECIFIED,
             chaddr: CLIENT,
             requested: None,
             server_id: None,
@@ -347,6 +363,10 @@ mod tests {
             0,
             "IPv4 header checksum"
         );
+        assert!(
+            offer.len() >= ETH + 20 + 8 + 300,
+            "BOOTP's 300 bytes at least"
+        );
         let udp = &offer[ETH + 20..];
         let pseudo = sum16(&[198, 18, 0, 1]) + sum16(&[198, 18, 0, 2]) + 17 + udp.len() as u32;
         assert_eq!(fold(pseudo + sum16(udp)), 0, "UDP checksum");
@@ -386,6 +406,23 @@ mod tests {
         assert_eq!(decide(&m, &lease), Some(Kind::Nak));
         let nak = answer(&m, Kind::Nak, &lease);
         assert_eq!(&nak[..6], &[0xff; 6], "a nak is broadcast");
+        let wrong_renewal = request(Kind::Request, Ipv4Addr::new(198, 18, 0, 77), &[]);
+        let m = parse(&wrong_renewal).unwrap();
+        assert_eq!(decide(&m, &lease), Some(Kind::Nak));
+        let nak = answer(&m, Kind::Nak, &lease);
+        assert_eq!(
+            &nak[..6],
+            &[0xff; 6],
+            "a nak is broadcast, even to a client with an address"
+        );
+        assert_eq!(
+            &nak[ETH + 20 + 8 + 12..ETH + 20 + 8 + 16],
+            &[0; 4],
+            "and names none"
+        );
+        let mut relayed = parse(&selecting).unwrap();
+        relayed.giaddr = Ipv4Addr::new(10, 0, 0, 1);
+        assert_eq!(decide(&relayed, &lease), None, "no relay on a tap");
         let other_server = request(
             Kind::Request,
             Ipv4Addr::UNSPECIFIED,

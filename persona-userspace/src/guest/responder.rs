@@ -6,10 +6,12 @@
 //! they pay nothing for it. The answer is sent straight back into the tap, past its
 //! queueing discipline and its programs.
 use std::{
+    collections::HashMap,
     io,
     mem::size_of,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::Arc,
+    time::Instant,
 };
 
 use tokio::io::unix::AsyncFd;
@@ -123,21 +125,40 @@ fn send(fd: &OwnedFd, ifindex: u32, frame: &[u8]) -> io::Result<()> {
     }
 }
 
+/// Messages from one interface read per second at most; a VM that sends more is not
+/// read past that, and does not slow the answers to the others.
+const PER_SECOND: u32 = 20;
+
 /// Answers DHCP on every attached device's interface until the daemon stops.
 pub async fn serve(orchestrator: Arc<Orchestrator>) -> io::Result<()> {
     // SAFETY: the OwnedFd is the socket's only owner and lives inside the AsyncFd for
     // as long as it is registered.
     let fd = unsafe { AsyncFd::register(open()?) }.map_err(|e| io::Error::other(e.to_string()))?;
     let mut buf = vec![0u8; 2048];
+    let mut read: HashMap<u32, (Instant, u32)> = HashMap::new();
     loop {
         let mut ready = fd.readable().await?;
         let got = match ready.try_io(|fd| receive(fd.get_ref(), &mut buf)) {
-            Ok(got) => got?,
+            Ok(Ok(got)) => got,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "reading DHCP from the taps");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
             Err(_would_block) => continue,
         };
         let Some((n, ifindex)) = got else {
             continue;
         };
+        let now = Instant::now();
+        let (since, count) = read.entry(ifindex).or_insert((now, 0));
+        if now.duration_since(*since).as_secs() >= 1 {
+            (*since, *count) = (now, 0);
+        }
+        *count += 1;
+        if *count > PER_SECOND {
+            continue;
+        }
         if let Some((device, frame)) = handle(&orchestrator, ifindex, &buf[..n])
             && let Err(e) = send(fd.get_ref(), ifindex, &frame)
         {

@@ -84,15 +84,33 @@ impl DeviceSpec {
             mtu: None,
         });
         let (address, gateway) = (self.inner_v4?, self.gateway_v4?);
-        d.enabled.then(|| crate::guest::dhcp::Lease {
+        let prefix = d.prefix.unwrap_or(24);
+        // A gateway off the VM's network would leave it with no route.
+        let on_link = ipnet::Ipv4Net::new(address, prefix).is_ok_and(|n| n.contains(&gateway));
+        (d.enabled && on_link).then(|| crate::guest::dhcp::Lease {
             address,
-            prefix: d.prefix.unwrap_or(24),
+            prefix,
             gateway,
             dns: gateway,
             mtu: d.mtu.unwrap_or(1500),
             seconds: d.lease_seconds.unwrap_or(3600),
             server_mac,
         })
+    }
+}
+
+/// A fleet host's name: letters, digits, '-', '.', '_'; at most 253.
+pub fn check_host_name(host: &str) -> Result<(), String> {
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    match ok {
+        true => Ok(()),
+        false => Err(format!(
+            "{host:?} is not a host name (letters, digits, '-', '.', '_'; at most 253)"
+        )),
     }
 }
 
@@ -199,19 +217,8 @@ impl DeviceSpec {
     pub fn validate(&self) -> Result<(), FieldError> {
         check_interface_name(&self.interface)
             .map_err(|why| FieldError::new("spec.interface", why))?;
-        if let Some(host) = &self.host
-            && (host.is_empty()
-                || host.len() > 253
-                || !host
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')))
-        {
-            return Err(FieldError::new(
-                "spec.host",
-                format!(
-                    "{host:?} is not a host name (letters, digits, '-', '.', '_'; at most 253)"
-                ),
-            ));
+        if let Some(host) = &self.host {
+            check_host_name(host).map_err(|why| FieldError::new("spec.host", why))?;
         }
         if self.tap.is_some() && self.interface.starts_with("vnet") {
             return Err(FieldError::new(

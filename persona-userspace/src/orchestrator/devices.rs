@@ -252,7 +252,7 @@ impl Orchestrator {
         if self.runs_here(&spec) {
             self.remove_locked(&spec).await?;
         }
-        self.store.set_device_state(name, None)?;
+        self.store.forget_device_state(name)?;
         let (_, recorded) = self
             .store
             .delete_recorded(Kind::Device, name, expect, body)?;

@@ -253,6 +253,25 @@ fn delete_in(
     Ok((current, Some(after)))
 }
 
+/// Object `name` as `txn` holds it.
+fn stored(txn: &redb::WriteTransaction, kind: Kind, name: &str) -> Result<Option<Vec<u8>>> {
+    let t = txn.open_table(table(kind)).map_err(backend)?;
+    let v = t.get(name).map_err(backend)?;
+    Ok(v.map(|v| v.value().to_vec()))
+}
+
+/// Appends `body` after a write to object `name`; when that fails, puts the object back
+/// as it was (`before`): the group's transaction commits without either.
+fn recorded(
+    txn: &redb::WriteTransaction,
+    body: EventBody,
+    (kind, name, before): (Kind, &str, Option<Vec<u8>>),
+) -> Result<Event> {
+    append(txn, body).inspect_err(|_| {
+        let _ = set(txn, table(kind), name, before.as_deref());
+    })
+}
+
 /// Appends an event numbered after the last, inside `txn`.
 fn append(txn: &redb::WriteTransaction, body: EventBody) -> Result<Event> {
     let mut t = txn.open_table(EVENTS).map_err(backend)?;
@@ -442,9 +461,11 @@ impl Store for EmbeddedStore {
     ) -> Result<(Record, Event)> {
         let (name, versions) = (name.to_owned(), self.versions.clone());
         self.writer.write(move |txn| {
-            let (record, after) = put_in(txn, (kind, name), spec, expect, versions)?;
+            let before = stored(txn, kind, &name)?;
+            let (record, after) = put_in(txn, (kind, name.clone()), spec, expect, versions)?;
             body.result = format!("version {}", record.version);
-            Ok(((record, append(txn, body)?), after))
+            let event = recorded(txn, body, (kind, &name, before))?;
+            Ok(((record, event), after))
         })
     }
 
@@ -463,8 +484,10 @@ impl Store for EmbeddedStore {
     ) -> Result<(Record, Event)> {
         let (name, versions) = (name.to_owned(), self.versions.clone());
         self.writer.write(move |txn| {
-            let (record, after) = delete_in(txn, (kind, name), expect, versions)?;
-            Ok(((record, append(txn, body)?), after))
+            let before = stored(txn, kind, &name)?;
+            let (record, after) = delete_in(txn, (kind, name.clone()), expect, versions)?;
+            let event = recorded(txn, body, (kind, &name, before))?;
+            Ok(((record, event), after))
         })
     }
 

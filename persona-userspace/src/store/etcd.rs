@@ -401,6 +401,24 @@ impl EtcdStore {
         self.write_all(vec![(self.data(rest), value.map(encode).transpose()?)])
     }
 
+    /// Writes `value` under `data/<rest>` only if the key holds `expected` now; whether
+    /// it did.
+    pub fn replace_json(&self, rest: &str, expected: &Value, value: &Value) -> Result<bool> {
+        let (key, expected, value) = (self.data(rest), expected.clone(), encode(value)?);
+        self.decide(move |mirror| {
+            let now: Option<Value> = mirror.get(&key).map(|(v, _)| decode(v)).transpose()?;
+            if now.as_ref() != Some(&expected) {
+                return Ok(Decision::Done(false));
+            }
+            Ok(Decision::Write(Plan {
+                when: vec![unchanged(mirror, &key)],
+                writes: vec![(key.clone(), Some(value.clone()))],
+                reread: vec![key.clone()],
+                value: true,
+            }))
+        })
+    }
+
     /// `value` under `data/<rest>` with a lease of `ttl`, kept alive for as long as this
     /// store lives and made again whenever it lapses (etcd lost for longer than `ttl`).
     pub fn hold(&self, rest: &str, value: &Value, ttl: Duration) -> Result<()> {
@@ -1023,6 +1041,22 @@ impl Store for EtcdStore {
         self.write_all(vec![self.state_write(device, state)?])
     }
 
+    fn forget_device_state(&self, device: &str) -> Result<()> {
+        // A key once only: etcd refuses a transaction that names one twice.
+        let mut keys = std::collections::BTreeSet::from([self.state_write(device, None)?.0]);
+        let mirror = self.mirror.read().expect("mirror lock");
+        for (host, d, _) in self.states(&mirror)? {
+            if d == device {
+                keys.insert(self.data(&match host.as_str() {
+                    "" => format!("states/{d}"),
+                    h => format!("states/{h}/{d}"),
+                }));
+            }
+        }
+        drop(mirror);
+        self.write_all(keys.into_iter().map(|k| (k, None)).collect())
+    }
+
     fn append_event(&self, body: EventBody) -> Result<Event> {
         self.run(with_event(self.core(), body, Vec::new()))
     }
@@ -1176,25 +1210,55 @@ impl EtcdStore {
         Ok((key, state.map(encode).transpose()?))
     }
 
-    /// The host that runs `device`, as its spec says; this one when it names none.
+    /// The host that runs `device`, as its spec says; this one when it names none, or
+    /// when there is no such device.
     fn owner(&self, mirror: &Mirror, device: &str) -> String {
-        mirror
-            .get(&self.object(Kind::Device, device))
-            .and_then(|(v, _)| decode::<Record>(v).ok())
-            .and_then(|r| r.spec.get("host")?.as_str().map(str::to_owned))
+        self.defined_owner(mirror, device)
             .unwrap_or_else(|| self.host.clone())
     }
 
-    /// Every state recorded, as (host, device, state).
+    /// The host that runs `device`, if it is defined.
+    fn defined_owner(&self, mirror: &Mirror, device: &str) -> Option<String> {
+        let (v, _) = mirror.get(&self.object(Kind::Device, device))?;
+        let record = decode::<Record>(v).ok()?;
+        Some(match record.spec.get("host").and_then(Value::as_str) {
+            Some(h) => h.to_owned(),
+            None => self.host.clone(),
+        })
+    }
+
+    /// Every state recorded, as (host, device, state); one kept before states were
+    /// kept by host (`states/DEVICE`) has host "".
     fn states(&self, mirror: &Mirror) -> Result<Vec<(String, String, DeviceState)>> {
         let prefix = self.data("states/");
         mirror
             .under(&prefix)
-            .filter_map(|(k, v)| {
-                let (host, device) = k[prefix.len()..].split_once('/')?;
-                Some(decode(v).map(|s| (host.to_owned(), device.to_owned(), s)))
+            .map(|(k, v)| {
+                let rest = &k[prefix.len()..];
+                let (host, device) = rest.split_once('/').unwrap_or(("", rest));
+                decode(v).map(|s| (host.to_owned(), device.to_owned(), s))
             })
             .collect()
+    }
+
+    /// Forgets what this host recorded of devices it does not run (it was down when
+    /// they moved away or were deleted); returns how many.
+    pub fn forget_unowned_states(&self) -> Result<usize> {
+        let stale: Vec<(String, Option<Vec<u8>>)> = {
+            let mirror = self.mirror.read().expect("mirror lock");
+            self.states(&mirror)?
+                .into_iter()
+                .filter(|(h, d, _)| {
+                    *h == self.host && self.defined_owner(&mirror, d).as_ref() != Some(h)
+                })
+                .map(|(h, d, _)| (self.data(&format!("states/{h}/{d}")), None))
+                .collect()
+        };
+        let n = stale.len();
+        if n > 0 {
+            self.write_all(stale)?;
+        }
+        Ok(n)
     }
 }
 

@@ -252,6 +252,11 @@ pub trait Store: Send + Sync + 'static {
     /// Every device's state, by device name.
     fn device_states(&self) -> Result<Vec<(String, DeviceState)>>;
     fn set_device_state(&self, device: &str, state: Option<&DeviceState>) -> Result<()>;
+    /// Removes every record of the device's state, whichever host made it (the device
+    /// is deleted).
+    fn forget_device_state(&self, device: &str) -> Result<()> {
+        self.set_device_state(device, None)
+    }
 
     fn append_event(&self, body: EventBody) -> Result<Event>;
     /// How group commit has done, for a store that groups its writes.
