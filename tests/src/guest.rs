@@ -42,6 +42,12 @@ impl GuestSpec {
             dns: "192.0.2.53".into(),
         }
     }
+
+    /// Configured by the host's DHCP on its tap, not by the kernel command line.
+    pub fn dhcp(mut self) -> Self {
+        self.ip = "dhcp".into();
+        self
+    }
 }
 
 pub struct Guest {

@@ -26,7 +26,11 @@ fn two_guests_behind_the_daemon() {
     let site = Site::new();
     let booting: [Starting; 2] = [
         Guest::start(&site.host.name, &GuestSpec::example("vm1", VM_IFACE, 2)),
-        Guest::start(&site.host.name, &GuestSpec::example("vm2", VM2_IFACE, 3)),
+        // vm2 asks DHCP for its address, over its real virtio tap.
+        Guest::start(
+            &site.host.name,
+            &GuestSpec::example("vm2", VM2_IFACE, 3).dhcp(),
+        ),
     ];
     let d = Daemon::start(&site);
     // Personas and devices only: the example rules follow the clock, and this test
@@ -47,6 +51,18 @@ fn two_guests_behind_the_daemon() {
     assert!(!config.contains("203.0.113."), "{config}");
     assert_eq!(vm1.identity(&site), "203.0.113.10");
     assert_eq!(vm2.identity(&site), "203.0.113.30");
+    let leased = vm2.ok("ip -4 -o addr show dev eth0 | awk '{print $2, $4}'; ip route");
+    assert!(
+        leased.contains("eth0 198.18.0.3/24") && leased.contains("default via 198.18.0.1"),
+        "vm2's DHCP lease: {leased}"
+    );
+    assert!(
+        metric_sum(
+            &d.metrics(),
+            "persona_dhcp_messages_total",
+            &[("device", "vm2"), ("message", "request"), ("answer", "ack")]
+        ) >= 1
+    );
 
     // DNS: the guest asks 192.0.2.53; only the persona's resolver knows the name.
     let answer = vm1.ok("nslookup -type=a persona.test");

@@ -1,8 +1,9 @@
 #!/bin/busybox sh
 # The guest's whole boot: busybox applets, the virtio network driver, the address and
 # routes from the kernel command line (persona.ip=, persona.gw=, persona.ip6=,
-# persona.gw6=, persona.dns=, persona.name=), a web page on ports 80, 22 and 23, then the
-# command agent on the second serial port.
+# persona.gw6=, persona.dns=, persona.name=; persona.ip=dhcp asks the host's DHCP on the
+# tap instead), a web page on ports 80, 22 and 23, then the command agent on the second
+# serial port.
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
@@ -19,8 +20,28 @@ ip link set lo up
 i=0
 until ip link show eth0 >/dev/null 2>&1 || [ $i -ge 50 ]; do usleep 100000; i=$((i + 1)); done
 ip link set eth0 up
-ip addr add "$p_ip" dev eth0
-ip route add default via "$p_gw"
+if [ "$p_ip" = dhcp ]; then
+	cat >/bin/dhcp-event <<'EVENT'
+#!/bin/sh
+case "$1" in
+bound | renew)
+	ip addr flush dev "$interface"
+	ip addr add "$ip/$mask" dev "$interface"
+	[ -n "$mtu" ] && ip link set "$interface" mtu "$mtu"
+	ip route replace default via "$router"
+	echo "nameserver ${dns%% *}" >/etc/resolv.conf
+	;;
+esac
+EVENT
+	chmod +x /bin/dhcp-event
+	# Until bound (then it carries on in the background, renewing), or a minute.
+	udhcpc -i eth0 -t 60 -T 1 -b -s /bin/dhcp-event
+	p_ip=$(ip -4 -o addr show dev eth0 | awk '{print $4}')
+else
+	ip addr add "$p_ip" dev eth0
+	ip route add default via "$p_gw"
+	echo "nameserver ${p_dns:-192.0.2.53}" >/etc/resolv.conf
+fi
 if [ -n "$p_ip6" ]; then
 	# busybox ip has no "nodad": turn duplicate address detection off instead, so the
 	# address is usable at once.
@@ -28,7 +49,6 @@ if [ -n "$p_ip6" ]; then
 	ip -6 addr add "$p_ip6" dev eth0
 	ip -6 route add default via "$p_gw6" dev eth0
 fi
-echo "nameserver ${p_dns:-192.0.2.53}" >/etc/resolv.conf
 echo "${p_name:-guest}" >/www/index.html
 for port in 80 22 23; do httpd -p "$port" -h /www; done
 echo "persona-guest: ${p_name} up as $p_ip"
