@@ -21,7 +21,7 @@ use super::{Fleet, new_id, store_error};
 use crate::{
     model::DeviceSpec,
     orchestrator::{Orchestrator, ShiftError},
-    store::{EventBody, Expect, Kind},
+    store::{EventBody, Expect, Kind, Store as _, StoreError},
 };
 
 /// How often the target looks for the VM's first frame.
@@ -311,7 +311,7 @@ impl Fleet {
         let arrived = self.arrival(&m, ifindex).await;
         m.waited_ms = Some(ready.elapsed().as_millis() as u64);
         let outcome = match arrived {
-            Ok(()) => match self.take_ownership(o, &m).await {
+            Ok(seen) => match self.take_ownership(o, &m, &seen).await {
                 Ok(()) => match o.gate(ifindex, false).await {
                     Ok(()) => Outcome::Done,
                     Err(e) => Outcome::Failed(e.to_string()),
@@ -330,7 +330,7 @@ impl Fleet {
 
     /// Waits for the VM's first frame on the interface, or the cut-over asked for;
     /// a migration called off, or one whose marker is gone, ends the wait.
-    async fn arrival(&self, m: &Migration, ifindex: u32) -> Result<(), Outcome> {
+    async fn arrival(&self, m: &Migration, ifindex: u32) -> Result<Migration, Outcome> {
         let frames = |i| crate::datapath::received_frames(i).unwrap_or(0);
         let before = frames(ifindex);
         let deadline = std::time::Instant::now() + ARRIVE_WITHIN;
@@ -348,7 +348,7 @@ impl Fleet {
                 Cutover::Manual => now.phase == Phase::CutOver,
             };
             if arrived {
-                return Ok(());
+                return Ok(now);
             }
             if std::time::Instant::now() > deadline {
                 return Err(Outcome::Failed(format!(
@@ -361,8 +361,14 @@ impl Fleet {
     }
 
     /// The device's `host` and `interface` set to this host's, if the device is as it
-    /// was when the migration was asked for.
-    async fn take_ownership(&self, o: &Arc<Orchestrator>, m: &Migration) -> Result<(), String> {
+    /// was when the migration was asked for and the migration's marker is still as last
+    /// `seen` (not called off meanwhile).
+    async fn take_ownership(
+        &self,
+        o: &Arc<Orchestrator>,
+        m: &Migration,
+        seen: &Migration,
+    ) -> Result<(), String> {
         let record = o
             .store()
             .get(Kind::Device, &m.device)
@@ -371,13 +377,19 @@ impl Fleet {
         let mut spec = record.spec.clone();
         spec["host"] = json!(m.to);
         spec["interface"] = json!(m.interface);
-        let (store, name, version) = (o.store().clone(), m.device.clone(), m.version);
+        let (store, name, version) = (self.store.clone(), m.device.clone(), m.version);
+        let seen = describe(seen);
         // The state this host runs the device on, recorded as its own first: the source
         // forgets its record once it sees the device gone.
         tokio::task::spawn_blocking(move || {
             let state = store.device_state(&name)?;
             store.set_device_state(&name, state.as_ref())?;
-            let moved = store.put(Kind::Device, &name, spec, Expect::Version(version));
+            let moved = store.put_while(
+                (Kind::Device, &name),
+                spec,
+                Expect::Version(version),
+                (&marker(&name), &seen),
+            );
             if moved.is_err() {
                 store.set_device_state(&name, None)?;
             }
@@ -386,7 +398,12 @@ impl Fleet {
         .await
         .map_err(|e| e.to_string())?
         .map(|_| ())
-        .map_err(|e| format!("moving ownership: {e}"))
+        .map_err(|e| match e {
+            StoreError::Conflict { kind: "Key", .. } => {
+                "called off or changed before the cut-over".to_owned()
+            }
+            e => format!("moving ownership: {e}"),
+        })
     }
 
     async fn finish(self: &Arc<Self>, mut m: Migration, outcome: Outcome) {

@@ -419,6 +419,34 @@ impl EtcdStore {
         })
     }
 
+    /// [`Store::put`], only while `data/<rest>` holds `expected`: in one transaction, so
+    /// that nothing changes the key between the check and the write.
+    pub fn put_while(
+        &self,
+        (kind, name): (Kind, &str),
+        spec: Value,
+        expect: Expect,
+        (rest, expected): (&str, &Value),
+    ) -> Result<Record> {
+        let (key, name) = (self.object(kind, name), name.to_owned());
+        let (guard, expected) = (self.data(rest), expected.clone());
+        self.decide(move |mirror| {
+            let now: Option<Value> = mirror.get(&guard).map(|(v, _)| decode(v)).transpose()?;
+            if now.as_ref() != Some(&expected) {
+                return Err(StoreError::Conflict {
+                    kind: "Key",
+                    name: guard.clone(),
+                    expected: 0,
+                    actual: 0,
+                });
+            }
+            let mut plan = put_plan(mirror, (kind, &name, &key), &spec, expect)?;
+            plan.when.push(unchanged(mirror, &guard));
+            plan.reread.push(guard.clone());
+            Ok(Decision::Write(plan))
+        })
+    }
+
     /// `value` under `data/<rest>` with a lease of `ttl`, kept alive for as long as this
     /// store lives and made again whenever it lapses (etcd lost for longer than `ttl`).
     pub fn hold(&self, rest: &str, value: &Value, ttl: Duration) -> Result<()> {
