@@ -8,14 +8,15 @@ use persona_tests::{
     lab::{Lab, UPLINK, VmLink, wait_until},
 };
 
-/// udhcpc's event script: the lease goes on the interface, and every event is logged.
+/// udhcpc's event script: the lease goes on the interface, and every event is logged
+/// once it has been applied (the test reads the log, then the interface).
 const SCRIPT: &str = r#"#!/bin/sh
-echo "$1 ip=$ip mask=$subnet router=$router dns=$dns mtu=$mtu lease=$lease" >> "$LOG"
 if [ "$1" = bound ]; then
     ip addr flush dev "$interface"
     ip addr add "$ip/$mask" dev "$interface"
     ip route replace default via "$router"
 fi
+echo "$1 ip=$ip mask=$subnet router=$router dns=$dns mtu=$mtu lease=$lease" >> "$LOG"
 "#;
 
 const DEVICE: &str = "apiVersion: persona.dev/v1
