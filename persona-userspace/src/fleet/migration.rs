@@ -311,7 +311,7 @@ impl Fleet {
         let arrived = self.arrival(&m, ifindex).await;
         m.waited_ms = Some(ready.elapsed().as_millis() as u64);
         let outcome = match arrived {
-            Ok(seen) => match self.take_ownership(o, &m, &seen).await {
+            Ok(seen) => match self.take_ownership(&m, &seen).await {
                 Ok(()) => match o.gate(ifindex, false).await {
                     Ok(()) => Outcome::Done,
                     Err(e) => Outcome::Failed(e.to_string()),
@@ -363,14 +363,9 @@ impl Fleet {
     /// The device's `host` and `interface` set to this host's, if the device is as it
     /// was when the migration was asked for and the migration's marker is still as last
     /// `seen` (not called off meanwhile).
-    async fn take_ownership(
-        &self,
-        o: &Arc<Orchestrator>,
-        m: &Migration,
-        seen: &Migration,
-    ) -> Result<(), String> {
-        let record = o
-            .store()
+    async fn take_ownership(&self, m: &Migration, seen: &Migration) -> Result<(), String> {
+        let record = self
+            .store
             .get(Kind::Device, &m.device)
             .map_err(|e| e.to_string())?
             .ok_or_else(|| "the device was deleted".to_owned())?;
@@ -453,7 +448,7 @@ impl Fleet {
 }
 
 fn not_under_way(device: &str) -> ShiftError {
-    ShiftError::Store(crate::store::StoreError::NotFound {
+    ShiftError::Store(StoreError::NotFound {
         kind: "Migration",
         name: device.to_owned(),
     })

@@ -73,21 +73,31 @@ pub struct DhcpSpec {
     pub mtu: Option<u16>,
 }
 
-impl DeviceSpec {
-    /// The lease the device's DHCP answers give, when it has an inner IPv4 address and
-    /// gateway and its DHCP is not turned off.
-    pub fn dhcp_lease(&self, server_mac: [u8; 6]) -> Option<crate::guest::dhcp::Lease> {
-        let d = self.dhcp.clone().unwrap_or(DhcpSpec {
+impl Default for DhcpSpec {
+    fn default() -> Self {
+        Self {
             enabled: true,
             prefix: None,
             lease_seconds: None,
             mtu: None,
-        });
+        }
+    }
+}
+
+/// Whether `gateway` is on the network `address/prefix`: one off it would leave the VM
+/// with no route.
+fn on_link(address: Ipv4Addr, prefix: u8, gateway: Ipv4Addr) -> bool {
+    ipnet::Ipv4Net::new(address, prefix).is_ok_and(|n| n.contains(&gateway))
+}
+
+impl DeviceSpec {
+    /// The lease the device's DHCP answers give, when it has an inner IPv4 address and
+    /// gateway and its DHCP is not turned off.
+    pub fn dhcp_lease(&self, server_mac: [u8; 6]) -> Option<crate::guest::dhcp::Lease> {
+        let d = self.dhcp.clone().unwrap_or_default();
         let (address, gateway) = (self.inner_v4?, self.gateway_v4?);
         let prefix = d.prefix.unwrap_or(24);
-        // A gateway off the VM's network would leave it with no route.
-        let on_link = ipnet::Ipv4Net::new(address, prefix).is_ok_and(|n| n.contains(&gateway));
-        (d.enabled && on_link).then(|| crate::guest::dhcp::Lease {
+        (d.enabled && on_link(address, prefix, gateway)).then(|| crate::guest::dhcp::Lease {
             address,
             prefix,
             gateway,
@@ -263,7 +273,7 @@ impl DeviceSpec {
                 ));
             }
             if let (Some(p), Some(a), Some(g)) = (d.prefix, self.inner_v4, self.gateway_v4)
-                && ipnet::Ipv4Net::new(a, p).is_ok_and(|n| !n.contains(&g))
+                && !on_link(a, p, g)
             {
                 return Err(FieldError::new(
                     "spec.dhcp.prefix",

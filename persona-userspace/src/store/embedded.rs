@@ -183,27 +183,33 @@ fn set(
     Ok(())
 }
 
-/// Stores `spec` as object `name` inside `txn`, unless it holds that already.
+/// Object `name` as the table holds it.
+fn current(t: &redb::Table<&'static str, &'static [u8]>, name: &str) -> Result<Option<Record>> {
+    match t.get(name).map_err(backend)? {
+        Some(v) => Ok(Some(decode(v.value())?)),
+        None => Ok(None),
+    }
+}
+
+/// Stores `spec` as object `name` inside `txn`, unless it holds that already; with the
+/// record it replaced.
 fn put_in(
     txn: &redb::WriteTransaction,
     (kind, name): (Kind, String),
     spec: Value,
     expect: Expect,
     versions: Index<Kind, HashMap<String, Stamp>>,
-) -> Result<(Record, Option<After>)> {
+) -> Result<(Record, Option<After>, Option<Record>)> {
     let mut t = txn.open_table(table(kind)).map_err(backend)?;
-    let current: Option<Record> = match t.get(name.as_str()).map_err(backend)? {
-        Some(v) => Some(decode(v.value())?),
-        None => None,
-    };
+    let current = current(&t, &name)?;
     check(kind, &name, current.as_ref(), expect)?;
     if let Some(cur) = current.as_ref().filter(|c| c.spec == spec) {
-        return Ok((cur.clone(), None));
+        return Ok((cur.clone(), None, current));
     }
     let record = Record {
         kind,
         name: name.clone(),
-        version: current.map_or(1, |c| c.version + 1),
+        version: current.as_ref().map_or(1, |c| c.version + 1),
         updated: jiff::Timestamp::now(),
         spec,
     };
@@ -221,7 +227,7 @@ fn put_in(
             .or_default()
             .insert(name, stamp);
     });
-    Ok((record, Some(after)))
+    Ok((record, Some(after), current))
 }
 
 fn delete_in(
@@ -231,11 +237,7 @@ fn delete_in(
     versions: Index<Kind, HashMap<String, Stamp>>,
 ) -> Result<(Record, Option<After>)> {
     let mut t = txn.open_table(table(kind)).map_err(backend)?;
-    let current: Option<Record> = match t.get(name.as_str()).map_err(backend)? {
-        Some(v) => Some(decode(v.value())?),
-        None => None,
-    };
-    let Some(current) = current else {
+    let Some(current) = current(&t, &name)? else {
         return Err(StoreError::NotFound {
             kind: kind.label(),
             name,
@@ -253,22 +255,17 @@ fn delete_in(
     Ok((current, Some(after)))
 }
 
-/// Object `name` as `txn` holds it.
-fn stored(txn: &redb::WriteTransaction, kind: Kind, name: &str) -> Result<Option<Vec<u8>>> {
-    let t = txn.open_table(table(kind)).map_err(backend)?;
-    let v = t.get(name).map_err(backend)?;
-    Ok(v.map(|v| v.value().to_vec()))
-}
-
 /// Appends `body` after a write to object `name`; when that fails, puts the object back
 /// as it was (`before`): the group's transaction commits without either.
 fn recorded(
     txn: &redb::WriteTransaction,
     body: EventBody,
-    (kind, name, before): (Kind, &str, Option<Vec<u8>>),
+    (kind, name, before): (Kind, &str, Option<&Record>),
 ) -> Result<Event> {
     append(txn, body).inspect_err(|_| {
-        let _ = set(txn, table(kind), name, before.as_deref());
+        if let Ok(bytes) = before.map(encode).transpose() {
+            let _ = set(txn, table(kind), name, bytes.as_deref());
+        }
     })
 }
 
@@ -447,8 +444,10 @@ impl Store for EmbeddedStore {
     fn put(&self, kind: Kind, name: &str, spec: Value, expect: Expect) -> Result<Record> {
         let (name, versions) = (name.to_owned(), self.versions.clone());
         // Read, check and write in one transaction, after the writes queued before it.
-        self.writer
-            .write(move |txn| put_in(txn, (kind, name), spec, expect, versions))
+        self.writer.write(move |txn| {
+            put_in(txn, (kind, name), spec, expect, versions)
+                .map(|(record, after, _)| (record, after))
+        })
     }
 
     fn put_recorded(
@@ -461,10 +460,10 @@ impl Store for EmbeddedStore {
     ) -> Result<(Record, Event)> {
         let (name, versions) = (name.to_owned(), self.versions.clone());
         self.writer.write(move |txn| {
-            let before = stored(txn, kind, &name)?;
-            let (record, after) = put_in(txn, (kind, name.clone()), spec, expect, versions)?;
+            let (record, after, before) =
+                put_in(txn, (kind, name.clone()), spec, expect, versions)?;
             body.result = format!("version {}", record.version);
-            let event = recorded(txn, body, (kind, &name, before))?;
+            let event = recorded(txn, body, (kind, &name, before.as_ref()))?;
             Ok(((record, event), after))
         })
     }
@@ -484,9 +483,8 @@ impl Store for EmbeddedStore {
     ) -> Result<(Record, Event)> {
         let (name, versions) = (name.to_owned(), self.versions.clone());
         self.writer.write(move |txn| {
-            let before = stored(txn, kind, &name)?;
             let (record, after) = delete_in(txn, (kind, name.clone()), expect, versions)?;
-            let event = recorded(txn, body, (kind, &name, before))?;
+            let event = recorded(txn, body, (kind, &name, Some(&record)))?;
             Ok(((record, event), after))
         })
     }

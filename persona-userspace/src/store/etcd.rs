@@ -406,8 +406,7 @@ impl EtcdStore {
     pub fn replace_json(&self, rest: &str, expected: &Value, value: &Value) -> Result<bool> {
         let (key, expected, value) = (self.data(rest), expected.clone(), encode(value)?);
         self.decide(move |mirror| {
-            let now: Option<Value> = mirror.get(&key).map(|(v, _)| decode(v)).transpose()?;
-            if now.as_ref() != Some(&expected) {
+            if !holds(mirror, &key, &expected)? {
                 return Ok(Decision::Done(false));
             }
             Ok(Decision::Write(Plan {
@@ -431,8 +430,7 @@ impl EtcdStore {
         let (key, name) = (self.object(kind, name), name.to_owned());
         let (guard, expected) = (self.data(rest), expected.clone());
         self.decide(move |mirror| {
-            let now: Option<Value> = mirror.get(&guard).map(|(v, _)| decode(v)).transpose()?;
-            if now.as_ref() != Some(&expected) {
+            if !holds(mirror, &guard, &expected)? {
                 return Err(StoreError::Conflict {
                     kind: "Key",
                     name: guard.clone(),
@@ -1035,7 +1033,7 @@ impl Store for EtcdStore {
     fn device_state(&self, device: &str) -> Result<Option<DeviceState>> {
         let mirror = self.mirror.read().expect("mirror lock");
         let owner = self.owner(&mirror, device);
-        if let Some((v, _)) = mirror.get(&self.data(&format!("states/{owner}/{device}"))) {
+        if let Some((v, _)) = mirror.get(&self.state_key(&owner, device)) {
             return decode(v).map(Some);
         }
         Ok(self
@@ -1048,20 +1046,30 @@ impl Store for EtcdStore {
 
     fn device_states(&self) -> Result<Vec<(String, DeviceState)>> {
         let mirror = self.mirror.read().expect("mirror lock");
-        let mut by_device: BTreeMap<String, (bool, DeviceState)> = BTreeMap::new();
+        let mut by_device: BTreeMap<String, Vec<(String, DeviceState)>> = BTreeMap::new();
         for (host, device, state) in self.states(&mirror)? {
-            let owned = host == self.owner(&mirror, &device);
-            match by_device.get(&device) {
-                Some((true, _)) => {}
-                Some((false, kept)) if !owned && kept.since >= state.since => {}
-                _ => {
-                    by_device.insert(device, (owned, state));
-                }
-            }
+            by_device.entry(device).or_default().push((host, state));
         }
+        // Every shift reads these: a device's record is read for its owner only when
+        // more than one host has recorded it (just after a migration).
         Ok(by_device
             .into_iter()
-            .map(|(device, (_, state))| (device, state))
+            .filter_map(|(device, mut records)| {
+                let state = match records.len() {
+                    1 => records.pop()?.1,
+                    _ => {
+                        let owner = self.owner(&mirror, &device);
+                        match records.iter().position(|(h, _)| *h == owner) {
+                            Some(i) => records.swap_remove(i).1,
+                            None => records
+                                .into_iter()
+                                .map(|(_, s)| s)
+                                .max_by_key(|s| s.since)?,
+                        }
+                    }
+                };
+                Some((device, state))
+            })
             .collect())
     }
 
@@ -1075,10 +1083,7 @@ impl Store for EtcdStore {
         let mirror = self.mirror.read().expect("mirror lock");
         for (host, d, _) in self.states(&mirror)? {
             if d == device {
-                keys.insert(self.data(&match host.as_str() {
-                    "" => format!("states/{d}"),
-                    h => format!("states/{h}/{d}"),
-                }));
+                keys.insert(self.state_key(&host, &d));
             }
         }
         drop(mirror);
@@ -1234,8 +1239,17 @@ impl EtcdStore {
         device: &str,
         state: Option<&DeviceState>,
     ) -> Result<(String, Option<Vec<u8>>)> {
-        let key = self.data(&format!("states/{}/{device}", self.host));
+        let key = self.state_key(&self.host, device);
         Ok((key, state.map(encode).transpose()?))
+    }
+
+    /// Where `host`'s record of `device`'s state is; host "" is where one was kept
+    /// before states were kept by host.
+    fn state_key(&self, host: &str, device: &str) -> String {
+        match host {
+            "" => self.data(&format!("states/{device}")),
+            h => self.data(&format!("states/{h}/{device}")),
+        }
     }
 
     /// The host that runs `device`, as its spec says; this one when it names none, or
@@ -1279,7 +1293,7 @@ impl EtcdStore {
                 .filter(|(h, d, _)| {
                     *h == self.host && self.defined_owner(&mirror, d).as_ref() != Some(h)
                 })
-                .map(|(h, d, _)| (self.data(&format!("states/{h}/{d}")), None))
+                .map(|(h, d, _)| (self.state_key(&h, &d), None))
                 .collect()
         };
         let n = stale.len();
@@ -1341,6 +1355,12 @@ fn delete_plan(
         reread: vec![key.to_owned()],
         value: current,
     })
+}
+
+/// Whether `key` holds `expected`, as the mirror last saw it.
+fn holds(mirror: &Mirror, key: &str, expected: &Value) -> Result<bool> {
+    let now: Option<Value> = mirror.get(key).map(|(v, _)| decode(v)).transpose()?;
+    Ok(now.as_ref() == Some(expected))
 }
 
 /// The comparison that `key` is as the mirror last saw it (absent: never written since
