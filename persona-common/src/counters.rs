@@ -112,6 +112,8 @@ reasons! {
     PassArp = 5, "pass_arp", true;
     /// IPv6 neighbour discovery and link-local traffic stay on the link, untranslated.
     PassLinkLocal = 6, "pass_link_local", true;
+    /// A request to the metadata service and its answer, between the VM and the host.
+    HostMetadata = 7, "host_metadata", true;
     DropRule = 16, "drop_rule", false;
     DropDefault = 17, "drop_default", false;
     /// The device is attached but no persona is active (or it lacks this family).
@@ -142,6 +144,8 @@ reasons! {
     DropFlowBudget = 29, "drop_flow_budget", false;
     /// DHCPv4 from the VM: the daemon answers it on the tap, and it goes no further.
     HostDhcp = 30, "host_dhcp", false;
+    /// To the metadata address but not to its service, or from a device without one.
+    DropMetadata = 31, "drop_metadata", false;
 }
 
 /// `HANDSHAKES`: TCP handshake round trips seen on the tap (SYN out to SYN-ACK in), per

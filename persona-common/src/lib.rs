@@ -13,6 +13,7 @@ pub mod events;
 pub mod firewall;
 pub mod guard;
 pub mod host;
+pub mod metadata;
 pub mod persona;
 
 /// Traffic leaving the VM: received on the tap, handled by tc (tcx) ingress.
@@ -46,6 +47,7 @@ pub mod map_names {
     pub const ROUTING: &str = "ROUTING";
     pub const DRAINS: &str = "DRAINS";
     pub const FLOW_BUDGET: &str = "FLOW_BUDGET";
+    pub const METADATA: &str = "METADATA";
 }
 
 pub mod program_names {
@@ -60,7 +62,7 @@ pub mod program_names {
 
 #[cfg(feature = "user")]
 mod pod {
-    use crate::{conntrack, counters, device, events, firewall, guard, host, persona};
+    use crate::{conntrack, counters, device, events, firewall, guard, host, metadata, persona};
 
     macro_rules! pod {
         ($($t:ty),* $(,)?) => {
@@ -90,5 +92,6 @@ mod pod {
         host::Drain,
         events::DropEvent,
         guard::GuardState,
+        metadata::MetadataPeer,
     );
 }

@@ -4,7 +4,7 @@ use persona_common::{DIR_EGRESS, conntrack::CT_DNS_REDIRECTED, counters::Reason,
 
 use crate::{
     conntrack::{self, NewFlow},
-    dns, firewall,
+    dns, firewall, metadata,
     packet::Packet,
     parse::{self, Ip, L4},
     path::Direction,
@@ -86,6 +86,9 @@ fn try_flow(
     let st = state::resolve(active)?;
     if st.inner(ip.family) != Some(ip.src) {
         return Ok(Reason::DropSpoofed);
+    }
+    if metadata::is_request(ip) {
+        return Ok(metadata::request(ifindex, ip, l4, plan));
     }
     plan.src = st.persona_addr(ip.family).ok_or(Reason::DropNoPersona)?;
     plan.flags = OUTER_SRC;

@@ -12,6 +12,7 @@ use persona_common::{
 use crate::{
     conntrack, counters, dns, events, firewall,
     maps::GUARD,
+    metadata,
     packet::{Packet, Wire, XdpPacket},
     parse::{self, Kind, L3},
     path::Handled,
@@ -83,6 +84,9 @@ fn judge(p: &XdpPacket) -> Option<Handled> {
             active.table,
             active.persona,
         ));
+    }
+    if metadata::is_request(&ip) {
+        return None;
     }
     // A persona without this family: tc drops it as `drop_no_persona`, and counts it.
     st.persona_addr(ip.family)?;

@@ -21,6 +21,7 @@ mod forward;
 mod from_vm;
 mod guard;
 mod maps;
+mod metadata;
 mod nat;
 mod packet;
 mod parse;

@@ -15,6 +15,7 @@ use persona_common::{
     firewall::{FwKeyV4, FwKeyV6, MAX_PREFIXES, RuleSet},
     guard::GuardState,
     host::{Drain, DrainKey, HostWiring, MAX_DRAINS, Routing},
+    metadata::MetadataPeer,
     persona::{Active, MAX_TABLES, PersonaTable},
 };
 
@@ -87,3 +88,7 @@ pub static GUARD: HashMap<u32, GuardState> = HashMap::pinned(MAX_DEVICES, 0);
 /// Whether and where the programs forward by themselves; written by userspace at start.
 #[map]
 pub static ROUTING: Array<Routing> = Array::pinned(1, 0);
+
+/// Devices served by the metadata service, and the peer address each is seen from.
+#[map]
+pub static METADATA: HashMap<u32, MetadataPeer> = HashMap::pinned(MAX_DEVICES, 0);

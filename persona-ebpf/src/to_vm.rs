@@ -10,7 +10,7 @@ use persona_common::{
 
 use crate::{
     conntrack::{self, NewFlow},
-    counters, firewall,
+    counters, firewall, metadata,
     packet::Packet,
     parse::{self, Ip, L4, TCP_ACK, TCP_SYN},
     path::Direction,
@@ -87,8 +87,12 @@ fn try_flow(
     plan: &mut Plan,
 ) -> Result<Reason, Reason> {
     let st = state::resolve(active)?;
+    let inner = st.inner(ip.family).ok_or(Reason::DropNoPersona)?;
+    if let Some(reason) = metadata::answer(ifindex, ip, l4, inner, plan) {
+        return Ok(reason);
+    }
     let persona_addr = st.persona_addr(ip.family).ok_or(Reason::DropNoPersona)?;
-    plan.dst = st.inner(ip.family).ok_or(Reason::DropNoPersona)?;
+    plan.dst = inner;
     plan.flags = OUTER_DST;
     let now = conntrack::now();
     let key = conntrack::key(ifindex, ip.family, ip.proto, &ip.src, l4.sport, l4.dport);

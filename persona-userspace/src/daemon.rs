@@ -175,6 +175,14 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
             tracing::error!(error = %e, "the DHCP responder stopped: VMs get no DHCP answers");
         }
     });
+    if config.kernel.metadata {
+        let metadata = orchestrator.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::guest::metadata::serve(metadata).await {
+                tracing::error!(error = %e, "the metadata service stopped: VMs get no answers from 169.254.169.254");
+            }
+        });
+    }
     orchestrator
         .reconcile()
         .await

@@ -54,6 +54,23 @@ pub struct Metrics {
     pub api_requests: Family<RequestLabels, Counter>,
     pub security_events: Family<SecurityLabels, Counter>,
     pub dhcp: Family<DhcpLabels, Counter>,
+    pub metadata_requests: Family<MetadataLabels, Counter>,
+    pub metadata_keys: Family<KeyLabels, Counter>,
+    /// Connections to the metadata service from anything but a device's peer address.
+    pub metadata_refused: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MetadataLabels {
+    pub device: String,
+    pub path: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyLabels {
+    pub device: String,
+    pub persona: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -81,6 +98,9 @@ impl Default for Metrics {
             api_requests: Family::default(),
             security_events: Family::default(),
             dhcp: Family::default(),
+            metadata_requests: Family::default(),
+            metadata_keys: Family::default(),
+            metadata_refused: Counter::default(),
         }
     }
 }
@@ -347,6 +367,21 @@ impl Metrics {
             "persona_dhcp_messages",
             "DHCP messages from VMs answered on their taps, by device, message and answer",
             self.dhcp.clone(),
+        );
+        registry.register(
+            "persona_metadata_requests",
+            "Requests to the metadata service, by device, path and status",
+            self.metadata_requests.clone(),
+        );
+        registry.register(
+            "persona_metadata_keys_served",
+            "TLS private keys the metadata service handed to a device's VM, by device and persona",
+            self.metadata_keys.clone(),
+        );
+        registry.register(
+            "persona_metadata_refused",
+            "Connections to the metadata service refused for not coming from a device",
+            self.metadata_refused.clone(),
         );
         registry.register_collector(Box::new(snapshot));
         let mut out = String::new();

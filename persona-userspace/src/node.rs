@@ -152,8 +152,21 @@ impl Node {
             self.wiring.make_tap(&device.interface, tap)?;
         }
         self.wiring.admit(&device.interface)?;
+        let before = crate::datapath::ifindex(&device.interface)
+            .ok()
+            .filter(|&i| self.datapath.is_attached(i).unwrap_or(false))
+            .and_then(|i| Some((i, self.datapath.wiring(i).ok()?.metadata?)));
         let ifindex = self.datapath.attach(device)?;
         self.wiring.prepare_device(ifindex, device)?;
+        let peer = self.datapath.wiring(ifindex)?.metadata;
+        if let Some((was, old)) = before
+            && (was, Some(old)) != (ifindex, peer)
+        {
+            self.wiring.route_metadata(was, old, None)?;
+        }
+        if let Some(peer) = peer {
+            self.wiring.route_metadata(ifindex, peer, device.inner_v4)?;
+        }
         Ok(ifindex)
     }
 
@@ -168,6 +181,9 @@ impl Node {
             .copied()
             .collect();
         self.wiring.withdraw(ifindex, &addrs)?;
+        if let Some(peer) = wired.metadata {
+            self.wiring.route_metadata(ifindex, peer, None)?;
+        }
         self.wiring.release_device(ifindex, &wired.gateways)?;
         self.datapath.detach(ifindex)?;
         if self.datapath.attached()?.is_empty() {
@@ -348,7 +364,11 @@ impl Node {
             .wiring
             .routed(ifindex)?
             .into_iter()
-            .filter(|a| !wired.active.contains(a) && !wired.draining.contains(a))
+            .filter(|a| {
+                !wired.active.contains(a)
+                    && !wired.draining.contains(a)
+                    && wired.metadata.map(IpAddr::V4) != Some(*a)
+            })
             .collect();
         if !stray.is_empty() {
             self.wiring.withdraw(ifindex, &stray)?;

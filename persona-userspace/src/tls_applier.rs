@@ -52,7 +52,9 @@ impl TlsApplier {
         &self.keys
     }
 
-    fn current(&self, device: &str) -> PathBuf {
+    /// The directory of the device's TLS files in force: `chain.pem` and `key.pem`, a
+    /// link to `g<GENERATION>`.
+    pub fn current(&self, device: &str) -> PathBuf {
         self.dir.join(device).join("current")
     }
 

@@ -55,6 +55,7 @@ pub fn device() -> DeviceSpec {
         role: None,
         flood_guard: None,
         dhcp: None,
+        metadata: None,
         flow_budget: None,
         tap: None,
     }

@@ -3,12 +3,13 @@
 //! as a conffile and the libvirt hook, and purges cleanly.
 use persona_tests::netns::{sh, try_sh};
 
-const EXPECTED: [&str; 5] = [
+const EXPECTED: [&str; 6] = [
     "/usr/bin/persona",
     "/lib/systemd/system/persona.service",
     "/etc/persona/persona.yaml",
     "/etc/libvirt/hooks/qemu.d/persona",
     "/usr/share/doc/persona/README.md",
+    "/usr/share/persona/persona-guest-agent",
 ];
 
 #[test]

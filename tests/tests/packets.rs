@@ -392,6 +392,46 @@ fn bad_packets_get_their_documented_verdict_and_reason() {
     assert_eq!(h.count(INGRESS, Reason::DropTruncated), 1);
 }
 
+/// The metadata service's packets: the VM's request reaches the host from the
+/// device's peer address, with valid checksums; the answer to that address reaches the
+/// VM from the service; anything else to the service's address is dropped.
+#[test]
+fn a_metadata_request_leaves_from_the_devices_peer_address_and_its_answer_comes_back() {
+    let mut h = Harness::with_persona(PERSONA_A);
+    let service = v4([169, 254, 169, 254]);
+    let peer = v4([169, 254, 128, 1]);
+    let (verdict, out) = h.from_vm(&frame(inner4(), service, &tcp(40000, 80, SYN)));
+    assert_eq!(verdict, TC_ACT_OK);
+    let seen = check_frame(&out);
+    assert_eq!((seen.src, seen.dst), (peer, service));
+    assert_eq!(h.count(EGRESS, Reason::HostMetadata), 1);
+
+    let (verdict, out) = h.to_vm(&frame(service, peer, &tcp(80, 40000, SYN | ACK)));
+    assert_eq!(verdict, TC_ACT_OK);
+    let seen = check_frame(&out);
+    assert_eq!((seen.src, seen.dst), (service, inner4()));
+    assert_eq!(h.count(INGRESS, Reason::HostMetadata), 1);
+
+    for (name, l4) in [
+        ("another port", tcp(40000, 81, SYN)),
+        ("udp", udp(40000, 80)),
+    ] {
+        let (verdict, _) = h.from_vm(&frame(inner4(), service, &l4));
+        assert_eq!(verdict, TC_ACT_SHOT, "{name}");
+    }
+    assert_eq!(h.count(EGRESS, Reason::DropMetadata), 2);
+    // From the service to another peer address, or from elsewhere to this one.
+    let (verdict, _) = h.to_vm(&frame(
+        service,
+        v4([169, 254, 128, 2]),
+        &tcp(80, 40000, ACK),
+    ));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    let (verdict, _) = h.to_vm(&frame(v4(REMOTE), peer, &tcp(80, 40000, ACK)));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(h.count(INGRESS, Reason::DropNotPersona), 2);
+}
+
 #[test]
 fn without_a_persona_nothing_leaves_with_the_inner_address() {
     let mut h = Harness::new();

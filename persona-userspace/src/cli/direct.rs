@@ -57,6 +57,7 @@ fn datapath(cli: &Cli, exclusive: bool) -> anyhow::Result<KernelDatapath> {
         wire_host: exclusive,
         exclusive,
         routing: cli.host_routing,
+        metadata: false,
     })?)
 }
 

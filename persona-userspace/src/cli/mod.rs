@@ -180,6 +180,10 @@ pub enum Command {
         /// cross the network in the clear); refused without it.
         #[arg(long, env = "PERSONA_INSECURE_LISTEN")]
         insecure_listen: bool,
+        /// Serve no metadata service at 169.254.169.254 (a host that reaches a cloud's own
+        /// metadata service at that address): VMs' requests to it are dropped.
+        #[arg(long, env = "PERSONA_NO_METADATA")]
+        no_metadata: bool,
         /// Seconds a device stays in a persona before the rule engine moves it again.
         #[arg(long, env = "PERSONA_MIN_DWELL", default_value_t = 30)]
         min_dwell: u64,
@@ -525,6 +529,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             tls_cert,
             tls_key,
             insecure_listen,
+            no_metadata,
             min_dwell,
             cooldown,
             rules_dry_run,
@@ -560,6 +565,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     wire_host: true,
                     exclusive: true,
                     routing: cli.host_routing,
+                    metadata: !no_metadata,
                 },
                 tls_hook: tls_hook.clone(),
                 keys: crate::keys::KeyDir::new(&cli.key_dir),

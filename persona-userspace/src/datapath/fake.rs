@@ -62,6 +62,7 @@ impl Datapath for FakeDatapath {
 
     fn wiring(&self, ifindex: u32) -> Result<super::DeviceWiring> {
         Ok(super::DeviceWiring {
+            metadata: None,
             inner: self
                 .devices
                 .get(&ifindex)

@@ -12,6 +12,7 @@ use persona_common::{
     guard::GuardState,
     host::{Drain, DrainKey, HostWiring, Routing},
     map_names,
+    metadata::MetadataPeer,
     persona::{Active, PersonaTable},
 };
 
@@ -46,6 +47,8 @@ pub struct Maps {
     pub guard: HashMap<MapData, u32, GuardState>,
     /// `ROUTING`: whether the programs forward by themselves, and to which uplinks.
     pub routing: Array<MapData, Routing>,
+    /// `METADATA`: devices the metadata service answers, and their peer addresses.
+    pub metadata: HashMap<MapData, u32, MetadataPeer>,
     /// `EVENTS`: firewall drops; handed to whoever reads them.
     pub events: Option<RingBuf<MapData>>,
 }
@@ -79,6 +82,7 @@ impl Maps {
             handshakes: take(ebpf, map_names::HANDSHAKES)?,
             guard: take(ebpf, map_names::GUARD)?,
             routing: take(ebpf, map_names::ROUTING)?,
+            metadata: take(ebpf, map_names::METADATA)?,
         })
     }
 }

@@ -228,6 +228,8 @@ pub struct DeviceWiring {
     /// Earlier personas' addresses still draining.
     pub draining: Vec<std::net::IpAddr>,
     pub gateways: Vec<std::net::IpAddr>,
+    /// The address the device's requests to the metadata service come from.
+    pub metadata: Option<std::net::Ipv4Addr>,
 }
 
 /// BPF maps and programs only: the host around them (routes, proxies, tunnels) is
@@ -356,6 +358,10 @@ pub trait Datapath {
     /// 2^b us), and their sum in microseconds.
     fn handshakes(&self, _ifindex: u32) -> Result<(Vec<u64>, u64)> {
         Ok((Vec::new(), 0))
+    }
+    /// The device whose requests to the metadata service come from `peer`.
+    fn metadata_device(&self, _peer: std::net::Ipv4Addr) -> Result<Option<u32>> {
+        Ok(None)
     }
     /// The ring buffer of firewall drops, to the first caller.
     fn take_events(&mut self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {

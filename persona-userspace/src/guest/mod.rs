@@ -1,3 +1,4 @@
 //! The guest's side of a persona: what a VM is told about itself on its own tap.
 pub mod dhcp;
+pub mod metadata;
 pub mod responder;

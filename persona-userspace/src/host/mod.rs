@@ -526,6 +526,16 @@ pub trait Wiring: Send {
     /// The VM finds its gateway through the tap.
     fn prepare_device(&self, ifindex: u32, device: &DeviceSpec) -> Result<()>;
     fn release_device(&self, ifindex: u32, gateways: &[IpAddr]) -> Result<()>;
+    /// The device's metadata peer address routes to its tap via the VM's own address
+    /// (`via`), or no longer does (`None`).
+    fn route_metadata(
+        &self,
+        _ifindex: u32,
+        _peer: std::net::Ipv4Addr,
+        _via: Option<std::net::Ipv4Addr>,
+    ) -> Result<()> {
+        Ok(())
+    }
     /// Routes and announces the persona's addresses to the device, each steered out
     /// through the persona's gateway or tunnel.
     fn announce(
@@ -603,6 +613,15 @@ impl Wiring for Host {
                 .restore(|k| sysctl::of_interface(k, &name))?;
         }
         Ok(())
+    }
+
+    fn route_metadata(
+        &self,
+        ifindex: u32,
+        peer: std::net::Ipv4Addr,
+        via: Option<std::net::Ipv4Addr>,
+    ) -> Result<()> {
+        self.route(ifindex, IpAddr::V4(peer), via.map(IpAddr::V4))
     }
 
     fn put_back(&self) -> Result<()> {

@@ -54,6 +54,29 @@ pub struct DeviceSpec {
     /// and gateway, which it answers with whenever the device has both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dhcp: Option<DhcpSpec>,
+    /// The metadata service at 169.254.169.254, which the VM reaches through its
+    /// gateway: on for a device with an inner IPv4 address unless turned off here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<MetadataSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MetadataSpec {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// `false`: the persona's TLS key is never handed to the VM, only its chain.
+    #[serde(default = "yes")]
+    pub serve_key: bool,
+}
+
+impl Default for MetadataSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            serve_key: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,6 +114,11 @@ fn on_link(address: Ipv4Addr, prefix: u8, gateway: Ipv4Addr) -> bool {
 }
 
 impl DeviceSpec {
+    /// Whether the VM may reach the metadata service: it needs an IPv4 address.
+    pub fn serves_metadata(&self) -> bool {
+        self.inner_v4.is_some() && self.metadata.clone().unwrap_or_default().enabled
+    }
+
     /// The lease the device's DHCP answers give, when it has an inner IPv4 address and
     /// gateway and its DHCP is not turned off.
     pub fn dhcp_lease(&self, server_mac: [u8; 6]) -> Option<crate::guest::dhcp::Lease> {
@@ -213,6 +241,7 @@ impl DeviceSpec {
             flow_budget: None,
             tap: None,
             dhcp: None,
+            metadata: None,
         }
     }
 

@@ -6,7 +6,9 @@ mod persona;
 pub mod tls;
 pub mod vpn;
 
-pub use device::{DeviceSpec, FloodGuard, TapSpec, check_host_name, check_interface_name};
+pub use device::{
+    DeviceSpec, FloodGuard, MetadataSpec, TapSpec, check_host_name, check_interface_name,
+};
 pub use flows::FlowMode;
 pub use manifest::{API_VERSION, Manifest, load_manifests, parse_manifests, validate_name};
 pub use persona::{

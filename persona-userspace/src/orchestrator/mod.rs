@@ -473,6 +473,11 @@ impl Orchestrator {
         self.tls.keys()
     }
 
+    /// The device's TLS files in force (see [`TlsApplier::current`]).
+    pub fn tls_files(&self, device: &str) -> std::path::PathBuf {
+        self.tls.current(device)
+    }
+
     pub fn record(&self, body: EventBody) -> Result<Event, StoreError> {
         let event = self.store.append_event(body)?;
         let _ = self.events.send(event.clone());

@@ -28,6 +28,7 @@ impl KernelDatapath {
         }
         let _ = self.maps.flow_budget.remove(&ifindex);
         let _ = self.maps.host_wiring.remove(&ifindex);
+        let _ = self.maps.metadata.remove(&ifindex);
         let _ = self.maps.devices.remove(&ifindex);
         self.forget_counts(ifindex);
         let flows: Vec<_> = self
@@ -129,6 +130,7 @@ impl KernelDatapath {
             active: self.active_addresses(ifindex)?,
             draining: self.draining(ifindex)?,
             gateways: gateways(&self.wiring(ifindex)),
+            metadata: self.metadata_peer(ifindex),
         })
     }
 
@@ -156,6 +158,7 @@ impl KernelDatapath {
             super::write(h).hosts.entry(ifindex).or_default();
         }
         self.restamp(ifindex, &cfg)?;
+        self.assign_metadata(ifindex, device)?;
         self.create_counters(ifindex, NO_PERSONA)?;
         match device.flood_guard_rate() {
             Some(rate_pps) => self

@@ -43,6 +43,7 @@ mod flows;
 mod introspect;
 mod layout;
 mod loader;
+mod metadata;
 mod shift;
 mod tables;
 
@@ -79,6 +80,8 @@ pub struct KernelConfig {
     /// Who forwards translated packets between the taps and the uplinks; `None` keeps
     /// what the pinned datapath was last told (the kernel on a fresh one).
     pub routing: Option<HostRouting>,
+    /// Devices may reach the metadata service (its daemon serves it).
+    pub metadata: bool,
 }
 
 /// Who forwards a translated packet between a tap and an uplink. The kernel by
@@ -102,6 +105,7 @@ impl Default for KernelConfig {
             wire_host: true,
             exclusive: true,
             routing: None,
+            metadata: true,
         }
     }
 }
@@ -261,6 +265,10 @@ impl Datapath for KernelDatapath {
 
     fn wiring(&self, ifindex: u32) -> Result<DeviceWiring> {
         self.device_wiring(ifindex)
+    }
+
+    fn metadata_device(&self, peer: std::net::Ipv4Addr) -> Result<Option<u32>> {
+        Ok(KernelDatapath::metadata_device(self, peer))
     }
 
     fn stage(&mut self, persona: &CompiledPersona) -> Result<Staged> {

@@ -1,0 +1,61 @@
+//! Which devices the metadata service answers, and the peer address each is seen from:
+//! a slot kept in the pinned `METADATA` map, so a restarted daemon finds it again.
+use std::net::Ipv4Addr;
+
+use persona_common::{
+    device::MAX_DEVICES,
+    metadata::{MetadataPeer, peer, slot_of},
+};
+
+use super::*;
+
+impl KernelDatapath {
+    /// Gives the device a peer address (the one it has, else the first free), or takes
+    /// it away when the device is not to reach the service.
+    pub(super) fn assign_metadata(&mut self, ifindex: u32, device: &DeviceSpec) -> Result<()> {
+        if !(self.config.metadata && device.serves_metadata()) {
+            return match self.maps.metadata.remove(&ifindex) {
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() != Some(libc::ENOENT) =>
+                {
+                    Err(DatapathError::Bpf(format!("METADATA: {e}")))
+                }
+                _ => Ok(()),
+            };
+        }
+        if self.maps.metadata.get(&ifindex, 0).is_ok() {
+            return Ok(());
+        }
+        let used: std::collections::HashSet<u32> = self
+            .maps
+            .metadata
+            .iter()
+            .flatten()
+            .filter_map(|(_, p)| slot_of(p.addr))
+            .collect();
+        let slot = (1..=MAX_DEVICES)
+            .find(|s| !used.contains(s))
+            .ok_or_else(|| DatapathError::Bpf("METADATA: every peer address is in use".into()))?;
+        self.maps
+            .metadata
+            .insert(ifindex, MetadataPeer { addr: peer(slot) }, 0)
+            .map_err(bpf_err("METADATA"))
+    }
+
+    pub(super) fn metadata_peer(&self, ifindex: u32) -> Option<Ipv4Addr> {
+        self.maps
+            .metadata
+            .get(&ifindex, 0)
+            .ok()
+            .map(|p| Ipv4Addr::from(p.addr))
+    }
+
+    pub(super) fn metadata_device(&self, peer: Ipv4Addr) -> Option<u32> {
+        self.maps
+            .metadata
+            .iter()
+            .flatten()
+            .find(|(_, p)| p.addr == peer.octets())
+            .map(|(ifindex, _)| ifindex)
+    }
+}
