@@ -92,6 +92,14 @@ macro_rules! reasons {
                 match self { $( Reason::$name => $label, )* }
             }
 
+            /// A packet of a persona's traffic, translated for it.
+            pub const fn translated(self) -> bool {
+                matches!(
+                    self,
+                    Reason::AllowRule | Reason::AllowDefault | Reason::AllowTracked | Reason::AllowDns
+                )
+            }
+
             pub const fn passes(self) -> bool {
                 match self { $( Reason::$name => $pass, )* }
             }

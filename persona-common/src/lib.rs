@@ -15,6 +15,7 @@ pub mod guard;
 pub mod host;
 pub mod metadata;
 pub mod persona;
+pub mod qos;
 
 /// Traffic leaving the VM: received on the tap, handled by tc (tcx) ingress.
 pub const DIR_EGRESS: u8 = 0;
@@ -48,6 +49,7 @@ pub mod map_names {
     pub const DRAINS: &str = "DRAINS";
     pub const FLOW_BUDGET: &str = "FLOW_BUDGET";
     pub const METADATA: &str = "METADATA";
+    pub const QOS: &str = "QOS";
 }
 
 pub mod program_names {
@@ -55,6 +57,7 @@ pub mod program_names {
     pub const TO_VM: &str = "persona_to_vm";
     pub const GUARD: &str = "persona_guard";
     pub const FROM_UPLINK: &str = "persona_from_uplink";
+    pub const TO_UPLINK: &str = "persona_to_uplink";
     pub const BASELINE: &str = "persona_baseline_pass";
     pub const BASELINE_TC: &str = "persona_baseline_tc_pass";
     pub const BASELINE_TC_LOOKUP: &str = "persona_baseline_tc_lookup";
@@ -62,7 +65,9 @@ pub mod program_names {
 
 #[cfg(feature = "user")]
 mod pod {
-    use crate::{conntrack, counters, device, events, firewall, guard, host, metadata, persona};
+    use crate::{
+        conntrack, counters, device, events, firewall, guard, host, metadata, persona, qos,
+    };
 
     macro_rules! pod {
         ($($t:ty),* $(,)?) => {
@@ -93,5 +98,6 @@ mod pod {
         events::DropEvent,
         guard::GuardState,
         metadata::MetadataPeer,
+        qos::Qos,
     );
 }

@@ -27,6 +27,7 @@ mod packet;
 mod parse;
 mod path;
 mod plan;
+mod qos;
 mod state;
 mod to_vm;
 
@@ -48,9 +49,7 @@ use crate::{
 #[classifier]
 pub fn persona_from_vm(ctx: TcContext) -> i32 {
     match tc_entry::<from_vm::FromVm>(ctx.skb.skb, DIR_EGRESS) {
-        Reason::AllowRule | Reason::AllowDefault | Reason::AllowTracked | Reason::AllowDns => {
-            forward::from_vm(ctx.skb.skb)
-        }
+        r if r.translated() => forward::from_vm(ctx.skb.skb),
         r if r.passes() => TC_ACT_OK,
         _ => TC_ACT_SHOT,
     }
@@ -66,6 +65,13 @@ pub fn persona_to_vm(ctx: TcContext) -> i32 {
     }
 }
 
+/// Traffic leaving by an uplink (tcx egress): a VM's packet gets the HTB class its
+/// persona's QoS handed it in the mark.
+#[classifier]
+pub fn persona_to_uplink(ctx: TcContext) -> i32 {
+    qos::to_uplink(ctx.skb.skb)
+}
+
 /// Traffic arriving on an uplink (tcx ingress): what the FIB routes to a device's tap is
 /// redirected there, past the host's IP stack; everything else is left alone.
 #[classifier]
@@ -76,7 +82,13 @@ pub fn persona_from_uplink(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn tc_entry<D: Direction>(skb: *mut __sk_buff, direction: u8) -> Reason {
     let mut pkt = TcPacket::pulled(skb);
-    let handled = path::handle::<_, D>(&mut pkt);
+    let mut handled = path::handle::<_, D>(&mut pkt);
+    if handled.reason().translated() {
+        let applied = qos::apply(skb, handled.table(), direction);
+        if !applied.passes() {
+            handled = handled.with(applied);
+        }
+    }
     let reason = handled.reason();
     counters::count(pkt.ifindex, handled, direction, pkt.on_wire());
     if events::is_reported(reason) {

@@ -17,6 +17,7 @@ use persona_common::{
     host::{Drain, DrainKey, HostWiring, MAX_DRAINS, Routing},
     metadata::MetadataPeer,
     persona::{Active, MAX_TABLES, PersonaTable},
+    qos::Qos,
 };
 
 #[map]
@@ -92,3 +93,7 @@ pub static ROUTING: Array<Routing> = Array::pinned(1, 0);
 /// Devices served by the metadata service, and the peer address each is seen from.
 #[map]
 pub static METADATA: HashMap<u32, MetadataPeer> = HashMap::pinned(MAX_DEVICES, 0);
+
+/// A persona's QoS by table, beside `PERSONAS`.
+#[map]
+pub static QOS: Array<Qos> = Array::pinned(MAX_TABLES, 0);

@@ -41,6 +41,12 @@ impl Handled {
         Self(reason as u64 | (u64::from(UNATTRIBUTED) << 32))
     }
 
+    /// The same persona and table, another verdict.
+    #[inline(always)]
+    pub fn with(self, reason: Reason) -> Self {
+        Self((self.0 & !0xff) | reason as u64)
+    }
+
     #[inline(always)]
     pub fn reason(self) -> Reason {
         Reason::from_u8(self.0 as u8).unwrap_or(Reason::DropTruncated)

@@ -275,6 +275,11 @@ impl Node {
         self.wiring
             .announce(ifindex, &addrs, &before.inner, &persona)
             .map_err(at(Step::HostRoutes))?;
+        if let Some(staged) = &done.staged {
+            self.wiring
+                .shape(ifindex, staged.table(), &persona.qos)
+                .map_err(at(Step::HostRoutes))?;
+        }
 
         check(Step::Tunnel)?;
         for &addr in &addrs {

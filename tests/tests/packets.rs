@@ -432,6 +432,35 @@ fn a_metadata_request_leaves_from_the_devices_peer_address_and_its_answer_comes_
     assert_eq!(h.count(INGRESS, Reason::DropNotPersona), 2);
 }
 
+/// A persona's DSCP on what the VM sends, IPv4 (its header checksum updated) and IPv6,
+/// with the rest of the packet as translated; nothing marked on the way in.
+#[test]
+fn a_personas_dscp_marks_what_the_vm_sends_with_valid_checksums() {
+    let mut h = Harness::with_persona(&format!("{PERSONA_A}qos: {{ dscp: ef }}\n"));
+    let (verdict, out) = h.from_vm(&frame(inner4(), v4(REMOTE), &tcp(40000, 443, SYN)));
+    assert_eq!(verdict, TC_ACT_OK);
+    let seen = check_frame(&out);
+    assert_eq!(seen.src, v4(PERSONA_A_V4));
+    assert_eq!(out[14 + 1], 46 << 2, "TOS");
+    let (verdict, out) = h.from_vm(&frame(inner6(), v6("2001:db8:b::7"), &udp(5000, 9000)));
+    assert_eq!(verdict, TC_ACT_OK);
+    check_frame(&out);
+    let class = ((out[14] & 0x0f) << 4) | (out[15] >> 4);
+    assert_eq!(
+        (out[14] >> 4, class),
+        (6, 46 << 2),
+        "version and traffic class"
+    );
+    let (verdict, out) = h.to_vm(&frame(
+        v4(REMOTE),
+        v4(PERSONA_A_V4),
+        &tcp(443, 40000, SYN | ACK),
+    ));
+    assert_eq!(verdict, TC_ACT_OK);
+    check_frame(&out);
+    assert_eq!(out[14 + 1], 0, "what reaches the VM keeps its TOS");
+}
+
 #[test]
 fn without_a_persona_nothing_leaves_with_the_inner_address() {
     let mut h = Harness::new();

@@ -88,6 +88,7 @@ pub struct CompiledPersona {
     pub vpn: Option<crate::model::vpn::WireguardSpec>,
     /// Shared: a compiled persona is cloned into every shift to it.
     pub firewall: Arc<Firewall>,
+    pub qos: persona_common::qos::Qos,
 }
 
 impl CompiledPersona {
@@ -164,6 +165,12 @@ pub fn compile(spec: &PersonaSpec) -> Result<CompiledPersona, FieldError> {
         gateways: spec.gateway.into_iter().collect(),
         vpn: spec.vpn.as_ref().map(|v| v.wireguard.clone()),
         firewall: Arc::new(Firewall::new(v4, v6)),
+        qos: spec
+            .qos
+            .as_ref()
+            .map(|q| q.compile())
+            .transpose()?
+            .unwrap_or_default(),
     })
 }
 

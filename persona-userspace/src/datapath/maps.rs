@@ -14,6 +14,7 @@ use persona_common::{
     map_names,
     metadata::MetadataPeer,
     persona::{Active, PersonaTable},
+    qos::Qos,
 };
 
 use super::{DatapathError, Result};
@@ -49,6 +50,8 @@ pub struct Maps {
     pub routing: Array<MapData, Routing>,
     /// `METADATA`: devices the metadata service answers, and their peer addresses.
     pub metadata: HashMap<MapData, u32, MetadataPeer>,
+    /// `QOS`: table → the persona's QoS, beside `PERSONAS`.
+    pub qos: Array<MapData, Qos>,
     /// `EVENTS`: firewall drops; handed to whoever reads them.
     pub events: Option<RingBuf<MapData>>,
 }
@@ -83,6 +86,7 @@ impl Maps {
             guard: take(ebpf, map_names::GUARD)?,
             routing: take(ebpf, map_names::ROUTING)?,
             metadata: take(ebpf, map_names::METADATA)?,
+            qos: take(ebpf, map_names::QOS)?,
         })
     }
 }

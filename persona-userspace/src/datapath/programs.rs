@@ -34,6 +34,8 @@ pub enum Program {
     Guard,
     /// tcx ingress of an uplink, when the programs route by themselves.
     FromUplink,
+    /// tcx egress of an uplink: a VM's packet into its persona's HTB class.
+    ToUplink,
     /// Baselines: XDP_PASS, TC_ACT_OK, and TC_ACT_OK after one hash lookup.
     XdpPass,
     TcPass,
@@ -47,6 +49,7 @@ impl Program {
             Self::ToVm => program_names::TO_VM,
             Self::Guard => program_names::GUARD,
             Self::FromUplink => program_names::FROM_UPLINK,
+            Self::ToUplink => program_names::TO_UPLINK,
             Self::XdpPass => program_names::BASELINE,
             Self::TcPass => program_names::BASELINE_TC,
             Self::TcLookup => program_names::BASELINE_TC_LOOKUP,
@@ -57,11 +60,12 @@ impl Program {
         matches!(self, Self::Guard | Self::XdpPass)
     }
 
-    const ALL: [Program; 7] = [
+    const ALL: [Program; 8] = [
         Self::FromVm,
         Self::ToVm,
         Self::Guard,
         Self::FromUplink,
+        Self::ToUplink,
         Self::XdpPass,
         Self::TcPass,
         Self::TcLookup,
@@ -171,6 +175,7 @@ const FROM_VM_PIN: &str = "tc-in";
 const TO_VM_PIN: &str = "tc";
 const GUARD_PIN: &str = "guard";
 const UPLINK_PIN: &str = "uplink";
+const TO_UPLINK_PIN: &str = "to_uplink";
 const LEGACY_XDP_PIN: &str = "xdp";
 
 impl<'a> Links<'a> {
@@ -210,6 +215,16 @@ impl<'a> Links<'a> {
             self.attach_tc(ebpf, Program::FromUplink, TcAttachType::Ingress, UPLINK_PIN)
         } else {
             self.unpin(UPLINK_PIN)
+        }
+    }
+
+    /// An uplink's egress program, which classes a VM's packets for the uplink's HTB;
+    /// `false` removes it.
+    pub fn shape_to_uplink(&self, ebpf: &mut Ebpf, on: bool) -> Result<()> {
+        if on {
+            self.attach_tc(ebpf, Program::ToUplink, TcAttachType::Egress, TO_UPLINK_PIN)
+        } else {
+            self.unpin(TO_UPLINK_PIN)
         }
     }
 

@@ -48,6 +48,11 @@ pub struct Host {
     unsteered: Mutex<std::collections::HashSet<IpAddr>>,
     /// Where VPN personas' private keys are read from.
     keys: crate::keys::KeyDir,
+    /// Interfaces (name, ifindex) that shape, and whether this process put HTB there
+    /// (it goes with the last device); `None` for an operator's own queueing.
+    shaping: Mutex<std::collections::HashMap<(String, u32), Option<bool>>>,
+    /// The rate of each table's class on each of them.
+    classes: Mutex<std::collections::HashMap<(u32, u32), u64>>,
 }
 
 /// The wiring of one announced address: routed via `via` on the tap `ifindex`, leaving
@@ -182,6 +187,8 @@ impl Host {
             gated: Default::default(),
             unsteered: Default::default(),
             keys: Default::default(),
+            shaping: Default::default(),
+            classes: Default::default(),
         })
     }
 
@@ -558,6 +565,10 @@ pub trait Wiring: Send {
     fn untunnel(&self, addrs: &[IpAddr]) -> Result<()>;
     /// The persona addresses routed to the device now.
     fn routed(&self, ifindex: u32) -> Result<Vec<IpAddr>>;
+    /// The HTB class of a staged table, where its persona's rates are shaped.
+    fn shape(&self, _ifindex: u32, _table: u32, _qos: &persona_common::qos::Qos) -> Result<()> {
+        Ok(())
+    }
     /// After the last device: what was changed on the host for devices is put back.
     fn put_back(&self) -> Result<()> {
         Ok(())
@@ -624,7 +635,46 @@ impl Wiring for Host {
         self.route(ifindex, IpAddr::V4(peer), via.map(IpAddr::V4))
     }
 
+    fn shape(&self, ifindex: u32, table: u32, qos: &persona_common::qos::Qos) -> Result<()> {
+        let mut through: Vec<((String, u32), u64)> = Vec::new();
+        if qos.rate[0] != 0 {
+            through.extend(self.uplinks.iter().map(|u| (u.clone(), qos.rate[0])));
+        }
+        if qos.rate[1] != 0 {
+            through.push(((ifname(ifindex)?, ifindex), qos.rate[1]));
+        }
+        for (dev, rate) in through {
+            let ours = {
+                let mut shaping = self.shaping.lock().unwrap_or_else(|e| e.into_inner());
+                match shaping.get(&dev) {
+                    Some(known) => known.is_some(),
+                    None => {
+                        let found = qdisc::ensure_htb(&dev.0)?;
+                        shaping.insert(dev.clone(), found);
+                        found.is_some()
+                    }
+                }
+            };
+            let mut classes = self.classes.lock().unwrap_or_else(|e| e.into_inner());
+            if ours && classes.get(&(dev.1, table)) != Some(&rate) {
+                qdisc::shape(&dev.0, table, rate)?;
+                classes.insert((dev.1, table), rate);
+            }
+        }
+        Ok(())
+    }
+
     fn put_back(&self) -> Result<()> {
+        self.classes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        let shaping = std::mem::take(&mut *self.shaping.lock().unwrap_or_else(|e| e.into_inner()));
+        for ((dev, ifindex), replaced) in shaping {
+            if replaced == Some(true) && ifname(ifindex).is_ok_and(|n| n == dev) {
+                qdisc::remove(&dev)?;
+            }
+        }
         self.announced().clear();
         self.unsteered().clear();
         for v6 in [false, true] {
@@ -815,5 +865,6 @@ fn refused(interface: &str, why: &str) -> DatapathError {
 
 pub(crate) mod announce;
 pub mod fake;
+pub mod qdisc;
 pub mod sysctl;
 pub mod tap;

@@ -3,6 +3,7 @@ mod device;
 mod flows;
 mod manifest;
 mod persona;
+pub mod qos;
 pub mod tls;
 pub mod vpn;
 

@@ -29,6 +29,9 @@ pub struct PersonaSpec {
     pub vpn: Option<super::vpn::VpnSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<super::tls::TlsSpec>,
+    /// Rates its traffic is paced to, and how what the VM sends is marked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos: Option<super::qos::QosSpec>,
     /// What a shift to this persona does to open flows, unless the rule or the call
     /// that shifts says otherwise; `keep` when not given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -359,6 +362,9 @@ impl PersonaSpec {
         if let Some(tls) = &self.tls {
             let addrs: Vec<IpAddr> = self.addresses.iter().map(|a| a.addr()).collect();
             super::tls::check_certificate(tls, &addrs, jiff::Timestamp::now())?;
+        }
+        if let Some(qos) = &self.qos {
+            qos.compile()?;
         }
         Ok(())
     }

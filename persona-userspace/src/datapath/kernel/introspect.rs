@@ -129,6 +129,7 @@ impl KernelDatapath {
             gateways: vec![],
             vpn: None,
             firewall: Default::default(),
+            qos: Default::default(),
         };
         compiled.addresses()
     }

@@ -189,14 +189,18 @@ impl KernelDatapath {
         };
         routing.uplinks[..uplinks.len()].copy_from_slice(&uplinks);
         for &ifindex in &uplinks {
-            Links::new(&self.config.pin_dir, ifindex).route_from_uplink(&mut self.ebpf, on)?;
+            let links = Links::new(&self.config.pin_dir, ifindex);
+            links.route_from_uplink(&mut self.ebpf, on)?;
+            links.shape_to_uplink(&mut self.ebpf, true)?;
         }
         for &gone in before
             .uplinks
             .iter()
             .filter(|&&u| u != 0 && !uplinks.contains(&u))
         {
-            Links::new(&self.config.pin_dir, gone).route_from_uplink(&mut self.ebpf, false)?;
+            let links = Links::new(&self.config.pin_dir, gone);
+            links.route_from_uplink(&mut self.ebpf, false)?;
+            links.shape_to_uplink(&mut self.ebpf, false)?;
         }
         self.maps
             .routing

@@ -18,9 +18,15 @@ impl KernelDatapath {
         };
         if let Err(e) = self
             .maps
-            .personas
-            .set(table, written, 0)
-            .map_err(bpf_err("PERSONAS"))
+            .qos
+            .set(table, persona.qos, 0)
+            .map_err(bpf_err("QOS"))
+            .and_then(|()| {
+                self.maps
+                    .personas
+                    .set(table, written, 0)
+                    .map_err(bpf_err("PERSONAS"))
+            })
         {
             let _ = self.clear_table(table);
             self.tables.release(table);
@@ -56,11 +62,17 @@ impl KernelDatapath {
         table.inner_v4 = cfg.inner_v4;
         table.inner_v6 = cfg.inner_v6;
         table.device_flags = cfg.flags;
+        let qos = self
+            .maps
+            .qos
+            .get(&active.table, 0)
+            .map_err(bpf_err("QOS"))?;
         let slot = self.alloc_table()?;
         let copied = self.clear_table(slot).and_then(|()| {
             self.tables.hold(slot, table.rules);
             self.tables
                 .set_owner(slot, (table.owner_ifindex, table.owner_persona));
+            self.maps.qos.set(slot, qos, 0).map_err(bpf_err("QOS"))?;
             self.maps
                 .personas
                 .set(slot, table, 0)

@@ -1,0 +1,119 @@
+//! HTB where shaped packets leave: the tap for what a VM receives, the uplinks for what
+//! it sends. The kernel's default queueing disciplines are replaced (an `mq` whole, as
+//! HTB shapes across queues); one an operator chose is left alone, and rates are then
+//! not enforced there (said in the log). Each table with a rate has its class,
+//! `1:(table + 1)`, which the programs put its packets in.
+use std::process::Command;
+
+use persona_common::qos::{HTB_MAJOR, class_of};
+
+use crate::datapath::{DatapathError, Result};
+
+/// What the kernel sets up by itself, which HTB may replace.
+const DEFAULTS: [&str; 6] = ["noqueue", "pfifo_fast", "fq_codel", "pfifo", "noop", "mq"];
+
+fn tc(args: &[&str]) -> Result<String> {
+    let out = Command::new("tc")
+        .args(args)
+        .output()
+        .map_err(|source| DatapathError::Io {
+            context: "running tc".into(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(DatapathError::Host(format!(
+            "tc {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A line of `tc qdisc show`: its kind and its parent (`None` for the root).
+fn parse(line: &str) -> Option<(&str, Option<&str>)> {
+    let mut words = line.split_whitespace();
+    (words.next()? == "qdisc").then_some(())?;
+    let kind = words.next()?;
+    let _handle = words.next()?;
+    match words.next()? {
+        "root" => Some((kind, None)),
+        "parent" => Some((kind, Some(words.next()?))),
+        _ => None,
+    }
+}
+
+/// Puts persona's HTB on `dev`: `Some(true)` when it replaced the default, `Some(false)`
+/// when it was there, `None` when the operator's own queueing discipline is.
+pub fn ensure_htb(dev: &str) -> Result<Option<bool>> {
+    let shown = tc(&["qdisc", "show", "dev", dev, "root"])?;
+    let root = shown.lines().find_map(parse);
+    let handle = format!("{HTB_MAJOR:x}:");
+    match root {
+        Some(("htb", None)) if shown.split_whitespace().nth(2) == Some(handle.as_str()) => {
+            Ok(Some(false))
+        }
+        Some((kind, None)) if !DEFAULTS.contains(&kind) => {
+            tracing::warn!(
+                interface = dev,
+                qdisc = kind,
+                "its queueing discipline is not the kernel's default: left alone, and QoS rates are not enforced through it"
+            );
+            Ok(None)
+        }
+        _ => tc(&[
+            "qdisc", "replace", "dev", dev, "root", "handle", &handle, "htb",
+        ])
+        .map(|_| Some(true)),
+    }
+}
+
+/// The class of `table` on `dev`, at `bytes_per_second`.
+pub fn shape(dev: &str, table: u32, bytes_per_second: u64) -> Result<()> {
+    let class = class_of(table);
+    let classid = format!("{:x}:{:x}", class >> 16, class & 0xffff);
+    let rate = format!("{}bit", bytes_per_second * 8);
+    tc(&[
+        "class",
+        "replace",
+        "dev",
+        dev,
+        "parent",
+        &format!("{HTB_MAJOR:x}:"),
+        "classid",
+        &classid,
+        "htb",
+        "rate",
+        &rate,
+        "ceil",
+        &rate,
+    ])
+    .map(|_| ())
+}
+
+/// The kernel's default comes back.
+pub fn remove(dev: &str) -> Result<()> {
+    tc(&["qdisc", "del", "dev", dev, "root"]).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tc_lines_give_kind_and_parent() {
+        assert_eq!(
+            parse("qdisc noqueue 0: root refcnt 2"),
+            Some(("noqueue", None))
+        );
+        assert_eq!(
+            parse("qdisc fq_codel 0: parent :3 limit 10240p flows 1024"),
+            Some(("fq_codel", Some(":3")))
+        );
+        assert_eq!(
+            parse("qdisc ingress ffff: parent ffff:fff1 ----------------"),
+            Some(("ingress", Some("ffff:fff1")))
+        );
+        assert_eq!(parse("garbage"), None);
+    }
+}
