@@ -171,6 +171,16 @@ pub struct Snapshot {
     /// Fleet mode: 1 per device whose host is not alive; and whether etcd is followed.
     pub orphaned: Vec<(OneDevice, u64)>,
     pub fleet_connected: Option<u64>,
+    /// Per device and direction, the HTB class of its persona: bytes waiting, and
+    /// packets dropped since the class was made.
+    pub qos: Vec<(QosLabels, u64, u64)>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QosLabels {
+    pub device: String,
+    pub persona: String,
+    pub direction: String,
 }
 
 /// One gauge family, a value per label set.
@@ -208,6 +218,26 @@ impl Collector for Snapshot {
             "persona_device_bytes",
             "Bytes the persona programs handled, by device, persona, direction, reason and verdict",
             self.counters.iter().map(|(l, _, b)| (l, *b)).collect(),
+        )?;
+        gauge(
+            &mut encoder,
+            "persona_qos_backlog_bytes",
+            "Bytes waiting in the HTB class of the device's persona (over the uplinks for egress): its queueing delay is this over the rate",
+            &self
+                .qos
+                .iter()
+                .map(|(l, b, _)| (l.clone(), *b))
+                .collect::<Vec<_>>(),
+        )?;
+        gauge(
+            &mut encoder,
+            "persona_qos_dropped_packets",
+            "Packets the HTB class of the device's persona dropped for a full queue, since the class was made",
+            &self
+                .qos
+                .iter()
+                .map(|(l, _, d)| (l.clone(), *d))
+                .collect::<Vec<_>>(),
         )?;
         let mut info = encoder.encode_descriptor(
             "persona_device_generation",

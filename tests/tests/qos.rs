@@ -86,6 +86,14 @@ fn a_persona_shapes_its_vm_to_its_rate_and_marks_its_dscp_and_a_shift_lifts_both
     let (marked, unmarked) = (marked.stop(), unmarked.stop());
     assert!(marked.len() > 100, "{} marked AF41", marked.len());
     assert!(unmarked.is_empty(), "unmarked: {unmarked:?}");
+    let metrics = d.metrics();
+    for direction in ["egress", "ingress"] {
+        for name in ["persona_qos_backlog_bytes", "persona_qos_dropped_packets"] {
+            let series =
+                format!("{name}{{device=\"vm1\",persona=\"paced\",direction=\"{direction}\"}} ");
+            assert!(metrics.contains(&series), "{series} missing from {metrics}");
+        }
+    }
     let qdisc = lab.host.exec("tc qdisc show dev up0 root");
     assert!(qdisc.starts_with("qdisc htb 1: root"), "{qdisc}");
 
@@ -100,6 +108,11 @@ fn a_persona_shapes_its_vm_to_its_rate_and_marks_its_dscp_and_a_shift_lifts_both
     assert!(up > 60.0, "from the VM, unshaped: {up:.1} Mbit/s");
     assert!(down > 60.0, "to the VM, unshaped: {down:.1} Mbit/s");
     assert!(unmarked.stop().len() > 100, "not marked any more");
+    assert!(
+        !d.metrics()
+            .contains("persona_qos_backlog_bytes{device=\"vm1\""),
+        "no class shapes vm1 any more"
+    );
 
     for (qos, field, why) in [
         (

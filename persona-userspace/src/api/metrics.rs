@@ -10,7 +10,8 @@ use super::{ApiError, State};
 use crate::{
     auth::Caller,
     metrics::{
-        DeviceLabels, DrainLabels, InfoLabels, MapLabels, OneDevice, RequestLabels, Snapshot,
+        DeviceLabels, DrainLabels, InfoLabels, MapLabels, OneDevice, QosLabels, RequestLabels,
+        Snapshot,
     },
     store::Role,
 };
@@ -83,7 +84,9 @@ pub async fn scrape(
     let snapshot = state
         .orchestrator
         .datapath()
-        .call(move |dp| {
+        .on_node(move |node| {
+            let classes = node.wiring.classes();
+            let dp = node.datapath.as_mut();
             let mut snap = Snapshot {
                 up,
                 failing,
@@ -115,7 +118,31 @@ pub async fn scrape(
                     };
                     snap.counters.push((labels, c.packets, c.bytes));
                 }
-                if let (Some(active), Some(persona)) = (dp.active(ifindex)?, persona) {
+                let active = dp.active(ifindex)?;
+                if let (Some(a), Some(p)) = (active, &persona) {
+                    for (egress, direction) in [(true, "egress"), (false, "ingress")] {
+                        let mine = classes.iter().filter(|(at, uplink, c)| {
+                            c.table == a.table && *uplink == egress && (egress || *at == ifindex)
+                        });
+                        let (mut backlog, mut dropped, mut any) = (0, 0, false);
+                        for (_, _, c) in mine {
+                            (backlog, dropped, any) =
+                                (backlog + c.backlog_bytes, dropped + c.dropped, true);
+                        }
+                        if any {
+                            snap.qos.push((
+                                QosLabels {
+                                    device: name.clone(),
+                                    persona: p.clone(),
+                                    direction: direction.into(),
+                                },
+                                backlog,
+                                dropped,
+                            ));
+                        }
+                    }
+                }
+                if let (Some(active), Some(persona)) = (active, persona) {
                     snap.info.push((
                         InfoLabels {
                             device: name.clone(),
@@ -151,9 +178,10 @@ pub async fn scrape(
             for (map, used, cap) in dp.usage()?.maps {
                 snap.maps.push((MapLabels { map: map.into() }, used, cap));
             }
-            Ok(snap)
+            Ok::<_, crate::datapath::DatapathError>(snap)
         })
         .await
+        .and_then(|r| r)
         .map_err(|e| ApiError::internal(e.to_string()))?;
     let mut snapshot = snapshot;
     if let Some(fleet) = state.orchestrator.fleet() {

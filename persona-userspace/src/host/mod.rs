@@ -569,6 +569,11 @@ pub trait Wiring: Send {
     fn shape(&self, _ifindex: u32, _table: u32, _qos: &persona_common::qos::Qos) -> Result<()> {
         Ok(())
     }
+    /// The HTB classes shaping now, by the interface they are on and whether it is an
+    /// uplink (what VMs send) or a tap (what it receives).
+    fn classes(&self) -> Vec<(u32, bool, qdisc::ClassStats)> {
+        Vec::new()
+    }
     /// After the last device: what was changed on the host for devices is put back.
     fn put_back(&self) -> Result<()> {
         Ok(())
@@ -662,6 +667,28 @@ impl Wiring for Host {
             }
         }
         Ok(())
+    }
+
+    fn classes(&self) -> Vec<(u32, bool, qdisc::ClassStats)> {
+        let shaping: Vec<(String, u32)> = self
+            .shaping
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, ours)| ours.is_some())
+            .map(|(dev, _)| dev.clone())
+            .collect();
+        shaping
+            .into_iter()
+            .flat_map(|(dev, ifindex)| {
+                let uplink = self.uplinks.iter().any(|(_, u)| *u == ifindex);
+                // A tap that went with its VM has nothing to say.
+                qdisc::stats(&dev)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(move |c| (ifindex, uplink, c))
+            })
+            .collect()
     }
 
     fn put_back(&self) -> Result<()> {

@@ -96,9 +96,85 @@ pub fn remove(dev: &str) -> Result<()> {
     tc(&["qdisc", "del", "dev", dev, "root"]).map(|_| ())
 }
 
+/// What an HTB class of persona's has done since it was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClassStats {
+    /// The table the class is of.
+    pub table: u32,
+    pub bytes: u64,
+    pub packets: u64,
+    /// Dropped for a full queue: the flow sent faster than its rate for too long.
+    pub dropped: u64,
+    /// Waiting now.
+    pub backlog_bytes: u64,
+}
+
+/// The classes of persona's HTB on `dev`, as `tc -s class show` gives them.
+pub fn stats(dev: &str) -> Result<Vec<ClassStats>> {
+    Ok(parse_stats(&tc(&["-s", "class", "show", "dev", dev])?))
+}
+
+fn parse_stats(text: &str) -> Vec<ClassStats> {
+    let number = |w: Option<&str>| -> u64 {
+        w.map(|w| w.trim_end_matches([',', 'b', 'p', ')']))
+            .and_then(|w| w.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut out: Vec<ClassStats> = Vec::new();
+    // Whether the lines read now are of a class of persona's.
+    let mut ours = false;
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["class", "htb", handle, ..] => {
+                let table = handle
+                    .strip_prefix(&format!("{HTB_MAJOR:x}:"))
+                    .and_then(|m| u32::from_str_radix(m, 16).ok())
+                    .and_then(|m| m.checked_sub(1));
+                ours = table.is_some();
+                if let Some(table) = table {
+                    out.push(ClassStats {
+                        table,
+                        ..Default::default()
+                    });
+                }
+            }
+            ["Sent", ..] if ours => {
+                if let Some(c) = out.last_mut() {
+                    c.bytes = number(words.get(1).copied());
+                    c.packets = number(words.get(3).copied());
+                    c.dropped = number(words.get(6).copied());
+                }
+            }
+            ["backlog", ..] if ours => {
+                if let Some(c) = out.last_mut() {
+                    c.backlog_bytes = number(words.get(1).copied());
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn class_statistics_are_read_as_tc_prints_them() {
+        let text = "class htb 1:5 root prio 0 rate 20Mbit ceil 20Mbit burst 1600b cburst 1600b \n Sent 2107314 bytes 1392 pkt (dropped 17, overlimits 2044 requeues 0) \n backlog 30280b 20p requeues 0\n lended: 0 borrowed: 0 giants: 0\n tokens: 10000 ctokens: 10000\n\nclass htb 2:3 root prio 0 rate 1Mbit\n Sent 9 bytes 1 pkt (dropped 0, overlimits 0 requeues 0)\n";
+        assert_eq!(
+            parse_stats(text),
+            vec![ClassStats {
+                table: 4,
+                bytes: 2_107_314,
+                packets: 1392,
+                dropped: 17,
+                backlog_bytes: 30_280,
+            }]
+        );
+    }
 
     #[test]
     fn tc_lines_give_kind_and_parent() {
