@@ -15,6 +15,8 @@ use crate::{
 pub struct FromVm;
 
 impl Direction for FromVm {
+    const FROM_VM: bool = true;
+
     #[inline(always)]
     fn local_end(ip: &Ip) -> &[u8; 16] {
         &ip.src
@@ -79,10 +81,6 @@ fn try_flow(
     active: &Active,
     plan: &mut Plan,
 ) -> Result<Reason, Reason> {
-    // Before the spoof check: a client asking for its address sends from 0.0.0.0.
-    if parse::is_dhcp_client(ip, l4) {
-        return Ok(Reason::HostDhcp);
-    }
     let st = state::resolve(active)?;
     if st.inner(ip.family) != Some(ip.src) {
         return Ok(Reason::DropSpoofed);

@@ -144,10 +144,16 @@ pub enum Kind {
     Other,
 }
 
-/// A DHCPv4 client's message (port 68 to 67), which the daemon answers on the tap.
+/// A DHCPv4 (port 68 to 67) or DHCPv6 (546 to 547) client's message, which the daemon
+/// answers on the tap.
 #[inline(always)]
 pub fn is_dhcp_client(ip: &Ip, l4: &L4) -> bool {
-    ip.family == FAMILY_V4 && ip.proto == PROTO_UDP && l4.sport == 68 && l4.dport == 67
+    ip.proto == PROTO_UDP
+        && if ip.family == FAMILY_V4 {
+            l4.sport == 68 && l4.dport == 67
+        } else {
+            l4.sport == 546 && l4.dport == 547
+        }
 }
 
 pub struct L4 {

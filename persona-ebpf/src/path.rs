@@ -11,6 +11,8 @@ use crate::{
 };
 
 pub trait Direction {
+    /// Traffic the VM sends (the tap's ingress).
+    const FROM_VM: bool;
     /// The address whose being link-local keeps a packet on the link, untranslated.
     fn local_end(ip: &Ip) -> &[u8; 16];
     /// Decides for an ICMP error, which quotes a datagram of some flow.
@@ -80,6 +82,11 @@ fn decide<P: Packet, D: Direction>(p: &mut P) -> Result<Handled, Reason> {
         L3::V6 => parse::ipv6(p)?,
     };
     let l4 = parse::transport(p, &ip)?;
+    // Before the link-local pass and the spoof check: a DHCP client asks from 0.0.0.0
+    // or its link-local address.
+    if D::FROM_VM && parse::is_dhcp_client(&ip, &l4) {
+        return Ok(Handled::unattributed(Reason::HostDhcp));
+    }
     if ip.family == FAMILY_V6
         && (l4.kind == Kind::Ndp || parse::is_link_local_v6(D::local_end(&ip)))
     {

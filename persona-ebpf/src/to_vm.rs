@@ -32,6 +32,8 @@ fn addressed(entry: Option<*mut CtEntry>, dst: &[u8; 16], persona: &[u8; 16]) ->
 pub struct ToVm;
 
 impl Direction for ToVm {
+    const FROM_VM: bool = false;
+
     #[inline(always)]
     fn local_end(ip: &Ip) -> &[u8; 16] {
         &ip.dst

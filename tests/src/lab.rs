@@ -131,6 +131,10 @@ impl Site {
         );
         self.spawn(
             &out,
+            "exec socat TCP6-LISTEN:8080,reuseaddr,fork,ipv6only=1 SYSTEM:'echo $SOCAT_PEERADDR'",
+        );
+        self.spawn(
+            &out,
             "exec socat TCP-LISTEN:25,reuseaddr,fork SYSTEM:'echo smtp'",
         );
         self.spawn(
@@ -164,7 +168,7 @@ impl Site {
         );
         wait_for(|| {
             self.out
-                .try_exec("ss -ltn | grep -q :8080 && ss -ltn | grep -q :8000 && ss -lun | grep -q 198.51.100.53:53 && ss -lun | grep -q :9000 && ss -ltn | grep -q :7000")
+                .try_exec("ss -ltn | grep -q 0.0.0.0:8080 && ss -ltn | grep -q '\\[::\\]:8080' && ss -ltn | grep -q :8000 && ss -lun | grep -q 198.51.100.53:53 && ss -lun | grep -q :9000 && ss -ltn | grep -q :7000")
                 .status
                 .success()
         });
@@ -345,11 +349,10 @@ impl Lab {
         let out = self.vm.try_exec(&format!(
             "socat -T2 - TCP6:[{OUTSIDE_V6}]:8080,connect-timeout=2 </dev/null"
         ));
-        let text = String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .trim_matches(['[', ']'])
-            .to_owned();
-        (out.status.success() && !text.is_empty()).then_some(text)
+        // socat writes the address in full ([2001:0db8:...]): read back in short form.
+        let text = String::from_utf8_lossy(&out.stdout);
+        let addr: std::net::Ipv6Addr = text.trim().trim_matches(['[', ']']).parse().ok()?;
+        out.status.success().then(|| addr.to_string())
     }
 
     /// One long-lived TCP connection from the VM to the outside's line echo, a line

@@ -90,6 +90,10 @@ const APT_PACKAGES: &[&str] = &[
     // Real guests: QEMU, and the userland of their initramfs.
     "qemu-system-x86",
     "busybox-static",
+    // IPv6 on the tap: a real DHCPv6 client (dhclient -6), and rdisc6 to read the
+    // router advertisements.
+    "isc-dhcp-client",
+    "ndisc6",
     // Copied into the guest to show its offloads; on the host, to turn an uplink's
     // checksum offload off so that captures and receivers see complete checksums.
     "ethtool",

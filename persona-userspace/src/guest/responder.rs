@@ -1,6 +1,7 @@
-//! Answers the DHCP of every device's VM on its tap, as OVN answers from
-//! ovn-controller: one packet socket for the namespace, which the kernel gives only UDP
-//! to port 67 arriving on an interface. It listens to every protocol, as tcpdump does:
+//! Answers the DHCP, DHCPv6 and router solicitations of every device's VM on its tap,
+//! as OVN answers from ovn-controller, and advertises the router now and then: one
+//! packet socket for the namespace, which the kernel gives only UDP to port 67 or 547
+//! and router solicitations arriving on an interface. It listens to every protocol, as tcpdump does:
 //! such a socket sees a frame before tc, whose programs then drop it (`host_dhcp`), so
 //! nothing of it goes further than the tap. Outgoing frames are never shown to it, so
 //! they pay nothing for it. The answer is sent straight back into the tap, past its
@@ -16,7 +17,7 @@ use std::{
 
 use tokio::io::unix::AsyncFd;
 
-use super::dhcp;
+use super::{dhcp, ipv6};
 use crate::{
     datapath::reset::check, host::announce::mac_of, metrics::DhcpLabels, orchestrator::Orchestrator,
 };
@@ -24,14 +25,22 @@ use crate::{
 /// Not in libc yet: Linux 4.20's socket option that keeps outgoing frames away.
 const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
 
-/// `udp dst port 67` as `tcpdump -dd` gives it, IPv4 and IPv6.
-const FILTER: [libc::sock_filter; 16] = [
+/// `udp dst port 67 or (ip6 and udp dst port 547) or (icmp6 and ip6[40] == 133)` as
+/// `tcpdump -dd` gives it.
+const FILTER: [libc::sock_filter; 23] = [
     op(0x28, 0, 0, 0x0000000c),
-    op(0x15, 0, 4, 0x000086dd),
+    op(0x15, 0, 11, 0x000086dd),
     op(0x30, 0, 0, 0x00000014),
-    op(0x15, 0, 11, 0x00000011),
+    op(0x15, 0, 3, 0x00000011),
     op(0x28, 0, 0, 0x00000038),
-    op(0x15, 8, 9, 0x00000043),
+    op(0x15, 15, 0, 0x00000043),
+    op(0x15, 14, 15, 0x00000223),
+    op(0x15, 3, 0, 0x0000003a),
+    op(0x15, 0, 13, 0x0000002c),
+    op(0x30, 0, 0, 0x00000036),
+    op(0x15, 0, 11, 0x0000003a),
+    op(0x30, 0, 0, 0x00000036),
+    op(0x15, 8, 9, 0x00000085),
     op(0x15, 0, 8, 0x00000800),
     op(0x30, 0, 0, 0x00000017),
     op(0x15, 0, 6, 0x00000011),
@@ -136,8 +145,15 @@ pub async fn serve(orchestrator: Arc<Orchestrator>) -> io::Result<()> {
     let fd = unsafe { AsyncFd::register(open()?) }.map_err(|e| io::Error::other(e.to_string()))?;
     let mut buf = vec![0u8; 2048];
     let mut read: HashMap<u32, (Instant, u32)> = HashMap::new();
+    let mut advertise = tokio::time::interval(super::ipv6::ADVERTISE_EVERY);
     loop {
-        let mut ready = fd.readable().await?;
+        let mut ready = tokio::select! {
+            ready = fd.readable() => ready?,
+            _ = advertise.tick() => {
+                advertise_routers(&orchestrator, fd.get_ref());
+                continue;
+            }
+        };
         let got = match ready.try_io(|fd| receive(fd.get_ref(), &mut buf)) {
             Ok(Ok(got)) => got,
             Ok(Err(e)) => {
@@ -167,9 +183,35 @@ pub async fn serve(orchestrator: Arc<Orchestrator>) -> io::Result<()> {
     }
 }
 
+/// Every device with an inner IPv6 address is told of its router again, before the
+/// lifetime of the last advertisement runs out.
+fn advertise_routers(o: &Orchestrator, fd: &OwnedFd) {
+    let Ok(names) = o.device_names() else {
+        return;
+    };
+    for (ifindex, _) in names {
+        let Some((device, spec)) = o.device_at(ifindex) else {
+            continue;
+        };
+        let Some(lease) = mac_of(&spec.interface)
+            .ok()
+            .and_then(|mac| spec.dhcp_lease6(mac))
+        else {
+            continue;
+        };
+        let (all, group) = ipv6::ALL_NODES;
+        if let Err(e) = send(fd, ifindex, &ipv6::advertisement(&lease, group, all)) {
+            tracing::debug!(device, error = %e, "advertising the router");
+        }
+    }
+}
+
 /// The answer to a frame from the device at `ifindex`, and the device's name.
 fn handle(o: &Orchestrator, ifindex: u32, frame: &[u8]) -> Option<(String, Vec<u8>)> {
     let (device, spec) = o.device_at(ifindex)?;
+    if frame.get(12..14) == Some(&[0x86, 0xdd]) {
+        return handle6(o, device, &spec, frame);
+    }
     let m = match dhcp::parse(frame) {
         Ok(m) => m,
         Err(why) => {
@@ -202,4 +244,36 @@ fn handle(o: &Orchestrator, ifindex: u32, frame: &[u8]) -> Option<(String, Vec<u
         "DHCP"
     );
     Some((device, dhcp::answer(&m, kind, &lease)))
+}
+
+fn handle6(
+    o: &Orchestrator,
+    device: String,
+    spec: &crate::model::DeviceSpec,
+    frame: &[u8],
+) -> Option<(String, Vec<u8>)> {
+    let asked = match ipv6::parse(frame) {
+        Ok(a) => a,
+        Err(why) => {
+            tracing::debug!(device, why, "not a router solicitation or DHCPv6");
+            return None;
+        }
+    };
+    let mac_ok = spec
+        .mac_bytes()
+        .is_ok_and(|mac| mac == [0; 6] || mac == asked.mac);
+    let answered = mac_of(&spec.interface)
+        .ok()
+        .and_then(|mac| spec.dhcp_lease6(mac))
+        .filter(|_| mac_ok)
+        .and_then(|lease| ipv6::answer(&asked, &lease));
+    o.metrics()
+        .dhcp
+        .get_or_create(&DhcpLabels {
+            device: device.clone(),
+            message: asked.label().into(),
+            answer: answered.as_ref().map_or("none", |(l, _)| l).into(),
+        })
+        .inc();
+    answered.map(|(_, frame)| (device, frame))
 }

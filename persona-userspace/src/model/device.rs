@@ -137,6 +137,46 @@ impl DeviceSpec {
     }
 }
 
+impl DeviceSpec {
+    /// What the device's router advertisements and DHCPv6 answers say, when it has an
+    /// inner IPv6 address and its DHCP is not turned off. The router is its gateway
+    /// when that is link-local, else the tap's own link-local address.
+    pub fn dhcp_lease6(&self, server_mac: [u8; 6]) -> Option<crate::guest::ipv6::Lease6> {
+        let d = self.dhcp.clone().unwrap_or_default();
+        let address = self.inner_v6.filter(|_| d.enabled)?;
+        let link_local = |a: &Ipv6Addr| a.segments()[0] & 0xffc0 == 0xfe80;
+        let router = self.gateway_v6.filter(link_local).unwrap_or_else(|| {
+            let m = server_mac;
+            Ipv6Addr::from([
+                0xfe,
+                0x80,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                m[0] ^ 2,
+                m[1],
+                m[2],
+                0xff,
+                0xfe,
+                m[3],
+                m[4],
+                m[5],
+            ])
+        });
+        Some(crate::guest::ipv6::Lease6 {
+            address,
+            router,
+            server_mac,
+            mtu: d.mtu.unwrap_or(1500),
+            seconds: d.lease_seconds.unwrap_or(3600),
+            dns: self.gateway_v6.filter(|g| !link_local(g)),
+        })
+    }
+}
+
 /// A fleet host's name: letters, digits, '-', '.', '_'; at most 253.
 pub fn check_host_name(host: &str) -> Result<(), String> {
     let ok = !host.is_empty()
