@@ -2,7 +2,7 @@
 //! shift changes it with everything else).
 //!
 //! Rates are shaped by HTB (this kernel family builds no `fq`, which earliest-departure
-//! pacing needs): each table with a rate has an HTB class of its own, `1:(table + 1)`,
+//! pacing needs): each table with a rate has an HTB class of its own, `5e5e:(table + 1)`,
 //! on the tap for what the VM receives and on the uplinks for what it sends, and the
 //! programs put a packet in its class by `skb->priority`, which HTB reads first. What
 //! the VM sends is forwarded by the host's stack, which sets `skb->priority` again, so
@@ -26,10 +26,11 @@ const _: () = assert!(core::mem::size_of::<Qos>() == 24);
 pub const QOS_DSCP: u8 = 1 << 0;
 pub const QOS_PRIORITY: u8 = 1 << 1;
 
-/// The HTB handle of the qdiscs persona puts on taps and uplinks (`1:`).
-pub const HTB_MAJOR: u32 = 1;
+/// The HTB handle of the qdiscs persona puts on taps and uplinks (`5e5e:`): one an
+/// operator is unlikely to use, so that a qdisc of that handle is persona's.
+pub const HTB_MAJOR: u32 = 0x5e5e;
 
-/// The HTB class of a table: `1:(table + 1)`, as `skb->priority`.
+/// The HTB class of a table: `5e5e:(table + 1)`, as `skb->priority`.
 pub const fn class_of(table: u32) -> u32 {
     (HTB_MAJOR << 16) | (table + 1)
 }

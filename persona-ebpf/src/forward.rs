@@ -7,11 +7,16 @@
 use core::{ffi::c_void, mem};
 
 use aya_ebpf::{
-    bindings::{__sk_buff, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup as FibLookup},
+    bindings::{
+        __sk_buff, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibLookup,
+    },
     helpers::{bpf_fib_lookup, bpf_redirect},
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
-use persona_common::host::{ROUTE_IN_BPF, Routing};
+use persona_common::{
+    host::{ROUTE_IN_BPF, Routing},
+    metadata::METADATA_V4,
+};
 
 use crate::{
     csum,
@@ -64,6 +69,11 @@ fn forward(skb: *mut __sk_buff, allowed: impl Fn(u32) -> bool) -> i32 {
             };
             if h.ttl <= 1 {
                 return TC_ACT_OK;
+            }
+            // Only the host's own metadata service sends from its address, and only to
+            // a tap: from the network it is forged, and would reach a VM past its firewall.
+            if h.src_addr == METADATA_V4 {
+                return TC_ACT_SHOT;
             }
             fib.family = AF_INET;
             fib.l4_protocol = h.proto;

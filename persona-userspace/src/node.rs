@@ -167,6 +167,13 @@ impl Node {
         if let Some(peer) = peer {
             self.wiring.route_metadata(ifindex, peer, device.inner_v4)?;
         }
+        // A device whose identity changed runs a copy of its table, in a slot of its
+        // own: its rates need that slot's class (a tap made again, the tap's class).
+        if let Some(active) = self.datapath.active(ifindex)?
+            && let Some(qos) = self.datapath.qos(active.table)?
+        {
+            self.wiring.shape(ifindex, active.table, &qos)?;
+        }
         Ok(ifindex)
     }
 

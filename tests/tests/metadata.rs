@@ -72,8 +72,12 @@ fn second_vm(lab: &Lab) -> Netns {
 }
 
 fn get(ns: &Netns, url: &str) -> (u16, String) {
+    get_with(ns, "-H 'Persona-Metadata: true'", url)
+}
+
+fn get_with(ns: &Netns, args: &str, url: &str) -> (u16, String) {
     let out = ns.try_exec(&format!(
-        "curl -sS -m 5 -o /dev/stdout -w '\\n%{{http_code}}' {url}"
+        "curl -sS -m 5 {args} -o /dev/stdout -w '\\n%{{http_code}}' {url}"
     ));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
@@ -118,6 +122,17 @@ fn a_vm_serves_with_its_personas_certificate_from_the_metadata_service_and_nobod
     );
     assert_eq!(identity["gateway"], "203.0.113.1", "{identity}");
     assert_eq!(identity["tls"]["names"], json!(["a.example"]), "{identity}");
+    // What a guest's own web server could be tricked into fetching is refused.
+    assert_eq!(get_with(&lab.vm, "", KEY).0, 403);
+    assert_eq!(
+        get_with(
+            &lab.vm,
+            "-H 'Persona-Metadata: true' -H 'X-Forwarded-For: 192.0.2.1'",
+            KEY
+        )
+        .0,
+        403
+    );
 
     // The guest agent, with busybox's wget as a small guest image has it, keeps an
     // openssl s_server on the persona's certificate.
@@ -176,6 +191,9 @@ fn a_vm_serves_with_its_personas_certificate_from_the_metadata_service_and_nobod
     assert_eq!(get(&vm2, KEY).0, 404);
     // Only the service's port, and only TCP.
     let off_port = lab.vm.try_exec("curl -sS -m 2 http://169.254.169.254:81/");
+    // The host's own 169.254.169.254, if it has one, is not taken over.
+    let lo = lab.host.exec("ip -4 addr show dev lo");
+    assert!(!lo.contains("169.254.169.254"), "{lo}");
     assert!(!off_port.status.success());
 
     // The outside, routed to the host, and even posing as a device's peer address.
@@ -183,9 +201,9 @@ fn a_vm_serves_with_its_personas_certificate_from_the_metadata_service_and_nobod
         "ip route add 169.254.169.254/32 via 198.51.100.1 && ip addr add 169.254.128.1/32 dev eth0",
     );
     for from in ["198.51.100.7", "169.254.128.1"] {
-        let out = lab
-            .out
-            .try_exec(&format!("curl -sS -m 3 --interface {from} {IDENTITY}"));
+        let out = lab.out.try_exec(&format!(
+            "curl -sS -m 3 -H 'Persona-Metadata: true' --interface {from} {IDENTITY}"
+        ));
         assert!(
             !out.status.success() && out.stdout.is_empty(),
             "the outside got an answer from {from}: {}",
@@ -216,9 +234,10 @@ fn a_vm_serves_with_its_personas_certificate_from_the_metadata_service_and_nobod
         ),
         "only the two VMs were answered: {metrics}"
     );
-    assert!(
-        metric(&metrics, "persona_metadata_refused_total") >= 1,
-        "{metrics}"
+    assert_eq!(
+        metric(&metrics, "persona_metadata_refused_total"),
+        0,
+        "the outside's attempts never even reached the service: {metrics}"
     );
     let keys = |persona: &str| {
         metric_sum(

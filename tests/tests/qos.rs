@@ -95,7 +95,7 @@ fn a_persona_shapes_its_vm_to_its_rate_and_marks_its_dscp_and_a_shift_lifts_both
         }
     }
     let qdisc = lab.host.exec("tc qdisc show dev up0 root");
-    assert!(qdisc.starts_with("qdisc htb 1: root"), "{qdisc}");
+    assert!(qdisc.starts_with("qdisc htb 5e5e: root"), "{qdisc}");
 
     d.cli_ok("shift vm1 free");
     let unmarked = Capture::start(

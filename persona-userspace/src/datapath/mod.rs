@@ -359,6 +359,10 @@ pub trait Datapath {
     fn handshakes(&self, _ifindex: u32) -> Result<(Vec<u64>, u64)> {
         Ok((Vec::new(), 0))
     }
+    /// The QoS staged with a table.
+    fn qos(&self, _table: u32) -> Result<Option<persona_common::qos::Qos>> {
+        Ok(None)
+    }
     /// The device whose requests to the metadata service come from `peer`.
     fn metadata_device(&self, _peer: std::net::Ipv4Addr) -> Result<Option<u32>> {
         Ok(None)

@@ -48,9 +48,9 @@ pub struct Host {
     unsteered: Mutex<std::collections::HashSet<IpAddr>>,
     /// Where VPN personas' private keys are read from.
     keys: crate::keys::KeyDir,
-    /// Interfaces (name, ifindex) that shape, and whether this process put HTB there
-    /// (it goes with the last device); `None` for an operator's own queueing.
-    shaping: Mutex<std::collections::HashMap<(String, u32), Option<bool>>>,
+    /// Interfaces (name, ifindex) that shape, with persona's HTB (it goes with the last
+    /// device), or not (an operator's own queueing).
+    shaping: Mutex<std::collections::HashMap<(String, u32), bool>>,
     /// The rate of each table's class on each of them.
     classes: Mutex<std::collections::HashMap<(u32, u32), u64>>,
 }
@@ -652,11 +652,11 @@ impl Wiring for Host {
             let ours = {
                 let mut shaping = self.shaping.lock().unwrap_or_else(|e| e.into_inner());
                 match shaping.get(&dev) {
-                    Some(known) => known.is_some(),
+                    Some(&ours) => ours,
                     None => {
-                        let found = qdisc::ensure_htb(&dev.0)?;
-                        shaping.insert(dev.clone(), found);
-                        found.is_some()
+                        let ours = qdisc::ensure_htb(&dev.0)?;
+                        shaping.insert(dev.clone(), ours);
+                        ours
                     }
                 }
             };
@@ -675,7 +675,7 @@ impl Wiring for Host {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .filter(|(_, ours)| ours.is_some())
+            .filter(|(_, ours)| **ours)
             .map(|(dev, _)| dev.clone())
             .collect();
         shaping
@@ -697,9 +697,13 @@ impl Wiring for Host {
             .unwrap_or_else(|e| e.into_inner())
             .clear();
         let shaping = std::mem::take(&mut *self.shaping.lock().unwrap_or_else(|e| e.into_inner()));
-        for ((dev, ifindex), replaced) in shaping {
-            if replaced == Some(true) && ifname(ifindex).is_ok_and(|n| n == dev) {
-                qdisc::remove(&dev)?;
+        for ((dev, ifindex), ours) in shaping {
+            // Best effort: what cannot be removed is said, and the rest is still put back.
+            if ours
+                && ifname(ifindex).is_ok_and(|n| n == dev)
+                && let Err(e) = qdisc::remove(&dev)
+            {
+                tracing::warn!(interface = dev, error = %e, "removing persona's HTB");
             }
         }
         self.announced().clear();

@@ -2,7 +2,7 @@
 //! it sends. The kernel's default queueing disciplines are replaced (an `mq` whole, as
 //! HTB shapes across queues); one an operator chose is left alone, and rates are then
 //! not enforced there (said in the log). Each table with a rate has its class,
-//! `1:(table + 1)`, which the programs put its packets in.
+//! `5e5e:(table + 1)`, which the programs put its packets in.
 use std::process::Command;
 
 use persona_common::qos::{HTB_MAJOR, class_of};
@@ -43,28 +43,37 @@ fn parse(line: &str) -> Option<(&str, Option<&str>)> {
     }
 }
 
-/// Puts persona's HTB on `dev`: `Some(true)` when it replaced the default, `Some(false)`
-/// when it was there, `None` when the operator's own queueing discipline is.
-pub fn ensure_htb(dev: &str) -> Result<Option<bool>> {
+/// Puts persona's HTB on `dev` (its handle says it is persona's, whichever run put it
+/// there): `true` when it is there, `false` when the operator's own queueing is.
+pub fn ensure_htb(dev: &str) -> Result<bool> {
     let shown = tc(&["qdisc", "show", "dev", dev, "root"])?;
     let root = shown.lines().find_map(parse);
     let handle = format!("{HTB_MAJOR:x}:");
     match root {
-        Some(("htb", None)) if shown.split_whitespace().nth(2) == Some(handle.as_str()) => {
-            Ok(Some(false))
-        }
+        Some(("htb", None)) if shown.split_whitespace().nth(2) == Some(handle.as_str()) => Ok(true),
         Some((kind, None)) if !DEFAULTS.contains(&kind) => {
             tracing::warn!(
                 interface = dev,
                 qdisc = kind,
                 "its queueing discipline is not the kernel's default: left alone, and QoS rates are not enforced through it"
             );
-            Ok(None)
+            Ok(false)
         }
+        // A direct queue of its own length: an uplink's may be 0, which leaves HTB
+        // two packets for everything it does not shape.
         _ => tc(&[
-            "qdisc", "replace", "dev", dev, "root", "handle", &handle, "htb",
+            "qdisc",
+            "replace",
+            "dev",
+            dev,
+            "root",
+            "handle",
+            &handle,
+            "htb",
+            "direct_qlen",
+            "1000",
         ])
-        .map(|_| Some(true)),
+        .map(|_| true),
     }
 }
 
@@ -163,7 +172,7 @@ mod tests {
 
     #[test]
     fn class_statistics_are_read_as_tc_prints_them() {
-        let text = "class htb 1:5 root prio 0 rate 20Mbit ceil 20Mbit burst 1600b cburst 1600b \n Sent 2107314 bytes 1392 pkt (dropped 17, overlimits 2044 requeues 0) \n backlog 30280b 20p requeues 0\n lended: 0 borrowed: 0 giants: 0\n tokens: 10000 ctokens: 10000\n\nclass htb 2:3 root prio 0 rate 1Mbit\n Sent 9 bytes 1 pkt (dropped 0, overlimits 0 requeues 0)\n";
+        let text = "class htb 5e5e:5 root prio 0 rate 20Mbit ceil 20Mbit burst 1600b cburst 1600b \n Sent 2107314 bytes 1392 pkt (dropped 17, overlimits 2044 requeues 0) \n backlog 30280b 20p requeues 0\n lended: 0 borrowed: 0 giants: 0\n tokens: 10000 ctokens: 10000\n\nclass htb 2:3 root prio 0 rate 1Mbit\n Sent 9 bytes 1 pkt (dropped 0, overlimits 0 requeues 0)\n";
         assert_eq!(
             parse_stats(text),
             vec![ClassStats {

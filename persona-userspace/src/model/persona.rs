@@ -365,6 +365,12 @@ impl PersonaSpec {
         }
         if let Some(qos) = &self.qos {
             qos.compile()?;
+            if self.vpn.is_some() && qos.egress_rate.is_some() {
+                return Err(FieldError::new(
+                    "spec.qos.egressRate",
+                    "a VPN persona's traffic leaves through its tunnel, which does not carry the class the uplink shapes by; give the rate on the tunnel's way instead",
+                ));
+            }
         }
         Ok(())
     }

@@ -1,5 +1,7 @@
 //! Which devices the metadata service answers, and the peer address each is seen from:
 //! a slot kept in the pinned `METADATA` map, so a restarted daemon finds it again.
+//! Slots are given in turn, not lowest first: connections of a device just gone (a
+//! long poll, a key on its way) may still be open to its old peer address.
 use std::net::Ipv4Addr;
 
 use persona_common::{
@@ -33,9 +35,15 @@ impl KernelDatapath {
             .flatten()
             .filter_map(|(_, p)| slot_of(p.addr))
             .collect();
+        // After the last given (or, after a restart, the highest in use), in turn.
+        let after = self
+            .metadata_cursor
+            .max(used.iter().copied().max().unwrap_or(0));
         let slot = (1..=MAX_DEVICES)
+            .map(|i| (after + i - 1) % MAX_DEVICES + 1)
             .find(|s| !used.contains(s))
             .ok_or_else(|| DatapathError::Bpf("METADATA: every peer address is in use".into()))?;
+        self.metadata_cursor = slot;
         self.maps
             .metadata
             .insert(ifindex, MetadataPeer { addr: peer(slot) }, 0)

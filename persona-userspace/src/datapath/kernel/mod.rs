@@ -140,6 +140,9 @@ pub struct KernelDatapath {
     held: Option<Arc<RwLock<Held>>>,
     /// `COUNTERS` keys at the last full read.
     live_keys: std::cell::Cell<u64>,
+    /// The metadata peer slot given last: slots are handed out in turn, so one freed is
+    /// not given to the next device while its old connections may still be open.
+    metadata_cursor: u32,
     cpus: usize,
     _lock: Option<nix::fcntl::Flock<std::fs::File>>,
 }
@@ -265,6 +268,14 @@ impl Datapath for KernelDatapath {
 
     fn wiring(&self, ifindex: u32) -> Result<DeviceWiring> {
         self.device_wiring(ifindex)
+    }
+
+    fn qos(&self, table: u32) -> Result<Option<persona_common::qos::Qos>> {
+        self.maps
+            .qos
+            .get(&table, 0)
+            .map(Some)
+            .map_err(bpf_err("QOS"))
     }
 
     fn metadata_device(&self, peer: std::net::Ipv4Addr) -> Result<Option<u32>> {

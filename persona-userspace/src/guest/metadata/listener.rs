@@ -1,38 +1,107 @@
-//! Where the metadata service listens: its address on the host's loopback, and a listener that takes connections from devices' peer addresses only (the
-//! programs give a VM's requests one); anything else is closed unanswered.
+//! Where the metadata service listens. Its address is local to the devices' requests
+//! alone: a policy rule sends what comes from a peer address (which only the programs
+//! give a VM's request) to a table where 169.254.169.254 is local, and the service's
+//! socket is transparent, bound to an address the host does not otherwise have. The
+//! host's own 169.254.169.254 (a cloud's metadata service) stays what it was, and the
+//! host answers no ARP for it. Peer addresses no device has are unreachable, never sent
+//! out by the default route. The listener takes connections from peer addresses only;
+//! anything else is reset unanswered.
 use std::{
     io,
     net::{Ipv4Addr, SocketAddr},
+    os::fd::{AsRawFd as _, FromRawFd as _, IntoRawFd as _},
     sync::Arc,
 };
 
 use axum::{extract::connect_info::Connected, serve::IncomingStream};
+use persona_common::metadata::PEER_BASE;
+use rtnetlink::{
+    RouteMessageBuilder,
+    packet_route::{
+        route::{RouteScope, RouteType},
+        rule::RuleAction,
+    },
+};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::metrics::Metrics;
 
-/// The host's interface holding the service's address: loopback, which every host
-/// has (a dummy interface would need a module some kernels lack).
-pub const INTERFACE: &str = "lo";
+/// The table where the service's address is local, and the rule's priority (before
+/// persona's own rules, after the kernel's local table).
+const TABLE: u32 = 8999;
+const RULE_PRIORITY: u32 = 8999;
+/// Every peer address: 169.254.128.0/20.
+const PEERS_PREFIX: u8 = 20;
 
-/// Puts `addr`/32 on [`INTERFACE`]; one there already is kept.
-pub async fn ensure_address(addr: Ipv4Addr) -> io::Result<()> {
+fn exists_ok(r: Result<(), rtnetlink::Error>) -> io::Result<()> {
+    match r {
+        Err(rtnetlink::Error::NetlinkError(m))
+            if m.code.is_some_and(|c| -c.get() == libc::EEXIST) =>
+        {
+            Ok(())
+        }
+        other => other.map_err(|e| io::Error::other(e.to_string())),
+    }
+}
+
+/// The rule, the local route and the unreachable peer range; what is there already is
+/// kept.
+pub async fn route_to_service(addr: Ipv4Addr) -> io::Result<()> {
     let (conn, handle, _) = rtnetlink::new_connection()?;
     let conn = tokio::spawn(conn);
-    let added = async {
-        let index = nix::net::if_::if_nametoindex(INTERFACE).map_err(io::Error::from)?;
-        match handle.address().add(index, addr.into(), 32).execute().await {
-            Err(rtnetlink::Error::NetlinkError(m))
-                if m.code.is_some_and(|c| -c.get() == libc::EEXIST) =>
-            {
-                Ok(())
-            }
-            other => other.map_err(|e| io::Error::other(e.to_string())),
-        }
+    let peers = Ipv4Addr::from(PEER_BASE);
+    let made = async {
+        let lo = nix::net::if_::if_nametoindex("lo").map_err(io::Error::from)?;
+        let local = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(addr, 32)
+            .output_interface(lo)
+            .table_id(TABLE)
+            .kind(RouteType::Local)
+            .scope(RouteScope::Host)
+            .build();
+        exists_ok(handle.route().add(local).execute().await)?;
+        let unreachable = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(peers, PEERS_PREFIX)
+            .kind(RouteType::Unreachable)
+            .build();
+        exists_ok(handle.route().add(unreachable).execute().await)?;
+        let rule = handle
+            .rule()
+            .add()
+            .priority(RULE_PRIORITY)
+            .table_id(TABLE)
+            .action(RuleAction::ToTable)
+            .v4()
+            .source_prefix(peers, PEERS_PREFIX);
+        exists_ok(rule.execute().await)
     }
     .await;
     conn.abort();
-    added
+    made
+}
+
+/// A listening socket on `addr`, which the host need not have: transparent.
+pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, listen as listen_on,
+        setsockopt, socket, sockopt,
+    };
+    let SocketAddr::V4(v4) = addr else {
+        return Err(io::Error::other("the metadata service listens on IPv4"));
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    setsockopt(&fd, sockopt::IpTransparent, &true)?;
+    bind(fd.as_raw_fd(), &SockaddrIn::from(v4))?;
+    listen_on(&fd, Backlog::new(128).map_err(io::Error::from)?)?;
+    // SAFETY: the descriptor was made here and is handed over whole.
+    let std = unsafe { std::net::TcpListener::from_raw_fd(fd.into_raw_fd()) };
+    TcpListener::from_std(std)
 }
 
 /// The device's peer address a connection came from.

@@ -8,7 +8,7 @@ use std::{net::Ipv4Addr, path::PathBuf, sync::Arc, time::Duration};
 use axum::{
     Json, Router,
     extract::{ConnectInfo, Query, State},
-    http::{HeaderValue, StatusCode, header},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
 };
@@ -25,24 +25,69 @@ use listener::Peer;
 
 pub const ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 
-/// Long polls waiting at once, over all devices; past it one is answered at once.
+/// Long polls waiting at once, over all devices and per device; past either, one is
+/// answered at once.
 const LONG_POLLS: usize = 1024;
+const LONG_POLLS_PER_DEVICE: usize = 4;
+/// Every request carries it, as GCP's `Metadata-Flavor`: a request a guest's own web
+/// server is tricked into forwarding does not.
+pub const REQUIRED_HEADER: (&str, &str) = ("persona-metadata", "true");
 const MAX_WAIT: u64 = 300;
 const GENERATION: &str = "x-persona-generation";
 
 struct Service {
     orchestrator: Arc<Orchestrator>,
     waiting: tokio::sync::Semaphore,
+    /// Long polls waiting, by device.
+    polls: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+/// A long poll's place, given back when it ends.
+struct Poll<'a> {
+    service: &'a Service,
+    device: String,
+    _slot: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl<'a> Poll<'a> {
+    fn take(service: &'a Service, device: &str) -> Option<Self> {
+        let slot = service.waiting.try_acquire().ok()?;
+        let mut polls = service.polls.lock().unwrap_or_else(|e| e.into_inner());
+        let n = polls.entry(device.to_owned()).or_default();
+        if *n >= LONG_POLLS_PER_DEVICE {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            service,
+            device: device.to_owned(),
+            _slot: slot,
+        })
+    }
+}
+
+impl Drop for Poll<'_> {
+    fn drop(&mut self) {
+        let mut polls = self.service.polls.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = polls.get_mut(&self.device) {
+            *n -= 1;
+            if *n == 0 {
+                polls.remove(&self.device);
+            }
+        }
+    }
 }
 
 type Shared = State<Arc<Service>>;
 
 /// Serves until the daemon stops.
 pub async fn serve(orchestrator: Arc<Orchestrator>) -> std::io::Result<()> {
-    listener::ensure_address(ADDRESS).await?;
-    let tcp =
-        tokio::net::TcpListener::bind((ADDRESS, persona_common::metadata::METADATA_PORT)).await?;
-    tracing::info!(address = %ADDRESS, interface = listener::INTERFACE, "serving the metadata service");
+    listener::route_to_service(ADDRESS).await?;
+    let tcp = listener::listen(std::net::SocketAddr::from((
+        ADDRESS,
+        persona_common::metadata::METADATA_PORT,
+    )))?;
+    tracing::info!(address = %ADDRESS, "serving the metadata service");
     let peers = listener::Peers::new(tcp, orchestrator.metrics().clone());
     let app = Router::new()
         .route("/persona/v1/identity", get(identity))
@@ -52,6 +97,7 @@ pub async fn serve(orchestrator: Arc<Orchestrator>) -> std::io::Result<()> {
         .with_state(Arc::new(Service {
             orchestrator,
             waiting: tokio::sync::Semaphore::new(LONG_POLLS),
+            polls: Default::default(),
         }));
     axum::serve(peers, app.into_make_service_with_connect_info::<Peer>()).await
 }
@@ -87,6 +133,32 @@ type Failed = (String, StatusCode, String);
 
 fn failed(device: &str, status: StatusCode, why: impl std::fmt::Display) -> Failed {
     (device.to_owned(), status, why.to_string())
+}
+
+/// The device whose VM made the connection, for a request that says it is meant for
+/// the service and was not forwarded.
+async fn asking(
+    s: &Service,
+    peer: Peer,
+    headers: &HeaderMap,
+) -> Result<(String, Arc<DeviceSpec>), Failed> {
+    let (device, spec) = device_of(s, peer).await?;
+    let (name, value) = REQUIRED_HEADER;
+    if headers.get(name).and_then(|v| v.to_str().ok()) != Some(value) {
+        return Err(failed(
+            &device,
+            StatusCode::FORBIDDEN,
+            format!("the request needs the header \"{name}: {value}\""),
+        ));
+    }
+    if headers.contains_key("x-forwarded-for") || headers.contains_key(header::FORWARDED) {
+        return Err(failed(
+            &device,
+            StatusCode::FORBIDDEN,
+            "a forwarded request is refused",
+        ));
+    }
+    Ok((device, spec))
 }
 
 /// The device whose VM made the connection.
@@ -136,10 +208,11 @@ struct IdentityQuery {
 async fn identity(
     State(s): Shared,
     ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
     q: Result<Query<IdentityQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let answer = async {
-        let (device, spec) = device_of(&s, peer).await?;
+        let (device, spec) = asking(&s, peer, &headers).await?;
         let Query(q) = q.map_err(|e| failed(&device, StatusCode::BAD_REQUEST, e.body_text()))?;
         let wait = q.wait.unwrap_or(60);
         if wait > MAX_WAIT {
@@ -155,7 +228,7 @@ async fn identity(
             q.after.is_some() && c.as_ref().ok().map(|(st, _)| st.generation) == q.after
         };
         if unchanged(&current)
-            && let Ok(_slot) = s.waiting.try_acquire()
+            && let Some(_poll) = Poll::take(&s, &device)
         {
             let _ = tokio::time::timeout(Duration::from_secs(wait), async {
                 loop {
@@ -173,6 +246,11 @@ async fn identity(
                 }
             })
             .await;
+            // The peer address may be another device's by now (this one went, and its
+            // slot was given again): that one is not told this one's identity.
+            if device_of(&s, peer).await.map(|(d, _)| d).as_ref() != Ok(&device) {
+                return Err(failed(&device, StatusCode::GONE, "the device is gone"));
+            }
         }
         let (state, persona) = current?;
         let response = Json(describe(&device, &spec, &state, &persona)).into_response();
@@ -202,7 +280,10 @@ fn describe(device: &str, spec: &DeviceSpec, state: &DeviceState, persona: &Pers
             "gatewayV4": spec.gateway_v4,
             "gatewayV6": spec.gateway_v6,
         },
-        "tls": persona.tls.as_ref().map(|t| json!({ "names": t.names })),
+        "tls": persona.tls.as_ref().map(|t| json!({
+            "names": t.names,
+            "keyServed": spec.metadata.clone().unwrap_or_default().serve_key,
+        })),
     })
 }
 
@@ -251,9 +332,13 @@ fn pem(device: String, bytes: Vec<u8>, generation: u64) -> Answer {
     Answer { device, response }
 }
 
-async fn chain(State(s): Shared, ConnectInfo(peer): ConnectInfo<Peer>) -> Response {
+async fn chain(
+    State(s): Shared,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+) -> Response {
     let answer = async {
-        let (device, _) = device_of(&s, peer).await?;
+        let (device, _) = asking(&s, peer, &headers).await?;
         let (bytes, generation) = read_tls(&s, &device, "chain.pem")?;
         Ok(pem(device, bytes, generation))
     }
@@ -262,9 +347,13 @@ async fn chain(State(s): Shared, ConnectInfo(peer): ConnectInfo<Peer>) -> Respon
 }
 
 /// The key is handed over only once the audit log holds that it was.
-async fn key(State(s): Shared, ConnectInfo(peer): ConnectInfo<Peer>) -> Response {
+async fn key(
+    State(s): Shared,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+) -> Response {
     let answer = async {
-        let (device, spec) = device_of(&s, peer).await?;
+        let (device, spec) = asking(&s, peer, &headers).await?;
         if !spec.metadata.clone().unwrap_or_default().serve_key {
             return Err(failed(
                 &device,
