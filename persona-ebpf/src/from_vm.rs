@@ -15,7 +15,7 @@ use crate::{
 pub struct FromVm;
 
 impl Direction for FromVm {
-    const FROM_VM: bool = true;
+    const DIRECTION: u8 = DIR_EGRESS;
 
     #[inline(always)]
     fn local_end(ip: &Ip) -> &[u8; 16] {

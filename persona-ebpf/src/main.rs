@@ -36,7 +36,7 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use persona_common::{DIR_EGRESS, DIR_INGRESS, counters::Reason};
+use persona_common::counters::Reason;
 
 use crate::{
     packet::{Packet as _, TcPacket},
@@ -48,7 +48,7 @@ use crate::{
 /// for all its segments.
 #[classifier]
 pub fn persona_from_vm(ctx: TcContext) -> i32 {
-    match tc_entry::<from_vm::FromVm>(ctx.skb.skb, DIR_EGRESS) {
+    match tc_entry::<from_vm::FromVm>(ctx.skb.skb) {
         r if r.translated() => forward::from_vm(ctx.skb.skb),
         r if r.passes() => TC_ACT_OK,
         _ => TC_ACT_SHOT,
@@ -58,7 +58,7 @@ pub fn persona_from_vm(ctx: TcContext) -> i32 {
 /// Traffic going to the VM, as it leaves the host through the tap (tcx egress).
 #[classifier]
 pub fn persona_to_vm(ctx: TcContext) -> i32 {
-    if tc_entry::<to_vm::ToVm>(ctx.skb.skb, DIR_INGRESS).passes() {
+    if tc_entry::<to_vm::ToVm>(ctx.skb.skb).passes() {
         TC_ACT_OK
     } else {
         TC_ACT_SHOT
@@ -80,7 +80,8 @@ pub fn persona_from_uplink(ctx: TcContext) -> i32 {
 }
 
 #[inline(always)]
-fn tc_entry<D: Direction>(skb: *mut __sk_buff, direction: u8) -> Reason {
+fn tc_entry<D: Direction>(skb: *mut __sk_buff) -> Reason {
+    let direction = D::DIRECTION;
     let mut pkt = TcPacket::pulled(skb);
     let mut handled = path::handle::<_, D>(&mut pkt);
     if handled.reason().translated() {

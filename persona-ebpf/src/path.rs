@@ -1,6 +1,6 @@
 //! The packet path both programs share: parse, read the active persona once, decide,
 //! then rewrite. What differs by direction is behind [`Direction`].
-use persona_common::{FAMILY_V6, counters::Reason, persona::Active};
+use persona_common::{DIR_EGRESS, FAMILY_V6, counters::Reason, persona::Active};
 
 use crate::{
     counters::UNATTRIBUTED,
@@ -11,8 +11,9 @@ use crate::{
 };
 
 pub trait Direction {
-    /// Traffic the VM sends (the tap's ingress).
-    const FROM_VM: bool;
+    /// `DIR_EGRESS` for what the VM sends (the tap's ingress), `DIR_INGRESS` for what
+    /// it receives.
+    const DIRECTION: u8;
     /// The address whose being link-local keeps a packet on the link, untranslated.
     fn local_end(ip: &Ip) -> &[u8; 16];
     /// Decides for an ICMP error, which quotes a datagram of some flow.
@@ -84,7 +85,7 @@ fn decide<P: Packet, D: Direction>(p: &mut P) -> Result<Handled, Reason> {
     let l4 = parse::transport(p, &ip)?;
     // Before the link-local pass and the spoof check: a DHCP client asks from 0.0.0.0
     // or its link-local address.
-    if D::FROM_VM && parse::is_dhcp_client(&ip, &l4) {
+    if D::DIRECTION == DIR_EGRESS && parse::is_dhcp_client(&ip, &l4) {
         return Ok(Handled::unattributed(Reason::HostDhcp));
     }
     if ip.family == FAMILY_V6

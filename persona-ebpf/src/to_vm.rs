@@ -32,7 +32,7 @@ fn addressed(entry: Option<*mut CtEntry>, dst: &[u8; 16], persona: &[u8; 16]) ->
 pub struct ToVm;
 
 impl Direction for ToVm {
-    const FROM_VM: bool = false;
+    const DIRECTION: u8 = DIR_INGRESS;
 
     #[inline(always)]
     fn local_end(ip: &Ip) -> &[u8; 16] {

@@ -1,6 +1,9 @@
 //! The guest's side: a VM with no configuration of its own asks DHCP on its tap, as
 //! busybox's udhcpc does in a real guest image, and the daemon answers.
-use std::process::{Command, Stdio};
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+};
 
 use persona_tests::{
     capture::Capture,
@@ -9,15 +12,30 @@ use persona_tests::{
 };
 
 /// udhcpc's event script: the lease goes on the interface, and every event is logged
-/// once it has been applied (the test reads the log, then the interface).
+/// once it has been applied (the test reads LOG, then the interface).
 const SCRIPT: &str = r#"#!/bin/sh
 if [ "$1" = bound ]; then
     ip addr flush dev "$interface"
     ip addr add "$ip/$mask" dev "$interface"
     ip route replace default via "$router"
 fi
-echo "$1 ip=$ip mask=$subnet router=$router dns=$dns mtu=$mtu lease=$lease" >> "$LOG"
+echo "$1 ip=$ip mask=$subnet router=$router dns=$dns mtu=$mtu lease=$lease" >> LOG
 "#;
+
+/// A DHCP client's event script in a directory of the daemon's data, `LOG` in its text
+/// replaced by the log it writes: the directory, the script and the log.
+fn event_script(d: &Daemon, client: &str, text: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = d.data_dir.join(client);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (script, log) = (dir.join("event.sh"), dir.join("events.log"));
+    std::fs::write(&script, text.replace("LOG", &log.display().to_string())).unwrap();
+    Command::new("chmod")
+        .arg("+x")
+        .arg(&script)
+        .status()
+        .unwrap();
+    (dir, script, log)
+}
 
 const DEVICE: &str = "apiVersion: persona.dev/v1
 kind: Device
@@ -44,20 +62,11 @@ fn a_vm_without_configuration_gets_its_inner_address_by_dhcp_and_renews_it() {
     d.apply_yaml(DEVICE);
     let uplink = Capture::start(&lab.host.name, UPLINK, "udp port 67 or udp port 68");
 
-    let dir = d.data_dir.join("udhcpc");
-    std::fs::create_dir_all(&dir).unwrap();
-    let (script, log) = (dir.join("event.sh"), dir.join("events.log"));
-    std::fs::write(&script, SCRIPT).unwrap();
-    Command::new("chmod")
-        .arg("+x")
-        .arg(&script)
-        .status()
-        .unwrap();
+    let (_, script, log) = event_script(&d, "udhcpc", SCRIPT);
     let mut client = Command::new("ip")
         .args(["netns", "exec", &lab.vm.name, "busybox", "udhcpc", "-f"])
         .args(["-i", "eth0", "-t", "5", "-T", "1", "-s"])
         .arg(&script)
-        .env("LOG", &log)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -167,15 +176,7 @@ fn a_vm_gets_its_ipv6_router_by_advertisement_and_its_inner_address_by_dhcpv6() 
         routes.contains("via fe80::1") && routes.contains("proto ra")
     });
 
-    let dir = d.data_dir.join("dhclient");
-    std::fs::create_dir_all(&dir).unwrap();
-    let (script, log) = (dir.join("event.sh"), dir.join("events.log"));
-    std::fs::write(&script, SCRIPT6.replace("LOG", &log.display().to_string())).unwrap();
-    Command::new("chmod")
-        .arg("+x")
-        .arg(&script)
-        .status()
-        .unwrap();
+    let (dir, script, log) = event_script(&d, "dhclient", SCRIPT6);
     let mut client = Command::new("ip")
         .args(["netns", "exec", &lab.vm.name, "dhclient", "-6", "-d", "-1"])
         .arg("-sf")

@@ -186,11 +186,14 @@ pub async fn serve(orchestrator: Arc<Orchestrator>) -> io::Result<()> {
 /// Every device with an inner IPv6 address is told of its router again, before the
 /// lifetime of the last advertisement runs out.
 fn advertise_routers(o: &Orchestrator, fd: &OwnedFd) {
-    let Ok(names) = o.device_names() else {
+    let Ok(devices) = o.devices() else {
         return;
     };
-    for (ifindex, _) in names {
-        let Some((device, spec)) = o.device_at(ifindex) else {
+    for (device, spec) in devices {
+        let Some(ifindex) = crate::datapath::ifindex(&spec.interface)
+            .ok()
+            .filter(|&i| o.runs_here(&spec) && o.is_attached(i))
+        else {
             continue;
         };
         let Some(lease) = mac_of(&spec.interface)
@@ -204,6 +207,17 @@ fn advertise_routers(o: &Orchestrator, fd: &OwnedFd) {
             tracing::debug!(device, error = %e, "advertising the router");
         }
     }
+}
+
+fn count(o: &Orchestrator, device: &str, message: &str, answer: &str) {
+    o.metrics()
+        .dhcp
+        .get_or_create(&DhcpLabels {
+            device: device.to_owned(),
+            message: message.into(),
+            answer: answer.into(),
+        })
+        .inc();
 }
 
 /// The answer to a frame from the device at `ifindex`, and the device's name.
@@ -220,22 +234,16 @@ fn handle(o: &Orchestrator, ifindex: u32, frame: &[u8]) -> Option<(String, Vec<u
         }
     };
     let lease = spec.dhcp_lease(mac_of(&spec.interface).ok()?);
-    // A device with a MAC answers that MAC only.
-    let mac_ok = spec
-        .mac_bytes()
-        .is_ok_and(|mac| mac == [0; 6] || mac == m.chaddr);
     let kind = lease
         .as_ref()
-        .filter(|_| mac_ok)
+        .filter(|_| spec.answers_mac(m.chaddr))
         .and_then(|l| dhcp::decide(&m, l));
-    o.metrics()
-        .dhcp
-        .get_or_create(&DhcpLabels {
-            device: device.clone(),
-            message: m.kind.label().into(),
-            answer: kind.map_or("none", dhcp::Kind::label).into(),
-        })
-        .inc();
+    count(
+        o,
+        &device,
+        m.kind.label(),
+        kind.map_or("none", dhcp::Kind::label),
+    );
     let (kind, lease) = (kind?, lease?);
     tracing::debug!(
         device,
@@ -259,21 +267,16 @@ fn handle6(
             return None;
         }
     };
-    let mac_ok = spec
-        .mac_bytes()
-        .is_ok_and(|mac| mac == [0; 6] || mac == asked.mac);
     let answered = mac_of(&spec.interface)
         .ok()
         .and_then(|mac| spec.dhcp_lease6(mac))
-        .filter(|_| mac_ok)
+        .filter(|_| spec.answers_mac(asked.mac))
         .and_then(|lease| ipv6::answer(&asked, &lease));
-    o.metrics()
-        .dhcp
-        .get_or_create(&DhcpLabels {
-            device: device.clone(),
-            message: asked.label().into(),
-            answer: answered.as_ref().map_or("none", |(l, _)| l).into(),
-        })
-        .inc();
+    count(
+        o,
+        &device,
+        asked.label(),
+        answered.as_ref().map_or("none", |(l, _)| l),
+    );
     answered.map(|(_, frame)| (device, frame))
 }

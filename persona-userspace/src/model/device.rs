@@ -113,16 +113,45 @@ fn on_link(address: Ipv4Addr, prefix: u8, gateway: Ipv4Addr) -> bool {
     ipnet::Ipv4Net::new(address, prefix).is_ok_and(|n| n.contains(&gateway))
 }
 
+impl DhcpSpec {
+    fn lease_seconds(&self) -> u32 {
+        self.lease_seconds.unwrap_or(3600)
+    }
+
+    fn mtu(&self) -> u16 {
+        self.mtu.unwrap_or(1500)
+    }
+}
+
 impl DeviceSpec {
+    fn dhcp(&self) -> DhcpSpec {
+        self.dhcp.clone().unwrap_or_default()
+    }
+
+    fn metadata(&self) -> MetadataSpec {
+        self.metadata.clone().unwrap_or_default()
+    }
+
     /// Whether the VM may reach the metadata service: it needs an IPv4 address.
     pub fn serves_metadata(&self) -> bool {
-        self.inner_v4.is_some() && self.metadata.clone().unwrap_or_default().enabled
+        self.inner_v4.is_some() && self.metadata().enabled
+    }
+
+    /// Whether the metadata service hands the VM its persona's TLS key.
+    pub fn serves_key(&self) -> bool {
+        self.metadata().serve_key
+    }
+
+    /// Whether the guest's DHCP and router solicitations from `mac` are answered: a
+    /// device with a MAC answers that MAC only.
+    pub fn answers_mac(&self, mac: [u8; 6]) -> bool {
+        self.mac_bytes().is_ok_and(|m| m == [0; 6] || m == mac)
     }
 
     /// The lease the device's DHCP answers give, when it has an inner IPv4 address and
     /// gateway and its DHCP is not turned off.
     pub fn dhcp_lease(&self, server_mac: [u8; 6]) -> Option<crate::guest::dhcp::Lease> {
-        let d = self.dhcp.clone().unwrap_or_default();
+        let d = self.dhcp();
         let (address, gateway) = (self.inner_v4?, self.gateway_v4?);
         let prefix = d.prefix.unwrap_or(24);
         (d.enabled && on_link(address, prefix, gateway)).then(|| crate::guest::dhcp::Lease {
@@ -130,49 +159,36 @@ impl DeviceSpec {
             prefix,
             gateway,
             dns: gateway,
-            mtu: d.mtu.unwrap_or(1500),
-            seconds: d.lease_seconds.unwrap_or(3600),
+            mtu: d.mtu(),
+            seconds: d.lease_seconds(),
             server_mac,
         })
     }
-}
 
-impl DeviceSpec {
     /// What the device's router advertisements and DHCPv6 answers say, when it has an
     /// inner IPv6 address and its DHCP is not turned off. The router is its gateway
-    /// when that is link-local, else the tap's own link-local address.
+    /// when that is link-local, else the tap's own (EUI-64) link-local address.
     pub fn dhcp_lease6(&self, server_mac: [u8; 6]) -> Option<crate::guest::ipv6::Lease6> {
-        let d = self.dhcp.clone().unwrap_or_default();
+        let d = self.dhcp();
         let address = self.inner_v6.filter(|_| d.enabled)?;
-        let link_local = |a: &Ipv6Addr| a.segments()[0] & 0xffc0 == 0xfe80;
-        let router = self.gateway_v6.filter(link_local).unwrap_or_else(|| {
-            let m = server_mac;
-            Ipv6Addr::from([
-                0xfe,
-                0x80,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                m[0] ^ 2,
-                m[1],
-                m[2],
-                0xff,
-                0xfe,
-                m[3],
-                m[4],
-                m[5],
-            ])
-        });
+        let router = self
+            .gateway_v6
+            .filter(Ipv6Addr::is_unicast_link_local)
+            .unwrap_or_else(|| {
+                let m = server_mac;
+                let eui64 = [m[0] ^ 2, m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]];
+                let mut a = [0u8; 16];
+                a[..2].copy_from_slice(&[0xfe, 0x80]);
+                a[8..].copy_from_slice(&eui64);
+                Ipv6Addr::from(a)
+            });
         Some(crate::guest::ipv6::Lease6 {
             address,
             router,
             server_mac,
-            mtu: d.mtu.unwrap_or(1500),
-            seconds: d.lease_seconds.unwrap_or(3600),
-            dns: self.gateway_v6.filter(|g| !link_local(g)),
+            mtu: d.mtu(),
+            seconds: d.lease_seconds(),
+            dns: self.gateway_v6.filter(|g| !g.is_unicast_link_local()),
         })
     }
 }

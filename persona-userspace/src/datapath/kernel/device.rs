@@ -173,14 +173,7 @@ impl KernelDatapath {
                     0,
                 )
                 .map_err(bpf_err("GUARD"))?,
-            None => match self.maps.guard.remove(&ifindex) {
-                Err(MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() != Some(libc::ENOENT) =>
-                {
-                    return Err(DatapathError::Bpf(format!("GUARD: {e}")));
-                }
-                _ => {}
-            },
+            None => remove_if_there(&mut self.maps.guard, &ifindex, "GUARD")?,
         }
         let budget = FlowBudget {
             limit: u64::from(device.flow_budget.unwrap_or(DEFAULT_FLOW_BUDGET)),

@@ -12,18 +12,11 @@ use persona_common::{
 use super::*;
 
 impl KernelDatapath {
-    /// Gives the device a peer address (the one it has, else the first free), or takes
-    /// it away when the device is not to reach the service.
+    /// Gives the device a peer address (the one it has, else the next free one in
+    /// turn), or takes it away when the device is not to reach the service.
     pub(super) fn assign_metadata(&mut self, ifindex: u32, device: &DeviceSpec) -> Result<()> {
         if !(self.config.metadata && device.serves_metadata()) {
-            return match self.maps.metadata.remove(&ifindex) {
-                Err(MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() != Some(libc::ENOENT) =>
-                {
-                    Err(DatapathError::Bpf(format!("METADATA: {e}")))
-                }
-                _ => Ok(()),
-            };
+            return remove_if_there(&mut self.maps.metadata, &ifindex, "METADATA");
         }
         if self.maps.metadata.get(&ifindex, 0).is_ok() {
             return Ok(());

@@ -114,6 +114,20 @@ fn bpf_err(context: &str) -> impl FnOnce(MapError) -> DatapathError + '_ {
     move |e| DatapathError::Bpf(format!("{context}: {e}"))
 }
 
+/// Removes `key` from a hash map: one not there is gone already.
+fn remove_if_there<K: aya::Pod, V: aya::Pod>(
+    map: &mut aya::maps::HashMap<aya::maps::MapData, K, V>,
+    key: &K,
+    name: &str,
+) -> Result<()> {
+    match map.remove(key) {
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() != Some(libc::ENOENT) => {
+            Err(DatapathError::Bpf(format!("{name}: {e}")))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DatapathError {
     let context = context.into();
     move |source| DatapathError::Io { context, source }

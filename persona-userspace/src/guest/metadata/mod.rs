@@ -108,11 +108,9 @@ struct Answer {
     response: Response,
 }
 
-fn counted(
-    s: &Service,
-    path: &str,
-    answer: Result<Answer, (String, StatusCode, String)>,
-) -> Response {
+type Failed = (String, StatusCode, String);
+
+fn counted(s: &Service, path: &str, answer: Result<Answer, Failed>) -> Response {
     let (device, response) = match answer {
         Ok(a) => (a.device, a.response),
         Err((device, status, why)) => (device, (status, why).into_response()),
@@ -128,8 +126,6 @@ fn counted(
         .inc();
     response
 }
-
-type Failed = (String, StatusCode, String);
 
 fn failed(device: &str, status: StatusCode, why: impl std::fmt::Display) -> Failed {
     (device.to_owned(), status, why.to_string())
@@ -282,7 +278,7 @@ fn describe(device: &str, spec: &DeviceSpec, state: &DeviceState, persona: &Pers
         },
         "tls": persona.tls.as_ref().map(|t| json!({
             "names": t.names,
-            "keyServed": spec.metadata.clone().unwrap_or_default().serve_key,
+            "keyServed": spec.serves_key(),
         })),
     })
 }
@@ -354,7 +350,7 @@ async fn key(
 ) -> Response {
     let answer = async {
         let (device, spec) = asking(&s, peer, &headers).await?;
-        if !spec.metadata.clone().unwrap_or_default().serve_key {
+        if !spec.serves_key() {
             return Err(failed(
                 &device,
                 StatusCode::FORBIDDEN,
