@@ -85,7 +85,7 @@ fn two_guests_behind_the_daemon() {
     assert!(!smtp(&mut vm1).contains("smtp"), "office drops smtp out");
     assert!(smtp(&mut vm2).contains("smtp"), "lab lets smtp out");
 
-    uploads_with_offloads_arrive_intact(&site, &mut vm1);
+    uploads_with_offloads_arrive_intact(&site, &d, &mut vm1);
 
     // A shift that moves flows while vm1 pings: the outside sees the new address from
     // the next packet on, no echo is lost, and the guest's configuration does not
@@ -242,7 +242,7 @@ fn two_guests_behind_the_daemon() {
 /// checksums. 50 MB up over TCP, by IPv4 and by IPv6, arrive with the same SHA-256 from
 /// the persona's addresses; a DNS query over UDP is redirected and answered; a capture
 /// of the uplink finds no bad checksum in any of them.
-fn uploads_with_offloads_arrive_intact(site: &Site, vm: &mut Guest) {
+fn uploads_with_offloads_arrive_intact(site: &Site, d: &Daemon, vm: &mut Guest) {
     let features = vm.ok("/usr/sbin/ethtool -k eth0");
     for on in ["tx-checksumming: on", "tcp-segmentation-offload: on"] {
         assert!(features.contains(on), "guest offloads: {features}");
@@ -267,7 +267,20 @@ fn uploads_with_offloads_arrive_intact(site: &Site, vm: &mut Guest) {
         (OUTSIDE_V6, "2001:db8:a::10"),
     ] {
         let started = Instant::now();
-        vm.ok(&format!("nc {to} 5001 </tmp/blob"));
+        let upload = format!("timeout 60 nc {to} 5001 </tmp/blob");
+        if vm.run(&upload).0 != 0 {
+            // Seen twice in CI, never here (software-emulated guests): an upload that
+            // stalls. What each side saw is printed for the next reader, and the upload
+            // is made once more on a fresh receiver; a second stall fails the test.
+            eprintln!(
+                "50 MB up to {to} stalled after {:?}:\n{}",
+                started.elapsed(),
+                stall_report(d, vm, &pcap)
+            );
+            drop(sink);
+            sink = Sink::start(&site.out.name, 5001);
+            vm.ok(&upload);
+        }
         eprintln!("50 MB up to {to} in {:?}", started.elapsed());
         assert_eq!(
             sink.next_upload(),
@@ -294,6 +307,29 @@ fn uploads_with_offloads_arrive_intact(site: &Site, vm: &mut Guest) {
     }
     let _ = std::fs::remove_file(&pcap);
     site.host.exec(&format!("ethtool -K {UPLINK} tx on"));
+}
+
+/// The guest's TCP state and kernel messages, the datapath's verdicts on port 5001's
+/// traffic, and the uplink capture's last packets.
+fn stall_report(d: &Daemon, vm: &mut Guest, pcap: &std::path::Path) -> String {
+    let guest = vm
+        .run("netstat -tn; grep Tcp: /proc/net/snmp; dmesg | tail -n 20")
+        .1;
+    let verdicts: Vec<String> = d
+        .metrics()
+        .lines()
+        .filter(|l| l.starts_with("persona_device_packets_total") && l.contains("vm1"))
+        .map(str::to_owned)
+        .collect();
+    let uplink = persona_tests::netns::try_sh(&format!(
+        "tcpdump -nr {} 2>/dev/null | tail -n 20",
+        pcap.display()
+    ));
+    format!(
+        "guest:\n{guest}\nverdicts:\n{}\nuplink, last packets:\n{}",
+        verdicts.join("\n"),
+        String::from_utf8_lossy(&uplink.stdout)
+    )
 }
 
 fn wait_output(g: &mut Guest, cmd: &str, marker: &str) -> String {
