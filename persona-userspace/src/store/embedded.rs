@@ -297,6 +297,30 @@ enum Logged {
     },
 }
 
+/// [`Logged::Signals`] of rows already encoded, written around their bytes instead of
+/// parsing and encoding each signal again.
+fn signals_logged(rows: &[(String, Vec<u8>)]) -> Result<Vec<u8>> {
+    let mut log = Vec::with_capacity(
+        rows.iter()
+            .map(|(k, v)| k.len() + v.len() + 8)
+            .sum::<usize>()
+            + 32,
+    );
+    log.extend_from_slice(br#"{"op":"signals","rows":["#);
+    for (i, (key, row)) in rows.iter().enumerate() {
+        if i > 0 {
+            log.push(b',');
+        }
+        log.push(b'[');
+        serde_json::to_writer(&mut log, key).map_err(backend)?;
+        log.push(b',');
+        log.extend_from_slice(row);
+        log.push(b']');
+    }
+    log.extend_from_slice(b"]}");
+    Ok(log)
+}
+
 /// Opens the store's log, and does again, durably, what it holds that the file does
 /// not: the writes acknowledged after the last durable commit.
 fn replay(db: &Database, path: &Path, epoch: u64) -> Result<Wal> {
@@ -568,9 +592,7 @@ impl Store for EmbeddedStore {
             .iter()
             .map(|(k, v)| Ok((k.clone(), encode(v)?)))
             .collect::<Result<Vec<_>>>()?;
-        let log = encode(&Logged::Signals {
-            rows: signals.to_vec(),
-        })?;
+        let log = signals_logged(&rows)?;
         self.writer.write_logged(move |txn| {
             let mut t = txn.open_table(SIGNALS).map_err(backend)?;
             for (key, signal) in rows {
@@ -671,6 +693,26 @@ mod tests {
 
     /// Run in a child process: logs shift records and signals, reports each one
     /// acknowledged, and dies without closing anything.
+    #[test]
+    fn logged_signals_are_written_around_their_encoded_rows() {
+        let rows = vec![
+            ("vm1/role".to_owned(), json!({ "role": "a \"quoted\" one" })),
+            (
+                "vm\\2/geo".to_owned(),
+                json!({ "country": "DE", "n": [1, 2] }),
+            ),
+        ];
+        let encoded: Vec<(String, Vec<u8>)> = rows
+            .iter()
+            .map(|(k, v)| (k.clone(), encode(v).unwrap()))
+            .collect();
+        let log = signals_logged(&encoded).unwrap();
+        match decode::<Logged>(&log).unwrap() {
+            Logged::Signals { rows: back } => assert_eq!(back, rows),
+            Logged::State { .. } => panic!("a state record"),
+        }
+    }
+
     #[test]
     fn crashing_child() {
         let Some(path) = std::env::var_os("PERSONA_CRASH_STORE") else {

@@ -1,13 +1,18 @@
-//! Group commit: one thread owns the store's write transactions. Writes that arrive
-//! while a commit is under way wait in a queue and all go into the next transaction,
-//! committed (one fsync) together; each caller is answered only after the commit that
-//! holds its write, so nothing acknowledged is ever lost. A group of logged writes
+//! Group commit: one committer at a time owns the store's write transactions. A write
+//! that finds none under way is committed at once on its caller's thread; writes that
+//! arrive while a commit is under way wait in a queue and all go into the next
+//! transaction, committed (one fsync) together by the writer's thread; each caller is
+//! answered only after the commit that holds its write, so nothing acknowledged is ever
+//! lost. A group of logged writes
 //! (shift records, signals) is made durable by the log instead ([`super::wal`]), and a
 //! checkpoint now and then makes the file hold them.
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, Ordering},
-    mpsc,
+use std::{
+    sync::{
+        Arc, Condvar, Mutex, MutexGuard,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc,
+    },
+    time::Instant,
 };
 
 use redb::{Database, Durability, ReadableTable as _, TableDefinition, WriteTransaction};
@@ -99,17 +104,36 @@ impl<T: Send + 'static> Job for Pending<T> {
 }
 
 pub struct Writer {
-    /// `None` once dropped: the thread then ends, and with it its handle on the file.
-    jobs: Option<mpsc::Sender<Box<dyn Job>>>,
+    shared: Arc<Shared>,
     thread: Option<std::thread::JoinHandle<()>>,
-    stats: Arc<CommitStats>,
+}
+
+/// What the callers and the writer's thread share: the writes waiting, and the
+/// transaction side (database and log) that one of them at a time commits through.
+struct Shared {
+    queue: Mutex<Vec<Box<dyn Job>>>,
+    core: Mutex<Core>,
+    /// Set when the thread has work: a queue no caller could commit, a checkpoint
+    /// due, or closing.
+    wake: Mutex<bool>,
+    woken: Condvar,
+    closed: AtomicBool,
+    stats: CommitStats,
+}
+
+struct Core {
+    db: Arc<Database>,
+    wal: Option<Wal>,
+    /// When the oldest logged write the file does not hold yet was committed.
+    pending: Option<Instant>,
 }
 
 impl Drop for Writer {
     /// Waits for the writes queued to be committed and the file to be let go, so that
     /// it can be opened again at once.
     fn drop(&mut self) {
-        self.jobs.take();
+        self.shared.closed.store(true, Ordering::SeqCst);
+        self.shared.nudge();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -118,17 +142,26 @@ impl Drop for Writer {
 
 impl Writer {
     pub fn spawn(db: Arc<Database>, wal: Option<Wal>) -> Result<Self> {
-        let (jobs, rx) = mpsc::channel::<Box<dyn Job>>();
-        let stats = Arc::new(CommitStats::default());
-        let counted = stats.clone();
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Vec::new()),
+            core: Mutex::new(Core {
+                db,
+                wal,
+                pending: None,
+            }),
+            wake: Mutex::new(false),
+            woken: Condvar::new(),
+            closed: AtomicBool::new(false),
+            stats: CommitStats::default(),
+        });
+        let served = shared.clone();
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || serve(&db, wal, &rx, &counted))
+            .spawn(move || served.serve())
             .map_err(|e| StoreError::Backend(format!("starting the store's writer: {e}")))?;
         Ok(Self {
-            jobs: Some(jobs),
+            shared,
             thread: Some(thread),
-            stats,
         })
     }
 
@@ -141,7 +174,10 @@ impl Writer {
     }
 
     /// A write whose record `op` gives for the log, which makes it durable, answered
-    /// on the channel returned once it is: no thread is kept waiting for it.
+    /// on the channel returned once it is. With no commit under way it is committed
+    /// before this returns, on the caller's thread (a hand-over to the writer's thread
+    /// and back costs as much as the disk's sync on our machines); otherwise it joins
+    /// the group committed next.
     pub fn submit_logged<T: Send + 'static>(
         &self,
         op: impl FnOnce(&WriteTransaction) -> Result<Done<T>> + Send + 'static,
@@ -182,16 +218,94 @@ impl Writer {
     }
 
     fn queue<T: Send + 'static>(&self, op: Op<T>, logged: bool, reply: Reply<T>) -> Result<()> {
-        self.jobs
-            .as_ref()
-            .ok_or_else(|| StoreError::Backend("the store is closed".into()))?
-            .send(Box::new(Pending { op, logged, reply }))
-            .map_err(|_| StoreError::Backend("the store's writer is gone".into()))
+        if self.shared.closed.load(Ordering::SeqCst) {
+            return Err(StoreError::Backend("the store is closed".into()));
+        }
+        lock(&self.shared.queue).push(Box::new(Pending { op, logged, reply }));
+        self.shared.commit_here();
+        Ok(())
     }
 
     pub fn stats(&self) -> &CommitStats {
-        &self.stats
+        &self.shared.stats
     }
+}
+
+impl Shared {
+    /// Commits one group on this thread when no commit is under way. Whoever holds the
+    /// transaction side looks at the queue again once it lets go, so a write queued
+    /// meanwhile is never left behind; what is left, and checkpoints, go to the
+    /// writer's thread.
+    fn commit_here(&self) {
+        let Ok(mut core) = self.core.try_lock() else {
+            return;
+        };
+        let group = self.take_group();
+        if !group.is_empty() {
+            core.commit(group, &self.stats);
+        }
+        let due = core.checkpoint_due();
+        drop(core);
+        if due || !lock(&self.queue).is_empty() {
+            self.nudge();
+        }
+    }
+
+    fn take_group(&self) -> Vec<Box<dyn Job>> {
+        let mut q = lock(&self.queue);
+        let n = q.len().min(MAX_GROUP);
+        q.drain(..n).collect()
+    }
+
+    fn nudge(&self) {
+        *lock(&self.wake) = true;
+        self.woken.notify_one();
+    }
+
+    /// The writer's thread: commits what callers left queued, and makes the file hold
+    /// the log's writes (a checkpoint) within a second of the first.
+    fn serve(&self) {
+        loop {
+            let closing = self.closed.load(Ordering::SeqCst);
+            let pending = {
+                let mut core = lock(&self.core);
+                loop {
+                    let group = self.take_group();
+                    if group.is_empty() {
+                        break;
+                    }
+                    core.commit(group, &self.stats);
+                }
+                if closing || core.checkpoint_due() {
+                    core.checkpoint_logged();
+                }
+                if closing {
+                    return;
+                }
+                core.pending
+            };
+            let wait = pending.map_or(IDLE, |p| CHECKPOINT_AFTER.saturating_sub(p.elapsed()));
+            let mut wake = lock(&self.wake);
+            // A write queued while this thread held the transaction side found it busy
+            // and left it here.
+            if !*wake && lock(&self.queue).is_empty() {
+                wake = self
+                    .woken
+                    .wait_timeout(wake, wait)
+                    .map_or_else(|e| e.into_inner().0, |(w, _)| w);
+            }
+            *wake = false;
+        }
+    }
+}
+
+/// How long the writer's thread sleeps with nothing to checkpoint.
+const IDLE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// A lock whose holder panicked still guards consistent data: a commit either finishes
+/// or answers its writes with the error.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn unlogged<T: Send + 'static>(
@@ -237,40 +351,32 @@ fn checkpoint(db: &Database, wal: &mut Wal) -> Result<()> {
         .map_err(|e| StoreError::Backend(format!("starting the log over: {e}")))
 }
 
-fn serve(
-    db: &Database,
-    mut wal: Option<Wal>,
-    rx: &mpsc::Receiver<Box<dyn Job>>,
-    stats: &CommitStats,
-) {
-    // When the oldest logged write the file does not hold yet was committed.
-    let mut pending: Option<std::time::Instant> = None;
-    loop {
-        let wait = pending.map_or(std::time::Duration::from_secs(3600), |p| {
-            CHECKPOINT_AFTER.saturating_sub(p.elapsed())
-        });
-        let first = match rx.recv_timeout(wait) {
-            Ok(job) => job,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                if let Some(w) = wal.as_mut()
-                    && pending.take().is_some()
-                    && let Err(e) = checkpoint(db, w)
-                {
-                    tracing::error!(error = %e, "store checkpoint");
-                }
-                continue;
+impl Core {
+    fn checkpoint_due(&self) -> bool {
+        match (&self.wal, self.pending) {
+            (Some(w), Some(p)) => {
+                p.elapsed() >= CHECKPOINT_AFTER || w.used() > super::wal::CAPACITY / 2
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        };
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(job) => group.push(job),
-                Err(_) => break,
+            _ => false,
+        }
+    }
+
+    /// Makes the file hold every logged write, when some are only in the log.
+    fn checkpoint_logged(&mut self) {
+        if let (Some(w), Some(_)) = (self.wal.as_mut(), self.pending) {
+            match checkpoint(&self.db, w) {
+                Ok(()) => self.pending = None,
+                Err(e) => tracing::error!(error = %e, "store checkpoint"),
             }
         }
-        let logged = wal.is_some() && group.iter().all(|j| j.logged());
-        let txn = db.begin_write().map(|mut t| {
+    }
+
+    /// One transaction for the whole group: durable by the log when every write in it
+    /// is logged (and the log takes them), else by a durable commit. Each write's
+    /// caller is answered after it.
+    fn commit(&mut self, group: Vec<Box<dyn Job>>, stats: &CommitStats) {
+        let logged = self.wal.is_some() && group.iter().all(|j| j.logged());
+        let txn = self.db.begin_write().map(|mut t| {
             if logged {
                 let _ = t.set_durability(Durability::None);
             }
@@ -283,28 +389,28 @@ fn serve(
                 for job in group {
                     job.abort(&why);
                 }
-                continue;
+                return;
             }
         };
         let n = group.len() as u64;
         let epoch = if logged { Ok(0) } else { next_epoch(&txn) };
         let (finishers, records): (Vec<_>, Vec<_>) =
             group.into_iter().map(|job| job.apply(&txn)).unzip();
-        let start = std::time::Instant::now();
+        let start = Instant::now();
         let mut committed = epoch.and_then(|epoch| {
             txn.commit()
                 .map_err(|e| StoreError::Backend(e.to_string()))?;
             Ok(epoch)
         });
-        match (&mut wal, &committed) {
+        match (&mut self.wal, &committed) {
             (Some(w), Ok(_)) if logged => {
                 let records: Vec<Vec<u8>> = records.into_iter().flatten().collect();
                 // The log full or failing, the writes are made durable the slow way.
                 if w.append(&records).is_err() {
-                    committed = checkpoint(db, w).map(|()| 0);
-                    pending = None;
+                    committed = checkpoint(&self.db, w).map(|()| 0);
+                    self.pending = None;
                 } else {
-                    pending.get_or_insert_with(std::time::Instant::now);
+                    self.pending.get_or_insert_with(Instant::now);
                 }
             }
             (Some(w), Ok(epoch)) => {
@@ -313,7 +419,7 @@ fn serve(
                 if let Err(e) = w.reset(*epoch) {
                     tracing::warn!(error = %e, "starting the store's log over");
                 }
-                pending = None;
+                self.pending = None;
             }
             _ => {}
         }
@@ -327,19 +433,5 @@ fn serve(
         for finish in finishers {
             finish(&committed);
         }
-        if let (Some(w), Some(p)) = (wal.as_mut(), pending)
-            && (p.elapsed() >= CHECKPOINT_AFTER || w.used() > super::wal::CAPACITY / 2)
-        {
-            match checkpoint(db, w) {
-                Ok(()) => pending = None,
-                Err(e) => tracing::error!(error = %e, "store checkpoint"),
-            }
-        }
-    }
-    // Closing: the file holds everything, and the log is empty.
-    if let (Some(w), Some(_)) = (wal.as_mut(), pending)
-        && let Err(e) = checkpoint(db, w)
-    {
-        tracing::error!(error = %e, "store checkpoint at close");
     }
 }
