@@ -116,9 +116,18 @@ impl Auth {
         Ok((record, format!("persona_{id}_{secret}")))
     }
 
+    /// The caller of a token that verified before and was not revoked since.
+    pub fn cached(&self, token: &str) -> Option<Caller> {
+        self.verified
+            .lock()
+            .expect("auth cache")
+            .get(token)
+            .cloned()
+    }
+
     pub fn verify(&self, token: &str) -> Result<Caller, AuthError> {
-        if let Some(c) = self.verified.lock().expect("auth cache").get(token) {
-            return Ok(c.clone());
+        if let Some(c) = self.cached(token) {
+            return Ok(c);
         }
         let (id, secret) = token
             .strip_prefix("persona_")

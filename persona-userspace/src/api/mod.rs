@@ -61,7 +61,11 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             .ok_or(AuthError::Missing)?
             .trim()
             .to_owned();
-        // Argon2 verification is CPU work: off the async threads.
+        if let Some(caller) = state.auth.cached(&token) {
+            return Ok(caller);
+        }
+        // Argon2 verification is CPU work: off the async threads (and a token seen
+        // before costs a lookup, not a trip to the blocking pool and back).
         let state = state.clone();
         let caller = tokio::task::spawn_blocking(move || state.auth.verify(&token))
             .await

@@ -25,6 +25,9 @@ use crate::{
     store::{EventBody, Kind, StoreError},
 };
 
+/// Signals per request at most that are stored on the request's own thread.
+const STORED_IN_PLACE: usize = 16;
+
 pub struct RuleEngine {
     orchestrator: Arc<Orchestrator>,
     geoip: Option<super::geoip::GeoIp>,
@@ -301,7 +304,15 @@ impl RuleEngine {
         // Stored (in one transaction, shared with whatever else is being written) before
         // anything is acted on or acknowledged; the devices are decided for meanwhile.
         let store = self.orchestrator.store().clone();
-        let storing_signals = tokio::task::spawn_blocking(move || store.put_signals(&changed));
+        // A few signals are stored here after the decisions: deciding for their devices
+        // takes less than the trip to the blocking pool and back.
+        let (here, storing_signals) = if changed.len() <= STORED_IN_PLACE {
+            (Some(changed), None)
+        } else {
+            let store = store.clone();
+            let job = tokio::task::spawn_blocking(move || store.put_signals(&changed));
+            (None, Some(job))
+        };
         let rules = self.rules()?;
         let mut decided = Vec::with_capacity(devices.len());
         for d in &devices {
@@ -310,11 +321,14 @@ impl RuleEngine {
             }
         }
         drop(state);
-        let stored = storing_signals
-            .await
-            .map_err(|e| StoreError::Backend(format!("storing signals: {e}")));
+        match (here, storing_signals) {
+            (Some(changed), _) => store.put_signals(&changed)?,
+            (None, Some(job)) => job
+                .await
+                .map_err(|e| StoreError::Backend(format!("storing signals: {e}")))??,
+            (None, None) => {}
+        }
         let mut state = self.state.lock().await;
-        stored??;
         let mut out = Vec::with_capacity(decided.len());
         let mut soonest: Option<Timestamp> = None;
         for (d, decision) in decided {
