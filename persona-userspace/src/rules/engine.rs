@@ -510,7 +510,9 @@ pub fn decide_incremental(
     dirty.intersect_with(&m.selected);
     m.holds.difference_with(&dirty);
     let mut candidates = dirty;
-    candidates.intersect_with(&index.passing(&sig));
+    if !candidates.is_clear() {
+        index.narrow(&mut candidates, &sig);
+    }
     let cel = !candidates.is_disjoint(index.cel());
     let decision = with_eval(device, cel, sig, now, false, |eval| {
         for i in candidates.ones() {

@@ -150,14 +150,18 @@ impl Buckets {
         }
     }
 
-    fn passing<'a>(&self, present: impl IntoIterator<Item = &'a str>) -> FixedBitSet {
-        let mut out = self.open.clone();
+    /// Leaves in `set` only the rules `present` lets through: a copy of `open` is made
+    /// only when a value has rules of its own.
+    fn narrow<'a>(&self, set: &mut FixedBitSet, present: impl IntoIterator<Item = &'a str>) {
+        let mut through: Option<FixedBitSet> = None;
         for v in present {
             if let Some(b) = self.by_value.get(v) {
-                out.union_with(b);
+                through
+                    .get_or_insert_with(|| self.open.clone())
+                    .union_with(b);
             }
         }
-        out
+        set.intersect_with(through.as_ref().unwrap_or(&self.open));
     }
 }
 
@@ -266,26 +270,19 @@ impl Index {
         &self.cel
     }
 
-    /// The rules that can hold given a device's signals as the engine sees them.
-    pub fn passing(&self, sig: &Value) -> FixedBitSet {
-        let strings = |v: &Value| -> Vec<String> {
-            v.as_array()
-                .map_or(&[][..], |a| a.as_slice())
-                .iter()
-                .filter_map(|x| x.as_str().map(str::to_owned))
-                .collect()
-        };
-        let mut out = self.role.passing(sig["role"].as_str());
-        out.intersect_with(&self.country.passing(sig["geo"]["country"].as_str()));
-        let apps = strings(&sig["apps"]);
-        out.intersect_with(&self.apps.passing(apps.iter().map(String::as_str)));
+    /// Leaves in `set` only the rules that can hold given a device's signals as the
+    /// engine sees them.
+    pub fn narrow(&self, set: &mut FixedBitSet, sig: &Value) {
+        self.role.narrow(set, sig["role"].as_str());
+        self.country.narrow(set, sig["geo"]["country"].as_str());
+        let apps = sig["apps"].as_array().map_or(&[][..], |a| a.as_slice());
+        self.apps.narrow(set, apps.iter().filter_map(Value::as_str));
         let open = sig["alerts"].as_array().map_or(&[][..], |a| a.as_slice());
         let kinds = open
             .iter()
             .filter_map(|a| a["kind"].as_str())
             .chain((!open.is_empty()).then_some(ANY_ALERT));
-        out.intersect_with(&self.alerts.passing(kinds));
-        out
+        self.alerts.narrow(set, kinds);
     }
 }
 

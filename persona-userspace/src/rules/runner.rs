@@ -380,7 +380,10 @@ impl RuleEngine {
         };
         let hist = self.history(state, device)?;
         self.orchestrator.metrics().rule_evaluations.inc();
-        let memo = state.memos.entry(device.into()).or_default();
+        if !state.memos.contains_key(device) {
+            state.memos.insert(device.to_owned(), None);
+        }
+        let memo = state.memos.get_mut(device).expect("just inserted");
         let decision =
             decide_incremental(&view, rules, &state.signals, &hist, self.timing, now, memo);
         Ok(Some((hist, decision)))

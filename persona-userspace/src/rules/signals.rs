@@ -161,7 +161,10 @@ pub struct SignalSet {
 impl SignalSet {
     /// Keeps `s` unless a signal for its key that sorts after it is already there.
     pub fn merge(&mut self, s: Signal) -> bool {
-        let slot = self.by_device.entry(s.device.clone()).or_default();
+        if !self.by_device.contains_key(&s.device) {
+            self.by_device.insert(s.device.clone(), BTreeMap::new());
+        }
+        let slot = self.by_device.get_mut(&s.device).expect("just inserted");
         let key = s.key();
         match slot.get(&key) {
             Some(old) if !s.sorts_after(old) => false,
