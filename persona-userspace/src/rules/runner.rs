@@ -292,7 +292,7 @@ impl RuleEngine {
                 *country = db.country(*ip);
             }
             let key = format!("{}/{}", s.device, s.key());
-            let json = serde_json::to_value(&s).map_err(|e| StoreError::Backend(e.to_string()))?;
+            let json = serde_json::to_vec(&s).map_err(|e| StoreError::Backend(e.to_string()))?;
             if seen.insert(s.device.clone()) {
                 devices.push(s.device.clone());
             }
@@ -310,7 +310,7 @@ impl RuleEngine {
             (Some(changed), None)
         } else {
             let store = store.clone();
-            let job = tokio::task::spawn_blocking(move || store.put_signals(&changed));
+            let job = tokio::task::spawn_blocking(move || store.put_signals(changed));
             (None, Some(job))
         };
         let rules = self.rules()?;
@@ -322,7 +322,7 @@ impl RuleEngine {
         }
         drop(state);
         match (here, storing_signals) {
-            (Some(changed), _) => store.put_signals(&changed)?,
+            (Some(changed), _) => store.put_signals(changed)?,
             (None, Some(job)) => job
                 .await
                 .map_err(|e| StoreError::Backend(format!("storing signals: {e}")))??,

@@ -584,14 +584,10 @@ impl Store for EmbeddedStore {
         self.write(SIGNALS, key, Some(encode(signal)?))
     }
 
-    fn put_signals(&self, signals: &[(String, Value)]) -> Result<()> {
-        if signals.is_empty() {
+    fn put_signals(&self, rows: Vec<(String, Vec<u8>)>) -> Result<()> {
+        if rows.is_empty() {
             return Ok(());
         }
-        let rows = signals
-            .iter()
-            .map(|(k, v)| Ok((k.clone(), encode(v)?)))
-            .collect::<Result<Vec<_>>>()?;
         let log = signals_logged(&rows)?;
         self.writer.write_logged(move |txn| {
             let mut t = txn.open_table(SIGNALS).map_err(backend)?;
@@ -740,8 +736,11 @@ mod tests {
                 detail: json!(null),
             };
             let event = s.record_state("vm1", Some(&state), body).expect("record");
-            s.put_signals(&[(format!("vm1/n{i}"), json!({ "n": i }))])
-                .expect("signal");
+            s.put_signals(vec![(
+                format!("vm1/n{i}"),
+                encode(&json!({ "n": i })).unwrap(),
+            )])
+            .expect("signal");
             println!("acknowledged {i} {}", event.seq);
         }
         std::process::abort();

@@ -1129,15 +1129,15 @@ impl Store for EtcdStore {
     }
 
     fn put_signal(&self, key: &str, signal: &Value) -> Result<()> {
-        self.put_signals(&[(key.to_owned(), signal.clone())])
+        self.put_signals(vec![(key.to_owned(), encode(signal)?)])
     }
 
-    fn put_signals(&self, signals: &[(String, Value)]) -> Result<()> {
+    fn put_signals(&self, signals: Vec<(String, Vec<u8>)>) -> Result<()> {
         for chunk in signals.chunks(OPS_PER_TXN) {
             let writes = chunk
                 .iter()
-                .map(|(k, v)| Ok((self.data(&format!("signals/{k}")), Some(encode(v)?))))
-                .collect::<Result<Vec<_>>>()?;
+                .map(|(k, v)| (self.data(&format!("signals/{k}")), Some(v.clone())))
+                .collect();
             self.write_all(writes)?;
         }
         Ok(())

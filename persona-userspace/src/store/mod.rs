@@ -288,13 +288,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Context signals, as JSON, one per key; the rule engine owns their meaning.
     fn put_signal(&self, key: &str, signal: &Value) -> Result<()>;
-    /// Several signals in one transaction.
-    fn put_signals(&self, signals: &[(String, Value)]) -> Result<()> {
-        for (key, signal) in signals {
-            self.put_signal(key, signal)?;
-        }
-        Ok(())
-    }
+    /// Several signals in one transaction, each given as its JSON (encoded once, by
+    /// the engine that took it in).
+    fn put_signals(&self, signals: Vec<(String, Vec<u8>)>) -> Result<()>;
     fn signals(&self) -> Result<Vec<Value>>;
     /// Forgets signals by key (those expired).
     fn delete_signals(&self, keys: &[String]) -> Result<()>;
