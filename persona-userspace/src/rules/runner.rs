@@ -25,9 +25,6 @@ use crate::{
     store::{EventBody, Kind, StoreError},
 };
 
-/// Signals per request at most that are stored on the request's own thread.
-const STORED_IN_PLACE: usize = 16;
-
 pub struct RuleEngine {
     orchestrator: Arc<Orchestrator>,
     geoip: Option<super::geoip::GeoIp>,
@@ -304,15 +301,7 @@ impl RuleEngine {
         // Stored (in one transaction, shared with whatever else is being written) before
         // anything is acted on or acknowledged; the devices are decided for meanwhile.
         let store = self.orchestrator.store().clone();
-        // A few signals are stored here after the decisions: deciding for their devices
-        // takes less than the trip to the blocking pool and back.
-        let (here, storing_signals) = if changed.len() <= STORED_IN_PLACE {
-            (Some(changed), None)
-        } else {
-            let store = store.clone();
-            let job = tokio::task::spawn_blocking(move || store.put_signals(changed));
-            (None, Some(job))
-        };
+        let storing_signals = tokio::task::spawn_blocking(move || store.put_signals(changed));
         let rules = self.rules()?;
         let mut decided = Vec::with_capacity(devices.len());
         for d in &devices {
@@ -321,14 +310,11 @@ impl RuleEngine {
             }
         }
         drop(state);
-        match (here, storing_signals) {
-            (Some(changed), _) => store.put_signals(changed)?,
-            (None, Some(job)) => job
-                .await
-                .map_err(|e| StoreError::Backend(format!("storing signals: {e}")))??,
-            (None, None) => {}
-        }
+        let stored = storing_signals
+            .await
+            .map_err(|e| StoreError::Backend(format!("storing signals: {e}")));
         let mut state = self.state.lock().await;
+        stored??;
         let mut out = Vec::with_capacity(decided.len());
         let mut soonest: Option<Timestamp> = None;
         for (d, decision) in decided {

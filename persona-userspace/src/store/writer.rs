@@ -1,9 +1,10 @@
-//! Group commit: one committer at a time owns the store's write transactions. A write
-//! that finds none under way is committed at once on its caller's thread; writes that
-//! arrive while a commit is under way wait in a queue and all go into the next
-//! transaction, committed (one fsync) together by the writer's thread; each caller is
-//! answered only after the commit that holds its write, so nothing acknowledged is ever
-//! lost. A group of logged writes
+//! Group commit: one committer at a time owns the store's write transactions. A caller
+//! that waits for its write anyway (a blocking one) commits it on its own thread when
+//! no commit is under way, which saves the trip to the writer's thread and back; writes
+//! that arrive while a commit is under way, and those of async callers, wait in a queue
+//! and all go into the next transaction, committed (one fsync) together by the writer's
+//! thread; each caller is answered only after the commit that holds its write, so
+//! nothing acknowledged is ever lost. A group of logged writes
 //! (shift records, signals) is made durable by the log instead ([`super::wal`]), and a
 //! checkpoint now and then makes the file hold them.
 use std::{
@@ -174,10 +175,8 @@ impl Writer {
     }
 
     /// A write whose record `op` gives for the log, which makes it durable, answered
-    /// on the channel returned once it is. With no commit under way it is committed
-    /// before this returns, on the caller's thread (a hand-over to the writer's thread
-    /// and back costs as much as the disk's sync on our machines); otherwise it joins
-    /// the group committed next.
+    /// on the channel returned once it is: the writer's thread commits it, and the
+    /// caller (async) never blocks.
     pub fn submit_logged<T: Send + 'static>(
         &self,
         op: impl FnOnce(&WriteTransaction) -> Result<Done<T>> + Send + 'static,
@@ -191,6 +190,7 @@ impl Writer {
             Box::new(move |r| {
                 let _ = reply.send(r);
             }),
+            false,
         );
         answer
     }
@@ -211,18 +211,30 @@ impl Writer {
             Box::new(move |r| {
                 let _ = reply.send(r);
             }),
+            true,
         )?;
         answer
             .recv()
             .map_err(|_| StoreError::Backend("the store's writer dropped a write".into()))?
     }
 
-    fn queue<T: Send + 'static>(&self, op: Op<T>, logged: bool, reply: Reply<T>) -> Result<()> {
+    /// Queues a write; `here` commits it on this thread when no commit is under way.
+    fn queue<T: Send + 'static>(
+        &self,
+        op: Op<T>,
+        logged: bool,
+        reply: Reply<T>,
+        here: bool,
+    ) -> Result<()> {
         if self.shared.closed.load(Ordering::SeqCst) {
             return Err(StoreError::Backend("the store is closed".into()));
         }
         lock(&self.shared.queue).push(Box::new(Pending { op, logged, reply }));
-        self.shared.commit_here();
+        if here {
+            self.shared.commit_here();
+        } else {
+            self.shared.nudge();
+        }
         Ok(())
     }
 
