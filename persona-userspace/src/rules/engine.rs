@@ -1,7 +1,10 @@
 //! The decision for one device: a pure function of the rules, the live signals, the
 //! clock and the device's recent history, so it can be tested with an injected clock
 //! and never depends on the order signals arrived in.
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize as _, Serialize};
@@ -14,6 +17,7 @@ use super::{
     index::{Index, Part},
     signals::{AlertState, Signal, SignalBody, SignalSet},
 };
+use crate::model::DeviceSpec;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timing {
@@ -23,14 +27,26 @@ pub struct Timing {
     pub cooldown: SignedDuration,
 }
 
-/// What the engine needs of a device.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// What the engine needs of a device: its name and its spec as the catalog holds it
+/// (shared, not copied, at every evaluation).
+#[derive(Debug, Clone)]
 pub struct DeviceView {
     pub name: String,
-    pub labels: BTreeMap<String, String>,
-    pub owner: Option<String>,
-    pub role: Option<String>,
-    pub default_persona: Option<String>,
+    pub spec: Arc<DeviceSpec>,
+}
+
+impl PartialEq for DeviceView {
+    /// The same when what the engine reads of them is; an unchanged spec is the same
+    /// `Arc`, and compares in one step.
+    fn eq(&self, other: &Self) -> bool {
+        let (a, b) = (&*self.spec, &*other.spec);
+        self.name == other.name
+            && (Arc::ptr_eq(&self.spec, &other.spec)
+                || (a.labels == b.labels
+                    && a.owner == b.owner
+                    && a.role == b.role
+                    && a.persona == b.persona))
+    }
 }
 
 /// What the device runs and how it got there.
@@ -74,7 +90,12 @@ fn view(device: &DeviceView, signals: &[&Signal]) -> Value {
     let mut alerts = Vec::new();
     let mut apps = Vec::new();
     let mut geo = Value::Null;
-    let mut role = device.role.clone().map(Value::from).unwrap_or(Value::Null);
+    let mut role = device
+        .spec
+        .role
+        .clone()
+        .map(Value::from)
+        .unwrap_or(Value::Null);
     for s in signals {
         match &s.body {
             SignalBody::Alert {
@@ -441,7 +462,7 @@ impl Memo {
             generation: rules.generation,
             device: device.clone(),
             parts: Default::default(),
-            selected: rules.selecting(&device.labels),
+            selected: rules.selecting(&device.spec.labels),
             holds: FixedBitSet::with_capacity(rules.ordered.len()),
             at: now,
             edges: Vec::new(),
@@ -561,7 +582,7 @@ fn with_eval<R>(
     }
     CEL_ROOT.with(|root| {
         let mut scope = root.new_inner_scope();
-        let d = json!({"name": device.name, "labels": device.labels, "owner": device.owner, "role": device.role});
+        let d = json!({"name": device.name, "labels": device.spec.labels, "owner": device.spec.owner, "role": device.spec.role});
         let bound = scope.add_variable("device", d).is_ok()
             && scope.add_variable("signals", sig.clone()).is_ok();
         scope.add_variable_from_value("now", now.to_string());
@@ -612,7 +633,7 @@ fn decide_in(
             break;
         }
         let spec = &rule.spec;
-        let selected = selects(spec, &device.labels);
+        let selected = selects(spec, &device.spec.labels);
         if let Some(Ok(c)) = &rule.schedule {
             earliest(c.next_boundary(now));
         }
@@ -628,7 +649,7 @@ fn decide_in(
                 .selector
                 .match_labels
                 .iter()
-                .filter(|(k, v)| device.labels.get(*k) != Some(*v))
+                .filter(|(k, v)| device.spec.labels.get(*k) != Some(*v))
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect();
             (
@@ -712,7 +733,7 @@ fn conclude(
             r.spec.immediate,
         ),
         (None, None) => (
-            device.default_persona.clone(),
+            device.spec.persona.clone(),
             None,
             "no rule matches: the device's default persona".into(),
             false,

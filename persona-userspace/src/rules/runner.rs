@@ -206,19 +206,19 @@ impl RuleEngine {
         };
         Ok(Some(DeviceView {
             name: device.to_owned(),
-            labels: spec.labels.clone(),
-            owner: spec.owner.clone(),
-            role: spec.role.clone(),
-            default_persona: spec.persona.clone(),
+            spec,
         }))
     }
 
     fn history(&self, state: &State, device: &str) -> Result<History, StoreError> {
-        let s = self.orchestrator.store().device_state(device)?;
+        let (persona, rule, since) = match self.orchestrator.store().device_state(device)? {
+            Some(s) => (Some(s.persona), s.rule, Some(s.since)),
+            None => (None, None, None),
+        };
         Ok(History {
-            persona: s.as_ref().map(|s| s.persona.clone()),
-            rule: s.as_ref().and_then(|s| s.rule.clone()),
-            since: s.map(|s| s.since),
+            persona,
+            rule,
+            since,
             left: state.left.get(device).cloned().unwrap_or_default(),
         })
     }

@@ -54,10 +54,12 @@ fn rules() -> BTreeMap<String, RuleSpec> {
 fn device() -> DeviceView {
     DeviceView {
         name: "vm1".into(),
-        labels: [("team".to_string(), "finance".to_string())].into(),
-        owner: Some("alice".into()),
-        role: Some("analyst".into()),
-        default_persona: Some("home".into()),
+        spec: std::sync::Arc::new(
+            serde_yaml::from_str(
+                "interface: tap1\nlabels: { team: finance }\nowner: alice\nrole: analyst\npersona: home\n",
+            )
+            .expect("device spec"),
+        ),
     }
 }
 
@@ -202,7 +204,8 @@ fn each_trigger_kind_and_priorities() {
 #[test]
 fn a_device_no_rule_selects_is_left_alone() {
     let mut research = device();
-    research.labels = [("team".to_string(), "sales".to_string())].into();
+    std::sync::Arc::make_mut(&mut research.spec).labels =
+        [("team".to_string(), "sales".to_string())].into();
     let mut only_research = BTreeMap::new();
     only_research.insert("others".to_string(), rules()["others"].clone());
     let d = decide(
@@ -662,8 +665,8 @@ proptest! {
                 signals.merge(s);
             }
             if relabel {
-                let team = if dev.labels["team"] == "finance" { "research" } else { "finance" };
-                dev.labels.insert("team".into(), team.into());
+                let team = if dev.spec.labels["team"] == "finance" { "research" } else { "finance" };
+                std::sync::Arc::make_mut(&mut dev.spec).labels.insert("team".into(), team.into());
             }
             let quick = decide_with(&dev, &compiled, &signals, &hist, TIMING, now, false);
             let reference = decide(&dev, &rs, &signals, &hist, TIMING, now);

@@ -1,6 +1,5 @@
 //! What the API benchmarks run on: the daemon on a site with one tap, vm1 on it, and two
 //! personas, `a` (203.0.113.10) and `b` (203.0.113.20), for it to shift between.
-use hyper::Method;
 use persona_tests::{
     daemon::Daemon,
     lab::{Site, VM_IFACE},
@@ -48,15 +47,10 @@ impl Bench {
         std::fs::write(&file, manifests).expect("manifests");
         self.daemon.cli_ok(&format!("apply -f {}", file.display()));
     }
+}
 
-    /// Shift number `i`: to `b` when even, back to `a` when odd. The daemon's answer.
-    pub fn shift(&self, i: usize) -> Value {
-        let to = if i.is_multiple_of(2) { "b" } else { "a" };
-        let body = json!({ "device_id": "vm1", "persona_id": to });
-        let (status, v) = self
-            .daemon
-            .admin(Method::POST, "/trigger_shift", Some(&body));
-        assert_eq!(status, 200, "{v}");
-        v
-    }
+/// Shift number `i` of vm1: to `b` when even, back to `a` when odd.
+pub fn shift_body(i: usize) -> Value {
+    let to = if i.is_multiple_of(2) { "b" } else { "a" };
+    json!({ "device_id": "vm1", "persona_id": to })
 }

@@ -98,7 +98,7 @@ pub fn markdown(r: &Value) -> String {
     if let Some(s) = r.get("shifts") {
         let _ = writeln!(
             m,
-            "## Shift latency\n\nMicroseconds, p50 / p99 (max). *flip*: the one ACTIVE map update that makes a shift visible. *compile+stage+flip*: the library call, persona text to flipped datapath (includes the batched reclamation of replaced tables). *API*: POST /trigger_shift over the daemon's Unix socket until it returns after the flip (client wall clock; includes plan, audit record and store write). *nft -f*: replacing an equivalent nftables ruleset (DNAT, SNAT, one filter rule per prefix) atomically, wall clock of the `nft -f` process.\n\n| rules | flip | compile+stage+flip | API | nft -f |\n|---:|---|---|---|---|"
+            "## Shift latency\n\nMicroseconds, p50 / p99 (max). *flip*: the one ACTIVE map update that makes a shift visible. *compile+stage+flip*: the library call, persona text to flipped datapath (includes the batched reclamation of replaced tables). *API*: POST /trigger_shift over the daemon's Unix socket, one kept-alive connection, until it returns after the flip (client wall clock; includes plan, audit record and store write). *nft -f*: replacing an equivalent nftables ruleset (DNAT, SNAT, one filter rule per prefix) atomically, wall clock of the `nft -f` process.\n\n| rules | flip | compile+stage+flip | API | nft -f |\n|---:|---|---|---|---|"
         );
         for row in s["rows"].as_array().into_iter().flatten() {
             let _ = writeln!(
@@ -266,7 +266,7 @@ The daemon following link events, {} rounds: the VM's veth deleted and made agai
         let ss = &c["signal_shifts"];
         let _ = writeln!(
             m,
-            "\nSignals that shift (10,000 rules; d0's role alternates between one a rule asks for and one none does, so each signal moves it): the POST returns after the flip, **{} / {} us** p50 / p99 over {} signals; the daemon's own signal-to-flip histogram (`persona_signal_to_flip_seconds`, buckets a half power of two apart) says **{} us** on average over {} flips, p50 at most **{} us** and p99 at most **{} us**.",
+            "\nSignals that shift (10,000 rules; d0's role alternates between one a rule asks for and one none does, so each signal moves it): the POST returns after the flip, **{} / {} us** p50 / p99 over {} signals; the daemon's own signal-to-flip histogram (`persona_signal_to_flip_seconds`, bounds at 100, 150, 200, 250 us, then every 100 us to 1 ms, every 250 us to 2 ms) says **{} us** on average over {} flips, p50 at most **{} us** and p99 at most **{} us**.",
             f(&ss["post_latency"]["p50_us"], 0),
             f(&ss["post_latency"]["p99_us"], 0),
             ss["posts"],

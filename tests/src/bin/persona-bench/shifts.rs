@@ -10,6 +10,8 @@ use persona_tests::{
 };
 use serde_json::{Value, json};
 
+use hyper::Method;
+
 use crate::api::{self, Bench};
 
 pub const RULE_COUNTS: [usize; 3] = [10, 1_000, 10_000];
@@ -105,20 +107,37 @@ fn nft(n: usize, shifts: usize) -> Value {
 }
 
 /// POST /trigger_shift to the daemon until the datapath has flipped (the call returns
-/// after the flip), vm1 alternating between two personas.
+/// after the flip), vm1 alternating between two personas, on one kept-alive connection
+/// as an orchestration tool keeps it.
 fn api(n: usize, shifts: usize) -> Value {
     let spec: String = firewall(n).lines().map(|l| format!("  {l}\n")).collect();
     let bench = Bench::start(&api::manifests(&spec), &[]);
-    let mut client = Vec::new();
-    let mut reported = Vec::new();
-    for i in 0..shifts {
-        let start = Instant::now();
-        let v = bench.shift(i);
-        client.push(start.elapsed());
-        if let Some(us) = v["duration_us"].as_u64() {
-            reported.push(Duration::from_micros(us));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (client, reported) = rt.block_on(async {
+        let mut conn = bench
+            .daemon
+            .client(Some(&bench.daemon.admin))
+            .connect()
+            .await
+            .expect("connecting");
+        let (mut client, mut reported) = (Vec::new(), Vec::new());
+        for i in 0..shifts {
+            let start = Instant::now();
+            let (status, v) = conn
+                .call(Method::POST, "/trigger_shift", Some(&api::shift_body(i)))
+                .await
+                .expect("POST /trigger_shift");
+            client.push(start.elapsed());
+            assert_eq!(status, 200, "{v}");
+            if let Some(us) = v["duration_us"].as_u64() {
+                reported.push(Duration::from_micros(us));
+            }
         }
-    }
+        (client, reported)
+    });
     json!({ "api_call": percentiles(client), "daemon_reported": percentiles(reported) })
 }
 
