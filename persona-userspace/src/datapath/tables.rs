@@ -3,7 +3,7 @@
 //! generations keep counting up across restarts.
 use std::{
     collections::{BTreeSet, HashMap},
-    sync::Arc,
+    sync::{Arc, Weak},
 };
 
 use persona_common::{
@@ -26,6 +26,10 @@ pub struct Prefixes {
 
 pub struct Ruleset {
     pub firewall: Arc<Firewall>,
+    /// Other compilations found equal to it (two personas with one firewall, a persona
+    /// compiled again): known by their pointer from then on, not compared again prefix
+    /// by prefix at every shift. Weak: a persona gone takes its prefixes with it.
+    aliases: Vec<Weak<Firewall>>,
     pub keys: Prefixes,
     /// Tables naming it, freed or not. At zero it stays resident for the next persona
     /// with the same firewall until the space is needed.
@@ -130,18 +134,27 @@ impl Tables {
     }
 
     /// The resident ruleset holding exactly this firewall.
-    pub fn find_ruleset(&self, firewall: &Arc<Firewall>) -> Option<u32> {
+    pub fn find_ruleset(&mut self, firewall: &Arc<Firewall>) -> Option<u32> {
         if firewall.is_empty() {
             return Some(EMPTY_RULESET);
         }
-        self.by_fingerprint
-            .get(&firewall.fingerprint())?
+        let ids = self.by_fingerprint.get(&firewall.fingerprint())?;
+        let known = |r: &Ruleset| {
+            Arc::ptr_eq(&r.firewall, firewall)
+                || r.aliases
+                    .iter()
+                    .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(firewall)))
+        };
+        if let Some(&id) = ids.iter().find(|id| known(&self.rulesets[id])) {
+            return Some(id);
+        }
+        let id = *ids
             .iter()
-            .copied()
-            .find(|id| {
-                let r = &self.rulesets[id].firewall;
-                Arc::ptr_eq(r, firewall) || **r == **firewall
-            })
+            .find(|id| *self.rulesets[id].firewall == **firewall)?;
+        let r = self.rulesets.get_mut(&id).expect("indexed rulesets exist");
+        r.aliases.retain(|w| w.strong_count() > 0);
+        r.aliases.push(Arc::downgrade(firewall));
+        Some(id)
     }
 
     pub fn alloc_ruleset(&mut self) -> Option<u32> {
@@ -164,6 +177,7 @@ impl Tables {
             id,
             Ruleset {
                 firewall,
+                aliases: Vec::new(),
                 keys,
                 refs: 0,
             },
@@ -255,6 +269,16 @@ mod tests {
         t.insert_ruleset(id, a.clone(), Prefixes::default());
         let copy = Arc::new((*a).clone());
         assert_eq!(t.find_ruleset(&copy), Some(id), "found by content");
+        assert_eq!(t.find_ruleset(&copy), Some(id), "then by pointer");
+        assert_eq!(t.rulesets[&id].aliases.len(), 1);
+        drop(copy);
+        let another = Arc::new((*a).clone());
+        assert_eq!(t.find_ruleset(&another), Some(id));
+        assert_eq!(
+            t.rulesets[&id].aliases.len(),
+            1,
+            "a copy dropped is no longer remembered"
+        );
         assert_eq!(t.find_ruleset(&firewall(23)), None);
         assert_eq!(
             t.find_ruleset(&Arc::new(Firewall::default())),
