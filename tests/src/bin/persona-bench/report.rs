@@ -266,7 +266,7 @@ The daemon following link events, {} rounds: the VM's veth deleted and made agai
         let ss = &c["signal_shifts"];
         let _ = writeln!(
             m,
-            "\nSignals that shift (10,000 rules; d0's role alternates between one a rule asks for and one none does, so each signal moves it): the POST returns after the flip, **{} / {} us** p50 / p99 over {} signals; the daemon's own signal-to-flip histogram (`persona_signal_to_flip_seconds`, bounds at 100, 150, 200, 250 us, then every 100 us to 1 ms, every 250 us to 2 ms) says **{} us** on average over {} flips, p50 at most **{} us** and p99 at most **{} us**.",
+            "\nSignals that shift (10,000 rules; d0's role alternates between one a rule asks for and one none does, so each signal moves it): the POST returns after the flip, **{} / {} us** p50 / p99 over {} signals; the daemon's own signal-to-flip histogram (`persona_signal_to_flip_seconds`, bounds at 100, 150, 200 and 250 us, every 100 us from 300 us to 1 ms, every 250 us to 2 ms) says **{} us** on average over {} flips, p50 at most **{} us** and p99 at most **{} us**.",
             f(&ss["post_latency"]["p50_us"], 0),
             f(&ss["post_latency"]["p99_us"], 0),
             ss["posts"],

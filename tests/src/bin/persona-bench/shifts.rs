@@ -3,14 +3,13 @@
 //! atomically with `nft -f`.
 use std::time::{Duration, Instant};
 
+use hyper::Method;
 use persona::model::FlowMode;
 use persona_tests::{
     harness::Harness,
     netns::{Netns, sh},
 };
 use serde_json::{Value, json};
-
-use hyper::Method;
 
 use crate::api::{self, Bench};
 
