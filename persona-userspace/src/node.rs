@@ -100,6 +100,7 @@ impl Applied {
 pub struct Node {
     pub datapath: Box<dyn Datapath>,
     pub wiring: Box<dyn Wiring>,
+    names: crate::datapath::Names,
 }
 
 /// The wiring of a datapath that never leaves the maps (tests, maintenance commands).
@@ -131,14 +132,18 @@ impl Wiring for NoWiring {
 
 impl Node {
     pub fn new(datapath: Box<dyn Datapath>, wiring: Box<dyn Wiring>) -> Self {
-        Self { datapath, wiring }
+        Self {
+            datapath,
+            wiring,
+            names: Default::default(),
+        }
     }
 
     /// The device's ifindex: `known` when the device is attached there and its interface
     /// still has it (a shift's usual case: nothing to write), else attached now.
     pub fn ensure_attached(&mut self, device: &DeviceSpec, known: Option<u32>) -> Result<u32> {
         if let Some(i) = known
-            && crate::datapath::ifindex(&device.interface).ok() == Some(i)
+            && self.names.index(&device.interface) == Some(i)
             && self.datapath.is_attached(i)?
         {
             return Ok(i);

@@ -1,7 +1,7 @@
 //! Context signals in, and the engine's reasons out.
 use axum::http::StatusCode;
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::{Value, json, value::RawValue};
 
 use super::{
     ApiError, State,
@@ -28,18 +28,20 @@ struct Pushed {
 pub async fn push(
     state: State,
     caller: Caller,
-    Json(body): Json<Value>,
+    Json(body): Json<Box<RawValue>>,
 ) -> Result<Json<impl Serialize>, ApiError> {
     caller.require(Role::Operator)?;
-    let raw = match body {
-        Value::Array(v) => v,
-        one => vec![one],
+    // Each element read straight into a signal, with its index for the errors.
+    let raw: Vec<&RawValue> = match body.get().starts_with('[') {
+        true => serde_json::from_str(body.get())
+            .map_err(|e| ApiError::from(FieldError::new("signals", e.to_string())))?,
+        false => vec![&*body],
     };
     let store = state.orchestrator.store();
     let mut signals = Vec::with_capacity(raw.len());
     for (i, v) in raw.into_iter().enumerate() {
         let at = |f: &str| format!("signals[{i}].{f}");
-        let s: Signal = serde_json::from_value(v)
+        let s: Signal = serde_json::from_str(v.get())
             .map_err(|e| ApiError::from(FieldError::new(format!("signals[{i}]"), e.to_string())))?;
         s.validate()
             .map_err(|e| ApiError::from(FieldError::new(at(&e.field), e.reason)))?;

@@ -1,9 +1,8 @@
 use serde::Deserialize;
-use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use super::{ApiError, State, extract::Json};
-use crate::{auth::Caller, model::FlowMode, store::Role};
+use crate::{auth::Caller, model::FlowMode, orchestrator::Outcome, store::Role};
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -25,7 +24,7 @@ pub async fn trigger_shift(
     state: State,
     caller: Caller,
     Json(req): Json<ShiftRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Outcome>, ApiError> {
     caller.require(Role::Operator)?;
     let outcome = state
         .orchestrator
@@ -37,5 +36,5 @@ pub async fn trigger_shift(
             req.flows,
         )
         .await?;
-    Ok(Json(json!(outcome)))
+    Ok(Json(outcome))
 }

@@ -123,6 +123,7 @@ impl Datapath for FakeDatapath {
             previous: previous.map(|(p, _)| p),
             flows,
             flip: std::time::Duration::ZERO,
+            tables: None,
         })
     }
 

@@ -8,6 +8,7 @@ pub mod fake;
 mod grace;
 pub mod kernel;
 pub mod maps;
+mod names;
 pub mod programs;
 pub(crate) mod reset;
 mod tables;
@@ -16,6 +17,7 @@ pub mod worker;
 use std::collections::BTreeMap;
 
 pub use compile::{CompiledPersona, compile};
+pub use names::Names;
 use persona_common::counters::{Counter, Reason};
 
 use crate::model::{DeviceSpec, FlowMode};
@@ -209,6 +211,9 @@ pub struct Flipped {
     pub previous: Option<ActiveState>,
     pub flows: FlowMode,
     pub flip: std::time::Duration,
+    /// The table flipped in and the one it replaced, as written: the commit's to read
+    /// without a map lookup. None from a datapath without tables.
+    pub(crate) tables: Option<Box<[persona_common::persona::PersonaTable; 2]>>,
 }
 
 /// What committing a flip left for the host: addresses to withdraw now (a `cut`'s).

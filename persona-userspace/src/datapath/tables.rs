@@ -41,6 +41,9 @@ pub type Pair = (u32, u32);
 
 pub struct Tables {
     free: BTreeSet<u32>,
+    /// Free slots known empty, cleared when they were freed: a stage into one writes
+    /// the table alone. The others may hold what a process that stopped left.
+    clean: BTreeSet<u32>,
     /// The (device, persona) each flipped-in table counts for, and how many tables
     /// count for each pair: a pair no table owns is counted for no more.
     owner_of: HashMap<u32, Pair>,
@@ -61,6 +64,7 @@ impl Tables {
     ) -> Self {
         let mut tables = Self {
             free: (META_TABLE + 1..MAX_TABLES).collect(),
+            clean: BTreeSet::new(),
             owner_of: HashMap::new(),
             owned: HashMap::new(),
             rules_of: HashMap::new(),
@@ -79,9 +83,15 @@ impl Tables {
         tables
     }
 
-    pub fn alloc(&mut self) -> Result<u32> {
+    /// A free slot, a clean one first, and whether it is clean.
+    pub fn alloc(&mut self) -> Result<(u32, bool)> {
+        if let Some(table) = self.clean.pop_first() {
+            self.free.remove(&table);
+            return Ok((table, true));
+        }
         self.free
             .pop_first()
+            .map(|table| (table, false))
             .ok_or(DatapathError::TablesExhausted(MAX_TABLES - 1))
     }
 
@@ -89,6 +99,14 @@ impl Tables {
     pub fn release(&mut self, table: u32) {
         if table != META_TABLE {
             self.free.insert(table);
+        }
+    }
+
+    /// Returns a slot just cleared to the free list.
+    pub fn release_clean(&mut self, table: u32) {
+        if table != META_TABLE {
+            self.free.insert(table);
+            self.clean.insert(table);
         }
     }
 

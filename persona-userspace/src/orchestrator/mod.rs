@@ -722,11 +722,16 @@ impl Orchestrator {
             generation: None,
             result: String::new(),
             duration_us: None,
-            detail: json!({ "plan": plan }),
+            detail: Value::Null,
         };
-        if let Some((rule, why)) = &cause {
-            body.detail["cause"] = json!({ "rule": rule, "why": why });
-        }
+        let detail = |plan: &Plan| {
+            let mut detail = json!({ "plan": plan });
+            if let Some((rule, why)) = &cause {
+                detail["cause"] = json!({ "rule": rule, "why": why });
+            }
+            detail
+        };
+        body.detail = detail(&plan);
         if dry_run {
             body.result = "dry-run".into();
             let event = self.record(body)?;
@@ -774,7 +779,12 @@ impl Orchestrator {
                 .install(device, persona, generation, new.tls.as_ref()),
         }
         .map_err(|why| StepFailed::new(TxStep::Tls, why));
-        let mut done = body.clone();
+        // The plan's detail moves to the record of success; a failure writes it again.
+        let detail_done = std::mem::take(&mut body.detail);
+        let mut done = EventBody {
+            detail: detail_done,
+            ..body.clone()
+        };
         let duration_us = start.elapsed().as_micros() as u64;
         done.duration_us = Some(duration_us);
         done.generation = Some(generation);
@@ -825,6 +835,7 @@ impl Orchestrator {
                     Err(e) => format!("{}; undoing the steps before it failed too: {e}", f.reason),
                 };
                 let f = StepFailed::new(f.step, reason);
+                body.detail = detail(&plan);
                 failed(&mut body, &f);
                 self.record(body)?;
                 return Err(ShiftError::RolledBack {
@@ -833,13 +844,14 @@ impl Orchestrator {
                 });
             }
         };
-        let _ = self.events.send(event.clone());
+        let seq = event.seq;
+        let _ = self.events.send(event);
         let outcome = Outcome {
             plan,
             dry_run,
             generation: Some(generation),
             duration_us,
-            event: event.seq,
+            event: seq,
         };
         // Past the point of no return: what is left only tidies up after the old persona,
         // queued on the node before the caller hears, so that whatever the caller asks of
@@ -875,7 +887,7 @@ impl Orchestrator {
                 generation: Some(generation),
                 result: "ok".into(),
                 duration_us: None,
-                detail: json!({ "shift": event.seq, "commit": detail }),
+                detail: json!({ "shift": seq, "commit": detail }),
             })?;
         }
         Ok(outcome)

@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::FieldError;
 
+mod parse;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
@@ -63,19 +65,20 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Read by [`parse`]'s one-pass `Deserialize`, in the shape this `Serialize` writes.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Signal {
     pub device: String,
     #[serde(flatten)]
     pub body: SignalBody,
-    #[serde(default = "api")]
+    /// `api` when not given.
     pub source: String,
     /// When it was observed; the time of arrival when missing.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub at: Option<jiff::Timestamp>,
     /// Seconds after `at` when it stops counting.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ttl: Option<u64>,
 }
 

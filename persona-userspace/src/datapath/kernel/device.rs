@@ -120,13 +120,12 @@ impl KernelDatapath {
 
     /// What the host must have wired for the device.
     pub(super) fn device_wiring(&self, ifindex: u32) -> Result<DeviceWiring> {
-        let attached = self.maps.devices.get(&ifindex, 0).is_ok();
+        let inner = match self.maps.devices.get(&ifindex, 0) {
+            Ok(cfg) => Self::inner_of(&cfg),
+            Err(_) => Vec::new(),
+        };
         Ok(DeviceWiring {
-            inner: if attached {
-                self.inner_addresses(ifindex)?
-            } else {
-                Vec::new()
-            },
+            inner,
             active: self.active_addresses(ifindex)?,
             draining: self.draining(ifindex)?,
             gateways: gateways(&self.wiring(ifindex)),

@@ -134,18 +134,13 @@ impl KernelDatapath {
         compiled.addresses()
     }
 
-    pub(super) fn inner_addresses(&self, ifindex: u32) -> Result<Vec<IpAddr>> {
-        let cfg = self
-            .maps
-            .devices
-            .get(&ifindex, 0)
-            .map_err(|_| DatapathError::NotAttached(ifindex))?;
-        let d = DeviceSpec::from_config(String::new(), &cfg);
-        Ok(d.inner_v4
+    pub(super) fn inner_of(cfg: &DeviceConfig) -> Vec<IpAddr> {
+        let d = DeviceSpec::from_config(String::new(), cfg);
+        d.inner_v4
             .map(IpAddr::V4)
             .into_iter()
             .chain(d.inner_v6.map(IpAddr::V6))
-            .collect())
+            .collect()
     }
 
     /// The addresses the network sees for a device right now.

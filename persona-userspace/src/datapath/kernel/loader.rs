@@ -130,6 +130,7 @@ impl KernelDatapath {
             folded,
             held,
             live_keys: Default::default(),
+            meta: None,
             metadata_cursor: 0,
             cpus: nr_cpus().map_err(|(_, e)| io_err("counting CPUs")(e))?,
             _lock: lock,

@@ -154,6 +154,9 @@ pub struct KernelDatapath {
     held: Option<Arc<RwLock<Held>>>,
     /// `COUNTERS` keys at the last full read.
     live_keys: std::cell::Cell<u64>,
+    /// Slot 0 as last written, when this process holds the lock: the next generation
+    /// without a read.
+    meta: Option<PersonaTable>,
     /// The metadata peer slot given last: slots are handed out in turn, so one freed is
     /// not given to the next device while its old connections may still be open.
     metadata_cursor: u32,

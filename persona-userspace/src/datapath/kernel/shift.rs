@@ -88,6 +88,7 @@ impl KernelDatapath {
             }),
             flows,
             flip,
+            tables: Some(Box::new([table, inherited])),
         })
     }
 
@@ -135,7 +136,17 @@ impl KernelDatapath {
     }
 
     pub(super) fn commit_flip(&mut self, f: &Flipped) -> Result<Committed> {
-        let new_addrs = Self::host_addresses(&self.persona_table(f.table)?);
+        let [new_table, prev_table] = match f.tables.as_deref() {
+            Some(&tables) => tables,
+            None => [
+                self.persona_table(f.table)?,
+                match f.previous {
+                    Some(prev) => self.persona_table(prev.table)?,
+                    None => PersonaTable::default(),
+                },
+            ],
+        };
+        let new_addrs = Self::host_addresses(&new_table);
         // The new persona's addresses are its own again, draining no more.
         for &addr in &new_addrs {
             self.drop_drain(f.ifindex, addr)?;
@@ -145,7 +156,6 @@ impl KernelDatapath {
             self.hold_only(f.ifindex, &new_addrs);
             return Ok(committed);
         };
-        let prev_table = self.persona_table(prev.table)?;
         let drain = Drain {
             persona: prev.persona,
             _pad: 0,

@@ -3,30 +3,17 @@
 use super::*;
 
 impl KernelDatapath {
+    /// Holds an empty slot and its ruleset, and writes the slot's QOS. The table itself
+    /// is written by the flip, with the device's part, in one update.
     pub(super) fn stage_persona(&mut self, persona: &CompiledPersona) -> Result<Staged> {
         let ruleset = self.resident(&persona.firewall)?;
-        let table = self.alloc_table()?;
-        // A slot may hold leftovers of a stage a crash cut short.
-        if let Err(e) = self.clear_table(table) {
-            self.tables.release(table);
-            return Err(e);
-        }
+        let table = self.empty_table()?;
         self.tables.hold(table, ruleset);
-        let written = PersonaTable {
-            rules: ruleset,
-            ..persona.table
-        };
         if let Err(e) = self
             .maps
             .qos
             .set(table, persona.qos, 0)
             .map_err(bpf_err("QOS"))
-            .and_then(|()| {
-                self.maps
-                    .personas
-                    .set(table, written, 0)
-                    .map_err(bpf_err("PERSONAS"))
-            })
         {
             let _ = self.clear_table(table);
             self.tables.release(table);
@@ -42,7 +29,7 @@ impl KernelDatapath {
     pub(super) fn discard_staged(&mut self, staged: Staged) -> Result<()> {
         // Never visible to a program: no grace period needed.
         self.clear_table(staged.table)?;
-        self.tables.release(staged.table);
+        self.tables.release_clean(staged.table);
         Ok(())
     }
 
@@ -67,17 +54,21 @@ impl KernelDatapath {
             .qos
             .get(&active.table, 0)
             .map_err(bpf_err("QOS"))?;
-        let slot = self.alloc_table()?;
-        let copied = self.clear_table(slot).and_then(|()| {
-            self.tables.hold(slot, table.rules);
-            self.tables
-                .set_owner(slot, (table.owner_ifindex, table.owner_persona));
-            self.maps.qos.set(slot, qos, 0).map_err(bpf_err("QOS"))?;
-            self.maps
-                .personas
-                .set(slot, table, 0)
-                .map_err(bpf_err("PERSONAS"))
-        });
+        let slot = self.empty_table()?;
+        self.tables.hold(slot, table.rules);
+        self.tables
+            .set_owner(slot, (table.owner_ifindex, table.owner_persona));
+        let copied = self
+            .maps
+            .qos
+            .set(slot, qos, 0)
+            .map_err(bpf_err("QOS"))
+            .and_then(|()| {
+                self.maps
+                    .personas
+                    .set(slot, table, 0)
+                    .map_err(bpf_err("PERSONAS"))
+            });
         if let Err(e) = copied {
             let _ = self.clear_table(slot);
             self.tables.release(slot);
@@ -211,9 +202,7 @@ impl KernelDatapath {
     /// (which only userspace writes), and zeroes them for the slot's next owner. Safe
     /// only once no program can be using the table.
     pub(super) fn harvest(&mut self, table: u32) -> Result<()> {
-        let owner = self.persona_table(table)?;
-        let attached =
-            owner.owner_ifindex != 0 && self.maps.devices.get(&owner.owner_ifindex, 0).is_ok();
+        let mut owner = None;
         for direction in [DIR_EGRESS, DIR_INGRESS] {
             let slot = tracked_slot(table, direction);
             let counted = self
@@ -224,13 +213,12 @@ impl KernelDatapath {
             if counted.iter().all(|c| c.packets == 0) {
                 continue;
             }
-            if attached {
-                let key = CounterKey::new(
-                    owner.owner_ifindex,
-                    owner.owner_persona,
-                    direction,
-                    Reason::AllowTracked,
-                );
+            let (ifindex, persona) = match owner {
+                Some(o) => o,
+                None => *owner.insert(self.counting_for(table)?),
+            };
+            if ifindex != 0 {
+                let key = CounterKey::new(ifindex, persona, direction, Reason::AllowTracked);
                 let counted: Vec<Counter> = counted.iter().copied().collect();
                 self.add_to_counter(key, &counted)?;
             }
@@ -242,8 +230,19 @@ impl KernelDatapath {
         Ok(())
     }
 
+    /// The attached device and persona a table counts for; ifindex 0 for none.
+    fn counting_for(&self, table: u32) -> Result<Pair> {
+        let owner = self.persona_table(table)?;
+        let attached =
+            owner.owner_ifindex != 0 && self.maps.devices.get(&owner.owner_ifindex, 0).is_ok();
+        Ok(match attached {
+            true => (owner.owner_ifindex, owner.owner_persona),
+            false => (0, 0),
+        })
+    }
+
     /// A free table slot, freeing the retired ones first when none is left.
-    pub(super) fn alloc_table(&mut self) -> Result<u32> {
+    fn alloc_table(&mut self) -> Result<(u32, bool)> {
         match self.tables.alloc() {
             Err(DatapathError::TablesExhausted(_)) if self.retiring().next().is_some() => {
                 self.reclaim()?;
@@ -251,6 +250,17 @@ impl KernelDatapath {
             }
             other => other,
         }
+    }
+
+    /// A free slot, empty: cleared when it was freed, or now when it may hold leftovers
+    /// of a stage a crash cut short.
+    fn empty_table(&mut self) -> Result<u32> {
+        let (table, clean) = self.alloc_table()?;
+        if !clean && let Err(e) = self.clear_table(table) {
+            self.tables.release(table);
+            return Err(e);
+        }
+        Ok(table)
     }
 
     /// A counter of zeros for every CPU.
@@ -339,7 +349,7 @@ impl KernelDatapath {
                 failed.get_or_insert(e);
                 break;
             }
-            self.tables.release(table);
+            self.tables.release_clean(table);
         }
         if self.config.exclusive {
             self.fold_unowned();
@@ -355,12 +365,19 @@ impl KernelDatapath {
     }
 
     pub(super) fn next_generation(&mut self) -> Result<u64> {
-        let mut meta = self.persona_table(META_TABLE)?;
+        let mut meta = match self.meta.take() {
+            Some(meta) => meta,
+            None => self.persona_table(META_TABLE)?,
+        };
         meta.generation += 1;
         self.maps
             .personas
             .set(META_TABLE, meta, 0)
             .map_err(bpf_err("PERSONAS"))?;
+        // Only the holder of the pin directory's lock hands generations out.
+        if self.config.exclusive {
+            self.meta = Some(meta);
+        }
         Ok(meta.generation)
     }
 
