@@ -27,11 +27,40 @@ pub fn tell_neighbours(name: &str, uplink: u32, addrs: &[IpAddr]) -> io::Result<
 
 /// The interface's Ethernet address, as this process's namespace has it (sysfs may
 /// show another's).
+/// Asked of the one interface: a list of every address of every interface would
+/// grow with the taps, and this is asked at every shift.
 pub(crate) fn mac_of(name: &str) -> io::Result<[u8; 6]> {
-    nix::ifaddrs::getifaddrs()?
-        .filter(|a| a.interface_name == name)
-        .find_map(|a| a.address?.as_link_addr()?.addr())
-        .ok_or_else(|| io::Error::other(format!("{name} has no Ethernet address")))
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let none = || io::Error::other(format!("{name} has no Ethernet address"));
+    if name.len() >= libc::IFNAMSIZ || name.as_bytes().contains(&0) {
+        return Err(none());
+    }
+    // SAFETY: a plain datagram socket, owned (and closed) from here on.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: all zeroes is a valid `ifreq`.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (to, from) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
+        *to = *from as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR reads the name and writes the address into `req`, which
+    // lives across the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel wrote the hardware address member.
+    let hw = unsafe { req.ifr_ifru.ifru_hwaddr };
+    if hw.sa_family != libc::ARPHRD_ETHER {
+        return Err(none());
+    }
+    let mut mac = [0u8; 6];
+    for (to, from) in mac.iter_mut().zip(hw.sa_data) {
+        *to = from as u8;
+    }
+    Ok(mac)
 }
 
 /// An ARP request for `addr` from `addr`: every neighbour holding an entry for it
@@ -76,6 +105,28 @@ pub fn unsolicited_na(mac: [u8; 6], addr: [u8; 16]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mac_asked_of_one_interface_is_the_one_the_full_list_shows() {
+        assert!(
+            mac_of("lo").is_err(),
+            "the loopback has no Ethernet address"
+        );
+        assert!(mac_of("persona-none0").is_err());
+        for a in nix::ifaddrs::getifaddrs().unwrap() {
+            let Some(mac) = a.address.and_then(|l| l.as_link_addr()?.addr()) else {
+                continue;
+            };
+            if mac != [0; 6] {
+                assert_eq!(
+                    mac_of(&a.interface_name).unwrap(),
+                    mac,
+                    "{}",
+                    a.interface_name
+                );
+            }
+        }
+    }
 
     #[test]
     fn an_advertisement_sums_to_zero_with_its_pseudo_header() {

@@ -893,53 +893,55 @@ impl Orchestrator {
         Ok(outcome)
     }
 
-    /// Every address a device other than `device` (attached at `own`) holds, with who
-    /// holds it: those of the persona it runs (its leases for a pooled one), and those
-    /// still draining for its open flows. One read of the store's states and one job on
+    /// The addresses `wanted` that a device other than `device` (attached at `own`)
+    /// holds, with who holds it: those of the persona it runs (its leases for a pooled
+    /// one), and those still draining for its open flows. One read of the store's states and one job on
     /// the datapath, whatever the number of devices.
     async fn held(
         &self,
         device: &str,
         own: Option<u32>,
+        wanted: impl Fn(&IpAddr) -> bool,
     ) -> Result<HashMap<IpAddr, String>, ShiftError> {
         let mut held = HashMap::new();
         for (name, s) in self.store.device_states()? {
             if name == device {
                 continue;
             }
-            for a in self.state_addresses(&s) {
+            for a in self.state_addresses(&s).into_iter().filter(&wanted) {
                 held.insert(a, format!("device {name} (persona {})", s.persona));
             }
         }
         // What the datapath runs too: a device's store record may lag behind (a
         // persona updated, its device's shift refused) and drains are only there.
-        let interfaces = self
-            .interfaces
-            .lock()
-            .map(|m| m.clone())
-            .unwrap_or_default();
         let wired = self
             .datapath
             .held_addresses(own)
             .await
             .map_err(|e| ShiftError::Failed(e.to_string()))?;
-        for crate::datapath::HeldAddresses {
-            ifindex,
-            active,
-            draining,
-        } in wired
-        {
-            let on = interfaces.get(&ifindex).map_or_else(
-                || format!("interface {ifindex}"),
-                |i| format!("the device on {i}"),
-            );
-            for a in active {
+        let wired: Vec<(IpAddr, u32, &str)> = wired
+            .into_iter()
+            .flat_map(|h| {
+                let active = h
+                    .active
+                    .into_iter()
+                    .map(move |a| (a, h.ifindex, "running it"));
+                let draining = h
+                    .draining
+                    .into_iter()
+                    .map(move |a| (a, h.ifindex, "draining its open flows"));
+                active.chain(draining)
+            })
+            .filter(|(a, _, _)| wanted(a))
+            .collect();
+        if !wired.is_empty() {
+            let interfaces = self.interfaces.lock().unwrap_or_else(|e| e.into_inner());
+            for (a, ifindex, why) in wired {
                 held.entry(a)
-                    .or_insert_with(|| format!("{on} (running it)"));
-            }
-            for a in draining {
-                held.entry(a)
-                    .or_insert_with(|| format!("{on} (draining its open flows)"));
+                    .or_insert_with(|| match interfaces.get(&ifindex) {
+                        Some(i) => format!("the device on {i} ({why})"),
+                        None => format!("interface {ifindex} ({why})"),
+                    });
             }
         }
         Ok(held)
@@ -957,7 +959,12 @@ impl Orchestrator {
         own: Option<u32>,
     ) -> Result<(Vec<ipnet::IpNet>, Claim), ShiftError> {
         let _one_at_a_time = self.leasing.lock().await;
-        let mut held = self.held(device, own).await?;
+        // Only who holds an address this persona may take matters here.
+        let wanted = |a: &IpAddr| {
+            declared.addresses.iter().any(|d| d.addr() == *a)
+                || declared.address_pool.iter().any(|p| p.contains(a))
+        };
+        let mut held = self.held(device, own, wanted).await?;
         for (other, addrs) in self.claims.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             if other != device {
                 for a in addrs {
