@@ -26,41 +26,10 @@ pub fn tell_neighbours(name: &str, uplink: u32, addrs: &[IpAddr]) -> io::Result<
 }
 
 /// The interface's Ethernet address, as this process's namespace has it (sysfs may
-/// show another's).
-/// Asked of the one interface: a list of every address of every interface would
-/// grow with the taps, and this is asked at every shift.
+/// show another's). Asked of the one interface: a list of every interface would grow
+/// with the taps, and this is asked at every shift.
 pub(crate) fn mac_of(name: &str) -> io::Result<[u8; 6]> {
-    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-    let none = || io::Error::other(format!("{name} has no Ethernet address"));
-    if name.len() >= libc::IFNAMSIZ || name.as_bytes().contains(&0) {
-        return Err(none());
-    }
-    // SAFETY: a plain datagram socket, owned (and closed) from here on.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: all zeroes is a valid `ifreq`.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (to, from) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
-        *to = *from as libc::c_char;
-    }
-    // SAFETY: SIOCGIFHWADDR reads the name and writes the address into `req`, which
-    // lives across the call.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel wrote the hardware address member.
-    let hw = unsafe { req.ifr_ifru.ifru_hwaddr };
-    if hw.sa_family != libc::ARPHRD_ETHER {
-        return Err(none());
-    }
-    let mut mac = [0u8; 6];
-    for (to, from) in mac.iter_mut().zip(hw.sa_data) {
-        *to = from as u8;
-    }
-    Ok(mac)
+    crate::datapath::Names::new().mac(name)
 }
 
 /// An ARP request for `addr` from `addr`: every neighbour holding an entry for it

@@ -895,8 +895,8 @@ impl Orchestrator {
 
     /// The addresses `wanted` that a device other than `device` (attached at `own`)
     /// holds, with who holds it: those of the persona it runs (its leases for a pooled
-    /// one), and those still draining for its open flows. One read of the store's states and one job on
-    /// the datapath, whatever the number of devices.
+    /// one), and those still draining for its open flows. One read of the store's
+    /// states and one job on the datapath, whatever the number of devices.
     async fn held(
         &self,
         device: &str,
