@@ -255,6 +255,14 @@ fn a_shift_asked_of_any_host_is_made_by_the_host_that_runs_the_device() {
     ));
     let attached = || persona_tests::inspect::dump(&lab, "DEVICES", false).len();
     wait_until("A attaches vm2", || attached() == 2);
+    // A checks a shift against what etcd holds: travel's new address is vm1's.
+    let refused = b.cli("shift vm2 travel");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && err.contains("203.0.113.21 is held by device vm1 (persona travel)"),
+        "{err}"
+    );
     b.cli_ok("delete device vm2");
     wait_until("A detaches the device B deleted", || attached() == 1);
 

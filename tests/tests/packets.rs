@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use persona::{
     datapath::{Datapath as _, held_by_lookup, programs::Program},
-    model::FlowMode,
+    model::{AddressScope, FlowMode},
 };
 use persona_common::{DIR_EGRESS as EGRESS, DIR_INGRESS as INGRESS, counters::Reason};
 use persona_tests::{
@@ -509,10 +509,31 @@ fn a_kept_flow_keeps_its_address_and_a_new_flow_takes_the_new_one() {
     assert_eq!(h.count(INGRESS, Reason::DropNotPersona), 2);
     // What a shift of another device is checked against, from the datapath's own
     // account, is what the maps hold: B active, A draining for the kept flow.
-    let held = h.dp.held_addresses(None).expect("held addresses");
-    assert_eq!(held, held_by_lookup(&h.dp, None).expect("held, map by map"));
-    assert!(held[0].active.contains(&v4(PERSONA_B_V4)), "{held:?}");
-    assert!(held[0].draining.contains(&v4(PERSONA_A_V4)), "{held:?}");
+    // Only what is in the scope asked about is answered.
+    let scope = |addrs: &[[u8; 4]]| AddressScope::new(addrs.iter().map(|&a| v4(a)..=v4(a)));
+    let both = scope(&[PERSONA_A_V4, PERSONA_B_V4]);
+    let held = h.dp.held_addresses(None, &both).expect("held addresses");
+    assert_eq!(
+        held,
+        held_by_lookup(&h.dp, None, &both).expect("held, map by map")
+    );
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held[0].active, [v4(PERSONA_B_V4)], "{held:?}");
+    assert_eq!(held[0].draining, [v4(PERSONA_A_V4)], "{held:?}");
+    let a =
+        h.dp.held_addresses(None, &scope(&[PERSONA_A_V4]))
+            .expect("A");
+    assert!(
+        a[0].active.is_empty() && a[0].draining == [v4(PERSONA_A_V4)],
+        "{a:?}"
+    );
+    let elsewhere = scope(&[[203, 0, 113, 99]]);
+    assert_eq!(h.dp.held_addresses(None, &elsewhere).expect("none"), []);
+    assert_eq!(
+        h.dp.held_addresses(Some(held[0].ifindex), &both)
+            .expect("but the device"),
+        []
+    );
 }
 
 #[test]

@@ -20,7 +20,7 @@ pub use compile::{CompiledPersona, compile};
 pub use names::Names;
 use persona_common::counters::{Counter, Reason};
 
-use crate::model::{DeviceSpec, FlowMode};
+use crate::model::{AddressScope, DeviceSpec, FlowMode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -133,26 +133,35 @@ pub struct FlowInfo {
 pub fn held_by_lookup<D: Datapath + ?Sized>(
     dp: &D,
     except: Option<u32>,
+    scope: &AddressScope,
 ) -> Result<Vec<HeldAddresses>> {
     let mut draining: std::collections::HashMap<u32, Vec<std::net::IpAddr>> = Default::default();
     for (i, d) in dp.drains_all()? {
-        draining.entry(i).or_default().push(d.addr);
+        if scope.contains(&d.addr) {
+            draining.entry(i).or_default().push(d.addr);
+        }
     }
-    dp.attached()?
-        .into_iter()
-        .filter(|&i| Some(i) != except)
-        .map(|ifindex| {
-            Ok(HeldAddresses {
+    let mut held = Vec::new();
+    for ifindex in dp.attached()?.into_iter().filter(|&i| Some(i) != except) {
+        let mut active = dp.active_addresses(ifindex)?;
+        active.retain(|a| scope.contains(a));
+        active.sort();
+        let mut draining = draining.remove(&ifindex).unwrap_or_default();
+        draining.sort();
+        if !active.is_empty() || !draining.is_empty() {
+            held.push(HeldAddresses {
                 ifindex,
-                active: dp.active_addresses(ifindex)?,
-                draining: draining.remove(&ifindex).unwrap_or_default(),
-            })
-        })
-        .collect()
+                active,
+                draining,
+            });
+        }
+    }
+    Ok(held)
 }
 
 /// [`Datapath::held_addresses`] answered outside the datapath's thread.
-pub type HeldView = std::sync::Arc<dyn Fn(Option<u32>) -> Vec<HeldAddresses> + Send + Sync>;
+pub type HeldView =
+    std::sync::Arc<dyn Fn(Option<u32>, &AddressScope) -> Vec<HeldAddresses> + Send + Sync>;
 
 /// The addresses one device holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -331,10 +340,14 @@ pub trait Datapath {
     fn flows(&self, ifindex: u32) -> Result<Vec<FlowInfo>>;
     /// Addresses of earlier personas that devices' flows still use, by ifindex.
     fn drains_all(&self) -> Result<Vec<(u32, DrainInfo)>>;
-    /// Every attached device but `except`, with the addresses it holds: its persona's,
-    /// and those draining for its open flows.
-    fn held_addresses(&self, except: Option<u32>) -> Result<Vec<HeldAddresses>> {
-        held_by_lookup(self, except)
+    /// Every attached device but `except` holding an address in `scope`, with those
+    /// addresses: its persona's, and those draining for its open flows.
+    fn held_addresses(
+        &self,
+        except: Option<u32>,
+        scope: &AddressScope,
+    ) -> Result<Vec<HeldAddresses>> {
+        held_by_lookup(self, except, scope)
     }
     /// The same answer read from any thread, when the datapath keeps one to share.
     fn held_view(&self) -> Option<HeldView> {

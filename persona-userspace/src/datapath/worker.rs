@@ -6,7 +6,7 @@ use std::{sync::mpsc, thread, time::Duration};
 use tokio::sync::oneshot;
 
 use super::{Datapath, DatapathError, Result};
-use crate::node::Node;
+use crate::{model::AddressScope, node::Node};
 
 type Job = Box<dyn FnOnce(&mut Node) + Send>;
 
@@ -78,12 +78,19 @@ impl DatapathHandle {
         self.on_node(move |node| f(node.datapath.as_mut())).await?
     }
 
-    /// Every attached device but `except`, with the addresses it holds: read where the
-    /// datapath shares them, else asked of its thread.
-    pub async fn held_addresses(&self, except: Option<u32>) -> Result<Vec<super::HeldAddresses>> {
+    /// Every attached device but `except` holding an address in `scope`, with those
+    /// addresses: read where the datapath shares them, else asked of its thread.
+    pub async fn held_addresses(
+        &self,
+        except: Option<u32>,
+        scope: &AddressScope,
+    ) -> Result<Vec<super::HeldAddresses>> {
         match &self.held {
-            Some(view) => Ok(view(except)),
-            None => self.call(move |dp| dp.held_addresses(except)).await,
+            Some(view) => Ok(view(except, scope)),
+            None => {
+                let scope = scope.clone();
+                self.call(move |dp| dp.held_addresses(except, &scope)).await
+            }
         }
     }
 

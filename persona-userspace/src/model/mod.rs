@@ -4,6 +4,7 @@ mod flows;
 mod manifest;
 mod persona;
 pub mod qos;
+mod scope;
 pub mod tls;
 pub mod vpn;
 
@@ -15,6 +16,7 @@ pub use manifest::{API_VERSION, Manifest, load_manifests, parse_manifests, valid
 pub use persona::{
     Action, DirectionSpec, FirewallSpec, PersonaSpec, PortRange, Protocol, RuleSpec,
 };
+pub use scope::AddressScope;
 
 /// Where a value failed to deserialize, as a field path (`spec.addresses[1]`); `None`
 /// at the top.

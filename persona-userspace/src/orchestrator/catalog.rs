@@ -1,15 +1,16 @@
 //! Personas as shifts use them: parsed, compiled and turned into diff lines once per
-//! stored version, then shared by every shift to them. Devices, parsed once per stored
-//! version, for what looks through all of them.
+//! stored version, then shared by every shift to them; which of them declare an
+//! address. Devices, parsed once per stored version, for what looks through all of them.
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
     sync::{Arc, Mutex},
 };
 
 use super::{ShiftError, not_found, parse, rule_lines};
 use crate::{
     datapath::{CompiledPersona, compile},
-    model::{DeviceSpec, PersonaSpec},
+    model::{AddressScope, DeviceSpec, PersonaSpec},
     store::{Kind, Stamp, Store},
 };
 
@@ -50,6 +51,39 @@ pub struct Catalog {
     entries: Mutex<HashMap<String, Arc<Entry>>>,
     diffs: Mutex<HashMap<DiffKey, Arc<Vec<String>>>>,
     devices: Mutex<HashMap<String, (Stamp, Arc<DeviceSpec>)>>,
+    fixed: Mutex<Fixed>,
+}
+
+/// Every stored persona's fixed addresses, as of a generation of the store's personas.
+#[derive(Default)]
+struct Fixed {
+    generation: Option<u64>,
+    by_persona: HashMap<String, (Stamp, Vec<IpAddr>)>,
+    by_address: BTreeMap<IpAddr, BTreeSet<String>>,
+}
+
+impl Fixed {
+    fn set(&mut self, name: &str, now: Option<(Stamp, Vec<IpAddr>)>) {
+        if let Some((_, old)) = self.by_persona.remove(name) {
+            for a in old {
+                if let Some(names) = self.by_address.get_mut(&a) {
+                    names.remove(name);
+                    if names.is_empty() {
+                        self.by_address.remove(&a);
+                    }
+                }
+            }
+        }
+        if let Some((stamp, addrs)) = now {
+            for a in &addrs {
+                self.by_address
+                    .entry(*a)
+                    .or_default()
+                    .insert(name.to_owned());
+            }
+            self.by_persona.insert(name.to_owned(), (stamp, addrs));
+        }
+    }
 }
 
 impl Catalog {
@@ -135,6 +169,87 @@ impl Catalog {
             .expect("catalog lock")
             .insert(name.to_owned(), entry.clone());
         Ok(entry)
+    }
+
+    /// The stored personas that declare a fixed address in `scope`.
+    pub fn declaring(
+        &self,
+        store: &dyn Store,
+        scope: &AddressScope,
+    ) -> Result<Vec<String>, ShiftError> {
+        let fixed = self.fixed_now(store)?;
+        let mut names: Vec<String> = scope
+            .within(&fixed.by_address)
+            .flat_map(|(_, names)| names.iter().cloned())
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    /// The fixed addresses of the stored persona `name`: none for one gone, or that
+    /// does not parse.
+    pub fn fixed(&self, store: &dyn Store, name: &str) -> Result<Vec<IpAddr>, ShiftError> {
+        let fixed = self.fixed_now(store)?;
+        Ok(fixed
+            .by_persona
+            .get(name)
+            .map(|(_, a)| a.clone())
+            .unwrap_or_default())
+    }
+
+    /// The fixed addresses as stored now: read again only when the store's personas
+    /// have changed, and then only those written since.
+    fn fixed_now(&self, store: &dyn Store) -> Result<std::sync::MutexGuard<'_, Fixed>, ShiftError> {
+        let mut fixed = self.fixed.lock().expect("fixed address lock");
+        let generation = store.generation(Kind::Persona);
+        if generation.is_some() && generation == fixed.generation {
+            return Ok(fixed);
+        }
+        // Read before the stamps: a write in between is seen at the next call.
+        fixed.generation = generation;
+        let stamps: HashMap<String, Stamp> = store.stamps(Kind::Persona)?.into_iter().collect();
+        let gone: Vec<String> = fixed
+            .by_persona
+            .keys()
+            .filter(|n| !stamps.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            fixed.set(&name, None);
+        }
+        for (name, stamp) in stamps {
+            if fixed
+                .by_persona
+                .get(&name)
+                .is_some_and(|(s, _)| *s == stamp)
+            {
+                continue;
+            }
+            let addrs = self.fixed_addresses(store, &name, stamp)?;
+            fixed.set(&name, addrs.map(|a| (stamp, a)));
+        }
+        Ok(fixed)
+    }
+
+    /// A persona's fixed addresses at `stamp`, from its entry when that is current;
+    /// `None` for one gone or that no longer parses.
+    fn fixed_addresses(
+        &self,
+        store: &dyn Store,
+        name: &str,
+        stamp: Stamp,
+    ) -> Result<Option<Vec<IpAddr>>, ShiftError> {
+        let addrs = |spec: &PersonaSpec| spec.addresses.iter().map(|a| a.addr()).collect();
+        if let Some(e) = self.entries.lock().expect("catalog lock").get(name)
+            && e.stamp == stamp
+        {
+            return Ok(Some(addrs(&e.spec)));
+        }
+        let Some(record) = store.get(Kind::Persona, name)? else {
+            return Ok(None);
+        };
+        Ok(parse::<PersonaSpec>(&record).ok().map(|s| addrs(&s)))
     }
 
     /// The firewall lines that go and come between two versions.

@@ -17,7 +17,7 @@ mod devices;
 
 use crate::{
     datapath::{Sweep, worker::DatapathHandle},
-    model::{DeviceSpec, FlowMode, PersonaSpec},
+    model::{AddressScope, DeviceSpec, FlowMode, PersonaSpec},
     node::{Applied, Step as TxStep, StepFailed},
     store::{DeviceState, Event, EventBody, Record, Store, StoreError},
     tls_applier::TlsApplier,
@@ -893,55 +893,51 @@ impl Orchestrator {
         Ok(outcome)
     }
 
-    /// The addresses `wanted` that a device other than `device` (attached at `own`)
+    /// The addresses in `scope` that a device other than `device` (attached at `own`)
     /// holds, with who holds it: those of the persona it runs (its leases for a pooled
-    /// one), and those still draining for its open flows. One read of the store's
-    /// states and one job on the datapath, whatever the number of devices.
+    /// one), and those still draining for its open flows. Looked up in indexes by
+    /// persona and by address: what it costs grows with what it finds, not with the
+    /// number of devices.
     async fn held(
         &self,
         device: &str,
         own: Option<u32>,
-        wanted: impl Fn(&IpAddr) -> bool,
+        scope: &AddressScope,
     ) -> Result<HashMap<IpAddr, String>, ShiftError> {
         let mut held = HashMap::new();
-        for (name, s) in self.store.device_states()? {
+        let personas = self.catalog.declaring(&*self.store, scope)?;
+        for (name, s) in self.store.states_holding(&personas, scope)? {
             if name == device {
                 continue;
             }
-            for a in self.state_addresses(&s).into_iter().filter(&wanted) {
-                held.insert(a, format!("device {name} (persona {})", s.persona));
+            for a in self.state_addresses(&s)? {
+                if scope.contains(&a) {
+                    held.insert(a, format!("device {name} (persona {})", s.persona));
+                }
             }
         }
         // What the datapath runs too: a device's store record may lag behind (a
         // persona updated, its device's shift refused) and drains are only there.
         let wired = self
             .datapath
-            .held_addresses(own)
+            .held_addresses(own, scope)
             .await
             .map_err(|e| ShiftError::Failed(e.to_string()))?;
-        let wired: Vec<(IpAddr, u32, &str)> = wired
-            .into_iter()
-            .flat_map(|h| {
-                let active = h
-                    .active
-                    .into_iter()
-                    .map(move |a| (a, h.ifindex, "running it"));
+        if !wired.is_empty() {
+            let interfaces = self.interfaces.lock().unwrap_or_else(|e| e.into_inner());
+            for h in wired {
+                let active = h.active.into_iter().map(|a| (a, "running it"));
                 let draining = h
                     .draining
                     .into_iter()
-                    .map(move |a| (a, h.ifindex, "draining its open flows"));
-                active.chain(draining)
-            })
-            .filter(|(a, _, _)| wanted(a))
-            .collect();
-        if !wired.is_empty() {
-            let interfaces = self.interfaces.lock().unwrap_or_else(|e| e.into_inner());
-            for (a, ifindex, why) in wired {
-                held.entry(a)
-                    .or_insert_with(|| match interfaces.get(&ifindex) {
-                        Some(i) => format!("the device on {i} ({why})"),
-                        None => format!("interface {ifindex} ({why})"),
-                    });
+                    .map(|a| (a, "draining its open flows"));
+                for (a, why) in active.chain(draining) {
+                    held.entry(a)
+                        .or_insert_with(|| match interfaces.get(&h.ifindex) {
+                            Some(i) => format!("the device on {i} ({why})"),
+                            None => format!("interface {} ({why})", h.ifindex),
+                        });
+                }
             }
         }
         Ok(held)
@@ -960,11 +956,7 @@ impl Orchestrator {
     ) -> Result<(Vec<ipnet::IpNet>, Claim), ShiftError> {
         let _one_at_a_time = self.leasing.lock().await;
         // Only who holds an address this persona may take matters here.
-        let wanted = |a: &IpAddr| {
-            declared.addresses.iter().any(|d| d.addr() == *a)
-                || declared.address_pool.iter().any(|p| p.contains(a))
-        };
-        let mut held = self.held(device, own, wanted).await?;
+        let mut held = self.held(device, own, &AddressScope::of(declared)).await?;
         for (other, addrs) in self.claims.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             if other != device {
                 for a in addrs {
@@ -1014,20 +1006,22 @@ impl Orchestrator {
             .iter()
             .chain(&leases)
             .map(|a| a.addr())
-            .chain(state.map(|s| self.state_addresses(s)).unwrap_or_default())
+            .chain(
+                state
+                    .map(|s| self.state_addresses(s))
+                    .transpose()?
+                    .unwrap_or_default(),
+            )
             .collect();
         Ok((leases, Claim::new(&self.claims, device, claimed)))
     }
 
     /// The addresses a device's stored state holds: its persona's fixed ones (as the
     /// persona is stored now) and its leases.
-    fn state_addresses(&self, s: &DeviceState) -> Vec<IpAddr> {
-        let fixed = self
-            .catalog
-            .persona(&*self.store, &s.persona)
-            .map(|e| e.spec.addresses.clone())
-            .unwrap_or_default();
-        fixed.iter().chain(&s.leases).map(|a| a.addr()).collect()
+    fn state_addresses(&self, s: &DeviceState) -> Result<Vec<IpAddr>, ShiftError> {
+        let mut addrs = self.catalog.fixed(&*self.store, &s.persona)?;
+        addrs.extend(s.leases.iter().map(|l| l.addr()));
+        Ok(addrs)
     }
 
     /// The datapath's and the host's steps of a shift, up to the flip, as one job on
@@ -1060,7 +1054,12 @@ impl Orchestrator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{datapath::compile, store::Kind};
+    use crate::{
+        datapath::{compile, fake::FakeDatapath},
+        host::fake::FakeWiring,
+        node::Node,
+        store::{Expect, Kind},
+    };
 
     fn spec(yaml: &str) -> PersonaSpec {
         serde_yaml::from_str(yaml).unwrap()
@@ -1112,6 +1111,15 @@ mod tests {
         ));
     }
 
+    /// An embedded store in a directory of its own, made empty.
+    fn embedded_store(name: &str) -> (std::path::PathBuf, Arc<dyn Store>) {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = crate::store::embedded::EmbeddedStore::open(&dir.join("store.redb")).unwrap();
+        (dir, Arc::new(store))
+    }
+
     /// An orchestrator on the fake datapath and wiring, with a real embedded store.
     fn orchestrator(
         dir: &std::path::Path,
@@ -1133,17 +1141,99 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failure_after_the_flip_leaves_the_device_and_its_record_as_they_were() {
-        use crate::{
-            datapath::fake::FakeDatapath,
-            host::fake::FakeWiring,
-            node::Node,
-            store::{Expect, embedded::EmbeddedStore},
+    async fn an_address_is_held_by_whoever_runs_it_as_personas_and_states_are_now() {
+        let (dir, store) = embedded_store("persona-held");
+        let persona = |name: &str, spec: Value| {
+            store.put(Kind::Persona, name, spec, Expect::Any).unwrap();
         };
-        let dir = std::env::temp_dir().join(format!("persona-orch-{}", std::process::id()));
+        persona("office", json!({ "addresses": ["203.0.113.10/24"] }));
+        persona("twin", json!({ "addresses": ["203.0.113.10/24"] }));
+        persona("travel", json!({ "addresses": ["203.0.113.20/24"] }));
+        persona("pool", json!({ "addressPool": ["198.51.100.0/30"] }));
+        persona("spare", json!({ "addresses": ["203.0.113.30/24"] }));
+        for i in 1..=3 {
+            store
+                .put(
+                    Kind::Device,
+                    &format!("vm{i}"),
+                    json!({ "interface": format!("pvm{i}"), "innerV4": format!("198.18.0.{}", i + 1) }),
+                    Expect::Any,
+                )
+                .unwrap();
+        }
+        let datapath = DatapathHandle::spawn(move || {
+            let mut dp = FakeDatapath::default();
+            for i in 1..=3 {
+                dp.interfaces.insert(format!("pvm{i}"), 6 + i);
+            }
+            Ok(Node::new(Box::new(dp), Box::new(FakeWiring::default())))
+        })
+        .unwrap();
+        let o = orchestrator(&dir, store.clone(), datapath, None);
+        let shift = |device: &'static str, to: &'static str| {
+            let o = o.clone();
+            async move {
+                o.shift(device, to, "test", false, None)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        };
+        shift("vm1", "office").await.unwrap();
+        let refused = shift("vm2", "twin").await.unwrap_err();
+        assert!(
+            refused.contains("203.0.113.10 is held by device vm1 (persona office)"),
+            "{refused}"
+        );
+        // office no longer declares it; vm1 still runs it until it shifts again.
+        persona("office", json!({ "addresses": ["203.0.113.11/24"] }));
+        let refused = shift("vm2", "twin").await.unwrap_err();
+        assert!(
+            refused.contains("203.0.113.10 is held by the device on pvm1 (running it)"),
+            "{refused}"
+        );
+        // Its flows keep it while they drain; the sweep frees it once none does.
+        shift("vm1", "travel").await.unwrap();
+        let refused = shift("vm2", "twin").await.unwrap_err();
+        assert!(
+            refused
+                .contains("203.0.113.10 is held by the device on pvm1 (draining its open flows)"),
+            "{refused}"
+        );
+        o.sweep().await.unwrap();
+        shift("vm2", "twin").await.unwrap();
+        // travel now declares another: vm1 holds it by its record before it runs it.
+        persona("travel", json!({ "addresses": ["203.0.113.30/24"] }));
+        let refused = shift("vm3", "spare").await.unwrap_err();
+        assert!(
+            refused.contains("203.0.113.30 is held by device vm1 (persona travel)"),
+            "{refused}"
+        );
+        let refused = shift("vm3", "office").await;
+        assert_eq!(refused, Ok(()), "203.0.113.11 is nobody's");
+
+        // Pools: each device its own lease, until there is none left.
+        shift("vm1", "pool").await.unwrap();
+        shift("vm3", "pool").await.unwrap();
+        let leases = |d: &str| store.device_state(d).unwrap().unwrap().leases;
+        assert_eq!(leases("vm1"), ["198.51.100.1/30".parse().unwrap()]);
+        assert_eq!(leases("vm3"), ["198.51.100.2/30".parse().unwrap()]);
+        let refused = shift("vm2", "pool").await.unwrap_err();
+        assert!(
+            refused.contains("every address of 198.51.100.0/30 is held by other devices"),
+            "{refused}"
+        );
+        // A lease freed is given again, once drained.
+        shift("vm1", "travel").await.unwrap();
+        o.sweep().await.unwrap();
+        shift("vm2", "pool").await.unwrap();
+        assert_eq!(leases("vm2"), ["198.51.100.1/30".parse().unwrap()]);
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.join("store.redb")).unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_failure_after_the_flip_leaves_the_device_and_its_record_as_they_were() {
+        let (dir, store) = embedded_store("persona-orch");
         for (name, addr) in [("office", "203.0.113.10/24"), ("travel", "203.0.113.20/24")] {
             store
                 .put(

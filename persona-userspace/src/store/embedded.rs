@@ -19,6 +19,7 @@ use super::{
     TokenRecord, check,
 };
 use super::{
+    states::States,
     wal::Wal,
     writer::{After, Done, Writer, epoch, next_epoch},
 };
@@ -57,17 +58,37 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
 
 type Index<K, V> = Arc<RwLock<HashMap<K, V>>>;
 
+/// Every record's stamp by kind, and how many writes each kind has had.
+#[derive(Default)]
+struct Versions {
+    stamps: HashMap<Kind, HashMap<String, Stamp>>,
+    generations: HashMap<Kind, u64>,
+}
+
+impl Versions {
+    fn set(&mut self, kind: Kind, name: String, stamp: Option<Stamp>) {
+        let stamps = self.stamps.entry(kind).or_default();
+        match stamp {
+            Some(s) => stamps.insert(name, s),
+            None => stamps.remove(&name),
+        };
+        *self.generations.entry(kind).or_default() += 1;
+    }
+}
+
+type Shared<T> = Arc<RwLock<T>>;
+
 pub struct EmbeddedStore {
     db: Arc<Database>,
     /// Every write goes through it, grouped into shared transactions.
     writer: Writer,
     /// Every record's stamp, kept beside the file: this process is its only writer
     /// (redb locks it), and the writer updates it in commit order, so it is never stale.
-    versions: Index<Kind, HashMap<String, Stamp>>,
+    versions: Shared<Versions>,
     persona_ids: Index<String, u32>,
     /// Every device's state, kept the same way: shifts and the rule engine read them
     /// far more often than they change.
-    states: Index<String, DeviceState>,
+    states: Shared<States>,
 }
 
 impl EmbeddedStore {
@@ -94,9 +115,9 @@ impl EmbeddedStore {
         let epoch = epoch(&txn)?;
         txn.commit().map_err(backend)?;
         let wal = replay(&db, &path.with_extension("wal"), epoch)?;
-        let mut versions: HashMap<Kind, HashMap<String, Stamp>> = HashMap::new();
+        let mut versions = Versions::default();
         let mut persona_ids = HashMap::new();
-        let mut states = HashMap::new();
+        let mut states = States::default();
         {
             let txn = db.begin_read().map_err(backend)?;
             for kind in [Kind::Persona, Kind::Device, Kind::Rule, Kind::Application] {
@@ -105,6 +126,7 @@ impl EmbeddedStore {
                     let (k, v) = row.map_err(backend)?;
                     let stamp: Stamp = decode(v.value())?;
                     versions
+                        .stamps
                         .entry(kind)
                         .or_default()
                         .insert(k.value().to_owned(), stamp);
@@ -118,7 +140,7 @@ impl EmbeddedStore {
             let t = txn.open_table(DEVICE_STATE).map_err(backend)?;
             for row in t.iter().map_err(backend)? {
                 let (k, v) = row.map_err(backend)?;
-                states.insert(k.value().to_owned(), decode(v.value())?);
+                states.set(k.value(), Some(decode(v.value())?));
             }
         }
         let db = Arc::new(db);
@@ -198,7 +220,7 @@ fn put_in(
     (kind, name): (Kind, String),
     spec: Value,
     expect: Expect,
-    versions: Index<Kind, HashMap<String, Stamp>>,
+    versions: Shared<Versions>,
 ) -> Result<(Record, Option<After>, Option<Record>)> {
     let mut t = txn.open_table(table(kind)).map_err(backend)?;
     let current = current(&t, &name)?;
@@ -223,9 +245,7 @@ fn put_in(
         versions
             .write()
             .expect("versions lock")
-            .entry(kind)
-            .or_default()
-            .insert(name, stamp);
+            .set(kind, name, Some(stamp));
     });
     Ok((record, Some(after), current))
 }
@@ -234,7 +254,7 @@ fn delete_in(
     txn: &redb::WriteTransaction,
     (kind, name): (Kind, String),
     expect: Expect,
-    versions: Index<Kind, HashMap<String, Stamp>>,
+    versions: Shared<Versions>,
 ) -> Result<(Record, Option<After>)> {
     let mut t = txn.open_table(table(kind)).map_err(backend)?;
     let Some(current) = current(&t, &name)? else {
@@ -249,8 +269,7 @@ fn delete_in(
         versions
             .write()
             .expect("versions lock")
-            .get_mut(&kind)
-            .and_then(|v| v.remove(&name));
+            .set(kind, name, None);
     });
     Ok((current, Some(after)))
 }
@@ -365,7 +384,7 @@ fn replay(db: &Database, path: &Path, epoch: u64) -> Result<Wal> {
 /// Writes a device's state inside a transaction; the copy in memory follows once it is
 /// committed. Encoded before anything is written: a refused write changes nothing.
 fn state_write(
-    states: &Index<String, DeviceState>,
+    states: &Shared<States>,
     device: &str,
     state: Option<&DeviceState>,
 ) -> Result<impl FnOnce(&redb::WriteTransaction) -> Result<After> + Send + 'static> {
@@ -374,11 +393,7 @@ fn state_write(
     Ok(move |txn: &redb::WriteTransaction| {
         set(txn, DEVICE_STATE, &device, bytes.as_deref())?;
         let after: After = Box::new(move || {
-            let mut states = states.write().expect("states lock");
-            match state {
-                Some(s) => states.insert(device, s),
-                None => states.remove(&device),
-            };
+            states.write().expect("states lock").set(&device, state);
         });
         Ok(after)
     })
@@ -386,7 +401,7 @@ fn state_write(
 
 /// A device's state and the audit event recording it, as one logged write.
 fn state_recorded(
-    states: &Index<String, DeviceState>,
+    states: &Shared<States>,
     device: &str,
     state: Option<&DeviceState>,
     body: EventBody,
@@ -451,14 +466,23 @@ impl Store for EmbeddedStore {
         self.read_all(table(kind))
     }
 
+    fn generation(&self, kind: Kind) -> Option<u64> {
+        let versions = self.versions.read().expect("versions lock");
+        Some(versions.generations.get(&kind).copied().unwrap_or_default())
+    }
+
     fn stamp(&self, kind: Kind, name: &str) -> Result<Option<Stamp>> {
         let versions = self.versions.read().expect("versions lock");
-        Ok(versions.get(&kind).and_then(|v| v.get(name)).copied())
+        Ok(versions
+            .stamps
+            .get(&kind)
+            .and_then(|v| v.get(name))
+            .copied())
     }
 
     fn stamps(&self, kind: Kind) -> Result<Vec<(String, Stamp)>> {
         let versions = self.versions.read().expect("versions lock");
-        Ok(versions.get(&kind).map_or_else(Vec::new, |v| {
+        Ok(versions.stamps.get(&kind).map_or_else(Vec::new, |v| {
             v.iter()
                 .map(|(name, stamp)| (name.clone(), *stamp))
                 .collect()
@@ -535,10 +559,16 @@ impl Store for EmbeddedStore {
     }
 
     fn device_states(&self) -> Result<Vec<(String, DeviceState)>> {
+        Ok(self.states.read().expect("states lock").all())
+    }
+
+    fn states_holding(
+        &self,
+        personas: &[String],
+        scope: &crate::model::AddressScope,
+    ) -> Result<Vec<(String, DeviceState)>> {
         let states = self.states.read().expect("states lock");
-        let mut out: Vec<_> = states.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
+        Ok(states.holding(personas, scope))
     }
 
     fn set_device_state(&self, device: &str, state: Option<&DeviceState>) -> Result<()> {
@@ -846,6 +876,8 @@ mod tests {
     #[test]
     fn versions_grow_and_stale_writes_are_refused() {
         let (s, _dir) = store();
+        let generation = || s.generation(Kind::Persona).expect("counted");
+        let g0 = generation();
         let r1 = s
             .put(Kind::Persona, "office", json!({"a": 1}), Expect::Absent)
             .expect("create");
@@ -875,9 +907,11 @@ mod tests {
             json!({"a": 2}),
             "a refused write changes nothing"
         );
+        assert_eq!(generation(), g0 + 2, "a change per write, none per refusal");
         let same = s
             .put(Kind::Persona, "office", json!({"a": 2}), Expect::Any)
             .expect("same spec");
+        assert_eq!(generation(), g0 + 2, "nothing changed");
         assert_eq!(
             same.version, 2,
             "re-applying the same spec is not a new version"
@@ -889,6 +923,8 @@ mod tests {
         s.delete(Kind::Persona, "office", Expect::Version(2))
             .expect("delete");
         assert!(s.get(Kind::Persona, "office").unwrap().is_none());
+        assert_eq!(generation(), g0 + 3);
+        assert_eq!(s.generation(Kind::Device), Some(0), "counted by kind");
     }
 
     #[test]

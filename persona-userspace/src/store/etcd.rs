@@ -127,6 +127,8 @@ struct Mirror {
     live: bool,
     /// Each key whose value changed, as it changes.
     changes: tokio::sync::broadcast::Sender<String>,
+    /// Key prefixes, each with how many times a key under it has changed.
+    counted: Vec<(String, u64)>,
 }
 
 impl Mirror {
@@ -136,7 +138,14 @@ impl Mirror {
             watched: 0,
             live: false,
             changes: tokio::sync::broadcast::channel(4096).0,
+            counted: Vec::new(),
         }
+    }
+
+    fn changes_under(&self, prefix: &str) -> Option<u64> {
+        self.counted
+            .iter()
+            .find_map(|(p, n)| (p == prefix).then_some(*n))
     }
 
     fn apply(&mut self, key: String, value: Option<Vec<u8>>, rev: i64) {
@@ -146,6 +155,9 @@ impl Mirror {
                 let changed = old.is_none_or(|e| e.value != value);
                 if changed && (old.is_some() || value.is_some()) {
                     let _ = self.changes.send(key.clone());
+                    for (_, n) in self.counted.iter_mut().filter(|(p, _)| key.starts_with(p)) {
+                        *n += 1;
+                    }
                 }
                 self.entries.insert(
                     key,
@@ -348,6 +360,9 @@ impl EtcdStore {
             mirror: Arc::new(RwLock::new(Mirror::new())),
             host: host.to_owned(),
         };
+        let kinds = [Kind::Persona, Kind::Device, Kind::Rule, Kind::Application];
+        store.mirror.write().expect("mirror lock").counted =
+            kinds.map(|k| (store.objects(k), 0)).into();
         let rev = store.relist()?;
         store.rt.spawn(watch(
             store.client.clone(),
@@ -470,6 +485,10 @@ impl EtcdStore {
 
     fn object(&self, kind: Kind, name: &str) -> String {
         self.data(&format!("objects/{}/{name}", kind_key(kind)))
+    }
+
+    fn objects(&self, kind: Kind) -> String {
+        self.data(&format!("objects/{}/", kind_key(kind)))
     }
 
     /// Lists `data/` into the mirror; returns the revision listed at.
@@ -897,7 +916,12 @@ impl Store for EtcdStore {
     }
 
     fn list(&self, kind: Kind) -> Result<Vec<Record>> {
-        self.read_under(&self.data(&format!("objects/{}/", kind_key(kind))))
+        self.read_under(&self.objects(kind))
+    }
+
+    fn generation(&self, kind: Kind) -> Option<u64> {
+        let mirror = self.mirror.read().expect("mirror lock");
+        mirror.changes_under(&self.objects(kind))
     }
 
     fn stamp(&self, kind: Kind, name: &str) -> Result<Option<Stamp>> {
@@ -909,7 +933,7 @@ impl Store for EtcdStore {
     }
 
     fn stamps(&self, kind: Kind) -> Result<Vec<(String, Stamp)>> {
-        let prefix = self.data(&format!("objects/{}/", kind_key(kind)));
+        let prefix = self.objects(kind);
         let mirror = self.mirror.read().expect("mirror lock");
         Ok(mirror
             .entries_under(&prefix)

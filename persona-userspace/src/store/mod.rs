@@ -4,6 +4,7 @@
 //! set up) for one host, [`etcd::EtcdStore`] for a fleet sharing etcd.
 pub mod embedded;
 pub mod etcd;
+mod states;
 mod wal;
 mod writer;
 pub use writer::CommitStats;
@@ -216,6 +217,12 @@ pub trait Store: Send + Sync + 'static {
             })
             .collect())
     }
+    /// A number that changes whenever a record of `kind` is written or deleted, for
+    /// what is derived from all of them; `None` when the store cannot tell.
+    fn generation(&self, kind: Kind) -> Option<u64> {
+        let _ = kind;
+        None
+    }
     fn list(&self, kind: Kind) -> Result<Vec<Record>>;
     fn put(&self, kind: Kind, name: &str, spec: Value, expect: Expect) -> Result<Record>;
     fn delete(&self, kind: Kind, name: &str, expect: Expect) -> Result<Record>;
@@ -251,6 +258,19 @@ pub trait Store: Send + Sync + 'static {
     fn device_state(&self, device: &str) -> Result<Option<DeviceState>>;
     /// Every device's state, by device name.
     fn device_states(&self) -> Result<Vec<(String, DeviceState)>>;
+    /// The states of the devices on one of `personas` or leasing an address in `scope`,
+    /// by device name: who may hold an address a shift wants.
+    fn states_holding(
+        &self,
+        personas: &[String],
+        scope: &crate::model::AddressScope,
+    ) -> Result<Vec<(String, DeviceState)>> {
+        let mut out = self.device_states()?;
+        out.retain(|(_, s)| {
+            personas.contains(&s.persona) || s.leases.iter().any(|l| scope.contains(&l.addr()))
+        });
+        Ok(out)
+    }
     fn set_device_state(&self, device: &str, state: Option<&DeviceState>) -> Result<()>;
     /// Removes every record of the device's state, whichever host made it (the device
     /// is deleted).

@@ -21,7 +21,7 @@ impl KernelDatapath {
         let active = self.maps.active.get(&ifindex, 0).ok();
         let _ = self.maps.active.remove(&ifindex);
         if let Some(h) = &self.held {
-            super::write(h).hosts.remove(&ifindex);
+            super::write(h).detach(ifindex);
         }
         for addr in self.draining(ifindex)? {
             let _ = self.drop_drain(ifindex, addr);
@@ -154,7 +154,7 @@ impl KernelDatapath {
             .insert(ifindex, cfg, 0)
             .map_err(bpf_err("DEVICES"))?;
         if let Some(h) = &self.held {
-            super::write(h).hosts.entry(ifindex).or_default();
+            super::write(h).attach(ifindex);
         }
         self.restamp(ifindex, &cfg)?;
         self.assign_metadata(ifindex, device)?;

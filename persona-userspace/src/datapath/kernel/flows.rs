@@ -139,7 +139,7 @@ impl KernelDatapath {
     pub fn drains_all(&self) -> Result<Vec<(u32, DrainInfo)>> {
         match &self.held {
             Some(h) => Ok(super::read(h)
-                .drains
+                .drains()
                 .iter()
                 .map(|(&(i, _), d)| (i, d.clone()))
                 .collect()),
@@ -153,7 +153,7 @@ impl KernelDatapath {
         if self
             .held
             .as_ref()
-            .is_some_and(|h| super::read(h).drains.contains_key(&(ifindex, addr)))
+            .is_some_and(|h| super::read(h).drains().contains_key(&(ifindex, addr)))
         {
             return Ok(());
         }
@@ -167,9 +167,7 @@ impl KernelDatapath {
             Err(e) => return Err(bpf_err("DRAINS")(e)),
         }
         if let Some(h) = &self.held {
-            super::write(h)
-                .drains
-                .insert((ifindex, addr), DrainInfo::of(addr, &drain));
+            super::write(h).put_drain(ifindex, addr, DrainInfo::of(addr, &drain));
         }
         Ok(())
     }
@@ -177,7 +175,7 @@ impl KernelDatapath {
     /// Stops routing `addr` to the device; not draining is not an error.
     pub(super) fn drop_drain(&mut self, ifindex: u32, addr: IpAddr) -> Result<()> {
         if let Some(h) = &self.held
-            && super::write(h).drains.remove(&(ifindex, addr)).is_none()
+            && super::write(h).drop_drain(ifindex, addr).is_none()
         {
             return Ok(());
         }

@@ -110,7 +110,7 @@ impl KernelDatapath {
                     .into_iter()
                     .map(|(i, d)| ((i, d.addr), d))
                     .collect();
-                Some(Arc::new(RwLock::new(Held { hosts, drains })))
+                Some(Arc::new(RwLock::new(Held::new(hosts, drains))))
             }
             _ => None,
         };

@@ -40,6 +40,7 @@ use super::{
 mod counters;
 mod device;
 mod flows;
+mod held;
 mod introspect;
 mod layout;
 mod loader;
@@ -49,7 +50,8 @@ mod tables;
 
 pub use layout::remove_pins;
 
-use crate::model::{DeviceSpec, FlowMode};
+use crate::model::{AddressScope, DeviceSpec, FlowMode};
+use held::{Held, read, write};
 
 /// bpf(2)'s flag for "create, never replace".
 const BPF_NOEXIST: u64 = 1;
@@ -162,47 +164,6 @@ pub struct KernelDatapath {
     metadata_cursor: u32,
     cpus: usize,
     _lock: Option<nix::fcntl::Flock<std::fs::File>>,
-}
-
-/// `DRAINS` as written, and each attached device's active addresses. A flip adds
-/// the new addresses to the old until the commit has put the old ones draining, so no
-/// reader ever sees an address of a shifting device as free.
-#[derive(Default)]
-pub(super) struct Held {
-    pub(super) hosts: BTreeMap<u32, Vec<IpAddr>>,
-    pub(super) drains: flows::Drains,
-}
-
-impl Held {
-    fn of_all(&self, except: Option<u32>) -> Vec<super::HeldAddresses> {
-        let mut held: BTreeMap<u32, super::HeldAddresses> = self
-            .hosts
-            .iter()
-            .filter(|(i, _)| Some(**i) != except)
-            .map(|(&ifindex, active)| {
-                let h = super::HeldAddresses {
-                    ifindex,
-                    active: active.clone(),
-                    draining: Vec::new(),
-                };
-                (ifindex, h)
-            })
-            .collect();
-        for &(ifindex, addr) in self.drains.keys() {
-            if let Some(h) = held.get_mut(&ifindex) {
-                h.draining.push(addr);
-            }
-        }
-        held.into_values().collect()
-    }
-}
-
-pub(super) fn read(held: &RwLock<Held>) -> std::sync::RwLockReadGuard<'_, Held> {
-    held.read().unwrap_or_else(|e| e.into_inner())
-}
-
-pub(super) fn write(held: &RwLock<Held>) -> std::sync::RwLockWriteGuard<'_, Held> {
-    held.write().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A per-CPU counter summed over CPUs.
@@ -375,16 +336,22 @@ impl Datapath for KernelDatapath {
         KernelDatapath::drains_all(self)
     }
 
-    fn held_addresses(&self, except: Option<u32>) -> Result<Vec<super::HeldAddresses>> {
+    fn held_addresses(
+        &self,
+        except: Option<u32>,
+        scope: &AddressScope,
+    ) -> Result<Vec<super::HeldAddresses>> {
         match &self.held {
-            Some(held) => Ok(read(held).of_all(except)),
-            None => super::held_by_lookup(self, except),
+            Some(held) => Ok(read(held).within(except, scope)),
+            None => super::held_by_lookup(self, except, scope),
         }
     }
 
     fn held_view(&self) -> Option<super::HeldView> {
         let held = self.held.clone()?;
-        Some(Arc::new(move |except| read(&held).of_all(except)))
+        Some(Arc::new(move |except, scope| {
+            read(&held).within(except, scope)
+        }))
     }
 
     fn sweep(&mut self) -> Result<super::Sweep> {

@@ -68,13 +68,7 @@ impl KernelDatapath {
             .set_owner(staged.table, (ifindex, staged.persona.id));
         if let Some(h) = &self.held {
             // Its old addresses too, until the commit has put those it keeps draining.
-            let mut held = super::write(h);
-            let now = held.hosts.entry(ifindex).or_default();
-            for a in addresses {
-                if !now.contains(&a) {
-                    now.push(a);
-                }
-            }
+            super::write(h).add(ifindex, addresses);
         }
         Ok(Flipped {
             ifindex,
@@ -99,7 +93,7 @@ impl KernelDatapath {
             None => Vec::new(),
         };
         if let Some(h) = &self.held {
-            super::write(h).hosts.insert(f.ifindex, restored.clone());
+            super::write(h).set(f.ifindex, restored.clone());
         }
         restored.extend(self.draining(f.ifindex)?);
         match f.previous {
@@ -131,7 +125,7 @@ impl KernelDatapath {
     /// The device's addresses held as active are `addrs` from now on.
     fn hold_only(&self, ifindex: u32, addrs: &[IpAddr]) {
         if let Some(h) = &self.held {
-            super::write(h).hosts.insert(ifindex, addrs.to_vec());
+            super::write(h).set(ifindex, addrs.to_vec());
         }
     }
 
