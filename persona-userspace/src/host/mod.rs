@@ -31,9 +31,14 @@ use crate::{
 };
 use sysctl::Sysctls;
 
+/// The kernel's main routing table.
+const RT_TABLE_MAIN: u8 = 254;
+
 pub struct Host {
     rt: Runtime,
     handle: Handle,
+    /// Strictly checked (`NETLINK_GET_STRICT_CHK`): the kernel filters its dumps.
+    filtered: Handle,
     uplinks: Vec<(String, u32)>,
     settings: Mutex<Sysctls>,
     /// Whether this process set the host up for devices (see [`Wiring::put_back`]).
@@ -159,11 +164,13 @@ impl Host {
                 context: "starting the netlink runtime".into(),
                 source,
             })?;
-        let handle = rt
+        let (handle, filtered) = rt
             .block_on(async {
                 let (conn, handle, _) = rtnetlink::new_connection()?;
                 tokio::spawn(conn);
-                Ok::<_, std::io::Error>(handle)
+                let (conn, filtered, _) = rtnetlink::new_connection_with_strict_check()?;
+                tokio::spawn(conn);
+                Ok::<_, std::io::Error>((handle, filtered))
             })
             .map_err(|source| DatapathError::Io {
                 context: "opening rtnetlink".into(),
@@ -180,6 +187,7 @@ impl Host {
         Ok(Self {
             rt,
             handle,
+            filtered,
             uplinks,
             settings: Mutex::new(Sysctls::open(record)?),
             set_up: AtomicBool::new(false),
@@ -296,7 +304,7 @@ impl Host {
     fn tunnel_down(&self, addr: IpAddr) -> Result<()> {
         let name = tunnel_name(addr);
         crate::tunnel::down(&name)?;
-        self.settings().restore(|k| sysctl::of_interface(k, &name))
+        self.settings().restore_interface(&name)
     }
 
     /// `net dev TUNNEL` in the address's table.
@@ -330,7 +338,7 @@ impl Host {
                 let mut req = handle.rule().add().priority(priority);
                 req = match from {
                     Some(a) => req.table_id(table_of(a)),
-                    None => req.table_id(254),
+                    None => req.table_id(RT_TABLE_MAIN.into()),
                 };
                 req = req.action(rtnetlink::packet_route::rule::RuleAction::ToTable);
                 let mut msg = match from {
@@ -625,8 +633,7 @@ impl Wiring for Host {
             self.proxy(ifindex, gw, false)?;
         }
         if let Ok(name) = ifname(ifindex) {
-            self.settings()
-                .restore(|k| sysctl::of_interface(k, &name))?;
+            self.settings().restore_interface(&name)?;
         }
         Ok(())
     }
@@ -712,7 +719,7 @@ impl Wiring for Host {
             self.rule(v6, None, RULE_MAIN_SPECIFIC, false)?;
         }
         self.set_up.store(false, Ordering::Relaxed);
-        self.settings().restore(|_| true)
+        self.settings().restore_all()
     }
 
     /// Before a flip: the persona's addresses route to the tap, via the VM's own address
@@ -847,23 +854,33 @@ impl Wiring for Host {
     }
 
     /// The host routes out of the tap (the persona addresses it is wired for).
+    /// The kernel filters the dump to the main table's routes out of the tap: the
+    /// answer is as long as what the tap has, not as the host's routing table.
     fn routed(&self, ifindex: u32) -> Result<Vec<IpAddr>> {
-        use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
-        let handle = self.handle.clone();
+        use rtnetlink::packet_route::{
+            AddressFamily,
+            route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType},
+        };
+        let handle = self.filtered.clone();
         self.rt
             .block_on(async move {
                 let mut out = Vec::new();
-                for v6 in [false, true] {
-                    let msg = if v6 {
-                        RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
+                for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+                    let mut msg = RouteMessage::default();
+                    msg.header.address_family = family;
+                    msg.header.table = RT_TABLE_MAIN;
+                    msg.header.protocol = RouteProtocol::Unspec;
+                    msg.header.kind = RouteType::Unspec;
+                    msg.attributes.push(RouteAttribute::Oif(ifindex));
+                    let host_len = if family == AddressFamily::Inet {
+                        32
                     } else {
-                        RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
+                        128
                     };
                     let mut stream = handle.route().get(msg).execute();
                     while let Some(route) = stream.try_next().await? {
-                        let host = route.header.destination_prefix_length
-                            == if v6 { 128 } else { 32 }
-                            && route.header.table == 254;
+                        let host = route.header.destination_prefix_length == host_len
+                            && route.header.table == RT_TABLE_MAIN;
                         let out_of_tap = route
                             .attributes
                             .iter()

@@ -2,8 +2,11 @@
 //! so that they can be put back when the last device goes. The record is kept in a
 //! file: a restarted daemon finds its own values in place and must not take them for
 //! the host's. The file lives under /run, as long as the settings do (until a reboot).
+//! Each change is a line appended to it (`[key, value]` saved, `[key]` put back): with
+//! thousands of devices, each attach costs a line, not the whole record written again.
 use std::{
     collections::BTreeMap,
+    io::Write as _,
     path::{Path, PathBuf},
 };
 
@@ -12,8 +15,85 @@ use crate::datapath::{DatapathError, Result};
 const ROOT: &str = "/proc/sys";
 
 pub struct Sysctls {
-    record: Option<PathBuf>,
+    record: Option<Record>,
     saved: BTreeMap<String, String>,
+}
+
+/// The file the saved values are kept in, and how many lines it has.
+struct Record {
+    path: PathBuf,
+    lines: usize,
+}
+
+/// Past this many lines, and twice as many as there are saved values, the record is
+/// written anew.
+const COMPACT_AFTER: usize = 256;
+
+/// The saved values a record holds: in lines, or as one JSON object (how earlier
+/// versions wrote it).
+fn parse_record(text: &str) -> std::result::Result<(BTreeMap<String, String>, usize), String> {
+    if text.trim_start().starts_with('{') {
+        return serde_json::from_str(text)
+            .map(|saved| (saved, usize::MAX))
+            .map_err(|e| e.to_string());
+    }
+    let mut saved = BTreeMap::new();
+    let mut lines = 0;
+    for (n, line) in text.lines().enumerate() {
+        let change: Vec<String> =
+            serde_json::from_str(line).map_err(|e| format!("line {}: {e}", n + 1))?;
+        match <[String; 2]>::try_from(change) {
+            Ok([key, value]) => saved.insert(key, value),
+            Err(change) => match <[String; 1]>::try_from(change) {
+                Ok([key]) => saved.remove(&key),
+                Err(_) => return Err(format!("line {}: neither [key, value] nor [key]", n + 1)),
+            },
+        };
+        lines += 1;
+    }
+    Ok((saved, lines))
+}
+
+impl Record {
+    /// Appends `changes` (already made to `saved`), or writes the record anew when it
+    /// has grown long.
+    fn write(
+        &mut self,
+        saved: &BTreeMap<String, String>,
+        changes: &[(&str, Option<&str>)],
+    ) -> Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        }
+        let line = |key: &str, value: Option<&str>| {
+            let change: Vec<&str> = std::iter::once(key).chain(value).collect();
+            serde_json::to_string(&change).expect("strings") + "\n"
+        };
+        let lines = self.lines.saturating_add(changes.len());
+        if lines <= COMPACT_AFTER.max(2 * saved.len()) {
+            let text: String = changes.iter().map(|&(k, v)| line(k, v)).collect();
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+                .map_err(io(format!("opening {}", self.path.display())))?;
+            f.write_all(text.as_bytes())
+                .map_err(io(format!("writing {}", self.path.display())))?;
+            self.lines = lines;
+            return Ok(());
+        }
+        let tmp = self
+            .path
+            .with_extension(format!("tmp{}", std::process::id()));
+        let text: String = saved.iter().map(|(k, v)| line(k, Some(v))).collect();
+        std::fs::write(&tmp, text).map_err(io(format!("writing {}", tmp.display())))?;
+        std::fs::rename(&tmp, &self.path).map_err(io(format!("renaming {}", tmp.display())))?;
+        self.lines = saved.len();
+        Ok(())
+    }
 }
 
 fn io(context: String) -> impl FnOnce(std::io::Error) -> DatapathError {
@@ -52,34 +132,37 @@ impl Sysctls {
     /// `record` keeps the saved values across restarts; without one they live as long
     /// as this process.
     pub fn open(record: Option<PathBuf>) -> Result<Self> {
-        let saved = match &record {
-            Some(p) if p.exists() => {
-                let text =
-                    std::fs::read_to_string(p).map_err(io(format!("reading {}", p.display())))?;
-                serde_json::from_str(&text).map_err(|e| {
+        let Some(path) = record else {
+            return Ok(Self {
+                record: None,
+                saved: BTreeMap::new(),
+            });
+        };
+        let (saved, lines) = match path.exists() {
+            true => {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(io(format!("reading {}", path.display())))?;
+                parse_record(&text).map_err(|e| {
                     DatapathError::Host(format!(
                         "{}: {e}; it records the host settings persona changed, remove it only \
                          after putting them back by hand",
-                        p.display()
+                        path.display()
                     ))
                 })?
             }
-            _ => BTreeMap::new(),
+            false => (BTreeMap::new(), 0),
         };
-        Ok(Self { record, saved })
+        Ok(Self {
+            record: Some(Record { path, lines }),
+            saved,
+        })
     }
 
-    fn persist(&self) -> Result<()> {
-        let Some(p) = &self.record else {
-            return Ok(());
-        };
-        if let Some(dir) = p.parent() {
-            std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    fn persist(&mut self, changes: &[(&str, Option<&str>)]) -> Result<()> {
+        match &mut self.record {
+            Some(r) => r.write(&self.saved, changes),
+            None => Ok(()),
         }
-        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
-        let text = serde_json::to_string_pretty(&self.saved).expect("a map of strings");
-        std::fs::write(&tmp, text).map_err(io(format!("writing {}", tmp.display())))?;
-        std::fs::rename(&tmp, p).map_err(io(format!("renaming {}", tmp.display())))
     }
 
     /// Sets `key` (`net/ipv4/conf/eth0/forwarding`), saving what it was the first time.
@@ -91,20 +174,47 @@ impl Sysctls {
         if let Some(before) = before
             && !self.saved.contains_key(key)
         {
-            self.saved.insert(key.to_owned(), before);
-            self.persist()?;
+            self.saved.insert(key.to_owned(), before.clone());
+            if let Err(e) = self.persist(&[(key, Some(&before))]) {
+                self.saved.remove(key);
+                return Err(e);
+            }
         }
         write(key, value)
     }
 
-    /// Puts back every saved setting `which` selects. A setting of an interface that is
-    /// gone went with it.
-    pub fn restore(&mut self, which: impl Fn(&str) -> bool) -> Result<()> {
-        let keys: Vec<String> = self.saved.keys().filter(|k| which(k)).cloned().collect();
+    /// Puts back every saved setting. A setting of an interface that is gone went with
+    /// it.
+    pub fn restore_all(&mut self) -> Result<()> {
+        let keys = self.saved.keys().cloned().collect();
+        self.restore(keys)
+    }
+
+    /// Puts back the saved settings of one interface: looked up by their prefixes, not
+    /// found among those of every interface.
+    pub fn restore_interface(&mut self, name: &str) -> Result<()> {
+        let mut keys = Vec::new();
+        for family in ["ipv4", "ipv6"] {
+            for table in ["conf", "neigh"] {
+                let prefix = format!("net/{family}/{table}/{name}/");
+                let found = self.saved.range(prefix.clone()..);
+                keys.extend(
+                    found
+                        .map(|(k, _)| k)
+                        .take_while(|k| k.starts_with(&prefix))
+                        .cloned(),
+                );
+            }
+        }
+        self.restore(keys)
+    }
+
+    fn restore(&mut self, keys: Vec<String>) -> Result<()> {
         if keys.is_empty() {
             return Ok(());
         }
         let mut first_error = None;
+        let mut restored = Vec::new();
         for key in keys {
             let value = self.saved[&key].clone();
             match write(&key, &value) {
@@ -116,8 +226,11 @@ impl Sysctls {
                 }
             }
             self.saved.remove(&key);
+            restored.push(key);
         }
-        self.persist()?;
+        let changes: Vec<(&str, Option<&str>)> =
+            restored.iter().map(|k| (k.as_str(), None)).collect();
+        self.persist(&changes)?;
         first_error.map_or(Ok(()), Err)
     }
 
@@ -126,20 +239,66 @@ impl Sysctls {
     }
 }
 
-/// The settings of one interface.
-pub fn of_interface(key: &str, name: &str) -> bool {
-    key.split('/').any(|part| part == name) && (key.contains("/conf/") || key.contains("/neigh/"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn interface_settings_are_told_apart_from_others() {
-        assert!(of_interface("net/ipv4/conf/tap1/proxy_arp", "tap1"));
-        assert!(of_interface("net/ipv6/neigh/tap1/proxy_delay", "tap1"));
-        assert!(!of_interface("net/ipv4/conf/tap10/proxy_arp", "tap1"));
-        assert!(!of_interface("net/ipv6/conf/all/forwarding", "tap1"));
+    fn an_interface_s_settings_are_told_apart_from_others() {
+        let dir = std::env::temp_dir().join(format!("persona-sysctl-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let record = dir.join("sysctl.json");
+        // The last three in the order the record keeps them.
+        let keys = [
+            "net/ipv4/conf/pzt1/proxy_arp",
+            "net/ipv6/neigh/pzt1/proxy_delay",
+            "net/ipv4/conf/pzt10/proxy_arp",
+            "net/ipv4/conf/pzt1x/proxy_arp",
+            "net/ipv6/conf/pzt2/forwarding",
+        ];
+        // Settings of interfaces that do not exist: restoring them finds them gone.
+        let saved: BTreeMap<&str, &str> = keys.iter().map(|k| (*k, "0")).collect();
+        std::fs::write(&record, serde_json::to_string(&saved).unwrap()).unwrap();
+        let mut s = Sysctls::open(Some(record.clone())).unwrap();
+        s.restore_interface("pzt1").unwrap();
+        let left: Vec<&str> = s.saved.keys().map(String::as_str).collect();
+        assert_eq!(left, keys[2..]);
+        let reopened = Sysctls::open(Some(record)).unwrap();
+        assert_eq!(reopened.saved, s.saved, "what is left is what is recorded");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_record_is_appended_to_and_written_anew_once_long() {
+        let dir = std::env::temp_dir().join(format!("persona-record-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("settings.json");
+        let mut record = Record {
+            path: path.clone(),
+            lines: 0,
+        };
+        let mut saved = BTreeMap::new();
+        let key = |i: usize| format!("net/ipv4/conf/pzt{i}/proxy_arp");
+        for round in 0..4 {
+            for i in 0..100 {
+                saved.insert(key(i), round.to_string());
+                record
+                    .write(&saved, &[(&key(i), Some(&round.to_string()))])
+                    .unwrap();
+            }
+            for i in 0..50 {
+                saved.remove(&key(i));
+            }
+            let gone: Vec<String> = (0..50).map(key).collect();
+            let changes: Vec<(&str, Option<&str>)> =
+                gone.iter().map(|k| (k.as_str(), None)).collect();
+            record.write(&saved, &changes).unwrap();
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert_eq!(parse_record(&text).unwrap().0, saved, "round {round}");
+            assert!(text.lines().count() <= COMPACT_AFTER, "round {round}");
+        }
+        assert!(parse_record("[\"a\", \"b\", \"c\"]").is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -28,7 +28,7 @@ impl KernelDatapath {
         }
         let _ = self.maps.flow_budget.remove(&ifindex);
         let _ = self.maps.host_wiring.remove(&ifindex);
-        let _ = self.maps.metadata.remove(&ifindex);
+        let _ = self.drop_metadata(ifindex);
         let _ = self.maps.devices.remove(&ifindex);
         self.forget_counts(ifindex);
         let flows: Vec<_> = self

@@ -117,6 +117,9 @@ impl KernelDatapath {
         if !in_use.is_empty() {
             info!(devices = in_use.len(), pin_dir = %config.pin_dir.display(), "re-using pinned datapath");
         }
+        let peers = config
+            .exclusive
+            .then(|| super::metadata::Peers::read(&maps.metadata));
         let mut dp = Self {
             ebpf,
             maps,
@@ -132,6 +135,7 @@ impl KernelDatapath {
             live_keys: Default::default(),
             meta: None,
             metadata_cursor: 0,
+            peers,
             cpus: nr_cpus().map_err(|(_, e)| io_err("counting CPUs")(e))?,
             _lock: lock,
         };

@@ -162,6 +162,8 @@ pub struct KernelDatapath {
     /// The metadata peer slot given last: slots are handed out in turn, so one freed is
     /// not given to the next device while its old connections may still be open.
     metadata_cursor: u32,
+    /// `METADATA` as written, when this process holds the lock.
+    peers: Option<metadata::Peers>,
     cpus: usize,
     _lock: Option<nix::fcntl::Flock<std::fs::File>>,
 }

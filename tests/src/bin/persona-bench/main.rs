@@ -4,6 +4,7 @@
 //! names.
 mod api;
 mod control;
+mod crowd;
 mod fleet;
 mod flows;
 mod lifecycle;
@@ -22,12 +23,13 @@ fn main() {
     let wanted = |s: &str| only.is_empty() || only.iter().any(|o| o == s);
     let mut results =
         json!({ "machine": report::machine(), "date": jiff::Timestamp::now().to_string() });
-    let sections: [(&str, Section); 8] = [
+    let sections: [(&str, Section); 9] = [
         ("packets", packets::run),
         ("shifts", shifts::run),
         ("flows", flows::run),
         ("lifecycle", lifecycle::run),
         ("control", control::run),
+        ("crowd", crowd::run),
         ("throughput", throughput::run),
         ("scale", scale::run),
         ("fleet", fleet::run),
