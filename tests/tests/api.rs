@@ -300,6 +300,51 @@ fn versions_conflicts_and_bad_input() {
     let (s, _) = d.admin(Method::GET, "/personas/bad", None);
     assert_eq!(s, 404, "bad input stored nothing");
 
+    // An address belongs to one persona: a clash names the persona that has it.
+    let create = |name: &str, spec: Value| {
+        d.admin(
+            Method::POST,
+            "/personas",
+            Some(&json!({"metadata": {"name": name}, "spec": spec})),
+        )
+    };
+    for (spec, field, why) in [
+        (
+            json!({"addresses": ["203.0.113.10/24"]}),
+            "spec.addresses",
+            "Persona \"office\": 203.0.113.10 is its address too",
+        ),
+        (
+            json!({"addresses": ["203.0.113.70/24"]}),
+            "spec.addresses",
+            "Persona \"hardened\": 203.0.113.70 is in its pool 203.0.113.64/28",
+        ),
+        (
+            json!({"addressPool": ["203.0.113.72/29"]}),
+            "spec.addressPool",
+            "Persona \"hardened\": pool 203.0.113.72/29 overlaps its pool 203.0.113.64/28",
+        ),
+        (
+            json!({"addressPool": ["192.0.2.32/30"]}),
+            "spec.addressPool",
+            "Persona \"home\": pool 192.0.2.32/30 holds its address 192.0.2.32",
+        ),
+    ] {
+        let (s, v) = create("clash", spec);
+        assert_eq!((s, v["field"].as_str()), (422, Some(field)), "{v}");
+        assert!(v["error"].as_str().unwrap().contains(why), "{why}: {v}");
+    }
+    assert_eq!(d.admin(Method::GET, "/personas/clash", None).0, 404);
+    // Once home has another, its old address is free.
+    let (s, v) = d.admin(
+        Method::PUT,
+        "/personas/home",
+        Some(&update(2, "192.0.2.34/24")),
+    );
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = create("after-home", json!({"addresses": ["192.0.2.32/24"]}));
+    assert_eq!(s, 201, "{v}");
+
     let (s, v) = d.admin(Method::DELETE, "/personas/office", None);
     assert_eq!(s, 409, "office is in use by vm1: {v}");
     assert!(v["error"].as_str().unwrap().contains("vm1"), "{v}");

@@ -208,11 +208,16 @@ async fn write(
     if kind == Kind::Persona {
         let persona: PersonaSpec =
             serde_json::from_value(spec.clone()).map_err(|e| ApiError::internal(e.to_string()))?;
-        for other in store.list(Kind::Persona)? {
-            if other.name == name {
+        // Only those that declare one of its addresses may clash with it.
+        let scope = crate::model::AddressScope::of(&persona);
+        for other in state.orchestrator.personas_overlapping(&scope)? {
+            if other == name {
                 continue;
             }
-            let Ok(theirs) = serde_json::from_value::<PersonaSpec>(other.spec) else {
+            let Some(theirs) = store.get(Kind::Persona, &other)? else {
+                continue;
+            };
+            let Ok(theirs) = serde_json::from_value::<PersonaSpec>(theirs.spec) else {
                 continue;
             };
             if let Some(why) = persona.clashes_with(&theirs) {
@@ -223,10 +228,7 @@ async fn write(
                 };
                 return Err(FieldError::new(
                     field,
-                    format!(
-                        "Persona {:?}: {why}; an address belongs to one persona",
-                        other.name
-                    ),
+                    format!("Persona {other:?}: {why}; an address belongs to one persona"),
                 )
                 .into());
             }

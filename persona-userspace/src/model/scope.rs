@@ -38,6 +38,19 @@ impl AddressScope {
         Self::new(fixed.chain(pools))
     }
 
+    /// Every address of a prefix, network and broadcast included.
+    pub fn of_net(net: &IpNet) -> Self {
+        Self::new([span(net)])
+    }
+
+    /// Whether any address is in both.
+    pub fn overlaps(&self, other: &AddressScope) -> bool {
+        other.ranges.iter().any(|r| {
+            let i = self.ranges.partition_point(|s| s.end() < r.start());
+            self.ranges.get(i).is_some_and(|s| s.start() <= r.end())
+        })
+    }
+
     pub fn contains(&self, a: &IpAddr) -> bool {
         let i = self.ranges.partition_point(|r| r.end() < a);
         self.ranges.get(i).is_some_and(|r| r.contains(a))
@@ -114,6 +127,12 @@ mod tests {
         .collect();
         let found: Vec<&str> = s.within(&index).map(|(_, v)| *v).collect();
         assert_eq!(found, ["a", "c", "d"]);
+        let net = |n: &str| AddressScope::of_net(&n.parse().unwrap());
+        assert!(s.overlaps(&net("198.51.100.0/24")));
+        assert!(s.overlaps(&net("203.0.113.10/32")));
+        assert!(net("198.51.100.3/32").overlaps(&s));
+        assert!(!s.overlaps(&net("198.51.100.4/30")));
+        assert!(!s.overlaps(&net("203.0.113.0/29")));
     }
 
     #[test]

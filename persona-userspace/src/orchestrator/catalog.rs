@@ -54,18 +54,28 @@ pub struct Catalog {
     fixed: Mutex<Fixed>,
 }
 
-/// Every stored persona's fixed addresses, as of a generation of the store's personas.
+/// What a persona declares: its fixed addresses and its pools.
+#[derive(Default)]
+struct Declared {
+    fixed: Vec<IpAddr>,
+    pools: Vec<ipnet::IpNet>,
+}
+
+/// Every stored persona's addresses, as of a generation of the store's personas.
 #[derive(Default)]
 struct Fixed {
     generation: Option<u64>,
-    by_persona: HashMap<String, (Stamp, Vec<IpAddr>)>,
+    by_persona: HashMap<String, (Stamp, Declared)>,
     by_address: BTreeMap<IpAddr, BTreeSet<String>>,
+    /// The personas with pools (few: most have addresses of their own).
+    pooled: BTreeSet<String>,
 }
 
 impl Fixed {
-    fn set(&mut self, name: &str, now: Option<(Stamp, Vec<IpAddr>)>) {
+    fn set(&mut self, name: &str, now: Option<(Stamp, Declared)>) {
+        self.pooled.remove(name);
         if let Some((_, old)) = self.by_persona.remove(name) {
-            for a in old {
+            for a in old.fixed {
                 if let Some(names) = self.by_address.get_mut(&a) {
                     names.remove(name);
                     if names.is_empty() {
@@ -74,14 +84,17 @@ impl Fixed {
                 }
             }
         }
-        if let Some((stamp, addrs)) = now {
-            for a in &addrs {
+        if let Some((stamp, declared)) = now {
+            for a in &declared.fixed {
                 self.by_address
                     .entry(*a)
                     .or_default()
                     .insert(name.to_owned());
             }
-            self.by_persona.insert(name.to_owned(), (stamp, addrs));
+            if !declared.pools.is_empty() {
+                self.pooled.insert(name.to_owned());
+            }
+            self.by_persona.insert(name.to_owned(), (stamp, declared));
         }
     }
 }
@@ -194,8 +207,33 @@ impl Catalog {
         Ok(fixed
             .by_persona
             .get(name)
-            .map(|(_, a)| a.clone())
+            .map(|(_, d)| d.fixed.clone())
             .unwrap_or_default())
+    }
+
+    /// The stored personas that declare an address in `scope`, fixed or in a pool.
+    pub fn overlapping(
+        &self,
+        store: &dyn Store,
+        scope: &AddressScope,
+    ) -> Result<Vec<String>, ShiftError> {
+        let fixed = self.fixed_now(store)?;
+        let pooled = fixed.pooled.iter().filter(|name| {
+            fixed.by_persona[*name]
+                .1
+                .pools
+                .iter()
+                .any(|p| scope.overlaps(&AddressScope::of_net(p)))
+        });
+        let mut names: Vec<String> = scope
+            .within(&fixed.by_address)
+            .flat_map(|(_, names)| names.iter())
+            .chain(pooled)
+            .cloned()
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
     }
 
     /// The fixed addresses as stored now: read again only when the store's personas
@@ -226,21 +264,24 @@ impl Catalog {
             {
                 continue;
             }
-            let addrs = self.fixed_addresses(store, &name, stamp)?;
-            fixed.set(&name, addrs.map(|a| (stamp, a)));
+            let declared = self.declared(store, &name, stamp)?;
+            fixed.set(&name, declared.map(|d| (stamp, d)));
         }
         Ok(fixed)
     }
 
-    /// A persona's fixed addresses at `stamp`, from its entry when that is current;
-    /// `None` for one gone or that no longer parses.
-    fn fixed_addresses(
+    /// A persona's addresses at `stamp`, from its entry when that is current; `None`
+    /// for one gone or that no longer parses.
+    fn declared(
         &self,
         store: &dyn Store,
         name: &str,
         stamp: Stamp,
-    ) -> Result<Option<Vec<IpAddr>>, ShiftError> {
-        let addrs = |spec: &PersonaSpec| spec.addresses.iter().map(|a| a.addr()).collect();
+    ) -> Result<Option<Declared>, ShiftError> {
+        let addrs = |spec: &PersonaSpec| Declared {
+            fixed: spec.addresses.iter().map(|a| a.addr()).collect(),
+            pools: spec.address_pool.clone(),
+        };
         if let Some(e) = self.entries.lock().expect("catalog lock").get(name)
             && e.stamp == stamp
         {

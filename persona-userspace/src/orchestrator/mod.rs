@@ -459,6 +459,11 @@ impl Orchestrator {
         self.catalog.devices(&*self.store)
     }
 
+    /// The stored personas that declare an address in `scope`, fixed or in a pool.
+    pub fn personas_overlapping(&self, scope: &AddressScope) -> Result<Vec<String>, ShiftError> {
+        self.catalog.overlapping(&*self.store, scope)
+    }
+
     /// One stored device, parsed once per version; `None` when there is none.
     pub fn device(&self, name: &str) -> Result<Option<Arc<DeviceSpec>>, ShiftError> {
         self.catalog.device(&*self.store, name)

@@ -74,11 +74,9 @@ fn attached(d: &Daemon) -> usize {
         .count()
 }
 
-pub fn run() -> Value {
-    let site = Site::new();
-    let batch: String = (0..DEVICES)
-        .map(|i| format!("tuntap add {t} mode tap\nlink set {t} up\n", t = tap(i)))
-        .collect();
+/// `ip -batch` in the host's namespace, with the lines `each` gives for every tap.
+fn ip_batch(site: &Site, each: impl Fn(&str) -> String) {
+    let batch: String = (0..DEVICES).map(|i| each(&tap(i))).collect();
     let file = std::env::temp_dir().join(format!("persona-bench-crowd-{}.batch", site.host.name));
     std::fs::write(&file, batch).expect("batch");
     persona_tests::netns::sh(&format!(
@@ -87,6 +85,13 @@ pub fn run() -> Value {
         file.display()
     ));
     let _ = std::fs::remove_file(&file);
+}
+
+pub fn run() -> Value {
+    let site = Site::new();
+    ip_batch(&site, |t| {
+        format!("tuntap add {t} mode tap\nlink set {t} up\n")
+    });
     let d = Daemon::start_with(&site, &["--min-dwell", "0", "--cooldown", "0"]);
     apply(&d, &objects(0..FEW));
     assert_eq!(attached(&d), FEW, "the first devices attached");
@@ -101,6 +106,9 @@ pub fn run() -> Value {
     let (_, status) = d.admin(Method::GET, &format!("/status/c{}", DEVICES - 1), None);
     assert_eq!(status["persona"], format!("s{}", DEVICES - 1), "{status}");
     drop(d);
+    // Deleted here, not by the namespace's end: the kernel tears thousands of taps down
+    // in the background for minutes, and would slow the sections after this one.
+    ip_batch(&site, |t| format!("link del {t}\n"));
     drop(site);
     json!({ "rows": [few, many], "apply_s": apply_s, "applied": DEVICES - FEW })
 }
