@@ -50,8 +50,16 @@ const DIFFS_KEPT: usize = 256;
 pub struct Catalog {
     entries: Mutex<HashMap<String, Arc<Entry>>>,
     diffs: Mutex<HashMap<DiffKey, Arc<Vec<String>>>>,
-    devices: Mutex<HashMap<String, (Stamp, Arc<DeviceSpec>)>>,
+    devices: Mutex<HashMap<String, KnownDevice>>,
     fixed: Mutex<Fixed>,
+}
+
+/// A device as parsed, and the generation of the store's devices it was last found
+/// current at: until that moves, it is not asked of the store again.
+struct KnownDevice {
+    stamp: Stamp,
+    spec: Arc<DeviceSpec>,
+    current_at: Option<u64>,
 }
 
 /// What a persona declares: its fixed addresses and its pools.
@@ -103,11 +111,12 @@ impl Catalog {
     /// Every stored device that parses, by name; only those written since the last
     /// call are read again.
     pub fn devices(&self, store: &dyn Store) -> Result<Vec<(String, Arc<DeviceSpec>)>, ShiftError> {
+        let generation = store.generation(Kind::Device);
         let stamps = store.stamps(Kind::Device)?;
         let mut known = self.devices.lock().expect("device catalog lock");
         let mut out = Vec::with_capacity(stamps.len());
         for (name, stamp) in stamps {
-            if let Ok(Some(spec)) = Self::parsed(&mut known, store, &name, stamp) {
+            if let Ok(Some(spec)) = Self::parsed(&mut known, store, &name, (stamp, generation)) {
                 out.push((name, spec));
             }
         }
@@ -126,29 +135,43 @@ impl Catalog {
         store: &dyn Store,
         name: &str,
     ) -> Result<Option<Arc<DeviceSpec>>, ShiftError> {
+        // Read before the stamp: a write in between is seen at the next call.
+        let generation = store.generation(Kind::Device);
+        if generation.is_some()
+            && let Some(k) = self.devices.lock().expect("device catalog lock").get(name)
+            && k.current_at == generation
+        {
+            return Ok(Some(k.spec.clone()));
+        }
         let Some(stamp) = store.stamp(Kind::Device, name)? else {
             return Ok(None);
         };
         let mut known = self.devices.lock().expect("device catalog lock");
-        Self::parsed(&mut known, store, name, stamp)
+        Self::parsed(&mut known, store, name, (stamp, generation))
     }
 
     fn parsed(
-        known: &mut HashMap<String, (Stamp, Arc<DeviceSpec>)>,
+        known: &mut HashMap<String, KnownDevice>,
         store: &dyn Store,
         name: &str,
-        stamp: Stamp,
+        (stamp, generation): (Stamp, Option<u64>),
     ) -> Result<Option<Arc<DeviceSpec>>, ShiftError> {
-        if let Some((s, spec)) = known.get(name)
-            && *s == stamp
+        if let Some(k) = known.get_mut(name)
+            && k.stamp == stamp
         {
-            return Ok(Some(spec.clone()));
+            k.current_at = generation;
+            return Ok(Some(k.spec.clone()));
         }
         let Some(record) = store.get(Kind::Device, name)? else {
             return Ok(None);
         };
         let spec = Arc::new(parse::<DeviceSpec>(&record)?);
-        known.insert(name.to_owned(), (stamp, spec.clone()));
+        let k = KnownDevice {
+            stamp,
+            spec: spec.clone(),
+            current_at: generation,
+        };
+        known.insert(name.to_owned(), k);
         Ok(Some(spec))
     }
 
@@ -326,6 +349,43 @@ mod tests {
         store
             .put(Kind::Persona, "office", spec, Expect::Any)
             .expect("put");
+    }
+
+    #[test]
+    fn a_device_is_read_again_only_after_a_write_and_gone_once_deleted() {
+        let dir = std::env::temp_dir().join(format!("persona-catalog-dev-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = EmbeddedStore::open(&dir.join("s.redb")).unwrap();
+        let catalog = Catalog::default();
+        let put = |name: &str, interface: &str| {
+            let spec = serde_json::json!({ "interface": interface, "innerV4": "198.18.0.2" });
+            store.put(Kind::Device, name, spec, Expect::Any).unwrap();
+        };
+        put("vm1", "pvm1");
+        let first = catalog.device(&store, "vm1").unwrap().unwrap();
+        let again = catalog.device(&store, "vm1").unwrap().unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "unchanged: the same spec");
+        put("vm2", "pvm2");
+        let after_another = catalog.device(&store, "vm1").unwrap().unwrap();
+        assert!(
+            Arc::ptr_eq(&first, &after_another),
+            "another's write: still current"
+        );
+        put("vm1", "pvm9");
+        assert_eq!(
+            catalog.device(&store, "vm1").unwrap().unwrap().interface,
+            "pvm9"
+        );
+        store.delete(Kind::Device, "vm1", Expect::Any).unwrap();
+        assert!(catalog.device(&store, "vm1").unwrap().is_none(), "gone");
+        let names: Vec<String> = catalog
+            .devices(&store)
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, ["vm2"]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
