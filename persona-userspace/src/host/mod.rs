@@ -878,7 +878,19 @@ impl Wiring for Host {
                         128
                     };
                     let mut stream = handle.route().get(msg).execute();
-                    while let Some(route) = stream.try_next().await? {
+                    loop {
+                        let route = match stream.try_next().await {
+                            Ok(Some(route)) => route,
+                            Ok(None) => break,
+                            // Filtered by a tap that is gone, the dump is refused: it
+                            // routes nothing any more.
+                            Err(rtnetlink::Error::NetlinkError(m))
+                                if m.raw_code() == -libc::ENODEV =>
+                            {
+                                return Ok(Vec::new());
+                            }
+                            Err(e) => return Err(e),
+                        };
                         let host = route.header.destination_prefix_length == host_len
                             && route.header.table == RT_TABLE_MAIN;
                         let out_of_tap = route

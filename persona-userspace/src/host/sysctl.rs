@@ -39,7 +39,16 @@ fn parse_record(text: &str) -> std::result::Result<(BTreeMap<String, String>, us
     }
     let mut saved = BTreeMap::new();
     let mut lines = 0;
-    for (n, line) in text.lines().enumerate() {
+    // Every change ends with a newline: a last line without one is a write that failed
+    // (and its change was not made).
+    let whole = match text.rfind('\n') {
+        Some(end) => &text[..=end],
+        None => "",
+    };
+    if whole.len() < text.len() {
+        lines = usize::MAX;
+    }
+    for (n, line) in whole.lines().enumerate() {
         let change: Vec<String> =
             serde_json::from_str(line).map_err(|e| format!("line {}: {e}", n + 1))?;
         match <[String; 2]>::try_from(change) {
@@ -49,7 +58,7 @@ fn parse_record(text: &str) -> std::result::Result<(BTreeMap<String, String>, us
                 Err(_) => return Err(format!("line {}: neither [key, value] nor [key]", n + 1)),
             },
         };
-        lines += 1;
+        lines = lines.saturating_add(1);
     }
     Ok((saved, lines))
 }
@@ -80,8 +89,11 @@ impl Record {
                 .append(true)
                 .open(&self.path)
                 .map_err(io(format!("opening {}", self.path.display())))?;
-            f.write_all(text.as_bytes())
-                .map_err(io(format!("writing {}", self.path.display())))?;
+            if let Err(e) = f.write_all(text.as_bytes()) {
+                // Maybe torn: the next change writes the record anew.
+                self.lines = usize::MAX;
+                return Err(io(format!("writing {}", self.path.display()))(e));
+            }
             self.lines = lines;
             return Ok(());
         }
@@ -298,7 +310,18 @@ mod tests {
             assert_eq!(parse_record(&text).unwrap().0, saved, "round {round}");
             assert!(text.lines().count() <= COMPACT_AFTER, "round {round}");
         }
-        assert!(parse_record("[\"a\", \"b\", \"c\"]").is_err());
+        assert!(parse_record("[\"a\", \"b\", \"c\"]\n").is_err());
+        let (torn, lines) = parse_record("[\"a\",\"1\"]\n[\"b\",\"2\"]\n[\"c\",\"").unwrap();
+        assert_eq!(
+            torn.keys().collect::<Vec<_>>(),
+            ["a", "b"],
+            "a torn last line is no change"
+        );
+        assert_eq!(
+            lines,
+            usize::MAX,
+            "and the record is written anew at the next one"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

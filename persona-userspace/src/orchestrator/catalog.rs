@@ -267,8 +267,9 @@ impl Catalog {
         if generation.is_some() && generation == fixed.generation {
             return Ok(fixed);
         }
-        // Read before the stamps: a write in between is seen at the next call.
-        fixed.generation = generation;
+        // Read before the stamps: a write in between is seen at the next call. Recorded
+        // only once the whole refresh has succeeded: one cut short is done again.
+        fixed.generation = None;
         let stamps: HashMap<String, Stamp> = store.stamps(Kind::Persona)?.into_iter().collect();
         let gone: Vec<String> = fixed
             .by_persona
@@ -290,6 +291,7 @@ impl Catalog {
             let declared = self.declared(store, &name, stamp)?;
             fixed.set(&name, declared.map(|d| (stamp, d)));
         }
+        fixed.generation = generation;
         Ok(fixed)
     }
 

@@ -81,10 +81,11 @@ impl KernelDatapath {
     }
 
     pub(super) fn drop_metadata(&mut self, ifindex: u32) -> Result<()> {
+        remove_if_there(&mut self.maps.metadata, &ifindex, "METADATA")?;
         if let Some(p) = &mut self.peers {
             p.set(ifindex, None);
         }
-        remove_if_there(&mut self.maps.metadata, &ifindex, "METADATA")
+        Ok(())
     }
 
     pub(super) fn metadata_peer(&self, ifindex: u32) -> Option<Ipv4Addr> {
