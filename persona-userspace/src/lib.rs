@@ -17,6 +17,7 @@ pub mod keys;
 pub mod links;
 pub mod metrics;
 pub mod model;
+pub mod multimap;
 pub mod node;
 pub mod orchestrator;
 pub mod rules;

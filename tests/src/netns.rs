@@ -17,6 +17,14 @@ pub fn sh(cmd: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `ip -batch` in the namespace `ns`: thousands of commands in one process.
+pub fn ip_batch(ns: &str, batch: &str) {
+    let file = std::env::temp_dir().join(format!("persona-{ns}.batch"));
+    std::fs::write(&file, batch).expect("batch");
+    sh(&format!("ip -n {ns} -batch {}", file.display()));
+    let _ = std::fs::remove_file(&file);
+}
+
 pub fn try_sh(cmd: &str) -> Output {
     Command::new("sh")
         .arg("-c")

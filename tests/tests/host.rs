@@ -32,10 +32,7 @@ fn the_host_routes_out_of_a_tap_are_found_among_many_others() {
     ] {
         batch.push_str(&format!("route add {route}\n"));
     }
-    let file = std::env::temp_dir().join(format!("{}.batch", ns.name));
-    std::fs::write(&file, batch).expect("batch");
-    persona_tests::netns::sh(&format!("ip -n {} -batch {}", ns.name, file.display()));
-    let _ = std::fs::remove_file(&file);
+    persona_tests::netns::ip_batch(&ns.name, &batch);
 
     let name = ns.name.clone();
     let routed = std::thread::spawn(move || {

@@ -853,9 +853,9 @@ impl Wiring for Host {
         Ok(())
     }
 
-    /// The host routes out of the tap (the persona addresses it is wired for).
-    /// The kernel filters the dump to the main table's routes out of the tap: the
-    /// answer is as long as what the tap has, not as the host's routing table.
+    /// The host routes out of the tap (the persona addresses it is wired for). The
+    /// kernel filters the dump to the main table's routes out of the tap: the answer is
+    /// as long as what the tap has, not as the host's routing table.
     fn routed(&self, ifindex: u32) -> Result<Vec<IpAddr>> {
         use rtnetlink::packet_route::{
             AddressFamily,
@@ -891,6 +891,8 @@ impl Wiring for Host {
                             }
                             Err(e) => return Err(e),
                         };
+                        // The filter checked again: a multipath route matches it by
+                        // any of its next hops, and only routes out of the tap count.
                         let host = route.header.destination_prefix_length == host_len
                             && route.header.table == RT_TABLE_MAIN;
                         let out_of_tap = route

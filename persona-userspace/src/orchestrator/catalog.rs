@@ -2,7 +2,7 @@
 //! stored version, then shared by every shift to them; which of them declare an
 //! address. Devices, parsed once per stored version, for what looks through all of them.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap},
     net::IpAddr,
     sync::{Arc, Mutex},
 };
@@ -11,6 +11,7 @@ use super::{ShiftError, not_found, parse, rule_lines};
 use crate::{
     datapath::{CompiledPersona, compile},
     model::{AddressScope, DeviceSpec, PersonaSpec},
+    multimap::MultiMap,
     store::{Kind, Stamp, Store},
 };
 
@@ -74,7 +75,7 @@ struct Declared {
 struct Fixed {
     generation: Option<u64>,
     by_persona: HashMap<String, (Stamp, Declared)>,
-    by_address: BTreeMap<IpAddr, BTreeSet<String>>,
+    by_address: MultiMap<IpAddr, String>,
     /// The personas with pools (few: most have addresses of their own).
     pooled: BTreeSet<String>,
 }
@@ -84,20 +85,12 @@ impl Fixed {
         self.pooled.remove(name);
         if let Some((_, old)) = self.by_persona.remove(name) {
             for a in old.fixed {
-                if let Some(names) = self.by_address.get_mut(&a) {
-                    names.remove(name);
-                    if names.is_empty() {
-                        self.by_address.remove(&a);
-                    }
-                }
+                self.by_address.remove(&a, name);
             }
         }
         if let Some((stamp, declared)) = now {
-            for a in &declared.fixed {
-                self.by_address
-                    .entry(*a)
-                    .or_default()
-                    .insert(name.to_owned());
+            for &a in &declared.fixed {
+                self.by_address.insert(a, name.to_owned());
             }
             if !declared.pools.is_empty() {
                 self.pooled.insert(name.to_owned());
@@ -105,6 +98,29 @@ impl Fixed {
             self.by_persona.insert(name.to_owned(), (stamp, declared));
         }
     }
+
+    /// The personas with a fixed address in `scope`.
+    fn declaring<'a>(&'a self, scope: &'a AddressScope) -> impl Iterator<Item = &'a String> {
+        scope
+            .within(self.by_address.as_map())
+            .flat_map(|(_, names)| names)
+    }
+
+    /// The personas with a pool that overlaps `scope`.
+    fn pooling<'a>(&'a self, scope: &'a AddressScope) -> impl Iterator<Item = &'a String> {
+        self.pooled.iter().filter(|name| {
+            let pools = &self.by_persona[*name].1.pools;
+            pools
+                .iter()
+                .any(|p| scope.overlaps(&AddressScope::of_net(p)))
+        })
+    }
+}
+
+/// Each name once, in order.
+fn names<'a>(found: impl Iterator<Item = &'a String>) -> Vec<String> {
+    let set: BTreeSet<&String> = found.collect();
+    set.into_iter().cloned().collect()
 }
 
 impl Catalog {
@@ -214,13 +230,7 @@ impl Catalog {
         scope: &AddressScope,
     ) -> Result<Vec<String>, ShiftError> {
         let fixed = self.fixed_now(store)?;
-        let mut names: Vec<String> = scope
-            .within(&fixed.by_address)
-            .flat_map(|(_, names)| names.iter().cloned())
-            .collect();
-        names.sort();
-        names.dedup();
-        Ok(names)
+        Ok(names(fixed.declaring(scope)))
     }
 
     /// The fixed addresses of the stored persona `name`: none for one gone, or that
@@ -241,22 +251,7 @@ impl Catalog {
         scope: &AddressScope,
     ) -> Result<Vec<String>, ShiftError> {
         let fixed = self.fixed_now(store)?;
-        let pooled = fixed.pooled.iter().filter(|name| {
-            fixed.by_persona[*name]
-                .1
-                .pools
-                .iter()
-                .any(|p| scope.overlaps(&AddressScope::of_net(p)))
-        });
-        let mut names: Vec<String> = scope
-            .within(&fixed.by_address)
-            .flat_map(|(_, names)| names.iter())
-            .chain(pooled)
-            .cloned()
-            .collect();
-        names.sort();
-        names.dedup();
-        Ok(names)
+        Ok(names(fixed.declaring(scope).chain(fixed.pooling(scope))))
     }
 
     /// The fixed addresses as stored now: read again only when the store's personas

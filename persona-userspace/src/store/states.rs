@@ -2,18 +2,18 @@
 //! devices run a persona, and which lease an address. That check then costs what it
 //! finds, not the number of devices.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap},
     net::IpAddr,
 };
 
 use super::DeviceState;
-use crate::model::AddressScope;
+use crate::{model::AddressScope, multimap::MultiMap};
 
 #[derive(Debug, Default)]
 pub struct States {
     by_device: HashMap<String, DeviceState>,
-    on_persona: HashMap<String, BTreeSet<String>>,
-    leased: BTreeMap<IpAddr, BTreeSet<String>>,
+    on_persona: MultiMap<String, String>,
+    leased: MultiMap<IpAddr, String>,
 }
 
 impl States {
@@ -23,37 +23,18 @@ impl States {
 
     pub fn set(&mut self, device: &str, state: Option<DeviceState>) {
         if let Some(old) = self.by_device.remove(device) {
-            self.unindex(device, &old);
+            self.on_persona.remove(&old.persona, device);
+            for l in &old.leases {
+                self.leased.remove(&l.addr(), device);
+            }
         }
         if let Some(state) = state {
             self.on_persona
-                .entry(state.persona.clone())
-                .or_default()
-                .insert(device.to_owned());
+                .insert(state.persona.clone(), device.to_owned());
             for l in &state.leases {
-                self.leased
-                    .entry(l.addr())
-                    .or_default()
-                    .insert(device.to_owned());
+                self.leased.insert(l.addr(), device.to_owned());
             }
             self.by_device.insert(device.to_owned(), state);
-        }
-    }
-
-    fn unindex(&mut self, device: &str, old: &DeviceState) {
-        if let Some(on) = self.on_persona.get_mut(&old.persona) {
-            on.remove(device);
-            if on.is_empty() {
-                self.on_persona.remove(&old.persona);
-            }
-        }
-        for l in &old.leases {
-            if let Some(by) = self.leased.get_mut(&l.addr()) {
-                by.remove(device);
-                if by.is_empty() {
-                    self.leased.remove(&l.addr());
-                }
-            }
         }
     }
 
@@ -72,7 +53,7 @@ impl States {
     /// `scope`, by device name.
     pub fn holding(&self, personas: &[String], scope: &AddressScope) -> Vec<(String, DeviceState)> {
         let on = personas.iter().filter_map(|p| self.on_persona.get(p));
-        let leasing = scope.within(&self.leased).map(|(_, d)| d);
+        let leasing = scope.within(self.leased.as_map()).map(|(_, d)| d);
         let devices: BTreeSet<&String> = on.chain(leasing).flatten().collect();
         devices
             .into_iter()
@@ -107,8 +88,7 @@ mod tests {
         s.set("vm2", Some(state("pool", &["198.51.100.2/24"])));
         s.set("vm3", Some(state("pool", &["198.51.100.3/24"])));
         s.set("vm4", Some(state("travel", &[])));
-        let pool: ipnet::IpNet = "198.51.100.0/30".parse().unwrap();
-        let scope = AddressScope::new([pool.network()..=pool.broadcast()]);
+        let scope = AddressScope::of_net(&"198.51.100.0/30".parse().unwrap());
         assert_eq!(
             names(s.holding(&["office".into()], &scope)),
             ["vm1", "vm2", "vm3"]

@@ -4,19 +4,16 @@
 //! over every device. A flip adds the new addresses to the old until the commit has
 //! put the old ones draining, so no reader ever sees an address of a shifting device
 //! as free.
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
-    sync::RwLock,
-};
+use std::{collections::BTreeMap, net::IpAddr, sync::RwLock};
 
 use super::flows::Drains;
 use crate::{
     datapath::{DrainInfo, HeldAddresses},
     model::AddressScope,
+    multimap::MultiMap,
 };
 
-type ByAddress = BTreeMap<IpAddr, BTreeSet<u32>>;
+type ByAddress = MultiMap<IpAddr, u32>;
 
 #[derive(Default)]
 pub(in crate::datapath) struct Held {
@@ -24,19 +21,6 @@ pub(in crate::datapath) struct Held {
     active: ByAddress,
     drains: Drains,
     draining: ByAddress,
-}
-
-fn index(by: &mut ByAddress, addr: IpAddr, ifindex: u32) {
-    by.entry(addr).or_default().insert(ifindex);
-}
-
-fn unindex(by: &mut ByAddress, addr: IpAddr, ifindex: u32) {
-    if let Some(set) = by.get_mut(&addr) {
-        set.remove(&ifindex);
-        if set.is_empty() {
-            by.remove(&addr);
-        }
-    }
 }
 
 impl Held {
@@ -65,10 +49,10 @@ impl Held {
     /// The device's active addresses are `addrs` from now on.
     pub fn set(&mut self, ifindex: u32, addrs: Vec<IpAddr>) {
         for a in self.hosts.remove(&ifindex).unwrap_or_default() {
-            unindex(&mut self.active, a, ifindex);
+            self.active.remove(&a, &ifindex);
         }
         for &a in &addrs {
-            index(&mut self.active, a, ifindex);
+            self.active.insert(a, ifindex);
         }
         self.hosts.insert(ifindex, addrs);
     }
@@ -79,7 +63,7 @@ impl Held {
         for a in addrs {
             if !now.contains(&a) {
                 now.push(a);
-                index(&mut self.active, a, ifindex);
+                self.active.insert(a, ifindex);
             }
         }
     }
@@ -89,13 +73,13 @@ impl Held {
     }
 
     pub fn put_drain(&mut self, ifindex: u32, addr: IpAddr, drain: DrainInfo) {
-        index(&mut self.draining, addr, ifindex);
+        self.draining.insert(addr, ifindex);
         self.drains.insert((ifindex, addr), drain);
     }
 
     pub fn drop_drain(&mut self, ifindex: u32, addr: IpAddr) -> Option<DrainInfo> {
         let d = self.drains.remove(&(ifindex, addr))?;
-        unindex(&mut self.draining, addr, ifindex);
+        self.draining.remove(&addr, &ifindex);
         Some(d)
     }
 
@@ -119,7 +103,7 @@ fn found<'a>(
     scope: &'a AddressScope,
     except: Option<u32>,
 ) -> impl Iterator<Item = (u32, IpAddr)> + 'a {
-    scope.within(by).flat_map(move |(a, set)| {
+    scope.within(by.as_map()).flat_map(move |(a, set)| {
         set.iter()
             .filter(move |&&i| Some(i) != except)
             .map(move |&i| (i, *a))
@@ -160,8 +144,7 @@ mod tests {
 
     /// (ifindex, active, draining) of each device found.
     fn found(held: &Held, except: Option<u32>, net: &str) -> Vec<(u32, Vec<IpAddr>, Vec<IpAddr>)> {
-        let net: ipnet::IpNet = net.parse().unwrap();
-        let scope = AddressScope::new([net.network()..=net.broadcast()]);
+        let scope = AddressScope::of_net(&net.parse().unwrap());
         held.within(except, &scope)
             .into_iter()
             .map(|h| (h.ifindex, h.active, h.draining))

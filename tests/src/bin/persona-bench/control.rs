@@ -73,7 +73,7 @@ fn rules(n: usize) -> String {
     m
 }
 
-fn apply(d: &Daemon, name: &str, manifests: &str) {
+pub fn apply(d: &Daemon, name: &str, manifests: &str) {
     let file = d.data_dir.join(name);
     std::fs::write(&file, manifests).expect("manifests");
     d.cli_ok(&format!("apply -f {}", file.display()));

@@ -8,7 +8,11 @@ use hyper::Method;
 use persona_tests::{daemon::Daemon, lab::Site};
 use serde_json::{Value, json};
 
-use crate::{control::drive, scale::DEVICES, shifts::percentiles};
+use crate::{
+    control::{self, drive},
+    scale::DEVICES,
+    shifts::percentiles,
+};
 
 const FEW: usize = 8;
 const SHIFTS: usize = 1000;
@@ -41,11 +45,10 @@ fn objects(range: std::ops::Range<usize>) -> String {
     m
 }
 
+/// Applied through the CLI; how long it took, in seconds.
 fn apply(d: &Daemon, manifests: &str) -> f64 {
-    let file = d.data_dir.join("crowd.yaml");
-    std::fs::write(&file, manifests).expect("manifests");
     let start = Instant::now();
-    d.cli_ok(&format!("apply -f {}", file.display()));
+    control::apply(d, "crowd.yaml", manifests);
     start.elapsed().as_secs_f64()
 }
 
@@ -75,21 +78,14 @@ fn attached(d: &Daemon) -> usize {
 }
 
 /// `ip -batch` in the host's namespace, with the lines `each` gives for every tap.
-fn ip_batch(site: &Site, each: impl Fn(&str) -> String) {
+fn for_each_tap(site: &Site, each: impl Fn(&str) -> String) {
     let batch: String = (0..DEVICES).map(|i| each(&tap(i))).collect();
-    let file = std::env::temp_dir().join(format!("persona-bench-crowd-{}.batch", site.host.name));
-    std::fs::write(&file, batch).expect("batch");
-    persona_tests::netns::sh(&format!(
-        "ip -n {} -batch {}",
-        site.host.name,
-        file.display()
-    ));
-    let _ = std::fs::remove_file(&file);
+    persona_tests::netns::ip_batch(&site.host.name, &batch);
 }
 
 pub fn run() -> Value {
     let site = Site::new();
-    ip_batch(&site, |t| {
+    for_each_tap(&site, |t| {
         format!("tuntap add {t} mode tap\nlink set {t} up\n")
     });
     let d = Daemon::start_with(&site, &["--min-dwell", "0", "--cooldown", "0"]);
@@ -108,7 +104,7 @@ pub fn run() -> Value {
     drop(d);
     // Deleted here, not by the namespace's end: the kernel tears thousands of taps down
     // in the background for minutes, and would slow the sections after this one.
-    ip_batch(&site, |t| format!("link del {t}\n"));
+    for_each_tap(&site, |t| format!("link del {t}\n"));
     drop(site);
     json!({ "rows": [few, many], "apply_s": apply_s, "applied": DEVICES - FEW })
 }

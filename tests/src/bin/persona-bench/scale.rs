@@ -16,7 +16,7 @@ use persona::{
 };
 use persona_tests::{
     harness::{self, unique_pin_dir},
-    netns::{Netns, sh},
+    netns::{Netns, ip_batch, sh},
 };
 use serde_json::{Value, json};
 
@@ -95,10 +95,7 @@ fn devices() -> Value {
     let batch: String = (0..DEVICES)
         .map(|i| format!("tuntap add t{i} mode tap\nlink set t{i} up\n"))
         .collect();
-    let file = std::env::temp_dir().join(format!("persona-bench-{}.batch", ns.name));
-    std::fs::write(&file, batch).expect("batch");
-    sh(&format!("ip -n {} -batch {}", ns.name, file.display()));
-    let _ = std::fs::remove_file(&file);
+    ip_batch(&ns.name, &batch);
     let pin_dir = unique_pin_dir("scale");
     let name = ns.name.clone();
     let dir = pin_dir.clone();
