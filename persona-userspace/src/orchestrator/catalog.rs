@@ -51,7 +51,7 @@ const DIFFS_KEPT: usize = 256;
 pub struct Catalog {
     entries: Mutex<HashMap<String, Arc<Entry>>>,
     diffs: Mutex<HashMap<DiffKey, Arc<Vec<String>>>>,
-    devices: Mutex<HashMap<String, KnownDevice>>,
+    devices: Mutex<hashbrown::HashMap<String, KnownDevice>>,
     fixed: Mutex<Fixed>,
 }
 
@@ -167,7 +167,7 @@ impl Catalog {
     }
 
     fn parsed(
-        known: &mut HashMap<String, KnownDevice>,
+        known: &mut hashbrown::HashMap<String, KnownDevice>,
         store: &dyn Store,
         name: &str,
         (stamp, generation): (Stamp, Option<u64>),

@@ -7,15 +7,15 @@ use std::{
 };
 
 use jiff::{SignedDuration, Timestamp};
-use serde::{Deserialize as _, Serialize};
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use fixedbitset::FixedBitSet;
 
 use super::{
     RuleSpec,
-    index::{Index, Part},
-    signals::{AlertState, Signal, SignalBody, SignalSet},
+    index::Index,
+    signals::{AlertState, Revisions, Severity, Signal, SignalBody, SignalSet},
 };
 use crate::model::DeviceSpec;
 
@@ -85,36 +85,88 @@ pub struct Decision {
     pub next_check: Option<Timestamp>,
 }
 
-/// The live signals of a device as CEL and explain see them.
-fn view(device: &DeviceView, signals: &[&Signal]) -> Value {
-    let mut alerts = Vec::new();
-    let mut apps = Vec::new();
-    let mut geo = Value::Null;
-    let mut role = device
-        .spec
-        .role
-        .clone()
-        .map(Value::from)
-        .unwrap_or(Value::Null);
-    for s in signals {
-        match &s.body {
-            SignalBody::Alert {
-                id,
-                severity,
-                alert_kind,
-                state: AlertState::Raised,
-            } => {
-                alerts.push(
-                    json!({"id": id, "severity": severity, "kind": alert_kind, "source": s.source}),
-                );
+/// The live signals of a device as the conditions read them.
+pub(crate) struct Facts<'a> {
+    alerts: Vec<OpenAlert<'a>>,
+    apps: Vec<&'a str>,
+    geo: Option<&'a SignalBody>,
+    role: Option<&'a str>,
+}
+
+struct OpenAlert<'a> {
+    id: &'a str,
+    severity: Severity,
+    kind: &'a str,
+    source: &'a str,
+}
+
+impl<'a> Facts<'a> {
+    fn of(device: &'a DeviceView, signals: impl IntoIterator<Item = &'a Signal>) -> Self {
+        let mut facts = Facts {
+            alerts: Vec::new(),
+            apps: Vec::new(),
+            geo: None,
+            role: device.spec.role.as_deref(),
+        };
+        for s in signals {
+            match &s.body {
+                SignalBody::Alert {
+                    id,
+                    severity,
+                    alert_kind,
+                    state: AlertState::Raised,
+                } => facts.alerts.push(OpenAlert {
+                    id,
+                    severity: *severity,
+                    kind: alert_kind,
+                    source: &s.source,
+                }),
+                SignalBody::App { app, active: true } => facts.apps.push(app),
+                SignalBody::Geo { .. } => facts.geo = Some(&s.body),
+                SignalBody::Role { role } => facts.role = Some(role),
+                _ => {}
             }
-            SignalBody::App { app, active: true } => apps.push(json!(app)),
-            SignalBody::Geo { .. } => geo = serde_json::to_value(&s.body).unwrap_or(Value::Null),
-            SignalBody::Role { role: r } => role = json!(r),
-            _ => {}
+        }
+        facts
+    }
+
+    pub(crate) fn country(&self) -> Option<&'a str> {
+        match self.geo {
+            Some(SignalBody::Geo { country, .. }) => country.as_deref(),
+            _ => None,
         }
     }
-    json!({"alerts": alerts, "apps": apps, "geo": geo, "role": role})
+
+    pub(crate) fn role(&self) -> Option<&'a str> {
+        self.role
+    }
+
+    pub(crate) fn apps(&self) -> impl Iterator<Item = &'a str> + '_ {
+        self.apps.iter().copied()
+    }
+
+    pub(crate) fn alert_kinds(&self) -> impl Iterator<Item = &'a str> + '_ {
+        self.alerts.iter().map(|a| a.kind)
+    }
+
+    pub(crate) fn any_alert(&self) -> bool {
+        !self.alerts.is_empty()
+    }
+
+    /// As CEL sees them (`signals`).
+    fn json(&self) -> Value {
+        let alerts: Vec<Value> = self
+            .alerts
+            .iter()
+            .map(
+                |a| json!({"id": a.id, "severity": a.severity, "kind": a.kind, "source": a.source}),
+            )
+            .collect();
+        let geo = self.geo.map_or(Value::Null, |g| {
+            serde_json::to_value(g).unwrap_or(Value::Null)
+        });
+        json!({"alerts": alerts, "apps": self.apps, "geo": geo, "role": self.role})
+    }
 }
 
 thread_local! {
@@ -233,7 +285,7 @@ macro_rules! say {
 
 struct Eval<'a> {
     device: &'a DeviceView,
-    sig: Value,
+    facts: Facts<'a>,
     now: Timestamp,
     explain: bool,
     /// The device, its signals and the time bound for CEL, when a rule needs them.
@@ -242,14 +294,9 @@ struct Eval<'a> {
 
 impl Eval<'_> {
     fn alert(&self, c: &super::AlertCondition) -> (bool, String) {
-        let open = self.sig["alerts"]
-            .as_array()
-            .map_or(&[][..], |a| a.as_slice());
-        let hit = open.iter().find(|a| {
-            let sev_ok = c.min_severity.is_none_or(|min| {
-                super::signals::Severity::deserialize(&a["severity"]).is_ok_and(|s| s >= min)
-            });
-            sev_ok && c.kind.as_deref().is_none_or(|k| a["kind"] == k)
+        let hit = self.facts.alerts.iter().find(|a| {
+            c.min_severity.is_none_or(|min| a.severity >= min)
+                && c.kind.as_deref().is_none_or(|k| a.kind == k)
         });
         match hit {
             Some(a) => (
@@ -257,8 +304,8 @@ impl Eval<'_> {
                 say!(
                     self.explain,
                     "ok: alert {} ({}) is open",
-                    a["id"].as_str().unwrap_or("?"),
-                    a["severity"].as_str().unwrap_or("?")
+                    a.id,
+                    format!("{:?}", a.severity).to_lowercase()
                 ),
             ),
             None => (
@@ -334,7 +381,7 @@ impl Eval<'_> {
             return out;
         }
         if let Some(c) = &w.country
-            && check(self.set("country", self.sig["geo"]["country"].as_str(), c))
+            && check(self.set("country", self.facts.country(), c))
         {
             return out;
         }
@@ -367,13 +414,10 @@ impl Eval<'_> {
             }
         }
         if let Some(c) = &w.apps {
-            let running = self.sig["apps"]
-                .as_array()
-                .map_or(&[][..], |a| a.as_slice());
             let hit = c
                 .any_of
                 .iter()
-                .find(|a| running.iter().any(|r| r.as_str() == Some(a.as_str())));
+                .find(|a| self.facts.apps.contains(&a.as_str()));
             let verdict = match hit {
                 Some(a) => (true, say!(self.explain, "ok: {a} is running")),
                 None => (
@@ -386,7 +430,7 @@ impl Eval<'_> {
             }
         }
         if let Some(c) = &w.role
-            && check(self.set("role", self.sig["role"].as_str(), c))
+            && check(self.set("role", self.facts.role, c))
         {
             return out;
         }
@@ -434,9 +478,8 @@ pub fn decide_with(
     now: Timestamp,
     explain: bool,
 ) -> Decision {
-    let live: Vec<&Signal> = signals.live(&device.name, now).collect();
-    let sig = view(device, &live);
-    with_eval(device, rules.expressions, sig, now, explain, |eval| {
+    let facts = Facts::of(device, signals.of(&device.name).live(now));
+    with_eval(device, rules.expressions, facts, now, explain, |eval| {
         decide_in(eval, rules, signals, history, timing)
     })
 }
@@ -446,7 +489,9 @@ pub fn decide_with(
 pub struct Memo {
     generation: u64,
     device: DeviceView,
-    parts: [Value; 4],
+    /// The device's signals as they were at `evaluated`.
+    revisions: Revisions,
+    evaluated: Timestamp,
     selected: std::sync::Arc<FixedBitSet>,
     /// The selected rules whose conditions held.
     holds: FixedBitSet,
@@ -461,7 +506,8 @@ impl Memo {
         Self {
             generation: rules.generation,
             device: device.clone(),
-            parts: Default::default(),
+            revisions: [0; 4],
+            evaluated: now,
             selected: rules.selecting(&device.spec.labels),
             holds: FixedBitSet::with_capacity(rules.ordered.len()),
             at: now,
@@ -504,38 +550,50 @@ pub fn decide_incremental(
     now: Timestamp,
     memo: &mut Option<Memo>,
 ) -> Decision {
-    let live: Vec<&Signal> = signals.live(&device.name, now).collect();
-    let sig = view(device, &live);
-    let parts = Part::ALL.map(|p| sig[p.field()].clone());
+    let mine = signals.of(&device.name);
+    let facts = Facts::of(device, mine.live(now));
     let index = &rules.index;
-    let (mut m, mut dirty) = match memo.take() {
-        Some(m) if m.generation == rules.generation && m.device == *device => {
-            let mut dirty = index.clocked().clone();
-            for p in Part::ALL {
-                if m.parts[p as usize] != parts[p as usize] {
-                    dirty.union_with(index.readers(p));
-                }
-            }
-            (m, dirty)
-        }
-        _ => {
-            let m = Memo::new(rules, device, now);
-            let all = (*m.selected).clone();
-            (m, all)
-        }
+    let kept = memo
+        .take()
+        .filter(|m| m.generation == rules.generation && m.device == *device)
+        .and_then(|m| {
+            let changed = mine.changed_since(&m.revisions, m.evaluated, now)?;
+            Some((m, changed))
+        });
+    // `None`: every rule selecting the device is evaluated afresh.
+    let (mut m, changed) = match kept {
+        Some((m, changed)) => (m, Some(changed)),
+        None => (Memo::new(rules, device, now), None),
     };
-    if now < m.at || now >= m.until {
+    let edge = now < m.at || now >= m.until;
+    if edge {
         m.take_edges(rules, now);
-        dirty.union_with(index.scheduled());
     }
-    dirty.intersect_with(&m.selected);
-    m.holds.difference_with(&dirty);
-    let mut candidates = dirty;
-    if !candidates.is_clear() {
-        index.narrow(&mut candidates, &sig);
+    // Held rules are few: each is looked at alone, not the dense sets.
+    if let Some(changed) = &changed {
+        let stale: Vec<usize> = m
+            .holds
+            .ones()
+            .filter(|&i| index.dirty(i, changed, edge))
+            .collect();
+        for i in stale {
+            m.holds.set(i, false);
+        }
     }
+    let candidates = match &changed {
+        Some(c) if !index.may_change(c, edge) => None,
+        _ => index.possible(&facts),
+    }
+    .map(|mut possible| {
+        possible.intersect_with(&m.selected);
+        if let Some(c) = &changed {
+            possible.intersect_with(&index.dirty_set(c, edge));
+        }
+        possible
+    })
+    .unwrap_or_default();
     let cel = !candidates.is_disjoint(index.cel());
-    let decision = with_eval(device, cel, sig, now, false, |eval| {
+    let decision = with_eval(device, cel, facts, now, false, |eval| {
         for i in candidates.ones() {
             if eval.conditions(&rules.ordered[i]).iter().all(|r| r.0) {
                 m.holds.insert(i);
@@ -547,7 +605,7 @@ pub fn decide_incremental(
             .iter()
             .filter(|(i, _)| winner.is_none_or(|w| *i <= w))
             .map(|(_, t)| *t)
-            .chain(signals.next_expiry(&device.name, now))
+            .chain(mine.next_expiry(now))
             .min();
         let found = Found {
             winner: winner.map(|w| &rules.ordered[w]),
@@ -557,16 +615,17 @@ pub fn decide_incremental(
         };
         conclude(eval, rules, history, timing, found)
     });
-    m.parts = parts;
+    m.revisions = mine.revisions();
+    m.evaluated = now;
     *memo = Some(m);
     decision
 }
 
 /// Runs `f` with the device's signals bound, and for CEL when `cel` says a rule needs it.
-fn with_eval<R>(
-    device: &DeviceView,
+fn with_eval<'a, R>(
+    device: &'a DeviceView,
     cel: bool,
-    sig: Value,
+    facts: Facts<'a>,
     now: Timestamp,
     explain: bool,
     f: impl FnOnce(&Eval<'_>) -> R,
@@ -574,7 +633,7 @@ fn with_eval<R>(
     if !cel {
         return f(&Eval {
             device,
-            sig,
+            facts,
             now,
             explain,
             cel: None,
@@ -584,11 +643,11 @@ fn with_eval<R>(
         let mut scope = root.new_inner_scope();
         let d = json!({"name": device.name, "labels": device.spec.labels, "owner": device.spec.owner, "role": device.spec.role});
         let bound = scope.add_variable("device", d).is_ok()
-            && scope.add_variable("signals", sig.clone()).is_ok();
+            && scope.add_variable("signals", facts.json()).is_ok();
         scope.add_variable_from_value("now", now.to_string());
         f(&Eval {
             device,
-            sig,
+            facts,
             now,
             explain,
             cel: bound.then_some(&scope),
@@ -620,7 +679,7 @@ fn decide_in(
 ) -> Decision {
     let (device, now, explain) = (eval.device, eval.now, eval.explain);
     let mut explained = Vec::new();
-    let mut next_check = signals.next_expiry(&device.name, now);
+    let mut next_check = signals.of(&device.name).next_expiry(now);
     let mut earliest = |t: Option<Timestamp>| {
         if let Some(t) = t {
             next_check = Some(next_check.map_or(t, |n| n.min(t)));

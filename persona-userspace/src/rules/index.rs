@@ -3,39 +3,11 @@
 //! use, which rules can hold at all. Both are necessary conditions only: a rule they let
 //! through is still evaluated in full, so a rule the index cannot read (a CEL expression
 //! of any shape) costs time, never a wrong decision.
-use std::collections::HashMap;
+use std::{borrow::Cow, collections::HashMap};
 
+use super::{RuleSpec, engine::Facts, signals::Part};
 use cel::common::ast::{Expr, LiteralValue, operators};
 use fixedbitset::FixedBitSet;
-use serde_json::Value;
-
-use super::RuleSpec;
-
-/// The parts of a device's signals a rule can read: the fields of `signals` in CEL.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Part {
-    Alerts,
-    Apps,
-    Geo,
-    Role,
-}
-
-impl Part {
-    pub const ALL: [Part; 4] = [Part::Alerts, Part::Apps, Part::Geo, Part::Role];
-
-    pub fn field(self) -> &'static str {
-        match self {
-            Part::Alerts => "alerts",
-            Part::Apps => "apps",
-            Part::Geo => "geo",
-            Part::Role => "role",
-        }
-    }
-
-    fn of(field: &str) -> Option<Part> {
-        Part::ALL.into_iter().find(|p| p.field() == field)
-    }
-}
 
 /// What one rule's verdict depends on besides the device itself.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -125,6 +97,8 @@ fn cel_guards(e: &cel::IdedExpr, role: &mut Option<String>, country: &mut Option
 /// condition does not narrow (they have none, or none the index can read).
 struct Buckets {
     open: FixedBitSet,
+    /// `open` is empty: every rule requires a value.
+    none_open: bool,
     by_value: HashMap<String, FixedBitSet>,
 }
 
@@ -133,6 +107,7 @@ impl Buckets {
         let mut open = FixedBitSet::with_capacity(len);
         open.insert_range(..);
         Self {
+            none_open: len == 0,
             open,
             by_value: HashMap::new(),
         }
@@ -150,18 +125,22 @@ impl Buckets {
         }
     }
 
-    /// Leaves in `set` only the rules `present` lets through: a copy of `open` is made
-    /// only when a value has rules of its own.
-    fn narrow<'a>(&self, set: &mut FixedBitSet, present: impl IntoIterator<Item = &'a str>) {
-        let mut through: Option<FixedBitSet> = None;
+    /// The rules `present` lets through; `None` when that is none, found without
+    /// touching the sets when no value has rules of its own and none are open.
+    fn through<'a>(
+        &self,
+        present: impl IntoIterator<Item = &'a str>,
+    ) -> Option<Cow<'_, FixedBitSet>> {
+        let mut through = Cow::Borrowed(&self.open);
         for v in present {
             if let Some(b) = self.by_value.get(v) {
-                through
-                    .get_or_insert_with(|| self.open.clone())
-                    .union_with(b);
+                through.to_mut().union_with(b);
             }
         }
-        set.intersect_with(through.as_ref().unwrap_or(&self.open));
+        match &through {
+            Cow::Borrowed(_) if self.none_open => None,
+            _ => Some(through),
+        }
     }
 }
 
@@ -177,6 +156,10 @@ pub struct Index {
     scheduled: FixedBitSet,
     /// Rules with a CEL expression.
     cel: FixedBitSet,
+    /// Whether any rule reads each part, the clock, a schedule.
+    read: [bool; 4],
+    any_clocked: bool,
+    any_scheduled: bool,
     role: Buckets,
     country: Buckets,
     apps: Buckets,
@@ -193,6 +176,9 @@ impl Index {
             clocked: empty(),
             scheduled: empty(),
             cel: empty(),
+            read: [false; 4],
+            any_clocked: false,
+            any_scheduled: false,
             role: Buckets::new(len),
             country: Buckets::new(len),
             apps: Buckets::new(len),
@@ -201,6 +187,17 @@ impl Index {
         for (i, spec) in rules.enumerate() {
             index.add(i, spec);
         }
+        for b in [
+            &mut index.role,
+            &mut index.country,
+            &mut index.apps,
+            &mut index.alerts,
+        ] {
+            b.none_open = b.open.is_clear();
+        }
+        index.read = index.readers.each_ref().map(|r| !r.is_clear());
+        index.any_clocked = !index.clocked.is_clear();
+        index.any_scheduled = !index.scheduled.is_clear();
         index
     }
 
@@ -254,14 +251,6 @@ impl Index {
         }
     }
 
-    pub fn readers(&self, part: Part) -> &FixedBitSet {
-        &self.readers[part as usize]
-    }
-
-    pub fn clocked(&self) -> &FixedBitSet {
-        &self.clocked
-    }
-
     pub fn scheduled(&self) -> &FixedBitSet {
         &self.scheduled
     }
@@ -270,19 +259,52 @@ impl Index {
         &self.cel
     }
 
-    /// Leaves in `set` only the rules that can hold given a device's signals as the
-    /// engine sees them.
-    pub fn narrow(&self, set: &mut FixedBitSet, sig: &Value) {
-        self.role.narrow(set, sig["role"].as_str());
-        self.country.narrow(set, sig["geo"]["country"].as_str());
-        let apps = sig["apps"].as_array().map_or(&[][..], |a| a.as_slice());
-        self.apps.narrow(set, apps.iter().filter_map(Value::as_str));
-        let open = sig["alerts"].as_array().map_or(&[][..], |a| a.as_slice());
-        let kinds = open
-            .iter()
-            .filter_map(|a| a["kind"].as_str())
-            .chain((!open.is_empty()).then_some(ANY_ALERT));
-        self.alerts.narrow(set, kinds);
+    /// The rules that can hold given a device's signals as the engine sees them;
+    /// `None` when none can. Necessary conditions only, like the rest of the index.
+    pub(crate) fn possible(&self, facts: &Facts<'_>) -> Option<FixedBitSet> {
+        let any = facts.any_alert().then_some(ANY_ALERT);
+        let sets = [
+            self.role.through(facts.role())?,
+            self.country.through(facts.country())?,
+            self.apps.through(facts.apps())?,
+            self.alerts.through(facts.alert_kinds().chain(any))?,
+        ];
+        let [first, rest @ ..] = sets;
+        let mut out = first.into_owned();
+        for s in &rest {
+            out.intersect_with(s);
+        }
+        (!out.is_clear()).then_some(out)
+    }
+
+    /// Whether rule `i`'s verdict may have changed, given the parts of the signals that
+    /// changed and whether the schedules passed an edge.
+    pub fn dirty(&self, i: usize, changed: &[bool; 4], edge: bool) -> bool {
+        self.clocked.contains(i)
+            || (edge && self.scheduled.contains(i))
+            || Part::ALL
+                .iter()
+                .any(|p| changed[*p as usize] && self.readers[*p as usize].contains(i))
+    }
+
+    /// Whether any rule's verdict may have changed.
+    pub fn may_change(&self, changed: &[bool; 4], edge: bool) -> bool {
+        let read = |p: usize| changed[p] && self.read[p];
+        self.any_clocked || (edge && self.any_scheduled) || (0..4).any(read)
+    }
+
+    /// The rules whose verdict may have changed: [`Index::dirty`]'s, all at once.
+    pub fn dirty_set(&self, changed: &[bool; 4], edge: bool) -> FixedBitSet {
+        let mut dirty = self.clocked.clone();
+        if edge {
+            dirty.union_with(&self.scheduled);
+        }
+        for p in Part::ALL {
+            if changed[p as usize] {
+                dirty.union_with(&self.readers[p as usize]);
+            }
+        }
+        dirty
     }
 }
 

@@ -42,7 +42,7 @@ pub struct RuleEngine {
     /// evaluates them once they are, so a pass leaves them alone (it would act on a
     /// signal not yet durable, and leave that request to report that nothing changed).
     /// Outside `state`: a request dropped midway (its client gone) unmarks them in `Drop`.
-    storing: std::sync::Mutex<HashMap<String, usize>>,
+    storing: std::sync::Mutex<hashbrown::HashMap<String, usize>>,
     due: std::sync::Mutex<Due>,
 }
 
@@ -98,18 +98,33 @@ impl Drop for Storing<'_> {
 #[derive(Default)]
 struct Due {
     all: bool,
-    devices: std::collections::HashSet<String>,
+    devices: hashbrown::HashSet<String>,
 }
 
 #[derive(Default)]
 struct State {
     signals: SignalSet,
-    left: HashMap<String, BTreeMap<String, Timestamp>>,
-    /// What each device's last evaluation found, for the next to redo only what changed.
-    memos: HashMap<String, Option<Memo>>,
+    devices: hashbrown::HashMap<String, Slot>,
     /// The soonest instant a request's evaluation asked for since the last pass ended:
     /// a pass that left its device alone must still wake for it.
     asked: Option<Timestamp>,
+}
+
+/// What the engine keeps of a device between evaluations.
+#[derive(Default)]
+struct Slot {
+    /// What its last evaluation found, for the next to redo only what changed.
+    memo: Option<Memo>,
+    /// When it last left each persona.
+    left: BTreeMap<String, Timestamp>,
+    /// Its spec as last looked up, and the store's device generation then: the lookup
+    /// is not made again until that moves.
+    spec: Option<(u64, Arc<DeviceSpec>)>,
+}
+
+/// The slot of `device`, made when it has none.
+fn slot<'a>(devices: &'a mut hashbrown::HashMap<String, Slot>, device: &str) -> &'a mut Slot {
+    devices.entry_ref(device).or_default()
 }
 
 /// What the engine did for one device.
@@ -193,24 +208,35 @@ impl RuleEngine {
     }
 
     /// The device as the engine sees it (from the orchestrator's catalog: parsed once
-    /// per stored version); `None`, and its memo gone, when it is not there or does not
-    /// parse.
-    fn view(&self, state: &mut State, device: &str) -> Result<Option<DeviceView>, StoreError> {
-        let spec = match self.orchestrator.device(device) {
+    /// per stored version); `None`, and what the engine knew of it gone, when it is not
+    /// there, does not parse or runs on another host.
+    fn view(&self, slot: &mut Slot, device: &str) -> Result<Option<DeviceView>, StoreError> {
+        let generation = self.orchestrator.store().generation(Kind::Device);
+        let known = match (&slot.spec, generation) {
+            (Some((at, spec)), Some(g)) if *at == g => Some(spec.clone()),
+            _ => None,
+        };
+        let found = match known {
+            Some(spec) => Ok(Some(spec)),
+            None => self.orchestrator.device(device),
+        };
+        let spec = match found {
             Ok(Some(spec)) if self.orchestrator.runs_here(&spec) => spec,
             Err(ShiftError::Store(e)) => return Err(e),
             Ok(_) | Err(_) => {
-                state.memos.remove(device);
+                slot.memo = None;
+                slot.spec = None;
                 return Ok(None);
             }
         };
+        slot.spec = generation.map(|g| (g, spec.clone()));
         Ok(Some(DeviceView {
             name: device.to_owned(),
             spec,
         }))
     }
 
-    fn history(&self, state: &State, device: &str) -> Result<History, StoreError> {
+    fn history(&self, slot: &Slot, device: &str) -> Result<History, StoreError> {
         let (persona, rule, since) = match self.orchestrator.store().device_state(device)? {
             Some(s) => (Some(s.persona), s.rule, Some(s.since)),
             None => (None, None, None),
@@ -219,17 +245,18 @@ impl RuleEngine {
             persona,
             rule,
             since,
-            left: state.left.get(device).cloned().unwrap_or_default(),
+            left: slot.left.clone(),
         })
     }
 
     /// The decision for a device right now, with every rule's verdict, changing nothing.
     pub async fn explain(&self, device: &str) -> Result<Option<Decision>, StoreError> {
         let mut state = self.state.lock().await;
-        let Some(view) = self.view(&mut state, device)? else {
+        let slot = slot(&mut state.devices, device);
+        let Some(view) = self.view(slot, device)? else {
             return Ok(None);
         };
-        let hist = self.history(&state, device)?;
+        let hist = self.history(slot, device)?;
         let rules = self.rules()?;
         Ok(Some(decide_with(
             &view,
@@ -272,7 +299,7 @@ impl RuleEngine {
         let now = Timestamp::now();
         let mut state = self.state.lock().await;
         let mut devices: Vec<String> = Vec::new();
-        let mut seen = std::collections::HashSet::new();
+        let mut seen: hashbrown::HashSet<String> = Default::default();
         let mut changed = Vec::new();
         for mut s in signals {
             s.at.get_or_insert(now);
@@ -361,17 +388,24 @@ impl RuleEngine {
         device: &str,
         now: Timestamp,
     ) -> Result<Option<(History, Decision)>, StoreError> {
-        let Some(view) = self.view(state, device)? else {
+        let State {
+            signals, devices, ..
+        } = state;
+        let slot = slot(devices, device);
+        let Some(view) = self.view(slot, device)? else {
             return Ok(None);
         };
-        let hist = self.history(state, device)?;
+        let hist = self.history(slot, device)?;
         self.orchestrator.metrics().rule_evaluations.inc();
-        if !state.memos.contains_key(device) {
-            state.memos.insert(device.to_owned(), None);
-        }
-        let memo = state.memos.get_mut(device).expect("just inserted");
-        let decision =
-            decide_incremental(&view, rules, &state.signals, &hist, self.timing, now, memo);
+        let decision = decide_incremental(
+            &view,
+            rules,
+            signals,
+            &hist,
+            self.timing,
+            now,
+            &mut slot.memo,
+        );
         Ok(Some((hist, decision)))
     }
 
@@ -428,10 +462,8 @@ impl RuleEngine {
                             "rule engine shifted"
                         );
                         if let Some(old) = &hist.persona {
-                            state
+                            slot(&mut state.devices, device)
                                 .left
-                                .entry(device.into())
-                                .or_default()
                                 .insert(old.clone(), now);
                         }
                         if let Some(r) = received {
@@ -466,7 +498,12 @@ impl RuleEngine {
             devices.iter().map(|(name, _)| name.as_str()).collect();
         let expired = {
             let mut state = self.state.lock().await;
-            state.memos.retain(|d, _| names.contains(d.as_str()));
+            state.devices.retain(|d, slot| {
+                names.contains(d.as_str()) || {
+                    slot.memo = None;
+                    !slot.left.is_empty()
+                }
+            });
             state.signals.prune(now)
         };
         // Expired signals count for nothing; kept, they would only grow.
@@ -484,7 +521,7 @@ impl RuleEngine {
     /// other devices' next instant included.
     async fn evaluate_some(
         &self,
-        devices: std::collections::HashSet<String>,
+        devices: hashbrown::HashSet<String>,
     ) -> Result<Option<Timestamp>, StoreError> {
         let next = *self.next_wake.lock().unwrap_or_else(|e| e.into_inner());
         let rules = self.rules()?;

@@ -1,7 +1,7 @@
 //! Context signals per device, and the set they form. The set depends only on which
 //! signals arrived, never on their order: for one key the newest `at` wins, and equal
 //! timestamps are settled by comparing the signals themselves.
-use std::{collections::BTreeMap, net::IpAddr};
+use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
@@ -155,27 +155,159 @@ impl Signal {
     }
 }
 
+/// The parts of a device's signals a rule can read: the fields of `signals` in CEL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Alerts,
+    Apps,
+    Geo,
+    Role,
+}
+
+impl Part {
+    pub const ALL: [Part; 4] = [Part::Alerts, Part::Apps, Part::Geo, Part::Role];
+
+    pub fn field(self) -> &'static str {
+        match self {
+            Part::Alerts => "alerts",
+            Part::Apps => "apps",
+            Part::Geo => "geo",
+            Part::Role => "role",
+        }
+    }
+
+    pub fn of(field: &str) -> Option<Part> {
+        Part::ALL.into_iter().find(|p| p.field() == field)
+    }
+}
+
+/// A signal's key, ordered as its text (`alert/<id>` < `app/<app>` < `geo` < `role`)
+/// without building it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Key<'a> {
+    Alert(&'a str),
+    App(&'a str),
+    Geo,
+    Role,
+}
+
+impl SignalBody {
+    fn key(&self) -> Key<'_> {
+        match self {
+            SignalBody::Alert { id, .. } => Key::Alert(id),
+            SignalBody::App { app, .. } => Key::App(app),
+            SignalBody::Geo { .. } => Key::Geo,
+            SignalBody::Role { .. } => Key::Role,
+        }
+    }
+
+    pub fn part(&self) -> Part {
+        match self {
+            SignalBody::Alert { .. } => Part::Alerts,
+            SignalBody::App { .. } => Part::Apps,
+            SignalBody::Geo { .. } => Part::Geo,
+            SignalBody::Role { .. } => Part::Role,
+        }
+    }
+}
+
+/// When each part of a device's signals last changed, in the set's own count of
+/// changes: equal revisions mean the same signals.
+pub type Revisions = [u64; 4];
+
+/// One device's signals in key order, and when each part last changed.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceSignals {
+    signals: Vec<Signal>,
+    changed: Revisions,
+}
+
+const NO_SIGNALS: &DeviceSignals = &DeviceSignals {
+    signals: Vec::new(),
+    changed: [0; 4],
+};
+
+impl DeviceSignals {
+    pub fn live(&self, now: jiff::Timestamp) -> impl Iterator<Item = &Signal> {
+        self.signals.iter().filter(move |s| s.live(now))
+    }
+
+    /// The parts of the live signals that may differ between `then` and `now`: those
+    /// changed since `revisions` were taken, and those with a signal expiring in
+    /// between. `None` when the clock went back: any part may have.
+    pub fn changed_since(
+        &self,
+        revisions: &Revisions,
+        then: jiff::Timestamp,
+        now: jiff::Timestamp,
+    ) -> Option<[bool; 4]> {
+        if now < then {
+            return None;
+        }
+        let mut changed = [0, 1, 2, 3].map(|p| self.changed[p] != revisions[p]);
+        for s in &self.signals {
+            if s.expires().is_some_and(|e| then < e && e <= now) {
+                changed[s.body.part() as usize] = true;
+            }
+        }
+        Some(changed)
+    }
+
+    /// When each part last changed; zero for none ever.
+    pub fn revisions(&self) -> Revisions {
+        self.changed
+    }
+
+    /// The earliest time after `now` when a signal expires.
+    pub fn next_expiry(&self, now: jiff::Timestamp) -> Option<jiff::Timestamp> {
+        self.signals
+            .iter()
+            .filter_map(Signal::expires)
+            .filter(|e| *e > now)
+            .min()
+    }
+}
+
 /// The signals of every device, one per key.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default)]
 pub struct SignalSet {
-    by_device: BTreeMap<String, BTreeMap<String, Signal>>,
+    by_device: hashbrown::HashMap<String, DeviceSignals>,
+    /// Changes so far: a device's part changed last at the count it was given then.
+    changes: u64,
+}
+
+/// The same signals, whatever order they were merged in.
+impl PartialEq for SignalSet {
+    fn eq(&self, other: &Self) -> bool {
+        self.by_device.len() == other.by_device.len()
+            && self
+                .by_device
+                .iter()
+                .all(|(d, a)| a.signals == other.of(d).signals)
+    }
 }
 
 impl SignalSet {
     /// Keeps `s` unless a signal for its key that sorts after it is already there.
     pub fn merge(&mut self, s: Signal) -> bool {
-        if !self.by_device.contains_key(&s.device) {
-            self.by_device.insert(s.device.clone(), BTreeMap::new());
+        let slot = self.by_device.entry_ref(s.device.as_str()).or_default();
+        let part = s.body.part() as usize;
+        match slot
+            .signals
+            .binary_search_by(|o| o.body.key().cmp(&s.body.key()))
+        {
+            Ok(i) if !s.sorts_after(&slot.signals[i]) => return false,
+            Ok(i) => slot.signals[i] = s,
+            Err(i) => slot.signals.insert(i, s),
         }
-        let slot = self.by_device.get_mut(&s.device).expect("just inserted");
-        let key = s.key();
-        match slot.get(&key) {
-            Some(old) if !s.sorts_after(old) => false,
-            _ => {
-                slot.insert(key, s);
-                true
-            }
-        }
+        self.changes += 1;
+        slot.changed[part] = self.changes;
+        true
+    }
+
+    /// The signals of `device`, none when it has none.
+    pub fn of(&self, device: &str) -> &DeviceSignals {
+        self.by_device.get(device).unwrap_or(NO_SIGNALS)
     }
 
     pub fn live<'a>(
@@ -183,40 +315,32 @@ impl SignalSet {
         device: &str,
         now: jiff::Timestamp,
     ) -> impl Iterator<Item = &'a Signal> {
-        self.by_device
-            .get(device)
-            .into_iter()
-            .flat_map(|m| m.values())
-            .filter(move |s| s.live(now))
-    }
-
-    /// The earliest time after `now` when a signal of `device` expires.
-    pub fn next_expiry(&self, device: &str, now: jiff::Timestamp) -> Option<jiff::Timestamp> {
-        self.by_device
-            .get(device)?
-            .values()
-            .filter_map(Signal::expires)
-            .filter(|e| *e > now)
-            .min()
+        self.of(device).live(now)
     }
 
     /// Drops the signals expired at `now`; returns their store keys (`device/key`).
     pub fn prune(&mut self, now: jiff::Timestamp) -> Vec<String> {
         let mut gone = Vec::new();
+        let changes = &mut self.changes;
         for (device, slot) in &mut self.by_device {
-            slot.retain(|key, s| {
+            let before = gone.len();
+            slot.signals.retain(|s| {
                 let live = s.live(now);
                 if !live {
-                    gone.push(format!("{device}/{key}"));
+                    gone.push(format!("{device}/{}", s.key()));
                 }
                 live
             });
+            if gone.len() > before {
+                *changes += 1;
+                slot.changed = [*changes; 4];
+            }
         }
-        self.by_device.retain(|_, slot| !slot.is_empty());
+        self.by_device.retain(|_, slot| !slot.signals.is_empty());
         gone
     }
 
     pub fn all(&self) -> impl Iterator<Item = &Signal> {
-        self.by_device.values().flat_map(|m| m.values())
+        self.by_device.values().flat_map(|d| &d.signals)
     }
 }

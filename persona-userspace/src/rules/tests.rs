@@ -717,3 +717,61 @@ fn expired_signals_are_pruned_and_decisions_do_not_change() {
         (after.desired, after.rule, after.shift)
     );
 }
+
+#[test]
+fn a_part_changes_with_its_signals_and_with_an_expiry_in_between() {
+    let t = tuesday_10();
+    let secs = |s: i64| t + SignedDuration::from_secs(s);
+    let mut signals = SignalSet::default();
+    assert_eq!(signals.of("vm1").revisions(), [0; 4], "no signal yet");
+    let none = signals.of("vm1").revisions();
+    assert!(signals.merge(signal(
+        r#"{"device":"vm1","kind":"role","role":"admin"}"#,
+        t
+    )));
+    let role = signals.of("vm1").revisions();
+    assert_eq!(
+        signals.of("vm1").changed_since(&none, t, t),
+        Some([false, false, false, true]),
+        "alerts, apps, geo, role: only the role"
+    );
+    assert!(
+        !signals.merge(signal(
+            r#"{"device":"vm1","kind":"role","role":"guest"}"#,
+            secs(-5)
+        )),
+        "an older signal changes nothing"
+    );
+    assert_eq!(signals.of("vm1").revisions(), role);
+    let mut geo = signal(r#"{"device":"vm1","kind":"geo","country":"FR"}"#, t);
+    geo.ttl = Some(60);
+    assert!(signals.merge(geo));
+    let both = signals.of("vm1").revisions();
+    let mine = signals.of("vm1");
+    assert_eq!(mine.changed_since(&both, t, secs(59)), Some([false; 4]));
+    assert_eq!(
+        mine.changed_since(&both, t, secs(60)),
+        Some([false, false, true, false]),
+        "the geo expired in between"
+    );
+    assert_eq!(
+        mine.changed_since(&both, secs(61), secs(90)),
+        Some([false; 4]),
+        "it had expired before"
+    );
+    assert_eq!(
+        mine.changed_since(&both, secs(10), t),
+        None,
+        "the clock went back"
+    );
+    assert_eq!(signals.prune(secs(60)), vec!["vm1/geo".to_owned()]);
+    assert_eq!(
+        signals.of("vm1").changed_since(&both, secs(60), secs(60)),
+        Some([true; 4]),
+        "pruning counts as a change"
+    );
+    assert_eq!(
+        signals.of("vm2").changed_since(&[0; 4], t, t),
+        Some([false; 4])
+    );
+}

@@ -61,8 +61,8 @@ type Index<K, V> = Arc<RwLock<HashMap<K, V>>>;
 /// Every record's stamp by kind, and how many writes each kind has had.
 #[derive(Default)]
 struct Versions {
-    stamps: HashMap<Kind, HashMap<String, Stamp>>,
-    generations: HashMap<Kind, u64>,
+    stamps: hashbrown::HashMap<Kind, hashbrown::HashMap<String, Stamp>>,
+    generations: hashbrown::HashMap<Kind, u64>,
 }
 
 impl Versions {

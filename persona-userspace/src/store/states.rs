@@ -1,17 +1,14 @@
 //! Every device's state in memory, indexed by what a shift's lease check asks: which
 //! devices run a persona, and which lease an address. That check then costs what it
 //! finds, not the number of devices.
-use std::{
-    collections::{BTreeSet, HashMap},
-    net::IpAddr,
-};
+use std::{collections::BTreeSet, net::IpAddr};
 
 use super::DeviceState;
 use crate::{model::AddressScope, multimap::MultiMap};
 
 #[derive(Debug, Default)]
 pub struct States {
-    by_device: HashMap<String, DeviceState>,
+    by_device: hashbrown::HashMap<String, DeviceState>,
     on_persona: MultiMap<String, String>,
     leased: MultiMap<IpAddr, String>,
 }
