@@ -244,7 +244,7 @@ The daemon following link events, {} rounds: the VM's veth deleted and made agai
         let fs = &c["fsync"];
         let _ = writeln!(
             m,
-            "## Control plane\n\nThrough the daemon's Unix socket, each client on one kept-alive connection. Every acknowledged shift and signal batch is on disk first: the disk's own fsync (4 KiB written, fdatasync) here is **{} / {} us** p50 / p99, the floor of a single client's latency.\n\nShifts (a device alternating between two personas; with more clients, each on a device of its own):\n\n| clients | shifts/s | p50 us | p99 us | p50 × fsync p50 |\n|---:|---:|---:|---:|---:|",
+            "## Control plane\n\nThrough the daemon's Unix socket, each client on one kept-alive connection, its requests serialized before the clock starts and each answer checked for its status. Every acknowledged shift and signal batch is on disk first: the disk's own fsync (4 KiB written, fdatasync) here is **{} / {} us** p50 / p99, the floor of a single client's latency.\n\nShifts (a device alternating between two personas; with more clients, each on a device of its own):\n\n| clients | shifts/s | p50 us | p99 us | p50 × fsync p50 |\n|---:|---:|---:|---:|---:|",
             f(&fs["p50_us"], 0),
             f(&fs["p99_us"], 0)
         );
