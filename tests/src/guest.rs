@@ -223,11 +223,24 @@ impl Guest {
         Self::start(host_ns, spec).wait()
     }
 
+    /// Runs `cmd` through the agent. The agent checks each line's length and asks for
+    /// it again when characters were lost on the serial line.
     fn command(&mut self, cmd: &str) -> (i32, String) {
         assert!(!cmd.contains('\n'), "one line per command");
-        self.writer
-            .write_all(format!("{cmd}\n").as_bytes())
-            .expect("writing to the guest agent");
+        for _ in 0..RESENDS {
+            self.writer
+                .write_all(format!("{}:{cmd}\n", cmd.len()).as_bytes())
+                .expect("writing to the guest agent");
+            if let Some(answer) = self.answer(cmd) {
+                return answer;
+            }
+            eprintln!("{}: `{cmd}` arrived garbled, sending it again", self.name);
+        }
+        panic!("{}: `{cmd}` arrived garbled {RESENDS} times", self.name);
+    }
+
+    /// The status and output of `cmd`; `None` when the agent asks for it again.
+    fn answer(&mut self, cmd: &str) -> Option<(i32, String)> {
         let mut out = String::new();
         loop {
             let mut line = String::new();
@@ -236,13 +249,16 @@ impl Guest {
                 .read_line(&mut line)
                 .unwrap_or_else(|e| panic!("{}: no answer to `{cmd}`: {e}", self.name));
             assert!(n > 0, "{}: the agent went away during `{cmd}`", self.name);
+            if line.trim_end() == "@@resend@@" {
+                return None;
+            }
             if let Some(rc) = line
                 .trim_end()
                 .strip_prefix("@@rc=")
                 .and_then(|r| r.strip_suffix("@@"))
             {
                 out.pop();
-                return (rc.parse().unwrap_or(-1), out);
+                return Some((rc.parse().unwrap_or(-1), out));
             }
             out.push_str(&line);
         }
@@ -263,6 +279,8 @@ pub struct Starting {
 }
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+/// Times a command is sent before a garbled serial line fails the test.
+const RESENDS: usize = 3;
 
 impl Starting {
     pub fn wait(mut self) -> Guest {
