@@ -223,10 +223,12 @@ impl Guest {
         Self::start(host_ns, spec).wait()
     }
 
-    /// Runs `cmd` through the agent. The agent checks each line's length and asks for
-    /// it again when characters were lost on the serial line.
+    /// Runs `cmd` through the agent. The agent checks each line's length (in bytes:
+    /// commands are ASCII) and asks for it again when characters were lost on the
+    /// serial line; a line that lost its end is not recovered (the read times out).
     fn command(&mut self, cmd: &str) -> (i32, String) {
         assert!(!cmd.contains('\n'), "one line per command");
+        assert!(cmd.is_ascii(), "ASCII commands only: {cmd}");
         for _ in 0..RESENDS {
             self.writer
                 .write_all(format!("{}:{cmd}\n", cmd.len()).as_bytes())
@@ -249,7 +251,7 @@ impl Guest {
                 .read_line(&mut line)
                 .unwrap_or_else(|e| panic!("{}: no answer to `{cmd}`: {e}", self.name));
             assert!(n > 0, "{}: the agent went away during `{cmd}`", self.name);
-            if line.trim_end() == "@@resend@@" {
+            if out.is_empty() && line.trim_end() == "@@resend@@" {
                 return None;
             }
             if let Some(rc) = line

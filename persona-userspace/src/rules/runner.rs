@@ -127,6 +127,14 @@ fn slot<'a>(devices: &'a mut hashbrown::HashMap<String, Slot>, device: &str) -> 
     devices.entry_ref(device).or_default()
 }
 
+/// Drops the slot of a name that is no device here, unless it remembers departures
+/// (a device deleted and made again keeps its cool-down).
+fn unslot(devices: &mut hashbrown::HashMap<String, Slot>, device: &str) {
+    if devices.get(device).is_some_and(|s| s.left.is_empty()) {
+        devices.remove(device);
+    }
+}
+
 /// What the engine did for one device.
 #[derive(Debug, Clone, Serialize)]
 pub struct Applied {
@@ -254,6 +262,7 @@ impl RuleEngine {
         let mut state = self.state.lock().await;
         let slot = slot(&mut state.devices, device);
         let Some(view) = self.view(slot, device)? else {
+            unslot(&mut state.devices, device);
             return Ok(None);
         };
         let hist = self.history(slot, device)?;
@@ -393,6 +402,7 @@ impl RuleEngine {
         } = state;
         let slot = slot(devices, device);
         let Some(view) = self.view(slot, device)? else {
+            unslot(devices, device);
             return Ok(None);
         };
         let hist = self.history(slot, device)?;
@@ -501,6 +511,7 @@ impl RuleEngine {
             state.devices.retain(|d, slot| {
                 names.contains(d.as_str()) || {
                     slot.memo = None;
+                    slot.spec = None;
                     !slot.left.is_empty()
                 }
             });
