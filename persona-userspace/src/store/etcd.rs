@@ -129,7 +129,21 @@ struct Mirror {
     changes: tokio::sync::broadcast::Sender<String>,
     /// Key prefixes, each with how many times a key under it has changed.
     counted: Vec<(String, u64)>,
+    /// Key prefixes whose changed keys are kept for an index to take ([`Touched`]).
+    tracked: Vec<String>,
+    touched: std::sync::Mutex<Touched>,
 }
+
+/// Keys under the tracked prefixes changed since an index last took them; past a bound
+/// only that everything may have.
+#[derive(Debug, Default)]
+struct Touched {
+    keys: Vec<String>,
+    all: bool,
+}
+
+/// Keys kept for an index at most: beyond, it is built again from the mirror.
+const MAX_TOUCHED: usize = 65_536;
 
 impl Mirror {
     fn new() -> Self {
@@ -139,7 +153,16 @@ impl Mirror {
             live: false,
             changes: tokio::sync::broadcast::channel(4096).0,
             counted: Vec::new(),
+            tracked: Vec::new(),
+            touched: Default::default(),
         }
+    }
+
+    /// The tracked keys changed since the last call, or `None` when anything may have.
+    fn take_touched(&self) -> Option<Vec<String>> {
+        let mut t = self.touched.lock().unwrap_or_else(|e| e.into_inner());
+        let keys = std::mem::take(&mut t.keys);
+        (!std::mem::take(&mut t.all)).then_some(keys)
     }
 
     fn changes_under(&self, prefix: &str) -> Option<u64> {
@@ -157,6 +180,15 @@ impl Mirror {
                     let _ = self.changes.send(key.clone());
                     for (_, n) in self.counted.iter_mut().filter(|(p, _)| key.starts_with(p)) {
                         *n += 1;
+                    }
+                    if self.tracked.iter().any(|p| key.starts_with(p)) {
+                        let mut t = self.touched.lock().unwrap_or_else(|e| e.into_inner());
+                        if t.keys.len() < MAX_TOUCHED {
+                            t.keys.push(key.clone());
+                        } else {
+                            t.keys.clear();
+                            t.all = true;
+                        }
                     }
                 }
                 self.entries.insert(
@@ -232,6 +264,19 @@ pub struct EtcdStore {
     mirror: Arc<RwLock<Mirror>>,
     /// This host: the device state it records is kept under its name.
     host: String,
+    /// Each device's state as [`EtcdStore::device_states`] resolves it, indexed for a
+    /// shift's lease check and kept up to date from the keys the mirror saw change.
+    held: std::sync::Mutex<Held>,
+}
+
+#[derive(Default)]
+struct Held {
+    states: super::states::States,
+    /// The hosts that recorded any state ("" for the records kept before states were
+    /// kept by host).
+    hosts: std::collections::BTreeSet<String>,
+    /// Whether `states` was built and has followed every change since.
+    fresh: bool,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -359,10 +404,14 @@ impl EtcdStore {
             prefix: config.prefix.clone(),
             mirror: Arc::new(RwLock::new(Mirror::new())),
             host: host.to_owned(),
+            held: Default::default(),
         };
         let kinds = [Kind::Persona, Kind::Device, Kind::Rule, Kind::Application];
-        store.mirror.write().expect("mirror lock").counted =
-            kinds.map(|k| (store.objects(k), 0)).into();
+        {
+            let mut mirror = store.mirror.write().expect("mirror lock");
+            mirror.counted = kinds.map(|k| (store.objects(k), 0)).into();
+            mirror.tracked = vec![store.data("states/"), store.objects(Kind::Device)];
+        }
         let rev = store.relist()?;
         store.rt.spawn(watch(
             store.client.clone(),
@@ -1070,31 +1119,36 @@ impl Store for EtcdStore {
 
     fn device_states(&self) -> Result<Vec<(String, DeviceState)>> {
         let mirror = self.mirror.read().expect("mirror lock");
-        let mut by_device: BTreeMap<String, Vec<(String, DeviceState)>> = BTreeMap::new();
-        for (host, device, state) in self.states(&mirror)? {
-            by_device.entry(device).or_default().push((host, state));
+        self.resolve_all(&mirror)
+    }
+
+    fn states_holding(
+        &self,
+        personas: &[String],
+        scope: &crate::model::AddressScope,
+    ) -> Result<Vec<(String, DeviceState)>> {
+        let mirror = self.mirror.read().expect("mirror lock");
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let touched = mirror.take_touched();
+        // A failure part way leaves the index to be built again at the next call.
+        let fresh = std::mem::take(&mut held.fresh);
+        match touched {
+            Some(keys) if fresh => self.follow(&mirror, &mut held, keys)?,
+            _ => {
+                let mut states = super::states::States::default();
+                for (device, state) in self.resolve_all(&mirror)? {
+                    states.set(&device, Some(state));
+                }
+                held.states = states;
+                held.hosts = self
+                    .states(&mirror)?
+                    .into_iter()
+                    .map(|(h, _, _)| h)
+                    .collect();
+            }
         }
-        // Every shift reads these: a device's record is read for its owner only when
-        // more than one host has recorded it (just after a migration).
-        Ok(by_device
-            .into_iter()
-            .filter_map(|(device, mut records)| {
-                let state = match records.len() {
-                    1 => records.pop()?.1,
-                    _ => {
-                        let owner = self.owner(&mirror, &device);
-                        match records.iter().position(|(h, _)| *h == owner) {
-                            Some(i) => records.swap_remove(i).1,
-                            None => records
-                                .into_iter()
-                                .map(|(_, s)| s)
-                                .max_by_key(|s| s.since)?,
-                        }
-                    }
-                };
-                Some((device, state))
-            })
-            .collect())
+        held.fresh = true;
+        Ok(held.states.holding(personas, scope))
     }
 
     fn set_device_state(&self, device: &str, state: Option<&DeviceState>) -> Result<()> {
@@ -1305,6 +1359,65 @@ impl EtcdStore {
                 decode(v).map(|s| (host.to_owned(), device.to_owned(), s))
             })
             .collect()
+    }
+
+    /// Every device's state: its owner's record when more than one host recorded it
+    /// (just after a migration), else the newest.
+    fn resolve_all(&self, mirror: &Mirror) -> Result<Vec<(String, DeviceState)>> {
+        let mut by_device: BTreeMap<String, Vec<(String, DeviceState)>> = BTreeMap::new();
+        for (host, device, state) in self.states(mirror)? {
+            by_device.entry(device).or_default().push((host, state));
+        }
+        Ok(by_device
+            .into_iter()
+            .filter_map(|(device, records)| {
+                let state = self.resolve(mirror, &device, records)?;
+                Some((device, state))
+            })
+            .collect())
+    }
+
+    /// One device's state from the records the hosts made of it.
+    fn resolve(
+        &self,
+        mirror: &Mirror,
+        device: &str,
+        mut records: Vec<(String, DeviceState)>,
+    ) -> Option<DeviceState> {
+        if records.len() <= 1 {
+            return records.pop().map(|(_, s)| s);
+        }
+        let owner = self.owner(mirror, device);
+        match records.iter().position(|(h, _)| *h == owner) {
+            Some(i) => Some(records.swap_remove(i).1),
+            None => records.into_iter().map(|(_, s)| s).max_by_key(|s| s.since),
+        }
+    }
+
+    /// Brings `held` up to date with the state and device keys that changed.
+    fn follow(&self, mirror: &Mirror, held: &mut Held, keys: Vec<String>) -> Result<()> {
+        let (states, devices) = (self.data("states/"), self.objects(Kind::Device));
+        let mut changed = std::collections::BTreeSet::new();
+        for key in &keys {
+            if let Some(rest) = key.strip_prefix(&states) {
+                let (host, device) = rest.split_once('/').unwrap_or(("", rest));
+                held.hosts.insert(host.to_owned());
+                changed.insert(device.to_owned());
+            } else if let Some(device) = key.strip_prefix(&devices) {
+                changed.insert(device.to_owned());
+            }
+        }
+        for device in changed {
+            let mut records = Vec::new();
+            for host in &held.hosts {
+                if let Some((v, _)) = mirror.get(&self.state_key(host, &device)) {
+                    records.push((host.clone(), decode(v)?));
+                }
+            }
+            let state = self.resolve(mirror, &device, records);
+            held.states.set(&device, state);
+        }
+        Ok(())
     }
 
     /// Forgets what this host recorded of devices it does not run (it was down when
