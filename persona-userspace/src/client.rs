@@ -58,6 +58,7 @@ impl Connection {
         path: &str,
         body: Option<&Value>,
     ) -> anyhow::Result<(StatusCode, Value)> {
+        let body = body.map(serde_json::to_vec).transpose()?.map(Bytes::from);
         let req = request(self.token.as_deref(), method, path, body)?;
         self.sender.ready().await?;
         let response = self.sender.send_request(req).await?;
@@ -72,14 +73,8 @@ impl Connection {
         path: &str,
         body: Bytes,
     ) -> anyhow::Result<(StatusCode, Bytes)> {
-        let mut req = request(self.token.as_deref(), method, path, None)?;
-        if !body.is_empty() {
-            req.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("application/json"),
-            );
-        }
-        *req.body_mut() = Full::new(body);
+        let body = (!body.is_empty()).then_some(body);
+        let req = request(self.token.as_deref(), method, path, body)?;
         self.sender.ready().await?;
         let response = self.sender.send_request(req).await?;
         let status = response.status();
@@ -91,7 +86,7 @@ fn request(
     token: Option<&str>,
     method: Method,
     path: &str,
-    body: Option<&Value>,
+    body: Option<Bytes>,
 ) -> anyhow::Result<Request<Full<Bytes>>> {
     let mut req = Request::builder()
         .method(method)
@@ -100,14 +95,10 @@ fn request(
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
     }
-    let bytes = match body {
-        Some(b) => {
-            req = req.header("content-type", "application/json");
-            Bytes::from(serde_json::to_vec(b)?)
-        }
-        None => Bytes::new(),
-    };
-    Ok(req.body(Full::new(bytes))?)
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    Ok(req.body(Full::new(body.unwrap_or_default()))?)
 }
 
 impl Client {

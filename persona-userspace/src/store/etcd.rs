@@ -1119,7 +1119,8 @@ impl Store for EtcdStore {
 
     fn device_states(&self) -> Result<Vec<(String, DeviceState)>> {
         let mirror = self.mirror.read().expect("mirror lock");
-        self.resolve_all(&mirror)
+        let records = self.states(&mirror)?;
+        Ok(self.resolve_all(&mirror, records))
     }
 
     fn states_holding(
@@ -1135,16 +1136,13 @@ impl Store for EtcdStore {
         match touched {
             Some(keys) if fresh => self.follow(&mirror, &mut held, keys)?,
             _ => {
+                let records = self.states(&mirror)?;
+                held.hosts = records.iter().map(|(h, _, _)| h.clone()).collect();
                 let mut states = super::states::States::default();
-                for (device, state) in self.resolve_all(&mirror)? {
+                for (device, state) in self.resolve_all(&mirror, records) {
                     states.set(&device, Some(state));
                 }
                 held.states = states;
-                held.hosts = self
-                    .states(&mirror)?
-                    .into_iter()
-                    .map(|(h, _, _)| h)
-                    .collect();
             }
         }
         held.fresh = true;
@@ -1361,20 +1359,25 @@ impl EtcdStore {
             .collect()
     }
 
-    /// Every device's state: its owner's record when more than one host recorded it
-    /// (just after a migration), else the newest.
-    fn resolve_all(&self, mirror: &Mirror) -> Result<Vec<(String, DeviceState)>> {
+    /// Every device's state from the records the hosts made (`states`): its owner's
+    /// record when more than one host recorded it (just after a migration), else the
+    /// newest.
+    fn resolve_all(
+        &self,
+        mirror: &Mirror,
+        records: Vec<(String, String, DeviceState)>,
+    ) -> Vec<(String, DeviceState)> {
         let mut by_device: BTreeMap<String, Vec<(String, DeviceState)>> = BTreeMap::new();
-        for (host, device, state) in self.states(mirror)? {
+        for (host, device, state) in records {
             by_device.entry(device).or_default().push((host, state));
         }
-        Ok(by_device
+        by_device
             .into_iter()
             .filter_map(|(device, records)| {
                 let state = self.resolve(mirror, &device, records)?;
                 Some((device, state))
             })
-            .collect())
+            .collect()
     }
 
     /// One device's state from the records the hosts made of it.
