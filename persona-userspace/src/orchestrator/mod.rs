@@ -759,6 +759,30 @@ impl Orchestrator {
             body.result = format!("rolled back at {}: {}", f.step, f.reason);
             body.detail["failed_step"] = json!(f.step);
         };
+        // The state and record this shift will write, logged while the datapath flips
+        // (a failure's record, a durable write, drops them). The plan stays out: a
+        // record replayed from it says only what shifted, and why.
+        let since = jiff::Timestamp::now();
+        let plan_detail = std::mem::take(&mut body.detail);
+        let intent = self.store.log_intent(
+            device,
+            &DeviceState {
+                persona: persona.into(),
+                persona_version: entry.stamp.version,
+                generation: 0,
+                since,
+                rule: cause.as_ref().map(|c| c.0.clone()),
+                leases: leases.clone(),
+            },
+            &EventBody {
+                result: "ok".into(),
+                detail: plan_detail
+                    .get("cause")
+                    .map_or(Value::Null, |c| json!({ "cause": c })),
+                ..body.clone()
+            },
+        );
+        body.detail = plan_detail;
         // Only its wiring is put back on undo (addresses, gateway, tunnel).
         let previous = old_run.as_ref().map(|(_, c)| c.clone());
         let applied = self.apply(&device_spec, compiled, previous, flows).await;
@@ -801,7 +825,7 @@ impl Orchestrator {
             persona: persona.into(),
             persona_version: entry.stamp.version,
             generation,
-            since: jiff::Timestamp::now(),
+            since,
             rule: cause.as_ref().map(|c| c.0.clone()),
             leases,
         };
@@ -810,7 +834,7 @@ impl Orchestrator {
             (Ok(()), Some(TxStep::Store)) => Err(StepFailed::new(TxStep::Store, "injected fault")),
             (Ok(()), _) => self
                 .store
-                .submit_state(device, Some(record), done)
+                .submit_state(device, Some(record), done, intent)
                 .await
                 .map_err(|_| StoreError::Backend("the store's writer dropped the shift".into()))
                 .and_then(|r| r)

@@ -15,8 +15,8 @@ use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
 use super::{
-    DeviceState, Event, EventBody, Expect, Kind, Record, Result, Stamp, Store, StoreError,
-    TokenRecord, check,
+    DeviceState, Event, EventBody, Expect, IntentId, Kind, Record, Result, Stamp, Store,
+    StoreError, TokenRecord, check,
 };
 use super::{
     states::States,
@@ -310,6 +310,18 @@ enum Logged {
         device: String,
         state: Option<Box<DeviceState>>,
         event: Box<Event>,
+        /// The intent this record follows, when it covers one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        intent: Option<IntentId>,
+    },
+    /// A shift's state and record logged before its flip; replayed only when no record
+    /// covering it follows.
+    Intent {
+        id: IntentId,
+        device: String,
+        state: Box<DeviceState>,
+        at: jiff::Timestamp,
+        body: Box<EventBody>,
     },
     Signals {
         rows: Vec<(String, Value)>,
@@ -348,13 +360,25 @@ fn replay(db: &Database, path: &Path, epoch: u64) -> Result<Wal> {
     if records.is_empty() {
         return Ok(wal);
     }
+    let logged = records
+        .iter()
+        .map(|r| decode::<Logged>(r))
+        .collect::<Result<Vec<_>>>()?;
+    let covered: std::collections::HashSet<IntentId> = logged
+        .iter()
+        .filter_map(|l| match l {
+            Logged::State { intent, .. } => *intent,
+            _ => None,
+        })
+        .collect();
     let txn = db.begin_write().map_err(backend)?;
-    for r in &records {
-        match decode::<Logged>(r)? {
+    for l in logged {
+        match l {
             Logged::State {
                 device,
                 state,
                 event,
+                ..
             } => {
                 let mut events = txn.open_table(EVENTS).map_err(backend)?;
                 if events.get(event.seq).map_err(backend)?.is_some() {
@@ -366,6 +390,36 @@ fn replay(db: &Database, path: &Path, epoch: u64) -> Result<Wal> {
                 drop(events);
                 let bytes = state.as_ref().map(encode).transpose()?;
                 set(&txn, DEVICE_STATE, &device, bytes.as_deref())?;
+            }
+            Logged::Intent {
+                id,
+                device,
+                state,
+                at,
+                mut body,
+            } => {
+                if covered.contains(&id) {
+                    continue;
+                }
+                // The shift may have been answered: what it logged before its flip
+                // stands. Its generation is unknown, so the daemon applies it again.
+                body.detail["recovered"] = "from the intent logged before the flip".into();
+                let mut events = txn.open_table(EVENTS).map_err(backend)?;
+                let seq = events
+                    .last()
+                    .map_err(backend)?
+                    .map_or(0, |(k, _)| k.value())
+                    + 1;
+                let event = Event {
+                    seq,
+                    at,
+                    body: *body,
+                };
+                events
+                    .insert(seq, encode(&event)?.as_slice())
+                    .map_err(backend)?;
+                drop(events);
+                set(&txn, DEVICE_STATE, &device, Some(&encode(&state)?))?;
             }
             Logged::Signals { rows } => {
                 for (key, signal) in rows {
@@ -405,6 +459,7 @@ fn state_recorded(
     device: &str,
     state: Option<&DeviceState>,
     body: EventBody,
+    intent: Option<IntentId>,
 ) -> Result<impl FnOnce(&redb::WriteTransaction) -> Result<Done<Event>> + Send + 'static> {
     let write = state_write(states, device, state)?;
     let (device, state) = (device.to_owned(), state.cloned());
@@ -415,6 +470,7 @@ fn state_recorded(
             device,
             state: state.map(Box::new),
             event: Box::new(event.clone()),
+            intent,
         })?;
         Ok(Done {
             value: event,
@@ -591,7 +647,19 @@ impl Store for EmbeddedStore {
         body: EventBody,
     ) -> Result<Event> {
         self.writer
-            .write_logged(state_recorded(&self.states, device, state, body)?)
+            .write_logged(state_recorded(&self.states, device, state, body, None)?)
+    }
+
+    fn log_intent(&self, device: &str, state: &DeviceState, body: &EventBody) -> Option<IntentId> {
+        self.writer.log_intent(|id| {
+            encode(&Logged::Intent {
+                id,
+                device: device.to_owned(),
+                state: Box::new(state.clone()),
+                at: jiff::Timestamp::now(),
+                body: Box::new(body.clone()),
+            })
+        })
     }
 
     fn submit_state(
@@ -599,9 +667,13 @@ impl Store for EmbeddedStore {
         device: &str,
         state: Option<DeviceState>,
         body: EventBody,
+        intent: Option<IntentId>,
     ) -> tokio::sync::oneshot::Receiver<Result<Event>> {
-        match state_recorded(&self.states, device, state.as_ref(), body) {
-            Ok(op) => self.writer.submit_logged(op),
+        match state_recorded(&self.states, device, state.as_ref(), body, intent) {
+            Ok(op) => match intent {
+                Some(id) => self.writer.submit_covered(id, op),
+                None => self.writer.submit_logged(op),
+            },
             Err(e) => {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 let _ = tx.send(Err(e));
@@ -735,7 +807,7 @@ mod tests {
         let log = signals_logged(&encoded).unwrap();
         match decode::<Logged>(&log).unwrap() {
             Logged::Signals { rows: back } => assert_eq!(back, rows),
-            Logged::State { .. } => panic!("a state record"),
+            _ => panic!("not a signals record"),
         }
     }
 
@@ -746,25 +818,7 @@ mod tests {
         };
         let s = EmbeddedStore::open(std::path::Path::new(&path)).expect("open");
         for i in 0..50u64 {
-            let state = DeviceState {
-                persona: format!("p{i}"),
-                persona_version: 1,
-                generation: i,
-                since: jiff::Timestamp::now(),
-                rule: None,
-                leases: Vec::new(),
-            };
-            let body = EventBody {
-                kind: "shift".into(),
-                actor: "test".into(),
-                device: Some("vm1".into()),
-                from: None,
-                to: Some(format!("p{i}")),
-                generation: Some(i),
-                result: "ok".into(),
-                duration_us: None,
-                detail: json!(null),
-            };
+            let (state, body) = shift_to(&format!("p{i}"), i);
             let event = s.record_state("vm1", Some(&state), body).expect("record");
             s.put_signals(vec![(
                 format!("vm1/n{i}"),
@@ -776,20 +830,27 @@ mod tests {
         std::process::abort();
     }
 
+    /// Runs the test `child` in a process of its own on a store at `path`, which it
+    /// writes to and then aborts; gives its output.
+    fn crashed(child: &str, path: &std::path::Path) -> std::process::Output {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                &format!("store::embedded::tests::{child}"),
+                "--nocapture",
+            ])
+            .env("PERSONA_CRASH_STORE", path)
+            .output()
+            .expect("the child");
+        assert!(!out.status.success(), "the child was to die");
+        out
+    }
+
     #[test]
     fn acknowledged_logged_writes_survive_a_crash() {
         let (_, dir) = store();
         let path = dir.0.join("crash.redb");
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "store::embedded::tests::crashing_child",
-                "--nocapture",
-            ])
-            .env("PERSONA_CRASH_STORE", &path)
-            .output()
-            .expect("the child");
-        assert!(!out.status.success(), "the child was to die");
+        let out = crashed("crashing_child", &path);
         let acked: Vec<(u64, u64)> = String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| {
@@ -812,6 +873,102 @@ mod tests {
         }
         assert_eq!(events.last().map(|e| e.seq), Some(seq));
         assert_eq!(s.signals().unwrap().len(), 50);
+    }
+
+    fn shift_to(persona: &str, generation: u64) -> (DeviceState, EventBody) {
+        let state = DeviceState {
+            persona: persona.into(),
+            persona_version: 1,
+            generation,
+            since: jiff::Timestamp::now(),
+            rule: None,
+            leases: Vec::new(),
+        };
+        let body = EventBody {
+            kind: "shift".into(),
+            actor: "test".into(),
+            device: None,
+            from: None,
+            to: Some(persona.into()),
+            generation: Some(generation),
+            result: "ok".into(),
+            duration_us: None,
+            detail: json!(null),
+        };
+        (state, body)
+    }
+
+    /// Three shifts' intents, then a crash: vm3's followed by a failure's durable record
+    /// (which drops every intent before it), vm1's by its record, vm2's alone (synced
+    /// by a later write).
+    #[test]
+    fn crashing_intent_child() {
+        let Some(path) = std::env::var_os("PERSONA_CRASH_STORE") else {
+            return;
+        };
+        let s = EmbeddedStore::open(std::path::Path::new(&path)).expect("open");
+        let (state, body) = shift_to("p3", 0);
+        s.log_intent("vm3", &state, &body).expect("an intent");
+        let mut failed = shift_to("p3", 0).1;
+        failed.result = "rolled back at flip: test".into();
+        s.append_event(failed).expect("the failure");
+        println!("acknowledged vm3");
+        let (state, body) = shift_to("p1", 0);
+        let id = s.log_intent("vm1", &state, &body).expect("an intent");
+        let (state, body) = shift_to("p1", 7);
+        let event = s
+            .submit_state("vm1", Some(state), body, Some(id))
+            .blocking_recv()
+            .expect("answered")
+            .expect("recorded");
+        println!("acknowledged vm1 {}", event.seq);
+        let (state, body) = shift_to("p2", 0);
+        s.log_intent("vm2", &state, &body).expect("an intent");
+        s.put_signals(vec![("vm2/n".into(), encode(&json!({ "n": 1 })).unwrap())])
+            .expect("a logged write after it");
+        println!("acknowledged vm2");
+        std::process::abort();
+    }
+
+    #[test]
+    fn an_intent_alone_is_replayed_and_one_followed_or_dropped_is_not() {
+        let (_, dir) = store();
+        let path = dir.0.join("crash.redb");
+        let out = crashed("crashing_intent_child", &path);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("acknowledged vm2"),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let s = EmbeddedStore::open(&path).expect("reopen after the crash");
+        let state = |d: &str| s.device_state(d).unwrap();
+        assert_eq!(
+            state("vm1").map(|st| (st.persona, st.generation)),
+            Some(("p1".into(), 7))
+        );
+        // Replayed from its intent: the daemon, seeing generation 0, applies it again.
+        assert_eq!(
+            state("vm2").map(|st| (st.persona, st.generation)),
+            Some(("p2".into(), 0))
+        );
+        assert_eq!(state("vm3"), None);
+        let events = s.events(0, 100).unwrap();
+        let to = |p: &str| {
+            events
+                .iter()
+                .filter(|e| e.body.to.as_deref() == Some(p))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(to("p1").len(), 1, "{events:?}");
+        assert_eq!(to("p1")[0].body.generation, Some(7));
+        assert_eq!(to("p2").len(), 1, "{events:?}");
+        assert!(
+            to("p2")[0].body.detail["recovered"].is_string(),
+            "{events:?}"
+        );
+        assert_eq!(to("p3").len(), 1, "only the failure: {events:?}");
+        assert!(to("p3")[0].body.result.starts_with("rolled back"));
     }
 
     #[test]

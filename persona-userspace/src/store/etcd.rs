@@ -1188,6 +1188,7 @@ impl Store for EtcdStore {
         device: &str,
         state: Option<DeviceState>,
         body: EventBody,
+        _intent: Option<super::IntentId>,
     ) -> tokio::sync::oneshot::Receiver<Result<Event>> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         match self.state_write(device, state.as_ref()) {

@@ -7,7 +7,7 @@ pub mod etcd;
 mod states;
 mod wal;
 mod writer;
-pub use writer::CommitStats;
+pub use writer::{CommitStats, IntentId};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -293,13 +293,29 @@ pub trait Store: Send + Sync + 'static {
         self.set_device_state(device, state)?;
         self.append_event(body)
     }
+    /// Logs, ahead of a shift's flip, the state and the record that the shift will
+    /// write once it has flipped, so that the write after it ([`Store::submit_state`]
+    /// given the id) needs no sync of its own: the log's sync runs alongside the flip.
+    /// An intent left alone (the daemon stopped before the write after it) is replayed
+    /// as the shift's record; a durable write (the record of a failed shift) drops it.
+    /// `None` when the store keeps no such log.
+    fn log_intent(
+        &self,
+        _device: &str,
+        _state: &DeviceState,
+        _body: &EventBody,
+    ) -> Option<IntentId> {
+        None
+    }
     /// [`Store::record_state`] answered on a channel: an async caller waits without
     /// holding a thread. A store that cannot queue writes answers before it returns.
+    /// `intent`, from [`Store::log_intent`], covers the write.
     fn submit_state(
         &self,
         device: &str,
         state: Option<DeviceState>,
         body: EventBody,
+        _intent: Option<IntentId>,
     ) -> tokio::sync::oneshot::Receiver<Result<Event>> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let _ = tx.send(self.record_state(device, state.as_ref(), body));

@@ -13,6 +13,7 @@ use std::{
     io,
     os::unix::fs::{FileExt as _, OpenOptionsExt as _},
     path::Path,
+    sync::Arc,
 };
 
 const MAGIC: &[u8; 8] = b"prsnwal1";
@@ -23,6 +24,9 @@ pub const CAPACITY: u64 = 4 << 20;
 
 pub struct Wal {
     file: File,
+    /// The same file, for syncing without holding the log: a commit syncs what it
+    /// wrote after letting go of the transaction side.
+    sync: Arc<File>,
     epoch: u64,
     end: u64,
 }
@@ -43,6 +47,7 @@ impl Wal {
             || file.read_exact_at(&mut header, 0).is_err()
             || &header[..8] != MAGIC;
         let mut wal = Self {
+            sync: Arc::new(file.try_clone()?),
             file,
             epoch,
             end: HEADER,
@@ -83,7 +88,15 @@ impl Wal {
     }
 
     /// Appends `payloads` and syncs them; fails, writing nothing, when they do not fit.
+    #[cfg(test)]
     pub fn append(&mut self, payloads: &[Vec<u8>]) -> io::Result<()> {
+        self.write(payloads)?;
+        self.sync.sync_data()
+    }
+
+    /// Appends `payloads` without syncing them: durable once [`Wal::syncer`]'s file is
+    /// synced. Fails, writing nothing, when they do not fit.
+    pub fn write(&mut self, payloads: &[Vec<u8>]) -> io::Result<()> {
         let mut buf = Vec::new();
         for p in payloads {
             buf.extend_from_slice(&(p.len() as u32).to_le_bytes());
@@ -99,9 +112,13 @@ impl Wal {
             ));
         }
         self.file.write_all_at(&buf, self.end)?;
-        self.file.sync_data()?;
         self.end += buf.len() as u64;
         Ok(())
+    }
+
+    /// What syncing makes the writes so far durable through.
+    pub fn syncer(&self) -> Arc<File> {
+        self.sync.clone()
     }
 
     /// Starts over under `epoch`, once the store holds everything logged so far.

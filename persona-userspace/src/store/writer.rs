@@ -6,8 +6,15 @@
 //! thread; each caller is answered only after the commit that holds its write, so
 //! nothing acknowledged is ever lost. A group of logged writes
 //! (shift records, signals) is made durable by the log instead ([`super::wal`]), and a
-//! checkpoint now and then makes the file hold them.
+//! checkpoint now and then makes the file hold them. The log is synced after the
+//! transaction side is let go, so that the next group's transaction runs meanwhile.
+//!
+//! A shift logs its intent before the datapath flips, and that sync runs alongside the
+//! flip: the record written after it (covered by the intent) is answered once the
+//! intent is durable, without a sync of its own.
 use std::{
+    collections::HashMap,
+    fs::File,
     sync::{
         Arc, Condvar, Mutex, MutexGuard,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -46,9 +53,24 @@ pub struct CommitStats {
 /// Answers a write's caller once the commit's outcome is known.
 type Finish = Box<dyn FnOnce(&Result<()>) + Send>;
 
+/// A shift's intent, as its log record names it.
+pub type IntentId = u64;
+
 trait Job: Send {
     /// Whether the log can make the write durable.
     fn logged(&self) -> bool;
+    /// The intent this job logs, when it is one.
+    fn intent(&self) -> Option<IntentId> {
+        None
+    }
+    /// The intent that covers this write, when one does.
+    fn covered_by(&self) -> Option<IntentId> {
+        None
+    }
+    /// The record of a job that writes to the log alone (an intent).
+    fn log_only(&mut self) -> Option<Vec<u8>> {
+        None
+    }
     /// Does the write inside `txn`; a logged one also gives its record for the log.
     fn apply(self: Box<Self>, txn: &WriteTransaction) -> (Finish, Option<Vec<u8>>);
     fn abort(self: Box<Self>, why: &StoreError);
@@ -68,12 +90,17 @@ type Reply<T> = Box<dyn FnOnce(Result<T>) + Send>;
 struct Pending<T> {
     op: Op<T>,
     logged: bool,
+    covered: Option<IntentId>,
     reply: Reply<T>,
 }
 
 impl<T: Send + 'static> Job for Pending<T> {
     fn logged(&self) -> bool {
         self.logged
+    }
+
+    fn covered_by(&self) -> Option<IntentId> {
+        self.covered
     }
 
     fn apply(self: Box<Self>, txn: &WriteTransaction) -> (Finish, Option<Vec<u8>>) {
@@ -104,6 +131,72 @@ impl<T: Send + 'static> Job for Pending<T> {
     }
 }
 
+/// An intent's record: nothing in the file, only in the log.
+struct Intent {
+    id: IntentId,
+    record: Vec<u8>,
+}
+
+impl Job for Intent {
+    fn logged(&self) -> bool {
+        true
+    }
+
+    fn intent(&self) -> Option<IntentId> {
+        Some(self.id)
+    }
+
+    fn log_only(&mut self) -> Option<Vec<u8>> {
+        Some(std::mem::take(&mut self.record))
+    }
+
+    fn apply(self: Box<Self>, _: &WriteTransaction) -> (Finish, Option<Vec<u8>>) {
+        (Box::new(|_| {}), Some(self.record))
+    }
+
+    fn abort(self: Box<Self>, _: &StoreError) {}
+}
+
+/// The intents in the log since it last started over, and the covered writes waiting
+/// for their sync.
+#[derive(Default)]
+struct Intents {
+    next: IntentId,
+    written: HashMap<IntentId, Written>,
+}
+
+#[derive(Default)]
+struct Written {
+    synced: bool,
+    waiting: Vec<Finish>,
+}
+
+impl Intents {
+    /// The log started over after a durable commit, which holds every write committed
+    /// before it: the writes waiting for an intent's sync need it no more.
+    fn started_over(&mut self) -> Vec<Finish> {
+        self.written.drain().flat_map(|(_, w)| w.waiting).collect()
+    }
+
+    fn failed(&mut self, ids: &[IntentId]) -> Vec<Finish> {
+        ids.iter()
+            .filter_map(|id| self.written.remove(id))
+            .flat_map(|w| w.waiting)
+            .collect()
+    }
+
+    fn synced(&mut self, ids: &[IntentId]) -> Vec<Finish> {
+        let mut ready = Vec::new();
+        for id in ids {
+            if let Some(w) = self.written.get_mut(id) {
+                w.synced = true;
+                ready.append(&mut w.waiting);
+            }
+        }
+        ready
+    }
+}
+
 pub struct Writer {
     shared: Arc<Shared>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -114,6 +207,12 @@ pub struct Writer {
 struct Shared {
     queue: Mutex<Vec<Box<dyn Job>>>,
     core: Mutex<Core>,
+    /// Taken inside `core`, never the other way round.
+    intents: Mutex<Intents>,
+    /// Whether the store keeps a log.
+    logs: bool,
+    /// Commits under way, from their transaction to their answers.
+    committing: AtomicU64,
     /// Set when the thread has work: a queue no caller could commit, a checkpoint
     /// due, or closing.
     wake: Mutex<bool>,
@@ -127,6 +226,21 @@ struct Core {
     wal: Option<Wal>,
     /// When the oldest logged write the file does not hold yet was committed.
     pending: Option<Instant>,
+}
+
+/// A commit once the transaction side is let go: the log to sync, then the answers.
+struct Tail {
+    sync: Option<Arc<File>>,
+    committed: Result<()>,
+    finishers: Vec<Finish>,
+    /// Intents it logged, synced with it.
+    intents: Vec<IntentId>,
+    /// The intent covering each write, when the log needs no sync for them.
+    covered: Option<Vec<IntentId>>,
+    /// Answers that a durable commit (the log starting over) released.
+    released: Vec<Finish>,
+    writes: u64,
+    start: Instant,
 }
 
 impl Drop for Writer {
@@ -144,12 +258,15 @@ impl Drop for Writer {
 impl Writer {
     pub fn spawn(db: Arc<Database>, wal: Option<Wal>) -> Result<Self> {
         let shared = Arc::new(Shared {
+            logs: wal.is_some(),
+            committing: AtomicU64::new(0),
             queue: Mutex::new(Vec::new()),
             core: Mutex::new(Core {
                 db,
                 wal,
                 pending: None,
             }),
+            intents: Mutex::new(Intents::default()),
             wake: Mutex::new(false),
             woken: Condvar::new(),
             closed: AtomicBool::new(false),
@@ -181,17 +298,70 @@ impl Writer {
         &self,
         op: impl FnOnce(&WriteTransaction) -> Result<Done<T>> + Send + 'static,
     ) -> tokio::sync::oneshot::Receiver<Result<T>> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
+        let (reply, answer) = oneshot();
         // Not queued (the store closed), the reply goes unsent and the caller hears
         // that the channel closed.
-        let _ = self.queue(
-            Box::new(op),
-            true,
-            Box::new(move |r| {
-                let _ = reply.send(r);
-            }),
-            false,
-        );
+        let _ = self.queue(Box::new(op), true, reply, false);
+        answer
+    }
+
+    /// Logs `record` (given its id), an intent that replaying the log does unless a
+    /// write covered by it follows; the caller goes on at once. `None` when the store
+    /// keeps no log, or the record could not be made.
+    pub fn log_intent(&self, record: impl FnOnce(IntentId) -> Result<Vec<u8>>) -> Option<IntentId> {
+        // A busy writer groups the record after the flip with others anyway, and an
+        // intent would only add a write to its queue.
+        if !self.shared.logs
+            || self.shared.closed.load(Ordering::SeqCst)
+            || self.shared.committing.load(Ordering::SeqCst) > 0
+            || !lock(&self.shared.queue).is_empty()
+        {
+            return None;
+        }
+        let id = {
+            let mut intents = lock(&self.shared.intents);
+            intents.next += 1;
+            intents.next
+        };
+        let record = record(id).ok()?;
+        lock(&self.shared.queue).push(Box::new(Intent { id, record }));
+        self.shared.nudge();
+        Some(id)
+    }
+
+    /// [`Writer::submit_logged`] for a write that `intent` covers: committed on this
+    /// thread when the transaction side is free and the intent is in the log (the
+    /// writer's thread may be syncing it meanwhile), else by the next group; answered
+    /// once the intent is synced, without a sync of its own while the intent is in
+    /// the log.
+    pub fn submit_covered<T: Send + 'static>(
+        &self,
+        intent: IntentId,
+        op: impl FnOnce(&WriteTransaction) -> Result<Done<T>> + Send + 'static,
+    ) -> tokio::sync::oneshot::Receiver<Result<T>> {
+        let (reply, answer) = oneshot();
+        let job: Box<dyn Job> = Box::new(Pending {
+            op: Box::new(op),
+            logged: true,
+            covered: Some(intent),
+            reply,
+        });
+        if self.shared.closed.load(Ordering::SeqCst) {
+            job.abort(&StoreError::Backend("the store is closed".into()));
+            return answer;
+        }
+        // Only a write that needs no sync is committed here: an async caller must not
+        // wait for the disk.
+        if let Ok(mut core) = self.shared.core.try_lock()
+            && lock(&self.shared.intents).written.contains_key(&intent)
+        {
+            let tail = self.shared.commit(&mut core, vec![job]);
+            drop(core);
+            self.shared.finish(tail);
+            return answer;
+        }
+        lock(&self.shared.queue).push(job);
+        self.shared.nudge();
         answer
     }
 
@@ -229,7 +399,12 @@ impl Writer {
         if self.shared.closed.load(Ordering::SeqCst) {
             return Err(StoreError::Backend("the store is closed".into()));
         }
-        lock(&self.shared.queue).push(Box::new(Pending { op, logged, reply }));
+        lock(&self.shared.queue).push(Box::new(Pending {
+            op,
+            logged,
+            covered: None,
+            reply,
+        }));
         if here {
             self.shared.commit_here();
         } else {
@@ -243,6 +418,17 @@ impl Writer {
     }
 }
 
+/// A reply sent on a tokio channel.
+fn oneshot<T: Send + 'static>() -> (Reply<T>, tokio::sync::oneshot::Receiver<Result<T>>) {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    (
+        Box::new(move |r| {
+            let _ = reply.send(r);
+        }),
+        answer,
+    )
+}
+
 impl Shared {
     /// Commits one group on this thread when no commit is under way. Whoever holds the
     /// transaction side looks at the queue again once it lets go, so a write queued
@@ -253,11 +439,12 @@ impl Shared {
             return;
         };
         let group = self.take_group();
-        if !group.is_empty() {
-            core.commit(group, &self.stats);
-        }
+        let tail = (!group.is_empty()).then(|| self.commit(&mut core, group));
         let due = core.checkpoint_due();
         drop(core);
+        if let Some(tail) = tail {
+            self.finish(tail);
+        }
         if due || !lock(&self.queue).is_empty() {
             self.nudge();
         }
@@ -279,17 +466,23 @@ impl Shared {
     fn serve(&self) {
         loop {
             let closing = self.closed.load(Ordering::SeqCst);
+            loop {
+                let mut core = lock(&self.core);
+                let group = self.take_group();
+                if group.is_empty() {
+                    break;
+                }
+                let tail = self.commit(&mut core, group);
+                drop(core);
+                self.finish(tail);
+            }
             let pending = {
                 let mut core = lock(&self.core);
-                loop {
-                    let group = self.take_group();
-                    if group.is_empty() {
-                        break;
-                    }
-                    core.commit(group, &self.stats);
-                }
                 if closing || core.checkpoint_due() {
-                    core.checkpoint_logged();
+                    let released = self.checkpoint(&mut core);
+                    drop(core);
+                    release(released, &Ok(()));
+                    core = lock(&self.core);
                 }
                 if closing {
                     return;
@@ -308,6 +501,190 @@ impl Shared {
             }
             *wake = false;
         }
+    }
+
+    /// Makes the file hold every logged write, when some are only in the log; gives
+    /// the answers that waited for an intent's sync, which the file now holds.
+    fn checkpoint(&self, core: &mut Core) -> Vec<Finish> {
+        let (Some(w), Some(_)) = (core.wal.as_mut(), core.pending) else {
+            return Vec::new();
+        };
+        match checkpoint(&core.db, w) {
+            Ok(()) => {
+                core.pending = None;
+                lock(&self.intents).started_over()
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store checkpoint");
+                Vec::new()
+            }
+        }
+    }
+
+    /// One transaction for the whole group: durable by the log when every write in it
+    /// is logged (and the log takes them), else by a durable commit. What is left (the
+    /// log's sync, the answers) runs once the transaction side is let go. A group of
+    /// intents alone has no transaction; one of writes whose intents are all in the
+    /// log has no sync.
+    fn commit(&self, core: &mut Core, mut group: Vec<Box<dyn Job>>) -> Tail {
+        let start = Instant::now();
+        self.committing.fetch_add(1, Ordering::SeqCst);
+        let logged = core.wal.is_some() && group.iter().all(|j| j.logged());
+        let intents: Vec<IntentId> = group.iter().filter_map(|j| j.intent()).collect();
+        let covered = logged
+            .then(|| {
+                let written = lock(&self.intents);
+                group
+                    .iter()
+                    .map(|j| j.covered_by().filter(|id| written.written.contains_key(id)))
+                    .collect::<Option<Vec<_>>>()
+            })
+            .flatten();
+        let mut tail = Tail {
+            sync: None,
+            committed: Ok(()),
+            finishers: Vec::new(),
+            intents: Vec::new(),
+            covered: None,
+            released: Vec::new(),
+            writes: group.len() as u64,
+            start,
+        };
+        let records: Vec<Vec<u8>>;
+        let committed = if logged && intents.len() == group.len() {
+            records = group.iter_mut().filter_map(|j| j.log_only()).collect();
+            Ok(0)
+        } else {
+            let txn = core.db.begin_write().map(|mut t| {
+                if logged {
+                    let _ = t.set_durability(Durability::None);
+                }
+                t
+            });
+            let txn = match txn {
+                Ok(t) => t,
+                Err(e) => {
+                    let why = StoreError::Backend(e.to_string());
+                    for job in group {
+                        job.abort(&why);
+                    }
+                    tail.committed = Err(why);
+                    return tail;
+                }
+            };
+            let epoch = if logged { Ok(0) } else { next_epoch(&txn) };
+            let (finishers, logs): (Vec<_>, Vec<_>) =
+                group.into_iter().map(|job| job.apply(&txn)).unzip();
+            tail.finishers = finishers;
+            records = logs.into_iter().flatten().collect();
+            epoch.and_then(|epoch| {
+                txn.commit()
+                    .map_err(|e| StoreError::Backend(e.to_string()))?;
+                Ok(epoch)
+            })
+        };
+        tail.committed = match (&mut core.wal, committed) {
+            (Some(w), Ok(_)) if logged => {
+                if w.write(&records).is_ok() {
+                    core.pending.get_or_insert_with(Instant::now);
+                    match covered {
+                        Some(ids) => tail.covered = Some(ids),
+                        None => tail.sync = Some(w.syncer()),
+                    }
+                    let mut written = lock(&self.intents);
+                    for id in &intents {
+                        written.written.insert(*id, Written::default());
+                    }
+                    tail.intents = intents;
+                    Ok(())
+                } else {
+                    // The log full or failing, the writes are made durable the slow way.
+                    let done = checkpoint(&core.db, w);
+                    if done.is_ok() {
+                        core.pending = None;
+                        tail.released = lock(&self.intents).started_over();
+                    }
+                    done
+                }
+            }
+            (Some(w), Ok(epoch)) => {
+                // Durable: the file holds all that was logged before. A log not
+                // started over is of an older epoch, and read as empty.
+                if let Err(e) = w.reset(epoch) {
+                    tracing::warn!(error = %e, "starting the store's log over");
+                }
+                core.pending = None;
+                tail.released = lock(&self.intents).started_over();
+                Ok(())
+            }
+            (_, committed) => committed.map(|_| ()),
+        };
+        tail
+    }
+
+    /// Syncs the log when the commit wrote to it, then answers. A failed sync leaves
+    /// the writes to a durable commit. Covered writes wait for their intents' sync;
+    /// an intent no longer listed went with the log's start over, and the durable
+    /// commit that started it holds them.
+    fn finish(&self, tail: Tail) {
+        let Tail {
+            sync,
+            mut committed,
+            mut finishers,
+            intents,
+            covered,
+            released,
+            writes,
+            start,
+        } = tail;
+        let mut ready = Vec::new();
+        if let Some(file) = sync {
+            match file.sync_data() {
+                Ok(()) => ready = lock(&self.intents).synced(&intents),
+                Err(e) => {
+                    tracing::warn!(error = %e, "syncing the store's log");
+                    let mut guard = lock(&self.core);
+                    let core = &mut *guard;
+                    committed = match core.wal.as_mut() {
+                        Some(w) => checkpoint(&core.db, w),
+                        None => Err(StoreError::Backend(e.to_string())),
+                    };
+                    if committed.is_ok() {
+                        core.pending = None;
+                        ready = lock(&self.intents).started_over();
+                    } else {
+                        // Whatever waits for these intents fails with them.
+                        finishers.extend(lock(&self.intents).failed(&intents));
+                    }
+                }
+            }
+        }
+        if let (Some(ids), Ok(())) = (covered, &committed) {
+            let mut intents = lock(&self.intents);
+            for (finish, id) in std::mem::take(&mut finishers).into_iter().zip(ids) {
+                match intents.written.get_mut(&id) {
+                    Some(w) if !w.synced => w.waiting.push(finish),
+                    _ => ready.push(finish),
+                }
+            }
+        }
+        let stats = &self.stats;
+        stats
+            .commit_ns
+            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        stats.commits.fetch_add(1, Ordering::Relaxed);
+        stats.writes.fetch_add(writes, Ordering::Relaxed);
+        stats.largest_group.fetch_max(writes, Ordering::Relaxed);
+        self.committing.fetch_sub(1, Ordering::SeqCst);
+        release(finishers, &committed);
+        release(released, &Ok(()));
+        release(ready, &Ok(()));
+    }
+}
+
+fn release(finishers: Vec<Finish>, committed: &Result<()>) {
+    for finish in finishers {
+        finish(committed);
     }
 }
 
@@ -370,80 +747,6 @@ impl Core {
                 p.elapsed() >= CHECKPOINT_AFTER || w.used() > super::wal::CAPACITY / 2
             }
             _ => false,
-        }
-    }
-
-    /// Makes the file hold every logged write, when some are only in the log.
-    fn checkpoint_logged(&mut self) {
-        if let (Some(w), Some(_)) = (self.wal.as_mut(), self.pending) {
-            match checkpoint(&self.db, w) {
-                Ok(()) => self.pending = None,
-                Err(e) => tracing::error!(error = %e, "store checkpoint"),
-            }
-        }
-    }
-
-    /// One transaction for the whole group: durable by the log when every write in it
-    /// is logged (and the log takes them), else by a durable commit. Each write's
-    /// caller is answered after it.
-    fn commit(&mut self, group: Vec<Box<dyn Job>>, stats: &CommitStats) {
-        let logged = self.wal.is_some() && group.iter().all(|j| j.logged());
-        let txn = self.db.begin_write().map(|mut t| {
-            if logged {
-                let _ = t.set_durability(Durability::None);
-            }
-            t
-        });
-        let txn = match txn {
-            Ok(t) => t,
-            Err(e) => {
-                let why = StoreError::Backend(e.to_string());
-                for job in group {
-                    job.abort(&why);
-                }
-                return;
-            }
-        };
-        let n = group.len() as u64;
-        let epoch = if logged { Ok(0) } else { next_epoch(&txn) };
-        let (finishers, records): (Vec<_>, Vec<_>) =
-            group.into_iter().map(|job| job.apply(&txn)).unzip();
-        let start = Instant::now();
-        let mut committed = epoch.and_then(|epoch| {
-            txn.commit()
-                .map_err(|e| StoreError::Backend(e.to_string()))?;
-            Ok(epoch)
-        });
-        match (&mut self.wal, &committed) {
-            (Some(w), Ok(_)) if logged => {
-                let records: Vec<Vec<u8>> = records.into_iter().flatten().collect();
-                // The log full or failing, the writes are made durable the slow way.
-                if w.append(&records).is_err() {
-                    committed = checkpoint(&self.db, w).map(|()| 0);
-                    self.pending = None;
-                } else {
-                    self.pending.get_or_insert_with(Instant::now);
-                }
-            }
-            (Some(w), Ok(epoch)) => {
-                // Durable: the file holds all that was logged before. A log not
-                // started over is of an older epoch, and read as empty.
-                if let Err(e) = w.reset(*epoch) {
-                    tracing::warn!(error = %e, "starting the store's log over");
-                }
-                self.pending = None;
-            }
-            _ => {}
-        }
-        stats
-            .commit_ns
-            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        stats.commits.fetch_add(1, Ordering::Relaxed);
-        stats.writes.fetch_add(n, Ordering::Relaxed);
-        stats.largest_group.fetch_max(n, Ordering::Relaxed);
-        let committed = committed.map(|_| ());
-        for finish in finishers {
-            finish(&committed);
         }
     }
 }
