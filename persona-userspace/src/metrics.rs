@@ -171,14 +171,24 @@ pub struct Snapshot {
     pub maps: Vec<(MapLabels, u64, u64)>,
     /// Per device: handshake counts per log2 microsecond bucket, and their sum.
     pub handshakes: Vec<(OneDevice, Vec<u64>, u64)>,
-    /// Group commit: commits, writes, seconds in commits, the largest group.
-    pub store: Option<(u64, u64, f64, u64)>,
+    /// How group commit has done, for a store that groups its writes.
+    pub store: Option<StoreFigures>,
     /// Fleet mode: 1 per device whose host is not alive; and whether etcd is followed.
     pub orphaned: Vec<(OneDevice, u64)>,
     pub fleet_connected: Option<u64>,
     /// Per device and direction, the HTB class of its persona: bytes waiting, and
     /// packets dropped since the class was made.
     pub qos: Vec<(QosLabels, u64, u64)>,
+}
+
+#[derive(Debug, Default)]
+pub struct StoreFigures {
+    pub commits: u64,
+    pub writes: u64,
+    pub seconds: f64,
+    pub largest: u64,
+    pub intents: u64,
+    pub covered: u64,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -312,33 +322,45 @@ impl Collector for Snapshot {
                     None,
                 )?;
         }
-        if let Some((commits, writes, seconds, largest)) = self.store {
-            let mut c = encoder.encode_descriptor(
-                "persona_store_commits",
-                "Durable store transactions committed (each one fsync)",
-                None,
-                MetricType::Counter,
-            )?;
-            ConstCounter::new(commits).encode(c.encode_family(&NoLabels {})?)?;
-            let mut w = encoder.encode_descriptor(
-                "persona_store_writes",
-                "Writes committed: writes / commits is the mean group size",
-                None,
-                MetricType::Counter,
-            )?;
-            ConstCounter::new(writes).encode(w.encode_family(&NoLabels {})?)?;
+        if let Some(f) = &self.store {
+            let counters = [
+                (
+                    "persona_store_commits",
+                    "Store transactions committed (each syncs the disk once, but a covered write's)",
+                    f.commits,
+                ),
+                (
+                    "persona_store_writes",
+                    "Writes committed: writes / commits is the mean group size",
+                    f.writes,
+                ),
+                (
+                    "persona_store_intents",
+                    "Shift intents logged, their sync alongside the flip",
+                    f.intents,
+                ),
+                (
+                    "persona_store_covered_writes",
+                    "Shift records answered on their intent's sync, without one of their own",
+                    f.covered,
+                ),
+            ];
+            for (name, help, n) in counters {
+                let mut c = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+                ConstCounter::new(n).encode(c.encode_family(&NoLabels {})?)?;
+            }
             let mut s = encoder.encode_descriptor(
                 "persona_store_commit_seconds",
                 "Time spent committing (mostly the disk's fsync)",
                 None,
                 MetricType::Counter,
             )?;
-            ConstCounter::new(seconds).encode(s.encode_family(&NoLabels {})?)?;
+            ConstCounter::new(f.seconds).encode(s.encode_family(&NoLabels {})?)?;
             gauge(
                 &mut encoder,
                 "persona_store_largest_group",
                 "The most writes one commit has held",
-                &[(NoLabels {}, largest)],
+                &[(NoLabels {}, f.largest)],
             )?;
         }
         let mut used = encoder.encode_descriptor(

@@ -196,12 +196,14 @@ pub async fn scrape(
     }
     snapshot.store = store.commit_stats().map(|s| {
         use std::sync::atomic::Ordering::Relaxed;
-        (
-            s.commits.load(Relaxed),
-            s.writes.load(Relaxed),
-            s.commit_ns.load(Relaxed) as f64 / 1e9,
-            s.largest_group.load(Relaxed),
-        )
+        crate::metrics::StoreFigures {
+            commits: s.commits.load(Relaxed),
+            writes: s.writes.load(Relaxed),
+            seconds: s.commit_ns.load(Relaxed) as f64 / 1e9,
+            largest: s.largest_group.load(Relaxed),
+            intents: s.intents.load(Relaxed),
+            covered: s.covered.load(Relaxed),
+        }
     });
     // Prometheus asks for OpenMetrics; everything else gets the classic text format.
     let openmetrics = headers

@@ -48,6 +48,10 @@ pub struct CommitStats {
     /// Time spent in commits (the fsync, mostly).
     pub commit_ns: AtomicU64,
     pub largest_group: AtomicU64,
+    /// Shift intents logged.
+    pub intents: AtomicU64,
+    /// Writes answered on their intent's sync, without one of their own.
+    pub covered: AtomicU64,
 }
 
 /// Answers a write's caller once the commit's outcome is known.
@@ -324,6 +328,7 @@ impl Writer {
             intents.next
         };
         let record = record(id).ok()?;
+        self.shared.stats.intents.fetch_add(1, Ordering::Relaxed);
         lock(&self.shared.queue).push(Box::new(Intent { id, record }));
         self.shared.nudge();
         Some(id)
@@ -660,6 +665,9 @@ impl Shared {
             }
         }
         if let (Some(ids), Ok(())) = (covered, &committed) {
+            self.stats
+                .covered
+                .fetch_add(ids.len() as u64, Ordering::Relaxed);
             let mut intents = lock(&self.intents);
             for (finish, id) in std::mem::take(&mut finishers).into_iter().zip(ids) {
                 match intents.written.get_mut(&id) {
