@@ -759,8 +759,9 @@ impl Orchestrator {
             body.result = format!("rolled back at {}: {}", f.step, f.reason);
             body.detail["failed_step"] = json!(f.step);
         };
-        // The state and record this shift will write, logged while the datapath flips
-        // (a failure's record, a durable write, drops them). The plan stays out: a
+        // The state and record this shift will write, logged while the datapath flips.
+        // A failure's record, a durable write, drops them from the log (should that
+        // write fail too, a restart applies the shift again). The plan stays out: a
         // record replayed from it says only what shifted, and why.
         let since = jiff::Timestamp::now();
         let plan_detail = std::mem::take(&mut body.detail);
@@ -866,6 +867,11 @@ impl Orchestrator {
                 let f = StepFailed::new(f.step, reason);
                 body.detail = detail(&plan);
                 failed(&mut body, &f);
+                if f.step == TxStep::Store {
+                    // The store may have kept the record it could not make durable: the
+                    // state the device keeps goes back, durably, before the failure's.
+                    self.store.set_device_state(device, state.as_ref())?;
+                }
                 self.record(body)?;
                 return Err(ShiftError::RolledBack {
                     kept: kept(),

@@ -353,13 +353,12 @@ fn signals_logged(rows: &[(String, Vec<u8>)]) -> Result<Vec<u8>> {
 }
 
 /// Opens the store's log, and does again, durably, what it holds that the file does
-/// not: the writes acknowledged after the last durable commit.
+/// not: the writes acknowledged after the last durable commit. The log then starts over
+/// under a new epoch, even when it held nothing readable: what a torn record hid is
+/// never read later.
 fn replay(db: &Database, path: &Path, epoch: u64) -> Result<Wal> {
     let io = |e: std::io::Error| backend(format!("{}: {e}", path.display()));
     let (mut wal, records) = Wal::open(path, epoch).map_err(io)?;
-    if records.is_empty() {
-        return Ok(wal);
-    }
     let logged = records
         .iter()
         .map(|r| decode::<Logged>(r))
@@ -372,6 +371,18 @@ fn replay(db: &Database, path: &Path, epoch: u64) -> Result<Wal> {
         })
         .collect();
     let txn = db.begin_write().map_err(backend)?;
+    let last = |txn: &redb::WriteTransaction| -> Result<u64> {
+        let events = txn.open_table(EVENTS).map_err(backend)?;
+        Ok(events
+            .last()
+            .map_err(backend)?
+            .map_or(0, |(k, _)| k.value()))
+    };
+    // Records the file holds already are those numbered up to its last event; a
+    // recovered intent's event is numbered after every event logged, so that none
+    // takes the number of an acknowledged one.
+    let held = last(&txn)?;
+    let mut recovered = Vec::new();
     for l in logged {
         match l {
             Logged::State {
@@ -380,10 +391,10 @@ fn replay(db: &Database, path: &Path, epoch: u64) -> Result<Wal> {
                 event,
                 ..
             } => {
-                let mut events = txn.open_table(EVENTS).map_err(backend)?;
-                if events.get(event.seq).map_err(backend)?.is_some() {
+                if event.seq <= held {
                     continue;
                 }
+                let mut events = txn.open_table(EVENTS).map_err(backend)?;
                 events
                     .insert(event.seq, encode(&event)?.as_slice())
                     .map_err(backend)?;
@@ -404,21 +415,7 @@ fn replay(db: &Database, path: &Path, epoch: u64) -> Result<Wal> {
                 // The shift may have been answered: what it logged before its flip
                 // stands. Its generation is unknown, so the daemon applies it again.
                 body.detail["recovered"] = "from the intent logged before the flip".into();
-                let mut events = txn.open_table(EVENTS).map_err(backend)?;
-                let seq = events
-                    .last()
-                    .map_err(backend)?
-                    .map_or(0, |(k, _)| k.value())
-                    + 1;
-                let event = Event {
-                    seq,
-                    at,
-                    body: *body,
-                };
-                events
-                    .insert(seq, encode(&event)?.as_slice())
-                    .map_err(backend)?;
-                drop(events);
+                recovered.push((at, body));
                 set(&txn, DEVICE_STATE, &device, Some(&encode(&state)?))?;
             }
             Logged::Signals { rows } => {
@@ -428,9 +425,23 @@ fn replay(db: &Database, path: &Path, epoch: u64) -> Result<Wal> {
             }
         }
     }
+    for (at, body) in recovered {
+        let seq = last(&txn)? + 1;
+        let event = Event {
+            seq,
+            at,
+            body: *body,
+        };
+        let mut events = txn.open_table(EVENTS).map_err(backend)?;
+        events
+            .insert(seq, encode(&event)?.as_slice())
+            .map_err(backend)?;
+    }
     let epoch = next_epoch(&txn)?;
     txn.commit().map_err(backend)?;
-    tracing::info!(writes = records.len(), "replayed the store's log");
+    if !records.is_empty() {
+        tracing::info!(writes = records.len(), "replayed the store's log");
+    }
     wal.reset(epoch).map_err(io)?;
     Ok(wal)
 }
@@ -898,9 +909,20 @@ mod tests {
         (state, body)
     }
 
-    /// Three shifts' intents, then a crash: vm3's followed by a failure's durable record
-    /// (which drops every intent before it), vm1's by its record, vm2's alone (synced
-    /// by a later write).
+    /// An intent, logged once the writer is idle (it logs none while busy).
+    fn intend(s: &EmbeddedStore, device: &str, state: &DeviceState, body: &EventBody) -> u64 {
+        for _ in 0..1000 {
+            if let Some(id) = s.log_intent(device, state, body) {
+                return id;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        panic!("the writer never got idle");
+    }
+
+    /// Shifts' intents, then a crash: vm3's followed by a failure's durable record
+    /// (which drops every intent before it); vm4's alone, its flip still running when
+    /// vm1's intent and record follow; vm2's alone (synced by a later write).
     #[test]
     fn crashing_intent_child() {
         let Some(path) = std::env::var_os("PERSONA_CRASH_STORE") else {
@@ -908,13 +930,16 @@ mod tests {
         };
         let s = EmbeddedStore::open(std::path::Path::new(&path)).expect("open");
         let (state, body) = shift_to("p3", 0);
-        s.log_intent("vm3", &state, &body).expect("an intent");
+        intend(&s, "vm3", &state, &body);
         let mut failed = shift_to("p3", 0).1;
         failed.result = "rolled back at flip: test".into();
         s.append_event(failed).expect("the failure");
         println!("acknowledged vm3");
+        // vm4's flip still running while vm1 shifts.
+        let (state, body) = shift_to("p4", 0);
+        intend(&s, "vm4", &state, &body);
         let (state, body) = shift_to("p1", 0);
-        let id = s.log_intent("vm1", &state, &body).expect("an intent");
+        let id = intend(&s, "vm1", &state, &body);
         let (state, body) = shift_to("p1", 7);
         let event = s
             .submit_state("vm1", Some(state), body, Some(id))
@@ -923,7 +948,7 @@ mod tests {
             .expect("recorded");
         println!("acknowledged vm1 {}", event.seq);
         let (state, body) = shift_to("p2", 0);
-        s.log_intent("vm2", &state, &body).expect("an intent");
+        intend(&s, "vm2", &state, &body);
         s.put_signals(vec![("vm2/n".into(), encode(&json!({ "n": 1 })).unwrap())])
             .expect("a logged write after it");
         println!("acknowledged vm2");
@@ -962,6 +987,21 @@ mod tests {
         };
         assert_eq!(to("p1").len(), 1, "{events:?}");
         assert_eq!(to("p1")[0].body.generation, Some(7));
+        let acked: u64 = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("acknowledged vm1 "))
+            .and_then(|seq| seq.parse().ok())
+            .expect("vm1's record number");
+        assert_eq!(
+            to("p1")[0].seq,
+            acked,
+            "the acknowledged record keeps its number"
+        );
+        assert_eq!(
+            state("vm4").map(|st| (st.persona, st.generation)),
+            Some(("p4".into(), 0))
+        );
+        assert_eq!(to("p4").len(), 1, "{events:?}");
         assert_eq!(to("p2").len(), 1, "{events:?}");
         assert!(
             to("p2")[0].body.detail["recovered"].is_string(),

@@ -104,7 +104,7 @@ impl Wal {
             buf.extend_from_slice(&self.epoch.to_le_bytes());
             buf.extend_from_slice(p);
         }
-        // Room for the empty record header that marks the end.
+        // Room for one more record header after these.
         if self.end + buf.len() as u64 + RECORD_HEADER as u64 > CAPACITY {
             return Err(io::Error::new(
                 io::ErrorKind::StorageFull,

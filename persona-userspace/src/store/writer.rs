@@ -34,7 +34,8 @@ const DURABLE: &str = "durable";
 /// A checkpoint at the latest this long after the first write it would make durable.
 const CHECKPOINT_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Runs after the commit that held the write, in commit order (index updates).
+/// Runs after the commit that held the write, once it is durable (index updates); a
+/// write waiting for its intent's sync runs it after the commits released before it.
 pub type After = Box<dyn FnOnce() + Send>;
 
 /// Writes per transaction at most: a long queue is committed in several.
@@ -167,6 +168,9 @@ impl Job for Intent {
 struct Intents {
     next: IntentId,
     written: HashMap<IntentId, Written>,
+    /// Times the log started over: an intent gone since a write's commit went with
+    /// a durable commit, which holds the write; one gone otherwise failed.
+    started: u64,
 }
 
 #[derive(Default)]
@@ -179,6 +183,7 @@ impl Intents {
     /// The log started over after a durable commit, which holds every write committed
     /// before it: the writes waiting for an intent's sync need it no more.
     fn started_over(&mut self) -> Vec<Finish> {
+        self.started += 1;
         self.written.drain().flat_map(|(_, w)| w.waiting).collect()
     }
 
@@ -239,8 +244,9 @@ struct Tail {
     finishers: Vec<Finish>,
     /// Intents it logged, synced with it.
     intents: Vec<IntentId>,
-    /// The intent covering each write, when the log needs no sync for them.
-    covered: Option<Vec<IntentId>>,
+    /// The intent covering each write, when the log needs no sync for them, and the
+    /// log's start-overs as of the commit.
+    covered: Option<(Vec<IntentId>, u64)>,
     /// Answers that a durable commit (the log starting over) released.
     released: Vec<Finish>,
     writes: u64,
@@ -311,7 +317,7 @@ impl Writer {
 
     /// Logs `record` (given its id), an intent that replaying the log does unless a
     /// write covered by it follows; the caller goes on at once. `None` when the store
-    /// keeps no log, or the record could not be made.
+    /// keeps no log, the writer is busy, or the record could not be made.
     pub fn log_intent(&self, record: impl FnOnce(IntentId) -> Result<Vec<u8>>) -> Option<IntentId> {
         // A busy writer groups the record after the flip with others anyway, and an
         // intent would only add a write to its queue.
@@ -355,9 +361,10 @@ impl Writer {
             job.abort(&StoreError::Backend("the store is closed".into()));
             return answer;
         }
-        // Only a write that needs no sync is committed here: an async caller must not
-        // wait for the disk.
+        // Only a write that needs no sync (and no checkpoint) is committed here: an
+        // async caller must not wait for the disk.
         if let Ok(mut core) = self.shared.core.try_lock()
+            && !core.checkpoint_due()
             && lock(&self.shared.intents).written.contains_key(&intent)
         {
             let tail = self.shared.commit(&mut core, vec![job]);
@@ -538,11 +545,12 @@ impl Shared {
         let intents: Vec<IntentId> = group.iter().filter_map(|j| j.intent()).collect();
         let covered = logged
             .then(|| {
-                let written = lock(&self.intents);
+                let intents = lock(&self.intents);
                 group
                     .iter()
-                    .map(|j| j.covered_by().filter(|id| written.written.contains_key(id)))
+                    .map(|j| j.covered_by().filter(|id| intents.written.contains_key(id)))
                     .collect::<Option<Vec<_>>>()
+                    .map(|ids| (ids, intents.started))
             })
             .flatten();
         let mut tail = Tail {
@@ -664,15 +672,19 @@ impl Shared {
                 }
             }
         }
-        if let (Some(ids), Ok(())) = (covered, &committed) {
+        let mut lost = Vec::new();
+        if let (Some((ids, started)), Ok(())) = (covered, &committed) {
             self.stats
                 .covered
                 .fetch_add(ids.len() as u64, Ordering::Relaxed);
             let mut intents = lock(&self.intents);
+            let durable = intents.started != started;
             for (finish, id) in std::mem::take(&mut finishers).into_iter().zip(ids) {
                 match intents.written.get_mut(&id) {
                     Some(w) if !w.synced => w.waiting.push(finish),
-                    _ => ready.push(finish),
+                    Some(_) => ready.push(finish),
+                    None if durable => ready.push(finish),
+                    None => lost.push(finish),
                 }
             }
         }
@@ -684,9 +696,16 @@ impl Shared {
         stats.writes.fetch_add(writes, Ordering::Relaxed);
         stats.largest_group.fetch_max(writes, Ordering::Relaxed);
         self.committing.fetch_sub(1, Ordering::SeqCst);
-        release(finishers, &committed);
+        // Earlier commits' answers first: their index updates come before this one's.
         release(released, &Ok(()));
+        release(finishers, &committed);
         release(ready, &Ok(()));
+        release(
+            lost,
+            &Err(StoreError::Backend(
+                "the log's sync of the shift's intent failed".into(),
+            )),
+        );
     }
 }
 
