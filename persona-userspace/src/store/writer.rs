@@ -6,12 +6,12 @@
 //! thread; each caller is answered only after the commit that holds its write, so
 //! nothing acknowledged is ever lost. A group of logged writes
 //! (shift records, signals) is made durable by the log instead ([`super::wal`]), and a
-//! checkpoint now and then makes the file hold them. The log is synced after the
-//! transaction side is let go, so that the next group's transaction runs meanwhile.
+//! checkpoint now and then makes the file hold them.
 //!
 //! A shift logs its intent before the datapath flips, and that sync runs alongside the
-//! flip: the record written after it (covered by the intent) is answered once the
-//! intent is durable, without a sync of its own.
+//! flip, after the transaction side is let go: the record written after the flip
+//! (covered by the intent) commits meanwhile and is answered once the intent is
+//! durable, without a sync of its own.
 use std::{
     collections::HashMap,
     fs::File,
@@ -535,9 +535,9 @@ impl Shared {
 
     /// One transaction for the whole group: durable by the log when every write in it
     /// is logged (and the log takes them), else by a durable commit. What is left (the
-    /// log's sync, the answers) runs once the transaction side is let go. A group of
-    /// intents alone has no transaction; one of writes whose intents are all in the
-    /// log has no sync.
+    /// answers, and an intent's sync) runs once the transaction side is let go. A
+    /// group of intents alone has no transaction; one of writes whose intents are all
+    /// in the log has no sync.
     fn commit(&self, core: &mut Core, mut group: Vec<Box<dyn Job>>) -> Tail {
         let start = Instant::now();
         self.committing.fetch_add(1, Ordering::SeqCst);
@@ -602,7 +602,17 @@ impl Shared {
                     core.pending.get_or_insert_with(Instant::now);
                     match covered {
                         Some(ids) => tail.covered = Some(ids),
-                        None => tail.sync = Some(w.syncer()),
+                        // An intent's sync runs once the transaction side is let go, so
+                        // that the write it covers can commit meanwhile. Others sync
+                        // here: writes arriving meanwhile queue up and share the next.
+                        None if !intents.is_empty() => tail.sync = Some(w.syncer()),
+                        None => {
+                            if let Err(e) = w.syncer().sync_data() {
+                                let (committed, released) = self.sync_failed(core, &e);
+                                tail.released = released;
+                                return Tail { committed, ..tail };
+                            }
+                        }
                     }
                     let mut written = lock(&self.intents);
                     for id in &intents {
@@ -635,6 +645,21 @@ impl Shared {
         tail
     }
 
+    /// A failed sync of the log leaves the writes to a durable commit; gives its
+    /// outcome and the answers that waited for intents, which it holds.
+    fn sync_failed(&self, core: &mut Core, e: &std::io::Error) -> (Result<()>, Vec<Finish>) {
+        tracing::warn!(error = %e, "syncing the store's log");
+        let committed = match core.wal.as_mut() {
+            Some(w) => checkpoint(&core.db, w),
+            None => Err(StoreError::Backend(e.to_string())),
+        };
+        if committed.is_err() {
+            return (committed, Vec::new());
+        }
+        core.pending = None;
+        (committed, lock(&self.intents).started_over())
+    }
+
     /// Syncs the log when the commit wrote to it, then answers. A failed sync leaves
     /// the writes to a durable commit. Covered writes wait for their intents' sync;
     /// an intent no longer listed went with the log's start over, and the durable
@@ -655,17 +680,8 @@ impl Shared {
             match file.sync_data() {
                 Ok(()) => ready = lock(&self.intents).synced(&intents),
                 Err(e) => {
-                    tracing::warn!(error = %e, "syncing the store's log");
-                    let mut guard = lock(&self.core);
-                    let core = &mut *guard;
-                    committed = match core.wal.as_mut() {
-                        Some(w) => checkpoint(&core.db, w),
-                        None => Err(StoreError::Backend(e.to_string())),
-                    };
-                    if committed.is_ok() {
-                        core.pending = None;
-                        ready = lock(&self.intents).started_over();
-                    } else {
+                    (committed, ready) = self.sync_failed(&mut lock(&self.core), &e);
+                    if committed.is_err() {
                         // Whatever waits for these intents fails with them.
                         finishers.extend(lock(&self.intents).failed(&intents));
                     }
