@@ -518,19 +518,30 @@ impl Shared {
     /// Makes the file hold every logged write, when some are only in the log; gives
     /// the answers that waited for an intent's sync, which the file now holds.
     fn checkpoint(&self, core: &mut Core) -> Vec<Finish> {
-        let (Some(w), Some(_)) = (core.wal.as_mut(), core.pending) else {
+        if core.pending.is_none() {
             return Vec::new();
-        };
-        match checkpoint(&core.db, w) {
-            Ok(()) => {
-                core.pending = None;
-                lock(&self.intents).started_over()
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "store checkpoint");
-                Vec::new()
-            }
         }
+        let (done, released) = self.checkpoint_now(core);
+        if let Err(e) = done {
+            tracing::error!(error = %e, "store checkpoint");
+        }
+        released
+    }
+
+    /// A durable commit now: the log starts over, and the writes that waited for an
+    /// intent's sync are held by the file; gives them with the outcome.
+    fn checkpoint_now(&self, core: &mut Core) -> (Result<()>, Vec<Finish>) {
+        let Some(w) = core.wal.as_mut() else {
+            return (
+                Err(StoreError::Backend("the store keeps no log".into())),
+                Vec::new(),
+            );
+        };
+        if let Err(e) = checkpoint(&core.db, w) {
+            return (Err(e), Vec::new());
+        }
+        core.pending = None;
+        (Ok(()), lock(&self.intents).started_over())
     }
 
     /// One transaction for the whole group: durable by the log when every write in it
@@ -622,11 +633,8 @@ impl Shared {
                     Ok(())
                 } else {
                     // The log full or failing, the writes are made durable the slow way.
-                    let done = checkpoint(&core.db, w);
-                    if done.is_ok() {
-                        core.pending = None;
-                        tail.released = lock(&self.intents).started_over();
-                    }
+                    let (done, released) = self.checkpoint_now(core);
+                    tail.released = released;
                     done
                 }
             }
@@ -649,15 +657,7 @@ impl Shared {
     /// outcome and the answers that waited for intents, which it holds.
     fn sync_failed(&self, core: &mut Core, e: &std::io::Error) -> (Result<()>, Vec<Finish>) {
         tracing::warn!(error = %e, "syncing the store's log");
-        let committed = match core.wal.as_mut() {
-            Some(w) => checkpoint(&core.db, w),
-            None => Err(StoreError::Backend(e.to_string())),
-        };
-        if committed.is_err() {
-            return (committed, Vec::new());
-        }
-        core.pending = None;
-        (committed, lock(&self.intents).started_over())
+        self.checkpoint_now(core)
     }
 
     /// Syncs the log when the commit wrote to it, then answers. A failed sync leaves
