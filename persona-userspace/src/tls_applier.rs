@@ -75,6 +75,18 @@ impl TlsApplier {
     }
 
     /// Installs `tls` (or removes the device's TLS identity when `None`) and runs the hook.
+    /// Whether installing `tls` for `device` would change nothing: no TLS files
+    /// before or after, and no hook to run.
+    pub fn unchanged(&self, device: &str, tls: Option<&TlsSpec>) -> bool {
+        tls.is_none()
+            && self.hook.is_none()
+            && self
+                .bare
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(device)
+    }
+
     pub fn install(
         &self,
         device: &str,

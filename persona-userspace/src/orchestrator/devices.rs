@@ -490,8 +490,14 @@ impl Orchestrator {
                 .map(|s| s.leases)
                 .unwrap_or_default();
             let (_, compiled) = entry.leased(&leases)?;
-            let applied = self
-                .apply(&spec, compiled, None, crate::model::FlowMode::default())
+            let (applied, _) = self
+                .apply(
+                    &spec,
+                    compiled,
+                    None,
+                    crate::model::FlowMode::default(),
+                    None,
+                )
                 .await
                 .map_err(|f| ShiftError::Failed(f.to_string()))?;
             self.datapath

@@ -308,6 +308,13 @@ pub struct Orchestrator {
     fleet: Option<Arc<crate::fleet::Fleet>>,
 }
 
+/// A shift's record, submitted to the store: answered once it is durable.
+type Submitted = oneshot::Receiver<Result<Event, StoreError>>;
+
+/// Submits a shift's record given the flip's generation and time, on the datapath's
+/// thread right after the flip.
+type AfterFlip = Box<dyn FnOnce(u64, std::time::Duration) -> Submitted + Send>;
+
 fn parse<T: serde::de::DeserializeOwned>(r: &Record) -> Result<T, ShiftError> {
     serde_json::from_value(r.spec.clone()).map_err(|e| ShiftError::Corrupt {
         kind: r.kind.label(),
@@ -763,18 +770,18 @@ impl Orchestrator {
         // A failure's record, a durable write, drops them from the log (should that
         // write fail too, a restart applies the shift again). The plan stays out: a
         // record replayed from it says only what shifted, and why.
-        let since = jiff::Timestamp::now();
+        let planned = DeviceState {
+            persona: persona.into(),
+            persona_version: entry.stamp.version,
+            generation: 0,
+            since: jiff::Timestamp::now(),
+            rule: cause.as_ref().map(|c| c.0.clone()),
+            leases,
+        };
         let plan_detail = std::mem::take(&mut body.detail);
         let intent = self.store.log_intent(
             device,
-            &DeviceState {
-                persona: persona.into(),
-                persona_version: entry.stamp.version,
-                generation: 0,
-                since,
-                rule: cause.as_ref().map(|c| c.0.clone()),
-                leases: leases.clone(),
-            },
+            &planned,
             &EventBody {
                 result: "ok".into(),
                 detail: plan_detail
@@ -783,13 +790,57 @@ impl Orchestrator {
                 ..body.clone()
             },
         );
-        body.detail = plan_detail;
+        // The record of success, given the flip's generation and time: the plan's
+        // detail moves to it; a failure writes it again.
+        let mut done = EventBody {
+            detail: plan_detail,
+            ..body.clone()
+        };
+        let succeeded = move |generation: u64, flip: std::time::Duration| {
+            done.duration_us = Some(start.elapsed().as_micros() as u64);
+            done.generation = Some(generation);
+            done.result = "ok".into();
+            done.detail["flip_us"] = json!(flip.as_secs_f64() * 1e6);
+            (
+                DeviceState {
+                    generation,
+                    ..planned
+                },
+                done,
+            )
+        };
+        // With no TLS step to run after the flip, the datapath's thread submits the
+        // record as soon as it has flipped, while this one syncs the intent.
+        let mut succeeded = Some(succeeded);
+        let submit: Option<AfterFlip> = match (intent, self.fault) {
+            (Some(id), None) if self.tls.unchanged(device, new.tls.as_ref()) => {
+                succeeded.take().map(|succeeded| {
+                    let (store, device) = (self.store.clone(), device.to_owned());
+                    Box::new(move |generation, flip| {
+                        let (state, done) = succeeded(generation, flip);
+                        store.submit_state(&device, Some(state), done, Some(id))
+                    }) as AfterFlip
+                })
+            }
+            _ => None,
+        };
         // Only its wiring is put back on undo (addresses, gateway, tunnel).
         let previous = old_run.as_ref().map(|(_, c)| c.clone());
-        let applied = self.apply(&device_spec, compiled, previous, flows).await;
-        let applied = match applied {
+        let applying = self.apply(&device_spec, compiled, previous, flows, submit);
+        // The intent's sync, on this thread while the datapath's flips: intents are
+        // logged only when the store is idle, so this holds up no other write. One that
+        // failed leaves the record after the flip to sync on its own.
+        let intent = intent.filter(|&id| {
+            self.store
+                .sync_intent(id)
+                .inspect_err(|e| tracing::warn!(device, error = %e, "syncing the shift's intent"))
+                .is_ok()
+        });
+        let applied = applying.await;
+        let (applied, submitted) = match applied {
             Ok(a) => a,
             Err(f) => {
+                body.detail = detail(&plan);
                 failed(&mut body, &f);
                 self.record(body)?;
                 return Err(ShiftError::RolledBack {
@@ -802,44 +853,41 @@ impl Orchestrator {
         let generation = applied.flipped().map_or(0, |f| f.generation);
         let flip = applied.flipped().map(|f| f.flip).unwrap_or_default();
         let old_tls = old_run.as_ref().and_then(|(o, _)| o.tls.as_ref());
-        let tls = match self.fault {
-            Some(TxStep::Tls) => Err("injected fault".to_owned()),
-            _ => self
-                .tls
-                .install(device, persona, generation, new.tls.as_ref()),
-        }
-        .map_err(|why| StepFailed::new(TxStep::Tls, why));
-        // The plan's detail moves to the record of success; a failure writes it again.
-        let detail_done = std::mem::take(&mut body.detail);
-        let mut done = EventBody {
-            detail: detail_done,
-            ..body.clone()
-        };
-        let duration_us = start.elapsed().as_micros() as u64;
-        done.duration_us = Some(duration_us);
-        done.generation = Some(generation);
-        done.result = "ok".into();
-        done.detail["flip_us"] = json!(flip.as_secs_f64() * 1e6);
         // The state and the audit record of it in one transaction, waited for off the
         // async threads: other requests go on, and their writes join the same commit.
-        let record = DeviceState {
-            persona: persona.into(),
-            persona_version: entry.stamp.version,
-            generation,
-            since,
-            rule: cause.as_ref().map(|c| c.0.clone()),
-            leases,
+        let stored = match (submitted, succeeded) {
+            (Some(submitted), _) => Ok(submitted),
+            (None, Some(succeeded)) => {
+                let tls = match self.fault {
+                    Some(TxStep::Tls) => Err("injected fault".to_owned()),
+                    _ => self
+                        .tls
+                        .install(device, persona, generation, new.tls.as_ref()),
+                }
+                .map_err(|why| StepFailed::new(TxStep::Tls, why));
+                match (tls, self.fault) {
+                    (Err(f), _) => Err(f),
+                    (Ok(()), Some(TxStep::Store)) => {
+                        Err(StepFailed::new(TxStep::Store, "injected fault"))
+                    }
+                    (Ok(()), _) => {
+                        let (state, done) = succeeded(generation, flip);
+                        Ok(self.store.submit_state(device, Some(state), done, intent))
+                    }
+                }
+            }
+            (None, None) => Err(StepFailed::new(
+                TxStep::Store,
+                "the datapath gave no record of the shift",
+            )),
         };
-        let stored = match (tls, self.fault) {
-            (Err(f), _) => Err(f),
-            (Ok(()), Some(TxStep::Store)) => Err(StepFailed::new(TxStep::Store, "injected fault")),
-            (Ok(()), _) => self
-                .store
-                .submit_state(device, Some(record), done, intent)
+        let stored = match stored {
+            Ok(submitted) => submitted
                 .await
                 .map_err(|_| StoreError::Backend("the store's writer dropped the shift".into()))
                 .and_then(|r| r)
                 .map_err(|e| StepFailed::new(TxStep::Store, e)),
+            Err(f) => Err(f),
         };
         if let Err(f) = &stored
             && f.step == TxStep::Store
@@ -879,6 +927,7 @@ impl Orchestrator {
                 });
             }
         };
+        let duration_us = event.body.duration_us.unwrap_or_default();
         let seq = event.seq;
         let _ = self.events.send(event);
         let outcome = Outcome {
@@ -1060,29 +1109,45 @@ impl Orchestrator {
     }
 
     /// The datapath's and the host's steps of a shift, up to the flip, as one job on
-    /// the node: attached first if need be; on failure, undone.
-    async fn apply(
+    /// the node, queued before this returns: attached first if need be; on failure,
+    /// undone. `then` runs there once it has flipped.
+    fn apply(
         &self,
         device: &DeviceSpec,
         persona: crate::datapath::CompiledPersona,
         previous: Option<crate::datapath::CompiledPersona>,
         flows: FlowMode,
-    ) -> Result<Applied, StepFailed> {
+        then: Option<AfterFlip>,
+    ) -> impl Future<Output = Result<(Applied, Option<Submitted>), StepFailed>> + use<> {
         let device = device.clone();
         let fault = self.fault;
         let known = self.interface_of(&device.interface);
-        self.datapath
-            .on_node(move |node| {
-                if fault == Some(TxStep::Attach) {
-                    return Err(StepFailed::new(TxStep::Attach, "injected fault"));
-                }
-                let ifindex = node
-                    .ensure_attached(&device, known)
-                    .map_err(|e| StepFailed::new(TxStep::Attach, e))?;
-                node.apply(ifindex, persona, previous, flows, fault)
-            })
-            .await
-            .map_err(|e| StepFailed::new(TxStep::Attach, e))?
+        let queued = self.datapath.queue_on_node(move |node| {
+            if fault == Some(TxStep::Attach) {
+                return Err(StepFailed::new(TxStep::Attach, "injected fault"));
+            }
+            let ifindex = node
+                .ensure_attached(&device, known)
+                .map_err(|e| StepFailed::new(TxStep::Attach, e))?;
+            let applied = node.apply(ifindex, persona, previous, flows, fault)?;
+            let flipped = applied.flipped();
+            let submitted = then.map(|then| {
+                then(
+                    flipped.map_or(0, |f| f.generation),
+                    flipped.map(|f| f.flip).unwrap_or_default(),
+                )
+            });
+            Ok((applied, submitted))
+        });
+        async move {
+            let dropped =
+                || crate::datapath::DatapathError::Bpf("the datapath thread dropped a job".into());
+            let failed = |e| StepFailed::new(TxStep::Attach, e);
+            queued
+                .map_err(failed)?
+                .await
+                .map_err(|_| failed(dropped()))?
+        }
     }
 }
 

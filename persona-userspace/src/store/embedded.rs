@@ -673,6 +673,10 @@ impl Store for EmbeddedStore {
         })
     }
 
+    fn sync_intent(&self, intent: IntentId) -> Result<()> {
+        self.writer.sync_intent(intent)
+    }
+
     fn submit_state(
         &self,
         device: &str,
@@ -909,7 +913,7 @@ mod tests {
         (state, body)
     }
 
-    /// An intent, logged once the writer is idle (it logs none while busy).
+    /// An intent, logged once the writer is idle (it logs none while busy), not synced.
     fn intend(s: &EmbeddedStore, device: &str, state: &DeviceState, body: &EventBody) -> u64 {
         for _ in 0..1000 {
             if let Some(id) = s.log_intent(device, state, body) {
@@ -940,6 +944,7 @@ mod tests {
         intend(&s, "vm4", &state, &body);
         let (state, body) = shift_to("p1", 0);
         let id = intend(&s, "vm1", &state, &body);
+        s.sync_intent(id).expect("vm1's intent synced");
         let (state, body) = shift_to("p1", 7);
         let event = s
             .submit_state("vm1", Some(state), body, Some(id))

@@ -307,6 +307,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> Option<IntentId> {
         None
     }
+    /// Makes `intent` durable, on the caller's thread: a blocking call, made while
+    /// the flip runs on the datapath's.
+    fn sync_intent(&self, _intent: IntentId) -> Result<()> {
+        Ok(())
+    }
     /// [`Store::record_state`] answered on a channel: an async caller waits without
     /// holding a thread. A store that cannot queue writes answers before it returns.
     /// `intent`, from [`Store::log_intent`], covers the write.

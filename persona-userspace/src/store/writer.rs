@@ -8,10 +8,9 @@
 //! (shift records, signals) is made durable by the log instead ([`super::wal`]), and a
 //! checkpoint now and then makes the file hold them.
 //!
-//! A shift logs its intent before the datapath flips, and that sync runs alongside the
-//! flip, after the transaction side is let go: the record written after the flip
-//! (covered by the intent) commits meanwhile and is answered once the intent is
-//! durable, without a sync of its own.
+//! A shift writes its intent to the log before the datapath flips and syncs it on its
+//! own thread while the flip runs: the record written after the flip (covered by the
+//! intent) needs no sync of its own, and is answered once the intent is durable.
 use std::{
     collections::HashMap,
     fs::File,
@@ -64,16 +63,8 @@ pub type IntentId = u64;
 trait Job: Send {
     /// Whether the log can make the write durable.
     fn logged(&self) -> bool;
-    /// The intent this job logs, when it is one.
-    fn intent(&self) -> Option<IntentId> {
-        None
-    }
     /// The intent that covers this write, when one does.
     fn covered_by(&self) -> Option<IntentId> {
-        None
-    }
-    /// The record of a job that writes to the log alone (an intent).
-    fn log_only(&mut self) -> Option<Vec<u8>> {
         None
     }
     /// Does the write inside `txn`; a logged one also gives its record for the log.
@@ -136,32 +127,6 @@ impl<T: Send + 'static> Job for Pending<T> {
     }
 }
 
-/// An intent's record: nothing in the file, only in the log.
-struct Intent {
-    id: IntentId,
-    record: Vec<u8>,
-}
-
-impl Job for Intent {
-    fn logged(&self) -> bool {
-        true
-    }
-
-    fn intent(&self) -> Option<IntentId> {
-        Some(self.id)
-    }
-
-    fn log_only(&mut self) -> Option<Vec<u8>> {
-        Some(std::mem::take(&mut self.record))
-    }
-
-    fn apply(self: Box<Self>, _: &WriteTransaction) -> (Finish, Option<Vec<u8>>) {
-        (Box::new(|_| {}), Some(self.record))
-    }
-
-    fn abort(self: Box<Self>, _: &StoreError) {}
-}
-
 /// The intents in the log since it last started over, and the covered writes waiting
 /// for their sync.
 #[derive(Default)]
@@ -218,8 +183,9 @@ struct Shared {
     core: Mutex<Core>,
     /// Taken inside `core`, never the other way round.
     intents: Mutex<Intents>,
-    /// Whether the store keeps a log.
-    logs: bool,
+    /// The log's file, for syncing it without holding the transaction side; `None`
+    /// when the store keeps no log.
+    syncer: Option<Arc<File>>,
     /// Commits under way, from their transaction to their answers.
     committing: AtomicU64,
     /// Set when the thread has work: a queue no caller could commit, a checkpoint
@@ -237,13 +203,10 @@ struct Core {
     pending: Option<Instant>,
 }
 
-/// A commit once the transaction side is let go: the log to sync, then the answers.
+/// A commit once the transaction side is let go: its answers.
 struct Tail {
-    sync: Option<Arc<File>>,
     committed: Result<()>,
     finishers: Vec<Finish>,
-    /// Intents it logged, synced with it.
-    intents: Vec<IntentId>,
     /// The intent covering each write, when the log needs no sync for them, and the
     /// log's start-overs as of the commit.
     covered: Option<(Vec<IntentId>, u64)>,
@@ -268,7 +231,7 @@ impl Drop for Writer {
 impl Writer {
     pub fn spawn(db: Arc<Database>, wal: Option<Wal>) -> Result<Self> {
         let shared = Arc::new(Shared {
-            logs: wal.is_some(),
+            syncer: wal.as_ref().map(Wal::syncer),
             committing: AtomicU64::new(0),
             queue: Mutex::new(Vec::new()),
             core: Mutex::new(Core {
@@ -315,29 +278,55 @@ impl Writer {
         answer
     }
 
-    /// Logs `record` (given its id), an intent that replaying the log does unless a
-    /// write covered by it follows; the caller goes on at once. `None` when the store
-    /// keeps no log, the writer is busy, or the record could not be made.
+    /// Writes `record` (given its id) to the log on this thread, an intent that
+    /// replaying the log does unless a write covered by it follows; the caller then
+    /// syncs it ([`Writer::sync_intent`]) while the flip runs. `None` when the store
+    /// keeps no log, the writer is busy, or the record could not be written.
     pub fn log_intent(&self, record: impl FnOnce(IntentId) -> Result<Vec<u8>>) -> Option<IntentId> {
         // A busy writer groups the record after the flip with others anyway, and an
-        // intent would only add a write to its queue.
-        if !self.shared.logs
+        // intent would only add a write and a sync.
+        if self.shared.syncer.is_none()
             || self.shared.closed.load(Ordering::SeqCst)
             || self.shared.committing.load(Ordering::SeqCst) > 0
             || !lock(&self.shared.queue).is_empty()
         {
             return None;
         }
-        let id = {
-            let mut intents = lock(&self.shared.intents);
-            intents.next += 1;
-            intents.next
-        };
+        let mut core = self.shared.core.try_lock().ok()?;
+        if core.checkpoint_due() {
+            return None;
+        }
+        let mut intents = lock(&self.shared.intents);
+        let id = intents.next + 1;
         let record = record(id).ok()?;
+        core.wal.as_mut()?.write(&[record]).ok()?;
+        core.pending.get_or_insert_with(Instant::now);
+        intents.next = id;
+        intents.written.insert(id, Written::default());
         self.shared.stats.intents.fetch_add(1, Ordering::Relaxed);
-        lock(&self.shared.queue).push(Box::new(Intent { id, record }));
-        self.shared.nudge();
         Some(id)
+    }
+
+    /// Syncs the log, which holds `intent`, on this thread, and answers the writes
+    /// that waited for it. A failed sync leaves the log's writes to a durable commit;
+    /// should that fail too, the writes waiting for the intent fail with it.
+    pub fn sync_intent(&self, intent: IntentId) -> Result<()> {
+        let Some(file) = &self.shared.syncer else {
+            return Ok(());
+        };
+        let (committed, ready) = match file.sync_data() {
+            Ok(()) => (Ok(()), lock(&self.shared.intents).synced(&[intent])),
+            Err(e) => {
+                let (committed, mut ready) =
+                    self.shared.sync_failed(&mut lock(&self.shared.core), &e);
+                if committed.is_err() {
+                    ready.extend(lock(&self.shared.intents).failed(&[intent]));
+                }
+                (committed, ready)
+            }
+        };
+        release(ready, &committed);
+        committed
     }
 
     /// [`Writer::submit_logged`] for a write that `intent` covers: committed on this
@@ -549,11 +538,10 @@ impl Shared {
     /// answers, and an intent's sync) runs once the transaction side is let go. A
     /// group of intents alone has no transaction; one of writes whose intents are all
     /// in the log has no sync.
-    fn commit(&self, core: &mut Core, mut group: Vec<Box<dyn Job>>) -> Tail {
+    fn commit(&self, core: &mut Core, group: Vec<Box<dyn Job>>) -> Tail {
         let start = Instant::now();
         self.committing.fetch_add(1, Ordering::SeqCst);
         let logged = core.wal.is_some() && group.iter().all(|j| j.logged());
-        let intents: Vec<IntentId> = group.iter().filter_map(|j| j.intent()).collect();
         let covered = logged
             .then(|| {
                 let intents = lock(&self.intents);
@@ -565,20 +553,15 @@ impl Shared {
             })
             .flatten();
         let mut tail = Tail {
-            sync: None,
             committed: Ok(()),
             finishers: Vec::new(),
-            intents: Vec::new(),
             covered: None,
             released: Vec::new(),
             writes: group.len() as u64,
             start,
         };
         let records: Vec<Vec<u8>>;
-        let committed = if logged && intents.len() == group.len() {
-            records = group.iter_mut().filter_map(|j| j.log_only()).collect();
-            Ok(0)
-        } else {
+        let committed = {
             let txn = core.db.begin_write().map(|mut t| {
                 if logged {
                     let _ = t.set_durability(Durability::None);
@@ -613,10 +596,8 @@ impl Shared {
                     core.pending.get_or_insert_with(Instant::now);
                     match covered {
                         Some(ids) => tail.covered = Some(ids),
-                        // An intent's sync runs once the transaction side is let go, so
-                        // that the write it covers can commit meanwhile. Others sync
-                        // here: writes arriving meanwhile queue up and share the next.
-                        None if !intents.is_empty() => tail.sync = Some(w.syncer()),
+                        // Synced here: writes arriving meanwhile queue up and share
+                        // the next sync.
                         None => {
                             if let Err(e) = w.syncer().sync_data() {
                                 let (committed, released) = self.sync_failed(core, &e);
@@ -625,11 +606,6 @@ impl Shared {
                             }
                         }
                     }
-                    let mut written = lock(&self.intents);
-                    for id in &intents {
-                        written.written.insert(*id, Written::default());
-                    }
-                    tail.intents = intents;
                     Ok(())
                 } else {
                     // The log full or failing, the writes are made durable the slow way.
@@ -666,28 +642,14 @@ impl Shared {
     /// commit that started it holds them.
     fn finish(&self, tail: Tail) {
         let Tail {
-            sync,
-            mut committed,
+            committed,
             mut finishers,
-            intents,
             covered,
             released,
             writes,
             start,
         } = tail;
         let mut ready = Vec::new();
-        if let Some(file) = sync {
-            match file.sync_data() {
-                Ok(()) => ready = lock(&self.intents).synced(&intents),
-                Err(e) => {
-                    (committed, ready) = self.sync_failed(&mut lock(&self.core), &e);
-                    if committed.is_err() {
-                        // Whatever waits for these intents fails with them.
-                        finishers.extend(lock(&self.intents).failed(&intents));
-                    }
-                }
-            }
-        }
         let mut lost = Vec::new();
         if let (Some((ids, started)), Ok(())) = (covered, &committed) {
             self.stats
