@@ -80,7 +80,7 @@ pub fn apply(d: &Daemon, name: &str, manifests: &str) {
 }
 
 /// The disk's fsync where the store lives: 4 KiB written and fdatasync'd, 300 times.
-fn fsync(dir: &std::path::Path) -> Value {
+pub fn fsync(dir: &std::path::Path) -> Value {
     let path = dir.join("fsync.probe");
     let mut f = std::fs::File::create(&path).expect("probe file");
     f.write_all(&[0; 4096]).expect("probe");
