@@ -74,7 +74,6 @@ impl TlsApplier {
         }
     }
 
-    /// Installs `tls` (or removes the device's TLS identity when `None`) and runs the hook.
     /// Whether installing `tls` for `device` would change nothing: no TLS files
     /// before or after, and no hook to run.
     pub fn unchanged(&self, device: &str, tls: Option<&TlsSpec>) -> bool {
@@ -87,6 +86,7 @@ impl TlsApplier {
                 .contains(device)
     }
 
+    /// Installs `tls` (or removes the device's TLS identity when `None`) and runs the hook.
     pub fn install(
         &self,
         device: &str,

@@ -306,6 +306,25 @@ pub struct Orchestrator {
     >,
     /// The fleet this host belongs to, in fleet mode: it runs only its own devices.
     fleet: Option<Arc<crate::fleet::Fleet>>,
+    /// Shifts under way, waiting for their locks included.
+    shifting: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a shift as under way while it lives.
+struct Underway<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Underway<'a> {
+    /// Counts one more; gives it with the shifts now under way, this one included.
+    fn start(count: &'a std::sync::atomic::AtomicUsize) -> (Self, usize) {
+        let now = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        (Self(count), now)
+    }
+}
+
+impl Drop for Underway<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// A shift's record, submitted to the store: answered once it is durable.
@@ -354,6 +373,7 @@ impl Orchestrator {
             interfaces: Default::default(),
             failing: Default::default(),
             carried: Default::default(),
+            shifting: Default::default(),
             fleet: None,
         }
     }
@@ -668,6 +688,7 @@ impl Orchestrator {
             flows,
             cause,
         } = asked;
+        let (_underway, underway) = Underway::start(&self.shifting);
         let _shared = self.lock.read().await;
         let own = self.device_lock(device);
         let _own = own.lock().await;
@@ -779,17 +800,23 @@ impl Orchestrator {
             leases,
         };
         let plan_detail = std::mem::take(&mut body.detail);
-        let intent = self.store.log_intent(
-            device,
-            &planned,
-            &EventBody {
-                result: "ok".into(),
-                detail: plan_detail
-                    .get("cause")
-                    .map_or(Value::Null, |c| json!({ "cause": c })),
-                ..body.clone()
-            },
-        );
+        // Only a shift alone logs one: its sync then holds up this thread, and under
+        // load the store's group commit shares one sync among many shifts anyway.
+        let intent = (underway == 1)
+            .then(|| {
+                self.store.log_intent(
+                    device,
+                    &planned,
+                    &EventBody {
+                        result: "ok".into(),
+                        detail: plan_detail
+                            .get("cause")
+                            .map_or(Value::Null, |c| json!({ "cause": c })),
+                        ..body.clone()
+                    },
+                )
+            })
+            .flatten();
         // The record of success, given the flip's generation and time: the plan's
         // detail moves to it; a failure writes it again.
         let mut done = EventBody {
@@ -828,14 +855,13 @@ impl Orchestrator {
         let previous = old_run.as_ref().map(|(_, c)| c.clone());
         let applying = self.apply(&device_spec, compiled, previous, flows, submit);
         // The intent's sync, on this thread while the datapath's flips: intents are
-        // logged only when the store is idle, so this holds up no other write. One that
-        // failed leaves the record after the flip to sync on its own.
-        let intent = intent.filter(|&id| {
-            self.store
-                .sync_intent(id)
-                .inspect_err(|e| tracing::warn!(device, error = %e, "syncing the shift's intent"))
-                .is_ok()
-        });
+        // logged only by a shift alone on an idle store, so this holds up no other
+        // write. One that failed leaves the record after the flip to sync on its own.
+        if let Some(id) = intent
+            && let Err(e) = self.store.sync_intent(id)
+        {
+            tracing::warn!(device, error = %e, "syncing the shift's intent");
+        }
         let applied = applying.await;
         let (applied, submitted) = match applied {
             Ok(a) => a,

@@ -24,8 +24,8 @@ pub const CAPACITY: u64 = 4 << 20;
 
 pub struct Wal {
     file: File,
-    /// The same file, for syncing without holding the log: a commit syncs what it
-    /// wrote after letting go of the transaction side.
+    /// The same file, for syncing without holding the log: a shift syncs its intent
+    /// while another thread commits.
     sync: Arc<File>,
     epoch: u64,
     end: u64,

@@ -45,7 +45,7 @@ const MAX_GROUP: usize = 256;
 pub struct CommitStats {
     pub commits: AtomicU64,
     pub writes: AtomicU64,
-    /// Time spent in commits (the fsync, mostly).
+    /// Time spent in commits and intents' syncs (the fsync, mostly).
     pub commit_ns: AtomicU64,
     pub largest_group: AtomicU64,
     /// Shift intents logged.
@@ -300,7 +300,7 @@ impl Writer {
         let id = intents.next + 1;
         let record = record(id).ok()?;
         core.wal.as_mut()?.write(&[record]).ok()?;
-        core.pending.get_or_insert_with(Instant::now);
+        self.shared.arm(&mut core.pending);
         intents.next = id;
         intents.written.insert(id, Written::default());
         self.shared.stats.intents.fetch_add(1, Ordering::Relaxed);
@@ -314,7 +314,13 @@ impl Writer {
         let Some(file) = &self.shared.syncer else {
             return Ok(());
         };
-        let (committed, ready) = match file.sync_data() {
+        let start = Instant::now();
+        let synced = file.sync_data();
+        self.shared
+            .stats
+            .commit_ns
+            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let (committed, ready) = match synced {
             Ok(()) => (Ok(()), lock(&self.shared.intents).synced(&[intent])),
             Err(e) => {
                 let (committed, mut ready) =
@@ -330,10 +336,9 @@ impl Writer {
     }
 
     /// [`Writer::submit_logged`] for a write that `intent` covers: committed on this
-    /// thread when the transaction side is free and the intent is in the log (the
-    /// writer's thread may be syncing it meanwhile), else by the next group; answered
-    /// once the intent is synced, without a sync of its own while the intent is in
-    /// the log.
+    /// thread when the transaction side is free and the intent is in the log (its
+    /// shift may be syncing it meanwhile), else by the next group; answered once the
+    /// intent is synced, without a sync of its own while the intent is in the log.
     pub fn submit_covered<T: Send + 'static>(
         &self,
         intent: IntentId,
@@ -451,6 +456,15 @@ impl Shared {
         }
     }
 
+    /// Notes that the log holds writes the file does not, and has the writer's thread
+    /// checkpoint them within [`CHECKPOINT_AFTER`] when it was asleep with none.
+    fn arm(&self, pending: &mut Option<Instant>) {
+        if pending.is_none() {
+            *pending = Some(Instant::now());
+            self.nudge();
+        }
+    }
+
     fn take_group(&self) -> Vec<Box<dyn Job>> {
         let mut q = lock(&self.queue);
         let n = q.len().min(MAX_GROUP);
@@ -534,10 +548,9 @@ impl Shared {
     }
 
     /// One transaction for the whole group: durable by the log when every write in it
-    /// is logged (and the log takes them), else by a durable commit. What is left (the
-    /// answers, and an intent's sync) runs once the transaction side is let go. A
-    /// group of intents alone has no transaction; one of writes whose intents are all
-    /// in the log has no sync.
+    /// is logged (and the log takes them), else by a durable commit. The answers are
+    /// given once the transaction side is let go. A group of writes whose intents are
+    /// all in the log has no sync.
     fn commit(&self, core: &mut Core, group: Vec<Box<dyn Job>>) -> Tail {
         let start = Instant::now();
         self.committing.fetch_add(1, Ordering::SeqCst);
@@ -593,7 +606,7 @@ impl Shared {
         tail.committed = match (&mut core.wal, committed) {
             (Some(w), Ok(_)) if logged => {
                 if w.write(&records).is_ok() {
-                    core.pending.get_or_insert_with(Instant::now);
+                    self.arm(&mut core.pending);
                     match covered {
                         Some(ids) => tail.covered = Some(ids),
                         // Synced here: writes arriving meanwhile queue up and share
@@ -636,10 +649,9 @@ impl Shared {
         self.checkpoint_now(core)
     }
 
-    /// Syncs the log when the commit wrote to it, then answers. A failed sync leaves
-    /// the writes to a durable commit. Covered writes wait for their intents' sync;
-    /// an intent no longer listed went with the log's start over, and the durable
-    /// commit that started it holds them.
+    /// Answers a commit's writes. Covered writes wait for their intents' sync; an
+    /// intent no longer listed went with the log's start over, and the durable commit
+    /// that started it holds them, unless the intent failed.
     fn finish(&self, tail: Tail) {
         let Tail {
             committed,
@@ -753,5 +765,51 @@ impl Core {
             }
             _ => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn writer(tag: &str) -> (Writer, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("persona-writer-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = Arc::new(Database::create(dir.join("s.redb")).unwrap());
+        let (wal, _) = Wal::open(&dir.join("s.wal"), 0).unwrap();
+        (Writer::spawn(db, Some(wal)).unwrap(), dir)
+    }
+
+    /// Waits up to 5 s (the checkpoint is due after one) for the file to hold all
+    /// that was logged.
+    fn checkpointed(w: &Writer) -> bool {
+        (0..100).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            lock(&w.shared.core).pending.is_none()
+        })
+    }
+
+    #[test]
+    fn what_is_logged_on_a_callers_thread_is_checkpointed_within_the_second() {
+        let (w, dir) = writer("armed");
+        // The writer's thread asleep with nothing to checkpoint.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let id = w
+            .log_intent(|_| Ok(b"{}".to_vec()))
+            .expect("an idle writer");
+        w.sync_intent(id).unwrap();
+        assert!(checkpointed(&w), "an intent");
+        w.write_logged(|_| {
+            Ok(Done {
+                value: (),
+                after: None,
+                log: Some(b"{}".to_vec()),
+            })
+        })
+        .unwrap();
+        assert!(checkpointed(&w), "a logged write committed by its caller");
+        drop(w);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }
