@@ -845,6 +845,38 @@ mod tests {
         std::process::abort();
     }
 
+    /// A durable write whose log then fails to start over, a logged write after it,
+    /// then a crash.
+    #[test]
+    fn crashing_stale_log_child() {
+        let Some(path) = std::env::var_os("PERSONA_CRASH_STORE") else {
+            return;
+        };
+        let s = EmbeddedStore::open(std::path::Path::new(&path)).expect("open");
+        s.writer.fail_log_resets();
+        let mut failed = shift_to("p1", 0).1;
+        failed.result = "rolled back at flip: test".into();
+        s.append_event(failed).expect("a durable write");
+        s.put_signals(vec![("vm1/n".into(), encode(&json!({ "n": 1 })).unwrap())])
+            .expect("a logged write");
+        println!("acknowledged");
+        std::process::abort();
+    }
+
+    #[test]
+    fn a_log_that_failed_to_start_over_takes_no_write_it_would_lose() {
+        let (_, dir) = store();
+        let path = dir.0.join("crash.redb");
+        let out = crashed("crashing_stale_log_child", &path);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("acknowledged"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let s = EmbeddedStore::open(&path).expect("reopen after the crash");
+        assert_eq!(s.signals().unwrap(), [json!({ "n": 1 })]);
+    }
+
     /// Runs the test `child` in a process of its own on a store at `path`, which it
     /// writes to and then aborts; gives its output.
     fn crashed(child: &str, path: &std::path::Path) -> std::process::Output {

@@ -29,6 +29,9 @@ pub struct Wal {
     sync: Arc<File>,
     epoch: u64,
     end: u64,
+    /// Starting over fails, as on a failing disk.
+    #[cfg(test)]
+    pub fail_resets: bool,
 }
 
 impl Wal {
@@ -51,6 +54,8 @@ impl Wal {
             file,
             epoch,
             end: HEADER,
+            #[cfg(test)]
+            fail_resets: false,
         };
         if fresh {
             wal.file.write_all_at(&vec![0u8; CAPACITY as usize], 0)?;
@@ -123,6 +128,10 @@ impl Wal {
 
     /// Starts over under `epoch`, once the store holds everything logged so far.
     pub fn reset(&mut self, epoch: u64) -> io::Result<()> {
+        #[cfg(test)]
+        if self.fail_resets {
+            return Err(io::Error::other("the disk failed (a test's)"));
+        }
         let mut header = [0u8; HEADER as usize];
         header[..8].copy_from_slice(MAGIC);
         header[8..].copy_from_slice(&epoch.to_le_bytes());

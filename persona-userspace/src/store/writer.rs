@@ -201,6 +201,10 @@ struct Core {
     wal: Option<Wal>,
     /// When the oldest logged write the file does not hold yet was committed.
     pending: Option<Instant>,
+    /// The log failed to start over after a durable commit: its header still names
+    /// an older epoch than the file, and what it took now would be dropped on open.
+    /// Writes are made durable by the file alone until it starts over.
+    stale: bool,
 }
 
 /// A commit once the transaction side is let go: its answers.
@@ -238,6 +242,7 @@ impl Writer {
                 db,
                 wal,
                 pending: None,
+                stale: false,
             }),
             intents: Mutex::new(Intents::default()),
             wake: Mutex::new(false),
@@ -293,7 +298,7 @@ impl Writer {
             return None;
         }
         let mut core = self.shared.core.try_lock().ok()?;
-        if core.checkpoint_due() {
+        if core.stale || core.checkpoint_due() {
             return None;
         }
         let mut intents = lock(&self.shared.intents);
@@ -422,6 +427,14 @@ impl Writer {
     pub fn stats(&self) -> &CommitStats {
         &self.shared.stats
     }
+
+    /// Makes the log fail to start over from now on, as a failing disk would.
+    #[cfg(test)]
+    pub fn fail_log_resets(&self) {
+        if let Some(w) = lock(&self.shared.core).wal.as_mut() {
+            w.fail_resets = true;
+        }
+    }
 }
 
 /// A reply sent on a tokio channel.
@@ -540,8 +553,9 @@ impl Shared {
                 Vec::new(),
             );
         };
-        if let Err(e) = checkpoint(&core.db, w) {
-            return (Err(e), Vec::new());
+        match durable_commit(&core.db) {
+            Ok(epoch) => core.stale = !start_over(w, epoch),
+            Err(e) => return (Err(e), Vec::new()),
         }
         core.pending = None;
         (Ok(()), lock(&self.intents).started_over())
@@ -554,7 +568,7 @@ impl Shared {
     fn commit(&self, core: &mut Core, group: Vec<Box<dyn Job>>) -> Tail {
         let start = Instant::now();
         self.committing.fetch_add(1, Ordering::SeqCst);
-        let logged = core.wal.is_some() && group.iter().all(|j| j.logged());
+        let logged = core.wal.is_some() && !core.stale && group.iter().all(|j| j.logged());
         let covered = logged
             .then(|| {
                 let intents = lock(&self.intents);
@@ -630,9 +644,7 @@ impl Shared {
             (Some(w), Ok(epoch)) => {
                 // Durable: the file holds all that was logged before. A log not
                 // started over is of an older epoch, and read as empty.
-                if let Err(e) = w.reset(epoch) {
-                    tracing::warn!(error = %e, "starting the store's log over");
-                }
+                core.stale = !start_over(w, epoch);
                 core.pending = None;
                 tail.released = lock(&self.intents).started_over();
                 Ok(())
@@ -746,15 +758,23 @@ pub fn next_epoch(txn: &WriteTransaction) -> Result<u64> {
     Ok(epoch)
 }
 
-/// A durable commit of nothing more: the file then holds every logged write, and the
-/// log starts over.
-fn checkpoint(db: &Database, wal: &mut Wal) -> Result<()> {
+/// A durable commit of nothing more: the file then holds every logged write; gives
+/// the epoch the log starts over under.
+fn durable_commit(db: &Database) -> Result<u64> {
     let backend = |e: redb::Error| StoreError::Backend(e.to_string());
     let txn = db.begin_write().map_err(|e| backend(e.into()))?;
     let epoch = next_epoch(&txn)?;
     txn.commit().map_err(|e| backend(e.into()))?;
+    Ok(epoch)
+}
+
+/// Starts the log over under `epoch` once the file holds all it took; whether it did.
+fn start_over(wal: &mut Wal, epoch: u64) -> bool {
     wal.reset(epoch)
-        .map_err(|e| StoreError::Backend(format!("starting the log over: {e}")))
+        .inspect_err(|e| {
+            tracing::error!(error = %e, "starting the store's log over: writes go to the file alone until it does");
+        })
+        .is_ok()
 }
 
 impl Core {
