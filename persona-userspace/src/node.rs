@@ -95,6 +95,14 @@ impl Applied {
     pub fn flipped(&self) -> Option<&Flipped> {
         self.flipped.as_ref()
     }
+
+    /// The generation it flipped to and how long the flip took: 0 and no time when
+    /// nothing flipped.
+    pub fn flip_outcome(&self) -> (u64, std::time::Duration) {
+        self.flipped
+            .as_ref()
+            .map_or((0, Default::default()), |f| (f.generation, f.flip))
+    }
 }
 
 pub struct Node {

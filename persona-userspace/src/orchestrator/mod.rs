@@ -876,8 +876,7 @@ impl Orchestrator {
             }
         };
         self.attached_at(applied.ifindex, &device_spec.interface);
-        let generation = applied.flipped().map_or(0, |f| f.generation);
-        let flip = applied.flipped().map(|f| f.flip).unwrap_or_default();
+        let (generation, flip) = applied.flip_outcome();
         let old_tls = old_run.as_ref().and_then(|(o, _)| o.tls.as_ref());
         // The state and the audit record of it in one transaction, waited for off the
         // async threads: other requests go on, and their writes join the same commit.
@@ -1156,12 +1155,9 @@ impl Orchestrator {
                 .ensure_attached(&device, known)
                 .map_err(|e| StepFailed::new(TxStep::Attach, e))?;
             let applied = node.apply(ifindex, persona, previous, flows, fault)?;
-            let flipped = applied.flipped();
             let submitted = then.map(|then| {
-                then(
-                    flipped.map_or(0, |f| f.generation),
-                    flipped.map(|f| f.flip).unwrap_or_default(),
-                )
+                let (generation, flip) = applied.flip_outcome();
+                then(generation, flip)
             });
             Ok((applied, submitted))
         });

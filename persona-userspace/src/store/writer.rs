@@ -587,36 +587,33 @@ impl Shared {
             writes: group.len() as u64,
             start,
         };
-        let records: Vec<Vec<u8>>;
-        let committed = {
-            let txn = core.db.begin_write().map(|mut t| {
-                if logged {
-                    let _ = t.set_durability(Durability::None);
+        let txn = core.db.begin_write().map(|mut t| {
+            if logged {
+                let _ = t.set_durability(Durability::None);
+            }
+            t
+        });
+        let txn = match txn {
+            Ok(t) => t,
+            Err(e) => {
+                let why = StoreError::Backend(e.to_string());
+                for job in group {
+                    job.abort(&why);
                 }
-                t
-            });
-            let txn = match txn {
-                Ok(t) => t,
-                Err(e) => {
-                    let why = StoreError::Backend(e.to_string());
-                    for job in group {
-                        job.abort(&why);
-                    }
-                    tail.committed = Err(why);
-                    return tail;
-                }
-            };
-            let epoch = if logged { Ok(0) } else { next_epoch(&txn) };
-            let (finishers, logs): (Vec<_>, Vec<_>) =
-                group.into_iter().map(|job| job.apply(&txn)).unzip();
-            tail.finishers = finishers;
-            records = logs.into_iter().flatten().collect();
-            epoch.and_then(|epoch| {
-                txn.commit()
-                    .map_err(|e| StoreError::Backend(e.to_string()))?;
-                Ok(epoch)
-            })
+                tail.committed = Err(why);
+                return tail;
+            }
         };
+        let epoch = if logged { Ok(0) } else { next_epoch(&txn) };
+        let (finishers, logs): (Vec<_>, Vec<_>) =
+            group.into_iter().map(|job| job.apply(&txn)).unzip();
+        tail.finishers = finishers;
+        let records: Vec<Vec<u8>> = logs.into_iter().flatten().collect();
+        let committed = epoch.and_then(|epoch| {
+            txn.commit()
+                .map_err(|e| StoreError::Backend(e.to_string()))?;
+            Ok(epoch)
+        });
         tail.committed = match (&mut core.wal, committed) {
             (Some(w), Ok(_)) if logged => {
                 if w.write(&records).is_ok() {
