@@ -1,7 +1,7 @@
 //! One thread owns the node (the datapath and the host wiring); async code sends it
 //! jobs. The host drives netlink through a runtime of its own and must not be called
 //! from inside another, and a single owner also serialises shifts.
-use std::{sync::mpsc, thread, time::Duration};
+use std::{panic::AssertUnwindSafe, sync::mpsc, thread, time::Duration};
 
 use tokio::sync::oneshot;
 
@@ -30,8 +30,23 @@ fn serve(node: &mut Node, rx: &mpsc::Receiver<Job>) {
                 }
             }
         };
-        job(node);
+        // A job that panics fails alone: its caller's answer is dropped, and the node
+        // serves the next job, where a dead thread would fail every call after it.
+        if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| job(node))) {
+            tracing::error!(
+                panic = panic_message(panic.as_ref()),
+                "a datapath job panicked; the datapath serves on"
+            );
+        }
     }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message")
 }
 
 #[derive(Clone)]
@@ -119,5 +134,30 @@ impl DatapathHandle {
             }))
             .map_err(|_| DatapathError::Bpf("the datapath thread is gone".into()))?;
         Ok(rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{datapath::fake::FakeDatapath, host::fake::FakeWiring};
+
+    #[tokio::test]
+    async fn a_job_that_panics_fails_alone() {
+        let datapath = DatapathHandle::spawn(|| {
+            Ok(Node::new(
+                Box::new(FakeDatapath::default()),
+                Box::new(FakeWiring::default()),
+            ))
+        })
+        .unwrap();
+        let failed = datapath
+            .on_node(|_| -> u32 { panic!("a bug in a job") })
+            .await;
+        assert!(
+            matches!(&failed, Err(e) if e.to_string().contains("dropped a job")),
+            "{failed:?}"
+        );
+        assert_eq!(datapath.on_node(|_| 7).await.unwrap(), 7);
     }
 }
