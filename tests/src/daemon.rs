@@ -37,7 +37,23 @@ impl Daemon {
 
     /// With extra arguments and environment variables.
     pub fn start_with_env(lab: &Site, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_in(lab, extra, env, None)
+    }
+
+    /// With its data directory (store, socket, tokens) in `data_dir`, made afresh,
+    /// rather than under /tmp.
+    pub fn start_in(
+        lab: &Site,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        data_dir: Option<PathBuf>,
+    ) -> Self {
         let mut d = Self::prepare(lab, extra, env);
+        if let Some(dir) = data_dir {
+            let _ = std::fs::remove_dir_all(&dir);
+            d.socket = dir.join("persona.sock");
+            d.data_dir = dir;
+        }
         d.restart();
         d.admin = std::fs::read_to_string(d.data_dir.join("admin.token"))
             .expect("bootstrap admin token")

@@ -1,5 +1,7 @@
 //! What the API benchmarks run on: the daemon on a site with one tap, vm1 on it, and two
 //! personas, `a` (203.0.113.10) and `b` (203.0.113.20), for it to shift between.
+use std::path::PathBuf;
+
 use persona_tests::{
     daemon::Daemon,
     lab::{Site, VM_IFACE},
@@ -29,13 +31,14 @@ pub fn manifests(spec: &str) -> String {
 }
 
 impl Bench {
-    pub fn start(manifests: &str, daemon_args: &[&str]) -> Self {
+    /// The daemon keeps its store in `data_dir` when given, else where tests keep it.
+    pub fn start(manifests: &str, daemon_args: &[&str], data_dir: Option<PathBuf>) -> Self {
         let site = Site::new();
         site.host.exec(&format!(
             "ip tuntap add {VM_IFACE} mode tap && ip link set {VM_IFACE} up"
         ));
         let bench = Self {
-            daemon: Daemon::start_with(&site, daemon_args),
+            daemon: Daemon::start_in(&site, daemon_args, &[], data_dir),
             _site: site,
         };
         bench.apply(manifests);

@@ -115,12 +115,12 @@ pub fn markdown(r: &Value) -> String {
     if let Some(s) = r.get("shifts") {
         let _ = writeln!(
             m,
-            "## Shift latency\n\nMicroseconds, p50 / p99 (max). *flip*: the one ACTIVE map update that makes a shift visible. *compile+stage+flip*: the library call, persona text to flipped datapath (includes the batched reclamation of replaced tables). *API*: POST /trigger_shift over the daemon's Unix socket, one kept-alive connection, until it returns after the flip (client wall clock; includes plan, audit record and store write). *fsync*: the disk's own, where the daemon's store lives (4 KiB written, fdatasync), measured just before the API calls: every acknowledged shift waits for one. *nft -f*: replacing an equivalent nftables ruleset (DNAT, SNAT, one filter rule per prefix) atomically, wall clock of the `nft -f` process.\n\n| rules | flip | compile+stage+flip | API | fsync | API p50 × fsync p50 | nft -f |\n|---:|---|---|---|---|---:|---|"
+            "## Shift latency\n\nMicroseconds, p50 / p99 (max). *flip*: the one ACTIVE map update that makes a shift visible. *compile+stage+flip*: the library call, persona text to flipped datapath (includes the batched reclamation of replaced tables). *API*: POST /trigger_shift over the daemon's Unix socket, one kept-alive connection, until it returns after the flip (client wall clock; includes plan, audit record and store write). *fsync*: the disk's own, where the daemon's store lives (4 KiB written, fdatasync), measured just before the API calls: every acknowledged shift waits for one. *API, store on tmpfs*: the same calls to a daemon whose data directory is on tmpfs, where fsync returns at once: what a shift costs but for the disk (a bench figure only; a daemon's store belongs on a disk). *nft -f*: replacing an equivalent nftables ruleset (DNAT, SNAT, one filter rule per prefix) atomically, wall clock of the `nft -f` process.\n\n| rules | flip | compile+stage+flip | API | fsync | API p50 × fsync p50 | API, store on tmpfs | nft -f |\n|---:|---|---|---|---|---:|---|---|"
         );
         for row in s["rows"].as_array().into_iter().flatten() {
             let _ = writeln!(
                 m,
-                "| {} | {} | {} | {} | {} | {:.2}x | {} |",
+                "| {} | {} | {} | {} | {} | {:.2}x | {} | {} |",
                 row["rules"],
                 pct(&row["flip"]),
                 pct(&row["compile_stage_flip"]),
@@ -128,6 +128,7 @@ pub fn markdown(r: &Value) -> String {
                 pct(&row["fsync"]),
                 row["api_call"]["p50_us"].as_f64().unwrap_or(f64::NAN)
                     / row["fsync"]["p50_us"].as_f64().unwrap_or(f64::NAN),
+                pct(&row["api_call_store_in_memory"]),
                 pct(&row["nft_f"])
             );
         }

@@ -1,7 +1,10 @@
 //! Shift latency: the flip alone, the whole compile-stage-flip, an API call to a
 //! flipped datapath, and, for comparison, replacing an equivalent nftables ruleset
 //! atomically with `nft -f`.
-use std::time::{Duration, Instant};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use hyper::Method;
 use persona::model::FlowMode;
@@ -111,16 +114,36 @@ const API_SHIFTS: usize = 1_000;
 /// POST /trigger_shift to the daemon until the datapath has flipped (the call returns
 /// after the flip), vm1 alternating between two personas, on one kept-alive connection
 /// as an orchestration tool keeps it; next to it, the disk's own fsync where the store
-/// lives, which every acknowledged shift waits for.
+/// lives, which every acknowledged shift waits for. Then the same with the daemon's
+/// store on tmpfs, whose fsync returns at once: what a shift costs but for the disk.
 fn api(n: usize, shifts: usize) -> Value {
     let spec: String = firewall(n).lines().map(|l| format!("  {l}\n")).collect();
-    let bench = Bench::start(&api::manifests(&spec), &[]);
+    let manifests = api::manifests(&spec);
+    let bench = Bench::start(&manifests, &[], None);
     let disk = crate::control::fsync(&bench.daemon.data_dir);
+    let (client, reported) = api_shifts(&bench, shifts);
+    drop(bench);
+    let memory = Bench::start(&manifests, &[], Some(PathBuf::from(IN_MEMORY)));
+    let (in_memory, _) = api_shifts(&memory, shifts);
+    json!({
+        "api_call": percentiles(client),
+        "daemon_reported": percentiles(reported),
+        "fsync": disk,
+        "api_call_store_in_memory": percentiles(in_memory),
+    })
+}
+
+/// A data directory on tmpfs.
+const IN_MEMORY: &str = "/dev/shm/persona-bench-data";
+
+/// `shifts` shifts of vm1 through the API: each call's latency, and the duration the
+/// daemon reported for it.
+fn api_shifts(bench: &Bench, shifts: usize) -> (Vec<Duration>, Vec<Duration>) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    let (client, reported) = rt.block_on(async {
+    rt.block_on(async {
         let mut conn = bench
             .daemon
             .client(Some(&bench.daemon.admin))
@@ -141,8 +164,7 @@ fn api(n: usize, shifts: usize) -> Value {
             }
         }
         (client, reported)
-    });
-    json!({ "api_call": percentiles(client), "daemon_reported": percentiles(reported), "fsync": disk })
+    })
 }
 
 pub fn run() -> Value {
