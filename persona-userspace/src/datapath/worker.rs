@@ -115,14 +115,12 @@ impl DatapathHandle {
         T: Send + 'static,
         F: FnOnce(&mut Node) -> T + Send + 'static,
     {
-        self.queue_on_node(f)?
-            .await
-            .map_err(|_| DatapathError::Bpf("the datapath thread dropped a job".into()))
+        self.queue_on_node(f)?.await
     }
 
-    /// Queues `f` now, ahead of any job sent after this returns; its result comes on
-    /// the channel returned.
-    pub fn queue_on_node<T, F>(&self, f: F) -> Result<oneshot::Receiver<T>>
+    /// Queues `f` now, ahead of any job sent after this returns; its result comes
+    /// from the future returned.
+    pub fn queue_on_node<T, F>(&self, f: F) -> Result<impl Future<Output = Result<T>> + use<T, F>>
     where
         T: Send + 'static,
         F: FnOnce(&mut Node) -> T + Send + 'static,
@@ -133,7 +131,10 @@ impl DatapathHandle {
                 let _ = tx.send(f(node));
             }))
             .map_err(|_| DatapathError::Bpf("the datapath thread is gone".into()))?;
-        Ok(rx)
+        Ok(async move {
+            rx.await
+                .map_err(|_| DatapathError::Bpf("the datapath thread dropped a job".into()))
+        })
     }
 }
 

@@ -973,9 +973,7 @@ impl Orchestrator {
             let _ = answer.send(Ok(outcome.clone()));
         }
         let committed = match committed {
-            Ok(c) => c.await.map_err(|_| {
-                crate::datapath::DatapathError::Bpf("the datapath thread dropped a job".into())
-            }),
+            Ok(c) => c.await,
             Err(e) => Err(e),
         };
         let tidied = match committed {
@@ -1162,13 +1160,8 @@ impl Orchestrator {
             Ok((applied, submitted))
         });
         async move {
-            let dropped =
-                || crate::datapath::DatapathError::Bpf("the datapath thread dropped a job".into());
             let failed = |e| StepFailed::new(TxStep::Attach, e);
-            queued
-                .map_err(failed)?
-                .await
-                .map_err(|_| failed(dropped()))?
+            queued.map_err(failed)?.await.map_err(failed)?
         }
     }
 }
