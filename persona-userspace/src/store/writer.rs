@@ -547,18 +547,33 @@ impl Shared {
     /// A durable commit now: the log starts over, and the writes that waited for an
     /// intent's sync are held by the file; gives them with the outcome.
     fn checkpoint_now(&self, core: &mut Core) -> (Result<()>, Vec<Finish>) {
-        let Some(w) = core.wal.as_mut() else {
+        if core.wal.is_none() {
             return (
                 Err(StoreError::Backend("the store keeps no log".into())),
                 Vec::new(),
             );
-        };
+        }
         match durable_commit(&core.db) {
-            Ok(epoch) => core.stale = !start_over(w, epoch),
-            Err(e) => return (Err(e), Vec::new()),
+            Ok(epoch) => (Ok(()), self.held_by_file(core, epoch)),
+            Err(e) => (Err(e), Vec::new()),
+        }
+    }
+
+    /// After a durable commit that gave `epoch`, the file holds all that was logged:
+    /// the log starts over under it, and the writes that waited for an intent's sync
+    /// are given back. A log that fails to start over is of an older epoch, read as
+    /// empty on open, and takes no write until it does.
+    fn held_by_file(&self, core: &mut Core, epoch: u64) -> Vec<Finish> {
+        if let Some(w) = core.wal.as_mut() {
+            core.stale = w
+                .reset(epoch)
+                .inspect_err(|e| {
+                    tracing::error!(error = %e, "starting the store's log over: writes go to the file alone until it does");
+                })
+                .is_err();
         }
         core.pending = None;
-        (Ok(()), lock(&self.intents).started_over())
+        lock(&self.intents).started_over()
     }
 
     /// One transaction for the whole group: durable by the log when every write in it
@@ -638,12 +653,8 @@ impl Shared {
                     done
                 }
             }
-            (Some(w), Ok(epoch)) => {
-                // Durable: the file holds all that was logged before. A log not
-                // started over is of an older epoch, and read as empty.
-                core.stale = !start_over(w, epoch);
-                core.pending = None;
-                tail.released = lock(&self.intents).started_over();
+            (Some(_), Ok(epoch)) => {
+                tail.released = self.held_by_file(core, epoch);
                 Ok(())
             }
             (_, committed) => committed.map(|_| ()),
@@ -763,15 +774,6 @@ fn durable_commit(db: &Database) -> Result<u64> {
     let epoch = next_epoch(&txn)?;
     txn.commit().map_err(|e| backend(e.into()))?;
     Ok(epoch)
-}
-
-/// Starts the log over under `epoch` once the file holds all it took; whether it did.
-fn start_over(wal: &mut Wal, epoch: u64) -> bool {
-    wal.reset(epoch)
-        .inspect_err(|e| {
-            tracing::error!(error = %e, "starting the store's log over: writes go to the file alone until it does");
-        })
-        .is_ok()
 }
 
 impl Core {
