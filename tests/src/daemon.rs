@@ -48,12 +48,7 @@ impl Daemon {
         env: &[(&str, &str)],
         data_dir: Option<PathBuf>,
     ) -> Self {
-        let mut d = Self::prepare(lab, extra, env);
-        if let Some(dir) = data_dir {
-            let _ = std::fs::remove_dir_all(&dir);
-            d.socket = dir.join("persona.sock");
-            d.data_dir = dir;
-        }
+        let mut d = Self::prepare(lab, extra, env, data_dir);
         d.restart();
         d.admin = std::fs::read_to_string(d.data_dir.join("admin.token"))
             .expect("bootstrap admin token")
@@ -68,7 +63,7 @@ impl Daemon {
     pub fn start_in_fleet(lab: &Site, store: &str, admin: Option<&str>, extra: &[&str]) -> Self {
         let mut args = vec!["--store", store];
         args.extend_from_slice(extra);
-        let mut d = Self::prepare(lab, &args, &[]);
+        let mut d = Self::prepare(lab, &args, &[], None);
         if let Some(token) = admin {
             std::fs::create_dir_all(&d.data_dir).expect("data dir");
             std::fs::write(d.data_dir.join("admin.token"), token).expect("admin token");
@@ -81,8 +76,14 @@ impl Daemon {
         d
     }
 
-    fn prepare(lab: &Site, extra: &[&str], env: &[(&str, &str)]) -> Self {
-        let data_dir = PathBuf::from(format!("/tmp/persona-test-data-{}", lab.host.name));
+    fn prepare(
+        lab: &Site,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        data_dir: Option<PathBuf>,
+    ) -> Self {
+        let data_dir = data_dir
+            .unwrap_or_else(|| PathBuf::from(format!("/tmp/persona-test-data-{}", lab.host.name)));
         let _ = std::fs::remove_dir_all(&data_dir);
         Self {
             child: Command::new("true").spawn().expect("placeholder"),
